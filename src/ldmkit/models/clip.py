@@ -1,0 +1,113 @@
+"""CLIP text transformer (Radford et al. 2021): prompt token ids -> per-token embeddings.
+
+Parameter names follow ``transformers.CLIPTextModel`` (``text_model.encoder.layers.0.self_attn.q_proj``),
+which is also how SD1 single-file checkpoints store it under ``cond_stage_model.transformer.``.
+SD2's OpenCLIP weights are renamed into this layout by ``ldmkit.convert``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldmkit.config import TextEncoderConfig
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU; the SD1 text encoder was trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        # (B, N, D) -> (B, heads, N, D/heads)
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.act = quick_gelu if cfg.act == "quick_gelu" else F.gelu
+        self.fc1 = nn.Linear(cfg.width, cfg.intermediate)
+        self.fc2 = nn.Linear(cfg.intermediate, cfg.width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        self.gradient_checkpointing = False
+
+    def forward(self, ids: Tensor, clip_skip: int = 1, embeddings: Tensor | None = None) -> Tensor:
+        """Token ids (B, N) -> hidden states (B, N, width) of layer ``-clip_skip``, final norm applied.
+
+        clip_skip=1 is the last layer (SD1); 2 the penultimate (SD2, and A1111's "Clip skip 2").
+        ``embeddings`` (B, N, width) replaces the token lookup, for prompt weighting and textual
+        inversion.
+        """
+        tm = self.text_model
+        if not 1 <= clip_skip <= len(tm.encoder.layers):
+            raise ValueError(f"clip_skip must be between 1 and {len(tm.encoder.layers)}, got {clip_skip}")
+        if embeddings is None:
+            x = tm.embeddings(ids)
+        else:
+            x = embeddings + tm.embeddings.position_embedding.weight[: embeddings.shape[1]]
+        for layer in tm.encoder.layers[: len(tm.encoder.layers) - (clip_skip - 1)]:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        return tm.final_layer_norm(x)
