@@ -1,0 +1,84 @@
+"""The Python entry point: ``pipe = ldmkit.load(path); pipe.txt2img("a red apple")``."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ldmkit import pipeline as P
+from ldmkit.checkpoint import CheckpointError
+from ldmkit.checkpoint import load as load_model
+from ldmkit.model import StableDiffusion
+
+# models that ship inside the package, selectable by name
+BUILTIN_MODELS = {"emoji": "emoji.safetensors"}
+
+
+class NoModelError(CheckpointError):
+    pass
+
+
+def builtin_model_path(name: str) -> Path | None:
+    fname = BUILTIN_MODELS.get(name)
+    if fname is None:
+        return None
+    p = Path(str(resources.files("ldmkit") / "assets" / fname))
+    return p if p.exists() else None
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A path, a built-in model name, or None for the default model."""
+    if model is None or str(model) in BUILTIN_MODELS:
+        name = "emoji" if model is None else str(model)
+        p = builtin_model_path(name)
+        if p is None:
+            raise NoModelError(
+                f"no model installed: the built-in '{name}' model is not in this installation. Pass a Stable "
+                "Diffusion checkpoint with --model PATH (a .safetensors/.ckpt file or a diffusers folder), "
+                "e.g. v1-5-pruned-emaonly.safetensors downloaded from Hugging Face."
+            )
+        return p
+    return Path(model)
+
+
+class Pipeline:
+    """A loaded model with txt2img, img2img and inpaint methods returning PIL images."""
+
+    def __init__(self, model: StableDiffusion):
+        self.model = model
+
+    def _params(self, prompt: str, kw: dict) -> P.GenerationParams:
+        unknown = set(kw) - {f for f in P.GenerationParams.__dataclass_fields__} - {"callback"}
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        return P.GenerationParams(prompt=prompt, **{k: v for k, v in kw.items() if k != "callback"})
+
+    def txt2img(self, prompt: str, **kw) -> list[Image.Image]:
+        return P.txt2img(self.model, self._params(prompt, kw), callback=kw.get("callback"))
+
+    def img2img(self, prompt: str, init_image: Image.Image, **kw) -> list[Image.Image]:
+        return P.img2img(self.model, self._params(prompt, kw), init_image, callback=kw.get("callback"))
+
+    def inpaint(self, prompt: str, init_image: Image.Image, mask: Image.Image, **kw) -> list[Image.Image]:
+        return P.inpaint(self.model, self._params(prompt, kw), init_image, mask, callback=kw.get("callback"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | None = None,
+         model_type: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+    """Load a checkpoint file, a diffusers folder, or a built-in model by name (default: ``emoji``).
+
+    Computes in float32 on CPU (bf16/fp16 are far slower there) and float16 on CUDA by default.
+    """
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    path = resolve_model_path(model)
+    return Pipeline(load_model(path, vae=vae, model_type=model_type, dtype=dtype, device=device))

@@ -1,0 +1,380 @@
+"""Reading and writing Stable Diffusion checkpoints: single-file LDM layout and diffusers folders.
+
+Every load checks every key and every shape and fails with a message naming them; nothing is
+dropped silently. ``.ckpt`` files are read with ``weights_only=True`` so no pickled code runs,
+and weights are assigned into a model built on the meta device, so a file is held in memory once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ldmkit import convert
+from ldmkit.config import ModelConfig, TextEncoderConfig, VAEConfig
+from ldmkit.model import StableDiffusion
+from ldmkit.models.tokenizer import CLIPTokenizer
+
+StateDict = dict[str, Tensor]
+CONFIG_METADATA_KEY = "ldmkit.config"
+# training-only parts of standalone VAE files (LPIPS and discriminator) and EMA shadows
+_VAE_TRAINING_PREFIXES = ("loss.", "model_ema.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be read or doesn't fit the model; the message says which and why."""
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Tensors and string metadata of a ``.safetensors`` file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({e}). The file may be truncated or corrupt: download it again."
+        ) from None
+
+
+def read_ckpt(path: str | os.PathLike) -> StateDict:
+    """Tensors of a pickled ``.ckpt``/``.pt``/``.bin`` file, refusing anything but plain tensors."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # old-style (non-zip) pickles can't be memory-mapped
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise _ckpt_error(path, e) from None
+    except Exception as e:  # noqa: BLE001
+        raise _ckpt_error(path, e) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: the file holds no state dict of tensors; is it a model checkpoint?")
+    return obj
+
+
+def _ckpt_error(path: str | os.PathLike, e: Exception) -> CheckpointError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "weights_only" in str(e) or "Unsupported global" in str(e):
+        return CheckpointError(
+            f"{path}: the .ckpt contains pickled Python objects besides tensors, which ldmkit refuses to run "
+            "(weights_only=True). Convert it to .safetensors with a tool you trust."
+        )
+    return CheckpointError(f"{path}: not a readable checkpoint ({msg}). The file may be truncated or corrupt.")
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Tensors (and metadata, for safetensors) of a checkpoint file of any supported kind."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file")
+    if p.suffix == ".safetensors":
+        return read_safetensors(p)
+    if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        return read_ckpt(p), {}
+    raise CheckpointError(f"{p}: unknown checkpoint extension {p.suffix!r}; expected .safetensors or .ckpt")
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """A1111's short model hash: the first 10 hex digits of the file's SHA-256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+# ---------------------------------------------------------------- strict loading
+
+
+def load_strict(module: nn.Module, sd: StateDict, what: str, dtype: torch.dtype = torch.float32) -> None:
+    """Load ``sd`` into ``module`` checking every key and shape; fail naming what doesn't fit."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{what}: {'; '.join(parts)}. The checkpoint does not match this architecture.")
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(sd[k].shape):
+            raise CheckpointError(
+                f"{what}: {k} has shape {tuple(sd[k].shape)} in the checkpoint but the model expects "
+                f"{tuple(v.shape)}. The checkpoint is a different architecture than the one detected; "
+                "pass the right --model-type."
+            )
+    module.load_state_dict({k: sd[k].to(dtype) for k in expected}, strict=True, assign=True)
+
+
+@contextmanager
+def _on_meta() -> Iterator[None]:
+    with torch.device("meta"):
+        yield
+
+
+def build_model(cfg: ModelConfig, parts: dict[str, StateDict], tokenizer: CLIPTokenizer | None = None,
+                dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Assemble a model from converted part state dicts (ldmkit names), strictly."""
+    tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.pad_with_eos)
+    with _on_meta():
+        model = StableDiffusion(cfg, tokenizer=tokenizer)
+    for name, module in model.parts().items():
+        load_strict(module, parts[name], f"{cfg.name} {name}", dtype)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- single files
+
+
+_MODEL_TYPES = ("sd1", "sd2", "sd2-v")
+
+
+def config_from_ldm(sd: StateDict, metadata: dict[str, str], name: str, model_type: str | None = None) -> ModelConfig:
+    """Model config of an LDM-layout state dict: stored config, else detection from keys and shapes."""
+    if CONFIG_METADATA_KEY in metadata:
+        cfg = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]).replace(name=name)
+    else:
+        d = convert.detect_family(sd)
+        cfg = ModelConfig(
+            name=name, family=d["family"], unet=d["unet"], vae=d["vae"], text=d["text"],
+            clip_skip=2 if d["family"] == "sd2" else 1, pad_with_eos=d["family"] != "sd2",
+        )
+        prediction = metadata.get("modelspec.prediction_type", "")
+        if "v_pred" in sd or prediction.startswith("v"):
+            cfg = cfg.replace(prediction="v")
+    if model_type is not None:
+        if model_type not in _MODEL_TYPES:
+            raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(_MODEL_TYPES)}")
+        family = "sd1" if model_type == "sd1" else "sd2"
+        if family != cfg.family:
+            raise CheckpointError(f"{name}: --model-type {model_type} given but the weights are a {cfg.family} model")
+        cfg = cfg.replace(prediction="v" if model_type == "sd2-v" else "eps")
+    return cfg
+
+
+def probe_v_prediction(unet: nn.Module, cfg: ModelConfig) -> bool:
+    """Guess whether a trained U-Net predicts v rather than noise, from one small forward pass.
+
+    Fed pure noise at the last timestep, an eps-model returns (nearly) its input; a v-model
+    returns about ``-x0``, nearly uncorrelated with the input. Only meaningful for trained weights.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.unet.in_channels, 16, 16, generator=g)
+    ctx = torch.zeros(1, 77, cfg.unet.context_dim)
+    with torch.no_grad():
+        out = unet(x.to(unet.time_embed[0].weight), torch.tensor([999.0]), ctx.to(unet.time_embed[0].weight))
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), x[:, :4].flatten(), dim=0)
+    return bool(cos < 0.5)
+
+
+def load_single_file(path: str | os.PathLike, model_type: str | None = None,
+                     dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    p = Path(path)
+    sd, metadata = read_state_dict(p)
+    cfg = config_from_ldm(sd, metadata, p.stem, model_type)
+    unet, vae, text, _layout = convert.split_ldm_checkpoint(sd)
+    del sd
+    model = build_model(cfg, {"unet": unet, "vae": vae, "text_encoder": text}, dtype=dtype)
+    if (model_type is None and CONFIG_METADATA_KEY not in metadata and cfg.family == "sd2"
+            and cfg.prediction == "eps" and probe_v_prediction(model.unet, cfg)):
+        model.cfg = cfg.replace(prediction="v")
+    model.source_name = p.stem
+    model.source_path = str(p)
+    return model
+
+
+def save_single_file(model: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                     text_layout: str | None = None) -> None:
+    """Write the LDM single-file layout (``model.diffusion_model.*`` etc.), config in the metadata."""
+    parts = {name: m.state_dict() for name, m in model.parts().items()}
+    layout = text_layout or ("openclip" if model.cfg.family == "sd2" else "hf")
+    sd = convert.join_ldm_checkpoint(parts["unet"], parts["vae"], parts["text_encoder"], layout)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    atomic_save_safetensors(sd, path, {CONFIG_METADATA_KEY: model.cfg.to_json()})
+
+
+def atomic_save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+
+def _read_part(folder: Path, names: tuple[str, ...]) -> StateDict:
+    for n in names:
+        if (folder / n).exists():
+            return read_state_dict(folder / n)[0]
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a diffusers model folder needs it") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+_UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_TEXT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def hf_text_keys(sd: StateDict) -> StateDict:
+    """transformers >= 5 saves CLIPTextModel without the ``text_model.`` prefix that older files carry."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a buffer, always arange(77)
+    if all(k.startswith("text_model.") for k in sd):
+        return sd
+    return {f"text_model.{k}": v for k, v in sd.items()}
+
+
+def load_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    root = Path(folder)
+    for sub in ("unet", "vae", "text_encoder"):
+        if not (root / sub).is_dir():
+            raise CheckpointError(f"{root}: not a diffusers Stable Diffusion folder (no {sub}/ inside)")
+    ucfg = convert.unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
+    vcfg = convert.vae_config_from_diffusers(_read_json(root / "vae" / "config.json"))
+    tcfg = convert.text_config_from_hf(_read_json(root / "text_encoder" / "config.json"))
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    sched = _read_json(sched_path) if sched_path.exists() else {}
+    family = "sd2" if ucfg.context_dim == 1024 else "sd1"
+    tokenizer = CLIPTokenizer.from_dir(root / "tokenizer") if (root / "tokenizer").is_dir() else None
+    cfg = ModelConfig(
+        name=root.name, family=family, unet=ucfg, vae=vcfg, text=tcfg,
+        prediction="v" if sched.get("prediction_type") == "v_prediction" else "eps",
+        # diffusers folders for SD2 already drop the text encoder's last layer
+        clip_skip=1,
+        pad_with_eos=tokenizer.pad_id == tokenizer.eos_id if tokenizer else family != "sd2",
+        beta_start=sched.get("beta_start", 0.00085), beta_end=sched.get("beta_end", 0.012),
+        num_train_timesteps=sched.get("num_train_timesteps", 1000),
+    )
+    parts = {
+        "unet": convert.unet_diffusers_to_ldm(_read_part(root / "unet", _UNET_FILES), ucfg),
+        "vae": convert.vae_diffusers_to_ldm(_read_part(root / "vae", _UNET_FILES), vcfg),
+        "text_encoder": hf_text_keys(_read_part(root / "text_encoder", _TEXT_FILES)),
+    }
+    model = build_model(cfg, parts, tokenizer=tokenizer, dtype=dtype)
+    model.source_name = root.name
+    return model
+
+
+def save_diffusers(model: StableDiffusion, folder: str | os.PathLike) -> None:
+    """Write a diffusers-format folder that ``StableDiffusionPipeline.from_pretrained`` loads."""
+    root = Path(folder)
+    cfg = model.cfg
+    unet_sd = convert.unet_ldm_to_diffusers(model.unet.state_dict(), cfg.unet)
+    vae_sd = convert.vae_ldm_to_diffusers(model.vae.state_dict(), cfg.vae)
+    text_sd = dict(model.text_encoder.state_dict())
+    text_cfg = cfg.text
+    if cfg.clip_skip > 1:
+        # diffusers has no clip-skip setting: keep only the layers whose output is used
+        keep = cfg.text.layers - (cfg.clip_skip - 1)
+        text_sd = {k: v for k, v in text_sd.items() if not _layer_at_or_after(k, keep)}
+        text_cfg = TextEncoderConfig(**{**text_cfg.__dict__, "layers": keep})
+    atomic_save_safetensors(unet_sd, root / "unet" / "diffusion_pytorch_model.safetensors")
+    atomic_write_text(root / "unet" / "config.json", json.dumps(convert.diffusers_unet_config(cfg.unet), indent=2))
+    atomic_save_safetensors(vae_sd, root / "vae" / "diffusion_pytorch_model.safetensors")
+    vae_json = {**convert.diffusers_vae_config(cfg.vae), "scaling_factor": cfg.vae.scale_factor}
+    atomic_write_text(root / "vae" / "config.json", json.dumps(vae_json, indent=2))
+    atomic_save_safetensors(text_sd, root / "text_encoder" / "model.safetensors", {"format": "pt"})
+    atomic_write_text(root / "text_encoder" / "config.json", json.dumps(convert.hf_text_config(text_cfg), indent=2))
+    model.tokenizer.save(root / "tokenizer")
+    scheduler = {
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": cfg.num_train_timesteps, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
+        "beta_schedule": "scaled_linear", "prediction_type": "v_prediction" if cfg.prediction == "v" else "epsilon",
+        "timestep_spacing": "linspace", "steps_offset": 1,
+    }
+    atomic_write_text(root / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    atomic_write_text(root / "model_index.json", json.dumps(index, indent=2))
+
+
+def _layer_at_or_after(key: str, n: int) -> bool:
+    parts = key.split(".")
+    return "layers" in parts and int(parts[parts.index("layers") + 1]) >= n
+
+
+# ---------------------------------------------------------------- standalone VAE
+
+
+def load_vae_file(path: str | os.PathLike, cfg: VAEConfig) -> StateDict:
+    """A standalone VAE file (LDM or diffusers layout, with or without prefix) as ldmkit VAE keys."""
+    sd, _ = read_state_dict(path)
+    sd = {k: v for k, v in sd.items() if not k.startswith(_VAE_TRAINING_PREFIXES)}
+    if any(k.startswith("first_stage_model.") for k in sd):
+        sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    if any(".down_blocks." in k or k.startswith("decoder.up_blocks") for k in sd):
+        sd = convert.vae_diffusers_to_ldm(sd, cfg)
+    if not any(k.startswith("decoder.") for k in sd):
+        raise CheckpointError(f"{path}: no VAE decoder weights found; is it a VAE file?")
+    return sd
+
+
+def swap_vae(model: StableDiffusion, path: str | os.PathLike) -> None:
+    load_strict(model.vae, load_vae_file(path, model.cfg.vae), f"VAE {Path(path).name}", model.dtype)
+    model.vae.requires_grad_(False)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, model_type: str | None = None,
+         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StableDiffusion:
+    """Load a model from a single ``.safetensors``/``.ckpt`` file or a diffusers folder."""
+    p = Path(path)
+    if p.is_dir():
+        model = load_diffusers(p, dtype=dtype)
+    elif p.exists():
+        model = load_single_file(p, model_type=model_type, dtype=dtype)
+    else:
+        raise CheckpointError(f"{p}: no such file or folder")
+    if vae is not None:
+        swap_vae(model, vae)
+    return model.to(device)
+

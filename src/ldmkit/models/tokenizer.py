@@ -1,0 +1,263 @@
+"""CLIP byte-level BPE tokenizer, as used by SD1 (OpenAI CLIP ViT-L/14) and SD2 (OpenCLIP ViT-H/14).
+
+Same algorithm as OpenAI's `simple_tokenizer.py`: clean the text, split it with CLIP's regex, map each
+piece's UTF-8 bytes to printable characters (GPT-2's byte-level trick), then apply BPE merges in rank
+order. SD1 and SD2 differ only in padding: SD1 pads with `<|endoftext|>`, OpenCLIP pads with id 0
+(the byte token "!"), after one end token.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import itertools
+import json
+import os
+import unicodedata
+import zlib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import ftfy
+import regex
+import torch
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+SD2_PAD_TOKEN = "!"  # OpenCLIP pads with id 0, which is the byte token "!"
+END_OF_WORD = "</w>"
+VOCAB_SIZE = 49408
+# The merges file holds more lines than CLIP uses; CLIP keeps exactly enough merges for a 49408-token vocab
+# (256 bytes + 256 bytes with </w> + merges + 2 special tokens).
+NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2
+DEFAULT_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+Cleanup = Literal["clip", "nfc"]
+
+_SPLIT = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_WHITESPACE = regex.compile(r"\s+")
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from each byte to a printable unicode character (no whitespace/control)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def clean_text(text: str, cleanup: Cleanup = "clip") -> str:
+    """Normalise a prompt before splitting.
+
+    "clip": OpenAI CLIP / open_clip (ftfy, HTML unescape twice); also transformers<5's slow tokenizer with ftfy.
+    "nfc": transformers>=5 `CLIPTokenizer` (tokenizers backend): unicode NFC only, so `&amp;`, curly quotes
+    and ligatures are kept as written.
+    Both then collapse whitespace and lowercase.
+    """
+    if cleanup == "clip":
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+        return _WHITESPACE.sub(" ", text).strip().lower()
+    if cleanup == "nfc":
+        text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+        # tokenizers lowercases char by char, so a word-final capital sigma becomes "σ", not Python's "ς".
+        return "".join(c.lower() for c in text)
+    raise ValueError(f"cleanup must be 'clip' or 'nfc', got {cleanup!r}")
+
+
+def _default_bpe_path() -> Path:
+    return Path(str(resources.files("ldmkit") / "assets" / DEFAULT_BPE_FILE))
+
+
+@functools.lru_cache(maxsize=4)
+def load_bpe_gz(path: str | os.PathLike) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """Read OpenAI CLIP's gzipped merges file into (token -> id, merges), exactly as CLIP builds its vocab."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CLIP BPE vocabulary not found: {path}. It ships with ldmkit as ldmkit/assets/{DEFAULT_BPE_FILE}; "
+            "reinstall ldmkit, or load a diffusers tokenizer folder with CLIPTokenizer.from_dir(...)."
+        )
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"CLIP BPE vocabulary {path} is not a readable gzipped UTF-8 merges file ({e}); "
+            f"replace it with a fresh copy of {DEFAULT_BPE_FILE} (e.g. from the open_clip_torch package)."
+        ) from e
+    # Line 0 is a header ("#version: 0.2"); CLIP uses the next NUM_MERGES lines.
+    merge_lines = lines[1 : NUM_MERGES + 1]
+    pairs = [line.split() for line in merge_lines]
+    if len(pairs) != NUM_MERGES or any(len(p) != 2 for p in pairs):
+        raise ValueError(
+            f"CLIP BPE vocabulary {path} is truncated or malformed: expected {NUM_MERGES} merge lines of two "
+            f"symbols after the header; replace it with a fresh copy of {DEFAULT_BPE_FILE}."
+        )
+    merges = tuple((a, b) for a, b in pairs)
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + END_OF_WORD for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _special_token(value: object) -> str | None:
+    """A special token as stored in tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_pad_token(folder: Path) -> str:
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.is_file():
+            pad = _special_token(json.loads(file.read_text(encoding="utf-8")).get("pad_token"))
+            if pad is not None:
+                return pad
+    return EOS_TOKEN  # transformers' CLIPTokenizer default
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer giving the same ids as `transformers.CLIPTokenizer` (SD1 and SD2 variants).
+
+    `pad_with_eos=True` pads like SD1 (`<|endoftext|>`, 49407); False pads like SD2/OpenCLIP (id 0, "!").
+    `cleanup` picks the text normalisation, see `clean_text`.
+    """
+
+    def __init__(
+        self,
+        encoder: dict[str, int],
+        merges: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+        pad_with_eos: bool = True,
+        context_length: int = 77,
+        *,
+        cleanup: Cleanup = "clip",
+    ) -> None:
+        clean_text("", cleanup)  # validates `cleanup`
+        missing = [t for t in (BOS_TOKEN, EOS_TOKEN) if t not in encoder]
+        missing += [c for c in bytes_to_unicode().values() if c not in encoder]
+        if not pad_with_eos and SD2_PAD_TOKEN not in encoder:
+            missing.append(SD2_PAD_TOKEN)
+        if missing:
+            raise ValueError(f"not a CLIP byte-level BPE vocabulary: missing tokens {missing[:8]}")
+        if context_length < 2:
+            raise ValueError(f"context_length must leave room for bos and eos, got {context_length}")
+        self.encoder = dict(encoder)
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        self.bpe_ranks = {(a, b): rank for rank, (a, b) in enumerate(merges)}
+        self._no_rank = len(self.bpe_ranks)
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.bos_id = self.encoder[BOS_TOKEN]
+        self.eos_id = self.encoder[EOS_TOKEN]
+        self.pad_id = self.eos_id if pad_with_eos else self.encoder[SD2_PAD_TOKEN]
+        self.context_length = context_length
+        self.cleanup = cleanup
+        # Per-instance cache keyed by the raw piece; lru_cache is thread-safe and bounded.
+        self._bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe_uncached)
+
+    @classmethod
+    def default(cls, pad_with_eos: bool = True, *, cleanup: Cleanup = "clip") -> CLIPTokenizer:
+        """The tokenizer from the vendored OpenAI merges file (SD1; SD2 with `pad_with_eos=False`)."""
+        encoder, merges = load_bpe_gz(_default_bpe_path())
+        return cls(encoder, merges, pad_with_eos=pad_with_eos, cleanup=cleanup)
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, *, cleanup: Cleanup = "clip") -> CLIPTokenizer:
+        """Load a diffusers `tokenizer/` folder (vocab.json + merges.txt, or tokenizer.json).
+
+        The pad token comes from special_tokens_map.json / tokenizer_config.json: "<|endoftext|>" (SD1) or "!"
+        (SD2). A model root holding a `tokenizer/` subfolder is accepted too.
+        """
+        folder = Path(path)
+        if (folder / "tokenizer").is_dir() and not (folder / "vocab.json").is_file():
+            folder = folder / "tokenizer"
+        vocab_file, merges_file, json_file = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
+        if vocab_file.is_file() and merges_file.is_file():
+            encoder = json.loads(vocab_file.read_text(encoding="utf-8"))
+            lines = merges_file.read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        elif json_file.is_file():
+            model = json.loads(json_file.read_text(encoding="utf-8")).get("model", {})
+            encoder = model.get("vocab")
+            # tokenizers writes merges as "a b" strings (old) or ["a", "b"] pairs (>=0.20).
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+            if not isinstance(encoder, dict):
+                raise ValueError(f"{json_file} has no BPE model vocab; is this a CLIP tokenizer folder?")
+        else:
+            raise FileNotFoundError(
+                f"no CLIP tokenizer files in {folder}: expected vocab.json + merges.txt (diffusers layout) or "
+                "tokenizer.json. Point from_dir at a diffusers model's tokenizer/ folder, or use "
+                "CLIPTokenizer.default()."
+            )
+        bad = [m for m in merges if len(m) != 2]
+        if bad:
+            raise ValueError(f"malformed merges in {folder}: {len(bad)} entries are not pairs, e.g. {bad[0]}")
+        pad = _read_pad_token(folder)
+        if pad not in (EOS_TOKEN, SD2_PAD_TOKEN):
+            raise ValueError(
+                f"unsupported pad token {pad!r} in {folder}: expected {EOS_TOKEN!r} (SD1) or {SD2_PAD_TOKEN!r} (SD2)"
+            )
+        return cls(encoder, merges, pad_with_eos=pad == EOS_TOKEN, cleanup=cleanup)
+
+    def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
+        """BPE of one pre-tokenized piece: repeatedly merge every occurrence of the lowest-ranked pair."""
+        if piece in (BOS_TOKEN, EOS_TOKEN):
+            return (piece,)
+        chars = [self.byte_encoder[b] for b in piece.encode("utf-8")]
+        word = chars[:-1] + [chars[-1] + END_OF_WORD]
+        while len(word) > 1:
+            pairs = list(itertools.pairwise(word))
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, self._no_rank))
+            if best not in self.bpe_ranks:
+                break
+            merged: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        return tuple(word)
+
+    def tokens(self, text: str) -> list[str]:
+        """BPE token strings (byte-level characters, "</w>" marks a word end), without bos/eos."""
+        return [tok for piece in _SPLIT.findall(clean_text(text, self.cleanup)) for tok in self._bpe(piece)]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids without bos/eos and without truncation."""
+        return [self.encoder[tok] for tok in self.tokens(text)]
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Ids back to text; word ends become spaces. `skip_special_tokens` drops bos/eos (and SD1 padding)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in (self.bos_id, self.eos_id)]
+        chars = "".join(self.decoder[i] for i in ids)
+        text = bytes(self.byte_decoder[c] for c in chars).decode("utf-8", errors="replace")
+        return text.replace(END_OF_WORD, " ").strip()
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """[B, context_length] int64 ids: bos, the first context_length-2 ids, eos, then pad_id."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [self.bos_id, *self.encode(text)[: self.context_length - 2], self.eos_id]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out

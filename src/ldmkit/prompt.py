@@ -1,0 +1,171 @@
+"""Prompt syntax as AUTOMATIC1111 users write it, and prompts of any length.
+
+- ``(word)`` multiplies the attention weight of its tokens by 1.1, ``[word]`` divides by 1.1,
+  ``(word:1.3)`` sets a factor of 1.3; brackets nest and multiply. ``\\(`` is a literal bracket.
+- ``BREAK`` ends the current 75-token chunk.
+- Prompts longer than 75 tokens are split into chunks of 75 (breaking at the last comma within
+  20 tokens, as A1111 does); each chunk becomes ``<start> 75 tokens <end>``, is encoded on its own,
+  and the chunks' embeddings are concatenated along the sequence axis.
+
+Weighting maths (A1111's): with ``z`` the (77, D) embeddings of a chunk and ``w`` its per-token
+weights, ``z' = z * w[:, None] * (mean(z) / mean(z * w[:, None]))``: the weighted embeddings are
+rescaled so their overall mean stays that of the unweighted ones.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ldmkit.model import StableDiffusion
+from ldmkit.models.tokenizer import CLIPTokenizer
+
+CHUNK = 75  # tokens per chunk, plus start and end tokens = 77
+COMMA_BACKTRACK = 20
+_RE_ATTENTION = re.compile(
+    r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:
+""",
+    re.X,
+)
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+ROUND, SQUARE = 1.1, 1 / 1.1
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs; ("BREAK", -1) marks a forced chunk break."""
+    res: list[list] = []
+    round_brackets: list[int] = []
+    square_brackets: list[int] = []
+
+    def multiply_range(start: int, factor: float) -> None:
+        for p in range(start, len(res)):
+            res[p][1] *= factor
+
+    for m in _RE_ATTENTION.finditer(text):
+        piece, weight = m.group(0), m.group(1)
+        if piece.startswith("\\"):
+            res.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_brackets.append(len(res))
+        elif piece == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            multiply_range(round_brackets.pop(), float(weight))
+        elif piece == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), ROUND)
+        elif piece == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), SQUARE)
+        else:
+            for i, part in enumerate(_RE_BREAK.split(piece)):
+                if i > 0:
+                    res.append(["BREAK", -1])
+                res.append([part, 1.0])
+    # unclosed brackets still apply
+    for pos in round_brackets:
+        multiply_range(pos, ROUND)
+    for pos in square_brackets:
+        multiply_range(pos, SQUARE)
+    if not res:
+        res = [["", 1.0]]
+    i = 0
+    while i + 1 < len(res):  # merge neighbours of equal weight
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return [(t, float(w)) for t, w in res]
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def tokenize_chunks(tok: CLIPTokenizer, prompt: str) -> list[Chunk]:
+    """A prompt as 77-token chunks with per-token weights (start/end/padding weigh 1)."""
+    comma = tok.encode(",")[0]
+    chunks: list[Chunk] = []
+    cur = Chunk()
+    last_comma = -1
+
+    def close(is_last: bool = False) -> None:
+        nonlocal cur, last_comma
+        pad = CHUNK - len(cur.tokens)
+        tokens = [tok.bos_id, *cur.tokens, *[tok.eos_id] * pad, tok.eos_id]
+        if tok.pad_id != tok.eos_id:  # OpenCLIP: one end token, then padding
+            end = len(cur.tokens) + 1
+            tokens = tokens[: end + 1] + [tok.pad_id] * (len(tokens) - end - 1)
+        chunks.append(Chunk(tokens, [1.0, *cur.weights, *[1.0] * (pad + 1)]))
+        cur, last_comma = Chunk(), -1
+
+    for text, weight in parse_prompt_attention(prompt):
+        if text == "BREAK" and weight == -1:
+            close()
+            continue
+        for t in tok.encode(text):
+            if t == comma:
+                last_comma = len(cur.tokens)
+            elif len(cur.tokens) == CHUNK and last_comma != -1 and len(cur.tokens) - last_comma <= COMMA_BACKTRACK:
+                # move the words after the last comma to the next chunk rather than cut one mid-phrase
+                k = last_comma + 1
+                rest = Chunk(cur.tokens[k:], cur.weights[k:])
+                cur = Chunk(cur.tokens[:k], cur.weights[:k])
+                close()
+                cur = rest
+            if len(cur.tokens) == CHUNK:
+                close()
+            cur.tokens.append(t)
+            cur.weights.append(weight)
+    if cur.tokens or not chunks:
+        close(is_last=True)
+    return chunks
+
+
+def encode_chunks(model: StableDiffusion, chunks: list[Chunk], clip_skip: int) -> Tensor:
+    """Chunks -> (1, 77 * len(chunks), D), weighted with the mean-preserving rescale."""
+    enc = model.text_encoder
+    device = next(enc.parameters()).device
+    ids = torch.tensor([c.tokens for c in chunks], device=device)
+    w = torch.tensor([c.weights for c in chunks], device=device, dtype=torch.float32)
+    with torch.inference_mode():
+        z = enc(ids, clip_skip=clip_skip).float()  # (chunks, 77, D)
+    if bool((w != 1.0).any()):
+        out = []
+        for zc, wc in zip(z, w):
+            mean = zc.mean()
+            zc = zc * wc[:, None]
+            out.append(zc * (mean / zc.mean()))
+        z = torch.stack(out)
+    return z.reshape(1, -1, z.shape[-1])
+
+
+def encode_weighted(model: StableDiffusion, prompts: list[str], clip_skip: int) -> Tensor:
+    """Prompts -> (B, 77 * k, D), every prompt padded with empty-prompt chunks to the longest."""
+    cache: dict[str, Tensor] = {}
+    for p in prompts:
+        if p not in cache:
+            cache[p] = encode_chunks(model, tokenize_chunks(model.tokenizer, p), clip_skip)
+    longest = max(z.shape[1] for z in cache.values())
+    if any(z.shape[1] != longest for z in cache.values()):
+        empty = encode_chunks(model, tokenize_chunks(model.tokenizer, ""), clip_skip)
+        cache = {p: pad_to(z, longest, empty) for p, z in cache.items()}
+    return torch.cat([cache[p] for p in prompts])
+
+
+def pad_to(z: Tensor, length: int, empty: Tensor) -> Tensor:
+    """Append empty-prompt chunks until ``z`` has ``length`` tokens (A1111 does the same)."""
+    repeats = (length - z.shape[1]) // empty.shape[1]
+    return torch.cat([z, *[empty.expand(z.shape[0], -1, -1)] * repeats], dim=1)
+
+
+def encode_pair(model: StableDiffusion, prompts: list[str], negatives: list[str],
+                clip_skip: int) -> tuple[Tensor, Tensor]:
+    """Conditional and unconditional embeddings of equal length, for one batched U-Net call."""
+    z = encode_weighted(model, list(prompts) + list(negatives), clip_skip)
+    return z[: len(prompts)], z[len(prompts):]

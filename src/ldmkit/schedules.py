@@ -1,0 +1,222 @@
+"""Noise schedules: the discrete training schedule, sigma <-> timestep, and sampling sigma sequences.
+
+Everything works in k-diffusion's variance-exploding parameterisation: a noisy latent is
+``x = x0 + sigma * eps`` with ``sigma = sqrt((1 - alpha_bar) / alpha_bar)``. The VP latent that
+the network was trained on (and that diffusers' DDIM/DPM-Solver/UniPC schedulers step) is
+``x_vp = x / sqrt(1 + sigma**2)``; the denoisers in :mod:`ldmkit.denoisers` do that scaling.
+
+A sampling schedule is ``n + 1`` descending sigmas that end in 0: ``n`` model evaluations for a
+first-order sampler, the last step landing on the clean sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Interpolation = Literal["log", "linear"]
+
+
+def sd_alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Tensor:
+    """alpha_bar_t of Stable Diffusion's "scaled linear" schedule: betas = linspace(sqrt(b0), sqrt(b1), T)**2."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps t exact to ~1e-12; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteSchedule:
+    """The training schedule of a discrete-time model (DDPM/LDM): sigma_t for integer t in [0, T).
+
+    ``sigma_to_t`` interpolates linearly in log-sigma between neighbouring training timesteps, as
+    k-diffusion's ``DiscreteSchedule`` and diffusers' ``_sigma_to_t`` both do. ``t_to_sigma`` does
+    the same by default (k-diffusion, hence A1111); ``interpolation="linear"`` interpolates sigma
+    itself, as diffusers' ``EulerDiscreteScheduler`` does for ``timestep_spacing="linspace"``. The
+    two agree at integer t and differ by < 0.5% in sigma between them.
+    """
+
+    alphas_cumprod: Tensor
+    sigmas: Tensor = field(init=False)  # ascending, float64, index = training timestep
+    log_sigmas: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).cpu()
+        if ac.ndim != 1 or ac.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D tensor of length >= 2, got shape {tuple(ac.shape)}")
+        sigmas = ((1 - ac) / ac).sqrt()
+        if not bool((sigmas[1:] > sigmas[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing (sigmas strictly increasing)")
+        object.__setattr__(self, "alphas_cumprod", ac)
+        object.__setattr__(self, "sigmas", sigmas)
+        object.__setattr__(self, "log_sigmas", sigmas.log())
+
+    @classmethod
+    def sd(
+        cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> DiscreteSchedule:
+        """Stable Diffusion 1.x/2.x schedule (sigma_min ~ 0.0292, sigma_max ~ 14.61)."""
+        return cls(sd_alphas_cumprod(num_train_timesteps, beta_start, beta_end))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigmas.numel()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: Tensor | float, quantize: bool = False) -> Tensor:
+        """Fractional training timestep whose log-sigma matches; ``quantize`` rounds to the nearest one.
+
+        Rounding t is the same as picking the nearest training sigma in log space (k-diffusion's
+        ``quantize=True``) and as diffusers' ``timesteps.round()`` for Karras sigmas.
+        Sigmas outside [sigma_min, sigma_max] clamp to t = 0 or T - 1. Returns float32 on sigma's device.
+        """
+        sigma = torch.as_tensor(sigma)
+        dtype = _work_dtype(sigma.device)
+        log_sigmas = self.log_sigmas.to(sigma.device, dtype)
+        log_sigma = sigma.to(dtype).clamp_min(1e-10).log()
+        low = (torch.searchsorted(log_sigmas, log_sigma.reshape(-1), right=True) - 1).clamp(
+            0, self.num_timesteps - 2
+        )
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
+        t = (low + w).reshape(sigma.shape)
+        if quantize:
+            t = t.round()
+        return t.float()
+
+    def t_to_sigma(self, t: Tensor | float, interpolation: Interpolation = "log") -> Tensor:
+        """sigma at fractional timestep t (see the class docstring for ``interpolation``)."""
+        t = torch.as_tensor(t)
+        dtype = _work_dtype(t.device)
+        t = t.to(dtype).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low
+        if interpolation == "log":
+            table = self.log_sigmas.to(t.device, dtype)
+            return ((1 - w) * table[low] + w * table[low + 1]).exp()
+        if interpolation == "linear":
+            table = self.sigmas.to(t.device, dtype)
+            return (1 - w) * table[low] + w * table[low + 1]
+        raise ValueError(f"interpolation must be 'log' or 'linear', got {interpolation!r}")
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+
+
+# -- continuous schedules: functions of (n, sigma_min, sigma_max), as in k-diffusion ------------------
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022, eq. 5): sigma_i^(1/rho) evenly spaced, rho = 7."""
+    _check_n(n)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def exponential(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """log-sigma evenly spaced between sigma_max and sigma_min."""
+    _check_n(n)
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+
+
+# -- discrete schedules: spacings of the model's training timesteps ------------------------------------
+
+
+def uniform(n: int, schedule: DiscreteSchedule, interpolation: Interpolation = "log") -> Tensor:
+    """A1111 "Automatic"/"Uniform", k-diffusion ``get_sigmas``: t = linspace(T - 1, 0, n).
+
+    diffusers ``timestep_spacing="linspace"``; pass ``interpolation="linear"`` to reproduce
+    ``EulerDiscreteScheduler`` exactly when the t are fractional (e.g. 25 steps).
+    """
+    _check_n(n)
+    t = torch.linspace(schedule.num_timesteps - 1, 0, n, dtype=torch.float64)
+    return _append_zero(schedule.t_to_sigma(t, interpolation))
+
+
+def ddim_uniform(n: int, schedule: DiscreteSchedule, steps_offset: int = 1) -> Tensor:
+    """DDIM/DDPM "leading" spacing, t = [0, k, 2k, ...] + steps_offset with k = T // n, reversed.
+
+    diffusers ``timestep_spacing="leading", steps_offset=1`` (Stable Diffusion's shipped scheduler
+    config) and A1111's "DDIM" scheduler. The final step goes to sigma = 0, i.e. alpha_bar = 1 as
+    with ``set_alpha_to_one=True``.
+    """
+    _check_n(n)
+    k = schedule.num_timesteps // n
+    if k < 1:
+        raise ValueError(f"ddim_uniform needs n <= {schedule.num_timesteps} steps, got {n}")
+    t = torch.arange(n - 1, -1, -1, dtype=torch.float64) * k + steps_offset
+    return _append_zero(schedule.t_to_sigma(t))
+
+
+def sgm_uniform(n: int, schedule: DiscreteSchedule) -> Tensor:
+    """A1111/ComfyUI "SGM Uniform": n evenly spaced t from T - 1 down to (not including) 0.
+
+    Close to diffusers ``timestep_spacing="trailing"``: the first step starts at pure noise and the
+    last model call is at t = (T - 1) / n rather than t = 0.
+    """
+    _check_n(n)
+    t = torch.linspace(schedule.num_timesteps - 1, 0, n + 1, dtype=torch.float64)[:-1]
+    return _append_zero(schedule.t_to_sigma(t))
+
+
+def _karras(n: int, schedule: DiscreteSchedule, rho: float = 7.0) -> Tensor:
+    return karras(n, schedule.sigma_min, schedule.sigma_max, rho)
+
+
+def _exponential(n: int, schedule: DiscreteSchedule) -> Tensor:
+    return exponential(n, schedule.sigma_min, schedule.sigma_max)
+
+
+SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "uniform": uniform,
+    "karras": _karras,
+    "exponential": _exponential,
+    "ddim_uniform": ddim_uniform,
+    "sgm_uniform": sgm_uniform,
+}
+
+# A1111 display names (the "Schedule type" dropdown and the suffix of legacy names like "DPM++ 2M Karras").
+SCHEDULE_DISPLAY_NAMES: dict[str, str] = {
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "ddim_uniform": "DDIM",
+    "sgm_uniform": "SGM Uniform",
+}
+
+
+def scheduler_names() -> list[str]:
+    """Short names accepted by :func:`get_sigmas`."""
+    return list(SCHEDULES)
+
+
+def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, **kwargs: object) -> Tensor:
+    """n + 1 descending float64 sigmas ending in 0 for the schedule called ``name``."""
+    fn = SCHEDULES.get(name.lower())
+    if fn is None:
+        raise ValueError(f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+    return fn(n, schedule, **kwargs)
