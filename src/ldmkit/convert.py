@@ -653,7 +653,8 @@ def vae_config_from_diffusers(d: Mapping[str, Any]) -> VAEConfig:
     """VAEConfig from a diffusers ``vae/config.json`` dict (missing keys take diffusers' defaults)."""
     block_out = list(d.get("block_out_channels", (64,)))
     n = len(block_out)
-    down, up = list(d.get("down_block_types", ["DownEncoderBlock2D"])), list(d.get("up_block_types", ["UpDecoderBlock2D"]))
+    down = list(d.get("down_block_types", ["DownEncoderBlock2D"]))
+    up = list(d.get("up_block_types", ["UpDecoderBlock2D"]))
     if down != ["DownEncoderBlock2D"] * n or up != ["UpDecoderBlock2D"] * n:
         raise ValueError(f"VAE block types {down} / {up} are not an SD AutoencoderKL")
     odd = {k: d[k] for k in ("latents_mean", "latents_std") if d.get(k) is not None}

@@ -22,9 +22,7 @@ from torch import Tensor
 Interpolation = Literal["log", "linear"]
 
 
-def sd_alphas_cumprod(
-    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
-) -> Tensor:
+def sd_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
     """alpha_bar_t of Stable Diffusion's "scaled linear" schedule: betas = linspace(sqrt(b0), sqrt(b1), T)**2."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
@@ -91,9 +89,7 @@ class DiscreteSchedule:
         dtype = _work_dtype(sigma.device)
         log_sigmas = self.log_sigmas.to(sigma.device, dtype)
         log_sigma = sigma.to(dtype).clamp_min(1e-10).log()
-        low = (torch.searchsorted(log_sigmas, log_sigma.reshape(-1), right=True) - 1).clamp(
-            0, self.num_timesteps - 2
-        )
+        low = (torch.searchsorted(log_sigmas, log_sigma.reshape(-1), right=True) - 1).clamp(0, self.num_timesteps - 2)
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
         w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
         t = (low + w).reshape(sigma.shape)

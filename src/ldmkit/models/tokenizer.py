@@ -4,6 +4,14 @@ Same algorithm as OpenAI's `simple_tokenizer.py`: clean the text, split it with 
 piece's UTF-8 bytes to printable characters (GPT-2's byte-level trick), then apply BPE merges in rank
 order. SD1 and SD2 differ only in padding: SD1 pads with `<|endoftext|>`, OpenCLIP pads with id 0
 (the byte token "!"), after one end token.
+
+`compat` picks whose quirks to reproduce (defaults to "clip"):
+- "clip": OpenAI CLIP / open_clip, what SD1 and SD2 were trained with (and transformers<5's slow tokenizer
+  with ftfy installed): ftfy + HTML unescaping, and "!" is an ordinary character.
+- "transformers": transformers>=5 `CLIPTokenizer` exactly, i.e. what diffusers feeds the text encoder: only
+  NFC normalisation (`&amp;`, curly quotes, ligatures are kept), special tokens are matched case-sensitively
+  in the raw text, and with SD2's pad token "!" every "!" in a prompt becomes id 0 rather than "!</w>" (256).
+Ordinary prompts get the same ids either way.
 """
 
 from __future__ import annotations
@@ -34,12 +42,15 @@ VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2
 DEFAULT_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
-Cleanup = Literal["clip", "nfc"]
+Compat = Literal["clip", "transformers"]
 
 _SPLIT = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
+# transformers' byte-level pre-tokenizer re-splits "<|endoftext|>" into "<|", "endoftext", "|>", so for it
+# only exact special tokens in the raw text count (see `_ADDED_*`).
+_SPLIT_NO_SPECIAL = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _WHITESPACE = regex.compile(r"\s+")
 
 
@@ -57,22 +68,17 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
-def clean_text(text: str, cleanup: Cleanup = "clip") -> str:
-    """Normalise a prompt before splitting.
-
-    "clip": OpenAI CLIP / open_clip (ftfy, HTML unescape twice); also transformers<5's slow tokenizer with ftfy.
-    "nfc": transformers>=5 `CLIPTokenizer` (tokenizers backend): unicode NFC only, so `&amp;`, curly quotes
-    and ligatures are kept as written.
-    Both then collapse whitespace and lowercase.
-    """
-    if cleanup == "clip":
+def clean_text(text: str, compat: Compat = "clip") -> str:
+    """Normalise a prompt before splitting: ftfy + HTML unescape ("clip") or NFC ("transformers"), then
+    collapse whitespace and lowercase."""
+    if compat == "clip":
         text = html.unescape(html.unescape(ftfy.fix_text(text)))
         return _WHITESPACE.sub(" ", text).strip().lower()
-    if cleanup == "nfc":
+    if compat == "transformers":
         text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
         # tokenizers lowercases char by char, so a word-final capital sigma becomes "σ", not Python's "ς".
         return "".join(c.lower() for c in text)
-    raise ValueError(f"cleanup must be 'clip' or 'nfc', got {cleanup!r}")
+    raise ValueError(f"compat must be 'clip' or 'transformers', got {compat!r}")
 
 
 def _default_bpe_path() -> Path:
@@ -132,7 +138,7 @@ class CLIPTokenizer:
     """CLIP BPE tokenizer giving the same ids as `transformers.CLIPTokenizer` (SD1 and SD2 variants).
 
     `pad_with_eos=True` pads like SD1 (`<|endoftext|>`, 49407); False pads like SD2/OpenCLIP (id 0, "!").
-    `cleanup` picks the text normalisation, see `clean_text`.
+    `compat="transformers"` reproduces transformers' quirks, see the module docstring.
     """
 
     def __init__(
@@ -142,9 +148,9 @@ class CLIPTokenizer:
         pad_with_eos: bool = True,
         context_length: int = 77,
         *,
-        cleanup: Cleanup = "clip",
+        compat: Compat = "clip",
     ) -> None:
-        clean_text("", cleanup)  # validates `cleanup`
+        clean_text("", compat)  # validates `compat`
         missing = [t for t in (BOS_TOKEN, EOS_TOKEN) if t not in encoder]
         missing += [c for c in bytes_to_unicode().values() if c not in encoder]
         if not pad_with_eos and SD2_PAD_TOKEN not in encoder:
@@ -163,18 +169,21 @@ class CLIPTokenizer:
         self.eos_id = self.encoder[EOS_TOKEN]
         self.pad_id = self.eos_id if pad_with_eos else self.encoder[SD2_PAD_TOKEN]
         self.context_length = context_length
-        self.cleanup = cleanup
+        self.compat = compat
+        # transformers' added tokens: matched in the raw text before normalisation; SD2's pad "!" is one of them.
+        added = [BOS_TOKEN, EOS_TOKEN] + ([] if pad_with_eos else [SD2_PAD_TOKEN])
+        self._added = regex.compile("(" + "|".join(regex.escape(t) for t in added) + ")")
         # Per-instance cache keyed by the raw piece; lru_cache is thread-safe and bounded.
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe_uncached)
 
     @classmethod
-    def default(cls, pad_with_eos: bool = True, *, cleanup: Cleanup = "clip") -> CLIPTokenizer:
+    def default(cls, pad_with_eos: bool = True, *, compat: Compat = "clip") -> CLIPTokenizer:
         """The tokenizer from the vendored OpenAI merges file (SD1; SD2 with `pad_with_eos=False`)."""
         encoder, merges = load_bpe_gz(_default_bpe_path())
-        return cls(encoder, merges, pad_with_eos=pad_with_eos, cleanup=cleanup)
+        return cls(encoder, merges, pad_with_eos=pad_with_eos, compat=compat)
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, *, cleanup: Cleanup = "clip") -> CLIPTokenizer:
+    def from_dir(cls, path: str | os.PathLike, *, compat: Compat = "clip") -> CLIPTokenizer:
         """Load a diffusers `tokenizer/` folder (vocab.json + merges.txt, or tokenizer.json).
 
         The pad token comes from special_tokens_map.json / tokenizer_config.json: "<|endoftext|>" (SD1) or "!"
@@ -209,11 +218,11 @@ class CLIPTokenizer:
             raise ValueError(
                 f"unsupported pad token {pad!r} in {folder}: expected {EOS_TOKEN!r} (SD1) or {SD2_PAD_TOKEN!r} (SD2)"
             )
-        return cls(encoder, merges, pad_with_eos=pad == EOS_TOKEN, cleanup=cleanup)
+        return cls(encoder, merges, pad_with_eos=pad == EOS_TOKEN, compat=compat)
 
     def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
         """BPE of one pre-tokenized piece: repeatedly merge every occurrence of the lowest-ranked pair."""
-        if piece in (BOS_TOKEN, EOS_TOKEN):
+        if self.compat == "clip" and piece in (BOS_TOKEN, EOS_TOKEN):
             return (piece,)
         chars = [self.byte_encoder[b] for b in piece.encode("utf-8")]
         word = chars[:-1] + [chars[-1] + END_OF_WORD]
@@ -236,7 +245,17 @@ class CLIPTokenizer:
 
     def tokens(self, text: str) -> list[str]:
         """BPE token strings (byte-level characters, "</w>" marks a word end), without bos/eos."""
-        return [tok for piece in _SPLIT.findall(clean_text(text, self.cleanup)) for tok in self._bpe(piece)]
+        if self.compat == "clip":
+            return [tok for piece in _SPLIT.findall(clean_text(text, "clip")) for tok in self._bpe(piece)]
+        out: list[str] = []
+        # re.split with a group alternates plain text and added tokens: text, token, text, ...
+        for i, segment in enumerate(self._added.split(text)):
+            if i % 2:
+                out.append(segment)
+            else:
+                pieces = _SPLIT_NO_SPECIAL.findall(clean_text(segment, "transformers"))
+                out.extend(tok for piece in pieces for tok in self._bpe(piece))
+        return out
 
     def encode(self, text: str) -> list[int]:
         """Token ids without bos/eos and without truncation."""

@@ -1,0 +1,255 @@
+"""Command line: ``ldmkit generate | img2img | inpaint | convert | info``.
+
+User errors (bad files, bad settings) print one line and exit 2; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = {
+    "generate": """examples:
+  ldmkit generate "a red apple"                       # built-in model, 20 steps
+  ldmkit generate "a red apple on a wooden table" --model v1-5-pruned-emaonly.safetensors \\
+      --sampler "DPM++ 2M" --scheduler karras --steps 20 --cfg-scale 7 --seed 42 \\
+      --negative-prompt "blurry" --width 512 --height 512 --batch-size 1 -o apple.png
+  ldmkit generate --from-png apple.png -o again.png   # reproduce an image from its parameters""",
+    "img2img": """examples:
+  ldmkit img2img "a watercolor apple" --init-image apple.png --strength 0.6 --model sd15.safetensors -o out.png""",
+    "inpaint": """examples:
+  ldmkit inpaint "a green pear" --init-image apple.png --mask mask.png --model sd15-inpainting.safetensors -o out.png
+  (white in the mask is repainted; ordinary models work too, keeping the original outside the mask)""",
+    "convert": """examples:
+  ldmkit convert model.safetensors out_dir --to diffusers
+  ldmkit convert diffusers_dir model.safetensors --to ldm --half""",
+    "info": """examples:
+  ldmkit info apple.png            # prints the image's generation parameters
+  ldmkit info model.safetensors    # prints the detected architecture""",
+}
+
+
+def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = True) -> None:
+    p.add_argument("prompt", nargs=None if prompt_required else "?", default="", help="the text prompt")
+    p.add_argument("--model", default=None, help="checkpoint file, diffusers folder, or built-in name (default: emoji)")
+    p.add_argument("--vae", default=None, help="standalone VAE file to use instead of the model's")
+    p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"],
+                   help="override the detected model family / prediction type")
+    p.add_argument("--negative-prompt", default="", help="what the image should not look like")
+    p.add_argument("--sampler", default="DPM++ 2M", help='e.g. "Euler a", "DPM++ 2M", dpmpp_2m, "DPM++ 2M Karras"')
+    p.add_argument("--scheduler", default=None, help="uniform, karras or exponential (default: the sampler's)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=-1, help="-1 for random; image i of a batch uses seed+i")
+    p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's n-th last layer")
+    p.add_argument("--eta", type=float, default=None, help="noise amount for DDIM / ancestral samplers")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("-o", "--output", default=None, help="output PNG (with several images, -SEED is appended)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldmkit", description="Stable Diffusion from the model up.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    g = add("generate", "text to image")
+    _add_generation_args(g, prompt_required=False)
+    g.add_argument("--from-png", default=None, help="take all settings from a PNG's parameters text")
+    i = add("img2img", "image to image")
+    _add_generation_args(i)
+    i.add_argument("--init-image", required=True)
+    i.add_argument("--strength", type=float, default=0.75, help="0..1: how much to change the image")
+    n = add("inpaint", "repaint the masked part of an image")
+    _add_generation_args(n)
+    n.add_argument("--init-image", required=True)
+    n.add_argument("--mask", required=True, help="white = repaint, black = keep")
+    n.add_argument("--strength", type=float, default=1.0)
+    c = add("convert", "convert a model between single-file (ldm) and diffusers formats")
+    c.add_argument("source")
+    c.add_argument("dest")
+    c.add_argument("--to", required=True, choices=["diffusers", "ldm"])
+    c.add_argument("--half", action="store_true", help="store weights as float16")
+    c.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"])
+    f = add("info", "show an image's generation parameters or a model's architecture")
+    f.add_argument("path")
+    return parser
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def callback(info: dict) -> None:
+        bar.update(1)
+
+    return bar, callback
+
+
+def _params_from_args(args: argparse.Namespace, model) -> object:
+    from ldmkit.pipeline import GenerationParams
+
+    native = native_size(model.cfg)
+    kw = dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+        width=args.width or native, height=args.height or native, batch_size=args.batch_size,
+        clip_skip=args.clip_skip, eta=args.eta,
+    )
+    if hasattr(args, "strength"):
+        kw["strength"] = args.strength
+    return GenerationParams(**kw)
+
+
+def native_size(cfg) -> int:
+    """The resolution a model was trained at: stored by ldmkit's export, else SD's (768 for SD2-v)."""
+    if "image_size" in cfg.extra:
+        return int(cfg.extra["image_size"])
+    return 768 if cfg.family == "sd2" and cfg.prediction == "v" else 512
+
+
+def _apply_png(args: argparse.Namespace) -> None:
+    """--from-png: settings from the image's infotext, unless given on the command line."""
+    from ldmkit.infotext import parse_infotext, read_parameters
+
+    text = read_parameters(args.from_png)
+    if not text:
+        raise ValueError(f"{args.from_png}: the image has no generation parameters")
+    p = parse_infotext(text)
+    args.prompt = args.prompt or p["Prompt"]
+    args.negative_prompt = args.negative_prompt or p["Negative prompt"]
+    if "Steps" in p:
+        args.steps = int(p["Steps"])
+    if "Sampler" in p:
+        args.sampler = p["Sampler"]
+    if "Schedule type" in p and args.scheduler is None:
+        args.scheduler = p["Schedule type"].lower()
+    if "CFG scale" in p:
+        args.cfg_scale = float(p["CFG scale"])
+    if "Seed" in p and args.seed == -1:
+        args.seed = int(p["Seed"])
+    if "Size" in p and args.width is None:
+        args.width, args.height = (int(v) for v in p["Size"].split("x"))
+    if "Clip skip" in p and args.clip_skip is None:
+        args.clip_skip = int(p["Clip skip"])
+
+
+def _outputs(args: argparse.Namespace, images: list) -> list[Path]:
+    from ldmkit.infotext import save_png
+
+    base = Path(args.output) if args.output else Path("ldmkit.png")
+    paths = []
+    for img in images:
+        path = base if len(images) == 1 and args.output else base.with_name(f"{base.stem}-{img.info['seed']}.png")
+        paths.append(save_png(img, path))
+    return paths
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e}); use a PNG or JPEG file") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from ldmkit import api
+    from ldmkit import pipeline as P
+
+    if args.command == "generate":
+        if args.from_png:
+            _apply_png(args)
+        if not args.prompt:
+            raise ValueError("no prompt given: ldmkit generate \"a red apple\"")
+    init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
+    mask = _open_image(args.mask) if args.command == "inpaint" else None
+    t0 = time.perf_counter()
+    pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device)
+    params = _params_from_args(args, pipe.model)
+    P.validate(params, pipe.model)
+    steps = params.steps if args.command == "generate" else max(1, int(params.steps * params.strength))
+    bar, cb = _progress(steps, args.command)
+    try:
+        if args.command == "generate":
+            images = P.txt2img(pipe.model, params, callback=cb)
+        elif args.command == "img2img":
+            images = P.img2img(pipe.model, params, init, callback=cb)
+        else:
+            images = P.inpaint(pipe.model, params, init, mask, callback=cb)
+    finally:
+        bar.close()
+    for path in _outputs(args, images):
+        print(path)
+    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from ldmkit.checkpoint import load, save_diffusers, save_single_file
+
+    model = load(args.source, model_type=args.model_type)
+    if args.to == "diffusers":
+        if args.half:
+            model = model.half()
+        save_diffusers(model, args.dest)
+    else:
+        save_single_file(model, args.dest, dtype=torch.float16 if args.half else None)
+    print(args.dest)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    path = Path(args.path)
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        from ldmkit.infotext import read_parameters
+
+        _open_image(args.path)
+        text = read_parameters(path)
+        print(text or f"{path}: no generation parameters in this image")
+        return
+    from ldmkit.checkpoint import load
+
+    model = load(path)
+    c = model.cfg
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in model.parts().items()}
+    print(f"model: {c.name}  family: {c.family}  prediction: {c.prediction}  inpainting: {c.is_inpainting}")
+    for k, n in counts.items():
+        print(f"  {k}: {n / 1e6:.1f}M parameters")
+    print(f"  unet: {c.unet}\n  vae: {c.vae}\n  text: {c.text}")
+
+
+COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate,
+            "convert": cmd_convert, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("ldmkit: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        if isinstance(e, TypeError) and not str(e).startswith("unknown generation option"):
+            raise
+        print(f"ldmkit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

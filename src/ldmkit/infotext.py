@@ -1,0 +1,60 @@
+"""A1111's ``parameters`` PNG text: writing images that carry it, and reading it back."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+# "Key: value" pairs; values may be quoted and contain commas
+_RE_PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """``parameters`` text -> {"Prompt", "Negative prompt", "Steps", "Sampler", ...} (values as strings)."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines else ""
+    params: dict[str, str] = {}
+    if len(_RE_PARAM.findall(last)) >= 3:
+        lines = lines[:-1]
+        for k, v in _RE_PARAM.findall(last):
+            v = v.strip()
+            if v.startswith('"') and v.endswith('"'):
+                v = v[1:-1].replace('\\"', '"')
+            params[k.strip()] = v
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    params["Prompt"] = "\n".join(prompt).strip()
+    params["Negative prompt"] = "\n".join(negative).strip()
+    return params
+
+
+def read_parameters(path: str | os.PathLike) -> str:
+    """The ``parameters`` text of a PNG ("" if it has none)."""
+    with Image.open(path) as im:
+        return str(im.info.get("parameters", ""))
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PNG with its ``parameters`` text, atomically (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = PngImagePlugin.PngInfo()
+    if "parameters" in image.info:
+        meta.add_text("parameters", str(image.info["parameters"]))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

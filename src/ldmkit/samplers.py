@@ -1,0 +1,635 @@
+"""Samplers: pure functions ``sample_x(model, x, sigmas, *, generator, callback, disable, **opts)``.
+
+``model(x, sigma) -> denoised`` with sigma of shape [B] (see :mod:`ldmkit.denoisers`); ``x`` starts
+at ``noise * sigmas[0]`` (or a noised image for img2img) and ``sigmas`` is any descending sequence,
+normally ``n + 1`` values ending in 0 from :mod:`ldmkit.schedules`. Samplers keep no state between
+calls, so one model can serve concurrent requests.
+
+The update is computed in float32 (or x's dtype if wider) and the result is cast back to x's dtype.
+Stochastic samplers draw noise on the CPU in float32 from ``generator`` so a seed gives the same
+image on any device. ``callback`` receives ``{"i", "x", "sigma", "denoised"}`` after each model call
+of step i.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from ldmkit.schedules import SCHEDULE_DISPLAY_NAMES, SCHEDULES
+
+Model = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[dict[str, Any]], None]
+Sampler = Callable[..., Tensor]
+
+
+# -- shared helpers --------------------------------------------------------------------------------------
+
+
+def _prepare(x: Tensor, sigmas: Tensor | Iterable[float]) -> tuple[Tensor, list[float]]:
+    """x upcast to at least float32, sigmas as Python floats (float64 step coefficients)."""
+    s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if len(s) < 2:
+        raise ValueError(f"sigmas needs at least 2 values (start and end), got {len(s)}")
+    if any(b > a for a, b in zip(s, s[1:], strict=False)):
+        raise ValueError("sigmas must be non-increasing")
+    return x.to(torch.promote_types(x.dtype, torch.float32)), s
+
+
+def _call(model: Model, x: Tensor, sigma: float) -> Tensor:
+    return model(x, x.new_full((x.shape[0],), sigma)).to(x.dtype)
+
+
+def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    # CPU float32 noise: the same seed gives the same noise on CUDA, MPS and CPU.
+    return torch.randn(x.shape, generator=generator, device="cpu", dtype=torch.float32).to(x)
+
+
+def _steps(sigmas: list[float], disable: bool) -> Iterable[int]:
+    return trange(len(sigmas) - 1, disable=disable)
+
+
+def _report(callback: Callback | None, i: int, x: Tensor, sigma: float, denoised: Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
+
+
+def _d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 3): (x - D(x, sigma)) / sigma."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up): go deterministically to sigma_down, then add sigma_up of fresh noise.
+
+    sigma_down^2 + sigma_up^2 = sigma_to^2. eta = 1 is the DDPM posterior variance, eta = 0 is DDIM.
+    """
+    if eta == 0 or sigma_to == 0:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    return math.sqrt(sigma_to**2 - up**2), up
+
+
+def _churn(
+    x: Tensor,
+    sigma: float,
+    n_steps: int,
+    generator: torch.Generator | None,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+) -> tuple[Tensor, float]:
+    """Karras et al. (2022, alg. 2) "churn": raise the noise level to sigma_hat before the step."""
+    gamma = min(s_churn / n_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma <= 0:
+        return x, sigma
+    sigma_hat = sigma * (gamma + 1)
+    return x + _randn(x, generator) * s_noise * math.sqrt(sigma_hat**2 - sigma**2), sigma_hat
+
+
+# -- first- and second-order ODE solvers in sigma (Karras et al. 2022) ------------------------------------
+
+
+def sample_euler(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler on the probability-flow ODE, optional churn (Karras et al. 2022, alg. 2)."""
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    for i in _steps(s, disable):
+        x, sigma_hat = _churn(x, s[i], len(s) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _call(model, x, sigma_hat)
+        _report(callback, i, x, s[i], denoised)
+        x = x + _d(x, sigma_hat, denoised) * (s[i + 1] - sigma_hat)
+    return x.to(dtype)
+
+
+def sample_euler_a(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler ancestral: an Euler step to sigma_down, then fresh noise up to the next sigma."""
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        down, up = ancestral_step(s[i], s[i + 1], eta)
+        x = x + _d(x, s[i], denoised) * (down - s[i])
+        if up > 0:
+            x = x + _randn(x, generator) * (s_noise * up)
+    return x.to(dtype)
+
+
+def sample_heun(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Heun's method, 2 model calls per step, Euler for the last step to 0 (Karras et al. 2022, alg. 2)."""
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    for i in _steps(s, disable):
+        x, sigma_hat = _churn(x, s[i], len(s) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _call(model, x, sigma_hat)
+        _report(callback, i, x, s[i], denoised)
+        d = _d(x, sigma_hat, denoised)
+        dt = s[i + 1] - sigma_hat
+        if s[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = _d(x_2, s[i + 1], _call(model, x_2, s[i + 1]))
+            x = x + (d + d_2) * (dt / 2)
+    return x.to(dtype)
+
+
+def sample_dpm2(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver-2 (Lu et al. 2022) in k-diffusion's form: midpoint in log-sigma, Euler for the last step."""
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    for i in _steps(s, disable):
+        x, sigma_hat = _churn(x, s[i], len(s) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _call(model, x, sigma_hat)
+        _report(callback, i, x, s[i], denoised)
+        d = _d(x, sigma_hat, denoised)
+        if s[i + 1] == 0:
+            x = x + d * (s[i + 1] - sigma_hat)
+        else:
+            sigma_mid = math.sqrt(sigma_hat * s[i + 1])  # geometric mean = midpoint in log-sigma
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = _d(x_2, sigma_mid, _call(model, x_2, sigma_mid))
+            x = x + d_2 * (s[i + 1] - sigma_hat)
+    return x.to(dtype)
+
+
+def lms_coefficient(order: int, sigmas: list[float], i: int, j: int) -> float:
+    """Integral over [sigmas[i], sigmas[i+1]] of the Lagrange basis polynomial through sigmas[i-k], k < order,
+    that is 1 at sigmas[i-j]. Exact (the integrand is a polynomial) rather than k-diffusion's ``quad``."""
+    nodes = [sigmas[i - k] for k in range(order)]
+    basis = np.polynomial.Polynomial([1.0])
+    for k, node in enumerate(nodes):
+        if k != j:
+            basis = basis * np.polynomial.Polynomial([-node, 1.0]) / (nodes[j] - node)
+    integral = basis.integ()
+    return float(integral(sigmas[i + 1]) - integral(sigmas[i]))
+
+
+def sample_lms(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    order: int = 4,
+) -> Tensor:
+    """Linear multistep (Adams-Bashforth in sigma) of up to ``order``, warming up from Euler."""
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    ds: list[Tensor] = []  # derivatives, newest last
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        ds = [*ds, _d(x, s[i], denoised)][-order:]
+        cur = min(i + 1, order)
+        for j in range(cur):
+            x = x + lms_coefficient(cur, s, i, j) * ds[-1 - j]
+    return x.to(dtype)
+
+
+# -- exponential integrators in lambda = -log(sigma) (DPM-Solver++, Lu et al. 2022b) ----------------------
+
+
+def sample_dpmpp_2m(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022b): second-order multistep in data prediction."""
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    old: Tensor | None = None
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            d = denoised
+            if old is not None:
+                r = math.log(s[i - 1] / s[i]) / h  # h_last / h
+                d = denoised + (denoised - old) / (2 * r)
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
+        old = denoised
+    return x.to(dtype)
+
+
+def sample_dpmpp_2m_sde(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: Literal["midpoint", "heun"] = "midpoint",
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b; k-diffusion ``sample_dpmpp_2m_sde``).
+
+    Each step adds independent Gaussian noise. k-diffusion draws it from a Brownian tree (torchsde);
+    the steps cover disjoint sigma intervals, so both give the same distribution, not the same image.
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    old: Tensor | None = None
+    h_last = 0.0
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            eta_h = eta * h
+            one_minus = -math.expm1(-h - eta_h)  # 1 - exp(-(1 + eta) h)
+            x = (s[i + 1] / s[i] * math.exp(-eta_h)) * x + one_minus * denoised
+            if old is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + (one_minus / (-h - eta_h) + 1) * (1 / r) * (denoised - old)
+                else:
+                    x = x + (0.5 * one_minus / r) * (denoised - old)
+            if eta:
+                x = x + _randn(x, generator) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+            h_last = h
+        old = denoised
+    return x.to(dtype)
+
+
+def sample_dpmpp_sde(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+) -> Tensor:
+    """DPM-Solver++ (stochastic, 2 model calls per step; k-diffusion ``sample_dpmpp_sde``).
+
+    Noise source: k-diffusion samples a torchsde Brownian tree W(sigma); the first sub-step needs
+    the increment over [sigma_s, sigma_i] and the full step the increment over [sigma_{i+1}, sigma_i].
+    We draw the two independent sub-interval increments of a Brownian path from ``generator`` and
+    combine them, which has exactly the Brownian tree's joint distribution (not its realisation).
+    """
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        if s[i + 1] == 0:
+            x = x + _d(x, s[i], denoised) * (s[i + 1] - s[i])
+            continue
+        t, t_next = -math.log(s[i]), -math.log(s[i + 1])
+        h = t_next - t
+        sigma_s = math.exp(-(t + h * r))
+        # Brownian increments on [sigma_s, sigma_i] and [sigma_{i+1}, sigma_s], unit variance each
+        if eta > 0:
+            n1, n2 = _randn(x, generator), _randn(x, generator)
+        else:
+            n1 = n2 = torch.zeros_like(x)
+        noise_full = (math.sqrt(s[i] - sigma_s) * n1 + math.sqrt(sigma_s - s[i + 1]) * n2) / math.sqrt(s[i] - s[i + 1])
+        # step 1: to the intermediate sigma_s
+        down, up = ancestral_step(s[i], sigma_s, eta)
+        x_2 = (down / s[i]) * x - math.expm1(math.log(down / s[i])) * denoised
+        x_2 = x_2 + n1 * (s_noise * up)
+        denoised_2 = _call(model, x_2, sigma_s)
+        # step 2: full step with the combined estimate
+        down, up = ancestral_step(s[i], s[i + 1], eta)
+        fac = 1 / (2 * r)
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (down / s[i]) * x - math.expm1(math.log(down / s[i])) * denoised_d
+        x = x + noise_full * (s_noise * up)
+    return x.to(dtype)
+
+
+# -- DDIM / DDPM written in sigma space -------------------------------------------------------------------
+
+
+def sample_ddim(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 0.0,
+) -> Tensor:
+    """DDIM (Song et al. 2021), eq. 12 divided by sqrt(alpha_bar_prev) so that it acts on x = x0 + sigma eps.
+
+    With sigma^2 = (1 - a) / a the DDIM variance sigma_t(eta)^2 / alpha_bar_prev becomes the
+    ancestral sigma_up^2 = eta^2 sigma'^2 (sigma^2 - sigma'^2) / sigma^2, so
+    x' = x0 + sqrt(sigma'^2 - sigma_up^2) eps + sigma_up z: DDIM(eta) is Euler ancestral(eta), and
+    DDIM(0) is Euler, in these coordinates.
+    """
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        down, up = ancestral_step(s[i], s[i + 1], eta)
+        eps = _d(x, s[i], denoised)
+        x = denoised + eps * down
+        if up > 0:
+            x = x + _randn(x, generator) * up
+    return x.to(dtype)
+
+
+def sample_ddpm(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+) -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, eq. 7; diffusers' ``DDPMScheduler``, "fixed_small").
+
+    The posterior q(x' | x, x0) in sigma space: mean x0 + (sigma'^2 / sigma^2)(x - x0), variance
+    sigma'^2 (sigma^2 - sigma'^2) / sigma^2. Mathematically Euler ancestral with eta = 1.
+    """
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        ratio = (s[i + 1] / s[i]) ** 2
+        x = denoised + ratio * (x - denoised)
+        if s[i + 1] > 0:
+            x = x + _randn(x, generator) * (s[i + 1] * math.sqrt(1 - ratio))
+    return x.to(dtype)
+
+
+# -- UniPC (Zhao et al. 2023) ----------------------------------------------------------------------------
+
+
+def _unipc_coeffs(rks: list[float], hh: float, order: int, variant: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """UniPC's linear system R rho = b for data prediction (hh = -h), and B(h)."""
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    rks_arr = np.asarray([*rks, 1.0], dtype=np.float64)
+    rows, b = [], []
+    factorial = 1
+    for k in range(1, order + 1):
+        rows.append(rks_arr ** (k - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return np.stack(rows), np.asarray(b), b_h
+
+
+def _unipc_update(
+    x: Tensor,
+    sigma_s0: float,
+    sigma_t: float,
+    ms: list[Tensor],
+    sigma_ms: list[float],
+    order: int,
+    variant: str,
+    model_t: Tensor | None = None,
+) -> Tensor:
+    """UniP (``model_t`` None) or UniC step from sigma_s0 to sigma_t using the x0 history ``ms``."""
+    lam_s0, h = -math.log(sigma_s0), math.log(sigma_s0 / sigma_t)
+    m0 = ms[-1]
+    rks = [(-math.log(sigma_ms[-2 - k]) - lam_s0) / h for k in range(order - 1)]
+    d1s = [(ms[-2 - k] - m0) / rk for k, rk in enumerate(rks)]
+    R, b, b_h = _unipc_coeffs(rks, -h, order, variant)
+    x_t = (sigma_t / sigma_s0) * x - math.expm1(-h) * m0
+    if model_t is None:  # predictor
+        if not d1s:
+            return x_t
+        rhos = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        return x_t - b_h * sum(rho * d for rho, d in zip(rhos, d1s, strict=True))
+    rhos = [0.5] if order == 1 else np.linalg.solve(R, b).tolist()  # corrector
+    res = sum((rho * d for rho, d in zip(rhos[:-1], d1s, strict=True)), torch.zeros_like(x))
+    return x_t - b_h * (res + rhos[-1] * (model_t - m0))
+
+
+def sample_unipc(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    order: int = 2,
+    variant: Literal["bh1", "bh2"] = "bh2",
+    lower_order_final: bool = True,
+    use_corrector: bool = True,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023): multistep UniP predictor + UniC corrector, data prediction.
+
+    Follows diffusers' ``UniPCMultistepScheduler`` (predict_x0, ``solver_type=variant``) with
+    alpha = 1 and sigma_vp / alpha = sigma. The corrector reuses the next step's model call, so the
+    cost is one call per step; the effective order is ``order + 1``.
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    n = len(s) - 1
+    ms: list[Tensor] = []
+    sigma_ms: list[float] = []
+    x_last: Tensor | None = None
+    last_order = 1
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        if use_corrector and x_last is not None:
+            x = _unipc_update(x_last, s[i - 1], s[i], ms, sigma_ms, last_order, variant, model_t=denoised)
+        _report(callback, i, x, s[i], denoised)
+        ms, sigma_ms = [*ms, denoised][-order:], [*sigma_ms, s[i]][-order:]
+        if s[i + 1] == 0:
+            x = denoised
+            x_last = None
+            continue
+        this_order = min(order, n - i) if lower_order_final else order
+        this_order = min(this_order, len(ms))
+        x_last = x
+        x = _unipc_update(x, s[i], s[i + 1], ms, sigma_ms, this_order, variant)
+        last_order = this_order
+    return x.to(dtype)
+
+
+# -- registry ---------------------------------------------------------------------------------------------
+
+_FUNCTIONS: dict[str, Sampler] = {
+    "euler": sample_euler,
+    "euler_a": sample_euler_a,
+    "heun": sample_heun,
+    "dpm2": sample_dpm2,
+    "lms": sample_lms,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_sde": sample_dpmpp_sde,
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "unipc": sample_unipc,
+}
+
+SAMPLER_DISPLAY_NAMES: dict[str, str] = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "unipc": "UniPC",
+}
+
+# Schedule used when a name carries none: A1111 >= 1.9's per-sampler defaults, DDIM/DDPM's own spacing.
+DEFAULT_SCHEDULES: dict[str, str] = {
+    "euler": "uniform",
+    "euler_a": "uniform",
+    "heun": "uniform",
+    "dpm2": "karras",
+    "lms": "uniform",
+    "dpmpp_2m": "karras",
+    "dpmpp_2m_sde": "exponential",
+    "dpmpp_sde": "karras",
+    "ddim": "ddim_uniform",
+    "ddpm": "ddim_uniform",
+    "unipc": "uniform",
+}
+
+# other spellings: k-diffusion/ComfyUI function names and A1111's k_* aliases
+_ALIASES: dict[str, str] = {
+    "euler_ancestral": "euler_a",
+    "k_euler": "euler",
+    "k_euler_a": "euler_a",
+    "k_euler_ancestral": "euler_a",
+    "k_heun": "heun",
+    "dpm_2": "dpm2",
+    "k_dpm_2": "dpm2",
+    "k_lms": "lms",
+    "k_dpmpp_2m": "dpmpp_2m",
+    "k_dpmpp_sde": "dpmpp_sde",
+    "k_dpmpp_2m_sde": "dpmpp_2m_sde",
+    "uni_pc": "unipc",
+}
+
+SAMPLERS: dict[str, Sampler] = {**_FUNCTIONS, **{SAMPLER_DISPLAY_NAMES[k]: f for k, f in _FUNCTIONS.items()}}
+
+_LOOKUP: dict[str, str] = {
+    **{k: k for k in _FUNCTIONS},
+    **{v.lower(): k for k, v in SAMPLER_DISPLAY_NAMES.items()},
+    **_ALIASES,
+}
+# schedule suffixes of combined names ("DPM++ 2M Karras"); "Automatic" means the sampler's default
+_SCHEDULE_SUFFIXES: dict[str, str | None] = {
+    **{k: k for k in SCHEDULES},
+    **{v.lower(): k for k, v in SCHEDULE_DISPLAY_NAMES.items()},
+    "automatic": None,
+}
+
+
+def sampler_names() -> list[str]:
+    """Short sampler names (keys of :data:`SAMPLER_DISPLAY_NAMES`)."""
+    return list(_FUNCTIONS)
+
+
+def scheduler_names() -> list[str]:
+    """Short schedule names accepted by :func:`ldmkit.schedules.get_sigmas`."""
+    return list(SCHEDULES)
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.strip().lower().split())
+
+
+def resolve_sampler(name: str) -> tuple[str, Sampler, str | None]:
+    """``(short_name, function, schedule or None)`` for a short, A1111 or combined name, any case.
+
+    "DPM++ 2M Karras" -> ("dpmpp_2m", sample_dpmpp_2m, "karras"); "Euler a" -> ("euler_a", ..., None).
+    """
+    key = _norm(name)
+    if key in _LOOKUP:
+        short = _LOOKUP[key]
+        return short, _FUNCTIONS[short], None
+    for suffix in sorted(_SCHEDULE_SUFFIXES, key=len, reverse=True):
+        for sep in (" ", "_"):
+            if key.endswith(sep + suffix) and key[: -len(suffix) - 1].strip() in _LOOKUP:
+                short = _LOOKUP[key[: -len(suffix) - 1].strip()]
+                return short, _FUNCTIONS[short], _SCHEDULE_SUFFIXES[suffix]
+    valid = ", ".join(f"{k!r} ({SAMPLER_DISPLAY_NAMES[k]!r})" for k in _FUNCTIONS)
+    suffixes = ", ".join(SCHEDULE_DISPLAY_NAMES.values())
+    raise ValueError(
+        f"unknown sampler {name!r}; valid samplers: {valid}, optionally followed by a schedule: {suffixes}"
+    )
+
+
+def default_schedule(name: str) -> str:
+    """The schedule a sampler uses when its name does not carry one."""
+    short, _, schedule = resolve_sampler(name)
+    return schedule or DEFAULT_SCHEDULES[short]
+
+
+def sample(model: Model, x: Tensor, sigmas: Tensor, name: str, **kwargs: Any) -> Tensor:
+    """Run the sampler called ``name`` (any spelling :func:`resolve_sampler` accepts)."""
+    return resolve_sampler(name)[1](model, x, sigmas, **kwargs)
