@@ -49,7 +49,7 @@ _SPLIT = regex.compile(
     regex.IGNORECASE,
 )
 # transformers' byte-level pre-tokenizer re-splits "<|endoftext|>" into "<|", "endoftext", "|>", so for it
-# only exact special tokens in the raw text count (see `_ADDED_*`).
+# only exact special tokens in the raw text count (`CLIPTokenizer._added`).
 _SPLIT_NO_SPECIAL = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _WHITESPACE = regex.compile(r"\s+")
 
@@ -117,6 +117,16 @@ def load_bpe_gz(path: str | os.PathLike) -> tuple[dict[str, int], tuple[tuple[st
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); re-download the tokenizer folder.") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} should hold a JSON object; re-download the tokenizer folder.")
+    return data
+
+
 def _special_token(value: object) -> str | None:
     """A special token as stored in tokenizer_config.json: a string or {"content": ...}."""
     if isinstance(value, dict):
@@ -128,7 +138,7 @@ def _read_pad_token(folder: Path) -> str:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         file = folder / name
         if file.is_file():
-            pad = _special_token(json.loads(file.read_text(encoding="utf-8")).get("pad_token"))
+            pad = _special_token(_read_json(file).get("pad_token"))
             if pad is not None:
                 return pad
     return EOS_TOKEN  # transformers' CLIPTokenizer default
@@ -161,7 +171,8 @@ class CLIPTokenizer:
             raise ValueError(f"context_length must leave room for bos and eos, got {context_length}")
         self.encoder = dict(encoder)
         self.decoder = {i: t for t, i in self.encoder.items()}
-        self.bpe_ranks = {(a, b): rank for rank, (a, b) in enumerate(merges)}
+        self.merges = tuple((a, b) for a, b in merges)
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._no_rank = len(self.bpe_ranks)
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
@@ -194,11 +205,11 @@ class CLIPTokenizer:
             folder = folder / "tokenizer"
         vocab_file, merges_file, json_file = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
         if vocab_file.is_file() and merges_file.is_file():
-            encoder = json.loads(vocab_file.read_text(encoding="utf-8"))
+            encoder = _read_json(vocab_file)
             lines = merges_file.read_text(encoding="utf-8").splitlines()
             merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
         elif json_file.is_file():
-            model = json.loads(json_file.read_text(encoding="utf-8")).get("model", {})
+            model = _read_json(json_file).get("model", {})
             encoder = model.get("vocab")
             # tokenizers writes merges as "a b" strings (old) or ["a", "b"] pairs (>=0.20).
             merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
@@ -219,6 +230,19 @@ class CLIPTokenizer:
                 f"unsupported pad token {pad!r} in {folder}: expected {EOS_TOKEN!r} (SD1) or {SD2_PAD_TOKEN!r} (SD2)"
             )
         return cls(encoder, merges, pad_with_eos=pad == EOS_TOKEN, compat=compat)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a diffusers/transformers `tokenizer/` folder (vocab.json, merges.txt and the two configs)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        pad = self.decoder[self.pad_id]
+        special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad}
+        config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length}
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
+        (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text(merges, encoding="utf-8")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
         """BPE of one pre-tokenized piece: repeatedly merge every occurrence of the lowest-ranked pair."""
