@@ -6,6 +6,7 @@ User errors (bad files, bad settings) print one line and exit 2; only bugs show 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,10 @@ EXAMPLES = {
   ldmkit info apple.png            # prints the image's generation parameters
   ldmkit info model.safetensors    # prints the detected architecture""",
 }
+
+
+# modules with a register(add) function contributing subcommands (data, train, export, serve, explain)
+PLUGIN_MODULES: list[str] = []
 
 
 def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = True) -> None:
@@ -80,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"])
     f = add("info", "show an image's generation parameters or a model's architecture")
     f.add_argument("path")
+    for module in PLUGIN_MODULES:
+        # each feature package adds its own subcommands: register(add) -> None, where
+        # add(name, help, examples) returns an ArgumentParser; it sets `func=handler(args)`
+        importlib.import_module(module).register(
+            lambda name, help, examples=None: sub.add_parser(
+                name, help=help, description=help, epilog=examples,
+                formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -239,7 +251,8 @@ COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_ge
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        handler = getattr(args, "func", None) or COMMANDS[args.command]
+        handler(args)
     except KeyboardInterrupt:
         print("ldmkit: interrupted", file=sys.stderr)
         return 130
