@@ -41,6 +41,8 @@ SKIPPED_LDM_KEYS = frozenset({
     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
     # latent scale (0.18215), a config value; read by detect_family when present
     "scale_factor",
+    # prediction markers some trainers add (ComfyUI convention); ldmkit.checkpoint reads "v_pred"
+    "v_pred", "ztsnr",
     # CLIP position ids: arange(77), persisted by transformers < 4.31
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
     "cond_stage_model.transformer.embeddings.position_ids",
@@ -269,7 +271,7 @@ def normalize_hf_text(sd: Mapping[str, Tensor]) -> StateDict:
     """HF CLIP text names in the on-disk ``text_model.`` form.
 
     Adds the ``text_model.`` prefix where it is missing (transformers >= 5.6 flattened
-    ``CLIPTextModel``, whose in-memory state dict has no prefix; pre-2022 SD1 merges also lack it)
+    ``CLIPTextModel``, whose in-memory state dict has no prefix; some old SD1 merges lack it too)
     and drops the ``position_ids`` buffer (an arange that old transformers versions persisted).
     """
     out: StateDict = {}
