@@ -127,7 +127,7 @@ def test_text_encoder_parity(cfg: ModelConfig, tmp_path):
     tcfg = convert.text_config_from_hf(json.loads((tmp_path / "te" / "config.json").read_text()))
     assert tcfg == cfg.text
     ours = CLIPTextModel(tcfg)
-    checkpoint.load_strict(ours, checkpoint.hf_text_keys(load_file(tmp_path / "te" / "model.safetensors")), "text")
+    checkpoint.load_strict(ours, convert.normalize_hf_text(load_file(tmp_path / "te" / "model.safetensors")), "text")
     final_norm = ref.text_model.final_layer_norm if hasattr(ref, "text_model") else ref.final_layer_norm
     with torch.no_grad():
         assert rel_err(ours(ids), out.last_hidden_state) <= TOL
@@ -137,7 +137,7 @@ def test_text_encoder_parity(cfg: ModelConfig, tmp_path):
     if cfg.family == "sd2":
         oc = convert.hf_text_to_openclip(ours.state_dict(), tcfg)
         assert any("in_proj_weight" in k for k in oc)
-        hf = convert.openclip_to_hf_text(oc, tcfg)
+        hf, _extras = convert.openclip_to_hf_text(oc, tcfg)
         ours2 = CLIPTextModel(tcfg)
         checkpoint.load_strict(ours2, hf, "text")
         with torch.no_grad():

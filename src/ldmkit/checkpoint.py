@@ -153,11 +153,7 @@ def config_from_ldm(sd: StateDict, metadata: dict[str, str], name: str, model_ty
     if CONFIG_METADATA_KEY in metadata:
         cfg = ModelConfig.from_json(metadata[CONFIG_METADATA_KEY]).replace(name=name)
     else:
-        d = convert.detect_family(sd)
-        cfg = ModelConfig(
-            name=name, family=d["family"], unet=d["unet"], vae=d["vae"], text=d["text"],
-            clip_skip=2 if d["family"] == "sd2" else 1, pad_with_eos=d["family"] != "sd2",
-        )
+        cfg = ModelConfig(name=name, **convert.detect_family(sd))
         prediction = metadata.get("modelspec.prediction_type", "")
         if "v_pred" in sd or prediction.startswith("v"):
             cfg = cfg.replace(prediction="v")
@@ -258,14 +254,6 @@ _UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.b
 _TEXT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def hf_text_keys(sd: StateDict) -> StateDict:
-    """transformers >= 5 saves CLIPTextModel without the ``text_model.`` prefix that older files carry."""
-    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a buffer, always arange(77)
-    if all(k.startswith("text_model.") for k in sd):
-        return sd
-    return {f"text_model.{k}": v for k, v in sd.items()}
-
-
 def load_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> StableDiffusion:
     root = Path(folder)
     for sub in ("unet", "vae", "text_encoder"):
@@ -290,7 +278,7 @@ def load_diffusers(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     parts = {
         "unet": convert.unet_diffusers_to_ldm(_read_part(root / "unet", _UNET_FILES), ucfg),
         "vae": convert.vae_diffusers_to_ldm(_read_part(root / "vae", _UNET_FILES), vcfg),
-        "text_encoder": hf_text_keys(_read_part(root / "text_encoder", _TEXT_FILES)),
+        "text_encoder": convert.normalize_hf_text(_read_part(root / "text_encoder", _TEXT_FILES)),
     }
     model = build_model(cfg, parts, tokenizer=tokenizer, dtype=dtype)
     model.source_name = root.name

@@ -22,7 +22,7 @@ from ldmkit import __version__
 from ldmkit.denoisers import CFGDenoiser, DiscreteDenoiser
 from ldmkit.model import StableDiffusion
 from ldmkit.prompt import encode_pair
-from ldmkit.samplers import resolve_sampler
+from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, default_schedule, resolve_sampler
 from ldmkit.schedules import DiscreteSchedule, get_sigmas, sd_alphas_cumprod
 
 StepCallback = Callable[[dict], None]
@@ -109,15 +109,31 @@ def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
     return DiscreteDenoiser(model.unet, model_schedule(model), prediction=model.cfg.prediction)
 
 
-def plan_sigmas(model: StableDiffusion, params: GenerationParams) -> tuple[str, Callable, Tensor]:
-    """(sampler short name, sampler function, sigmas) for the full schedule of ``params.steps``."""
-    short, fn, default_schedule = resolve_sampler(params.sampler)
-    schedule_name = params.scheduler or default_schedule or "uniform"
+@dataclass(frozen=True)
+class Plan:
+    """The resolved sampler and noise levels of one generation."""
+
+    sampler: str  # short name, e.g. "dpmpp_2m"
+    fn: Callable
+    schedule: str  # e.g. "karras"
+    sigmas: Tensor  # steps + 1 noise levels, ending in 0
+
+    @property
+    def infotext_names(self) -> tuple[str, str]:
+        return SAMPLER_DISPLAY_NAMES[self.sampler], SCHEDULE_DISPLAY_NAMES.get(self.schedule, self.schedule)
+
+
+def plan(model: StableDiffusion, params: GenerationParams) -> Plan:
+    """Sampler function and the full schedule of ``params.steps`` noise levels."""
+    short, fn, suffix = resolve_sampler(params.sampler)
+    schedule = (params.scheduler or suffix or default_schedule(short)).lower()
+    if schedule == "automatic":
+        schedule = suffix or default_schedule(short)
     try:
-        sigmas = get_sigmas(schedule_name, params.steps, model_schedule(model), sampler=short)
-    except TypeError:
-        sigmas = get_sigmas(schedule_name, params.steps, model_schedule(model))
-    return short, fn, sigmas
+        sigmas = get_sigmas(schedule, params.steps, model_schedule(model))
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    return Plan(short, fn, schedule, sigmas)
 
 
 def start_scale(sampler: str, sigma: Tensor) -> Tensor:
@@ -200,7 +216,7 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
     if params.negative_prompt:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     fields = [
-        ("Steps", params.steps), ("Sampler", sampler_name), ("Schedule type", schedule.capitalize()),
+        ("Steps", params.steps), ("Sampler", sampler_name), ("Schedule type", schedule),
         ("CFG scale", f"{params.cfg_scale:g}"), ("Seed", seed), ("Size", f"{params.width}x{params.height}"),
     ]
     if model.model_hash:
@@ -219,39 +235,38 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
 
 def _prepare(model: StableDiffusion, params: GenerationParams) -> tuple:
     validate(params, model)
-    short, fn, sigmas = plan_sigmas(model, params)
+    p = plan(model, params)
     n = params.batch_size
     cond, uncond = encode_prompt(model, [params.prompt] * n, [params.negative_prompt] * n, params.clip_skip)
     seeds = resolve_seeds(params.seed, n)
     f = model.cfg.vae.downscale
     shape = (model.cfg.unet.out_channels, params.height // f, params.width // f)
     noise = initial_noise(seeds, shape, model.device)
-    return short, fn, sigmas, cond, uncond, seeds, noise
+    return p, cond, uncond, seeds, noise
 
 
-def _finish(model: StableDiffusion, params: GenerationParams, latents: Tensor, seeds: list[int],
-            short: str, extra: dict[str, object] | None = None) -> list[Image.Image]:
-    from ldmkit.samplers import display_name
-
-    schedule = params.scheduler or resolve_sampler(params.sampler)[2] or "uniform"
+def _finish(model: StableDiffusion, params: GenerationParams, latents: Tensor, seeds: list[int], p: Plan,
+            extra: dict[str, object] | None = None) -> list[Image.Image]:
+    sampler_name, schedule_name = p.infotext_names
     images = decode_latents(model, latents)
     for img, seed in zip(images, seeds):
-        img.info["parameters"] = infotext(model, params, seed, display_name(short), schedule, extra)
+        img.info["parameters"] = infotext(model, params, seed, sampler_name, schedule_name, extra)
         img.info["seed"] = seed
     return images
 
 
 def txt2img(model: StableDiffusion, params: GenerationParams,
             callback: StepCallback | None = None) -> list[Image.Image]:
-    short, fn, sigmas, cond, uncond, seeds, noise = _prepare(model, params)
+    p, cond, uncond, seeds, noise = _prepare(model, params)
     c_concat = None
     if model.cfg.is_inpainting:
         # an inpainting model asked for a plain image: everything masked, nothing to keep
         b, _, h, w = noise.shape
         c_concat = torch.cat([torch.ones(b, 1, h, w), torch.zeros(b, 4, h, w)], dim=1).to(noise)
-    x = noise * start_scale(short, sigmas[0])
-    latents = run_sampler(model, params, x, sigmas, fn, cond, uncond, seeds, c_concat=c_concat, callback=callback)
-    return _finish(model, params, latents, seeds, short)
+    x = noise * start_scale(p.sampler, p.sigmas[0])
+    latents = run_sampler(model, params, x, p.sigmas, p.fn, cond, uncond, seeds, c_concat=c_concat,
+                          callback=callback)
+    return _finish(model, params, latents, seeds, p)
 
 
 def _truncate(sigmas: Tensor, steps: int, strength: float) -> Tensor:
@@ -262,12 +277,12 @@ def _truncate(sigmas: Tensor, steps: int, strength: float) -> Tensor:
 
 def img2img(model: StableDiffusion, params: GenerationParams, init_image: Image.Image,
             callback: StepCallback | None = None) -> list[Image.Image]:
-    short, fn, sigmas, cond, uncond, seeds, noise = _prepare(model, params)
-    sigmas = _truncate(sigmas, params.steps, params.strength)
+    p, cond, uncond, seeds, noise = _prepare(model, params)
+    sigmas = _truncate(p.sigmas, params.steps, params.strength)
     init = encode_image(model, init_image, params.width, params.height).expand_as(noise)
     x = init + noise * sigmas[0]
-    latents = run_sampler(model, params, x, sigmas, fn, cond, uncond, seeds, callback=callback)
-    return _finish(model, params, latents, seeds, short, {"Denoising strength": params.strength})
+    latents = run_sampler(model, params, x, sigmas, p.fn, cond, uncond, seeds, callback=callback)
+    return _finish(model, params, latents, seeds, p, {"Denoising strength": params.strength})
 
 
 def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.Image, mask_image: Image.Image,
@@ -277,8 +292,8 @@ def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.
     9-channel inpainting models see the mask and the masked image as extra input channels;
     ordinary models keep the original latent outside the mask at every step.
     """
-    short, fn, sigmas, cond, uncond, seeds, noise = _prepare(model, params)
-    sigmas = _truncate(sigmas, params.steps, params.strength)
+    p, cond, uncond, seeds, noise = _prepare(model, params)
+    sigmas = _truncate(p.sigmas, params.steps, params.strength)
     f = model.cfg.vae.downscale
     image = image_to_tensor(init_image, params.width, params.height)
     mask = mask_to_tensor(mask_image, params.width, params.height)
@@ -291,11 +306,11 @@ def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.
         masked_latent = encode_image(model, masked, params.width, params.height)
         c_concat = torch.cat([latent_mask, masked_latent], dim=1).expand(b, -1, -1, -1)
         # the inpainting models were trained from pure noise at full strength
-        x = (init + noise * sigmas[0]) if params.strength < 1.0 else noise * start_scale(short, sigmas[0])
-        latents = run_sampler(model, params, x, sigmas, fn, cond, uncond, seeds, c_concat=c_concat,
+        x = (init + noise * sigmas[0]) if params.strength < 1.0 else noise * start_scale(p.sampler, sigmas[0])
+        latents = run_sampler(model, params, x, sigmas, p.fn, cond, uncond, seeds, c_concat=c_concat,
                               callback=callback)
     else:
         x = init + noise * sigmas[0]
-        latents = run_sampler(model, params, x, sigmas, fn, cond, uncond, seeds, mask=latent_mask,
+        latents = run_sampler(model, params, x, sigmas, p.fn, cond, uncond, seeds, mask=latent_mask,
                               init_latent=init, callback=callback)
-    return _finish(model, params, latents, seeds, short, {"Denoising strength": params.strength})
+    return _finish(model, params, latents, seeds, p, {"Denoising strength": params.strength})
