@@ -28,7 +28,7 @@ def diffusers_vae(cfg: ModelConfig, seed: int = 0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**convert.diffusers_vae_config(cfg.vae), scaling_factor=cfg.vae.scale_factor).eval()
+    vae = AutoencoderKL(**convert.diffusers_vae_config(cfg.vae)).eval()
     _perturb_norms(vae)
     return vae
 

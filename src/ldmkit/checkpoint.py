@@ -301,7 +301,7 @@ def save_diffusers(model: StableDiffusion, folder: str | os.PathLike) -> None:
     atomic_save_safetensors(unet_sd, root / "unet" / "diffusion_pytorch_model.safetensors")
     atomic_write_text(root / "unet" / "config.json", json.dumps(convert.diffusers_unet_config(cfg.unet), indent=2))
     atomic_save_safetensors(vae_sd, root / "vae" / "diffusion_pytorch_model.safetensors")
-    vae_json = {**convert.diffusers_vae_config(cfg.vae), "scaling_factor": cfg.vae.scale_factor}
+    vae_json = convert.diffusers_vae_config(cfg.vae)
     atomic_write_text(root / "vae" / "config.json", json.dumps(vae_json, indent=2))
     atomic_save_safetensors(text_sd, root / "text_encoder" / "model.safetensors", {"format": "pt"})
     atomic_write_text(root / "text_encoder" / "config.json", json.dumps(convert.hf_text_config(text_cfg), indent=2))
