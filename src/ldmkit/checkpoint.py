@@ -186,8 +186,13 @@ def load_single_file(path: str | os.PathLike, model_type: str | None = None,
                      dtype: torch.dtype = torch.float32) -> StableDiffusion:
     p = Path(path)
     sd, metadata = read_state_dict(p)
-    cfg = config_from_ldm(sd, metadata, p.stem, model_type)
-    unet, vae, text, _layout = convert.split_ldm_checkpoint(sd)
+    try:
+        cfg = config_from_ldm(sd, metadata, p.stem, model_type)
+        unet, vae, text, _layout = convert.split_ldm_checkpoint(sd)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{p}: {e}") from None
     del sd
     model = build_model(cfg, {"unet": unet, "vae": vae, "text_encoder": text}, dtype=dtype)
     if (model_type is None and CONFIG_METADATA_KEY not in metadata and cfg.family == "sd2"
