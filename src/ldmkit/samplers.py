@@ -314,6 +314,20 @@ def sample_dpmpp_2m_sde(
     return x.to(dtype)
 
 
+def brownian_noise(
+    x: Tensor, generator: torch.Generator | None, sigma_from: float, sigma_mid: float, sigma_to: float
+) -> tuple[Tensor, Tensor]:
+    """Normalised Brownian increments (W(sigma_mid) - W(sigma_from), W(sigma_to) - W(sigma_from)).
+
+    Both have unit variance and correlation sqrt((sigma_from - sigma_mid) / (sigma_from - sigma_to)),
+    the joint law of torchsde's Brownian tree as k-diffusion's ``BrownianTreeNoiseSampler`` uses it.
+    Built from two independent draws, one per sub-interval.
+    """
+    n1, n2 = _randn(x, generator), _randn(x, generator)
+    a, b = math.sqrt(sigma_from - sigma_mid), math.sqrt(sigma_mid - sigma_to)
+    return n1, (a * n1 + b * n2) / math.sqrt(a * a + b * b)
+
+
 def sample_dpmpp_sde(
     model: Model,
     x: Tensor,
@@ -329,9 +343,9 @@ def sample_dpmpp_sde(
     """DPM-Solver++ (stochastic, 2 model calls per step; k-diffusion ``sample_dpmpp_sde``).
 
     Noise source: k-diffusion samples a torchsde Brownian tree W(sigma); the first sub-step needs
-    the increment over [sigma_s, sigma_i] and the full step the increment over [sigma_{i+1}, sigma_i].
-    We draw the two independent sub-interval increments of a Brownian path from ``generator`` and
-    combine them, which has exactly the Brownian tree's joint distribution (not its realisation).
+    the increment over [sigma_s, sigma_i] and the full step the one over [sigma_{i+1}, sigma_i].
+    :func:`brownian_noise` draws both from ``generator`` with exactly the tree's joint distribution
+    (not its realisation, so images differ from A1111's for the same seed).
     """
     dtype, (x, s) = x.dtype, _prepare(x, sigmas)
     for i in _steps(s, disable):
@@ -343,12 +357,10 @@ def sample_dpmpp_sde(
         t, t_next = -math.log(s[i]), -math.log(s[i + 1])
         h = t_next - t
         sigma_s = math.exp(-(t + h * r))
-        # Brownian increments on [sigma_s, sigma_i] and [sigma_{i+1}, sigma_s], unit variance each
         if eta > 0:
-            n1, n2 = _randn(x, generator), _randn(x, generator)
+            n1, noise_full = brownian_noise(x, generator, s[i], sigma_s, s[i + 1])
         else:
-            n1 = n2 = torch.zeros_like(x)
-        noise_full = (math.sqrt(s[i] - sigma_s) * n1 + math.sqrt(sigma_s - s[i + 1]) * n2) / math.sqrt(s[i] - s[i + 1])
+            n1 = noise_full = torch.zeros_like(x)
         # step 1: to the intermediate sigma_s
         down, up = ancestral_step(s[i], sigma_s, eta)
         x_2 = (down / s[i]) * x - math.expm1(math.log(down / s[i])) * denoised
