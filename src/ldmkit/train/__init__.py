@@ -1,0 +1,50 @@
+"""Training: ``ldmkit train vae | unet``, ``ldmkit export``.
+
+Python API::
+
+    from ldmkit.train import TrainConfig, defaults, train, export_run
+    cfg = defaults("vae").replace(data="data/emoji", total_steps=2000)
+    train(cfg, "runs/vae")
+    train(defaults("unet").replace(data="data/emoji", vae="runs/vae"), "runs/ldm")
+    train(load_run_config("runs/ldm"), "runs/ldm", resume=True)
+    export_run("runs/ldm", "model.safetensors")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ldmkit.train.config import TrainConfig, TrainError, defaults, load_toml
+
+__all__ = ["TrainConfig", "TrainError", "defaults", "export_run", "load_run_config", "train"]
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, stop_after: int | None = None,
+          on_step=None) -> Path:
+    """Train the VAE or U-Net ``cfg.kind`` names into ``run_dir``; see :mod:`ldmkit.train.runner`.
+
+    ``stop_after`` ends this invocation (with a checkpoint) after that many steps, e.g. to fit a
+    job's time limit; ``on_step(step, info)`` is called after every optimizer step.
+    """
+    from ldmkit.train.runner import run
+
+    if cfg.kind == "vae":
+        from ldmkit.train.vae import VAETask as factory
+    else:
+        from ldmkit.train.unet import UNetTask as factory
+    return run(cfg, Path(run_dir), factory, resume=resume, stop_after=stop_after, on_step=on_step)
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The settings a run was started (or last resumed) with."""
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise TrainError(f"{run_dir}: no config.toml; is it an ldmkit training run folder?")
+    return load_toml(path, TrainConfig())
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
+    from ldmkit.train.export import export_run as _export
+
+    return _export(run_dir, out, half)

@@ -1,0 +1,172 @@
+"""``ldmkit train vae | unet`` and ``ldmkit export``: registered into ``ldmkit.cli`` as a plug-in.
+
+Every :class:`TrainConfig` field is a flag (``batch_size`` -> ``--batch-size``); a flag left out
+keeps the value from ``--config``, the resumed run, or the default. New trainers (e.g. LoRA) add
+an entry to ``TRAINERS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ldmkit.train.config import (
+    TrainConfig,
+    TrainError,
+    defaults,
+    field_help,
+    field_types,
+    load_toml,
+    parse_arch_override,
+)
+
+TRAIN_EXAMPLES = """examples:
+  ldmkit data emoji --out data/emoji --size 64
+  ldmkit train vae  --data data/emoji --out runs/vae
+  ldmkit train unet --data data/emoji --vae runs/vae --out runs/ldm
+  ldmkit train unet --resume runs/ldm                      # continue exactly where it stopped
+  torchrun --nproc-per-node 2 -m ldmkit train unet --data data/emoji --vae runs/vae --out runs/ldm
+  ldmkit export runs/ldm model.safetensors && ldmkit generate --model model.safetensors "a smiling cat"
+"""
+
+VAE_EXAMPLES = """examples:
+  ldmkit train vae --data data/emoji --out runs/vae
+  ldmkit train vae --data data/emoji --out runs/vae --size 64 --batch-size 16 --total-steps 20000 \\
+      --disc-start 10000 --arch vae.ch=64 --arch vae.ch_mult=1,2,4
+  ldmkit train vae --resume runs/vae --total-steps 30000   # continue, with a longer schedule
+  ldmkit export runs/vae vae.safetensors                    # standalone VAE file (LDM layout)
+"""
+
+UNET_EXAMPLES = """examples:
+  ldmkit train unet --data data/emoji --vae runs/vae --out runs/ldm     # text encoder trained jointly
+  ldmkit train unet --data data/emoji --vae runs/vae --text-encoder v1-5-pruned-emaonly.safetensors \\
+      --out runs/ldm-clip                                              # SD1's CLIP, frozen
+  ldmkit train unet --config my.toml --out runs/ldm2 --objective v --batch-size 32 --grad-accum 2
+  ldmkit train unet --resume runs/ldm
+  torchrun --nproc-per-node 2 -m ldmkit train unet --data data/emoji --vae runs/vae --out runs/ldm
+  (a run folder's config.toml lists every setting; metrics.jsonl and samples/ show progress)
+"""
+
+EXPORT_EXAMPLES = """examples:
+  ldmkit export runs/ldm model.safetensors           # EMA weights + VAE + text encoder, one file
+  ldmkit export runs/ldm model-fp16.safetensors --half
+  ldmkit generate --model model.safetensors "a smiling cat"
+  ldmkit export runs/vae vae.safetensors             # a VAE run: standalone VAE file
+"""
+
+
+@dataclass(frozen=True)
+class Trainer:
+    help: str
+    examples: str
+    kind: str  # TrainConfig.kind
+
+
+TRAINERS: dict[str, Trainer] = {
+    "vae": Trainer("train the autoencoder (images <-> latents)", VAE_EXAMPLES, "vae"),
+    "unet": Trainer("train the latent diffusion U-Net (and a text encoder)", UNET_EXAMPLES, "unet"),
+}
+
+# flags set by hand below, or not settable on the command line
+_SPECIAL = {"kind", "arch"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
+    """One flag per TrainConfig field that matters for ``kind``; all default to None (= unset)."""
+    types_, helps, base = field_types(), field_help(), defaults(kind)  # type: ignore[arg-type]
+    other = {"vae": "unet:", "unet": "vae:"}.get(kind)
+    for f in dataclasses.fields(TrainConfig):
+        help_ = helps[f.name]
+        if f.name in _SPECIAL or (other and help_.startswith(other)):
+            continue
+        tp, default = types_[f.name], getattr(base, f.name)
+        help_ = f"{help_} (default: {default!r})" if default not in ("", []) else help_
+        kw: dict[str, Any] = {"default": None, "help": help_, "dest": f.name}
+        if tp is bool:
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is Literal:
+            p.add_argument(_flag(f.name), choices=typing.get_args(tp), **kw)
+        elif typing.get_origin(tp) is list:
+            p.add_argument(_flag(f.name), nargs="+", metavar="TEXT", **kw)
+        else:
+            p.add_argument(_flag(f.name), type=tp, metavar=tp.__name__.upper(), **kw)
+    p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
+                   help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, text.layers=6")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="run folder for checkpoints, samples and metrics")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run exactly from its checkpoint")
+    p.add_argument("--config", default=None, metavar="FILE", help="settings from a TOML file, e.g. a run's config.toml")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop (with a checkpoint) after N steps of this invocation; resume later")
+
+
+def config_from_args(args: argparse.Namespace, kind: str) -> tuple[TrainConfig, Path, bool]:
+    """(settings, run folder, resume?) from the flags, a --config file and a resumed run's config.toml."""
+    cfg = defaults(kind)  # type: ignore[arg-type]
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise TrainError("--out and --resume name different folders; --resume RUN_DIR continues in RUN_DIR")
+        if not (run_dir / "config.toml").exists():
+            raise TrainError(f"--resume {run_dir}: no config.toml there; is it a training run folder?")
+        cfg = load_toml(run_dir / "config.toml", cfg)
+    elif args.out:
+        run_dir = Path(args.out)
+    else:
+        raise TrainError(f"no run folder: pass --out RUN_DIR (or --resume RUN_DIR), e.g. --out runs/{kind}")
+    if args.config:
+        cfg = load_toml(args.config, cfg)
+    if cfg.kind != kind:
+        raise TrainError(f"the settings are for a {cfg.kind} run, but `ldmkit train {kind}` was called")
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+               if f.name not in _SPECIAL and getattr(args, f.name, None) is not None}
+    if args.arch:
+        arch = {part: dict(o) for part, o in cfg.arch.items()}
+        for text in args.arch:
+            part, name, value = parse_arch_override(text)
+            arch.setdefault(part, {})[name] = value
+        changes["arch"] = arch
+    return cfg.replace(**changes), run_dir, bool(args.resume)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ldmkit.train import train
+
+    kind = TRAINERS[args.train_kind].kind
+    cfg, run_dir, resume = config_from_args(args, kind)
+    out = train(cfg, run_dir, resume=resume, stop_after=args.stop_after)
+    print(out)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ldmkit.train.export import export_run
+
+    print(export_run(args.run_dir, args.output, half=args.half))
+
+
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    t = add("train", "train a VAE or a latent diffusion U-Net from images and captions", TRAIN_EXAMPLES)
+    sub = t.add_subparsers(dest="train_kind", required=True, metavar="KIND")
+    for name, trainer in TRAINERS.items():
+        p = sub.add_parser(name, help=trainer.help, description=trainer.help, epilog=trainer.examples,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_run_flags(p)
+        add_config_flags(p, trainer.kind)
+        p.set_defaults(func=cmd_train)
+    e = add("export", "write a training run's EMA weights as one .safetensors model file", EXPORT_EXAMPLES)
+    e.add_argument("run_dir", help="a `ldmkit train` run folder")
+    e.add_argument("output", help="the .safetensors file to write")
+    e.add_argument("--half", action="store_true", help="store weights as float16")
+    e.set_defaults(func=cmd_export)
+

@@ -1,0 +1,296 @@
+"""A training run's settings: one dataclass, saved as ``run_dir/config.toml``.
+
+Precedence, lowest first: the dataclass defaults (with per-kind defaults for the VAE), a
+``--config`` file, the run's own ``config.toml`` on ``--resume``, then command-line flags.
+The architecture is a named preset plus field overrides (``[arch.unet]`` etc. in the TOML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ldmkit.config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+Kind = Literal["vae", "unet"]
+ARCH_PARTS: dict[str, type] = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
+
+
+class TrainError(ValueError):
+    """A run that can't start or resume; the message names the setting or file and the fix."""
+
+
+# A from-scratch model for 64-px images: f=4 VAE (16x16 latents), ~25M-parameter U-Net.
+SMALL = ModelConfig(
+    name="small", family="custom",
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(False, True, True),
+                    num_heads=4, context_dim=256),
+    vae=VAEConfig(ch=64, ch_mult=(1, 2, 4), num_res_blocks=2),
+    text=TextEncoderConfig(width=256, layers=4, heads=4, intermediate=1024),
+)
+TRAIN_PRESETS: dict[str, ModelConfig] = {"small": SMALL, **PRESETS}
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a VAE or U-Net training run; all have defaults."""
+
+    kind: Kind = _help("what is trained: vae or unet", "unet")
+    data: str = _help("dataset folder (images/ + metadata.jsonl, as `ldmkit data` writes)", "")
+    model: str = _help(f"architecture preset: {', '.join(TRAIN_PRESETS)}", "small")
+    arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
+    vae: str = _help("unet: the VAE, a `ldmkit train vae` run folder or a model file", "")
+    text_encoder: str = _help("unet: '' trains a text encoder jointly from scratch; a model file/name "
+                              "loads its text encoder frozen", "")
+    size: int = _help("training image size in pixels (images are resized and centre-cropped)", 64)
+    flip: bool = _help("random horizontal flips", True)
+    holdout: int = _help("images held out for evaluation when the dataset has no holdout.json", 16)
+    batch_size: int = _help("images per device per micro-batch", 16)
+    grad_accum: int = _help("micro-batches per optimizer step", 1)
+    total_steps: int = _help("optimizer steps in the whole run", 20000)
+    lr: float = _help("peak learning rate", 1e-4)
+    min_lr_ratio: float = _help("cosine decay ends at lr * min_lr_ratio", 0.0)
+    warmup_steps: int = _help("linear warm-up steps", 500)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    adam_beta1: float = _help("AdamW beta1", 0.9)
+    adam_beta2: float = _help("AdamW beta2", 0.999)
+    grad_clip: float = _help("clip the gradient norm to this (0: off)", 1.0)
+    ema_decay: float = _help("EMA decay of the trained weights (0: EMA = raw weights)", 0.9999)
+    objective: Literal["eps", "v"] = _help("unet: predict the noise (eps) or v (Salimans & Ho 2022)", "eps")
+    caption_dropout: float = _help("unet: probability of training on the empty caption (for CFG)", 0.1)
+    gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
+        "autocast dtype on CUDA; auto = bf16 where supported. CPU always trains in fp32", "auto")
+    device: str = _help("auto, cpu, cuda (torchrun ranks use cuda:LOCAL_RANK)", "auto")
+    seed: int = _help("seed of the initial weights, data order and noise", 0)
+    checkpoint_every: int = _help("steps between checkpoints (one is always written at the end)", 1000)
+    sample_every: int = _help("steps between sample grids / evaluation (0: off)", 1000)
+    log_every: int = _help("steps between metrics lines", 10)
+    sample_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "unet: prompts of the sample grid (default: captions of held-out images)"})
+    sample_steps: int = _help("unet: sampler steps for the sample grid", 20)
+    sample_cfg_scale: float = _help("unet: guidance scale for the sample grid", 4.0)
+    rec_loss: Literal["l1", "l2"] = _help("vae: pixel reconstruction loss", "l1")
+    kl_weight: float = _help("vae: KL weight, relative to the per-pixel loss summed over pixels as in LDM", 1e-6)
+    perceptual_weight: float = _help("vae: weight of the multi-scale SSIM + gradient loss (offline LPIPS stand-in)",
+                                     1.0)
+    disc_start: int = _help("vae: step at which the patch discriminator starts (-1: no discriminator)", -1)
+    disc_weight: float = _help("vae: weight of the adversarial loss", 0.5)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The LDM autoencoder recipe: Adam(0.5, 0.9), no weight decay, smaller batches, no EMA by default.
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vae": {"adam_beta1": 0.5, "adam_beta2": 0.9, "weight_decay": 0.0, "batch_size": 8, "ema_decay": 0.0,
+            "total_steps": 10000, "warmup_steps": 100},
+    "unet": {},
+}
+
+
+def defaults(kind: Kind) -> TrainConfig:
+    return TrainConfig(kind=kind, **KIND_DEFAULTS[kind])
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: TrainConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise TrainError(msg)
+
+    need(cfg.kind in ("vae", "unet"), f"kind must be vae or unet, got {cfg.kind!r}")
+    need(cfg.model in TRAIN_PRESETS, f"unknown model preset {cfg.model!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+    for name in ("size", "batch_size", "grad_accum", "total_steps", "log_every", "sample_steps"):
+        need(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "checkpoint_every", "sample_every", "holdout", "grad_clip", "lr", "weight_decay"):
+        need(getattr(cfg, name) >= 0, f"{name} must not be negative, got {getattr(cfg, name)}")
+    need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    need(0.0 <= cfg.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
+    need(cfg.objective in ("eps", "v"), f"objective must be eps or v, got {cfg.objective!r}")
+    need(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    need(cfg.rec_loss in ("l1", "l2"), f"rec_loss must be l1 or l2, got {cfg.rec_loss!r}")
+    for part, overrides in cfg.arch.items():
+        need(part in ARCH_PARTS, f"[arch.{part}]: unknown part; use {', '.join(ARCH_PARTS)}")
+        known = {f.name for f in dataclasses.fields(ARCH_PARTS[part])}
+        for k in overrides:
+            need(k in known, f"arch.{part}.{k}: no such field{_suggest(k, known)}")
+
+
+def _suggest(name: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# ---------------------------------------------------------------- architecture
+
+
+def base_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset with ``cfg.arch`` overrides applied (before the trainers tie the parts together)."""
+    base = TRAIN_PRESETS[cfg.model]
+    parts = {}
+    for part in ARCH_PARTS:
+        attr = "text" if part == "text" else part
+        parts[attr] = dataclasses.replace(getattr(base, attr), **cfg.arch.get(part, {}))
+    return base.replace(**parts)
+
+
+def arch_differences(old: ModelConfig, new: ModelConfig, parts: typing.Iterable[str]) -> list[str]:
+    """'unet.model_channels: 32 (run) != 64 (now)' for every architecture field that differs."""
+    diffs = []
+    for part in parts:
+        a, b = dataclasses.asdict(getattr(old, part)), dataclasses.asdict(getattr(new, part))
+        for k in a:
+            if k == "scale_factor":  # measured from the data, not architecture
+                continue
+            if a[k] != b.get(k):
+                diffs.append(f"{part}.{k}: {a[k]!r} in the run, {b.get(k)!r} now")
+    return diffs
+
+
+def parse_arch_override(text: str) -> tuple[str, str, Any]:
+    """'unet.channel_mult=1,2,4' -> ('unet', 'channel_mult', (1, 2, 4)), typed by the config field."""
+    key, sep, raw = text.partition("=")
+    part, dot, name = key.strip().partition(".")
+    if not sep or not dot:
+        raise TrainError(f"--arch {text!r}: expected PART.FIELD=VALUE, e.g. unet.model_channels=64")
+    if part not in ARCH_PARTS:
+        raise TrainError(f"--arch {text!r}: unknown part {part!r}; use {', '.join(ARCH_PARTS)}")
+    hints = typing.get_type_hints(ARCH_PARTS[part])
+    if name not in hints:
+        raise TrainError(f"--arch {text!r}: {part} has no field {name!r}{_suggest(name, hints)}")
+    return part, name, _parse_value(raw.strip(), hints[name], f"--arch {key}")
+
+
+def _parse_value(raw: str, tp: Any, what: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    try:
+        if origin in (typing.Union, types.UnionType):
+            if raw.lower() == "none" and type(None) in args:
+                return None
+            return _parse_value(raw, next(a for a in args if a is not type(None)), what)
+        if origin is tuple:
+            return tuple(_parse_value(v.strip(), args[0], what) for v in raw.split(",") if v.strip())
+        if origin is Literal:
+            if raw not in args:
+                raise ValueError(f"choose one of {', '.join(map(str, args))}")
+            return raw
+        if tp is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return raw.lower() in ("true", "1", "yes")
+        return tp(raw)
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"{what}={raw!r}: {e}") from None
+
+
+# ---------------------------------------------------------------- TOML
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    if v is None:
+        return '"none"'  # TOML has no null; read back by _coerce
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    lines = ["# ldmkit training run; edit and pass with --config, or resume with --resume RUN_DIR"]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "arch":
+            lines.append(f"{f.name} = {_toml_value(getattr(cfg, f.name))}")
+    for part, overrides in cfg.arch.items():
+        if overrides:
+            lines += ["", f"[arch.{part}]"] + [f"{k} = {_toml_value(v)}" for k, v in overrides.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _coerce(value: Any, tp: Any, what: str) -> Any:
+    """A TOML value as the dataclass field type (tuples from arrays, None from "none")."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value == "none" and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list and isinstance(value, list):
+        return value
+    if origin is Literal:
+        return value
+    expected = tp if isinstance(tp, type) else None
+    if expected is not None and not isinstance(value, expected):
+        raise TrainError(f"{what}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def from_mapping(d: dict[str, Any], base: TrainConfig, source: str) -> TrainConfig:
+    """``base`` with the settings in ``d`` (a parsed TOML document) applied."""
+    hints = field_types()
+    changes: dict[str, Any] = {}
+    for k, v in d.items():
+        if k not in hints:
+            raise TrainError(f"{source}: unknown setting {k!r}{_suggest(k, hints)}")
+        if k == "arch":
+            if not isinstance(v, dict):
+                raise TrainError(f"{source}: arch must be a table ([arch.unet] ...)")
+            arch = {p: dict(o) for p, o in base.arch.items()}
+            for part, overrides in v.items():
+                if part not in ARCH_PARTS:
+                    raise TrainError(f"{source}: [arch.{part}]: unknown part; use {', '.join(ARCH_PARTS)}")
+                part_hints = typing.get_type_hints(ARCH_PARTS[part])
+                for name, value in overrides.items():
+                    if name not in part_hints:
+                        raise TrainError(f"{source}: arch.{part}.{name}: no such field{_suggest(name, part_hints)}")
+                    arch.setdefault(part, {})[name] = _coerce(value, part_hints[name], f"{source}: arch.{part}.{name}")
+            changes["arch"] = arch
+        else:
+            changes[k] = _coerce(v, hints[k], f"{source}: {k}")
+    return base.replace(**changes)
+
+
+def load_toml(path: str | Path, base: TrainConfig) -> TrainConfig:
+    p = Path(path)
+    try:
+        d = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{p}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TrainError(f"{p}: invalid TOML ({e})") from None
+    return from_mapping(d, base, str(p))

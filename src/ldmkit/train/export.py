@@ -1,0 +1,68 @@
+"""``ldmkit export RUN_DIR OUT.safetensors``: a training run's EMA weights as a single model file.
+
+A U-Net run becomes a complete Stable Diffusion file (LDM layout, config JSON in the metadata,
+so ``ldmkit generate --model OUT.safetensors`` needs nothing else); a VAE run becomes a
+standalone VAE file in the LDM layout (``encoder.*``, ``decoder.*``), loadable with ``--vae``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ldmkit.config import ModelConfig
+from ldmkit.model import StableDiffusion
+from ldmkit.train.config import TrainError
+from ldmkit.train.runner import read_checkpoint
+
+
+def ema_weights(ckpt: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """The run's weights under ``prefix`` with the EMA shadows in place of the raw parameters."""
+    sd = {k.removeprefix(prefix): v for k, v in ckpt["net"].items() if k.startswith(prefix)}
+    for k, v in ckpt["ema"]["shadow"].items():
+        if k.startswith(prefix):
+            name = k.removeprefix(prefix)
+            sd[name] = v.to(sd[name].dtype)
+    return sd
+
+
+def model_from_run(run_dir: str | os.PathLike) -> StableDiffusion:
+    """The StableDiffusion a U-Net run has trained (EMA U-Net and text encoder, the run's VAE)."""
+    from ldmkit.checkpoint import build_model
+    from ldmkit.train.unet import TEXT_FILE, read_text_file, read_vae_file
+
+    run = Path(run_dir)
+    ckpt = read_checkpoint(run)
+    if ckpt["kind"] != "unet":
+        raise TrainError(f"{run} is a {ckpt['kind']} run; only U-Net runs make a complete model")
+    cfg = ModelConfig.from_json(ckpt["model_config"])
+    _, vae_sd = read_vae_file(run)
+    text_sd = ema_weights(ckpt, "text_encoder.") if not (run / TEXT_FILE).exists() else read_text_file(run)[1]
+    model = build_model(cfg, {"unet": ema_weights(ckpt, "unet."), "vae": vae_sd, "text_encoder": text_sd})
+    model.source_name = cfg.name
+    return model
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
+    """Write the run's model (U-Net run) or VAE (VAE run) to ``out`` (.safetensors)."""
+    from ldmkit.checkpoint import atomic_save_safetensors, save_single_file
+    from ldmkit.train.unet import VAE_KEY
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise TrainError(f"{out}: export writes .safetensors files; name the output *.safetensors")
+    dtype = torch.float16 if half else None
+    ckpt = read_checkpoint(Path(run_dir))
+    if ckpt["kind"] == "vae":
+        sd = ema_weights(ckpt, "vae.")
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        vae_cfg = ModelConfig.from_json(ckpt["model_config"]).vae
+        atomic_save_safetensors(sd, out, {VAE_KEY: json.dumps(dataclasses.asdict(vae_cfg))})
+    else:
+        save_single_file(model_from_run(run_dir), out, dtype=dtype)
+    return out

@@ -1,0 +1,292 @@
+"""Latent diffusion training (Rombach et al. 2022): a U-Net denoising VAE latents, conditioned on a
+text encoder trained jointly from scratch (as in the LDM paper) or loaded and frozen.
+
+A run folder is self-contained once started: ``vae.safetensors`` (the VAE, its config and latent
+scale factor in the metadata), ``latents.safetensors`` (the posterior of every training image,
+encoded once), ``text_encoder.safetensors`` for a frozen text encoder, and ``checkpoint.pt``.
+So ``--resume`` needs neither the dataset nor the VAE run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldmkit.config import ModelConfig, TextEncoderConfig, VAEConfig
+from ldmkit.models.clip import CLIPTextModel
+from ldmkit.models.tokenizer import CLIPTokenizer
+from ldmkit.models.unet import UNetModel
+from ldmkit.models.vae import AutoencoderKL
+from ldmkit.schedules import sd_alphas_cumprod
+from ldmkit.train.config import TrainConfig, TrainError, base_model_config
+from ldmkit.train.data import load_dataset, save_grid, split_holdout
+from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
+
+VAE_FILE = "vae.safetensors"
+LATENTS_FILE = "latents.safetensors"
+TEXT_FILE = "text_encoder.safetensors"
+VAE_KEY, TEXT_KEY = "ldmkit.vae_config", "ldmkit.text_config"
+
+
+class _Shared:
+    """Holds a module outside its owner's parameters, state dict and DDP; deepcopy shares it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> _Shared:
+        return self
+
+
+class LatentDiffusionNet(nn.Module):
+    """U-Net (+ trainable text encoder) with the denoising loss as its forward."""
+
+    def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, train_text: bool, clip_skip: int,
+                 alphas_cumprod: Tensor, objective: str):
+        super().__init__()
+        self.unet = unet
+        if train_text:
+            self.text_encoder = text_encoder
+        else:
+            self.frozen_text = _Shared(text_encoder.requires_grad_(False).eval())
+        self.clip_skip, self.objective = clip_skip, objective
+        self.register_buffer("sqrt_ab", alphas_cumprod.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_1mab", (1 - alphas_cumprod).sqrt().float(), persistent=False)
+
+    @property
+    def text(self) -> CLIPTextModel:
+        return self.text_encoder if hasattr(self, "text_encoder") else self.frozen_text.module
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        if hasattr(self, "text_encoder"):
+            return self.text_encoder(ids, clip_skip=self.clip_skip)
+        with torch.no_grad():
+            return self.frozen_text.module(ids, clip_skip=self.clip_skip)
+
+    def forward(self, latents: Tensor, ids: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, dict]:
+        """DDPM forward process x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, then MSE on eps or
+        v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
+        a, s = self.sqrt_ab[t].view(-1, 1, 1, 1), self.sqrt_1mab[t].view(-1, 1, 1, 1)
+        x_t = a * latents + s * noise
+        pred = self.unet(x_t, t, self.encode_text(ids))
+        target = noise if self.objective == "eps" else a * noise - s * latents
+        return F.mse_loss(pred.float(), target.float()), {}
+
+
+# ---------------------------------------------------------------- run-folder files
+
+
+def _vae_from_run(run: Path) -> tuple[VAEConfig, dict[str, Tensor]]:
+    ckpt = read_checkpoint(run)
+    if ckpt["kind"] != "vae":
+        raise TrainError(f"--vae {run}: a {ckpt['kind']} run, not a VAE run")
+    cfg = ModelConfig.from_json(ckpt["model_config"]).vae
+    sd = {k.removeprefix("vae."): v for k, v in ckpt["net"].items() if k.startswith("vae.")}
+    for k, v in ckpt["ema"]["shadow"].items():  # the EMA weights where there are any
+        if k.startswith("vae."):
+            sd[k.removeprefix("vae.")] = v.to(sd[k.removeprefix("vae.")].dtype)
+    return cfg, sd
+
+
+def load_vae_source(source: str) -> tuple[VAEConfig, dict[str, Tensor], bool]:
+    """(config, weights, fresh) of the VAE named by --vae: a VAE run folder (fresh: its latent scale
+    factor is still to be measured) or a model file / built-in name (its scale factor is kept)."""
+    if not source:
+        raise TrainError("no VAE given: pass --vae RUN_DIR (a `ldmkit train vae` run) or a model file")
+    p = Path(source)
+    if p.is_dir() and (p / CHECKPOINT).exists():
+        return (*_vae_from_run(p), True)
+    model = _load_model(source, "--vae")
+    return model.cfg.vae, model.vae.state_dict(), False
+
+
+def _load_model(source: str, flag: str) -> Any:
+    from ldmkit.api import resolve_model_path
+    from ldmkit.checkpoint import load
+
+    path = resolve_model_path(source)
+    if not path.exists():
+        raise TrainError(f"{flag} {source}: no such run folder, model file or built-in model")
+    return load(path)
+
+
+def _config_json(c: Any) -> str:
+    return json.dumps(dataclasses.asdict(c))
+
+
+def _config_from_json(cls: type, text: str) -> Any:
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
+
+
+def read_vae_file(run_dir: Path) -> tuple[VAEConfig, dict[str, Tensor]]:
+    from ldmkit.checkpoint import read_safetensors
+
+    sd, meta = read_safetensors(run_dir / VAE_FILE)
+    return _config_from_json(VAEConfig, meta[VAE_KEY]), sd
+
+
+def read_text_file(run_dir: Path) -> tuple[TextEncoderConfig, dict[str, Tensor], dict[str, str]]:
+    from ldmkit.checkpoint import read_safetensors
+
+    sd, meta = read_safetensors(run_dir / TEXT_FILE)
+    return _config_from_json(TextEncoderConfig, meta[TEXT_KEY]), sd, meta
+
+
+@torch.no_grad()
+def build_latent_cache(vae: AutoencoderKL, images: Tensor, flip: bool, batch: int = 32) -> dict[str, Tensor]:
+    """Posterior mean and std of every image (and of its mirror image when ``flip``), float32 on CPU."""
+    device = next(vae.parameters()).device
+    out: dict[str, list[Tensor]] = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
+    for i in range(0, len(images), batch):
+        x = images[i: i + batch].float().div(127.5).sub(1.0).to(device)
+        for suffix, xs in [("", x)] + ([("_flip", x.flip(-1))] if flip else []):
+            mean, logvar = vae.encode(xs)
+            out["mean" + suffix].append(mean.float().cpu())
+            out["std" + suffix].append(torch.exp(0.5 * logvar).float().cpu())
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def measure_scale_factor(cache: dict[str, Tensor], seed: int) -> float:
+    """1 / std of posterior samples, as SD chose 0.18215, so the U-Net sees unit-variance latents."""
+    g = torch.Generator().manual_seed(seed)
+    z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)
+    return float(1.0 / z.double().std())
+
+
+def _prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device) -> None:
+    """First start of a run (rank 0): copy the VAE and text encoder in, encode the dataset once."""
+    from ldmkit.checkpoint import atomic_save_safetensors
+
+    if cfg.text_encoder and not (run_dir / TEXT_FILE).exists():
+        model = _load_model(cfg.text_encoder, "--text-encoder")
+        meta = {TEXT_KEY: _config_json(model.cfg.text), "clip_skip": str(model.cfg.clip_skip),
+                "pad_with_eos": json.dumps(model.cfg.pad_with_eos), "source": cfg.text_encoder}
+        atomic_save_safetensors(model.text_encoder.state_dict(), run_dir / TEXT_FILE, meta)
+    if (run_dir / LATENTS_FILE).exists():
+        return
+    vae_cfg, vae_sd, fresh = load_vae_source(cfg.vae)
+    data = load_dataset(cfg.data, cfg.size)
+    train, held = split_holdout(data, cfg.data, cfg.holdout)
+    if cfg.size % vae_cfg.downscale:
+        raise TrainError(f"size {cfg.size} is not a multiple of the VAE's downscale factor {vae_cfg.downscale}")
+    vae = AutoencoderKL(vae_cfg)
+    vae.load_state_dict(vae_sd)
+    cache = build_latent_cache(vae.to(device).eval(), train.images, cfg.flip)
+    if fresh:
+        vae_cfg = dataclasses.replace(vae_cfg, scale_factor=measure_scale_factor(cache, cfg.seed))
+    atomic_save_safetensors(vae.state_dict(), run_dir / VAE_FILE, {VAE_KEY: _config_json(vae_cfg)})
+    prompts = [c for c in dict.fromkeys(held.captions + train.captions) if c][:4] or [""]
+    meta = {"captions": json.dumps(train.captions), "keys": json.dumps(train.keys),
+            "sample_prompts": json.dumps(prompts), "size": str(cfg.size)}
+    atomic_save_safetensors(cache, run_dir / LATENTS_FILE, meta)
+
+
+# ---------------------------------------------------------------- the task
+
+
+class UNetTask:
+    arch_parts = ("unet", "text", "vae")
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, d: DistInfo):
+        from ldmkit.checkpoint import read_safetensors
+
+        self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
+        if d.is_main:
+            _prepare_files(cfg, run_dir, d.device)
+        d.barrier()
+        vae_cfg, _ = read_vae_file(run_dir)
+        self.cache, meta = read_safetensors(run_dir / LATENTS_FILE)
+        self.captions: list[str] = json.loads(meta["captions"])
+        self.sample_prompts = cfg.sample_prompts or json.loads(meta["sample_prompts"])
+        if int(meta["size"]) != cfg.size:
+            raise TrainError(f"{run_dir}: its latents were encoded at size {meta['size']}, not {cfg.size}; "
+                             "start a new run to train at another size")
+        self.train_size = len(self.captions)
+
+        base = base_model_config(cfg)
+        train_text = not cfg.text_encoder
+        if train_text:
+            text_cfg, clip_skip, pad_with_eos = base.text, 1, True
+        else:
+            text_cfg, text_sd, text_meta = read_text_file(run_dir)
+            clip_skip, pad_with_eos = int(text_meta["clip_skip"]), json.loads(text_meta["pad_with_eos"])
+        tied = {"in_channels": vae_cfg.z_channels, "out_channels": vae_cfg.z_channels, "context_dim": text_cfg.width}
+        for k, v in tied.items():
+            given = cfg.arch.get("unet", {}).get(k)
+            if given is not None and given != v:
+                raise TrainError(f"arch.unet.{k}={given} contradicts the VAE/text encoder, which need {v}")
+        unet_cfg = dataclasses.replace(base.unet, **tied)
+        latent = cfg.size // vae_cfg.downscale
+        if latent % 2 ** (len(unet_cfg.channel_mult) - 1):
+            raise TrainError(f"size {cfg.size} gives {latent}-px latents, which the U-Net's "
+                             f"{len(unet_cfg.channel_mult)} levels can't halve evenly; use a multiple of "
+                             f"{vae_cfg.downscale * 2 ** (len(unet_cfg.channel_mult) - 1)}")
+        self.model_cfg = ModelConfig(
+            name=run_dir.name, family="custom", unet=unet_cfg, vae=vae_cfg, text=text_cfg, prediction=cfg.objective,
+            clip_skip=clip_skip, pad_with_eos=pad_with_eos, extra={"image_size": cfg.size},
+        )
+        self.tokenizer = CLIPTokenizer.default(pad_with_eos=pad_with_eos)
+        self.ids = self.tokenizer(self.captions)
+        self.empty_ids = self.tokenizer([""])[0]
+
+        unet = UNetModel(unet_cfg)
+        text = CLIPTextModel(text_cfg)
+        if not train_text:
+            text.load_state_dict(text_sd)
+            text.to(d.device)
+        unet.gradient_checkpointing = text.gradient_checkpointing = cfg.gradient_checkpointing
+        ac = sd_alphas_cumprod(self.model_cfg.num_train_timesteps, self.model_cfg.beta_start, self.model_cfg.beta_end)
+        self.net = LatentDiffusionNet(unet, text, train_text, clip_skip, ac, cfg.objective)
+        self._viewer: Any = None
+
+    def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
+        b = len(idx)
+        mean, std = self.cache["mean"][idx], self.cache["std"][idx]
+        if self.cfg.flip:
+            flip = (torch.rand(b, generator=gen) < 0.5)[:, None, None, None]
+            mean = torch.where(flip, self.cache["mean_flip"][idx], mean)
+            std = torch.where(flip, self.cache["std_flip"][idx], std)
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
+        t = torch.randint(0, self.model_cfg.num_train_timesteps, (b,), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        drop = torch.rand(b, generator=gen) < self.cfg.caption_dropout
+        ids = torch.where(drop[:, None], self.empty_ids, self.ids[idx])
+        return {"latents": latents, "ids": ids, "t": t, "noise": noise}
+
+    def viewer(self, eval_net: LatentDiffusionNet) -> Any:
+        """A StableDiffusion around the EMA networks, for ldmkit.pipeline."""
+        if self._viewer is None:
+            from ldmkit.model import StableDiffusion
+
+            with torch.device("meta"):
+                sd = StableDiffusion(self.model_cfg, tokenizer=self.tokenizer)
+            vae_cfg, vae_sd = read_vae_file(self.run_dir)
+            sd.vae = AutoencoderKL(vae_cfg)
+            sd.vae.load_state_dict(vae_sd)
+            sd.vae.to(self.device).eval()
+            sd.unet, sd.text_encoder = eval_net.unet, eval_net.text
+            self._viewer = sd
+        return self._viewer
+
+    def evaluate(self, eval_net: nn.Module, step: int) -> dict[str, float]:
+        """A grid of the sample prompts, generated with the EMA weights."""
+        from ldmkit.pipeline import GenerationParams, txt2img
+
+        assert isinstance(eval_net, LatentDiffusionNet)
+        model = self.viewer(eval_net)
+        images = []
+        for i, prompt in enumerate(self.sample_prompts):
+            params = GenerationParams(prompt=prompt, steps=self.cfg.sample_steps, cfg_scale=self.cfg.sample_cfg_scale,
+                                      seed=self.cfg.seed + i, width=self.cfg.size, height=self.cfg.size)
+            images += txt2img(model, params)
+        save_grid(images, min(4, len(images)), self.run_dir / "samples" / f"step_{step:07d}.png")
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {"scale_factor": self.model_cfg.vae.scale_factor}
