@@ -184,11 +184,10 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
     return images
 
 
-def encode_image(model: StableDiffusion, image: Image.Image, width: int, height: int) -> Tensor:
-    """Image -> scaled latent (1, 4, h/8, w/8): the posterior mean times the scale factor."""
-    x = image_to_tensor(image, width, height).to(model.device, model.dtype)
+def encode_pixels(model: StableDiffusion, x: Tensor) -> Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> scaled latent (B, 4, H/8, W/8): posterior mean x scale factor."""
     with torch.inference_mode():
-        mean, _ = model.vae.encode(x)
+        mean, _ = model.vae.encode(x.to(model.device, model.dtype))
     return mean.float() * model.cfg.vae.scale_factor
 
 
@@ -249,7 +248,7 @@ def _finish(model: StableDiffusion, params: GenerationParams, latents: Tensor, s
             extra: dict[str, object] | None = None) -> list[Image.Image]:
     sampler_name, schedule_name = p.infotext_names
     images = decode_latents(model, latents)
-    for img, seed in zip(images, seeds):
+    for img, seed in zip(images, seeds, strict=True):
         img.info["parameters"] = infotext(model, params, seed, sampler_name, schedule_name, extra)
         img.info["seed"] = seed
     return images
@@ -279,7 +278,7 @@ def img2img(model: StableDiffusion, params: GenerationParams, init_image: Image.
             callback: StepCallback | None = None) -> list[Image.Image]:
     p, cond, uncond, seeds, noise = _prepare(model, params)
     sigmas = _truncate(p.sigmas, params.steps, params.strength)
-    init = encode_image(model, init_image, params.width, params.height).expand_as(noise)
+    init = encode_pixels(model, image_to_tensor(init_image, params.width, params.height)).expand_as(noise)
     x = init + noise * sigmas[0]
     latents = run_sampler(model, params, x, sigmas, p.fn, cond, uncond, seeds, callback=callback)
     return _finish(model, params, latents, seeds, p, {"Denoising strength": params.strength})
@@ -298,12 +297,11 @@ def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.
     image = image_to_tensor(init_image, params.width, params.height)
     mask = mask_to_tensor(mask_image, params.width, params.height)
     latent_mask = F.interpolate(mask, scale_factor=1 / f, mode="nearest").to(noise)
-    init = encode_image(model, init_image, params.width, params.height).expand_as(noise)
+    init = encode_pixels(model, image).expand_as(noise)
     b = noise.shape[0]
     if model.cfg.is_inpainting:
-        masked = Image.fromarray(((image * (mask < 0.5) + 1) * 127.5).clamp(0, 255)[0].permute(1, 2, 0)
-                                 .round().to(torch.uint8).numpy())
-        masked_latent = encode_image(model, masked, params.width, params.height)
+        # the masked part becomes 0 (mid-grey), as the inpainting models were trained
+        masked_latent = encode_pixels(model, image * (mask < 0.5))
         c_concat = torch.cat([latent_mask, masked_latent], dim=1).expand(b, -1, -1, -1)
         # the inpainting models were trained from pure noise at full strength
         x = (init + noise * sigmas[0]) if params.strength < 1.0 else noise * start_scale(p.sampler, sigmas[0])

@@ -137,7 +137,7 @@ def encode_chunks(model: StableDiffusion, chunks: list[Chunk], clip_skip: int) -
         z = enc(ids, clip_skip=clip_skip).float()  # (chunks, 77, D)
     if bool((w != 1.0).any()):
         out = []
-        for zc, wc in zip(z, w):
+        for zc, wc in zip(z, w, strict=True):
             mean = zc.mean()
             zc = zc * wc[:, None]
             out.append(zc * (mean / zc.mean()))
