@@ -140,7 +140,9 @@ def encode_chunks(model: StableDiffusion, chunks: list[Chunk], clip_skip: int) -
         for zc, wc in zip(z, w, strict=True):
             mean = zc.mean()
             zc = zc * wc[:, None]
-            out.append(zc * (mean / zc.mean()))
+            new_mean = zc.mean()
+            # a final LayerNorm without bias gives mean 0 exactly: nothing to preserve then
+            out.append(zc * (mean / new_mean) if new_mean.abs() > 1e-12 else zc)
         z = torch.stack(out)
     return z.reshape(1, -1, z.shape[-1])
 
