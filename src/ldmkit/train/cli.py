@@ -121,6 +121,9 @@ def config_from_args(args: argparse.Namespace, kind: str) -> tuple[TrainConfig, 
         if not (run_dir / "config.toml").exists():
             raise TrainError(f"--resume {run_dir}: no config.toml there; is it a training run folder?")
         cfg = load_toml(run_dir / "config.toml", cfg)
+        if cfg.kind != kind:
+            raise TrainError(f"{run_dir} is a {cfg.kind} run; continue it with `ldmkit train {cfg.kind} "
+                             f"--resume {run_dir}`")
     elif args.out:
         run_dir = Path(args.out)
     else:

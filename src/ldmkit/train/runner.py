@@ -246,10 +246,7 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, d: DistInfo) 
         raise TrainError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                          "or choose another --out")
     if d.is_main:
-        from ldmkit.checkpoint import atomic_write_text
-
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG, to_toml(cfg))
     d.barrier()
 
 
@@ -264,6 +261,10 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
     task = task_factory(cfg, run_dir, d)
     if ckpt is not None:
         check_resumable(ckpt, cfg, task.model_cfg, task.arch_parts, run_dir)
+    if d.is_main:  # only once the settings are known to work with the run
+        from ldmkit.checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / CONFIG, to_toml(cfg))
     net = task.net.to(d.device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
@@ -354,7 +355,7 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
             loss_sum += step_loss
             logged_steps += 1
             if on_step is not None:
-                on_step(step, {"loss": step_loss, "indices": torch.cat(seen)})
+                on_step(step, {"loss": step_loss, "indices": torch.cat(seen), "net": net})
             bar.update(1)
             if step % cfg.log_every == 0 or step == end:
                 mean_loss = float(d.mean(loss_sum / logged_steps))

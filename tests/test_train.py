@@ -1,0 +1,279 @@
+"""Training: exact resume, data-parallel consistency, train -> export -> generate, and bad input.
+
+Everything runs on the tiny preset with 16-px images and a handful of steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldmkit import cli
+from ldmkit.train import TrainConfig, TrainError, defaults, export_run, load_run_config, train
+from ldmkit.train.config import load_toml, to_toml
+from ldmkit.train.data import ShardedOrder
+from ldmkit.train.runner import read_checkpoint
+from ldmkit.train.unet import LATENTS_FILE, measure_scale_factor
+
+SIZE = 16
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 transparent-background squares and circles in three colours, with captions."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    lines = []
+    for i in range(12):
+        color, shape = list(COLORS)[i % 3], ("square", "circle")[i // 3 % 2]
+        img = np.zeros((SIZE, SIZE, 4), np.uint8)
+        r = 3 + i % 4
+        mask = (abs(xx - 8) < r) & (abs(yy - 8) < r) if shape == "square" else (xx - 8) ** 2 + (yy - 8) ** 2 < r * r
+        img[mask] = (*COLORS[color], 255)
+        Image.fromarray(img, "RGBA").save(root / "images" / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {color} {shape}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def tiny(kind: str, **kw) -> TrainConfig:
+    base = dict(model="tiny", size=SIZE, batch_size=3, total_steps=4, warmup_steps=1, lr=1e-3, log_every=1,
+                sample_every=0, checkpoint_every=2, device="cpu")
+    return defaults(kind).replace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def vae_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "vae"
+    train(tiny("vae", data=str(data), disc_start=1), run)
+    return run
+
+
+def unet_cfg(data: Path, vae_run: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), vae=str(vae_run), grad_accum=2, total_steps=6, checkpoint_every=3, ema_decay=0.9,
+                caption_dropout=0.3)
+    return tiny("unet", **{**base, **kw})
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resumed_unet_run_matches_uninterrupted(data: Path, vae_run: Path, tmp_path: Path) -> None:
+    cfg = unet_cfg(data, vae_run)
+    train(cfg, tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step: int, info: dict) -> None:
+        if step == 5:
+            raise Crash
+
+    # killed after step 5's update but before its checkpoint; the last checkpoint is step 3
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "b", on_step=crash_at_5)
+    assert read_checkpoint(tmp_path / "b")["step"] == 3
+    assert max(losses(tmp_path / "b")) == 4
+    train(load_run_config(tmp_path / "b"), tmp_path / "b", resume=True)
+
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]  # the crashed run's stale lines were dropped
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
+    assert len(set(a.values())) == 6  # the losses do change: shuffling, noise, updates
+    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
+    assert ca["data"] == cb["data"] and ca["data"]["epoch"] >= 1  # several epochs, reshuffled
+    for k, v in ca["net"].items():
+        assert torch.equal(v, cb["net"][k]), k
+    for k, v in ca["ema"]["shadow"].items():
+        assert torch.equal(v, cb["ema"]["shadow"][k]), k
+    assert not torch.equal(ca["ema"]["shadow"]["unet.out.2.weight"], ca["net"]["unet.out.2.weight"])
+
+
+def test_sharded_order_resumes_and_partitions() -> None:
+    a = ShardedOrder(10, seed=3, rank=0, world_size=2)
+    first = [a.take(4) for _ in range(3)]
+    b = ShardedOrder(10, seed=3, rank=0, world_size=2)
+    b.take(4)
+    c = ShardedOrder(10, seed=3, rank=0, world_size=2)
+    c.load_state_dict(b.state_dict())
+    assert torch.equal(torch.cat([c.take(4), c.take(4)]), torch.cat(first[1:]))
+    shards = [ShardedOrder(10, seed=3, rank=r, world_size=2).epoch_indices(4) for r in (0, 1)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(10))
+    assert not torch.equal(a.epoch_indices(0), a.epoch_indices(1))
+
+
+def test_config_toml_roundtrip(tmp_path: Path) -> None:
+    cfg = defaults("unet").replace(data='d"ir', sample_prompts=["a cat", "ü"], lr=3e-5, flip=False,
+                                   arch={"unet": {"channel_mult": (1, 2), "num_heads": None, "head_dim": 8}})
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_toml(tmp_path / "c.toml", TrainConfig()) == cfg
+    (tmp_path / "bad.toml").write_text("batch_sise = 3\n")
+    with pytest.raises(TrainError, match="batch_size"):
+        load_toml(tmp_path / "bad.toml", TrainConfig())
+
+
+# ---------------------------------------------------------------- data parallel
+
+WORKER = """
+import hashlib, json, os, sys
+import torch
+from ldmkit.train import defaults, train
+
+data, vae, run, out = sys.argv[1:5]
+cfg = defaults("unet").replace(model="tiny", size=16, data=data, vae=vae, batch_size=2, total_steps=3, holdout=0,
+                               warmup_steps=1, lr=1e-3, log_every=1, sample_every=0, checkpoint_every=3,
+                               ema_decay=0.9, device="cpu")
+seen, final = [], {}
+
+def hook(step, info):
+    seen.append(info["indices"].tolist())
+    sd = info["net"].state_dict()
+    final["hash"] = hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest()
+    final["loss"] = float(info["loss"])
+
+train(cfg, run, on_step=hook)
+with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"seen": seen, **final}, f)
+"""
+
+
+def test_two_ranks_keep_identical_weights_on_disjoint_shards(data: Path, vae_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "worker.py"), str(data), str(vae_run), str(tmp_path / "run"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["hash"] == r1["hash"]
+    assert r0["loss"] != r1["loss"]  # each rank saw its own data and noise
+    s0, s1 = (sum(r["seen"], []) for r in (r0, r1))
+    assert len(s0) == len(s1) == 6 and not set(s0) & set(s1)
+    assert sorted(s0 + s1) == list(range(12))  # one epoch, every image exactly once
+    ckpt = read_checkpoint(tmp_path / "run")
+    sd = ckpt["net"]
+    assert hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest() == r0["hash"]
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_train_export_generate(data: Path, vae_run: Path, tmp_path: Path) -> None:
+    from ldmkit.checkpoint import load, read_safetensors
+    from ldmkit.pipeline import GenerationParams, txt2img
+    from ldmkit.train.export import model_from_run
+
+    run = tmp_path / "ldm"
+    train(unet_cfg(data, vae_run, total_steps=4, sample_every=4, sample_steps=2, objective="v"), run)
+    assert (run / "samples" / "step_0000004.png").exists()
+    out = export_run(run, tmp_path / "model.safetensors")
+    model = load(out)
+    ckpt = read_checkpoint(run)
+    vae_ckpt = read_checkpoint(vae_run)
+
+    ema = ckpt["ema"]["shadow"]
+    for prefix, part in (("unet.", model.unet), ("text_encoder.", model.text_encoder)):
+        sd = part.state_dict()
+        assert len(sd) == sum(k.startswith(prefix) for k in ema)
+        for k, v in sd.items():
+            assert torch.equal(v, ema[prefix + k]), prefix + k
+    for k, v in model.vae.state_dict().items():  # the VAE run had no EMA (decay 0): raw = shadow
+        assert torch.equal(v, vae_ckpt["ema"]["shadow"]["vae." + k]), k
+
+    cfg = model.cfg
+    assert (cfg.family, cfg.prediction, cfg.clip_skip, cfg.pad_with_eos) == ("custom", "v", 1, True)
+    assert cfg.extra["image_size"] == SIZE
+    cache, _ = read_safetensors(run / LATENTS_FILE)
+    assert cfg.vae.scale_factor == pytest.approx(measure_scale_factor(cache, 0), rel=1e-12)
+    assert cfg.vae.scale_factor != 0.18215
+
+    params = GenerationParams(prompt="a red circle", steps=2, seed=1, width=SIZE, height=SIZE)
+    [img] = txt2img(model, params)
+    [ref] = txt2img(model_from_run(run), params)
+    assert img.size == (SIZE, SIZE)
+    assert np.array_equal(np.asarray(img), np.asarray(ref))
+    assert np.asarray(img).std() > 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _cli(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    if "ldmkit.train.cli" not in cli.PLUGIN_MODULES:
+        monkeypatch.setattr(cli, "PLUGIN_MODULES", [*cli.PLUGIN_MODULES, "ldmkit.train.cli"])
+    return cli.main(argv)
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    rc = _cli(["train", "vae", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--model", "tiny"],
+              monkeypatch)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no training images" in err and "ldmkit data emoji" in err
+
+
+def test_resume_with_other_architecture_names_fields(data: Path, vae_run: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    run = tmp_path / "ldm"
+    train(unet_cfg(data, vae_run, total_steps=1, grad_accum=1), run)
+    rc = _cli(["train", "unet", "--resume", str(run), "--total-steps", "2", "--arch", "unet.model_channels=16",
+               "--arch", "text.layers=1"], monkeypatch)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unet.model_channels: 32 in the run, 16 now" in err and "text.layers: 2 in the run, 1 now" in err
+    assert _cli(["train", "vae", "--resume", str(run)], monkeypatch) == 2
+    assert "is a unet run" in capsys.readouterr().err
+    assert _cli(["train", "unet", "--resume", str(run), "--total-steps", "2"], monkeypatch) == 0
+    assert read_checkpoint(run)["step"] == 2
+
+
+def test_crash_during_checkpoint_write_keeps_previous(data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "vae"
+    cfg = tiny("vae", data=str(data), total_steps=2, checkpoint_every=1)
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError("No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        train(cfg, run)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert read_checkpoint(run)["step"] == 1
+    assert [p.name for p in run.iterdir() if p.name.endswith(".tmp")] == []
+    train(cfg, run, resume=True)
+    assert read_checkpoint(run)["step"] == 2
+
+
+def test_cli_help_lists_examples(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    for argv in (["train", "unet", "--help"], ["export", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            _cli(argv, monkeypatch)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--text-encoder" in out and "--resume" in out and "ldmkit export runs/ldm model.safetensors" in out
+    assert "--disc-start" not in out  # VAE-only options stay off the unet command
