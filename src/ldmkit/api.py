@@ -72,13 +72,21 @@ def default_device() -> str:
 
 
 def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | None = None,
-         model_type: str | None = None, device: str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+         model_type: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+         loras: list[tuple[str, float]] | None = None) -> Pipeline:
     """Load a checkpoint file, a diffusers folder, or a built-in model by name (default: ``emoji``).
 
+    ``loras``: (kohya-format LoRA file, multiplier) pairs merged into the weights.
     Computes in float32 on CPU (bf16/fp16 are far slower there) and float16 on CUDA by default.
     """
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     path = resolve_model_path(model)
-    return Pipeline(load_model(path, vae=vae, model_type=model_type, dtype=dtype, device=device))
+    sd_model = load_model(path, vae=vae, model_type=model_type, dtype=torch.float32, device="cpu")
+    if loras:
+        from ldmkit.lora import apply_lora
+
+        for lora_path, multiplier in loras:
+            apply_lora(sd_model, lora_path, multiplier)
+    return Pipeline(sd_model.to(device=device, dtype=dtype))

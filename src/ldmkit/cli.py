@@ -40,6 +40,8 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("prompt", nargs=None if prompt_required else "?", default="", help="the text prompt")
     p.add_argument("--model", default=None, help="checkpoint file, diffusers folder, or built-in name (default: emoji)")
     p.add_argument("--vae", default=None, help="standalone VAE file to use instead of the model's")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="kohya/A1111 LoRA file merged into the model, e.g. style.safetensors:0.8 (repeatable)")
     p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"],
                    help="override the detected model family / prediction type")
     p.add_argument("--negative-prompt", default="", help="what the image should not look like")
@@ -190,7 +192,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
     mask = _open_image(args.mask) if args.command == "inpaint" else None
     t0 = time.perf_counter()
-    pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device)
+    from ldmkit.lora import parse_lora_arg
+
+    loras = [parse_lora_arg(spec) for spec in args.lora]
+    pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras)
     params = _params_from_args(args, pipe.model)
     P.validate(params, pipe.model)
     steps = params.steps if args.command == "generate" else max(1, int(params.steps * params.strength))

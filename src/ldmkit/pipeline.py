@@ -106,7 +106,7 @@ def model_schedule(model: StableDiffusion) -> DiscreteSchedule:
 
 
 def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
-    return DiscreteDenoiser(model.unet, model_schedule(model), prediction=model.cfg.prediction)
+    return DiscreteDenoiser(model.unet, model_schedule(model), prediction=model.cfg.prediction, dtype=model.dtype)
 
 
 @dataclass(frozen=True)
