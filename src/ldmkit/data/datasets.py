@@ -1,0 +1,541 @@
+"""Image-caption datasets for training: a folder, WebDataset tar shards, and a latent cache.
+
+Folder layouts (Hugging Face ``imagefolder`` and kohya conventions):
+
+* ``root/metadata.jsonl`` with one ``{"file_name": ..., "text": ...}`` object per line, file names
+  relative to ``root`` (``caption``/``prompt`` are accepted for ``text``);
+* otherwise every image under ``root`` (recursively), captioned by a sidecar ``name.txt`` or
+  ``name.caption`` beside it (missing: the empty caption).
+
+An optional ``root/holdout.json`` (``{"keys": [...]}``, as ``ldmkit data emoji`` writes) lists keys
+held out of training; ``split="train" | "holdout"`` selects a side.
+
+Augmentation (random crop, horizontal flip, caption dropout for classifier-free guidance) is a pure
+function of ``(seed, epoch, index)``: a resumed run that calls ``set_epoch`` sees exactly the same
+samples, whatever the worker count or the order items are read in.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTS = (".txt", ".caption")
+TEXT_FIELDS = ("text", "caption", "prompt")
+# mirroring turns "left" into "right": such captions are never flipped (nor arrows pointing leftwards)
+NO_FLIP_RE = re.compile(r"\b(left|right)(wards?)?\b", re.IGNORECASE)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+Crop = Literal["center", "random"]
+
+
+# ---------------------------------------------------------------- transforms
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The random choices for one sample: crop position in [0, 1) per axis, flip, caption dropped."""
+
+    crop_x: float
+    crop_y: float
+    flip: bool
+    drop_caption: bool
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Resize + crop + flip + caption dropout settings shared by every dataset class here."""
+
+    size: int
+    crop: Crop = "center"
+    flip: bool = False
+    caption_dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be a positive number of pixels, got {self.size}")
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {self.crop!r}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
+
+    def augment(self, epoch: int, index: int, caption: str) -> Augment:
+        """The choices for sample ``index`` in ``epoch``: the same four draws always, so switching one
+        option on or off does not change the others."""
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.seed >> 32 & 0xFFFFFFFF, epoch, index])
+        u_drop, u_flip, cx, cy = rng.random(4)
+        return Augment(
+            crop_x=float(cx) if self.crop == "random" else 0.5,
+            crop_y=float(cy) if self.crop == "random" else 0.5,
+            flip=self.flip and u_flip < 0.5 and flip_allowed(caption),
+            drop_caption=bool(u_drop < self.caption_dropout),
+        )
+
+    def image(self, img: Image.Image, aug: Augment) -> Tensor:
+        """(3, size, size) float in [-1, 1]: shorter side resized to ``size``, cropped, maybe flipped."""
+        img = resize_crop(img, self.size, aug.crop_x, aug.crop_y)
+        if aug.flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(img)
+
+    def caption(self, caption: str, aug: Augment) -> str:
+        return "" if aug.drop_caption else caption
+
+
+def flip_allowed(caption: str) -> bool:
+    """False when mirroring would contradict the caption ("left", "right", "leftwards", ...)."""
+    return NO_FLIP_RE.search(caption) is None
+
+
+def open_rgb(source: str | Path | io.BytesIO, size: int | None = None) -> Image.Image:
+    """Decoded RGB image, EXIF rotation applied, transparency composited on white. ``size`` lets
+    JPEG decode at a reduced scale that still keeps the shorter side >= size."""
+    img = Image.open(source)
+    if size is not None and img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, size: int, fx: float = 0.5, fy: float = 0.5) -> Image.Image:
+    """Shorter side to ``size`` (Lanczos), then a size x size crop at fraction (fx, fy) of the slack."""
+    w, h = img.size
+    if min(w, h) != size:
+        s = size / min(w, h)
+        w, h = max(size, round(w * s)), max(size, round(h * s))
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    # centre: (slack + 1) // 2 would bias odd slack right; match the usual (slack) // 2
+    left = (w - size) // 2 if fx == 0.5 else min(int(fx * (w - size + 1)), w - size)
+    top = (h - size) // 2 if fy == 0.5 else min(int(fy * (h - size + 1)), h - size)
+    return img.crop((left, top, left + size, top + size)) if (w, h) != (size, size) else img
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    return x.float() / 127.5 - 1.0
+
+
+def read_text(path: Path) -> str:
+    """A caption file as text: UTF-8 (BOM allowed); anything else is decoded with replacement
+    characters and a warning naming the file."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        log.warning("%s: not valid UTF-8 (%s); undecodable bytes replaced by U+FFFD. Re-save it as UTF-8.",
+                    path, e.reason)
+        return data.decode("utf-8-sig", errors="replace").strip()
+
+
+# ---------------------------------------------------------------- holdout
+
+
+def read_holdout(root: str | Path) -> set[str]:
+    """Keys listed in ``root/holdout.json`` (``{"keys": [...]}`` or a plain list); empty if absent."""
+    path = Path(root) / "holdout.json"
+    if not path.exists():
+        return set()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected {{\"keys\": [...]}}") from None
+    keys = data.get("keys") if isinstance(data, dict) else data
+    if not isinstance(keys, list):
+        raise ValueError(f"{path}: expected a list of keys or {{\"keys\": [...]}}")
+    return {str(k) for k in keys}
+
+
+def split_holdout(keys: Sequence[str], holdout: Iterable[str]) -> tuple[list[int], list[int]]:
+    """Indices of ``keys`` (train, held out) for the keys in ``holdout``."""
+    held = set(holdout)
+    return [i for i, k in enumerate(keys) if k not in held], [i for i, k in enumerate(keys) if k in held]
+
+
+# ---------------------------------------------------------------- image folder
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    caption: str
+    key: str
+
+
+def _records_from_metadata(root: Path, meta: Path) -> list[Record]:
+    out = []
+    raw = meta.read_bytes()
+    for n, line_bytes in enumerate(raw.splitlines(), 1):
+        try:
+            line = line_bytes.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError:
+            log.warning("%s:%d: not valid UTF-8; undecodable bytes replaced by U+FFFD", meta, n)
+            line = line_bytes.decode("utf-8", errors="replace")
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta}, line {n}: not valid JSON ({e.msg}); "
+                             'expected {"file_name": "...", "text": "..."}') from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
+            raise ValueError(f'{meta}, line {n}: expected an object with a "file_name" string, got {line[:80]!r}')
+        path = root / rec["file_name"]
+        if not path.is_file():
+            raise ValueError(f"{meta}, line {n}: image {rec['file_name']!r} not found in {root}")
+        caption = next((rec[f] for f in TEXT_FIELDS if f in rec), "")
+        out.append(Record(path, str(caption).strip(), ""))
+    return out
+
+
+def _records_from_folder(root: Path) -> list[Record]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    out, missing = [], 0
+    for p in files:
+        side = next((p.with_suffix(ext) for ext in CAPTION_EXTS if p.with_suffix(ext).is_file()), None)
+        missing += side is None
+        out.append(Record(p, read_text(side) if side else "", ""))
+    if missing:
+        log.warning("%s: %d of %d images have no caption file (name.txt); they get the empty caption",
+                    root, missing, len(files))
+    return out
+
+
+def _with_keys(root: Path, records: list[Record]) -> list[Record]:
+    """Key = file stem ("0001"), or the path relative to ``root`` without suffix when stems collide."""
+    stems = [r.path.stem for r in records]
+    if len(set(stems)) == len(stems):
+        keys = stems
+    else:
+        keys = [r.path.relative_to(root).with_suffix("").as_posix() for r in records]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise ValueError(f"{root}: two images map to the key {dup!r} (same name, different extension); "
+                             "rename one")
+    return [Record(r.path, r.caption, k) for r, k in zip(records, keys, strict=True)]
+
+
+def _decodes(path: Path, size: int) -> bool:
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (size, size))
+            img.load()
+        return True
+    except _DECODE_ERRORS as e:
+        log.warning("%s: cannot decode image (%s); skipped", path, e)
+        return False
+
+
+class ImageCaptionDataset(Dataset):
+    """A folder of images with captions. Items: ``{"image": (3, size, size) float in [-1, 1],
+    "caption": str, "key": str}``.
+
+    ``verify=True`` decodes every image once at construction and skips (with a logged warning) those
+    that fail, so the index is fixed before training. With ``verify=False`` a file that fails later
+    is replaced, with a warning, by the next one that decodes.
+    ``split`` chooses by ``root/holdout.json``; ``exclude`` drops further keys.
+    """
+
+    def __init__(self, root: str | Path, size: int, *, crop: Crop = "center", flip: bool = False,
+                 caption_dropout: float = 0.0, seed: int = 0, split: Literal["all", "train", "holdout"] = "all",
+                 exclude: Iterable[str] = (), verify: bool = True):
+        self.root = Path(root)
+        self.transform = Transform(size, crop, flip, caption_dropout, seed)
+        self.epoch = 0
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root}: dataset folder not found")
+        meta = self.root / "metadata.jsonl"
+        records = _records_from_metadata(self.root, meta) if meta.is_file() else _records_from_folder(self.root)
+        if not records:
+            raise ValueError(
+                f"{self.root}: no training images. Expected image files ({', '.join(IMAGE_EXTS)}) with a caption "
+                f"file name.txt beside each, or a metadata.jsonl with one "
+                '{"file_name": ..., "text": ...} per line.')
+        records = _with_keys(self.root, records)
+        if split not in ("all", "train", "holdout"):
+            raise ValueError(f"split must be 'all', 'train' or 'holdout', got {split!r}")
+        if split != "all":
+            held = read_holdout(self.root)
+            if not held:
+                raise ValueError(f"{self.root}: split={split!r} needs a holdout.json listing held-out keys")
+            records = [r for r in records if (r.key in held) == (split == "holdout")]
+        excluded = set(exclude)
+        records = [r for r in records if r.key not in excluded]
+        if verify:
+            records = [r for r in records if _decodes(r.path, size)]
+        if not records:
+            raise ValueError(f"{self.root}: no usable images left (split={split!r}, {len(excluded)} excluded)")
+        self.records = records
+
+    @property
+    def keys(self) -> list[str]:
+        return [r.key for r in self.records]
+
+    @property
+    def captions(self) -> list[str]:
+        return [r.caption for r in self.records]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _open(self, index: int) -> tuple[Record, Image.Image]:
+        for k in range(len(self.records)):
+            r = self.records[(index + k) % len(self.records)]
+            try:
+                return r, open_rgb(r.path, self.transform.size)
+            except _DECODE_ERRORS as e:
+                log.warning("%s: cannot decode image (%s); using the next image instead", r.path, e)
+        raise ValueError(f"{self.root}: none of the {len(self.records)} images can be decoded")
+
+    def __getitem__(self, index: int) -> dict:
+        r, img = self._open(index)
+        aug = self.transform.augment(self.epoch, index, r.caption)
+        return {"image": self.transform.image(img, aug), "caption": self.transform.caption(r.caption, aug),
+                "key": r.key}
+
+    def plain(self, index: int) -> dict:
+        """Item ``index`` without augmentation: centre crop, no flip, full caption."""
+        r, img = self._open(index)
+        return {"image": to_tensor(resize_crop(img, self.transform.size)), "caption": r.caption, "key": r.key}
+
+    def fingerprint(self) -> str:
+        """Changes when any image file, the key list or the image size changes."""
+        h = hashlib.sha256(f"size={self.transform.size}\n".encode())
+        for r in self.records:
+            st = r.path.stat()
+            h.update(f"{r.key}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------- tar shards
+
+
+def list_shards(pattern_or_dir: str | Path) -> list[Path]:
+    p = Path(pattern_or_dir)
+    shards = sorted(p.glob("*.tar")) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(p)))
+    if not shards:
+        raise ValueError(f"{pattern_or_dir}: no .tar shards found; expected a folder of WebDataset shards "
+                         "(key.png|jpg|webp + key.txt|json per sample) or a glob like 'data/shard-*.tar'")
+    return shards
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset naming: 'dir/abc.0001.png' -> ('dir/abc', '0001.png'): the key ends at the first
+    dot of the last path component."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, members grouped by consecutive key."""
+    key, files = None, {}
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _split_member(m.name)
+                if k != key and key is not None:
+                    yield key, files
+                    files = {}
+                key = k
+                files[ext] = tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        log.warning("%s: unreadable tar shard (%s); the rest of this shard is skipped", shard, e)
+    if key is not None:
+        yield key, files
+
+
+def _tar_caption(shard: Path, key: str, files: dict[str, bytes]) -> str:
+    if "txt" in files:
+        try:
+            return files["txt"].decode("utf-8-sig").strip()
+        except UnicodeDecodeError:
+            log.warning("%s: %s.txt is not valid UTF-8; undecodable bytes replaced", shard, key)
+            return files["txt"].decode("utf-8", errors="replace").strip()
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.warning("%s: %s.json is not valid JSON (%s); empty caption", shard, key, e)
+            return ""
+        if isinstance(meta, dict):
+            return str(next((meta[f] for f in TEXT_FIELDS if f in meta), "")).strip()
+    return ""
+
+
+class TarShardDataset(IterableDataset):
+    """WebDataset-style tar shards read with ``tarfile``; items as in ``ImageCaptionDataset``.
+
+    Ranks (and DataLoader workers within a rank) split the shards: reader r of R takes shards
+    r, r+R, ...; when there are fewer shards than readers every reader scans all shards and keeps
+    the samples whose running index is r mod R. Shard counts that do not divide evenly give ranks
+    unequal sample counts, as in WebDataset. With ``shuffle`` the shard order is permuted per epoch.
+    The randomness of a sample depends on (seed, epoch, shard index, position in shard).
+    """
+
+    def __init__(self, pattern_or_dir: str | Path, size: int, *, crop: Crop = "center", flip: bool = False,
+                 caption_dropout: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.shards = list_shards(pattern_or_dir)
+        self.transform = Transform(size, crop, flip, caption_dropout, seed)
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict]:
+        reader, readers = self._reader()
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            order = np.random.default_rng([self.transform.seed & 0xFFFFFFFF, self.epoch, 1]).permutation(order).tolist()
+        by_shard = len(order) >= readers
+        mine = order[reader::readers] if by_shard else order
+        n = 0
+        for s in mine:
+            shard = self.shards[s]
+            for pos, (key, files) in enumerate(_tar_samples(shard)):
+                if not by_shard:
+                    n += 1
+                    if (n - 1) % readers != reader:
+                        continue
+                item = self._item(shard, s, pos, key, files)
+                if item is not None:
+                    yield item
+
+    def _item(self, shard: Path, s: int, pos: int, key: str, files: dict[str, bytes]) -> dict | None:
+        ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in files), None)
+        if ext is None:
+            log.warning("%s: sample %r has no png/jpg/webp image (members: %s); skipped", shard, key, sorted(files))
+            return None
+        try:
+            img = open_rgb(io.BytesIO(files[ext]), self.transform.size)
+        except _DECODE_ERRORS as e:
+            log.warning("%s: %s.%s cannot be decoded (%s); skipped", shard, key, ext, e)
+            return None
+        caption = _tar_caption(shard, key, files)
+        aug = self.transform.augment(self.epoch, (s << 32) + pos, caption)
+        return {"image": self.transform.image(img, aug), "caption": self.transform.caption(caption, aug), "key": key}
+
+
+# ---------------------------------------------------------------- latent cache
+
+
+class LatentCacheDataset(Dataset):
+    """Latents of an ``ImageCaptionDataset`` computed once and stored in one ``.safetensors`` file.
+
+    Items: ``{"latent": (C, h, w), "caption": str, "key": str}`` with the wrapped dataset's flip and
+    caption-dropout choices for the same (seed, epoch, index). When the dataset flips, the latent of
+    the mirrored image is cached too (exact; flipping the latent width axis instead is only an
+    approximation for a VAE). Random crops cannot be cached: use ``crop="center"``.
+
+    The file name is a hash of ``encoder_id`` and the dataset fingerprint (keys, image size, file
+    sizes and mtimes), so a changed dataset or encoder gets a new file; ``encoder_id`` must change
+    whenever the encoder's weights do (e.g. pass the checkpoint's hash).
+    """
+
+    def __init__(self, dataset: ImageCaptionDataset, encode: Callable[[Tensor], Tensor], *,
+                 cache_dir: str | Path, encoder_id: str, batch_size: int = 32):
+        if dataset.transform.crop != "center":
+            raise ValueError("LatentCacheDataset caches one crop per image; build the dataset with crop='center'")
+        self.dataset, self.transform = dataset, dataset.transform
+        self.keys, self.captions = dataset.keys, dataset.captions
+        self.epoch = 0
+        digest = hashlib.sha256(f"{encoder_id}\n{dataset.fingerprint()}\nflip={self.transform.flip}".encode())
+        self.path = Path(cache_dir) / f"latents-{digest.hexdigest()[:20]}.safetensors"
+        tensors = self._load()
+        if tensors is None:
+            tensors = self._compute(encode, batch_size)
+            self._save(tensors, encoder_id)
+        self.latents = tensors["latents"]
+        self.latents_flipped = tensors.get("latents_flipped")
+
+    def _load(self) -> dict[str, Tensor] | None:
+        from safetensors import SafetensorError, safe_open
+
+        if not self.path.is_file():
+            return None
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                keys = json.loads((f.metadata() or {}).get("keys", "null"))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            log.warning("%s: unreadable latent cache (%s); recomputing", self.path, e)
+            return None
+        if keys != self.keys or "latents" not in tensors:
+            log.warning("%s: latent cache does not match the dataset; recomputing", self.path)
+            return None
+        return tensors
+
+    @torch.no_grad()
+    def _compute(self, encode: Callable[[Tensor], Tensor], batch_size: int) -> dict[str, Tensor]:
+        plain, flipped = [], []
+        for start in range(0, len(self.dataset), batch_size):
+            images = torch.stack([self.dataset.plain(i)["image"]
+                                  for i in range(start, min(start + batch_size, len(self.dataset)))])
+            plain.append(encode(images).float().cpu())
+            if self.transform.flip:
+                flipped.append(encode(images.flip(-1)).float().cpu())
+        out = {"latents": torch.cat(plain)}
+        if flipped:
+            out["latents_flipped"] = torch.cat(flipped)
+        return out
+
+    def _save(self, tensors: dict[str, Tensor], encoder_id: str) -> None:
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        meta = {"keys": json.dumps(self.keys), "encoder_id": encoder_id, "size": str(self.transform.size)}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, self.path)  # readers never see a half-written cache
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> dict:
+        caption = self.captions[index]
+        aug = self.transform.augment(self.epoch, index, caption)
+        latent = self.latents_flipped[index] if aug.flip else self.latents[index]
+        return {"latent": latent, "caption": self.transform.caption(caption, aug), "key": self.keys[index]}
