@@ -3,6 +3,7 @@
 # full-size SD1.5/SD2.1 parity included (about 10 GB of RAM at peak).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=test,server bash scripts/setup.sh
+bash scripts/system-deps.sh
+EXTRAS=test,server,data bash scripts/setup.sh
 .venv/bin/python -m ruff check src tests bench
 .venv/bin/python -m pytest -q "$@"
