@@ -42,7 +42,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mask = (abs(xx - 8) < r) & (abs(yy - 8) < r) if shape == "square" else (xx - 8) ** 2 + (yy - 8) ** 2 < r * r
         img[mask] = (*COLORS[color], 255)
         Image.fromarray(img, "RGBA").save(root / "images" / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {color} {shape}"}))
+        lines.append(json.dumps({"file_name": f"images/{i:03d}.png", "text": f"a {color} {shape}"}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
@@ -75,33 +75,35 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def test_resumed_unet_run_matches_uninterrupted(data: Path, vae_run: Path, tmp_path: Path) -> None:
-    cfg = unet_cfg(data, vae_run)
+    cfg = unet_cfg(data, vae_run, total_steps=5, checkpoint_every=2)
     train(cfg, tmp_path / "a")
 
     class Crash(Exception):
         pass
 
-    def crash_at_5(step: int, info: dict) -> None:
-        if step == 5:
+    def crash_at_4(step: int, info: dict) -> None:
+        if step == 4:
             raise Crash
 
-    # killed after step 5's update but before its checkpoint; the last checkpoint is step 3
+    # killed after step 4's update but before its checkpoint; the last checkpoint is step 2
     with pytest.raises(Crash):
-        train(cfg, tmp_path / "b", on_step=crash_at_5)
-    assert read_checkpoint(tmp_path / "b")["step"] == 3
-    assert max(losses(tmp_path / "b")) == 4
-    train(load_run_config(tmp_path / "b"), tmp_path / "b", resume=True)
+        train(cfg, tmp_path / "b", on_step=crash_at_4)
+    assert read_checkpoint(tmp_path / "b")["step"] == 2
+    assert max(losses(tmp_path / "b")) == 3
+    # resumed with gradient checkpointing on: recomputing activations must not change the numbers
+    resumed = load_run_config(tmp_path / "b").replace(gradient_checkpointing=True)
+    train(resumed, tmp_path / "b", resume=True)
 
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]  # the crashed run's stale lines were dropped
+    assert list(a) == list(b) == [1, 2, 3, 4, 5]  # the crashed run's stale lines were dropped
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
-    assert len(set(a.values())) == 6  # the losses do change: shuffling, noise, updates
+    assert len(set(a.values())) == 5  # the losses do change: shuffling, noise, updates
     ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
     assert ca["data"] == cb["data"] and ca["data"]["epoch"] >= 1  # several epochs, reshuffled
     for k, v in ca["net"].items():
-        assert torch.equal(v, cb["net"][k]), k
+        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
     for k, v in ca["ema"]["shadow"].items():
-        assert torch.equal(v, cb["ema"]["shadow"][k]), k
+        assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
     assert not torch.equal(ca["ema"]["shadow"]["unet.out.2.weight"], ca["net"]["unet.out.2.weight"])
 
 
@@ -181,8 +183,9 @@ def test_train_export_generate(data: Path, vae_run: Path, tmp_path: Path) -> Non
     from ldmkit.train.export import model_from_run
 
     run = tmp_path / "ldm"
-    train(unet_cfg(data, vae_run, total_steps=4, sample_every=4, sample_steps=2, objective="v"), run)
-    assert (run / "samples" / "step_0000004.png").exists()
+    train(unet_cfg(data, vae_run, total_steps=2, grad_accum=1, sample_every=2, sample_steps=2, objective="v",
+                   sample_prompts=["a red circle", "a blue square"]), run)
+    assert Image.open(run / "samples" / "step_0000002.png").size == (2 * SIZE, SIZE)
     out = export_run(run, tmp_path / "model.safetensors")
     model = load(out)
     ckpt = read_checkpoint(run)

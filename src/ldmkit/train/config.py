@@ -79,7 +79,7 @@ class TrainConfig:
     device: str = _help("auto, cpu, cuda (torchrun ranks use cuda:LOCAL_RANK)", "auto")
     seed: int = _help("seed of the initial weights, data order and noise", 0)
     checkpoint_every: int = _help("steps between checkpoints (one is always written at the end)", 1000)
-    sample_every: int = _help("steps between sample grids / evaluation (0: off)", 1000)
+    sample_every: int = _help("steps between sample grids / evaluation, and at the end (0: never)", 1000)
     log_every: int = _help("steps between metrics lines", 10)
     sample_prompts: list[str] = field(default_factory=list, metadata={
         "help": "unet: prompts of the sample grid (default: captions of held-out images)"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,16 @@ from PIL import Image
 from torch import Tensor
 
 from ldmkit.train.config import TrainError
+
+try:
+    from ldmkit.data import flip_allowed
+except ImportError:  # the data package is optional here; the same rule
+    _NO_FLIP = re.compile(r"\b(left|right)(wards?)?\b", re.IGNORECASE)
+
+    def flip_allowed(caption: str) -> bool:
+        """Mirroring turns "left" into "right": images whose caption says either are never flipped."""
+        return not _NO_FLIP.search(caption)
+
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _FILE_KEYS = ("file_name", "file", "image", "path", "filename")
@@ -111,6 +122,9 @@ def _read_with_data_package(root: Path, size: int) -> ImageSet | None:
         ds = ImageCaptionDataset(root, size, crop="center", flip=False, caption_dropout=0.0, seed=0)
     except TypeError:  # a different constructor than the one this adapter was written against
         return None
+    except ValueError as e:
+        hint = f" To make a dataset: `ldmkit data emoji --out {root}`." if "no training images" in str(e) else ""
+        raise TrainError(f"{e}{hint}") from None
     items = [ds[i] for i in range(len(ds))]
     if not items:
         return None
@@ -140,8 +154,11 @@ def split_holdout(ds: ImageSet, root: str | Path, count: int) -> tuple[ImageSet,
             raise TrainError(f"{path}: invalid JSON ({e})") from None
         if isinstance(data, dict):
             data = next((data[k] for k in ("keys", "files", "images", "holdout") if k in data), [])
-        names = {Path(str(x)).stem for x in data} if isinstance(data, list) else set()
+        names = {str(x) for x in data} if isinstance(data, list) else set()
         held = {i for i, k in enumerate(ds.keys) if k in names}
+        if names and not held:  # entries given as file names rather than keys
+            stems = {Path(n).stem for n in names}
+            held = {i for i, k in enumerate(ds.keys) if k in stems}
         if names and not held:
             warnings.warn(f"{path}: none of its entries name an image of the dataset; holding out by hash instead",
                           stacklevel=2)

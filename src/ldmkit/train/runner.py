@@ -372,7 +372,7 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
                 loss_sum.zero_()
                 logged_steps, t_log = 0, now
-            if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.total_steps:
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.total_steps):
                 evaluate()
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
                 save()

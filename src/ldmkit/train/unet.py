@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ldmkit.models.unet import UNetModel
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError, base_model_config
-from ldmkit.train.data import load_dataset, save_grid, split_holdout
+from ldmkit.train.data import flip_allowed, load_dataset, save_grid, split_holdout
 from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
 
 VAE_FILE = "vae.safetensors"
@@ -208,6 +209,11 @@ class UNetTask:
             raise TrainError(f"{run_dir}: its latents were encoded at size {meta['size']}, not {cfg.size}; "
                              "start a new run to train at another size")
         self.train_size = len(self.captions)
+        self.flippable = torch.tensor([flip_allowed(c) for c in self.captions])
+        self.flip = cfg.flip and "mean_flip" in self.cache
+        if cfg.flip and not self.flip:
+            warnings.warn(f"{run_dir}: its latents were cached without mirror images; training without flips",
+                          stacklevel=2)
 
         base = base_model_config(cfg)
         train_text = not cfg.text_encoder
@@ -248,8 +254,8 @@ class UNetTask:
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
         b = len(idx)
         mean, std = self.cache["mean"][idx], self.cache["std"][idx]
-        if self.cfg.flip:
-            flip = (torch.rand(b, generator=gen) < 0.5)[:, None, None, None]
+        if self.flip:
+            flip = ((torch.rand(b, generator=gen) < 0.5) & self.flippable[idx])[:, None, None, None]
             mean = torch.where(flip, self.cache["mean_flip"][idx], mean)
             std = torch.where(flip, self.cache["std_flip"][idx], std)
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
