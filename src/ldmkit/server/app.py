@@ -1,0 +1,631 @@
+"""The HTTP server: A1111's ``/sdapi/v1`` API and a web page, over one queued worker.
+
+``create_app(model)`` builds the FastAPI app; use it with ``fastapi.testclient.TestClient`` or
+uvicorn (``ldmkit serve``, or :class:`BackgroundServer` for tests and notebooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import os
+import random
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import Body, FastAPI, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+
+from ldmkit import __version__
+from ldmkit import pipeline as P
+from ldmkit.checkpoint import CheckpointError
+from ldmkit.infotext import parse_infotext, save_png
+from ldmkit.model import StableDiffusion
+from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler, sampler_names
+from ldmkit.server import schemas as S
+from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
+from ldmkit.server.worker import Interrupted, JobContext, QueueFullError, Worker, encode_png
+
+log = logging.getLogger("ldmkit.server")
+STATIC = Path(str(resources.files("ldmkit.server") / "static"))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond these it gets a 4xx, not an out-of-memory crash."""
+
+    max_side: int = 2048  # width and height
+    max_pixels: int = 2048 * 2048  # width * height * batch_size
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 100
+    max_upload_bytes: int = 32 << 20  # one base64 image
+    max_input_pixels: int = 4096 * 4096  # an uploaded image, before it is resized
+
+    @property
+    def max_body_bytes(self) -> int:  # a few images plus the JSON around them
+        return 3 * self.max_upload_bytes + (1 << 20)
+
+
+def field_error(loc: tuple, msg: str, value: Any = None) -> RequestValidationError:
+    """A 422 in FastAPI's own format, naming the field."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}])
+
+
+# ---------------------------------------------------------------- images in and out
+
+
+def decode_image(data: str, loc: tuple, limits: Limits) -> Image.Image:
+    """A base64 image (a ``data:`` URL too), refused before decoding if it is too large."""
+    name = ".".join(str(p) for p in loc)
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > limits.max_upload_bytes * 4 // 3:
+        raise HTTPException(413, f"{name}: the image is {len(data) / 1e6:.1f} MB of base64; this server accepts "
+                                 f"up to {limits.max_upload_bytes * 4 / 3 / 1e6:.1f} MB")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise field_error(loc, f"not valid base64 ({e})") from None
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
+        raise field_error(loc, "not an image PIL can read; send a base64 PNG, JPEG or WebP") from None
+    w, h = img.size
+    if w * h > limits.max_input_pixels:
+        raise HTTPException(413, f"{name}: the image is {w}x{h} = {w * h / 1e6:.1f} MP; this server accepts up "
+                                 f"to {limits.max_input_pixels / 1e6:.1f} MP; downscale it first")
+    try:
+        img.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise field_error(loc, f"the image cannot be decoded ({e})") from None
+    return img
+
+
+def png_info(img: Image.Image) -> dict:
+    """A1111's /png-info: the parameters text, other text chunks, and the parsed fields."""
+    text = img.info.get("parameters")
+    items = {k: v for k, v in img.info.items() if k != "parameters" and isinstance(v, str | int | float)}
+    if not isinstance(text, str) or not text:
+        return {"info": "", "items": items, "parameters": {}}
+    params: dict[str, Any] = parse_infotext(text)
+    if "x" in params.get("Size", ""):
+        params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
+    return {"info": text, "items": items, "parameters": params}
+
+
+# ---------------------------------------------------------------- requests -> generations
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request, checked and resolved: what the worker runs."""
+
+    kind: str  # "txt2img", "img2img" or "inpaint"
+    params: P.GenerationParams  # seed resolved (never -1)
+    n_iter: int
+    sampling_steps: int  # model calls per image (img2img runs only part of the schedule)
+    checkpoint: CheckpointInfo | None = None  # override_settings' model
+    restore_model: bool = True
+    init: Image.Image | None = None
+    mask: Image.Image | None = None
+    save: bool = False
+
+    @property
+    def all_seeds(self) -> list[int]:
+        return P.resolve_seeds(self.params.seed, self.params.batch_size * self.n_iter)
+
+
+def resolve_scheduler(name: str | None) -> str | None:
+    """A1111 scheduler name or label -> ldmkit's short name; None for "automatic"."""
+    if name is None or name.strip().lower() in ("", "automatic"):
+        return None
+    key = name.strip().lower()
+    for short, label in SCHEDULE_DISPLAY_NAMES.items():
+        if key in (short, label.lower(), short.replace("_", " ")):
+            return short
+    valid = ", ".join(["automatic", *SCHEDULE_DISPLAY_NAMES])
+    raise field_error(("scheduler",), f"unknown scheduler {name!r}; valid schedulers: {valid}", name)
+
+
+def check_size(model: StableDiffusion, req: S.GenerationRequest, limits: Limits) -> None:
+    # the U-Net halves the latent (len(channel_mult) - 1) times and concatenates skips: sizes must divide
+    f = model.cfg.vae.downscale * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if v > limits.max_side:
+            raise field_error((name,), f"{name} {v} is larger than this server's limit of {limits.max_side}", v)
+        if v % f:
+            lo = max(f, v // f * f)
+            raise field_error((name,), f"{name} {v} is not a multiple of {f} (this model's latent step); use "
+                                       f"{lo} or {lo + f}", v)
+    if req.steps > limits.max_steps:
+        raise field_error(("steps",), f"steps {req.steps} is more than this server's limit of {limits.max_steps}",
+                          req.steps)
+    if req.batch_size > limits.max_batch_size:
+        raise field_error(("batch_size",), f"batch_size {req.batch_size} is more than this server's limit of "
+                                           f"{limits.max_batch_size}; use n_iter for more images", req.batch_size)
+    if req.n_iter > limits.max_n_iter:
+        raise field_error(("n_iter",), f"n_iter {req.n_iter} is more than this server's limit of "
+                                       f"{limits.max_n_iter}", req.n_iter)
+    pixels = req.width * req.height * req.batch_size
+    if pixels > limits.max_pixels:
+        raise field_error(("width",), f"{req.batch_size} x {req.width}x{req.height} = {pixels / 1e6:.1f} MP at once "
+                                      f"is more than this server's limit of {limits.max_pixels / 1e6:.1f} MP; use a "
+                                      "smaller size or batch_size", req.width)
+
+
+def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict, limits: Limits,
+                 strength: float = 0.75) -> P.GenerationParams:
+    check_size(model, req, limits)
+    field = "sampler_name" if req.sampler_name else "sampler_index"
+    sampler = req.sampler_name or req.sampler_index
+    try:
+        fn = resolve_sampler(sampler)[1]
+    except ValueError as e:
+        raise field_error((field,), str(e), sampler) from None
+    overrides = req.override_settings or {}
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
+        raise field_error(("override_settings", "CLIP_stop_at_last_layers"),
+                          f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}", clip_skip)
+    params = P.GenerationParams(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
+        sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
+        seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
+        width=req.width, height=req.height, batch_size=req.batch_size,
+        clip_skip=clip_skip if clip_skip > 1 else None,
+        # A1111 clients send eta for every sampler; only those with an eta parameter use it
+        eta=req.eta if "eta" in inspect.signature(fn).parameters else None,
+        strength=strength,
+    )
+    try:
+        P.validate(params, model)
+        P.plan(model, params)
+    except P.GenerationError as e:
+        raise field_error((), str(e)) from None
+    return params
+
+
+def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams) -> list[Image.Image]:
+    """An interrupted generation returns its last denoised estimate, as A1111 does."""
+    if ctx.last_denoised is None:
+        return []
+    model = ctx.model
+    images = P.decode_latents(model, ctx.last_denoised)
+    names = P.plan(model, params).infotext_names
+    extra = None if gen.kind == "txt2img" else {"Denoising strength": params.strength}
+    for img, seed in zip(images, P.resolve_seeds(params.seed, len(images)), strict=True):
+        img.info["parameters"] = P.infotext(model, params, seed, *names, extra)
+        img.info["seed"] = seed
+    return images
+
+
+# ---------------------------------------------------------------- the app
+
+
+class _Guard:
+    """ASGI middleware: HTTP basic auth (constant-time compare) and a request body size limit."""
+
+    def __init__(self, app: Any, auth: tuple[str, str] | None, max_body: int):
+        self.app, self.auth, self.max_body = app, auth, max_body
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if not header or not header[:6].lower() == b"basic ":
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return False
+        assert self.auth is not None
+        # both compared, always: the time taken says nothing about which part was wrong
+        ok_user = secrets.compare_digest(user.encode(), self.auth[0].encode())
+        ok_password = secrets.compare_digest(password.encode(), self.auth[1].encode())
+        return ok_user & ok_password
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.auth is not None and not self._authorized(headers.get(b"authorization")):
+            response = JSONResponse({"detail": "Not authenticated: this server needs HTTP basic auth (--api-auth)"},
+                                    401, headers={"WWW-Authenticate": 'Basic realm="ldmkit"'})
+            return await response(scope, receive, send)
+        length = headers.get(b"content-length")
+        too_big = f"request body larger than this server's limit of {self.max_body / 1e6:.0f} MB"
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await JSONResponse({"detail": too_big}, 413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HTTPException(413, too_big)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _parse_auth(api_auth: str | None) -> tuple[str, str] | None:
+    if api_auth is None:
+        return None
+    user, sep, password = api_auth.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--api-auth must be USER:PASSWORD")
+    return user, password
+
+
+def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, models_dir: str | os.PathLike | None = None,
+               api_auth: str | None = None, queue_size: int = 16, limits: Limits | None = None,
+               device: str | None = None, preview_interval: float | None = 1.0,
+               output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None) -> FastAPI:
+    """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
+
+    ``preview_interval``: seconds between live previews (0: every step, None: never);
+    ``output_dir``: where ``save_images`` requests write their PNGs.
+    """
+    from ldmkit import api
+
+    limits = limits or Limits()
+    auth = _parse_auth(api_auth)
+    catalogue = Catalogue(models_dir)
+    resident: dict[str, StableDiffusion] = {}  # models given as objects can't be reloaded from a file
+
+    def load(info: CheckpointInfo) -> StableDiffusion:
+        if info.filename in resident:
+            return resident[info.filename]
+        return api.load(info.filename, device=device).model
+
+    if isinstance(model, StableDiffusion):
+        first = catalogue.add_model(model)
+        resident[first.filename] = model
+        loaded = model
+    else:
+        first = catalogue.info_for_path(api.resolve_model_path(model))
+        catalogue.add(first)
+        loaded = load(first)
+    worker = Worker(loaded, first, queue_size=queue_size, preview_interval=preview_interval)
+    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png", "eta_ddim": 0.0,
+                               "eta_ancestral": 1.0}
+    explain_root = Path(explain_dir or tempfile.mkdtemp(prefix="ldmkit-explain-"))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.stop()
+
+    app = FastAPI(title="ldmkit", version=__version__, lifespan=lifespan,
+                  description="Stable Diffusion from the model up: an AUTOMATIC1111-compatible API (/sdapi/v1) "
+                              "and a web page at /.")
+    app.state.worker, app.state.catalogue, app.state.limits, app.state.options = worker, catalogue, limits, options
+    app.add_middleware(_Guard, auth=auth, max_body=limits.max_body_bytes)
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full(request: Any, exc: QueueFullError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(P.GenerationError)
+    @app.exception_handler(CheckpointError)
+    async def _bad_settings(request: Any, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 400)
+
+    async def run_job(fn: Any, kind: str, task_id: str | None = None) -> Any:
+        future = worker.submit(fn, kind, task_id)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the client went away: drop the job if it has not started
+            raise
+        except (P.GenerationError, CheckpointError, QueueFullError, HTTPException):
+            raise
+        except Exception as e:
+            log.exception("%s failed", kind)
+            raise HTTPException(500, f"{kind} failed: {type(e).__name__}: {e}") from e
+
+    def checkpoint_override(req: S.GenerationRequest) -> CheckpointInfo | None:
+        name = (req.override_settings or {}).get("sd_model_checkpoint")
+        if name is None:
+            return None
+        info = catalogue.find(str(name))
+        if info is None:
+            titles = ", ".join(i.title for i in catalogue.scan())
+            raise field_error(("override_settings", "sd_model_checkpoint"),
+                              f"no model {name!r}; available: {titles}", name)
+        return info
+
+    def prepare(req: S.GenerationRequest, kind: str) -> Generation:
+        info = checkpoint_override(req)
+        # checked against the current model; an override model is checked again by the pipeline when it runs
+        strength = req.denoising_strength if isinstance(req, S.Img2ImgRequest) else 0.75
+        params = build_params(req, worker.model, options, limits, strength=strength)
+        init = mask = None
+        if isinstance(req, S.Img2ImgRequest):
+            init = decode_image(req.init_images[0], ("init_images", 0), limits)
+            if req.mask:
+                mask = decode_image(req.mask, ("mask",), limits).convert("L")
+                if req.inpainting_mask_invert:
+                    mask = mask.point(lambda v: 255 - v)
+                kind = "inpaint"
+        steps = params.steps if kind == "txt2img" else max(1, min(params.steps, int(params.steps * params.strength)))
+        save = req.save_images and not req.do_not_save_samples and output_dir is not None
+        return Generation(kind, params, req.n_iter, steps, info, req.override_settings_restore_afterwards,
+                          init, mask, save)
+
+    def run_generation(ctx: JobContext, gen: Generation) -> tuple[list[Image.Image], StableDiffusion]:
+        original = (ctx.model, ctx.worker.checkpoint)
+        if gen.checkpoint is not None and gen.checkpoint.filename != original[1].filename:
+            ctx.set_model(load(gen.checkpoint), gen.checkpoint)
+        try:
+            model, images = ctx.model, []
+            for k in range(gen.n_iter):
+                p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
+                cb = ctx.step_callback(k, gen.n_iter, gen.sampling_steps)
+                try:
+                    if gen.kind == "txt2img":
+                        images += P.txt2img(model, p, cb)
+                    elif gen.kind == "img2img":
+                        images += P.img2img(model, p, gen.init, cb)
+                    else:
+                        images += P.inpaint(model, p, gen.init, gen.mask, cb)
+                except Interrupted:
+                    images += partial_images(ctx, gen, p)
+                    break
+                if ctx.interrupted:
+                    break
+            if gen.save:
+                out = Path(output_dir)  # type: ignore[arg-type]
+                for img in images:
+                    save_png(img, out / f"{time.strftime('%Y%m%d-%H%M%S')}-{ctx.job.task_id[-6:]}-"
+                                        f"{img.info['seed']}.png")
+            return images, model
+        finally:
+            if gen.restore_model:
+                ctx.set_model(*original)
+
+    def respond(req: S.GenerationRequest, gen: Generation, images: list[Image.Image],
+                model: StableDiffusion) -> dict:
+        p = gen.params
+        seeds = gen.all_seeds
+        sampler_name = SAMPLER_DISPLAY_NAMES[resolve_sampler(p.sampler)[0]]
+        extra: dict[str, Any] = {}
+        if images:
+            fields = parse_infotext(images[0].info["parameters"])
+            extra["Schedule type"] = fields.get("Schedule type")
+            sampler_name = fields.get("Sampler", sampler_name)
+        info = {
+            "prompt": p.prompt, "all_prompts": [p.prompt] * len(seeds),
+            "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * len(seeds),
+            "seed": p.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+            "subseed_strength": 0, "width": p.width, "height": p.height, "sampler_name": sampler_name,
+            "scheduler": p.scheduler or "automatic", "cfg_scale": p.cfg_scale, "steps": p.steps,
+            "batch_size": p.batch_size, "n_iter": gen.n_iter, "restore_faces": False,
+            "face_restoration_model": None, "sd_model_name": model.source_name,
+            "sd_model_hash": model.model_hash or None, "sd_vae_name": None, "sd_vae_hash": None,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": None if gen.kind == "txt2img" else p.strength,
+            "extra_generation_params": extra, "index_of_first_image": 0,
+            "infotexts": [img.info["parameters"] for img in images], "styles": req.styles or [],
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip or 1,
+            "is_using_inpainting_conditioning": gen.kind == "inpaint" and model.cfg.is_inpainting,
+            "version": f"ldmkit {__version__}",
+        }
+        parameters = req.model_dump()
+        if isinstance(req, S.Img2ImgRequest) and not req.include_init_images:
+            parameters["init_images"], parameters["mask"] = None, None
+        encoded = [encode_png(img, img.info.get("parameters")) for img in images] if req.send_images else []
+        return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
+
+    async def generate(req: S.GenerationRequest, kind: str) -> dict:
+        gen = await run_in_threadpool(prepare, req, kind)
+        images, model = await run_job(lambda ctx: run_generation(ctx, gen), gen.kind, req.force_task_id)
+        return await run_in_threadpool(respond, req, gen, images, model)
+
+    # ------------------------------------------------------------ A1111 API
+
+    @app.post("/sdapi/v1/txt2img", response_model=S.ImageResponse, tags=["sdapi"])
+    async def txt2img(req: S.Txt2ImgRequest) -> dict:
+        """Text to image; queued behind other requests."""
+        return await generate(req, "txt2img")
+
+    @app.post("/sdapi/v1/img2img", response_model=S.ImageResponse, tags=["sdapi"])
+    async def img2img(req: S.Img2ImgRequest) -> dict:
+        """Image to image; with `mask`, inpainting (white is repainted)."""
+        return await generate(req, "img2img")
+
+    @app.get("/sdapi/v1/progress", response_model=S.ProgressResponse, tags=["sdapi"])
+    async def progress(skip_current_image: bool = False) -> dict:
+        """The running request: progress 0..1, step, and a preview of the current image."""
+        return worker.progress(skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt", tags=["sdapi"])
+    async def interrupt() -> None:
+        """Stop the running request; it returns the images it has so far."""
+        worker.interrupt()
+
+    @app.get("/sdapi/v1/samplers", response_model=list[S.SamplerItem], tags=["sdapi"])
+    async def samplers() -> list[dict]:
+        aliases: dict[str, list[str]] = {k: [k] for k in sampler_names()}
+        for alias, short in _ALIASES.items():
+            aliases[short].append(alias)
+        return [{"name": SAMPLER_DISPLAY_NAMES[k], "aliases": aliases[k], "options": {}} for k in sampler_names()]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[S.SchedulerItem], tags=["sdapi"])
+    async def schedulers() -> list[dict]:
+        items = [{"name": "automatic", "label": "Automatic"}]
+        items += [{"name": k, "label": v, "default_rho": 7.0 if k == "karras" else None,
+                   "need_inner_model": False} for k, v in SCHEDULE_DISPLAY_NAMES.items()]
+        return items
+
+    @app.get("/sdapi/v1/sd-models", response_model=list[S.SDModelItem], tags=["sdapi"])
+    def sd_models() -> list[dict]:
+        return [info.as_item() for info in catalogue.scan()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints", tags=["sdapi"])
+    def refresh_checkpoints() -> None:
+        catalogue.scan()
+
+    @app.get("/sdapi/v1/options", tags=["sdapi"])
+    async def get_options() -> dict:
+        info = worker.checkpoint
+        return {**options, "sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256}
+
+    @app.post("/sdapi/v1/options", tags=["sdapi"])
+    async def set_options(req: dict[str, Any] = Body(...)) -> None:  # noqa: B008 - FastAPI's idiom
+        """Set options; `sd_model_checkpoint` (a title from /sdapi/v1/sd-models) switches the model."""
+        clip = req.get("CLIP_stop_at_last_layers", 1)
+        if not isinstance(clip, int) or not 1 <= clip <= 12:
+            raise field_error(("CLIP_stop_at_last_layers",), "must be an integer from 1 to 12", clip)
+        name = req.get("sd_model_checkpoint")
+        if name is not None:
+            info = await run_in_threadpool(catalogue.find, str(name))
+            if info is None:
+                titles = ", ".join(i.title for i in await run_in_threadpool(catalogue.scan))
+                raise field_error(("sd_model_checkpoint",), f"no model {name!r}; available: {titles}", name)
+
+            def switch(ctx: JobContext) -> None:
+                if info.filename != ctx.worker.checkpoint.filename:
+                    ctx.set_model(load(info), info)
+
+            await run_job(switch, "load model")
+        options.update({k: v for k, v in req.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
+
+    @app.post("/sdapi/v1/png-info", response_model=S.PNGInfoResponse, tags=["sdapi"])
+    def png_info_route(req: S.PNGInfoRequest) -> dict:
+        """The generation parameters a PNG carries."""
+        return png_info(decode_image(req.image, ("image",), limits))
+
+    @app.get("/sdapi/v1/scripts", tags=["sdapi"])
+    async def scripts() -> dict:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/sd-vae", tags=["sdapi"])
+    async def sd_vae() -> list:
+        return []
+
+    @app.get("/sdapi/v1/loras", tags=["sdapi"])
+    async def loras() -> list:
+        return []
+
+    # ------------------------------------------------------------ explain view, web page
+
+    @app.get("/explain", tags=["ldmkit"])
+    async def explain(prompt: str, seed: int = 42, negative_prompt: str = "", steps: int = 20,
+                      sampler: str = "Euler", cfg_scale: float = 7.0, width: int | None = None,
+                      height: int | None = None) -> Response:
+        """What the model did for this prompt and seed (``ldmkit explain``): redirects to an HTML page."""
+        try:
+            build = importlib.import_module("ldmkit.explain").build_explain_page
+        except (ImportError, AttributeError) as e:
+            raise HTTPException(501, f"the explain view is not available in this installation ({e}); it needs "
+                                     "the ldmkit.explain module with build_explain_page()") from None
+        from ldmkit.cli import native_size
+
+        native = native_size(worker.model.cfg)
+        try:
+            req = S.Txt2ImgRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                                   sampler_name=sampler, cfg_scale=cfg_scale, width=width or native,
+                                   height=height or native)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
+        params = build_params(req, worker.model, options, limits)
+        info = worker.checkpoint
+        key = hashlib.sha256(f"{info.filename}\0{info.sha256}\0{params!r}".encode()).hexdigest()[:16]
+        out_dir = explain_root / key
+        page = _explain_page(out_dir)
+        if page is None:
+            accepted = inspect.signature(build).parameters
+            values = {"seed": params.seed, "out_dir": out_dir, "steps": params.steps, "sampler": params.sampler,
+                      "cfg_scale": params.cfg_scale, "width": params.width, "height": params.height,
+                      "negative_prompt": params.negative_prompt}
+
+            def build_page(ctx: JobContext) -> Any:
+                kwargs = {k: v for k, v in values.items() if k in accepted}
+                if "callback" in accepted:
+                    kwargs["callback"] = ctx.step_callback(0, 1, params.steps)
+                return build(ctx.model, params.prompt, **kwargs)
+
+            result = await run_job(build_page, "explain")
+            page = _explain_page(out_dir, result)
+            if page is None:
+                raise HTTPException(500, f"build_explain_page wrote no HTML page in {out_dir}")
+        return RedirectResponse(f"/explain/files/{key}/{page.relative_to(out_dir.resolve()).as_posix()}", 303)
+
+    @app.get("/explain/files/{key}/{path:path}", include_in_schema=False)
+    async def explain_files(key: str, path: str) -> FileResponse:
+        root = (explain_root / key).resolve()
+        target = (root / path).resolve()
+        if not key.isalnum() or not target.is_relative_to(root) or not target.is_file():
+            raise HTTPException(404, "no such explain file")
+        return FileResponse(target)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _explain_page(out_dir: Path, result: Any = None) -> Path | None:
+    """The HTML file build_explain_page made: the path it returned, index.html, or any .html."""
+    if isinstance(result, str | os.PathLike) and Path(result).is_file() and str(result).endswith(".html"):
+        p = Path(result).resolve()
+        return p if p.is_relative_to(out_dir.resolve()) else None
+    if not out_dir.is_dir():
+        return None
+    if (out_dir / "index.html").is_file():
+        return (out_dir / "index.html").resolve()
+    return next((p.resolve() for p in sorted(out_dir.rglob("*.html"))), None)
+
+
+# ---------------------------------------------------------------- running under uvicorn
+
+
+class BackgroundServer:
+    """uvicorn in a thread on a free localhost port: ``with BackgroundServer(app) as url: ...``."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

@@ -1,0 +1,56 @@
+"""``ldmkit serve``: the web page and A1111-compatible API under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+EXAMPLES = """examples:
+  ldmkit serve --model v1-5-pruned-emaonly.safetensors          # http://127.0.0.1:7860
+  ldmkit serve --models-dir ~/models --model sd15.safetensors   # switch models from the page or the API
+  ldmkit serve --host 0.0.0.0 --api-auth alice:s3cret           # reachable from the network: use auth
+  curl -s 127.0.0.1:7860/sdapi/v1/txt2img -H 'Content-Type: application/json' \\
+      -d '{"prompt": "a red apple", "steps": 20, "seed": 42}' | jq -r '.images[0]' | base64 -d > apple.png
+  (A1111 clients such as the webuiapi package work unchanged; the API schema is at /docs)"""
+
+
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add("serve", "web page and AUTOMATIC1111-compatible HTTP API", EXAMPLES)
+    p.add_argument("--model", default=None, help="checkpoint file, diffusers folder, or built-in name")
+    p.add_argument("--models-dir", default=None, help="folder of models to switch between (/sdapi/v1/sd-models)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-auth", default=None, metavar="USER:PASSWORD", help="require HTTP basic auth")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get HTTP 503")
+    p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width x height x batch_size per request")
+    p.add_argument("--max-side", type=int, default=2048, help="largest width or height")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image (decoded)")
+    p.add_argument("--preview-interval", type=float, default=1.0,
+                   help="seconds between live previews (0: every step, negative: none)")
+    p.add_argument("--output-dir", default=None, help="where requests with save_images write their PNGs")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from ldmkit.server.app import Limits, create_app
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra dependencies ({e.name} is missing): "
+                         "pip install 'ldmkit[server]'") from None
+    limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                    max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+    print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
+    app = create_app(args.model, models_dir=args.models_dir, api_auth=args.api_auth, queue_size=args.queue_size,
+                     limits=limits, device=args.device,
+                     preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
+                     output_dir=args.output_dir)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
+        print(f"warning: listening on {args.host} without --api-auth: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"ldmkit: http://{args.host}:{args.port}/  (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")

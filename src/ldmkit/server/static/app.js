@@ -1,0 +1,276 @@
+// ldmkit web page: a thin client of the A1111-compatible API (/sdapi/v1). No dependencies, works offline.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const state = { mode: "txt2img", running: false, initDataUrl: null, taskId: null };
+
+// ------------------------------------------------------------------ API helpers
+
+async function api(method, path, body) {
+  const res = await fetch(path, {
+    method,
+    headers: body === undefined ? {} : { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { data = text; }
+  if (!res.ok) throw new Error(errorMessage(res.status, data));
+  return data;
+}
+
+function errorMessage(status, data) {
+  const detail = data && data.detail !== undefined ? data.detail : data;
+  if (Array.isArray(detail)) {  // FastAPI validation errors: name the field
+    return detail.map((d) => `${(d.loc || []).filter((p) => p !== "body").join(".") || "request"}: ${d.msg}`)
+      .join("\n");
+  }
+  return `HTTP ${status}: ${typeof detail === "string" ? detail : JSON.stringify(detail)}`;
+}
+
+function showError(msg) {
+  const el = $("#error");
+  el.textContent = msg || "";
+  el.hidden = !msg;
+}
+
+// ------------------------------------------------------------------ setup: samplers, schedules, models
+
+async function loadChoices() {
+  try {
+    const [samplers, schedulers] = await Promise.all([api("GET", "/sdapi/v1/samplers"),
+      api("GET", "/sdapi/v1/schedulers")]);
+    const s = $("#sampler_name");
+    for (const item of samplers) s.add(new Option(item.name, item.name, false, item.name === "DPM++ 2M"));
+    const sc = $("#scheduler");
+    sc.innerHTML = "";
+    for (const item of schedulers) sc.add(new Option(item.label, item.name));
+  } catch (e) { showError(`could not load samplers: ${e.message}`); }
+  await loadModels();
+}
+
+async function loadModels() {
+  try {
+    const [models, options] = await Promise.all([api("GET", "/sdapi/v1/sd-models"),
+      api("GET", "/sdapi/v1/options")]);
+    const sel = $("#model");
+    sel.innerHTML = "";
+    for (const m of models) sel.add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
+  } catch (e) { showError(`could not load models: ${e.message}`); }
+}
+
+$("#model").addEventListener("change", async (ev) => {
+  const status = $("#model-status");
+  status.textContent = "loading…";
+  try {
+    await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: ev.target.value });
+    status.textContent = "";
+  } catch (e) { status.textContent = ""; showError(e.message); }
+  await loadModels();
+});
+
+// ------------------------------------------------------------------ modes and the init image / mask canvas
+
+function setMode(mode) {
+  state.mode = mode;
+  for (const b of document.querySelectorAll(".tabs button")) b.classList.toggle("active", b.dataset.mode === mode);
+  $("#init-section").hidden = mode === "txt2img";
+  $("#mask-tools").hidden = mode !== "inpaint";
+  $("#mask-canvas").classList.toggle("off", mode !== "inpaint");
+}
+for (const b of document.querySelectorAll(".tabs button")) b.addEventListener("click", () => setMode(b.dataset.mode));
+
+$("#denoising_strength").addEventListener("input", (ev) => { $("#strength-value").textContent = ev.target.value; });
+$("#random-seed").addEventListener("click", () => { $("#seed").value = -1; });
+
+function setInitImage(dataUrl) {
+  const img = new Image();
+  img.onload = () => {
+    const ic = $("#init-canvas"), mc = $("#mask-canvas");
+    ic.width = mc.width = img.naturalWidth;
+    ic.height = mc.height = img.naturalHeight;
+    ic.getContext("2d").drawImage(img, 0, 0);
+    mc.getContext("2d").clearRect(0, 0, mc.width, mc.height);
+    $("#canvas-wrap").hidden = false;
+    state.initDataUrl = dataUrl;
+  };
+  img.src = dataUrl;
+}
+
+$("#init-file").addEventListener("change", (ev) => {
+  const file = ev.target.files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => setInitImage(reader.result);
+  reader.readAsDataURL(file);
+});
+
+(function maskBrush() {
+  const mc = $("#mask-canvas");
+  const ctx = mc.getContext("2d");
+  let last = null;
+  const toCanvas = (ev) => {
+    const r = mc.getBoundingClientRect();
+    return { x: (ev.clientX - r.left) * mc.width / r.width, y: (ev.clientY - r.top) * mc.height / r.height,
+      scale: mc.width / r.width };
+  };
+  const stroke = (from, to) => {
+    ctx.globalCompositeOperation = $("#erase").checked ? "destination-out" : "source-over";
+    ctx.strokeStyle = "#fff";
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.lineWidth = Number($("#brush").value) * to.scale;
+    ctx.beginPath();
+    ctx.moveTo(from.x, from.y);
+    ctx.lineTo(to.x, to.y);
+    ctx.stroke();
+  };
+  mc.addEventListener("pointerdown", (ev) => {
+    mc.setPointerCapture(ev.pointerId);
+    last = toCanvas(ev);
+    stroke(last, last);
+  });
+  mc.addEventListener("pointermove", (ev) => {
+    if (!last) return;
+    const p = toCanvas(ev);
+    stroke(last, p);
+    last = p;
+  });
+  for (const t of ["pointerup", "pointercancel"]) mc.addEventListener(t, () => { last = null; });
+  $("#clear-mask").addEventListener("click", () => ctx.clearRect(0, 0, mc.width, mc.height));
+})();
+
+function maskDataUrl() {
+  // white strokes on black, as A1111's API expects: white is repainted
+  const mc = $("#mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = mc.width;
+  out.height = mc.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(mc, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+// ------------------------------------------------------------------ generation, progress, gallery
+
+function requestBody() {
+  const num = (id) => Number($(id).value);
+  const body = {
+    prompt: $("#prompt").value, negative_prompt: $("#negative_prompt").value,
+    sampler_name: $("#sampler_name").value || "DPM++ 2M", scheduler: $("#scheduler").value || "automatic",
+    steps: num("#steps"), cfg_scale: num("#cfg_scale"), width: num("#width"), height: num("#height"),
+    seed: num("#seed"), batch_size: num("#batch_size"), n_iter: num("#n_iter"),
+  };
+  if (state.mode !== "txt2img") {
+    if (!state.initDataUrl) throw new Error("choose an init image first");
+    body.init_images = [state.initDataUrl];
+    body.denoising_strength = num("#denoising_strength");
+    if (state.mode === "inpaint") body.mask = maskDataUrl();
+  }
+  return body;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function pollProgress(taskId) {
+  const bar = $("#progress"), text = $("#progress-text"), preview = $("#preview");
+  while (state.running && state.taskId === taskId) {
+    try {
+      const p = await api("GET", "/sdapi/v1/progress");
+      const s = p.state;
+      if (s.task_id === taskId) {
+        bar.value = p.progress;
+        const batch = s.job_count > 1 ? `batch ${s.job_no + 1}/${s.job_count}, ` : "";
+        text.textContent = `${batch}step ${s.sampling_step}/${s.sampling_steps}` +
+          (p.eta_relative > 0 ? `, ${p.eta_relative.toFixed(1)} s left` : "");
+        if (p.current_image) {
+          preview.src = `data:image/png;base64,${p.current_image}`;
+          preview.hidden = false;
+        }
+      } else if (s.task_id) {
+        text.textContent = `waiting: another request is running (${s.queued} more queued)`;
+      }
+    } catch (e) { /* a missed poll is harmless */ }
+    await sleep(250);
+  }
+}
+
+function explainUrl(body, seed, sampler) {
+  const q = new URLSearchParams({ prompt: body.prompt, seed, negative_prompt: body.negative_prompt,
+    steps: body.steps, sampler, cfg_scale: body.cfg_scale, width: body.width, height: body.height });
+  return `/explain?${q}`;
+}
+
+function addResults(result, body) {
+  const info = JSON.parse(result.info);
+  const gallery = $("#gallery");
+  result.images.forEach((b64, i) => {
+    const url = `data:image/png;base64,${b64}`;
+    const seed = info.all_seeds[i];
+    const fig = document.createElement("figure");
+    fig.className = "result";
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = body.prompt;
+    const cap = document.createElement("figcaption");
+    const pre = document.createElement("pre");
+    pre.className = "infotext";
+    pre.textContent = info.infotexts[i];
+    const links = document.createElement("div");
+    links.className = "links";
+    const explain = Object.assign(document.createElement("a"),
+      { href: explainUrl(body, seed, info.sampler_name), target: "_blank", rel: "noopener",
+        textContent: "explain", className: "explain" });
+    const download = Object.assign(document.createElement("a"),
+      { href: url, download: `ldmkit-${seed}.png`, textContent: "download" });
+    const reuse = Object.assign(document.createElement("button"), { type: "button", textContent: "use as init image" });
+    reuse.addEventListener("click", () => { setInitImage(url); if (state.mode === "txt2img") setMode("img2img"); });
+    const again = Object.assign(document.createElement("button"), { type: "button", textContent: "reuse seed" });
+    again.addEventListener("click", () => { $("#seed").value = seed; });
+    links.append(explain, download, reuse, again);
+    cap.append(pre, links);
+    fig.append(img, cap);
+    gallery.prepend(fig);
+  });
+}
+
+$("#form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  if (state.running) return;
+  showError("");
+  let body;
+  try { body = requestBody(); } catch (e) { showError(e.message); return; }
+  const taskId = `task(${Math.random().toString(36).slice(2)}${Date.now().toString(36)})`;
+  body.force_task_id = taskId;
+  state.running = true;
+  state.taskId = taskId;
+  $("#generate").disabled = true;
+  $("#interrupt").disabled = false;
+  $("#progress").value = 0;
+  $("#progress-text").textContent = "queued";
+  const t0 = performance.now();
+  const polling = pollProgress(taskId);
+  let result = null, error = null;
+  try {
+    const path = state.mode === "txt2img" ? "/sdapi/v1/txt2img" : "/sdapi/v1/img2img";
+    result = await api("POST", path, body);
+  } catch (e) { error = e; }
+  state.running = false;
+  await polling;  // so a late poll cannot overwrite the final status
+  if (result) {
+    addResults(result, body);
+    $("#progress").value = 1;
+    $("#progress-text").textContent = `done in ${((performance.now() - t0) / 1000).toFixed(1)} s`;
+  } else {
+    showError(error.message);
+    $("#progress-text").textContent = "failed";
+  }
+  $("#generate").disabled = false;
+  $("#interrupt").disabled = true;
+});
+
+$("#interrupt").addEventListener("click", () => api("POST", "/sdapi/v1/interrupt").catch((e) => showError(e.message)));
+
+setMode("txt2img");
+loadChoices();

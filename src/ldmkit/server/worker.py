@@ -1,0 +1,205 @@
+"""One worker thread runs queued jobs (generations, model switches) one at a time.
+
+Requests never share settings: each job carries its own frozen parameters, and only the worker
+touches the model, so two clients cannot interleave. The queue is bounded; a full queue refuses
+new jobs at once (HTTP 503) instead of letting them pile up in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+from torch import Tensor
+
+from ldmkit.model import StableDiffusion
+from ldmkit.server.checkpoints import CheckpointInfo
+
+
+class QueueFullError(RuntimeError):
+    """The queue holds its maximum number of waiting jobs."""
+
+
+class Interrupted(Exception):  # noqa: N818 - a signal, not an error
+    """Raised inside a step callback to stop the running generation."""
+
+
+def encode_png(image: Image.Image, parameters: str | None = None) -> str:
+    """Base64 PNG, with A1111's ``parameters`` text chunk when given."""
+    from PIL import PngImagePlugin
+
+    meta = None
+    if parameters:
+        meta = PngImagePlugin.PngInfo()
+        meta.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class Job:
+    fn: Callable[[JobContext], Any]
+    kind: str  # "txt2img", "img2img", "load", "explain", ...
+    task_id: str
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _State:
+    """What /sdapi/v1/progress reports about the running job."""
+
+    task_id: str | None = None
+    kind: str = ""
+    job_no: int = 0
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    started: float = 0.0
+    timestamp: str = ""
+    current_image: str | None = None
+
+
+class JobContext:
+    """Given to a running job: the current model, step callbacks, and the interrupt flag."""
+
+    def __init__(self, worker: Worker, job: Job):
+        self.worker, self.job = worker, job
+        self.last_denoised: Tensor | None = None  # for the partial result of an interrupted job
+        self._last_preview = float("-inf")
+
+    @property
+    def model(self) -> StableDiffusion:
+        return self.worker.model
+
+    @property
+    def interrupted(self) -> bool:
+        return self.worker._interrupt.is_set()
+
+    def set_model(self, model: StableDiffusion, info: CheckpointInfo) -> None:
+        self.worker.model, self.worker.checkpoint = model, info
+
+    def step_callback(self, job_no: int, job_count: int, steps: int) -> Callable[[dict], None]:
+        """The pipeline's per-step callback: progress, a preview now and then, and interruption."""
+        from ldmkit.pipeline import decode_latents
+
+        w = self.worker
+        with w._lock:
+            w._state.job_no, w._state.job_count = job_no, job_count
+            w._state.sampling_step, w._state.sampling_steps = 0, steps
+
+        def callback(d: dict) -> None:
+            self.last_denoised = d["denoised"]
+            preview = None
+            now = time.monotonic()
+            if w.preview_interval is not None and now - self._last_preview >= w.preview_interval:
+                self._last_preview = now
+                preview = encode_png(decode_latents(self.model, d["denoised"][:1])[0])
+            with w._lock:
+                w._state.sampling_step = d["i"] + 1
+                if preview is not None:
+                    w._state.current_image = preview
+            if self.interrupted:
+                raise Interrupted
+
+        return callback
+
+
+class Worker:
+    """A bounded job queue and the thread that empties it."""
+
+    def __init__(self, model: StableDiffusion, checkpoint: CheckpointInfo, *, queue_size: int = 16,
+                 preview_interval: float | None = 1.0):
+        if queue_size < 1:
+            raise ValueError(f"queue size must be at least 1, got {queue_size}")
+        self.model, self.checkpoint = model, checkpoint
+        self.queue_size = queue_size
+        self.preview_interval = preview_interval  # seconds between previews; None: no previews
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._lock = threading.Lock()
+        self._state = _State()
+        self._interrupt = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ldmkit-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[JobContext], Any], kind: str, task_id: str | None = None) -> Future:
+        """Queue ``fn(ctx)``; its result or exception arrives in the returned future."""
+        job = Job(fn, kind, task_id or f"task({uuid.uuid4().hex[:12]})")
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFullError(
+                f"the server is busy: {self.queue_size} requests are already waiting; retry later"
+            ) from None
+        return job.future
+
+    def interrupt(self) -> None:
+        """Stop the running job (it returns what it has so far); queued jobs still run."""
+        with self._lock:
+            if self._state.task_id is not None:
+                self._interrupt.set()
+
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def progress(self, skip_current_image: bool = False) -> dict:
+        """A1111's /sdapi/v1/progress body."""
+        with self._lock:
+            s = self._state
+            progress = 0.0
+            if s.task_id is not None and s.job_count > 0:
+                progress = s.job_no / s.job_count
+                if s.sampling_steps > 0:
+                    progress += s.sampling_step / s.sampling_steps / s.job_count
+            elapsed = time.monotonic() - s.started if s.task_id else 0.0
+            eta = elapsed / progress - elapsed if progress > 0 else 0.0
+            return {
+                "progress": min(progress, 1.0),
+                "eta_relative": eta,
+                "state": {
+                    "skipped": False, "interrupted": self._interrupt.is_set(), "stopping_generation": False,
+                    "job": s.kind, "job_count": s.job_count, "job_timestamp": s.timestamp, "job_no": s.job_no,
+                    "sampling_step": s.sampling_step, "sampling_steps": s.sampling_steps,
+                    "task_id": s.task_id, "queued": self._queue.qsize(),
+                },
+                "current_image": None if skip_current_image else s.current_image,
+                "textinfo": None,
+            }
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._interrupt.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its client gave up while it waited
+            with self._lock:
+                self._interrupt.clear()
+                self._state = _State(task_id=job.task_id, kind=job.kind, started=time.monotonic(),
+                                     timestamp=time.strftime("%Y%m%d%H%M%S"))
+            try:
+                result = job.fn(JobContext(self, job))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                job.future.set_exception(e)
+            else:
+                job.future.set_result(result)
+            finally:
+                with self._lock:
+                    self._state = _State()
+                    self._interrupt.clear()
