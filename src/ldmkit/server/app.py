@@ -12,18 +12,14 @@ import binascii
 import hashlib
 import importlib
 import inspect
-import io
-import json
 import logging
 import os
-import random
 import secrets
 import socket
 import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,192 +29,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from ldmkit import __version__
 from ldmkit import pipeline as P
 from ldmkit.checkpoint import CheckpointError
-from ldmkit.infotext import parse_infotext, save_png
 from ldmkit.model import StableDiffusion
-from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler, sampler_names
+from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, sampler_names
+from ldmkit.server import generation as G
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
-from ldmkit.server.worker import Interrupted, JobContext, QueueFullError, Worker, encode_png
+from ldmkit.server.worker import JobContext, QueueFullError, Worker
 
+Limits = G.Limits  # re-exported: create_app(limits=Limits(...))
 log = logging.getLogger("ldmkit.server")
 STATIC = Path(str(resources.files("ldmkit.server") / "static"))
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; beyond these it gets a 4xx, not an out-of-memory crash."""
-
-    max_side: int = 2048  # width and height
-    max_pixels: int = 2048 * 2048  # width * height * batch_size
-    max_steps: int = 150
-    max_batch_size: int = 8
-    max_n_iter: int = 100
-    max_upload_bytes: int = 32 << 20  # one base64 image
-    max_input_pixels: int = 4096 * 4096  # an uploaded image, before it is resized
-
-    @property
-    def max_body_bytes(self) -> int:  # a few images plus the JSON around them
-        return 3 * self.max_upload_bytes + (1 << 20)
-
-
-def field_error(loc: tuple, msg: str, value: Any = None) -> RequestValidationError:
-    """A 422 in FastAPI's own format, naming the field."""
-    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}])
-
-
-# ---------------------------------------------------------------- images in and out
-
-
-def decode_image(data: str, loc: tuple, limits: Limits) -> Image.Image:
-    """A base64 image (a ``data:`` URL too), refused before decoding if it is too large."""
-    name = ".".join(str(p) for p in loc)
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    if len(data) > limits.max_upload_bytes * 4 // 3:
-        raise HTTPException(413, f"{name}: the image is {len(data) / 1e6:.1f} MB of base64; this server accepts "
-                                 f"up to {limits.max_upload_bytes * 4 / 3 / 1e6:.1f} MB")
-    try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise field_error(loc, f"not valid base64 ({e})") from None
-    try:
-        img = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
-        raise field_error(loc, "not an image PIL can read; send a base64 PNG, JPEG or WebP") from None
-    w, h = img.size
-    if w * h > limits.max_input_pixels:
-        raise HTTPException(413, f"{name}: the image is {w}x{h} = {w * h / 1e6:.1f} MP; this server accepts up "
-                                 f"to {limits.max_input_pixels / 1e6:.1f} MP; downscale it first")
-    try:
-        img.load()
-    except (OSError, Image.DecompressionBombError) as e:
-        raise field_error(loc, f"the image cannot be decoded ({e})") from None
-    return img
-
-
-def png_info(img: Image.Image) -> dict:
-    """A1111's /png-info: the parameters text, other text chunks, and the parsed fields."""
-    text = img.info.get("parameters")
-    items = {k: v for k, v in img.info.items() if k != "parameters" and isinstance(v, str | int | float)}
-    if not isinstance(text, str) or not text:
-        return {"info": "", "items": items, "parameters": {}}
-    params: dict[str, Any] = parse_infotext(text)
-    if "x" in params.get("Size", ""):
-        params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
-    return {"info": text, "items": items, "parameters": params}
-
-
-# ---------------------------------------------------------------- requests -> generations
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One request, checked and resolved: what the worker runs."""
-
-    kind: str  # "txt2img", "img2img" or "inpaint"
-    params: P.GenerationParams  # seed resolved (never -1)
-    n_iter: int
-    sampling_steps: int  # model calls per image (img2img runs only part of the schedule)
-    checkpoint: CheckpointInfo | None = None  # override_settings' model
-    restore_model: bool = True
-    init: Image.Image | None = None
-    mask: Image.Image | None = None
-    save: bool = False
-
-    @property
-    def all_seeds(self) -> list[int]:
-        return P.resolve_seeds(self.params.seed, self.params.batch_size * self.n_iter)
-
-
-def resolve_scheduler(name: str | None) -> str | None:
-    """A1111 scheduler name or label -> ldmkit's short name; None for "automatic"."""
-    if name is None or name.strip().lower() in ("", "automatic"):
-        return None
-    key = name.strip().lower()
-    for short, label in SCHEDULE_DISPLAY_NAMES.items():
-        if key in (short, label.lower(), short.replace("_", " ")):
-            return short
-    valid = ", ".join(["automatic", *SCHEDULE_DISPLAY_NAMES])
-    raise field_error(("scheduler",), f"unknown scheduler {name!r}; valid schedulers: {valid}", name)
-
-
-def check_size(model: StableDiffusion, req: S.GenerationRequest, limits: Limits) -> None:
-    # the U-Net halves the latent (len(channel_mult) - 1) times and concatenates skips: sizes must divide
-    f = model.cfg.vae.downscale * 2 ** (len(model.cfg.unet.channel_mult) - 1)
-    for name in ("width", "height"):
-        v = getattr(req, name)
-        if v > limits.max_side:
-            raise field_error((name,), f"{name} {v} is larger than this server's limit of {limits.max_side}", v)
-        if v % f:
-            lo = max(f, v // f * f)
-            raise field_error((name,), f"{name} {v} is not a multiple of {f} (this model's latent step); use "
-                                       f"{lo} or {lo + f}", v)
-    if req.steps > limits.max_steps:
-        raise field_error(("steps",), f"steps {req.steps} is more than this server's limit of {limits.max_steps}",
-                          req.steps)
-    if req.batch_size > limits.max_batch_size:
-        raise field_error(("batch_size",), f"batch_size {req.batch_size} is more than this server's limit of "
-                                           f"{limits.max_batch_size}; use n_iter for more images", req.batch_size)
-    if req.n_iter > limits.max_n_iter:
-        raise field_error(("n_iter",), f"n_iter {req.n_iter} is more than this server's limit of "
-                                       f"{limits.max_n_iter}", req.n_iter)
-    pixels = req.width * req.height * req.batch_size
-    if pixels > limits.max_pixels:
-        raise field_error(("width",), f"{req.batch_size} x {req.width}x{req.height} = {pixels / 1e6:.1f} MP at once "
-                                      f"is more than this server's limit of {limits.max_pixels / 1e6:.1f} MP; use a "
-                                      "smaller size or batch_size", req.width)
-
-
-def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict, limits: Limits,
-                 strength: float = 0.75) -> P.GenerationParams:
-    check_size(model, req, limits)
-    field = "sampler_name" if req.sampler_name else "sampler_index"
-    sampler = req.sampler_name or req.sampler_index
-    try:
-        fn = resolve_sampler(sampler)[1]
-    except ValueError as e:
-        raise field_error((field,), str(e), sampler) from None
-    overrides = req.override_settings or {}
-    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
-    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
-        raise field_error(("override_settings", "CLIP_stop_at_last_layers"),
-                          f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}", clip_skip)
-    params = P.GenerationParams(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
-        sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
-        seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
-        width=req.width, height=req.height, batch_size=req.batch_size,
-        clip_skip=clip_skip if clip_skip > 1 else None,
-        # A1111 clients send eta for every sampler; only those with an eta parameter use it
-        eta=req.eta if "eta" in inspect.signature(fn).parameters else None,
-        strength=strength,
-    )
-    try:
-        P.validate(params, model)
-        P.plan(model, params)
-    except P.GenerationError as e:
-        raise field_error((), str(e)) from None
-    return params
-
-
-def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams) -> list[Image.Image]:
-    """An interrupted generation returns its last denoised estimate, as A1111 does."""
-    if ctx.last_denoised is None:
-        return []
-    model = ctx.model
-    images = P.decode_latents(model, ctx.last_denoised)
-    names = P.plan(model, params).infotext_names
-    extra = None if gen.kind == "txt2img" else {"Denoising strength": params.strength}
-    for img, seed in zip(images, P.resolve_seeds(params.seed, len(images)), strict=True):
-        img.info["parameters"] = P.infotext(model, params, seed, *names, extra)
-        img.info["seed"] = seed
-    return images
 
 
 # ---------------------------------------------------------------- the app
@@ -278,7 +103,7 @@ def _parse_auth(api_auth: str | None) -> tuple[str, str] | None:
 
 
 def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, models_dir: str | os.PathLike | None = None,
-               api_auth: str | None = None, queue_size: int = 16, limits: Limits | None = None,
+               api_auth: str | None = None, queue_size: int = 16, limits: G.Limits | None = None,
                device: str | None = None, preview_interval: float | None = 1.0,
                output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
@@ -288,7 +113,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     """
     from ldmkit import api
 
-    limits = limits or Limits()
+    limits = limits or G.Limits()
     auth = _parse_auth(api_auth)
     catalogue = Catalogue(models_dir)
     resident: dict[str, StableDiffusion] = {}  # models given as objects can't be reloaded from a file
@@ -351,96 +176,18 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         info = catalogue.find(str(name))
         if info is None:
             titles = ", ".join(i.title for i in catalogue.scan())
-            raise field_error(("override_settings", "sd_model_checkpoint"),
+            raise G.field_error(("override_settings", "sd_model_checkpoint"),
                               f"no model {name!r}; available: {titles}", name)
         return info
 
-    def prepare(req: S.GenerationRequest, kind: str) -> Generation:
-        info = checkpoint_override(req)
-        # checked against the current model; an override model is checked again by the pipeline when it runs
-        strength = req.denoising_strength if isinstance(req, S.Img2ImgRequest) else 0.75
-        params = build_params(req, worker.model, options, limits, strength=strength)
-        init = mask = None
-        if isinstance(req, S.Img2ImgRequest):
-            init = decode_image(req.init_images[0], ("init_images", 0), limits)
-            if req.mask:
-                mask = decode_image(req.mask, ("mask",), limits).convert("L")
-                if req.inpainting_mask_invert:
-                    mask = mask.point(lambda v: 255 - v)
-                kind = "inpaint"
-        steps = params.steps if kind == "txt2img" else max(1, min(params.steps, int(params.steps * params.strength)))
-        save = req.save_images and not req.do_not_save_samples and output_dir is not None
-        return Generation(kind, params, req.n_iter, steps, info, req.override_settings_restore_afterwards,
-                          init, mask, save)
-
-    def run_generation(ctx: JobContext, gen: Generation) -> tuple[list[Image.Image], StableDiffusion]:
-        original = (ctx.model, ctx.worker.checkpoint)
-        if gen.checkpoint is not None and gen.checkpoint.filename != original[1].filename:
-            ctx.set_model(load(gen.checkpoint), gen.checkpoint)
-        try:
-            model, images = ctx.model, []
-            for k in range(gen.n_iter):
-                p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
-                cb = ctx.step_callback(k, gen.n_iter, gen.sampling_steps)
-                try:
-                    if gen.kind == "txt2img":
-                        images += P.txt2img(model, p, cb)
-                    elif gen.kind == "img2img":
-                        images += P.img2img(model, p, gen.init, cb)
-                    else:
-                        images += P.inpaint(model, p, gen.init, gen.mask, cb)
-                except Interrupted:
-                    images += partial_images(ctx, gen, p)
-                    break
-                if ctx.interrupted:
-                    break
-            if gen.save:
-                out = Path(output_dir)  # type: ignore[arg-type]
-                for img in images:
-                    save_png(img, out / f"{time.strftime('%Y%m%d-%H%M%S')}-{ctx.job.task_id[-6:]}-"
-                                        f"{img.info['seed']}.png")
-            return images, model
-        finally:
-            if gen.restore_model:
-                ctx.set_model(*original)
-
-    def respond(req: S.GenerationRequest, gen: Generation, images: list[Image.Image],
-                model: StableDiffusion) -> dict:
-        p = gen.params
-        seeds = gen.all_seeds
-        sampler_name = SAMPLER_DISPLAY_NAMES[resolve_sampler(p.sampler)[0]]
-        extra: dict[str, Any] = {}
-        if images:
-            fields = parse_infotext(images[0].info["parameters"])
-            extra["Schedule type"] = fields.get("Schedule type")
-            sampler_name = fields.get("Sampler", sampler_name)
-        info = {
-            "prompt": p.prompt, "all_prompts": [p.prompt] * len(seeds),
-            "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * len(seeds),
-            "seed": p.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
-            "subseed_strength": 0, "width": p.width, "height": p.height, "sampler_name": sampler_name,
-            "scheduler": p.scheduler or "automatic", "cfg_scale": p.cfg_scale, "steps": p.steps,
-            "batch_size": p.batch_size, "n_iter": gen.n_iter, "restore_faces": False,
-            "face_restoration_model": None, "sd_model_name": model.source_name,
-            "sd_model_hash": model.model_hash or None, "sd_vae_name": None, "sd_vae_hash": None,
-            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-            "denoising_strength": None if gen.kind == "txt2img" else p.strength,
-            "extra_generation_params": extra, "index_of_first_image": 0,
-            "infotexts": [img.info["parameters"] for img in images], "styles": req.styles or [],
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip or 1,
-            "is_using_inpainting_conditioning": gen.kind == "inpaint" and model.cfg.is_inpainting,
-            "version": f"ldmkit {__version__}",
-        }
-        parameters = req.model_dump()
-        if isinstance(req, S.Img2ImgRequest) and not req.include_init_images:
-            parameters["init_images"], parameters["mask"] = None, None
-        encoded = [encode_png(img, img.info.get("parameters")) for img in images] if req.send_images else []
-        return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
+    def prepare(req: S.GenerationRequest, kind: str) -> G.Generation:
+        return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), output_dir is not None)
 
     async def generate(req: S.GenerationRequest, kind: str) -> dict:
         gen = await run_in_threadpool(prepare, req, kind)
-        images, model = await run_job(lambda ctx: run_generation(ctx, gen), gen.kind, req.force_task_id)
-        return await run_in_threadpool(respond, req, gen, images, model)
+        images, model = await run_job(lambda ctx: G.run_generation(ctx, gen, load, output_dir), gen.kind,
+                                       req.force_task_id)
+        return await run_in_threadpool(G.response_body, req, gen, images, model)
 
     # ------------------------------------------------------------ A1111 API
 
@@ -496,13 +243,13 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         """Set options; `sd_model_checkpoint` (a title from /sdapi/v1/sd-models) switches the model."""
         clip = req.get("CLIP_stop_at_last_layers", 1)
         if not isinstance(clip, int) or not 1 <= clip <= 12:
-            raise field_error(("CLIP_stop_at_last_layers",), "must be an integer from 1 to 12", clip)
+            raise G.field_error(("CLIP_stop_at_last_layers",), "must be an integer from 1 to 12", clip)
         name = req.get("sd_model_checkpoint")
         if name is not None:
             info = await run_in_threadpool(catalogue.find, str(name))
             if info is None:
                 titles = ", ".join(i.title for i in await run_in_threadpool(catalogue.scan))
-                raise field_error(("sd_model_checkpoint",), f"no model {name!r}; available: {titles}", name)
+                raise G.field_error(("sd_model_checkpoint",), f"no model {name!r}; available: {titles}", name)
 
             def switch(ctx: JobContext) -> None:
                 if info.filename != ctx.worker.checkpoint.filename:
@@ -514,7 +261,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     @app.post("/sdapi/v1/png-info", response_model=S.PNGInfoResponse, tags=["sdapi"])
     def png_info_route(req: S.PNGInfoRequest) -> dict:
         """The generation parameters a PNG carries."""
-        return png_info(decode_image(req.image, ("image",), limits))
+        return G.png_info(G.decode_image(req.image, ("image",), limits))
 
     @app.get("/sdapi/v1/scripts", tags=["sdapi"])
     async def scripts() -> dict:
@@ -549,7 +296,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                                    height=height or native)
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from None
-        params = build_params(req, worker.model, options, limits)
+        params = G.build_params(req, worker.model, options, limits)
         info = worker.checkpoint
         key = hashlib.sha256(f"{info.filename}\0{info.sha256}\0{params!r}".encode()).hexdigest()[:16]
         out_dir = explain_root / key

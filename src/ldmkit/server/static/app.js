@@ -204,7 +204,7 @@ function explainUrl(body, seed, sampler) {
 
 function addResults(result, body) {
   const info = JSON.parse(result.info);
-  const gallery = $("#gallery");
+  const batch = document.createDocumentFragment();  // newest request first, its images in order
   result.images.forEach((b64, i) => {
     const url = `data:image/png;base64,${b64}`;
     const seed = info.all_seeds[i];
@@ -231,8 +231,9 @@ function addResults(result, body) {
     links.append(explain, download, reuse, again);
     cap.append(pre, links);
     fig.append(img, cap);
-    gallery.prepend(fig);
+    batch.append(fig);
   });
+  $("#gallery").prepend(batch);
 }
 
 $("#form").addEventListener("submit", async (ev) => {

@@ -1,0 +1,292 @@
+"""From an A1111 request to images: checking it against the model and the limits, running it, answering.
+
+Everything here is plain functions; :mod:`ldmkit.server.app` wires them to routes and the worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import inspect
+import io
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from PIL import Image, UnidentifiedImageError
+
+from ldmkit import __version__
+from ldmkit import pipeline as P
+from ldmkit.infotext import parse_infotext, save_png
+from ldmkit.model import StableDiffusion
+from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler
+from ldmkit.server import schemas as S
+from ldmkit.server.checkpoints import CheckpointInfo
+from ldmkit.server.worker import Interrupted, JobContext, encode_png
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond these it gets a 4xx, not an out-of-memory crash."""
+
+    max_side: int = 2048  # width and height
+    max_pixels: int = 2048 * 2048  # width * height * batch_size
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 100
+    max_upload_bytes: int = 32 << 20  # one base64 image
+    max_input_pixels: int = 4096 * 4096  # an uploaded image, before it is resized
+
+    @property
+    def max_body_bytes(self) -> int:  # a few images plus the JSON around them
+        return 3 * self.max_upload_bytes + (1 << 20)
+
+
+def field_error(loc: tuple, msg: str, value: Any = None) -> RequestValidationError:
+    """A 422 in FastAPI's own format, naming the field."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}])
+
+
+# ---------------------------------------------------------------- images in and out
+
+
+def decode_image(data: str, loc: tuple, limits: Limits) -> Image.Image:
+    """A base64 image (a ``data:`` URL too), refused before decoding if it is too large."""
+    name = ".".join(str(p) for p in loc)
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > limits.max_upload_bytes * 4 // 3:
+        raise HTTPException(413, f"{name}: the image is {len(data) / 1e6:.1f} MB of base64; this server accepts "
+                                 f"up to {limits.max_upload_bytes * 4 / 3 / 1e6:.1f} MB")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise field_error(loc, f"not valid base64 ({e})") from None
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
+        raise field_error(loc, "not an image PIL can read; send a base64 PNG, JPEG or WebP") from None
+    w, h = img.size
+    if w * h > limits.max_input_pixels:
+        raise HTTPException(413, f"{name}: the image is {w}x{h} = {w * h / 1e6:.1f} MP; this server accepts up "
+                                 f"to {limits.max_input_pixels / 1e6:.1f} MP; downscale it first")
+    try:
+        img.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise field_error(loc, f"the image cannot be decoded ({e})") from None
+    return img
+
+
+def png_info(img: Image.Image) -> dict:
+    """A1111's /png-info: the parameters text, other text chunks, and the parsed fields."""
+    text = img.info.get("parameters")
+    items = {k: v for k, v in img.info.items() if k != "parameters" and isinstance(v, str | int | float)}
+    if not isinstance(text, str) or not text:
+        return {"info": "", "items": items, "parameters": {}}
+    params: dict[str, Any] = parse_infotext(text)
+    if "x" in params.get("Size", ""):
+        params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
+    return {"info": text, "items": items, "parameters": params}
+
+
+# ---------------------------------------------------------------- requests -> generations
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request, checked and resolved: what the worker runs."""
+
+    kind: str  # "txt2img", "img2img" or "inpaint"
+    params: P.GenerationParams  # seed resolved (never -1)
+    n_iter: int
+    sampling_steps: int  # model calls per image (img2img runs only part of the schedule)
+    checkpoint: CheckpointInfo | None = None  # override_settings' model
+    restore_model: bool = True
+    init: Image.Image | None = None
+    mask: Image.Image | None = None
+    save: bool = False
+
+    @property
+    def all_seeds(self) -> list[int]:
+        return P.resolve_seeds(self.params.seed, self.params.batch_size * self.n_iter)
+
+
+def resolve_scheduler(name: str | None) -> str | None:
+    """A1111 scheduler name or label -> ldmkit's short name; None for "automatic"."""
+    if name is None or name.strip().lower() in ("", "automatic"):
+        return None
+    key = name.strip().lower()
+    for short, label in SCHEDULE_DISPLAY_NAMES.items():
+        if key in (short, label.lower(), short.replace("_", " ")):
+            return short
+    valid = ", ".join(["automatic", *SCHEDULE_DISPLAY_NAMES])
+    raise field_error(("scheduler",), f"unknown scheduler {name!r}; valid schedulers: {valid}", name)
+
+
+def check_size(model: StableDiffusion, req: S.GenerationRequest, limits: Limits) -> None:
+    # the U-Net halves the latent (len(channel_mult) - 1) times and concatenates skips: sizes must divide
+    f = model.cfg.vae.downscale * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if v > limits.max_side:
+            raise field_error((name,), f"{name} {v} is larger than this server's limit of {limits.max_side}", v)
+        if v % f:
+            lo = max(f, v // f * f)
+            raise field_error((name,), f"{name} {v} is not a multiple of {f} (this model's latent step); use "
+                                       f"{lo} or {lo + f}", v)
+    if req.steps > limits.max_steps:
+        raise field_error(("steps",), f"steps {req.steps} is more than this server's limit of {limits.max_steps}",
+                          req.steps)
+    if req.batch_size > limits.max_batch_size:
+        raise field_error(("batch_size",), f"batch_size {req.batch_size} is more than this server's limit of "
+                                           f"{limits.max_batch_size}; use n_iter for more images", req.batch_size)
+    if req.n_iter > limits.max_n_iter:
+        raise field_error(("n_iter",), f"n_iter {req.n_iter} is more than this server's limit of "
+                                       f"{limits.max_n_iter}", req.n_iter)
+    pixels = req.width * req.height * req.batch_size
+    if pixels > limits.max_pixels:
+        raise field_error(("width",), f"{req.batch_size} x {req.width}x{req.height} = {pixels / 1e6:.1f} MP at once "
+                                      f"is more than this server's limit of {limits.max_pixels / 1e6:.1f} MP; use a "
+                                      "smaller size or batch_size", req.width)
+
+
+def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict, limits: Limits,
+                 strength: float = 0.75) -> P.GenerationParams:
+    check_size(model, req, limits)
+    field = "sampler_name" if req.sampler_name else "sampler_index"
+    sampler = req.sampler_name or req.sampler_index
+    try:
+        fn = resolve_sampler(sampler)[1]
+    except ValueError as e:
+        raise field_error((field,), str(e), sampler) from None
+    overrides = req.override_settings or {}
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
+        raise field_error(("override_settings", "CLIP_stop_at_last_layers"),
+                          f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}", clip_skip)
+    params = P.GenerationParams(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
+        sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
+        seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
+        width=req.width, height=req.height, batch_size=req.batch_size,
+        clip_skip=clip_skip if clip_skip > 1 else None,
+        # A1111 clients send eta for every sampler; only those with an eta parameter use it
+        eta=req.eta if "eta" in inspect.signature(fn).parameters else None,
+        strength=strength,
+    )
+    try:
+        P.validate(params, model)
+        P.plan(model, params)
+    except P.GenerationError as e:
+        raise field_error((), str(e)) from None
+    return params
+
+
+def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams) -> list[Image.Image]:
+    """An interrupted generation returns its last denoised estimate, as A1111 does."""
+    if ctx.last_denoised is None:
+        return []
+    model = ctx.model
+    images = P.decode_latents(model, ctx.last_denoised)
+    names = P.plan(model, params).infotext_names
+    extra = None if gen.kind == "txt2img" else {"Denoising strength": params.strength}
+    for img, seed in zip(images, P.resolve_seeds(params.seed, len(images)), strict=True):
+        img.info["parameters"] = P.infotext(model, params, seed, *names, extra)
+        img.info["seed"] = seed
+    return images
+
+
+def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options: dict, limits: Limits,
+            info: CheckpointInfo | None, can_save: bool) -> Generation:
+    """Check a request against ``model`` and the limits; decode its images."""
+    # checked against the current model; an override model is checked again by the pipeline when it runs
+    strength = req.denoising_strength if isinstance(req, S.Img2ImgRequest) else 0.75
+    params = build_params(req, model, options, limits, strength=strength)
+    init = mask = None
+    if isinstance(req, S.Img2ImgRequest):
+        init = decode_image(req.init_images[0], ("init_images", 0), limits)
+        if req.mask:
+            mask = decode_image(req.mask, ("mask",), limits).convert("L")
+            if req.inpainting_mask_invert:
+                mask = mask.point(lambda v: 255 - v)
+            kind = "inpaint"
+    steps = params.steps if kind == "txt2img" else max(1, min(params.steps, int(params.steps * params.strength)))
+    save = req.save_images and not req.do_not_save_samples and can_save
+    return Generation(kind, params, req.n_iter, steps, info, req.override_settings_restore_afterwards,
+                      init, mask, save)
+
+
+def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointInfo], StableDiffusion],
+                   output_dir: str | os.PathLike | None = None) -> tuple[list[Image.Image], StableDiffusion]:
+    """In the worker: the n_iter batches, one after another; returns the images and the model used."""
+    original = (ctx.model, ctx.worker.checkpoint)
+    if gen.checkpoint is not None and gen.checkpoint.filename != original[1].filename:
+        ctx.set_model(load(gen.checkpoint), gen.checkpoint)
+    try:
+        model, images = ctx.model, []
+        for k in range(gen.n_iter):
+            p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
+            cb = ctx.step_callback(k, gen.n_iter, gen.sampling_steps)
+            try:
+                if gen.kind == "txt2img":
+                    images += P.txt2img(model, p, callback=cb)
+                elif gen.kind == "img2img":
+                    images += P.img2img(model, p, gen.init, callback=cb)
+                else:
+                    images += P.inpaint(model, p, gen.init, gen.mask, callback=cb)
+            except Interrupted:
+                images += partial_images(ctx, gen, p)
+                break
+            if ctx.interrupted:
+                break
+        if gen.save and output_dir is not None:
+            out = Path(output_dir)
+            for img in images:
+                save_png(img, out / f"{time.strftime('%Y%m%d-%H%M%S')}-{ctx.job.task_id[-6:]}-"
+                                    f"{img.info['seed']}.png")
+        return images, model
+    finally:
+        if gen.restore_model:
+            ctx.set_model(*original)
+
+
+def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.Image],
+                  model: StableDiffusion) -> dict:
+    """A1111's txt2img/img2img response: base64 PNGs, the request echoed, and ``info`` as a JSON string."""
+    p = gen.params
+    seeds = gen.all_seeds
+    sampler_name = SAMPLER_DISPLAY_NAMES[resolve_sampler(p.sampler)[0]]
+    extra: dict[str, Any] = {}
+    if images:
+        fields = parse_infotext(images[0].info["parameters"])
+        extra["Schedule type"] = fields.get("Schedule type")
+        sampler_name = fields.get("Sampler", sampler_name)
+    info = {
+        "prompt": p.prompt, "all_prompts": [p.prompt] * len(seeds),
+        "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * len(seeds),
+        "seed": p.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0, "width": p.width, "height": p.height, "sampler_name": sampler_name,
+        "scheduler": p.scheduler or "automatic", "cfg_scale": p.cfg_scale, "steps": p.steps,
+        "batch_size": p.batch_size, "n_iter": gen.n_iter, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": model.source_name,
+        "sd_model_hash": model.model_hash or None, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": None if gen.kind == "txt2img" else p.strength,
+        "extra_generation_params": extra, "index_of_first_image": 0,
+        "infotexts": [img.info["parameters"] for img in images], "styles": req.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip or 1,
+        "is_using_inpainting_conditioning": gen.kind == "inpaint" and model.cfg.is_inpainting,
+        "version": f"ldmkit {__version__}",
+    }
+    parameters = req.model_dump()
+    if isinstance(req, S.Img2ImgRequest) and not req.include_init_images:
+        parameters["init_images"], parameters["mask"] = None, None
+    encoded = [encode_png(img, img.info.get("parameters")) for img in images] if req.send_images else []
+    return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
