@@ -28,6 +28,15 @@ SIZE = 16
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: extra threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 transparent-background squares and circles in three colours, with captions."""
@@ -213,6 +222,29 @@ def test_train_export_generate(data: Path, vae_run: Path, tmp_path: Path) -> Non
     assert img.size == (SIZE, SIZE)
     assert np.array_equal(np.asarray(img), np.asarray(ref))
     assert np.asarray(img).std() > 0
+
+
+def test_frozen_text_encoder_from_a_model_file(data: Path, vae_run: Path, tmp_path: Path) -> None:
+    from ldmkit.checkpoint import load, read_safetensors, save_single_file
+    from ldmkit.config import TINY_SD2
+    from ldmkit.model import StableDiffusion
+
+    torch.manual_seed(1)
+    source = StableDiffusion(TINY_SD2)  # clip skip 2, OpenCLIP padding: both must carry over
+    save_single_file(source, tmp_path / "source.safetensors")
+    run = tmp_path / "ldm"
+    train(unet_cfg(data, vae_run, total_steps=1, grad_accum=1, text_encoder=str(tmp_path / "source.safetensors")),
+          run)
+    ckpt = read_checkpoint(run)
+    assert not any(k.startswith("text_encoder.") for k in [*ckpt["net"], *ckpt["ema"]["shadow"]])
+
+    out = export_run(run, tmp_path / "half.safetensors", half=True)
+    sd, _ = read_safetensors(out)
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    model = load(out)
+    assert (model.cfg.clip_skip, model.cfg.pad_with_eos, model.cfg.text) == (2, False, TINY_SD2.text)
+    for k, v in model.text_encoder.state_dict().items():
+        assert torch.equal(v, source.text_encoder.state_dict()[k].half().float()), k
 
 
 # ---------------------------------------------------------------- bad input
