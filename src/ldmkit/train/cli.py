@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,7 +149,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     kind = TRAINERS[args.train_kind].kind
     cfg, run_dir, resume = config_from_args(args, kind)
-    out = train(cfg, run_dir, resume=resume, stop_after=args.stop_after)
+    try:
+        out = train(cfg, run_dir, resume=resume, stop_after=args.stop_after)
+    except KeyboardInterrupt:
+        print(f"stopped; continue from the last checkpoint with: ldmkit train {kind} --resume {run_dir}",
+              file=sys.stderr)
+        raise
     print(out)
 
 

@@ -285,8 +285,8 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
         rngs = ckpt["rng"]
         set_rng_state(rngs[d.rank] if len(rngs) == d.world_size else rngs[0])
         step = int(ckpt["step"])
-        if d.is_main:
-            _truncate_metrics(run_dir, step)
+    if d.is_main:
+        _truncate_metrics(run_dir, step)  # lines a crashed attempt logged after its last checkpoint
     # the EMA weights are evaluated in a copy, made before DDP attaches its hooks
     eval_net = copy.deepcopy(net).eval() if d.is_main else None
     model = DistributedDataParallel(net, broadcast_buffers=False) if d.world_size > 1 else net
@@ -324,6 +324,7 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
                dynamic_ncols=True, disable=not d.is_main)
     autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext)
     loss_sum, logged_steps, t_log = torch.zeros((), device=d.device), 0, time.perf_counter()
+    part_sums: dict[str, Tensor] = {}
     net.train()
     try:
         while step < end:
@@ -338,9 +339,11 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
                 sync = contextlib.nullcontext() if last or d.world_size == 1 else model.no_sync()
                 with sync:
                     with autocast():
-                        loss, _logs = model(**batch)
+                        loss, logs = model(**batch)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 micro_losses.append(loss.detach().float())
+                for k, v in logs.items():  # loss components, averaged like the loss
+                    part_sums[k] = part_sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
             lr = opt.param_groups[0]["lr"]
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -357,13 +360,22 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
             if on_step is not None:
                 on_step(step, {"loss": step_loss, "indices": torch.cat(seen), "net": net})
             bar.update(1)
-            if step % cfg.log_every == 0 or step == end:
+            will_save = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end
+            if step % cfg.log_every == 0 or step == end or will_save:
                 mean_loss = float(d.mean(loss_sum / logged_steps))
+                if not math.isfinite(mean_loss):  # before a checkpoint could overwrite good weights
+                    raise TrainError(f"the loss became {mean_loss} by step {step}; the last checkpoint is kept. "
+                                     "Lower --lr, raise --warmup-steps or set --grad-clip, then --resume.")
                 now = time.perf_counter()
                 images = logged_steps * cfg.batch_size * cfg.grad_accum * d.world_size
                 record = {"step": step, "loss": mean_loss, "lr": lr,
                           "grad_norm": float(grad_norm), "epoch": order.epoch + order.index / order.per_rank,
                           "images_per_s": images / max(now - t_log, 1e-9)}
+                if part_sums:
+                    names = sorted(part_sums)
+                    parts = d.mean(torch.stack([part_sums[k] for k in names]) / logged_steps).tolist()
+                    record |= dict(zip(names, parts, strict=True))
+                    part_sums.clear()
                 if d.is_main:
                     _append_metrics(run_dir, record)
                     if tb is not None:
@@ -372,10 +384,10 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
                 loss_sum.zero_()
                 logged_steps, t_log = 0, now
+            if will_save:
+                save()
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.total_steps):
                 evaluate()
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
-                save()
     finally:
         bar.close()
         if tb is not None:

@@ -160,10 +160,23 @@ def measure_scale_factor(cache: dict[str, Tensor], seed: int) -> float:
     return float(1.0 / z.double().std())
 
 
-def _prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device) -> None:
-    """First start of a run (rank 0): copy the VAE and text encoder in, encode the dataset once."""
-    from ldmkit.checkpoint import atomic_save_safetensors
+def _cache_source(cfg: TrainConfig) -> str:
+    """What the cached files were made from; a fresh run reuses them only when this matches."""
+    return json.dumps({k: getattr(cfg, k) for k in ("data", "vae", "text_encoder", "size", "flip", "holdout", "seed")})
 
+
+def _prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device) -> None:
+    """First start of a run (rank 0): copy the VAE and text encoder in, encode the dataset once.
+
+    Files left by an earlier start that never reached a checkpoint are reused when they were made
+    from the same settings (encoding a large dataset is slow), and replaced otherwise.
+    """
+    from ldmkit.checkpoint import atomic_save_safetensors, read_safetensors
+
+    if not (run_dir / CHECKPOINT).exists() and (run_dir / LATENTS_FILE).exists():
+        if read_safetensors(run_dir / LATENTS_FILE)[1].get("source") != _cache_source(cfg):
+            for name in (LATENTS_FILE, VAE_FILE, TEXT_FILE):
+                (run_dir / name).unlink(missing_ok=True)
     if cfg.text_encoder and not (run_dir / TEXT_FILE).exists():
         model = _load_model(cfg.text_encoder, "--text-encoder")
         meta = {TEXT_KEY: _config_json(model.cfg.text), "clip_skip": str(model.cfg.clip_skip),
@@ -184,7 +197,7 @@ def _prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Non
     atomic_save_safetensors(vae.state_dict(), run_dir / VAE_FILE, {VAE_KEY: _config_json(vae_cfg)})
     prompts = [c for c in dict.fromkeys(held.captions + train.captions) if c][:4] or [""]
     meta = {"captions": json.dumps(train.captions), "keys": json.dumps(train.keys),
-            "sample_prompts": json.dumps(prompts), "size": str(cfg.size)}
+            "sample_prompts": json.dumps(prompts), "size": str(cfg.size), "source": _cache_source(cfg)}
     atomic_save_safetensors(cache, run_dir / LATENTS_FILE, meta)
 
 
