@@ -57,7 +57,8 @@ def model_a(models_dir):
 
 @pytest.fixture(scope="module")
 def server(models_dir):
-    app = create_app(models_dir / "tiny_a.safetensors", models_dir=models_dir, queue_size=8, preview_interval=0)
+    app = create_app(models_dir / "tiny_a.safetensors", models_dir=models_dir, queue_size=8, preview_interval=0,
+                     device="cpu")  # pixel-exact comparisons with CPU float32 references
     with BackgroundServer(app) as url:
         yield app, url
 
@@ -348,3 +349,34 @@ def test_explain_link(model_a, monkeypatch):
         assert c.get(r.headers["location"].rsplit("/", 1)[0] + "/../../x").status_code == 404
     finally:
         app.state.worker.stop()
+
+
+def test_save_images_docs_and_cli(model_a, tmp_path):
+    import argparse
+
+    from ldmkit.infotext import read_parameters
+    from ldmkit.server.cli import register
+
+    app = create_app(model_a, output_dir=tmp_path)
+    c = TestClient(app)
+    try:
+        body = {"prompt": "saved", "seed": 11, "steps": 2, "width": 16, "height": 16, "save_images": True,
+                "send_images": False}
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200 and r.json()["images"] == []
+        (saved,) = tmp_path.glob("*-11.png")
+        assert read_parameters(saved) == json.loads(r.json()["info"])["infotexts"][0]
+        assert c.get("/docs").status_code == 200
+        assert "/sdapi/v1/txt2img" in c.get("/openapi.json").json()["paths"]
+        assert c.get("/").text.startswith("<!doctype html>") and c.get("/static/app.js").status_code == 200
+    finally:
+        app.state.worker.stop()
+
+    sub = argparse.ArgumentParser(prog="ldmkit").add_subparsers()
+    parsers = []
+    register(lambda name, help, examples=None: parsers.append(sub.add_parser(name, help=help, epilog=examples))
+             or parsers[-1])
+    args = parsers[0].parse_args(["--model", "m.safetensors", "--queue-size", "3", "--api-auth", "a:b"])
+    assert parsers[0].prog.endswith("serve") and "ldmkit serve" in parsers[0].epilog
+    assert (args.host, args.port, args.queue_size, args.max_steps, args.func.__name__) == ("127.0.0.1", 7860, 3,
+                                                                                          150, "serve")

@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -39,9 +40,9 @@ from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NA
 from ldmkit.server import generation as G
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
+from ldmkit.server.generation import Limits
 from ldmkit.server.worker import JobContext, QueueFullError, Worker
 
-Limits = G.Limits  # re-exported: create_app(limits=Limits(...))
 log = logging.getLogger("ldmkit.server")
 STATIC = Path(str(resources.files("ldmkit.server") / "static"))
 
@@ -55,24 +56,24 @@ class _Guard:
     def __init__(self, app: Any, auth: tuple[str, str] | None, max_body: int):
         self.app, self.auth, self.max_body = app, auth, max_body
 
-    def _authorized(self, header: bytes | None) -> bool:
+    @staticmethod
+    def _authorized(header: bytes | None, auth: tuple[str, str]) -> bool:
         if not header or not header[:6].lower() == b"basic ":
             return False
         try:
             user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return False
-        assert self.auth is not None
         # both compared, always: the time taken says nothing about which part was wrong
-        ok_user = secrets.compare_digest(user.encode(), self.auth[0].encode())
-        ok_password = secrets.compare_digest(password.encode(), self.auth[1].encode())
+        ok_user = secrets.compare_digest(user.encode(), auth[0].encode())
+        ok_password = secrets.compare_digest(password.encode(), auth[1].encode())
         return ok_user & ok_password
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.auth is not None and not self._authorized(headers.get(b"authorization")):
+        if self.auth is not None and not self._authorized(headers.get(b"authorization"), self.auth):
             response = JSONResponse({"detail": "Not authenticated: this server needs HTTP basic auth (--api-auth)"},
                                     401, headers={"WWW-Authenticate": 'Basic realm="ldmkit"'})
             return await response(scope, receive, send)
@@ -103,7 +104,7 @@ def _parse_auth(api_auth: str | None) -> tuple[str, str] | None:
 
 
 def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, models_dir: str | os.PathLike | None = None,
-               api_auth: str | None = None, queue_size: int = 16, limits: G.Limits | None = None,
+               api_auth: str | None = None, queue_size: int = 16, limits: Limits | None = None,
                device: str | None = None, preview_interval: float | None = 1.0,
                output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
@@ -113,7 +114,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     """
     from ldmkit import api
 
-    limits = limits or G.Limits()
+    limits = limits or Limits()
     auth = _parse_auth(api_auth)
     catalogue = Catalogue(models_dir)
     resident: dict[str, StableDiffusion] = {}  # models given as objects can't be reloaded from a file
@@ -134,12 +135,19 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     worker = Worker(loaded, first, queue_size=queue_size, preview_interval=preview_interval)
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png", "eta_ddim": 0.0,
                                "eta_ancestral": 1.0}
-    explain_root = Path(explain_dir or tempfile.mkdtemp(prefix="ldmkit-explain-"))
+    explain_dirs: list[Path] = [Path(explain_dir)] if explain_dir else []  # a temporary one, made when needed
+
+    def explain_root() -> Path:
+        if not explain_dirs:
+            explain_dirs.append(Path(tempfile.mkdtemp(prefix="ldmkit-explain-")))
+        return explain_dirs[0]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         worker.stop()
+        if explain_dirs and not explain_dir:
+            shutil.rmtree(explain_dirs[0], ignore_errors=True)
 
     app = FastAPI(title="ldmkit", version=__version__, lifespan=lifespan,
                   description="Stable Diffusion from the model up: an AUTOMATIC1111-compatible API (/sdapi/v1) "
@@ -299,7 +307,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         params = G.build_params(req, worker.model, options, limits)
         info = worker.checkpoint
         key = hashlib.sha256(f"{info.filename}\0{info.sha256}\0{params!r}".encode()).hexdigest()[:16]
-        out_dir = explain_root / key
+        out_dir = explain_root() / key
         page = _explain_page(out_dir)
         if page is None:
             accepted = inspect.signature(build).parameters
@@ -321,7 +329,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
 
     @app.get("/explain/files/{key}/{path:path}", include_in_schema=False)
     async def explain_files(key: str, path: str) -> FileResponse:
-        root = (explain_root / key).resolve()
+        root = (explain_root() / key).resolve()
         target = (root / path).resolve()
         if not key.isalnum() or not target.is_relative_to(root) or not target.is_file():
             raise HTTPException(404, "no such explain file")

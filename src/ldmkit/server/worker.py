@@ -75,7 +75,7 @@ class JobContext:
     def __init__(self, worker: Worker, job: Job):
         self.worker, self.job = worker, job
         self.last_denoised: Tensor | None = None  # for the partial result of an interrupted job
-        self._last_preview = float("-inf")
+        self._next_preview = float("-inf")
 
     @property
     def model(self) -> StableDiffusion:
@@ -101,9 +101,11 @@ class JobContext:
             self.last_denoised = d["denoised"]
             preview = None
             now = time.monotonic()
-            if w.preview_interval is not None and now - self._last_preview >= w.preview_interval:
-                self._last_preview = now
+            if w.preview_interval is not None and now >= self._next_preview:
                 preview = encode_png(decode_latents(self.model, d["denoised"][:1])[0])
+                # a VAE decode can cost as much as a step (big images on CPU): keep previews under ~20% of the time
+                done = time.monotonic()
+                self._next_preview = done + max(w.preview_interval, 4 * (done - now))
             with w._lock:
                 w._state.sampling_step = d["i"] + 1
                 if preview is not None:
