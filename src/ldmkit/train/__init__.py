@@ -29,11 +29,25 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     """
     from ldmkit.train.runner import run
 
-    if cfg.kind == "vae":
-        from ldmkit.train.vae import VAETask as factory
-    else:
-        from ldmkit.train.unet import UNetTask as factory
-    return run(cfg, Path(run_dir), factory, resume=resume, stop_after=stop_after, on_step=on_step)
+    if cfg.kind not in TASKS:
+        raise TrainError(f"unknown training kind {cfg.kind!r}; choose one of {', '.join(TASKS)}")
+    return run(cfg, Path(run_dir), TASKS[cfg.kind](), resume=resume, stop_after=stop_after, on_step=on_step)
+
+
+def _vae_task():
+    from ldmkit.train.vae import VAETask
+
+    return VAETask
+
+
+def _unet_task():
+    from ldmkit.train.unet import UNetTask
+
+    return UNetTask
+
+
+# kind -> the Task class (imported on use, so `ldmkit --help` stays fast)
+TASKS = {"vae": _vae_task, "unet": _unet_task}
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:

@@ -63,18 +63,26 @@ EXPORT_EXAMPLES = """examples:
 
 @dataclass(frozen=True)
 class Trainer:
+    """One `ldmkit train KIND` subcommand: its help, examples, flags and handler."""
+
     help: str
     examples: str
-    kind: str  # TrainConfig.kind
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], None]
 
 
-TRAINERS: dict[str, Trainer] = {
-    "vae": Trainer("train the autoencoder (images <-> latents)", VAE_EXAMPLES, "vae"),
-    "unet": Trainer("train the latent diffusion U-Net (and a text encoder)", UNET_EXAMPLES, "unet"),
-}
+def _config_trainer(kind: str, help: str, examples: str) -> Trainer:
+    """A trainer driven by TrainConfig: run flags plus one flag per relevant setting."""
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        _add_run_flags(p)
+        add_config_flags(p, kind)
+
+    return Trainer(help, examples, add_arguments, cmd_train)
+
 
 # flags set by hand below, or not settable on the command line
 _SPECIAL = {"kind", "arch"}
+_METAVARS = {"data": "DIR", "model": "PRESET", "vae": "RUN_DIR|MODEL", "text_encoder": "MODEL", "device": "DEVICE"}
 
 
 def _flag(name: str) -> str:
@@ -99,7 +107,7 @@ def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
         elif typing.get_origin(tp) is list:
             p.add_argument(_flag(f.name), nargs="+", metavar="TEXT", **kw)
         else:
-            p.add_argument(_flag(f.name), type=tp, metavar=tp.__name__.upper(), **kw)
+            p.add_argument(_flag(f.name), type=tp, metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
     p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
                    help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, text.layers=6")
 
@@ -147,7 +155,7 @@ def config_from_args(args: argparse.Namespace, kind: str) -> tuple[TrainConfig, 
 def cmd_train(args: argparse.Namespace) -> None:
     from ldmkit.train import train
 
-    kind = TRAINERS[args.train_kind].kind
+    kind = args.train_kind
     cfg, run_dir, resume = config_from_args(args, kind)
     try:
         out = train(cfg, run_dir, resume=resume, stop_after=args.stop_after)
@@ -164,15 +172,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(export_run(args.run_dir, args.output, half=args.half))
 
 
+# `ldmkit train KIND`; a new trainer (e.g. LoRA) adds an entry here
+TRAINERS: dict[str, Trainer] = {
+    "vae": _config_trainer("vae", "train the autoencoder (images <-> latents)", VAE_EXAMPLES),
+    "unet": _config_trainer("unet", "train the latent diffusion U-Net (and a text encoder)", UNET_EXAMPLES),
+}
+
+
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     t = add("train", "train a VAE or a latent diffusion U-Net from images and captions", TRAIN_EXAMPLES)
     sub = t.add_subparsers(dest="train_kind", required=True, metavar="KIND")
     for name, trainer in TRAINERS.items():
         p = sub.add_parser(name, help=trainer.help, description=trainer.help, epilog=trainer.examples,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_run_flags(p)
-        add_config_flags(p, trainer.kind)
-        p.set_defaults(func=cmd_train)
+        trainer.add_arguments(p)
+        p.set_defaults(func=trainer.handler)
     e = add("export", "write a training run's EMA weights as one .safetensors model file", EXPORT_EXAMPLES)
     e.add_argument("run_dir", help="a `ldmkit train` run folder")
     e.add_argument("output", help="the .safetensors file to write")
