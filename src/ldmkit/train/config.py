@@ -77,6 +77,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast dtype on CUDA; auto = bf16 where supported. CPU always trains in fp32", "auto")
     device: str = _help("auto, cpu, cuda (torchrun ranks use cuda:LOCAL_RANK)", "auto")
+    deterministic: bool = _help("deterministic CUDA kernels, so a resumed GPU run repeats bit for bit (slower); "
+                                "CPU runs always do", False)
     seed: int = _help("seed of the initial weights, data order and noise", 0)
     checkpoint_every: int = _help("steps between checkpoints (one is always written at the end)", 1000)
     sample_every: int = _help("steps between sample grids / evaluation, and at the end (0: never)", 1000)
@@ -154,11 +156,8 @@ def _suggest(name: str, known: typing.Iterable[str]) -> str:
 def base_model_config(cfg: TrainConfig) -> ModelConfig:
     """The preset with ``cfg.arch`` overrides applied (before the trainers tie the parts together)."""
     base = TRAIN_PRESETS[cfg.model]
-    parts = {}
-    for part in ARCH_PARTS:
-        attr = "text" if part == "text" else part
-        parts[attr] = dataclasses.replace(getattr(base, attr), **cfg.arch.get(part, {}))
-    return base.replace(**parts)
+    return base.replace(**{part: dataclasses.replace(getattr(base, part), **cfg.arch.get(part, {}))
+                           for part in ARCH_PARTS})
 
 
 def arch_differences(old: ModelConfig, new: ModelConfig, parts: typing.Iterable[str]) -> list[str]:

@@ -254,6 +254,12 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
         resume: bool = False, stop_after: int | None = None, on_step: StepHook | None = None) -> Path:
     """Train ``cfg.total_steps`` optimizer steps (or ``stop_after`` more), checkpointing into ``run_dir``."""
     d = setup_distributed(cfg.device)
+    if d.device.type == "cuda":
+        # conv backward on CUDA sums in a nondeterministic order; the deterministic kernels are slower
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
     prepare_run_dir(cfg, run_dir, resume, d)
     ckpt = read_checkpoint(run_dir) if resume else None
 
