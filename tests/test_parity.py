@@ -7,6 +7,7 @@ Target: max relative error <= 1e-4 in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 
@@ -147,3 +148,19 @@ def test_text_encoder_parity(cfg: ModelConfig, tmp_path):
 def test_inpainting_config_detected():
     # the 9-channel model is a config away; make sure the preset is what SD's inpainting files hold
     assert SD15_INPAINT.unet.in_channels == 9 and SD15_INPAINT.is_inpainting
+
+
+@pytest.mark.parametrize("hw", [(9, 13), (7, 10)])
+def test_unet_parity_odd_latent_sizes(hw):
+    """Widths that are multiples of 8 but not of 64 (e.g. 520 px) give odd latent sides mid-U-Net;
+    diffusers then upsamples to the skip connection's size, and so must we."""
+    from ldmkit.models.unet import UNetModel
+
+    cfg = dataclasses.replace(TINY.unet, channel_mult=(1, 2, 2), attention_levels=(True, False, True))
+    ref = diffusers_unet(TINY.replace(unet=cfg))
+    ours = UNetModel(cfg).eval()
+    checkpoint.load_strict(ours, convert.unet_diffusers_to_ldm(ref.state_dict(), cfg), "unet")
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, *hw, generator=g), torch.randn(1, 77, cfg.context_dim, generator=g)
+    with torch.no_grad():
+        assert rel_err(ours(x, torch.tensor([321.0]), ctx), ref(x, torch.tensor([321.0]), ctx).sample) <= TOL

@@ -8,6 +8,7 @@ decoder -> image. docs/architecture.md maps each to its function here.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,8 +151,8 @@ def run_sampler(model: StableDiffusion, params: GenerationParams, x: Tensor, sig
         den = MaskedDenoiser(den, mask, init_latent)
     gen = torch.Generator().manual_seed(seeds[0] + 1)  # fresh noise for ancestral/SDE samplers
     kwargs: dict = {"generator": gen, "callback": callback}
-    if params.eta is not None:
-        kwargs["eta"] = params.eta
+    if params.eta is not None and "eta" in inspect.signature(sampler_fn).parameters:
+        kwargs["eta"] = params.eta  # A1111 clients send eta with every sampler; only some use it
     with torch.inference_mode():
         out = sampler_fn(den, x, sigmas.to(x.device), **kwargs)
     if mask is not None and init_latent is not None:

@@ -156,19 +156,25 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        # ``size``: the skip connection's size, when the latent side was odd at this level (e.g. 520 px)
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepBlock(nn.ModuleList):
     """A sequence of layers, each given what it needs: the time embedding or the text context."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor,  # type: ignore[override]
+                up_size: tuple[int, int] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, up_size)
             else:
                 x = layer(x)
         return x
@@ -231,10 +237,15 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)
+            # upsample to the next skip's size: sides that were odd when halved don't double back exactly
+            skip = tuple(hs[-1].shape[-2:]) if hs else None
+            up_size = skip if skip and skip != (2 * h.shape[-2], 2 * h.shape[-1]) else None
+            h = self._run(block, h, emb, context, up_size)
         return self.out(h)
 
-    def _run(self, block: TimestepBlock, h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def _run(self, block: TimestepBlock, h: Tensor, emb: Tensor, context: Tensor,
+             up_size: tuple[int, int] | None = None) -> Tensor:
         if self.gradient_checkpointing and self.training:
-            return torch.utils.checkpoint.checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
+            return torch.utils.checkpoint.checkpoint(block, h, emb, context, up_size, use_reentrant=False)
+        return block(h, emb, context, up_size)

@@ -131,8 +131,7 @@ def resolve_scheduler(name: str | None) -> str | None:
 
 
 def check_size(model: StableDiffusion, req: S.GenerationRequest, limits: Limits) -> None:
-    # the U-Net halves the latent (len(channel_mult) - 1) times and concatenates skips: sizes must divide
-    f = model.cfg.vae.downscale * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    f = model.cfg.vae.downscale
     for name in ("width", "height"):
         v = getattr(req, name)
         if v > limits.max_side:
