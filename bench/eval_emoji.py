@@ -1,0 +1,199 @@
+"""Evaluate the emoji model and write its numbers into docs/models/emoji.md.
+
+    python bench/eval_emoji.py --model emoji --data data/emoji [--captions 200] [--quick]
+
+Metrics (the "default model" issue):
+1. prompt adherence: generate from N random training captions (fixed seeds), rank every dataset
+   image by distance to the generated one, report how often the caption's own image is nearest
+   (top-1) and among the 5 nearest (top-5);
+2. generalisation: the same retrieval for held-out variants generated from their own caption, with
+   the baseline of generating from the base emoji's caption;
+3. autoencoder reconstruction PSNR on held-out images;
+4. a contact sheet of 64 prompts, and the effect of the CFG scale on metric 1.
+
+Feature space (fixed, model-independent): the image downsampled to 16x16 by area averaging, RGB in
+[0, 1], compared by Euclidean distance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldmkit import api
+from ldmkit import pipeline as P
+from ldmkit.cli import native_size
+
+FEATURE_SIZE = 16
+CARD = Path("docs/models/emoji.md")
+BEGIN, END = "<!-- eval:begin -->", "<!-- eval:end -->"
+
+
+def features(images: list[Image.Image]) -> np.ndarray:
+    arr = [np.asarray(im.convert("RGB").resize((FEATURE_SIZE, FEATURE_SIZE), Image.Resampling.BOX),
+                      dtype=np.float32).reshape(-1) / 255.0 for im in images]
+    return np.stack(arr)
+
+
+def load_dataset(root: Path) -> tuple[list[dict], set[str]]:
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    holdout = set(json.loads((root / "holdout.json").read_text())["keys"])
+    for r in rows:
+        r["key"] = Path(r["file_name"]).stem
+    return rows, holdout
+
+
+def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale: float, size: int,
+             sampler: str = "DPM++ 2M", batch: int = 32) -> list[Image.Image]:
+    """Many different prompts, one seed each, batched through the pipeline's own stages."""
+    out: list[Image.Image] = []
+    f = model.cfg.vae.downscale
+    for i in range(0, len(prompts), batch):
+        ps, ss = prompts[i:i + batch], seeds[i:i + batch]
+        params = P.GenerationParams(ps[0], steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
+                                    height=size, seed=ss[0])
+        plan = P.plan(model, params)
+        cond, uncond = P.encode_prompt(model, ps, [""] * len(ps))
+        noise = P.initial_noise(ss, (model.cfg.unet.out_channels, size // f, size // f), model.device)
+        latents = P.run_sampler(model, params, noise * P.start_scale(plan.sampler, plan.sigmas[0]), plan.sigmas,
+                                plan.fn, cond, uncond, ss)
+        out.extend(P.decode_latents(model, latents))
+    return out
+
+
+def retrieval(gen_feats: np.ndarray, data_feats: np.ndarray, true_idx: list[int]) -> tuple[float, float]:
+    d = ((gen_feats[:, None, :] - data_feats[None, :, :]) ** 2).sum(-1)
+    ranks = [(d[i] < d[i, t]).sum() for i, t in enumerate(true_idx)]
+    return float(np.mean([r < 1 for r in ranks])), float(np.mean([r < 5 for r in ranks]))
+
+
+def psnr(model, images: list[Image.Image], size: int) -> float:
+    x = torch.cat([P.image_to_tensor(im, size, size) for im in images])
+    vals = []
+    with torch.inference_mode():
+        for chunk in x.split(32):
+            mean, _ = model.vae.encode(chunk.to(model.device, model.dtype))
+            rec = model.vae.decode(mean).float().clamp(-1, 1)
+            # PSNR on 8-bit-quantised [0, 1] images, per image, then averaged
+            a = ((chunk + 1) * 127.5).round() / 255
+            b = ((rec.cpu() + 1) * 127.5).round() / 255
+            mse = ((a - b) ** 2).flatten(1).mean(1)
+            vals.extend((10 * torch.log10(1 / mse.clamp_min(1e-10))).tolist())
+    return float(np.mean(vals))
+
+
+def contact_sheet(images: list[Image.Image], captions: list[str], path: Path, cols: int = 8) -> None:
+    from PIL import ImageDraw
+
+    s = images[0].size[0]
+    cell_h = s + 24
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * (s + 8), rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, cap) in enumerate(zip(images, captions, strict=True)):
+        x, y = (i % cols) * (s + 8), (i // cols) * cell_h
+        sheet.paste(im, (x + 4, y))
+        draw.text((x + 2, y + s + 2), cap[:14], fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="emoji")
+    ap.add_argument("--data", default="data/emoji")
+    ap.add_argument("--captions", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg-scale", type=float, default=5.0)
+    ap.add_argument("--cfg-sweep", default="1,3,5,7", help="CFG scales for the sweep on metric 1")
+    ap.add_argument("--sweep-captions", type=int, default=100)
+    ap.add_argument("--card", default=str(CARD))
+    ap.add_argument("--size", type=int, default=None, help="image size (default: the model's native size)")
+    ap.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.captions, args.sweep_captions, args.steps = 16, 8, 4
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread is faster than two fighting
+    t0 = time.time()
+    pipe = api.load(args.model)
+    model = pipe.model
+    size = args.size or native_size(model.cfg)
+    rows, holdout = load_dataset(Path(args.data))
+    keys = [r["key"] for r in rows]
+    index = {k: i for i, k in enumerate(keys)}
+    data_images = [Image.open(Path(args.data) / r["file_name"]).convert("RGB") for r in rows]
+    data_feats = features(data_images)
+    train_rows = [r for r in rows if r["key"] not in holdout]
+    held_rows = [r for r in rows if r["key"] in holdout]
+    rng = random.Random(0)
+    sample = rng.sample(train_rows, min(args.captions, len(train_rows)))
+    caps = [r["text"] for r in sample]
+    seeds = list(range(1000, 1000 + len(sample)))
+
+    results: dict[str, object] = {}
+    gen = generate(model, caps, seeds, args.steps, args.cfg_scale, size)
+    results["train_top1"], results["train_top5"] = retrieval(features(gen), data_feats,
+                                                             [index[r["key"]] for r in sample])
+    held_seeds = list(range(5000, 5000 + len(held_rows)))
+    gen_h = generate(model, [r["text"] for r in held_rows], held_seeds, args.steps, args.cfg_scale, size)
+    true_h = [index[r["key"]] for r in held_rows]
+    results["held_top1"], results["held_top5"] = retrieval(features(gen_h), data_feats, true_h)
+    gen_b = generate(model, [r["base"] for r in held_rows], held_seeds, args.steps, args.cfg_scale, size)
+    results["base_top1"], results["base_top5"] = retrieval(features(gen_b), data_feats, true_h)
+    results["psnr_holdout"] = psnr(model, [data_images[i] for i in true_h], size)
+    results["psnr_train"] = psnr(model, [data_images[index[r["key"]]] for r in sample], size)
+    sweep = {}
+    sub = sample[: args.sweep_captions]
+    for s in [float(v) for v in args.cfg_sweep.split(",")]:
+        g = generate(model, [r["text"] for r in sub], seeds[: len(sub)], args.steps, s, size)
+        sweep[s] = retrieval(features(g), data_feats, [index[r["key"]] for r in sub])
+    sheet_rows = sample[:64]
+    contact_sheet(gen[:64], [r["text"] for r in sheet_rows], Path("docs/models/emoji-sheet.png"))
+    contact_sheet([data_images[index[r["key"]]] for r in sheet_rows], [r["text"] for r in sheet_rows],
+                  Path("docs/models/emoji-sheet-truth.png"))
+    elapsed = time.time() - t0
+
+    table = [
+        "| metric | value | target |", "|---|---|---|",
+        f"| 1. training captions, top-1 ({len(sample)} captions, CFG {args.cfg_scale:g}) | "
+        f"{results['train_top1']:.1%} | |",
+        f"| 1. training captions, top-5 | {results['train_top5']:.1%} | ≥ 60% |",
+        f"| 2. held-out variants, top-1 ({len(held_rows)} variants) | {results['held_top1']:.1%} | |",
+        f"| 2. held-out variants, top-5 | {results['held_top5']:.1%} | ≥ 40% |",
+        f"| 2. baseline: base emoji's caption, top-5 of the held-out image | {results['base_top5']:.1%} | |",
+        f"| 3. autoencoder PSNR, held-out images | {results['psnr_holdout']:.2f} dB | ≥ 28 dB |",
+        f"| 3. autoencoder PSNR, training images | {results['psnr_train']:.2f} dB | |",
+        "", f"CFG scale and metric 1 ({len(sub)} captions):", "",
+        "| CFG scale | top-1 | top-5 |", "|---|---|---|",
+        *[f"| {s:g} | {a:.1%} | {b:.1%} |" for s, (a, b) in sweep.items()],
+        "",
+        f"Sampler DPM++ 2M (Karras), {args.steps} steps, {size}x{size}, seeds 1000+i (training captions) and "
+        f"5000+i (held out); feature space: {FEATURE_SIZE}x{FEATURE_SIZE} area-downsampled RGB, Euclidean; "
+        f"retrieval among all {len(rows)} dataset images. Evaluation took {elapsed / 60:.1f} min.",
+        "", f"Command: `python bench/eval_emoji.py --model {args.model} --data {args.data} --captions "
+        f"{args.captions} --steps {args.steps} --cfg-scale {args.cfg_scale:g}`",
+    ]
+    text = "\n".join(table)
+    print(text)
+    card = Path(args.card)
+    if card.exists() and BEGIN in card.read_text():
+        body = card.read_text()
+        body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), BEGIN + "\n" + text + "\n" + END, body, flags=re.S)
+        card.write_text(body)
+    (Path("docs/models") / "emoji-eval.json").write_text(json.dumps(
+        {**results, "cfg_sweep": {str(k): v for k, v in sweep.items()}, "args": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
