@@ -293,7 +293,7 @@ def test_bad_requests_are_refused_clearly(model_a):
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
         assert set(_field_errors(post({"width": "wide", "steps": [3], "prompt": 1}))) == {"width", "steps", "prompt"}
         assert "limit of 2048" in _field_errors(post({"width": 4096}))["width"]
-        assert "use 28 or 32" in _field_errors(post({"width": 30, "height": 16}))["width"]  # tiny: multiple of 4
+        assert "use 30 or 32" in _field_errors(post({"width": 31, "height": 16}))["width"]  # tiny: multiple of 2
         assert "limit of 150" in _field_errors(post({"steps": 10_000}))["steps"]
         assert "greater than or equal to 1" in _field_errors(post({"batch_size": 0}))["batch_size"]
         assert "MP" in _field_errors(post({"width": 2048, "height": 2048, "batch_size": 8}))["width"]
