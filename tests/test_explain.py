@@ -25,19 +25,14 @@ from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.models.unet import BasicTransformerBlock
 from ldmkit.pipeline import GenerationParams, encode_prompt, plan, txt2img
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = "a red apple"
 W, H, STEPS = 24, 16, 3
 N_ATTN2 = sum(isinstance(m, BasicTransformerBlock) for m in StableDiffusion(TINY).unet.modules())
 SECTIONS = ("parameters", "tokens", "noise", "steps", "forward", "attention", "latent")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tensors this small only pay for thread synchronisation (10x slower with 2 threads on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

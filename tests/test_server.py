@@ -29,16 +29,11 @@ from ldmkit.config import TINY  # noqa: E402
 from ldmkit.model import StableDiffusion  # noqa: E402
 from ldmkit.server.app import BackgroundServer, Limits, create_app  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TIMEOUT = 60
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models are fastest single-threaded, and the machine is shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,12 @@ from ldmkit.train.data import ShardedOrder
 from ldmkit.train.runner import read_checkpoint
 from ldmkit.train.unet import LATENTS_FILE, measure_scale_factor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 16
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: extra threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -168,16 +168,9 @@ def _outputs(args: argparse.Namespace, images: list) -> list[Path]:
 
 
 def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from ldmkit.pipeline import open_image
 
-    try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e}); use a PNG or JPEG file") from None
+    return open_image(path)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -480,14 +480,7 @@ EXAMPLES = """examples:
 
 
 def _open_image(path: str) -> Image.Image:
-    try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such image file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the image ({e}); use a PNG or JPEG file") from None
+    return P.open_image(path)
 
 
 def cmd_explain(args: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,6 +191,18 @@ def encode_pixels(model: StableDiffusion, x: Tensor) -> Tensor:
     with torch.inference_mode():
         mean, _ = model.vae.encode(x.to(model.device, model.dtype))
     return mean.float() * model.cfg.vae.scale_factor
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file fully, or raise a ValueError that names the file."""
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except OSError as e:  # includes PIL's UnidentifiedImageError
+        raise ValueError(f"{path}: cannot read the image ({e}); use a PNG or JPEG file") from None
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
