@@ -1,4 +1,4 @@
-"""Training: ``ldmkit train vae | unet``, ``ldmkit export``.
+"""Training: ``ldmkit train vae | unet | lora``, ``ldmkit export``.
 
 Python API::
 
@@ -8,6 +8,9 @@ Python API::
     train(defaults("unet").replace(data="data/emoji", vae="runs/vae"), "runs/ldm")
     train(load_run_config("runs/ldm"), "runs/ldm", resume=True)
     export_run("runs/ldm", "model.safetensors")
+    train(defaults("unet").replace(data="my_images", init_from="sd15.safetensors", size=512), "runs/ft")
+    train(defaults("lora").replace(data="my_images", init_from="sd15.safetensors"), "runs/lora")
+    # -> runs/lora/lora.safetensors, for `ldmkit generate --lora runs/lora/lora.safetensors:0.8`
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ __all__ = ["TrainConfig", "TrainError", "defaults", "export_run", "load_run_conf
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, stop_after: int | None = None,
           on_step=None) -> Path:
-    """Train the VAE or U-Net ``cfg.kind`` names into ``run_dir``; see :mod:`ldmkit.train.runner`.
+    """Train the VAE, U-Net or LoRA ``cfg.kind`` names into ``run_dir``; see :mod:`ldmkit.train.runner`.
 
     ``stop_after`` ends this invocation (with a checkpoint) after that many steps, e.g. to fit a
     job's time limit; ``on_step(step, info)`` is called after every optimizer step.
@@ -31,7 +34,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
     if cfg.kind not in TASKS:
         raise TrainError(f"unknown training kind {cfg.kind!r}; choose one of {', '.join(TASKS)}")
-    return run(cfg, Path(run_dir), TASKS[cfg.kind](), resume=resume, stop_after=stop_after, on_step=on_step)
+    out = run(cfg, Path(run_dir), TASKS[cfg.kind](), resume=resume, stop_after=stop_after, on_step=on_step)
+    if cfg.kind == "lora" and int(os.environ.get("RANK", "0")) == 0:
+        from ldmkit.train.lora import LORA_FILE, export_lora
+
+        export_lora(out, out / LORA_FILE)  # the EMA weights of the final checkpoint
+    return out
 
 
 def _vae_task():
@@ -46,8 +54,14 @@ def _unet_task():
     return UNetTask
 
 
+def _lora_task():
+    from ldmkit.train.lora import LoRATask
+
+    return LoRATask
+
+
 # kind -> the Task class (imported on use, so `ldmkit --help` stays fast)
-TASKS = {"vae": _vae_task, "unet": _unet_task}
+TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task}
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -59,6 +73,11 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
+    """A U-Net run as a model file, a VAE run as a VAE file, a LoRA run as a kohya LoRA file (EMA weights)."""
+    if load_run_config(run_dir).kind == "lora":
+        from ldmkit.train.lora import export_lora
+
+        return export_lora(run_dir, out, half)
     from ldmkit.train.export import export_run as _export
 
     return _export(run_dir, out, half)

@@ -1,8 +1,8 @@
-"""``ldmkit train vae | unet`` and ``ldmkit export``: registered into ``ldmkit.cli`` as a plug-in.
+"""``ldmkit train vae | unet | lora`` and ``ldmkit export``: registered into ``ldmkit.cli`` as a plug-in.
 
-Every :class:`TrainConfig` field is a flag (``batch_size`` -> ``--batch-size``); a flag left out
-keeps the value from ``--config``, the resumed run, or the default. New trainers (e.g. LoRA) add
-an entry to ``TRAINERS``.
+Every :class:`TrainConfig` field a kind uses is a flag (``batch_size`` -> ``--batch-size``); a flag
+left out keeps the value from ``--config``, the resumed run, or the default. New trainers add an
+entry to ``TRAINERS``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ldmkit.train.config import (
+    KINDS,
     TrainConfig,
     TrainError,
     defaults,
@@ -33,6 +34,9 @@ TRAIN_EXAMPLES = """examples:
   ldmkit train unet --resume runs/ldm                      # continue exactly where it stopped
   torchrun --nproc-per-node 2 -m ldmkit train unet --data data/emoji --vae runs/vae --out runs/ldm
   ldmkit export runs/ldm model.safetensors && ldmkit generate --model model.safetensors "a smiling cat"
+  ldmkit train unet --init-from sd15.safetensors --data my_images --size 512 --out runs/ft   # fine-tune
+  ldmkit train lora --model sd15.safetensors --data my_images --out runs/lora
+  ldmkit generate --model sd15.safetensors --lora runs/lora/lora.safetensors:0.8 "a photo of sks dog"
 """
 
 VAE_EXAMPLES = """examples:
@@ -49,8 +53,21 @@ UNET_EXAMPLES = """examples:
       --out runs/ldm-clip                                              # SD1's CLIP, frozen
   ldmkit train unet --config my.toml --out runs/ldm2 --objective v --batch-size 32 --grad-accum 2
   ldmkit train unet --resume runs/ldm
+  ldmkit train unet --init-from sd15.safetensors --data my_images --size 512 --holdout 0 --lr 1e-5 \\
+      --out runs/ft                            # fine-tune all of SD1.5's U-Net and text encoder
+  ldmkit train unet --init-from sd15.safetensors --text-encoder sd15.safetensors --data my_images \\
+      --size 512 --out runs/ft-unet            # ... its U-Net only (its text encoder frozen)
   torchrun --nproc-per-node 2 -m ldmkit train unet --data data/emoji --vae runs/vae --out runs/ldm
   (a run folder's config.toml lists every setting; metrics.jsonl and samples/ show progress)
+"""
+
+LORA_EXAMPLES = """examples:
+  ldmkit train lora --model sd15.safetensors --data my_images --out runs/lora
+  ldmkit train lora --model sd15.safetensors --data my_images --out runs/lora --rank 16 --alpha 8 \\
+      --no-text-encoder-lora --conv-lora --size 512 --total-steps 3000
+  ldmkit train lora --resume runs/lora --model /new/place/sd15.safetensors   # the model file moved
+  ldmkit generate --model sd15.safetensors --lora runs/lora/lora.safetensors:0.8 "a photo of sks dog"
+  (runs/lora/lora.safetensors is rewritten at every checkpoint; kohya layout, loads in A1111 and diffusers)
 """
 
 EXPORT_EXAMPLES = """examples:
@@ -58,6 +75,7 @@ EXPORT_EXAMPLES = """examples:
   ldmkit export runs/ldm model-fp16.safetensors --half
   ldmkit generate --model model.safetensors "a smiling cat"
   ldmkit export runs/vae vae.safetensors             # a VAE run: standalone VAE file
+  ldmkit export runs/lora style.safetensors --half   # a LoRA run: its EMA LoRA weights, kohya layout
 """
 
 
@@ -82,34 +100,48 @@ def _config_trainer(kind: str, help: str, examples: str) -> Trainer:
 
 # flags set by hand below, or not settable on the command line
 _SPECIAL = {"kind", "arch"}
-_METAVARS = {"data": "DIR", "model": "PRESET", "vae": "RUN_DIR|MODEL", "text_encoder": "MODEL", "device": "DEVICE"}
+_METAVARS = {"data": "DIR", "model": "PRESET", "vae": "RUN_DIR|MODEL", "text_encoder": "MODEL", "device": "DEVICE",
+             "init_from": "MODEL"}
+# shorter spellings: `train lora --model sd15.safetensors --rank 8 --alpha 8` (lora has no preset --model)
+_ALIASES = {("lora", "init_from"): "--model", ("lora", "lora_rank"): "--rank", ("lora", "lora_alpha"): "--alpha"}
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def applies_to(help_: str, kind: str) -> bool:
+    """Whether a setting matters for ``kind``: its help may start with the kinds that use it (``unet/lora: ``)."""
+    prefix, sep, _ = help_.partition(":")
+    kinds = prefix.split("/")
+    return not sep or not set(kinds) <= set(KINDS) or kind in kinds
+
+
 def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
     """One flag per TrainConfig field that matters for ``kind``; all default to None (= unset)."""
     types_, helps, base = field_types(), field_help(), defaults(kind)  # type: ignore[arg-type]
-    other = {"vae": "unet:", "unet": "vae:"}.get(kind)
     for f in dataclasses.fields(TrainConfig):
         help_ = helps[f.name]
-        if f.name in _SPECIAL or (other and help_.startswith(other)):
+        if f.name in _SPECIAL or not applies_to(help_, kind):
             continue
         tp, default = types_[f.name], getattr(base, f.name)
         help_ = f"{help_} (default: {default!r})" if default not in ("", []) else help_
         kw: dict[str, Any] = {"default": None, "help": help_, "dest": f.name}
+        flags = [_flag(f.name)]
+        if (kind, f.name) in _ALIASES:
+            flags.insert(0, _ALIASES[kind, f.name])
         if tp is bool:
-            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is Literal:
-            p.add_argument(_flag(f.name), choices=typing.get_args(tp), **kw)
+            p.add_argument(*flags, choices=typing.get_args(tp), **kw)
         elif typing.get_origin(tp) is list:
-            p.add_argument(_flag(f.name), nargs="+", metavar="TEXT", **kw)
+            p.add_argument(*flags, nargs="+", metavar="TEXT", **kw)
         else:
-            p.add_argument(_flag(f.name), type=tp, metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
-    p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
-                   help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, text.layers=6")
+            p.add_argument(*flags, type=tp, metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
+    if kind != "lora":  # a LoRA's architecture is its model's
+        p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
+                       help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, "
+                            "text.layers=6")
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -143,7 +175,7 @@ def config_from_args(args: argparse.Namespace, kind: str) -> tuple[TrainConfig, 
         raise TrainError(f"the settings are for a {cfg.kind} run, but `ldmkit train {kind}` was called")
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                if f.name not in _SPECIAL and getattr(args, f.name, None) is not None}
-    if args.arch:
+    if getattr(args, "arch", None):
         arch = {part: dict(o) for part, o in cfg.arch.items()}
         for text in args.arch:
             part, name, value = parse_arch_override(text)
@@ -167,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ldmkit.train.export import export_run
+    from ldmkit.train import export_run
 
     print(export_run(args.run_dir, args.output, half=args.half))
 
@@ -175,19 +207,23 @@ def cmd_export(args: argparse.Namespace) -> None:
 # `ldmkit train KIND`; a new trainer (e.g. LoRA) adds an entry here
 TRAINERS: dict[str, Trainer] = {
     "vae": _config_trainer("vae", "train the autoencoder (images <-> latents)", VAE_EXAMPLES),
-    "unet": _config_trainer("unet", "train the latent diffusion U-Net (and a text encoder)", UNET_EXAMPLES),
+    "unet": _config_trainer("unet", "train the latent diffusion U-Net (and a text encoder), from scratch or "
+                            "fine-tuning a model (--init-from)", UNET_EXAMPLES),
+    "lora": _config_trainer("lora", "train LoRA modules on a Stable Diffusion model (a kohya-format file)",
+                            LORA_EXAMPLES),
 }
 
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
-    t = add("train", "train a VAE or a latent diffusion U-Net from images and captions", TRAIN_EXAMPLES)
+    t = add("train", "train a VAE, a latent diffusion U-Net or a LoRA from images and captions", TRAIN_EXAMPLES)
     sub = t.add_subparsers(dest="train_kind", required=True, metavar="KIND")
     for name, trainer in TRAINERS.items():
         p = sub.add_parser(name, help=trainer.help, description=trainer.help, epilog=trainer.examples,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         trainer.add_arguments(p)
         p.set_defaults(func=trainer.handler)
-    e = add("export", "write a training run's EMA weights as one .safetensors model file", EXPORT_EXAMPLES)
+    e = add("export", "write a training run's EMA weights as one .safetensors model (VAE, LoRA) file",
+            EXPORT_EXAMPLES)
     e.add_argument("run_dir", help="a `ldmkit train` run folder")
     e.add_argument("output", help="the .safetensors file to write")
     e.add_argument("--half", action="store_true", help="store weights as float16")

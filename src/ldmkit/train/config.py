@@ -23,7 +23,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-Kind = Literal["vae", "unet"]
+Kind = Literal["vae", "unet", "lora"]
+KINDS: tuple[str, ...] = typing.get_args(Kind)
 ARCH_PARTS: dict[str, type] = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
 
 
@@ -48,15 +49,23 @@ def _help(text: str, default: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a VAE or U-Net training run; all have defaults."""
+    """Every setting of a VAE, U-Net or LoRA training run; all have defaults.
 
-    kind: Kind = _help("what is trained: vae or unet", "unet")
+    A help text that starts with kinds (``unet/lora: ...``) marks a setting only those kinds use.
+    """
+
+    kind: Kind = _help("what is trained: vae, unet or lora", "unet")
     data: str = _help("dataset folder (images/ + metadata.jsonl, as `ldmkit data` writes)", "")
-    model: str = _help(f"architecture preset: {', '.join(TRAIN_PRESETS)}", "small")
+    model: str = _help(f"vae/unet: architecture preset: {', '.join(TRAIN_PRESETS)} (unet: unused with --init-from)",
+                       "small")
     arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
-    vae: str = _help("unet: the VAE, a `ldmkit train vae` run folder or a model file", "")
-    text_encoder: str = _help("unet: '' trains a text encoder jointly from scratch; a model file/name "
-                              "loads its text encoder frozen", "")
+    init_from: str = _help("unet/lora: a Stable Diffusion model (file, diffusers folder or built-in name) to start "
+                           "from: unet fine-tunes its U-Net (and text encoder) with its architecture and VAE; "
+                           "lora trains LoRA modules on it, frozen (required)", "")
+    vae: str = _help("unet: the VAE, a `ldmkit train vae` run folder or a model file (default with --init-from: "
+                     "that model's)", "")
+    text_encoder: str = _help("unet: '' trains a text encoder jointly (from scratch, or from --init-from's "
+                              "weights); a model file/name loads its text encoder frozen", "")
     size: int = _help("training image size in pixels (images are resized and centre-cropped)", 64)
     flip: bool = _help("random horizontal flips", True)
     holdout: int = _help("images held out for evaluation when the dataset has no holdout.json", 16)
@@ -71,8 +80,10 @@ class TrainConfig:
     adam_beta2: float = _help("AdamW beta2", 0.999)
     grad_clip: float = _help("clip the gradient norm to this (0: off)", 1.0)
     ema_decay: float = _help("EMA decay of the trained weights (0: EMA = raw weights)", 0.9999)
-    objective: Literal["eps", "v"] = _help("unet: predict the noise (eps) or v (Salimans & Ho 2022)", "eps")
-    caption_dropout: float = _help("unet: probability of training on the empty caption (for CFG)", 0.1)
+    objective: Literal["auto", "eps", "v"] = _help(
+        "unet/lora: predict the noise (eps) or v (Salimans & Ho 2022); auto: what --init-from's model predicts, "
+        "else eps", "auto")
+    caption_dropout: float = _help("unet/lora: probability of training on the empty caption (for CFG)", 0.1)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast dtype on CUDA; auto = bf16 where supported. CPU always trains in fp32", "auto")
@@ -84,15 +95,19 @@ class TrainConfig:
     sample_every: int = _help("steps between sample grids / evaluation, and at the end (0: never)", 1000)
     log_every: int = _help("steps between metrics lines", 10)
     sample_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "unet: prompts of the sample grid (default: captions of held-out images)"})
-    sample_steps: int = _help("unet: sampler steps for the sample grid", 20)
-    sample_cfg_scale: float = _help("unet: guidance scale for the sample grid", 4.0)
+        "help": "unet/lora: prompts of the sample grid (default: captions of held-out images)"})
+    sample_steps: int = _help("unet/lora: sampler steps for the sample grid", 20)
+    sample_cfg_scale: float = _help("unet/lora: guidance scale for the sample grid", 4.0)
     rec_loss: Literal["l1", "l2"] = _help("vae: pixel reconstruction loss", "l1")
     kl_weight: float = _help("vae: KL weight, relative to the per-pixel loss summed over pixels as in LDM", 1e-6)
     perceptual_weight: float = _help("vae: weight of the multi-scale SSIM + gradient loss (offline LPIPS stand-in)",
                                      1.0)
     disc_start: int = _help("vae: step at which the patch discriminator starts (-1: no discriminator)", -1)
     disc_weight: float = _help("vae: weight of the adversarial loss", 0.5)
+    lora_rank: int = _help("lora: rank of the LoRA matrices (kohya's network_dim)", 8)
+    lora_alpha: float = _help("lora: the update is scaled by alpha / rank (kohya's network_alpha)", 8.0)
+    text_encoder_lora: bool = _help("lora: LoRA modules in the text encoder too, not only the U-Net", True)
+    conv_lora: bool = _help("lora: LoRA modules in the U-Net's 3x3 convolutions too (LoCon)", False)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -103,6 +118,9 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "vae": {"adam_beta1": 0.5, "adam_beta2": 0.9, "weight_decay": 0.0, "batch_size": 8, "ema_decay": 0.0,
             "total_steps": 10000, "warmup_steps": 100},
     "unet": {},
+    # kohya-like: every image trains (no holdout), no EMA, no caption dropout, SD1's 512 px
+    "lora": {"size": 512, "batch_size": 4, "holdout": 0, "total_steps": 2000, "warmup_steps": 100, "ema_decay": 0.0,
+             "caption_dropout": 0.0, "checkpoint_every": 500, "sample_every": 500},
 }
 
 
@@ -126,7 +144,7 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise TrainError(msg)
 
-    need(cfg.kind in ("vae", "unet"), f"kind must be vae or unet, got {cfg.kind!r}")
+    need(cfg.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
     need(cfg.model in TRAIN_PRESETS, f"unknown model preset {cfg.model!r}; choose one of {', '.join(TRAIN_PRESETS)}")
     for name in ("size", "batch_size", "grad_accum", "total_steps", "log_every", "sample_steps"):
         need(getattr(cfg, name) >= 1, f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -134,7 +152,7 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) >= 0, f"{name} must not be negative, got {getattr(cfg, name)}")
     need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     need(0.0 <= cfg.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
-    need(cfg.objective in ("eps", "v"), f"objective must be eps or v, got {cfg.objective!r}")
+    need(cfg.objective in ("auto", "eps", "v"), f"objective must be auto, eps or v, got {cfg.objective!r}")
     need(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
          f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     need(cfg.rec_loss in ("l1", "l2"), f"rec_loss must be l1 or l2, got {cfg.rec_loss!r}")
@@ -143,6 +161,15 @@ def validate(cfg: TrainConfig) -> None:
         known = {f.name for f in dataclasses.fields(ARCH_PARTS[part])}
         for k in overrides:
             need(k in known, f"arch.{part}.{k}: no such field{_suggest(k, known)}")
+    if cfg.kind == "lora":
+        need(bool(cfg.init_from), "a LoRA is trained on a model: pass --model, e.g. --model sd15.safetensors")
+        need(not (cfg.vae or cfg.text_encoder), "lora uses its model's own VAE and text encoder; drop vae and "
+             "text_encoder (bake another VAE into the model file first if you need one)")
+        need(cfg.lora_rank >= 1, f"lora_rank must be at least 1, got {cfg.lora_rank}")
+        need(cfg.lora_alpha > 0, f"lora_alpha must be positive, got {cfg.lora_alpha}")
+    if cfg.init_from:
+        need(not any(cfg.arch.values()), f"the architecture comes from init_from {cfg.init_from!r}; "
+             "drop the arch overrides")
 
 
 def _suggest(name: str, known: typing.Iterable[str]) -> str:

@@ -5,6 +5,11 @@ A run folder is self-contained once started: ``vae.safetensors`` (the VAE, its c
 scale factor in the metadata), ``latents.safetensors`` (the posterior of every training image,
 encoded once), ``text_encoder.safetensors`` for a frozen text encoder, and ``checkpoint.pt``.
 So ``--resume`` needs neither the dataset nor the VAE run.
+
+Fine-tuning (``init_from``): the U-Net, its architecture, noise schedule and prediction type, the
+VAE and the text encoder (trained jointly unless ``text_encoder`` names a frozen one) come from a
+Stable Diffusion model instead of a preset and random weights. Its config is kept in
+``init_model.json``, so a resumed run needs neither the model file (the checkpoint has the weights).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.config import ModelConfig, TextEncoderConfig, VAEConfig
+from ldmkit.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.models.unet import UNetModel
@@ -32,6 +37,7 @@ from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
 VAE_FILE = "vae.safetensors"
 LATENTS_FILE = "latents.safetensors"
 TEXT_FILE = "text_encoder.safetensors"
+INIT_FILE = "init_model.json"
 VAE_KEY, TEXT_KEY = "ldmkit.vae_config", "ldmkit.text_config"
 
 
@@ -103,11 +109,11 @@ def load_vae_source(source: str) -> tuple[VAEConfig, dict[str, Tensor], bool]:
     p = Path(source)
     if p.is_dir() and (p / CHECKPOINT).exists():
         return (*_vae_from_run(p), True)
-    model = _load_model(source, "--vae")
+    model = load_model(source, "--vae")
     return model.cfg.vae, model.vae.state_dict(), False
 
 
-def _load_model(source: str, flag: str) -> Any:
+def load_model(source: str, flag: str) -> Any:
     from ldmkit.api import resolve_model_path
     from ldmkit.checkpoint import load
 
@@ -115,6 +121,36 @@ def _load_model(source: str, flag: str) -> Any:
     if not path.exists():
         raise TrainError(f"{flag} {source}: no such run folder, model file or built-in model")
     return load(path)
+
+
+def load_init_model(cfg: TrainConfig, run_dir: Path) -> Any:
+    """The ``init_from`` model on a run's first start; None when there is none or the run resumes
+    (its weights are then in the checkpoint)."""
+    if not cfg.init_from or (run_dir / CHECKPOINT).exists():
+        return None
+    return load_model(cfg.init_from, "--init-from")
+
+
+def check_size(size: int, vae_cfg: VAEConfig, unet_cfg: UNetConfig) -> None:
+    latent = size // vae_cfg.downscale
+    if latent % 2 ** (len(unet_cfg.channel_mult) - 1):
+        raise TrainError(f"size {size} gives {latent}-px latents, which the U-Net's "
+                         f"{len(unet_cfg.channel_mult)} levels can't halve evenly; use a multiple of "
+                         f"{vae_cfg.downscale * 2 ** (len(unet_cfg.channel_mult) - 1)}")
+
+
+def read_init_config(run_dir: Path) -> ModelConfig:
+    path = run_dir / INIT_FILE
+    if not path.exists():
+        raise TrainError(f"{run_dir} was not started from a model (no {INIT_FILE}); resume it without --init-from")
+    return ModelConfig.from_json(path.read_text())
+
+
+def resolve_objective(cfg: TrainConfig, init: ModelConfig | None) -> str:
+    """``auto``: what the model being fine-tuned predicts (eps from scratch)."""
+    if cfg.objective != "auto":
+        return cfg.objective
+    return init.prediction if init is not None else "eps"
 
 
 def _config_json(c: Any) -> str:
@@ -162,12 +198,15 @@ def measure_scale_factor(cache: dict[str, Tensor], seed: int) -> float:
 
 def _cache_source(cfg: TrainConfig) -> str:
     """What the cached files were made from; a fresh run reuses them only when this matches."""
-    return json.dumps({k: getattr(cfg, k) for k in ("data", "vae", "text_encoder", "size", "flip", "holdout", "seed")})
+    keys = ("data", "vae", "text_encoder", "init_from", "size", "flip", "holdout", "seed")
+    return json.dumps({k: getattr(cfg, k) for k in keys})
 
 
-def _prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device) -> None:
+def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: Any = None,
+                   vae_file: bool = True) -> None:
     """First start of a run (rank 0): copy the VAE and text encoder in, encode the dataset once.
 
+    ``init`` is the loaded ``init_from`` model, whose VAE is used unless ``cfg.vae`` names another.
     Files left by an earlier start that never reached a checkpoint are reused when they were made
     from the same settings (encoding a large dataset is slow), and replaced otherwise.
     """
@@ -178,13 +217,17 @@ def _prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Non
             for name in (LATENTS_FILE, VAE_FILE, TEXT_FILE):
                 (run_dir / name).unlink(missing_ok=True)
     if cfg.text_encoder and not (run_dir / TEXT_FILE).exists():
-        model = _load_model(cfg.text_encoder, "--text-encoder")
+        same = init is not None and cfg.text_encoder == cfg.init_from
+        model = init if same else load_model(cfg.text_encoder, "--text-encoder")
         meta = {TEXT_KEY: _config_json(model.cfg.text), "clip_skip": str(model.cfg.clip_skip),
                 "pad_with_eos": json.dumps(model.cfg.pad_with_eos), "source": cfg.text_encoder}
         atomic_save_safetensors(model.text_encoder.state_dict(), run_dir / TEXT_FILE, meta)
     if (run_dir / LATENTS_FILE).exists():
         return
-    vae_cfg, vae_sd, fresh = load_vae_source(cfg.vae)
+    if init is not None and not cfg.vae:
+        vae_cfg, vae_sd, fresh = init.cfg.vae, init.vae.state_dict(), False
+    else:
+        vae_cfg, vae_sd, fresh = load_vae_source(cfg.vae)
     data = load_dataset(cfg.data, cfg.size)
     train, held = split_holdout(data, cfg.data, cfg.holdout)
     if cfg.size % vae_cfg.downscale:
@@ -194,7 +237,8 @@ def _prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device) -> Non
     cache = build_latent_cache(vae.to(device).eval(), train.images, cfg.flip)
     if fresh:
         vae_cfg = dataclasses.replace(vae_cfg, scale_factor=measure_scale_factor(cache, cfg.seed))
-    atomic_save_safetensors(vae.state_dict(), run_dir / VAE_FILE, {VAE_KEY: _config_json(vae_cfg)})
+    if vae_file:
+        atomic_save_safetensors(vae.state_dict(), run_dir / VAE_FILE, {VAE_KEY: _config_json(vae_cfg)})
     prompts = [c for c in dict.fromkeys(held.captions + train.captions) if c][:4] or [""]
     meta = {"captions": json.dumps(train.captions), "keys": json.dumps(train.keys),
             "sample_prompts": json.dumps(prompts), "size": str(cfg.size), "source": _cache_source(cfg)}
@@ -208,13 +252,65 @@ class UNetTask:
     arch_parts = ("unet", "text", "vae")
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: DistInfo):
-        from ldmkit.checkpoint import read_safetensors
+        from ldmkit.checkpoint import atomic_write_text
 
         self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
+        init = load_init_model(cfg, run_dir)  # every rank: each starts from the model's weights
         if d.is_main:
-            _prepare_files(cfg, run_dir, d.device)
+            if init is not None:
+                atomic_write_text(run_dir / INIT_FILE, init.cfg.to_json())
+            prepare_files(cfg, run_dir, d.device, init)
         d.barrier()
         vae_cfg, _ = read_vae_file(run_dir)
+        self.read_latents()
+        init_cfg = read_init_config(run_dir) if cfg.init_from else None
+
+        train_text = not cfg.text_encoder
+        if not train_text:
+            text_cfg, text_sd, text_meta = read_text_file(run_dir)
+            clip_skip, pad_with_eos = int(text_meta["clip_skip"]), json.loads(text_meta["pad_with_eos"])
+        elif init_cfg is not None:
+            text_cfg, clip_skip, pad_with_eos = init_cfg.text, init_cfg.clip_skip, init_cfg.pad_with_eos
+        else:
+            text_cfg, clip_skip, pad_with_eos = base_model_config(cfg).text, 1, True
+        tied = {"in_channels": vae_cfg.z_channels, "out_channels": vae_cfg.z_channels, "context_dim": text_cfg.width}
+        if init_cfg is not None:
+            unet_cfg = init_cfg.unet
+            wrong = {k: getattr(unet_cfg, k) for k, v in tied.items() if getattr(unet_cfg, k) != v}
+            if wrong:
+                raise TrainError(f"--init-from {cfg.init_from}: its U-Net ({wrong}) does not fit the VAE/text "
+                                 f"encoder, which need {tied}; inpainting models can't be fine-tuned here")
+        else:
+            for k, v in tied.items():
+                given = cfg.arch.get("unet", {}).get(k)
+                if given is not None and given != v:
+                    raise TrainError(f"arch.unet.{k}={given} contradicts the VAE/text encoder, which need {v}")
+            unet_cfg = dataclasses.replace(base_model_config(cfg).unet, **tied)
+        check_size(cfg.size, vae_cfg, unet_cfg)
+        objective = resolve_objective(cfg, init_cfg)
+        # a fine-tuned model keeps its family (the file layout export writes) and noise schedule
+        start = init_cfg or ModelConfig(name=run_dir.name, family="custom", unet=unet_cfg, vae=vae_cfg, text=text_cfg)
+        self.model_cfg = start.replace(name=run_dir.name, unet=unet_cfg, vae=vae_cfg, text=text_cfg,
+                                       prediction=objective, clip_skip=clip_skip, pad_with_eos=pad_with_eos,
+                                       extra={"image_size": cfg.size})
+        self.tokenize(CLIPTokenizer.default(pad_with_eos=pad_with_eos))
+
+        # fine-tuning starts from the model's modules; a resumed run's weights come from its checkpoint
+        unet = init.unet.requires_grad_(True) if init is not None else UNetModel(unet_cfg)
+        text = init.text_encoder if init is not None and train_text else CLIPTextModel(text_cfg)
+        if not train_text:
+            text.load_state_dict(text_sd)
+            text.to(d.device)
+        unet.gradient_checkpointing = text.gradient_checkpointing = cfg.gradient_checkpointing
+        ac = sd_alphas_cumprod(self.model_cfg.num_train_timesteps, self.model_cfg.beta_start, self.model_cfg.beta_end)
+        self.net = LatentDiffusionNet(unet, text.requires_grad_(train_text), train_text, clip_skip, ac, objective)
+        self._viewer: Any = None
+
+    def read_latents(self) -> None:
+        """The encoded training set (``latents.safetensors``), its captions and sample prompts."""
+        from ldmkit.checkpoint import read_safetensors
+
+        cfg, run_dir = self.cfg, self.run_dir
         self.cache, meta = read_safetensors(run_dir / LATENTS_FILE)
         self.captions: list[str] = json.loads(meta["captions"])
         self.sample_prompts = cfg.sample_prompts or json.loads(meta["sample_prompts"])
@@ -228,41 +324,10 @@ class UNetTask:
             warnings.warn(f"{run_dir}: its latents were cached without mirror images; training without flips",
                           stacklevel=2)
 
-        base = base_model_config(cfg)
-        train_text = not cfg.text_encoder
-        if train_text:
-            text_cfg, clip_skip, pad_with_eos = base.text, 1, True
-        else:
-            text_cfg, text_sd, text_meta = read_text_file(run_dir)
-            clip_skip, pad_with_eos = int(text_meta["clip_skip"]), json.loads(text_meta["pad_with_eos"])
-        tied = {"in_channels": vae_cfg.z_channels, "out_channels": vae_cfg.z_channels, "context_dim": text_cfg.width}
-        for k, v in tied.items():
-            given = cfg.arch.get("unet", {}).get(k)
-            if given is not None and given != v:
-                raise TrainError(f"arch.unet.{k}={given} contradicts the VAE/text encoder, which need {v}")
-        unet_cfg = dataclasses.replace(base.unet, **tied)
-        latent = cfg.size // vae_cfg.downscale
-        if latent % 2 ** (len(unet_cfg.channel_mult) - 1):
-            raise TrainError(f"size {cfg.size} gives {latent}-px latents, which the U-Net's "
-                             f"{len(unet_cfg.channel_mult)} levels can't halve evenly; use a multiple of "
-                             f"{vae_cfg.downscale * 2 ** (len(unet_cfg.channel_mult) - 1)}")
-        self.model_cfg = ModelConfig(
-            name=run_dir.name, family="custom", unet=unet_cfg, vae=vae_cfg, text=text_cfg, prediction=cfg.objective,
-            clip_skip=clip_skip, pad_with_eos=pad_with_eos, extra={"image_size": cfg.size},
-        )
-        self.tokenizer = CLIPTokenizer.default(pad_with_eos=pad_with_eos)
-        self.ids = self.tokenizer(self.captions)
-        self.empty_ids = self.tokenizer([""])[0]
-
-        unet = UNetModel(unet_cfg)
-        text = CLIPTextModel(text_cfg)
-        if not train_text:
-            text.load_state_dict(text_sd)
-            text.to(d.device)
-        unet.gradient_checkpointing = text.gradient_checkpointing = cfg.gradient_checkpointing
-        ac = sd_alphas_cumprod(self.model_cfg.num_train_timesteps, self.model_cfg.beta_start, self.model_cfg.beta_end)
-        self.net = LatentDiffusionNet(unet, text, train_text, clip_skip, ac, cfg.objective)
-        self._viewer: Any = None
+    def tokenize(self, tokenizer: CLIPTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids = tokenizer(self.captions)
+        self.empty_ids = tokenizer([""])[0]
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
         b = len(idx)
@@ -278,8 +343,9 @@ class UNetTask:
         ids = torch.where(drop[:, None], self.empty_ids, self.ids[idx])
         return {"latents": latents, "ids": ids, "t": t, "noise": noise}
 
-    def viewer(self, eval_net: LatentDiffusionNet) -> Any:
+    def viewer(self, eval_net: nn.Module) -> Any:
         """A StableDiffusion around the EMA networks, for ldmkit.pipeline."""
+        assert isinstance(eval_net, LatentDiffusionNet)
         if self._viewer is None:
             from ldmkit.model import StableDiffusion
 
@@ -297,7 +363,6 @@ class UNetTask:
         """A grid of the sample prompts, generated with the EMA weights."""
         from ldmkit.pipeline import GenerationParams, txt2img
 
-        assert isinstance(eval_net, LatentDiffusionNet)
         model = self.viewer(eval_net)
         images = []
         for i, prompt in enumerate(self.sample_prompts):

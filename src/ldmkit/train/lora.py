@@ -1,0 +1,200 @@
+"""LoRA training (Hu et al. 2021) on a Stable Diffusion model: ``ldmkit train lora``.
+
+The model named by ``init_from`` (``--model``) is loaded on every start and frozen; LoRA modules
+are injected where :func:`ldmkit.lora.inject_lora` puts them (kohya's targets) and only their
+matrices are trained. Data, latent cache, caption dropout and sample grids are the U-Net trainer's;
+the noise objective, VAE (with its scale factor), text encoder, clip skip and padding are the model's.
+
+The run folder holds ``lora.safetensors`` in the kohya layout (``ldmkit generate --lora``, A1111 and
+diffusers load it), rewritten at every checkpoint and at the end of each invocation, and a
+``checkpoint.pt`` with only the LoRA weights (plus optimizer, schedule, RNG and data position), so
+``--resume`` needs the model file but not the dataset. ``lora_run.json`` records which model and
+LoRA shape the run was started with, checked on resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldmkit.lora import LoRAModule, inject_lora, save_lora
+from ldmkit.model import StableDiffusion
+from ldmkit.schedules import sd_alphas_cumprod
+from ldmkit.train.config import TrainConfig, TrainError
+from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
+from ldmkit.train.unet import (
+    LatentDiffusionNet,
+    UNetTask,
+    check_size,
+    load_model,
+    prepare_files,
+    resolve_objective,
+)
+
+LORA_FILE = "lora.safetensors"
+RUN_FILE = "lora_run.json"
+# what a resumed run must not change: the checkpoint's LoRA weights only fit this model and shape
+_RECORDED = ("lora_rank", "lora_alpha", "text_encoder_lora", "conv_lora")
+
+
+class LoRAWeights(nn.Module):
+    """One target's matrices and alpha, shared with its :class:`LoRAModule`, under the file's names."""
+
+    def __init__(self, m: LoRAModule):
+        super().__init__()
+        self.lora_down, self.lora_up = m.lora_down, m.lora_up
+        self.register_buffer("alpha", m.alpha)
+
+
+class _Frozen:
+    """The frozen model and its loss network, kept out of LoRANet's parameters and state dict."""
+
+    def __init__(self, model: StableDiffusion, loss: LatentDiffusionNet):
+        self.model, self.loss = model, loss
+
+
+class LoRANet(nn.Module):
+    """The U-Net trainer's denoising loss on a frozen model with LoRA modules injected.
+
+    Only the LoRA matrices are registered here (``lora.<kohya name>.lora_down.weight`` ...), so the
+    optimizer, the EMA and the checkpoint hold just them.
+    """
+
+    def __init__(self, model: StableDiffusion, injected: dict[str, LoRAModule], objective: str, train_text: bool):
+        super().__init__()
+        self.lora = nn.ModuleDict({name: LoRAWeights(m) for name, m in injected.items()})
+        c = model.cfg
+        ac = sd_alphas_cumprod(c.num_train_timesteps, c.beta_start, c.beta_end)
+        # train_text: the text encoder runs with gradients, for its LoRA modules
+        loss = LatentDiffusionNet(model.unet, model.text_encoder, train_text, c.clip_skip, ac, objective)
+        self.frozen = _Frozen(model, loss.to(model.device))
+
+    def forward(self, latents: Tensor, ids: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, dict]:
+        return self.frozen.loss(latents, ids, t, noise)
+
+    def train(self, mode: bool = True) -> LoRANet:
+        super().train(mode)
+        self.frozen.loss.train(mode)  # the U-Net (and trained text encoder), as in the U-Net trainer
+        return self
+
+    def __deepcopy__(self, memo: dict) -> LoRANet:
+        """A copy with its own LoRA weights that shares the frozen ones: the runner's EMA copy
+        would otherwise duplicate the whole model."""
+        model = self.frozen.model
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if not t.requires_grad:
+                memo[id(t)] = t
+        memo[id(model.tokenizer)] = model.tokenizer
+        new = LoRANet.__new__(LoRANet)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
+
+def fingerprint(model: StableDiffusion) -> str:
+    """An identity of the model's weights from a few whole tensors (hashing a 4 GB file is slow)."""
+    h = hashlib.sha256()
+    for part in (model.unet, model.text_encoder):
+        params = list(part.parameters())
+        for p in (params[0], params[-1]):
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_record(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
+    if old["fingerprint"] != new["fingerprint"]:
+        raise TrainError(f"--model {new['init_from']} has other weights than the model {run_dir} was started on "
+                         f"({old['init_from']}); resume with that model")
+    diffs = [f"{k}: {old[k]!r} in the run, {new[k]!r} now" for k in _RECORDED if old[k] != new[k]]
+    if diffs:
+        raise TrainError(f"{run_dir} trains LoRA modules of another shape: " + "; ".join(diffs)
+                         + ". Resume without these options, or start a new run with another --out.")
+
+
+class LoRATask(UNetTask):
+    """LoRA modules on a frozen model; batches and sample grids as the U-Net trainer's."""
+
+    arch_parts = ("unet", "text", "vae")  # the model's: resuming on another architecture fails early
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, d: DistInfo):
+        from ldmkit.checkpoint import atomic_write_text
+
+        self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
+        model = load_model(cfg.init_from, "--model")
+        if model.cfg.is_inpainting:
+            raise TrainError(f"--model {cfg.init_from} is an inpainting model; train LoRAs on its base model")
+        objective = resolve_objective(cfg, model.cfg)
+        if objective != model.cfg.prediction:
+            raise TrainError(f"--model {cfg.init_from} predicts {model.cfg.prediction}, so its LoRA must too; "
+                             f"drop --objective {cfg.objective}")
+        check_size(cfg.size, model.cfg.vae, model.cfg.unet)
+        record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model),
+                  **{k: getattr(cfg, k) for k in _RECORDED}}
+        if (run_dir / CHECKPOINT).exists():
+            if not (run_dir / RUN_FILE).exists():
+                raise TrainError(f"{run_dir}: no {RUN_FILE}; is it a `ldmkit train lora` run folder?")
+            _check_record(json.loads((run_dir / RUN_FILE).read_text()), record, run_dir)
+        if d.is_main:
+            atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1) + "\n")
+            prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the model's VAE encodes the data
+        d.barrier()
+        self.read_latents()
+        self.tokenize(model.tokenizer)
+        self.model_cfg = model.cfg.replace(name=run_dir.name, extra={"image_size": cfg.size})
+
+        model.unet.gradient_checkpointing = model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing
+        self.injected = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, text_encoder=cfg.text_encoder_lora,
+                                    conv=cfg.conv_lora)
+        self.net = LoRANet(model.to(d.device), self.injected, objective, cfg.text_encoder_lora)
+        self.metadata = lora_metadata(cfg, model, self.train_size)
+
+    def viewer(self, eval_net: nn.Module) -> StableDiffusion:
+        assert isinstance(eval_net, LoRANet)
+        return eval_net.frozen.model  # the EMA copy's model: its LoRA modules hold the EMA weights
+
+    def state(self) -> dict[str, Any]:
+        # The runner calls this exactly when it writes a checkpoint, on the main rank only, so the
+        # LoRA file is written beside each checkpoint (with the trained weights; the EMA ones are
+        # written at the end of each invocation by `train`, as the runner keeps the EMA to itself).
+        save_lora(self.injected, self.run_dir / LORA_FILE, self.metadata)
+        return {**super().state(), "lora_metadata": self.metadata}
+
+
+def lora_metadata(cfg: TrainConfig, model: StableDiffusion, num_images: int) -> dict[str, str]:
+    """The kohya ``ss_*`` keys other tools read (network shape, base model, resolution)."""
+    meta = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora_rank),
+        "ss_network_alpha": str(cfg.lora_alpha), "ss_sd_model_name": Path(cfg.init_from).name,
+        "ss_v2": str(model.cfg.family == "sd2"), "ss_resolution": f"({cfg.size}, {cfg.size})",
+        "ss_num_train_images": str(num_images), "ss_learning_rate": str(cfg.lr), "ss_seed": str(cfg.seed),
+        "ss_network_train_unet_only": str(not cfg.text_encoder_lora), "ss_training_comment": "ldmkit train lora",
+    }
+    if cfg.conv_lora:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(cfg.lora_rank), "conv_alpha": str(cfg.lora_alpha)})
+    return meta
+
+
+def export_lora(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
+    """A LoRA run's EMA weights (the trained ones when EMA is off) as a kohya LoRA file."""
+    from ldmkit.checkpoint import atomic_save_safetensors
+    from ldmkit.train.export import ema_weights
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise TrainError(f"{out}: LoRA files are .safetensors; name the output *.safetensors")
+    ckpt = read_checkpoint(Path(run_dir))
+    if ckpt["kind"] != "lora":
+        raise TrainError(f"{run_dir} is a {ckpt['kind']} run, not a LoRA run")
+    sd = ema_weights(ckpt, "lora.")  # keys are the kohya names already
+    if half:
+        sd = {k: v.to(torch.float16) for k, v in sd.items()}
+    atomic_save_safetensors(sd, out, ckpt["task"]["lora_metadata"])
+    return out
