@@ -242,6 +242,82 @@ def test_frozen_text_encoder_from_a_model_file(data: Path, vae_run: Path, tmp_pa
         assert torch.equal(v, source.text_encoder.state_dict()[k].half().float()), k
 
 
+def test_compact_vocab_and_short_context(data: Path, vae_run: Path, tmp_path: Path) -> None:
+    """vocab = data keeps rows only for the captions' tokens; the text encoder written out for diffusers
+    (full table) gives transformers' CLIPTextModel the same hidden states; short contexts chunk prompts."""
+    from transformers import CLIPTextModel as HFCLIPTextModel
+
+    from ldmkit.checkpoint import load, save_diffusers
+    from ldmkit.pipeline import GenerationParams, txt2img
+    from ldmkit.prompt import encode_weighted, unknown_words
+
+    run = tmp_path / "ldm"
+    train(unet_cfg(data, vae_run, total_steps=2, grad_accum=1, vocab="data", arch={"text": {"max_positions": 8}}),
+          run)
+    model = load(export_run(run, tmp_path / "model.safetensors"))
+    tok = model.tokenizer
+    assert tok.context_length == model.cfg.text.max_positions == 8
+    caption_ids = {i for c in ("a red circle", "a green square", "a blue circle") for i in tok([c])[0].tolist()}
+    used = {i for color in COLORS for shape in ("square", "circle") for i in tok([f"a {color} {shape}"])[0].tolist()}
+    assert caption_ids <= used
+    emb = model.text_encoder.text_model.embeddings
+    assert model.cfg.text.token_rows == len(used) + 1 == emb.token_embedding.weight.shape[0]
+    unseen = tok.encode("zebra")[0]
+    assert int(emb.token_map[unseen]) == 0 and not emb.token_embedding.weight[0].any()
+    assert len(set(emb.token_map[sorted(used)].tolist())) == len(used)  # one row each
+    assert unknown_words(model, "a (red:1.2) zebra, circle") == ["zebra"]
+
+    save_diffusers(model, tmp_path / "diffusers")
+    ref = HFCLIPTextModel.from_pretrained(tmp_path / "diffusers" / "text_encoder").eval()
+    ids = tok(["a red circle", "a zebra square", ""])
+    with torch.no_grad():
+        want = ref(ids).last_hidden_state
+        got = model.text_encoder(ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+
+    # 6 prompt tokens per chunk: 7 words make two chunks, each of the encoder's 8 positions
+    z = encode_weighted(model, ["a red circle and a blue square"], clip_skip=1)
+    assert z.shape == (1, 16, model.cfg.text.width)
+    [img] = txt2img(model, GenerationParams(prompt="a red circle and a blue square", steps=2, seed=1, width=SIZE,
+                                            height=SIZE))
+    assert img.size == (SIZE, SIZE)
+
+
+def test_decoder_fine_tune_keeps_the_encoder_and_ships_with_export(data: Path, vae_run: Path,
+                                                                  tmp_path: Path) -> None:
+    from ldmkit.checkpoint import load
+    from ldmkit.train.export import ema_weights
+
+    dec = tmp_path / "vae-decoder"
+    train(tiny("vae", data=str(data), init_from=str(vae_run), freeze_encoder=True, total_steps=2), dec)
+    before, after = ema_weights(read_checkpoint(vae_run), "vae."), ema_weights(read_checkpoint(dec), "vae.")
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+    run = tmp_path / "ldm"
+    train(unet_cfg(data, vae_run, total_steps=1, grad_accum=1), run)
+    model = load(export_run(run, tmp_path / "model.safetensors", vae=str(dec)))
+    for k, v in model.vae.state_dict().items():
+        assert torch.equal(v, after[k]), k
+
+    other = tmp_path / "other-vae"  # trained from scratch: another encoder, so its latents would not fit
+    train(tiny("vae", data=str(data), seed=5, total_steps=1), other)
+    with pytest.raises(TrainError, match="encoder differs"):
+        export_run(run, tmp_path / "bad.safetensors", vae=str(other))
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"kind": "unet", "vocab": "data", "init_from": "sd15.safetensors"}, "vocab = data"),
+    ({"kind": "vae", "freeze_encoder": True}, "freeze_encoder keeps a trained encoder"),
+])
+def test_contradictory_settings_are_named(kw: dict, message: str) -> None:
+    from ldmkit.train.config import validate
+
+    with pytest.raises(TrainError, match=message):
+        validate(tiny(kw.pop("kind"), data="d", **kw))
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -7,6 +7,7 @@ and weights are assigned into a model built on the meta device, so a file is hel
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ldmkit import convert
-from ldmkit.config import ModelConfig, TextEncoderConfig, VAEConfig
+from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
 
@@ -122,7 +123,8 @@ def load_strict(module: nn.Module, sd: StateDict, what: str, dtype: torch.dtype 
                 f"{tuple(v.shape)}. The checkpoint is a different architecture than the one detected; "
                 "pass the right --model-type."
             )
-    module.load_state_dict({k: sd[k].to(dtype) for k in expected}, strict=True, assign=True)
+    module.load_state_dict({k: sd[k].to(dtype) if sd[k].is_floating_point() else sd[k] for k in expected},
+                          strict=True, assign=True)
 
 
 @contextmanager
@@ -134,7 +136,8 @@ def _on_meta() -> Iterator[None]:
 def build_model(cfg: ModelConfig, parts: dict[str, StateDict], tokenizer: CLIPTokenizer | None = None,
                 dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Assemble a model from converted part state dicts (ldmkit names), strictly."""
-    tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.pad_with_eos)
+    tokenizer = tokenizer or CLIPTokenizer.default(cfg.pad_with_eos, cfg.text.max_positions)
+    tokenizer.context_length = cfg.text.max_positions  # a tokenizer folder may not say; the encoder does
     with _on_meta():
         model = StableDiffusion(cfg, tokenizer=tokenizer)
     for name, module in model.parts().items():
@@ -298,11 +301,16 @@ def save_diffusers(model: StableDiffusion, folder: str | os.PathLike) -> None:
     vae_sd = convert.vae_ldm_to_diffusers(model.vae.state_dict(), cfg.vae)
     text_sd = dict(model.text_encoder.state_dict())
     text_cfg = cfg.text
+    if text_cfg.token_rows:
+        # transformers' CLIPTextModel has one row per token id: write the compact table out in full
+        text_sd.pop(convert.TOKEN_MAP_KEY)
+        text_sd["text_model.embeddings.token_embedding.weight"] = model.text_encoder.text_model.embeddings.full_table()
+        text_cfg = dataclasses.replace(text_cfg, token_rows=0)
     if cfg.clip_skip > 1:
         # diffusers has no clip-skip setting: keep only the layers whose output is used
         keep = cfg.text.layers - (cfg.clip_skip - 1)
         text_sd = {k: v for k, v in text_sd.items() if not _layer_at_or_after(k, keep)}
-        text_cfg = TextEncoderConfig(**{**text_cfg.__dict__, "layers": keep})
+        text_cfg = dataclasses.replace(text_cfg, layers=keep)
     atomic_save_safetensors(unet_sd, root / "unet" / "diffusion_pytorch_model.safetensors")
     atomic_write_text(root / "unet" / "config.json", json.dumps(convert.diffusers_unet_config(cfg.unet), indent=2))
     atomic_save_safetensors(vae_sd, root / "vae" / "diffusion_pytorch_model.safetensors")

@@ -191,6 +191,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras)
     params = _params_from_args(args, pipe.model)
     P.validate(params, pipe.model)
+    from ldmkit.prompt import unknown_words
+
+    unknown = unknown_words(pipe.model, params.prompt)
+    if unknown:
+        print(f"note: {pipe.model.source_name} was trained on a small vocabulary and has never seen: "
+              f"{', '.join(unknown)} (read as blank)", file=sys.stderr)
     steps = params.steps if args.command == "generate" else max(1, int(params.steps * params.strength))
     bar, cb = _progress(steps, args.command)
     try:

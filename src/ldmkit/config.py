@@ -24,6 +24,9 @@ class TextEncoderConfig:
     intermediate: int = 3072
     act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # 0: one embedding row per token id (every released model). N > 0: a compact vocabulary of N rows,
+    # token ids mapped to rows by the ``embeddings.token_map`` buffer (small models trained on few words)
+    token_rows: int = 0
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,7 @@ _OC_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "sel
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 _OC_EXTRAS = ("text_projection", "logit_scale")
 _HF_POSITION_IDS = "text_model.embeddings.position_ids"
+TOKEN_MAP_KEY = "text_model.embeddings.token_map"  # ldmkit's compact vocabulary (TextEncoderConfig.token_rows)
 
 
 def hf_text_keys(cfg: TextEncoderConfig) -> list[str]:
@@ -255,6 +256,8 @@ def hf_text_keys(cfg: TextEncoderConfig) -> list[str]:
     for i in range(cfg.layers):
         for module in (*_OC_LAYER.values(), "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             keys += [f"text_model.encoder.layers.{i}.{module}.weight", f"text_model.encoder.layers.{i}.{module}.bias"]
+    if cfg.token_rows:
+        keys.append(TOKEN_MAP_KEY)
     return keys
 
 

@@ -21,7 +21,7 @@ class StableDiffusion(nn.Module):
         self.unet = UNetModel(cfg.unet)
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
-        self.tokenizer = tokenizer or CLIPTokenizer.default(pad_with_eos=cfg.pad_with_eos)
+        self.tokenizer = tokenizer or CLIPTokenizer.default(cfg.pad_with_eos, cfg.text.max_positions)
         # set by the loader: file name and A1111-style short hash, for PNG infotext
         self.source_name = cfg.name
         self.source_path: str | None = None

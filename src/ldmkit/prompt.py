@@ -23,8 +23,7 @@ from torch import Tensor
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
 
-CHUNK = 75  # tokens per chunk, plus start and end tokens = 77
-COMMA_BACKTRACK = 20
+COMMA_BACKTRACK = 20  # A1111: words after a comma this near a 75-token chunk end move to the next chunk
 _RE_ATTENTION = re.compile(
     r"""
 \\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:
@@ -88,7 +87,10 @@ class Chunk:
 
 
 def tokenize_chunks(tok: CLIPTokenizer, prompt: str) -> list[Chunk]:
-    """A prompt as 77-token chunks with per-token weights (start/end/padding weigh 1)."""
+    """A prompt as chunks of the text encoder's length (77 for SD: start, 75 tokens, end) with
+    per-token weights (start/end/padding weigh 1)."""
+    size = tok.context_length - 2
+    backtrack = COMMA_BACKTRACK * size // 75
     comma = tok.encode(",")[0]
     chunks: list[Chunk] = []
     cur = Chunk()
@@ -96,7 +98,7 @@ def tokenize_chunks(tok: CLIPTokenizer, prompt: str) -> list[Chunk]:
 
     def close(is_last: bool = False) -> None:
         nonlocal cur, last_comma
-        pad = CHUNK - len(cur.tokens)
+        pad = size - len(cur.tokens)
         tokens = [tok.bos_id, *cur.tokens, *[tok.eos_id] * pad, tok.eos_id]
         if tok.pad_id != tok.eos_id:  # OpenCLIP: one end token, then padding
             end = len(cur.tokens) + 1
@@ -111,20 +113,36 @@ def tokenize_chunks(tok: CLIPTokenizer, prompt: str) -> list[Chunk]:
         for t in tok.encode(text):
             if t == comma:
                 last_comma = len(cur.tokens)
-            elif len(cur.tokens) == CHUNK and last_comma != -1 and len(cur.tokens) - last_comma <= COMMA_BACKTRACK:
+            elif len(cur.tokens) == size and last_comma != -1 and len(cur.tokens) - last_comma <= backtrack:
                 # move the words after the last comma to the next chunk rather than cut one mid-phrase
                 k = last_comma + 1
                 rest = Chunk(cur.tokens[k:], cur.weights[k:])
                 cur = Chunk(cur.tokens[:k], cur.weights[:k])
                 close()
                 cur = rest
-            if len(cur.tokens) == CHUNK:
+            if len(cur.tokens) == size:
                 close()
             cur.tokens.append(t)
             cur.weights.append(weight)
     if cur.tokens or not chunks:
         close(is_last=True)
     return chunks
+
+
+def unknown_words(model: StableDiffusion, prompt: str) -> list[str]:
+    """Words of ``prompt`` a compact-vocabulary model (``TextEncoderConfig.token_rows``) has no embedding
+    for: it reads them all as one blank token. Empty for models with CLIP's full vocabulary."""
+    emb = model.text_encoder.text_model.embeddings
+    if not hasattr(emb, "token_map"):
+        return []
+    tok = model.tokenizer
+    words = []
+    for text, _ in parse_prompt_attention(prompt):
+        for word in re.findall(r"[^\s,.;:!?]+", text):
+            ids = tok.encode(word)
+            if ids and bool((emb.token_map[torch.tensor(ids, device=emb.token_map.device)] == 0).any()):
+                words.append(word)
+    return list(dict.fromkeys(words))
 
 
 def encode_chunks(model: StableDiffusion, chunks: list[Chunk], clip_skip: int) -> Tensor:

@@ -63,11 +63,25 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = nn.Embedding(cfg.token_rows or cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        if cfg.token_rows:
+            # compact vocabulary: token id -> embedding row (row 0 stands for every id without its own)
+            self.register_buffer("token_map", torch.zeros(cfg.vocab_size, dtype=torch.long))
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """Token embeddings of ``ids`` (B, N) -> (B, N, width), without positions."""
+        if hasattr(self, "token_map"):
+            ids = self.token_map[ids]
+        return self.token_embedding(ids)
+
+    def full_table(self) -> Tensor:
+        """The (vocab_size, width) table a CLIPTextModel checkpoint stores, expanding a compact one."""
+        w = self.token_embedding.weight
+        return w[self.token_map] if hasattr(self, "token_map") else w
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+        return self.lookup(ids) + self.position_embedding.weight[: ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):

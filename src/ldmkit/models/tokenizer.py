@@ -188,10 +188,13 @@ class CLIPTokenizer:
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe_uncached)
 
     @classmethod
-    def default(cls, pad_with_eos: bool = True, *, compat: Compat = "clip") -> CLIPTokenizer:
-        """The tokenizer from the vendored OpenAI merges file (SD1; SD2 with `pad_with_eos=False`)."""
+    def default(cls, pad_with_eos: bool = True, context_length: int = 77, *,
+                compat: Compat = "clip") -> CLIPTokenizer:
+        """The tokenizer from the vendored OpenAI merges file (SD1; SD2 with `pad_with_eos=False`).
+
+        ``context_length`` is the text encoder's position count: 77 for SD, fewer for small models."""
         encoder, merges = load_bpe_gz(_default_bpe_path())
-        return cls(encoder, merges, pad_with_eos=pad_with_eos, compat=compat)
+        return cls(encoder, merges, pad_with_eos=pad_with_eos, context_length=context_length, compat=compat)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, *, compat: Compat = "clip") -> CLIPTokenizer:

@@ -72,12 +72,16 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     return load_toml(path, TrainConfig())
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
-    """A U-Net run as a model file, a VAE run as a VAE file, a LoRA run as a kohya LoRA file (EMA weights)."""
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False, vae: str = "") -> Path:
+    """A U-Net run as a model file, a VAE run as a VAE file, a LoRA run as a kohya LoRA file (EMA weights).
+
+    ``vae``: a decoder fine-tune of a U-Net run's VAE to ship in its place."""
     if load_run_config(run_dir).kind == "lora":
+        if vae:
+            raise TrainError("--vae applies to U-Net runs; a LoRA file holds no autoencoder")
         from ldmkit.train.lora import export_lora
 
         return export_lora(run_dir, out, half)
     from ldmkit.train.export import export_run as _export
 
-    return _export(run_dir, out, half)
+    return _export(run_dir, out, half, vae)

@@ -45,6 +45,8 @@ VAE_EXAMPLES = """examples:
       --disc-start 10000 --arch vae.ch=64 --arch vae.ch_mult=1,2,4
   ldmkit train vae --resume runs/vae --total-steps 30000   # continue, with a longer schedule
   ldmkit export runs/vae vae.safetensors                    # standalone VAE file (LDM layout)
+  ldmkit train vae --init-from runs/vae --freeze-encoder --data data/emoji --out runs/vae-decoder \
+      --total-steps 5000   # decoder-only fine-tune: a U-Net trained on runs/vae's latents still fits
 """
 
 UNET_EXAMPLES = """examples:
@@ -75,6 +77,7 @@ EXPORT_EXAMPLES = """examples:
   ldmkit export runs/ldm model-fp16.safetensors --half
   ldmkit generate --model model.safetensors "a smiling cat"
   ldmkit export runs/vae vae.safetensors             # a VAE run: standalone VAE file
+  ldmkit export runs/ldm model.safetensors --vae runs/vae-decoder   # ship a decoder fine-tune of the run's VAE
   ldmkit export runs/lora style.safetensors --half   # a LoRA run: its EMA LoRA weights, kohya layout
 """
 
@@ -201,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from ldmkit.train import export_run
 
-    print(export_run(args.run_dir, args.output, half=args.half))
+    print(export_run(args.run_dir, args.output, half=args.half, vae=args.vae))
 
 
 # `ldmkit train KIND`; a new trainer (e.g. LoRA) adds an entry here
@@ -227,5 +230,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     e.add_argument("run_dir", help="a `ldmkit train` run folder")
     e.add_argument("output", help="the .safetensors file to write")
     e.add_argument("--half", action="store_true", help="store weights as float16")
+    e.add_argument("--vae", default="", metavar="RUN_DIR|MODEL",
+                   help="U-Net runs: ship this decoder fine-tune of the run's VAE (train vae --freeze-encoder)")
     e.set_defaults(func=cmd_export)
 

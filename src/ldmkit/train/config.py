@@ -59,13 +59,20 @@ class TrainConfig:
     model: str = _help(f"vae/unet: architecture preset: {', '.join(TRAIN_PRESETS)} (unet: unused with --init-from)",
                        "small")
     arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
-    init_from: str = _help("unet/lora: a Stable Diffusion model (file, diffusers folder or built-in name) to start "
-                           "from: unet fine-tunes its U-Net (and text encoder) with its architecture and VAE; "
-                           "lora trains LoRA modules on it, frozen (required)", "")
+    init_from: str = _help("vae/unet/lora: a model to start from. vae: a `ldmkit train vae` run folder or a model "
+                           "file, continued with its architecture; unet: a Stable Diffusion model (file, diffusers "
+                           "folder or built-in name) whose U-Net (and text encoder) is fine-tuned with its "
+                           "architecture and VAE; lora: the model LoRA modules are trained on, frozen (required)",
+                           "")
+    freeze_encoder: bool = _help("vae: train only the decoder (as SD's ft-MSE VAE), so latents of a U-Net trained "
+                                 "on the --init-from VAE stay valid", False)
     vae: str = _help("unet: the VAE, a `ldmkit train vae` run folder or a model file (default with --init-from: "
                      "that model's)", "")
     text_encoder: str = _help("unet: '' trains a text encoder jointly (from scratch, or from --init-from's "
                               "weights); a model file/name loads its text encoder frozen", "")
+    vocab: Literal["full", "data"] = _help(
+        "unet: text encoder vocabulary when trained from scratch: full (CLIP's 49,408 token rows) or data (rows for "
+        "the training captions' tokens only, one shared row for all others: a much smaller, faster model)", "full")
     size: int = _help("training image size in pixels (images are resized and centre-cropped)", 64)
     flip: bool = _help("random horizontal flips", True)
     holdout: int = _help("images held out for evaluation when the dataset has no holdout.json", 16)
@@ -167,6 +174,12 @@ def validate(cfg: TrainConfig) -> None:
              "text_encoder (bake another VAE into the model file first if you need one)")
         need(cfg.lora_rank >= 1, f"lora_rank must be at least 1, got {cfg.lora_rank}")
         need(cfg.lora_alpha > 0, f"lora_alpha must be positive, got {cfg.lora_alpha}")
+    if cfg.vocab == "data":
+        need(cfg.kind == "unet" and not cfg.init_from and not cfg.text_encoder,
+             "vocab = data sizes a text encoder trained from scratch; drop it with --init-from or --text-encoder")
+    if cfg.freeze_encoder:
+        need(cfg.kind == "vae" and bool(cfg.init_from),
+             "freeze_encoder keeps a trained encoder: pass the VAE to continue with --init-from RUN_DIR|MODEL")
     if cfg.init_from:
         need(not any(cfg.arch.values()), f"the architecture comes from init_from {cfg.init_from!r}; "
              "drop the arch overrides")

@@ -30,8 +30,26 @@ def ema_weights(ckpt: dict, prefix: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def model_from_run(run_dir: str | os.PathLike) -> StableDiffusion:
-    """The StableDiffusion a U-Net run has trained (EMA U-Net and text encoder, the run's VAE)."""
+def swap_decoder(vae_sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``vae_sd`` with the decoder of ``source`` (a VAE run folder or model file), whose encoder must be
+    the same: the U-Net was trained on that encoder's latents, so only a decoder fine-tune fits."""
+    from ldmkit.train.unet import load_vae_source
+
+    _, new, _ = load_vae_source(source)
+    if new.keys() != vae_sd.keys() or any(new[k].shape != v.shape for k, v in vae_sd.items()):
+        raise TrainError(f"--vae {source}: another autoencoder architecture than the run's")
+    changed = [k for k in vae_sd if k.startswith(("encoder.", "quant_conv."))
+               and not torch.equal(new[k].float(), vae_sd[k].float())]
+    if changed:
+        raise TrainError(f"--vae {source}: its encoder differs from the one the U-Net was trained on "
+                         f"({changed[0]}, ...); swap in only a decoder fine-tune (`ldmkit train vae --init-from "
+                         "RUN --freeze-encoder`)")
+    return {k: new[k].to(v.dtype) for k, v in vae_sd.items()}
+
+
+def model_from_run(run_dir: str | os.PathLike, vae: str = "") -> StableDiffusion:
+    """The StableDiffusion a U-Net run has trained (EMA U-Net and text encoder, the run's VAE, or the
+    run's VAE with the decoder of ``vae``)."""
     from ldmkit.checkpoint import build_model
     from ldmkit.train.unet import TEXT_FILE, read_text_file, read_vae_file
 
@@ -41,14 +59,17 @@ def model_from_run(run_dir: str | os.PathLike) -> StableDiffusion:
         raise TrainError(f"{run} is a {ckpt['kind']} run; only U-Net runs make a complete model")
     cfg = ModelConfig.from_json(ckpt["model_config"])
     _, vae_sd = read_vae_file(run)
+    if vae:
+        vae_sd = swap_decoder(vae_sd, vae)
     text_sd = ema_weights(ckpt, "text_encoder.") if not (run / TEXT_FILE).exists() else read_text_file(run)[1]
     model = build_model(cfg, {"unet": ema_weights(ckpt, "unet."), "vae": vae_sd, "text_encoder": text_sd})
     model.source_name = cfg.name
     return model
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
-    """Write the run's model (U-Net run) or VAE (VAE run) to ``out`` (.safetensors)."""
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False, vae: str = "") -> Path:
+    """Write the run's model (U-Net run) or VAE (VAE run) to ``out`` (.safetensors); ``vae`` (U-Net runs)
+    names a decoder fine-tune of the run's VAE to ship instead of its decoder."""
     from ldmkit.checkpoint import atomic_save_safetensors, save_single_file
     from ldmkit.train.unet import VAE_KEY
 
@@ -58,11 +79,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
     dtype = torch.float16 if half else None
     ckpt = read_checkpoint(Path(run_dir))
     if ckpt["kind"] == "vae":
+        if vae:
+            raise TrainError("--vae applies to U-Net runs; a VAE run exports its own autoencoder")
         sd = ema_weights(ckpt, "vae.")
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         vae_cfg = ModelConfig.from_json(ckpt["model_config"]).vae
         atomic_save_safetensors(sd, out, {VAE_KEY: json.dumps(dataclasses.asdict(vae_cfg))})
     else:
-        save_single_file(model_from_run(run_dir), out, dtype=dtype)
+        save_single_file(model_from_run(run_dir, vae), out, dtype=dtype)
     return out

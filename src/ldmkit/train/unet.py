@@ -245,6 +245,15 @@ def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: A
     atomic_save_safetensors(cache, run_dir / LATENTS_FILE, meta)
 
 
+def compact_vocab(ids: Tensor, vocab_size: int) -> Tensor:
+    """A token map for ``vocab = data``: every id in ``ids`` gets its own row (1, 2, ... in id order), all
+    other ids share row 0. ``ids`` are the tokenized captions, so start/end/padding ids are among them."""
+    used = torch.unique(ids)
+    token_map = torch.zeros(vocab_size, dtype=torch.long)
+    token_map[used] = torch.arange(1, len(used) + 1)
+    return token_map
+
+
 # ---------------------------------------------------------------- the task
 
 
@@ -293,7 +302,12 @@ class UNetTask:
         self.model_cfg = start.replace(name=run_dir.name, unet=unet_cfg, vae=vae_cfg, text=text_cfg,
                                        prediction=objective, clip_skip=clip_skip, pad_with_eos=pad_with_eos,
                                        extra={"image_size": cfg.size})
-        self.tokenize(CLIPTokenizer.default(pad_with_eos=pad_with_eos))
+        self.tokenize(CLIPTokenizer.default(pad_with_eos, text_cfg.max_positions))
+        token_map = None
+        if cfg.vocab == "data":
+            token_map = compact_vocab(torch.cat([self.ids, self.empty_ids[None]]), text_cfg.vocab_size)
+            text_cfg = dataclasses.replace(text_cfg, token_rows=int(token_map.max()) + 1)
+            self.model_cfg = self.model_cfg.replace(text=text_cfg)
 
         # fine-tuning starts from the model's modules; a resumed run's weights come from its checkpoint
         unet = init.unet.requires_grad_(True) if init is not None else UNetModel(unet_cfg)
@@ -301,6 +315,10 @@ class UNetTask:
         if not train_text:
             text.load_state_dict(text_sd)
             text.to(d.device)
+        if token_map is not None:
+            text.text_model.embeddings.token_map.copy_(token_map)
+            with torch.no_grad():  # the shared row of words never seen in training: blank, not noise
+                text.text_model.embeddings.token_embedding.weight[0].zero_()
         unet.gradient_checkpointing = text.gradient_checkpointing = cfg.gradient_checkpointing
         ac = sd_alphas_cumprod(self.model_cfg.num_train_timesteps, self.model_cfg.beta_start, self.model_cfg.beta_end)
         self.net = LatentDiffusionNet(unet, text.requires_grad_(train_text), train_text, clip_skip, ac, objective)

@@ -20,7 +20,7 @@ from ldmkit.models.vae import AutoencoderKL
 from ldmkit.train.config import TrainConfig, TrainError, base_model_config
 from ldmkit.train.data import load_dataset, save_grid, split_holdout, to_pil
 from ldmkit.train.losses import PatchDiscriminator, kl_divergence, psnr, structure_loss
-from ldmkit.train.runner import DistInfo
+from ldmkit.train.runner import CHECKPOINT, DistInfo
 
 
 class VAENet(nn.Module):
@@ -66,6 +66,12 @@ class VAETask:
         data = load_dataset(cfg.data, cfg.size)
         self.train, self.held = split_holdout(data, cfg.data, cfg.holdout)
         base = base_model_config(cfg)
+        init_sd = None
+        if cfg.init_from:
+            from ldmkit.train.unet import load_vae_source
+
+            vae_cfg, init_sd, _ = load_vae_source(cfg.init_from)
+            base = base.replace(vae=vae_cfg)
         f = base.vae.downscale
         if cfg.size % f:
             raise TrainError(f"size {cfg.size} is not a multiple of the VAE's downscale factor {f}")
@@ -73,7 +79,14 @@ class VAETask:
         disc = None
         if cfg.disc_start >= 0:
             disc = PatchDiscriminator(self.model_cfg.vae.out_channels, n_layers=PatchDiscriminator.layers_for(cfg.size))
-        self.net = VAENet(AutoencoderKL(self.model_cfg.vae), cfg, disc)
+        vae = AutoencoderKL(self.model_cfg.vae)
+        if init_sd is not None and not (run_dir / CHECKPOINT).exists():  # a resumed run's come from its checkpoint
+            vae.load_state_dict(init_sd)
+        if cfg.freeze_encoder:
+            # the posterior stays what the U-Net was trained on; only the way back to pixels improves
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
+        self.net = VAENet(vae, cfg, disc)
         self.train_size = len(self.train)
         self._latent_shape = (self.model_cfg.vae.z_channels, cfg.size // f, cfg.size // f)
 
