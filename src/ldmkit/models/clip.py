@@ -63,8 +63,15 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.token_rows or cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        rows = cfg.token_rows or cfg.vocab_size
+        # passing the tables skips nn.Embedding's own init, which on the meta device (checkpoint loading)
+        # goes through torch's Python reference kernels and imports torch._dynamo: ~3 s per process
+        self.token_embedding = nn.Embedding(rows, cfg.width, _weight=torch.empty(rows, cfg.width))
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width,
+                                               _weight=torch.empty(cfg.max_positions, cfg.width))
+        for table in (self.token_embedding.weight, self.position_embedding.weight):
+            if not table.is_meta:
+                nn.init.normal_(table)  # nn.Embedding's default init, for training from scratch
         if cfg.token_rows:
             # compact vocabulary: token id -> embedding row (row 0 stands for every id without its own)
             self.register_buffer("token_map", torch.zeros(cfg.vocab_size, dtype=torch.long))
