@@ -253,6 +253,7 @@ PARITY = [
     _case("euler_a", "EulerAncestralDiscreteScheduler", 10, "euler_a", "uniform", seed=5, **_LINSPACE),
     _case("heun", "HeunDiscreteScheduler", 10, "heun", "uniform", **_LINSPACE),
     _case("dpm2", "KDPM2DiscreteScheduler", 10, "dpm2", "uniform", **_LINSPACE),
+    _case("lms", "LMSDiscreteScheduler", 20, "lms", "uniform", **_LINSPACE),  # order 4 in both
     _case("dpmpp_2m", "DPMSolverMultistepScheduler", 20, "dpmpp_2m", "karras", algorithm_type="dpmsolver++", **_DPM),
     _case(
         "dpmpp_2m_sde", "DPMSolverMultistepScheduler", 20, "dpmpp_2m_sde", "karras", seed=3,
@@ -273,6 +274,7 @@ _K_SPACE = (
     "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler",
     "KDPM2DiscreteScheduler",
+    "LMSDiscreteScheduler",
 )
 
 
@@ -291,12 +293,7 @@ def test_parity_with_diffusers(cls, config, n, sampler, schedule, opts, seed):
     step_kwargs = {"eta": opts["eta"]} if "eta" in opts else {}  # DDIMScheduler.step(eta=...)
     ref = _run_diffusers(getattr(diffusers, cls)(**SD_BETAS, **config), n, z, seed, **step_kwargs)
 
-    vp = cls not in (
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "HeunDiscreteScheduler",
-        "KDPM2DiscreteScheduler",
-    )
+    vp = cls not in _K_SPACE
     # diffusers' VP schedulers start from unit-variance x_vp = x / sqrt(1 + sigma^2); the k-diffusion
     # ones (linspace spacing) from z * sigma_max. DPM-Solver/UniPC round Karras timesteps: quantize.
     x = z * (math.sqrt(1 + sigmas[0].item() ** 2) if vp else sigmas[0].item())
