@@ -133,3 +133,23 @@ def test_cli_generate_writes_png_with_parameters(tiny_file, tmp_path, capsys):
     # info prints the parameters
     assert main(["info", str(out)]) == 0
     assert "Seed: 42" in capsys.readouterr().out
+
+
+def test_atomic_writes_keep_ordinary_permissions(tiny_file, tmp_path):
+    """Outputs are written to a temporary file and renamed; they must still get the umask's permissions
+    (mkstemp's 0600 would leave models and images unreadable to other users)."""
+    import os
+    import stat
+
+    from ldmkit.infotext import save_png
+
+    old = os.umask(0o022)
+    try:
+        model_out = tmp_path / "model.safetensors"
+        checkpoint.save_single_file(checkpoint.load(tiny_file), model_out)
+        png_out = save_png(Image.new("RGB", (8, 8)), tmp_path / "image.png")
+    finally:
+        os.umask(old)
+    for path in (model_out, png_out):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert not list(tmp_path.glob(".*.tmp"))

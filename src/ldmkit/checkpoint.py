@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ldmkit import convert
+from ldmkit.atomic import commit, temp_beside
 from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
@@ -221,11 +221,10 @@ def atomic_save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: di
     """Write to a temporary file beside ``path`` and rename it, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

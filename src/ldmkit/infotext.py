@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from ldmkit.atomic import commit, temp_beside
 
 # "Key: value" pairs; values may be quoted and contain commas
 _RE_PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -49,11 +50,10 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     meta = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         meta.add_text("parameters", str(image.info["parameters"]))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
