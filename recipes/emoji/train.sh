@@ -2,22 +2,23 @@
 # Reproduce ldmkit's built-in "emoji" model from scratch, on CPU, with ldmkit's own commands.
 #
 #   bash recipes/emoji/train.sh            # run (or continue: every stage resumes where it stopped)
-#   VAE_STEPS=1500 UNET_STEPS=7000 DECODER_STEPS=4000 bash recipes/emoji/train.sh
+#   VAE_STEPS=1500 UNET_STEPS=8000 DECODER_STEPS=4000 bash recipes/emoji/train.sh
 #
 # Stages: build the dataset (holdout left out of training); train the autoencoder; then, side by side
 # (one core each), train the U-Net with its text encoder jointly from scratch on the autoencoder's
 # latents, and fine-tune the autoencoder's decoder alone (the encoder stays frozen, so the U-Net's
 # latents stay valid); export to src/ldmkit/assets/emoji.safetensors (fp16) with the fine-tuned
 # decoder; evaluate into docs/models/emoji.md. Settings: recipes/emoji/emoji.toml.
-# Expected time on 2 CPU cores: ~35 min for the VAE (1500 steps of 16), then ~1 h 45 min for the
-# U-Net (7000 steps of 32) with the decoder fine-tune alongside; every stage checkpoints every 250
-# steps, so it can be stopped and rerun across sessions.
+# Expected time on 2 CPU cores: ~35 min for the VAE (1500 steps of 16), then ~1 h 40 min for the
+# U-Net (8000 steps of 32, ~0.75 s/step on one core) with the decoder fine-tune (4000 steps of 16,
+# ~1 h 10 min) alongside on the other core, ~7 min for the evaluation: ~2 h 25 min in all. Every
+# stage checkpoints every 250 steps, so it can be stopped and rerun across sessions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LDMKIT=${LDMKIT:-.venv/bin/ldmkit}
 PY=${PY:-.venv/bin/python}
 VAE_STEPS=${VAE_STEPS:-1500}
-UNET_STEPS=${UNET_STEPS:-7000}
+UNET_STEPS=${UNET_STEPS:-8000}
 DECODER_STEPS=${DECODER_STEPS:-4000}
 # one thread per job: on a 2-core machine two threads per job contend and run ~10x slower
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
