@@ -245,7 +245,7 @@ def test_latent_cache_computes_once_and_reloads(folder):
     enc = CountingEncoder()
     cache = LatentCacheDataset(ds, enc, cache_dir=folder / "cache", encoder_id="pool4", batch_size=5)
     assert enc.calls == 2 * 3  # 12 images in batches of 5, plain and mirrored
-    assert cache.path.is_file() and not list(cache.path.parent.glob("*.tmp-*"))
+    assert cache.path.is_file() and not list(cache.path.parent.glob(".*.tmp"))
     again = LatentCacheDataset(ds, enc, cache_dir=folder / "cache", encoder_id="pool4")
     assert enc.calls == 6 and torch.equal(again.latents, cache.latents)
     for epoch in (0, 1):

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ldmkit import convert
-from ldmkit.atomic import commit, temp_beside
+from ldmkit.atomic import replacing
 from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
@@ -136,8 +136,6 @@ def _on_meta() -> Iterator[None]:
 def build_model(cfg: ModelConfig, parts: dict[str, StateDict], tokenizer: CLIPTokenizer | None = None,
                 dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Assemble a model from converted part state dicts (ldmkit names), strictly."""
-    tokenizer = tokenizer or CLIPTokenizer.default(cfg.pad_with_eos, cfg.text.max_positions)
-    tokenizer.context_length = cfg.text.max_positions  # a tokenizer folder may not say; the encoder does
     with _on_meta():
         model = StableDiffusion(cfg, tokenizer=tokenizer)
     for name, module in model.parts().items():
@@ -219,23 +217,13 @@ def save_single_file(model: StableDiffusion, path: str | os.PathLike, dtype: tor
 
 def atomic_save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write to a temporary file beside ``path`` and rename it, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
+    with replacing(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
-        commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 # ---------------------------------------------------------------- diffusers folders

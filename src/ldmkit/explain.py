@@ -479,16 +479,12 @@ EXAMPLES = """examples:
   ldmkit explain "a watercolor fox" --init-image fox.png -o fox/   # forward-diffusion strip of your image"""
 
 
-def _open_image(path: str) -> Image.Image:
-    return P.open_image(path)
-
-
 def cmd_explain(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from ldmkit import api
 
-    init = _open_image(args.init_image) if args.init_image else None
+    init = P.open_image(args.init_image) if args.init_image else None
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device)
     with tqdm(total=args.steps, desc="explain", unit="step", dynamic_ncols=True) as bar:
         page = build_explain_page(pipe.model, args.prompt, args.output, seed=args.seed, steps=args.steps,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ldmkit.atomic import commit, temp_beside
+from ldmkit.atomic import replacing
 
 # "Key: value" pairs; values may be quoted and contain commas
 _RE_PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -46,15 +46,9 @@ def read_parameters(path: str | os.PathLike) -> str:
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG with its ``parameters`` text, atomically (never a half-written file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         meta.add_text("parameters", str(image.info["parameters"]))
-    tmp = temp_beside(path)
-    try:
+    with replacing(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=meta)
-        commit(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -22,6 +22,8 @@ class StableDiffusion(nn.Module):
         self.vae = AutoencoderKL(cfg.vae)
         self.text_encoder = CLIPTextModel(cfg.text)
         self.tokenizer = tokenizer or CLIPTokenizer.default(cfg.pad_with_eos, cfg.text.max_positions)
+        # prompts are cut to the encoder's position count, which a tokenizer folder does not record
+        self.tokenizer.context_length = cfg.text.max_positions
         # set by the loader: file name and A1111-style short hash, for PNG infotext
         self.source_name = cfg.name
         self.source_path: str | None = None

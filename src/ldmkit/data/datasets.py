@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,6 +34,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ldmkit.atomic import replacing
 
 log = logging.getLogger(__name__)
 
@@ -522,11 +523,9 @@ class LatentCacheDataset(Dataset):
     def _save(self, tensors: dict[str, Tensor], encoder_id: str) -> None:
         from safetensors.torch import save_file
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         meta = {"keys": json.dumps(self.keys), "encoder_id": encoder_id, "size": str(self.transform.size)}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, self.path)  # readers never see a half-written cache
+        with replacing(self.path) as tmp:  # readers never see a half-written cache
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
+
+from ldmkit.atomic import replacing
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +253,8 @@ def _select(candidates: list[str], names: Iterable[str] | None, limit: int | Non
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def build_emoji_dataset(out: str | Path, size: int = 64, font: str | Path | None = None, *,

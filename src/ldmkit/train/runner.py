@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ldmkit.atomic import replacing
 from ldmkit.config import ModelConfig
 from ldmkit.train.config import TrainConfig, TrainError, arch_differences, to_toml, validate
 from ldmkit.train.data import ShardedOrder
@@ -173,16 +174,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     The rename is atomic, so at every moment ``path`` is either the previous complete checkpoint
     or the new complete one; a crash mid-write leaves only a temporary file, removed here.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_checkpoint(run_dir: Path) -> dict[str, Any]:
