@@ -12,16 +12,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from reference import rel_err
+from shapes import assert_merge_delta, write_shapes
 
 from ldmkit import cli
 from ldmkit.checkpoint import load, read_safetensors, save_single_file
 from ldmkit.config import TINY, TINY_SD2
-from ldmkit.lora import apply_lora, lora_delta, lora_names, read_lora
+from ldmkit.lora import apply_lora, lora_names, read_lora
 from ldmkit.model import StableDiffusion
 from ldmkit.train import defaults, export_run, train
 from ldmkit.train.lora import LORA_FILE
@@ -36,22 +36,7 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 coloured squares and circles with captions."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    lines = []
-    for i in range(8):
-        color = [(220, 30, 30), (30, 200, 60), (40, 60, 220)][i % 3]
-        shape = ("square", "circle")[i // 3 % 2]
-        r = 3 + i % 4
-        mask = (abs(xx - 8) < r) & (abs(yy - 8) < r) if shape == "square" else (xx - 8) ** 2 + (yy - 8) ** 2 < r * r
-        img = np.full((SIZE, SIZE, 3), 255, np.uint8)
-        img[mask] = color
-        Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"images/{i:03d}.png", "text": f"a {('red', 'green', 'blue')[i % 3]} "
-                                 f"{shape}"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_shapes(tmp_path_factory.mktemp("data"), 8, SIZE)
 
 
 def _save(cfg, path: Path, seed: int) -> Path:
@@ -129,16 +114,9 @@ def test_lora_trains_only_lora_weights_and_its_file_merges_exactly(data: Path, s
 
     merged = copy.deepcopy(base)
     assert apply_lora(merged, run / LORA_FILE, 0.8) == len(groups)
-    targets = {where + ".weight": name for name, (_, where) in lora_names(base).items() if name in groups}
-    base_params = dict(base.named_parameters())
-    for key, param in merged.named_parameters():
-        delta = param - base_params[key]
-        if key not in targets:
-            assert torch.equal(delta, torch.zeros_like(delta)), key
-            continue
-        g = groups[targets[key]]
-        expected = 0.8 * lora_delta(g["lora_down.weight"], g["lora_up.weight"], 2.0, param.shape)
-        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)
+    pairs = {where + ".weight": (groups[name]["lora_down.weight"], groups[name]["lora_up.weight"])
+             for name, (_, where) in lora_names(base).items() if name in groups}
+    assert_merge_delta(base, merged, pairs, 0.8 * 2.0 / 4)
 
     # at multiplier 1 the merged U-Net computes what the trained (unmerged) LoRA modules compute
     apply_lora(merged := copy.deepcopy(base), run / LORA_FILE, 1.0)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from reference import rel_err
+from shapes import assert_merge_delta
 
 from ldmkit import checkpoint
 from ldmkit.config import TINY
@@ -60,16 +61,9 @@ def test_merge_changes_weights_by_exactly_the_delta(trained_lora, multiplier):
     base, _, injected, path = trained_lora
     merged = copy.deepcopy(base)
     assert apply_lora(merged, path, multiplier) == len(injected)
-    targeted = {where + ".weight": injected[name] for name, (_, where) in lora_names(base).items() if name in injected}
-    base_params = dict(base.named_parameters())
-    for name, param in merged.named_parameters():
-        delta = param - base_params[name]
-        if name not in targeted:
-            assert torch.equal(delta, torch.zeros_like(delta)), name
-            continue
-        lm = targeted[name]
-        expected = multiplier * (2.0 / 4) * (lm.lora_up.weight.flatten(1) @ lm.lora_down.weight.flatten(1))
-        torch.testing.assert_close(delta, expected.reshape(param.shape), rtol=1e-5, atol=1e-7)
+    pairs = {where + ".weight": (injected[name].lora_down.weight, injected[name].lora_up.weight)
+             for name, (_, where) in lora_names(base).items() if name in injected}
+    assert_merge_delta(base, merged, pairs, multiplier * 2.0 / 4)
 
 
 def test_merged_equals_unmerged_forward(trained_lora):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shapes import COLORS, write_shapes
 
 from ldmkit import cli
 from ldmkit.train import TrainConfig, TrainError, defaults, export_run, load_run_config, train
@@ -27,7 +28,6 @@ from ldmkit.train.unet import LATENTS_FILE, measure_scale_factor
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
 
 
 
@@ -35,20 +35,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 transparent-background squares and circles in three colours, with captions."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    lines = []
-    for i in range(12):
-        color, shape = list(COLORS)[i % 3], ("square", "circle")[i // 3 % 2]
-        img = np.zeros((SIZE, SIZE, 4), np.uint8)
-        r = 3 + i % 4
-        mask = (abs(xx - 8) < r) & (abs(yy - 8) < r) if shape == "square" else (xx - 8) ** 2 + (yy - 8) ** 2 < r * r
-        img[mask] = (*COLORS[color], 255)
-        Image.fromarray(img, "RGBA").save(root / "images" / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"images/{i:03d}.png", "text": f"a {color} {shape}"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
 
 
 def tiny(kind: str, **kw) -> TrainConfig:
