@@ -270,6 +270,37 @@ def test_compact_vocab_and_short_context(data: Path, vae_run: Path, tmp_path: Pa
     assert img.size == (SIZE, SIZE)
 
 
+def test_caption_templates_phrase_captions_and_enter_the_vocabulary(data: Path, vae_run: Path,
+                                                                     tmp_path: Path) -> None:
+    """Each sample's caption goes into one of the templates, drawn uniformly; their words get vocab rows."""
+    from ldmkit.checkpoint import load
+    from ldmkit.train.runner import DistInfo
+    from ldmkit.train.unet import UNetTask, apply_template
+
+    assert apply_template("{a} {caption}", "apple") == "an apple"
+    assert apply_template("an emoji of {a} {caption}", "red apple") == "an emoji of a red apple"
+    templates = ["{caption}", "{caption} drawn", "an image of {a} {caption}"]
+    cfg = unet_cfg(data, vae_run, total_steps=1, grad_accum=1, vocab="data", caption_dropout=0.0,
+                   caption_templates=templates)
+    run = tmp_path / "ldm"
+    train(cfg, run)
+    model = load(export_run(run, tmp_path / "model.safetensors"))
+    emb, tok = model.text_encoder.text_model.embeddings, model.tokenizer
+    for word in ("drawn", "image", "of", "an"):
+        assert int(emb.token_map[tok.encode(word)[0]]) != 0, word
+
+    task = UNetTask(cfg, run, DistInfo(0, 1, torch.device("cpu")))
+    n = len(task.captions)
+    idx = torch.arange(n).repeat(100)
+    ids = task.make_batch(idx, torch.Generator().manual_seed(0), 0)["ids"]
+    counts = []
+    for t in templates:
+        want = tok([apply_template(t, c) for c in task.captions]).repeat(100, 1)
+        counts.append(int((ids == want).all(1).sum()))
+    assert sum(counts) == len(idx)  # every sample is one of the templated captions
+    assert all(abs(c / len(idx) - 1 / 3) < 0.05 for c in counts), counts
+
+
 def test_decoder_fine_tune_keeps_the_encoder_and_ships_with_export(data: Path, vae_run: Path,
                                                                   tmp_path: Path) -> None:
     from ldmkit.checkpoint import load
@@ -297,6 +328,8 @@ def test_decoder_fine_tune_keeps_the_encoder_and_ships_with_export(data: Path, v
 @pytest.mark.parametrize(("kw", "message"), [
     ({"kind": "unet", "vocab": "data", "init_from": "sd15.safetensors"}, "vocab = data"),
     ({"kind": "vae", "freeze_encoder": True}, "freeze_encoder keeps a trained encoder"),
+    ({"kind": "unet", "caption_templates": ["a photo"]}, "must contain {caption} exactly once"),
+    ({"kind": "unet", "caption_templates": ["{caption} of {style}"]}, "only the fields"),
 ])
 def test_contradictory_settings_are_named(kw: dict, message: str) -> None:
     from ldmkit.train.config import validate

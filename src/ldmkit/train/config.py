@@ -91,6 +91,10 @@ class TrainConfig:
         "unet/lora: predict the noise (eps) or v (Salimans & Ho 2022); auto: what --init-from's model predicts, "
         "else eps", "auto")
     caption_dropout: float = _help("unet/lora: probability of training on the empty caption (for CFG)", 0.1)
+    caption_templates: list[str] = field(default_factory=list, metadata={
+        "help": "unet: each training caption is put, at random per sample, into one of these, e.g. "
+                "'{caption}' '{a} {caption}' 'an emoji of {a} {caption}' ({a}: 'a' or 'an' to suit the caption), "
+                "so the model learns prompts phrased as people type them, not only bare captions (default: bare)"})
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast dtype on CUDA; auto = bf16 where supported. CPU always trains in fp32", "auto")
@@ -177,6 +181,13 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.vocab == "data":
         need(cfg.kind == "unet" and not cfg.init_from and not cfg.text_encoder,
              "vocab = data sizes a text encoder trained from scratch; drop it with --init-from or --text-encoder")
+    for t in cfg.caption_templates:
+        need(t.count("{caption}") == 1, f"caption template {t!r} must contain {{caption}} exactly once")
+        try:
+            t.format(caption="x", a="a")
+        except (KeyError, IndexError, ValueError) as e:
+            raise TrainError(f"caption template {t!r}: only the fields {{caption}} and {{a}} are allowed "
+                             f"(write {{{{ and }}}} for braces): {e!r}") from None
     if cfg.freeze_encoder:
         need(cfg.kind == "vae" and bool(cfg.init_from),
              "freeze_encoder keeps a trained encoder: pass the VAE to continue with --init-from RUN_DIR|MODEL")

@@ -245,6 +245,12 @@ def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: A
     atomic_save_safetensors(cache, run_dir / LATENTS_FILE, meta)
 
 
+def apply_template(template: str, caption: str) -> str:
+    """``template`` with ``{caption}`` and its article ``{a}`` filled in ("a red apple", "an apple")."""
+    article = "an" if caption[:1].lower() in "aeiou" and caption[:1] else "a"
+    return template.format(caption=caption, a=article)
+
+
 def compact_vocab(ids: Tensor, vocab_size: int) -> Tensor:
     """A token map for ``vocab = data``: every id in ``ids`` gets its own row (1, 2, ... in id order), all
     other ids share row 0. ``ids`` are the tokenized captions, so start/end/padding ids are among them."""
@@ -305,7 +311,7 @@ class UNetTask:
         self.tokenize(CLIPTokenizer.default(pad_with_eos, text_cfg.max_positions))
         token_map = None
         if cfg.vocab == "data":
-            token_map = compact_vocab(torch.cat([self.ids, self.empty_ids[None]]), text_cfg.vocab_size)
+            token_map = compact_vocab(torch.cat([self.ids.flatten(0, 1), self.empty_ids[None]]), text_cfg.vocab_size)
             text_cfg = dataclasses.replace(text_cfg, token_rows=int(token_map.max()) + 1)
             self.model_cfg = self.model_cfg.replace(text=text_cfg)
 
@@ -343,8 +349,16 @@ class UNetTask:
                           stacklevel=2)
 
     def tokenize(self, tokenizer: CLIPTokenizer) -> None:
+        """Token ids of every caption in every template: ``self.ids`` is (templates, captions, context)."""
         self.tokenizer = tokenizer
-        self.ids = tokenizer(self.captions)
+        templates = self.cfg.caption_templates or ["{caption}"]
+        texts = [[apply_template(t, c) if c else "" for c in self.captions] for t in templates]
+        longest = max(len(tokenizer.encode(x)) for row in texts for x in row) + 2  # + start/end
+        if longest > tokenizer.context_length:
+            warnings.warn(f"the longest templated caption has {longest} tokens; the text encoder's context "
+                          f"is {tokenizer.context_length}, so it is cut (raise arch.text.max_positions)",
+                          stacklevel=2)
+        self.ids = torch.stack([tokenizer(row) for row in texts])
         self.empty_ids = tokenizer([""])[0]
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
@@ -358,7 +372,9 @@ class UNetTask:
         t = torch.randint(0, self.model_cfg.num_train_timesteps, (b,), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         drop = torch.rand(b, generator=gen) < self.cfg.caption_dropout
-        ids = torch.where(drop[:, None], self.empty_ids, self.ids[idx])
+        # one template per sample; no draw without templates, so such runs resume on the same random stream
+        pick = torch.randint(0, len(self.ids), (b,), generator=gen) if len(self.ids) > 1 else torch.zeros_like(idx)
+        ids = torch.where(drop[:, None], self.empty_ids, self.ids[pick, idx])
         return {"latents": latents, "ids": ids, "t": t, "noise": noise}
 
     def viewer(self, eval_net: nn.Module) -> Any:
