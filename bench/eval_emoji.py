@@ -6,6 +6,8 @@ Metrics (the "default model" issue):
 1. prompt adherence: generate from N random training captions (fixed seeds), rank every dataset
    image by distance to the generated one, report how often the caption's own image is nearest
    (top-1) and among the 5 nearest (top-5);
+   1b. the same captions phrased as people type them ("a red apple", "an apple"), and the issue's
+   headline prompt "a red apple" over 16 seeds;
 2. generalisation: the same retrieval for held-out variants generated from their own caption, with
    the baseline of generating from the base emoji's caption;
 3. autoencoder reconstruction PSNR on held-out images;
@@ -32,7 +34,9 @@ from PIL import Image
 
 from ldmkit import api
 from ldmkit import pipeline as P
+from ldmkit.checkpoint import atomic_write_text
 from ldmkit.cli import native_size
+from ldmkit.train.unet import apply_template
 
 FEATURE_SIZE = 16
 CARD = Path("docs/models/emoji.md")
@@ -144,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     gen = generate(model, caps, seeds, args.steps, args.cfg_scale, size)
     results["train_top1"], results["train_top5"] = retrieval(features(gen), data_feats,
                                                              [index[r["key"]] for r in sample])
+    phrased = [apply_template("{a} {caption}", c) for c in caps]
+    gen_p = generate(model, phrased, seeds, args.steps, args.cfg_scale, size)
+    results["phrased_top1"], results["phrased_top5"] = retrieval(features(gen_p), data_feats,
+                                                                 [index[r["key"]] for r in sample])
+    apple_seeds = list(range(16))
+    gen_a = generate(model, ["a red apple"] * 16, apple_seeds, args.steps, args.cfg_scale, size)
+    apple = [index[r["key"]] for r in rows if r["text"] == "red apple"]
+    results["apple_top1"], results["apple_top5"] = retrieval(features(gen_a), data_feats, apple * 16)
     held_seeds = list(range(5000, 5000 + len(held_rows)))
     gen_h = generate(model, [r["text"] for r in held_rows], held_seeds, args.steps, args.cfg_scale, size)
     true_h = [index[r["key"]] for r in held_rows]
@@ -159,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep[s] = retrieval(features(g), data_feats, [index[r["key"]] for r in sub])
     sheet_rows = sample[:64]
     contact_sheet(gen[:64], [r["text"] for r in sheet_rows], Path("docs/models/emoji-sheet.png"))
+    contact_sheet(gen_a, [f"seed {i}" for i in apple_seeds], Path("docs/models/emoji-a-red-apple.png"))
     contact_sheet([data_images[index[r["key"]]] for r in sheet_rows], [r["text"] for r in sheet_rows],
                   Path("docs/models/emoji-sheet-truth.png"))
     elapsed = time.time() - t0
@@ -168,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         f"| 1. training captions, top-1 ({len(sample)} captions, CFG {args.cfg_scale:g}) | "
         f"{results['train_top1']:.1%} | |",
         f"| 1. training captions, top-5 | {results['train_top5']:.1%} | ≥ 60% |",
+        f"| 1b. the same captions phrased \"a/an …\", top-1 | {results['phrased_top1']:.1%} | |",
+        f"| 1b. the same captions phrased \"a/an …\", top-5 | {results['phrased_top5']:.1%} | |",
+        f"| 1b. \"a red apple\", 16 seeds: the red-apple image nearest (top-1) | {results['apple_top1']:.1%} | |",
+        f"| 1b. \"a red apple\", 16 seeds: the red-apple image among the 5 nearest | {results['apple_top5']:.1%} | |",
         f"| 2. held-out variants, top-1 ({len(held_rows)} variants) | {results['held_top1']:.1%} | |",
         f"| 2. held-out variants, top-5 | {results['held_top5']:.1%} | ≥ 40% |",
         f"| 2. baseline: base emoji's caption, top-5 of the held-out image | {results['base_top5']:.1%} | |",
@@ -189,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if card.exists() and BEGIN in card.read_text():
         body = card.read_text()
         body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), BEGIN + "\n" + text + "\n" + END, body, flags=re.S)
-        card.write_text(body)
-    (Path("docs/models") / "emoji-eval.json").write_text(json.dumps(
+        atomic_write_text(card, body)
+    atomic_write_text(Path("docs/models") / "emoji-eval.json", json.dumps(
         {**results, "cfg_sweep": {str(k): v for k, v in sweep.items()}, "args": vars(args)}, indent=2))
     return 0
 

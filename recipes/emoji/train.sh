@@ -6,8 +6,9 @@
 #
 # Stages: build the dataset (holdout left out of training); train the autoencoder; then, side by side
 # (one core each), train the U-Net with its text encoder jointly from scratch on the autoencoder's
-# latents, and fine-tune the autoencoder's decoder alone (the encoder stays frozen, so the U-Net's
-# latents stay valid); export to src/ldmkit/assets/emoji.safetensors (fp16) with the fine-tuned
+# latents (each caption phrased at random as "red apple", "a red apple", "red apple emoji", "a red
+# apple emoji" or "an emoji of a red apple": caption_templates in emoji.toml), and fine-tune the
+# autoencoder's decoder alone (the encoder stays frozen, so the U-Net's latents stay valid); export to src/ldmkit/assets/emoji.safetensors (fp16) with the fine-tuned
 # decoder; evaluate into docs/models/emoji.md. Settings: recipes/emoji/emoji.toml.
 # Expected time on 2 CPU cores: ~35 min for the VAE (1500 steps of 16), then ~1 h 40 min for the
 # U-Net (8000 steps of 32, ~0.75 s/step on one core) with the decoder fine-tune (4000 steps of 16,

@@ -18,6 +18,7 @@ from ldmkit.config import ModelConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.train.config import TrainError
 from ldmkit.train.runner import read_checkpoint
+from ldmkit.train.sources import load_vae_source
 
 
 def ema_weights(ckpt: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -33,8 +34,6 @@ def ema_weights(ckpt: dict, prefix: str) -> dict[str, torch.Tensor]:
 def swap_decoder(vae_sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """``vae_sd`` with the decoder of ``source`` (a VAE run folder or model file), whose encoder must be
     the same: the U-Net was trained on that encoder's latents, so only a decoder fine-tune fits."""
-    from ldmkit.train.unet import load_vae_source
-
     _, new, _ = load_vae_source(source)
     if new.keys() != vae_sd.keys() or any(new[k].shape != v.shape for k, v in vae_sd.items()):
         raise TrainError(f"--vae {source}: another autoencoder architecture than the run's")

@@ -30,14 +30,8 @@ from ldmkit.model import StableDiffusion
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
 from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
-from ldmkit.train.unet import (
-    LatentDiffusionNet,
-    UNetTask,
-    check_size,
-    load_model,
-    prepare_files,
-    resolve_objective,
-)
+from ldmkit.train.sources import load_model
+from ldmkit.train.unet import LatentDiffusionNet, UNetTask, check_size, prepare_files, resolve_objective
 
 LORA_FILE = "lora.safetensors"
 RUN_FILE = "lora_run.json"

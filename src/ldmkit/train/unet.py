@@ -32,7 +32,8 @@ from ldmkit.models.vae import AutoencoderKL
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError, base_model_config
 from ldmkit.train.data import flip_allowed, load_dataset, save_grid, split_holdout
-from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
+from ldmkit.train.runner import CHECKPOINT, DistInfo
+from ldmkit.train.sources import load_init_model, load_model, load_vae_source
 
 VAE_FILE = "vae.safetensors"
 LATENTS_FILE = "latents.safetensors"
@@ -87,48 +88,6 @@ class LatentDiffusionNet(nn.Module):
 
 
 # ---------------------------------------------------------------- run-folder files
-
-
-def _vae_from_run(run: Path) -> tuple[VAEConfig, dict[str, Tensor]]:
-    ckpt = read_checkpoint(run)
-    if ckpt["kind"] != "vae":
-        raise TrainError(f"--vae {run}: a {ckpt['kind']} run, not a VAE run")
-    cfg = ModelConfig.from_json(ckpt["model_config"]).vae
-    sd = {k.removeprefix("vae."): v for k, v in ckpt["net"].items() if k.startswith("vae.")}
-    for k, v in ckpt["ema"]["shadow"].items():  # the EMA weights where there are any
-        if k.startswith("vae."):
-            sd[k.removeprefix("vae.")] = v.to(sd[k.removeprefix("vae.")].dtype)
-    return cfg, sd
-
-
-def load_vae_source(source: str) -> tuple[VAEConfig, dict[str, Tensor], bool]:
-    """(config, weights, fresh) of the VAE named by --vae: a VAE run folder (fresh: its latent scale
-    factor is still to be measured) or a model file / built-in name (its scale factor is kept)."""
-    if not source:
-        raise TrainError("no VAE given: pass --vae RUN_DIR (a `ldmkit train vae` run) or a model file")
-    p = Path(source)
-    if p.is_dir() and (p / CHECKPOINT).exists():
-        return (*_vae_from_run(p), True)
-    model = load_model(source, "--vae")
-    return model.cfg.vae, model.vae.state_dict(), False
-
-
-def load_model(source: str, flag: str) -> Any:
-    from ldmkit.api import resolve_model_path
-    from ldmkit.checkpoint import load
-
-    path = resolve_model_path(source)
-    if not path.exists():
-        raise TrainError(f"{flag} {source}: no such run folder, model file or built-in model")
-    return load(path)
-
-
-def load_init_model(cfg: TrainConfig, run_dir: Path) -> Any:
-    """The ``init_from`` model on a run's first start; None when there is none or the run resumes
-    (its weights are then in the checkpoint)."""
-    if not cfg.init_from or (run_dir / CHECKPOINT).exists():
-        return None
-    return load_model(cfg.init_from, "--init-from")
 
 
 def check_size(size: int, vae_cfg: VAEConfig, unet_cfg: UNetConfig) -> None:

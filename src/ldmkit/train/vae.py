@@ -21,6 +21,7 @@ from ldmkit.train.config import TrainConfig, TrainError, base_model_config
 from ldmkit.train.data import load_dataset, save_grid, split_holdout, to_pil
 from ldmkit.train.losses import PatchDiscriminator, kl_divergence, psnr, structure_loss
 from ldmkit.train.runner import CHECKPOINT, DistInfo
+from ldmkit.train.sources import load_vae_source
 
 
 class VAENet(nn.Module):
@@ -68,8 +69,6 @@ class VAETask:
         base = base_model_config(cfg)
         init_sd = None
         if cfg.init_from:
-            from ldmkit.train.unet import load_vae_source
-
             vae_cfg, init_sd, _ = load_vae_source(cfg.init_from)
             base = base.replace(vae=vae_cfg)
         f = base.vae.downscale
