@@ -324,6 +324,20 @@ def test_decoder_fine_tune_keeps_the_encoder_and_ships_with_export(data: Path, v
     with pytest.raises(TrainError, match="encoder differs"):
         export_run(run, tmp_path / "bad.safetensors", vae=str(other))
 
+    # a model file (its U-Net run gone) rewritten with the decoder: only the decoder changes
+    base = export_run(run, tmp_path / "base.safetensors")
+    swapped = load(export_run(base, tmp_path / "swapped.safetensors", vae=str(dec)))
+    for k, v in swapped.vae.state_dict().items():
+        assert torch.equal(v, after[k]), k
+    original = load(base)
+    for part in ("unet", "text_encoder"):
+        sa, sb = getattr(original, part).state_dict(), getattr(swapped, part).state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), part
+    with pytest.raises(TrainError, match="encoder differs"):
+        export_run(base, tmp_path / "bad.safetensors", vae=str(other))
+    with pytest.raises(TrainError, match="no such run folder, model file or built-in model"):
+        export_run(tmp_path / "missing.safetensors", tmp_path / "bad.safetensors")
+
 
 @pytest.mark.parametrize(("kw", "message"), [
     ({"kind": "unet", "vocab": "data", "init_from": "sd15.safetensors"}, "vocab = data"),

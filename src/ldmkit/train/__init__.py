@@ -75,7 +75,12 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False, vae: str = "") -> Path:
     """A U-Net run as a model file, a VAE run as a VAE file, a LoRA run as a kohya LoRA file (EMA weights).
 
-    ``vae``: a decoder fine-tune of a U-Net run's VAE to ship in its place."""
+    ``vae``: a decoder fine-tune of a U-Net run's VAE to ship in its place. ``run_dir`` may also be a
+    model (file, diffusers folder or built-in name): it is rewritten, with ``vae``'s decoder if given."""
+    if not (Path(run_dir) / "config.toml").exists():
+        from ldmkit.train.export import export_model
+
+        return export_model(str(run_dir), out, half, vae)
     if load_run_config(run_dir).kind == "lora":
         if vae:
             raise TrainError("--vae applies to U-Net runs; a LoRA file holds no autoencoder")

@@ -79,6 +79,8 @@ EXPORT_EXAMPLES = """examples:
   ldmkit export runs/vae vae.safetensors             # a VAE run: standalone VAE file
   ldmkit export runs/ldm model.safetensors --vae runs/vae-decoder   # ship a decoder fine-tune of the run's VAE
   ldmkit export runs/lora style.safetensors --half   # a LoRA run: its EMA LoRA weights, kohya layout
+  ldmkit export emoji emoji-ft.safetensors --half --vae runs/vae-decoder2   # a model file or built-in name:
+                                                     # rewritten with a decoder fine-tune of its VAE
 """
 
 
@@ -227,7 +229,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
         p.set_defaults(func=trainer.handler)
     e = add("export", "write a training run's EMA weights as one .safetensors model (VAE, LoRA) file",
             EXPORT_EXAMPLES)
-    e.add_argument("run_dir", help="a `ldmkit train` run folder")
+    e.add_argument("run_dir", help="a `ldmkit train` run folder, or a model (file or built-in name) to rewrite")
     e.add_argument("output", help="the .safetensors file to write")
     e.add_argument("--half", action="store_true", help="store weights as float16")
     e.add_argument("--vae", default="", metavar="RUN_DIR|MODEL",

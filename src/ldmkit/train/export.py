@@ -18,7 +18,7 @@ from ldmkit.config import ModelConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.train.config import TrainError
 from ldmkit.train.runner import read_checkpoint
-from ldmkit.train.sources import load_vae_source
+from ldmkit.train.sources import load_model, load_vae_source
 
 
 def ema_weights(ckpt: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -64,6 +64,22 @@ def model_from_run(run_dir: str | os.PathLike, vae: str = "") -> StableDiffusion
     model = build_model(cfg, {"unet": ema_weights(ckpt, "unet."), "vae": vae_sd, "text_encoder": text_sd})
     model.source_name = cfg.name
     return model
+
+
+def export_model(source: str, out: str | os.PathLike, half: bool = False, vae: str = "") -> Path:
+    """Rewrite a model (file, diffusers folder or built-in name) as one LDM-layout file, with the decoder
+    of ``vae`` (a decoder fine-tune of its VAE) in place of its own: how a fine-tuned decoder is baked
+    into a model whose U-Net run is not at hand."""
+    from ldmkit.checkpoint import save_single_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise TrainError(f"{out}: export writes .safetensors files; name the output *.safetensors")
+    model = load_model(source, "export")
+    if vae:
+        model.vae.load_state_dict(swap_decoder(model.vae.state_dict(), vae))  # strict: same keys and shapes
+    save_single_file(model, out, dtype=torch.float16 if half else None)
+    return out
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False, vae: str = "") -> Path:
