@@ -21,6 +21,14 @@ from ldmkit.train.runner import read_checkpoint
 from ldmkit.train.sources import load_model, load_vae_source
 
 
+def safetensors_path(out: str | os.PathLike, why: str = "export writes .safetensors files") -> Path:
+    """``out`` as a Path, refused unless it names a .safetensors file."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise TrainError(f"{out}: {why}; name the output *.safetensors")
+    return out
+
+
 def ema_weights(ckpt: dict, prefix: str) -> dict[str, torch.Tensor]:
     """The run's weights under ``prefix`` with the EMA shadows in place of the raw parameters."""
     sd = {k.removeprefix(prefix): v for k, v in ckpt["net"].items() if k.startswith(prefix)}
@@ -72,9 +80,7 @@ def export_model(source: str, out: str | os.PathLike, half: bool = False, vae: s
     into a model whose U-Net run is not at hand."""
     from ldmkit.checkpoint import save_single_file
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise TrainError(f"{out}: export writes .safetensors files; name the output *.safetensors")
+    out = safetensors_path(out)
     model = load_model(source, "export")
     if vae:
         model.vae.load_state_dict(swap_decoder(model.vae.state_dict(), vae))  # strict: same keys and shapes
@@ -88,9 +94,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
     from ldmkit.checkpoint import atomic_save_safetensors, save_single_file
     from ldmkit.train.unet import VAE_KEY
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise TrainError(f"{out}: export writes .safetensors files; name the output *.safetensors")
+    out = safetensors_path(out)
     dtype = torch.float16 if half else None
     ckpt = read_checkpoint(Path(run_dir))
     if ckpt["kind"] == "vae":

@@ -179,11 +179,9 @@ def lora_metadata(cfg: TrainConfig, model: StableDiffusion, num_images: int) -> 
 def export_lora(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
     """A LoRA run's EMA weights (the trained ones when EMA is off) as a kohya LoRA file."""
     from ldmkit.checkpoint import atomic_save_safetensors
-    from ldmkit.train.export import ema_weights
+    from ldmkit.train.export import ema_weights, safetensors_path
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise TrainError(f"{out}: LoRA files are .safetensors; name the output *.safetensors")
+    out = safetensors_path(out, "LoRA files are .safetensors")
     ckpt = read_checkpoint(Path(run_dir))
     if ckpt["kind"] != "lora":
         raise TrainError(f"{run_dir} is a {ckpt['kind']} run, not a LoRA run")
