@@ -139,6 +139,20 @@ def exponential(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
+def lcm_boundary_scalings(timestep: Tensor | float, sigma_data: float = 0.5,
+                          timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) of a latent consistency model at training timestep t (Luo et al. 2023, eq. 9).
+
+    f(x_t, t) = c_skip(t) * x_t + c_out(t) * x0_pred(x_t, t) in the VP space the network saw, so that
+    f is the identity at t = 0 (the consistency boundary condition). LCM scales t by 10 so that
+    c_skip is ~0 and c_out ~1 away from t = 0 (diffusers ``LCMScheduler`` and the LCM training scripts).
+    """
+    t = torch.as_tensor(timestep, dtype=torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (t**2 + sigma_data**2)
+    c_out = t / (t**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
 # -- discrete schedules: spacings of the model's training timesteps ------------------------------------
 
 
