@@ -25,6 +25,7 @@ from ldmkit.atomic import replacing
 from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
+from ldmkit.recommended import RECOMMENDED_METADATA_KEY, read_recommended
 
 StateDict = dict[str, Tensor]
 CONFIG_METADATA_KEY = "ldmkit.config"
@@ -201,18 +202,29 @@ def load_single_file(path: str | os.PathLike, model_type: str | None = None,
         model.cfg = cfg.replace(prediction="v")
     model.source_name = p.stem
     model.source_path = str(p)
+    try:
+        model.recommended = read_recommended(metadata)
+    except ValueError as e:
+        raise CheckpointError(f"{p}: {e}") from None
     return model
 
 
 def save_single_file(model: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     text_layout: str | None = None) -> None:
-    """Write the LDM single-file layout (``model.diffusion_model.*`` etc.), config in the metadata."""
+                     text_layout: str | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Write the LDM single-file layout (``model.diffusion_model.*`` etc.), config in the metadata.
+
+    The model's recommended settings are kept; ``metadata`` entries (e.g. from
+    :func:`ldmkit.recommended.recommended_metadata`) are added and win over them.
+    """
     parts = {name: m.state_dict() for name, m in model.parts().items()}
     layout = text_layout or ("openclip" if model.cfg.family == "sd2" else "hf")
     sd = convert.join_ldm_checkpoint(parts["unet"], parts["vae"], parts["text_encoder"], layout)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    atomic_save_safetensors(sd, path, {CONFIG_METADATA_KEY: model.cfg.to_json()})
+    meta = {CONFIG_METADATA_KEY: model.cfg.to_json()}
+    if model.recommended is not None:
+        meta[RECOMMENDED_METADATA_KEY] = model.recommended.to_json()
+    atomic_save_safetensors(sd, path, {**meta, **(metadata or {})})
 
 
 def atomic_save_safetensors(sd: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -10,6 +10,7 @@ from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.models.unet import UNetModel
 from ldmkit.models.vae import AutoencoderKL
+from ldmkit.recommended import Recommended
 
 
 class StableDiffusion(nn.Module):
@@ -28,6 +29,8 @@ class StableDiffusion(nn.Module):
         self.source_name = cfg.name
         self.source_path: str | None = None
         self._hash: str | None = None
+        # settings the file recommends (ldmkit.recommended metadata); used where the user gives none
+        self.recommended: Recommended | None = None
 
     @property
     def model_hash(self) -> str:

@@ -1,0 +1,72 @@
+"""Settings a model file recommends (sampler, schedule, steps, CFG scale), kept in its safetensors metadata.
+
+A distilled few-step model is only good with the settings it was distilled for (an LCM model with
+the LCM sampler, 4 steps, CFG 1). The file records them under ``ldmkit.recommended`` as JSON; the
+CLI and the Python API use each one the user does not give.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+RECOMMENDED_METADATA_KEY = "ldmkit.recommended"
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """A model's recommended generation settings; None where the file recommends nothing."""
+
+    sampler: str | None = None
+    scheduler: str | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, sort_keys=True)
+
+
+def _check(r: Recommended) -> Recommended:
+    from ldmkit.samplers import resolve_sampler
+    from ldmkit.schedules import SCHEDULES
+
+    if r.sampler is not None:
+        resolve_sampler(r.sampler)  # ValueError naming the valid samplers
+    if r.scheduler is not None and r.scheduler.lower() not in SCHEDULES:
+        raise ValueError(f"unknown schedule {r.scheduler!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if r.steps is not None and (not isinstance(r.steps, int) or r.steps < 1):
+        raise ValueError(f"recommended steps must be an integer >= 1, got {r.steps!r}")
+    if r.cfg_scale is not None and not isinstance(r.cfg_scale, int | float):
+        raise ValueError(f"recommended cfg_scale must be a number, got {r.cfg_scale!r}")
+    return r
+
+
+def recommended_metadata(sampler: str, steps: int, cfg_scale: float, scheduler: str | None = None) -> dict[str, str]:
+    """Metadata entries to merge into a safetensors file's metadata so that loaders use these settings.
+
+    ``recommended_metadata("LCM", 4, 1.0)`` -> ``{"ldmkit.recommended": '{"cfg_scale": 1.0, ...}'}``.
+    Raises ValueError for an unknown sampler or schedule, or steps < 1.
+    """
+    r = _check(Recommended(sampler=sampler, scheduler=scheduler, steps=steps, cfg_scale=float(cfg_scale)))
+    return {RECOMMENDED_METADATA_KEY: r.to_json()}
+
+
+def read_recommended(metadata: Mapping[str, str]) -> Recommended | None:
+    """The recommendations in a safetensors file's metadata (None if it has none).
+
+    Raises ValueError naming the problem when the entry is not valid JSON or names unknown settings.
+    """
+    text = metadata.get(RECOMMENDED_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"metadata {RECOMMENDED_METADATA_KEY!r} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"metadata {RECOMMENDED_METADATA_KEY!r} must be a JSON object, got {text!r}")
+    unknown = set(d) - set(Recommended.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"metadata {RECOMMENDED_METADATA_KEY!r} has unknown settings: {', '.join(sorted(unknown))}")
+    return _check(Recommended(**d))
