@@ -16,6 +16,8 @@ from ldmkit.model import StableDiffusion
 
 # models that ship inside the package, selectable by name
 BUILTIN_MODELS = {"emoji": "emoji.safetensors"}
+# autoencoders that ship inside the package, selectable by name with --vae / load(vae=...)
+BUILTIN_VAES = {"emoji-taesd": "emoji-taesd.safetensors"}
 
 
 class NoModelError(CheckpointError):
@@ -24,6 +26,15 @@ class NoModelError(CheckpointError):
 
 def builtin_model_path(name: str) -> Path | None:
     fname = BUILTIN_MODELS.get(name)
+    if fname is None:
+        return None
+    p = Path(str(resources.files("ldmkit") / "assets" / fname))
+    return p if p.exists() else None
+
+
+def builtin_vae_path(name: str) -> Path | None:
+    """The file of a built-in autoencoder name (None for any other string or a missing asset)."""
+    fname = BUILTIN_VAES.get(name)
     if fname is None:
         return None
     p = Path(str(resources.files("ldmkit") / "assets" / fname))

@@ -357,6 +357,13 @@ def load_vae_file(path: str | os.PathLike, cfg: VAEConfig) -> StateDict:
 
 
 def swap_vae(model: StableDiffusion, path: str | os.PathLike) -> None:
+    """Replace the model's autoencoder: a KL VAE file, or a tiny autoencoder (TAESD file or folder, or
+    diffusers AutoencoderTiny folder), told apart by their keys / config."""
+    from ldmkit.models import taesd
+
+    if taesd.is_taesd(path):
+        taesd.use_taesd(model, path)
+        return
     load_strict(model.vae, load_vae_file(path, model.cfg.vae), f"VAE {Path(path).name}", model.dtype)
     model.vae.requires_grad_(False)
 

@@ -176,11 +176,13 @@ class MaskedDenoiser:
 
 
 def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]:
-    """Latents (B, 4, h, w) -> RGB images; the decoder works on latent / scale_factor."""
+    """Latents (B, 4, h, w) -> RGB images; the KL decoder works on latent / scale_factor, a tiny
+    autoencoder (TAESD, ``scaled_latents``) on the latent itself."""
     images = []
+    scale = 1.0 if getattr(model.vae, "scaled_latents", False) else model.cfg.vae.scale_factor
     with torch.inference_mode():
         for z in latents.split(1):  # one at a time keeps peak memory flat for batches
-            x = model.vae.decode(z.to(model.dtype) / model.cfg.vae.scale_factor).float()
+            x = model.vae.decode(z.to(model.dtype) / scale).float()
             x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(Image.fromarray(x[0].permute(1, 2, 0).cpu().numpy()))
     return images
@@ -189,6 +191,8 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
 def encode_pixels(model: StableDiffusion, x: Tensor) -> Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> scaled latent (B, 4, H/8, W/8): posterior mean x scale factor."""
     with torch.inference_mode():
+        if getattr(model.vae, "scaled_latents", False):  # a tiny autoencoder returns the scaled latent
+            return model.vae.encode(x.to(model.device, model.dtype)).float()
         mean, _ = model.vae.encode(x.to(model.device, model.dtype))
     return mean.float() * model.cfg.vae.scale_factor
 
