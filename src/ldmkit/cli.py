@@ -57,6 +57,12 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--eta", type=float, default=None, help="noise amount for DDIM / ancestral samplers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("-o", "--output", default=None, help="output PNG (with several images, -SEED is appended)")
+    p.add_argument("--preview", default=None, metavar="PNG",
+                   help="write a live preview of the first image here after every step (open it in a viewer "
+                        "that reloads)")
+    p.add_argument("--preview-vae", default=None, metavar="PATH",
+                   help="tiny autoencoder (TAESD file or AutoencoderTiny folder) for --preview; default: "
+                        "A1111's 'Approx cheap' linear map (free, 1/8 of the image size)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +112,17 @@ def _progress(total: int, desc: str):
         bar.update(1)
 
     return bar, callback
+
+
+def _preview_writer(args: argparse.Namespace, model):
+    """--preview: a step callback writing the denoised estimate's preview (no output: the progress line stays
+    one line); None without --preview."""
+    if not args.preview:
+        return None
+    from ldmkit import previews
+
+    decoder = previews.tiny_decoder(args.preview_vae, model) if args.preview_vae else previews.approx_cheap
+    return previews.preview_writer(args.preview, decoder)
 
 
 def _params_from_args(args: argparse.Namespace, model) -> object:
@@ -182,6 +199,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             _apply_png(args)
         if not args.prompt:
             raise ValueError("no prompt given: ldmkit generate \"a red apple\"")
+    if args.preview_vae and not args.preview:
+        raise ValueError("--preview-vae needs --preview FILE.png (where to write the preview)")
     init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
     mask = _open_image(args.mask) if args.command == "inpaint" else None
     t0 = time.perf_counter()
@@ -198,7 +217,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"note: {pipe.model.source_name} was trained on a small vocabulary and has never seen: "
               f"{', '.join(unknown)} (read as blank)", file=sys.stderr)
     steps = params.steps if args.command == "generate" else max(1, int(params.steps * params.strength))
-    bar, cb = _progress(steps, args.command)
+    preview = _preview_writer(args, pipe.model)  # before the bar: a bad --preview-vae fails on a clean line
+    bar, progress = _progress(steps, args.command)
+
+    def cb(d: dict) -> None:
+        if preview is not None:
+            preview(d)
+        progress(d)
     try:
         if args.command == "generate":
             images = P.txt2img(pipe.model, params, callback=cb)

@@ -1,0 +1,105 @@
+"""Live previews: cheap pictures of the image forming, made from the sampler's denoised latent at each step.
+
+Every preview decoder has one signature: ``decoder(latents) -> list[PIL.Image]``, where ``latents`` is
+(B, 4, h, w) in the space the U-Net sees (already multiplied by the VAE's scale factor). The kinds are
+A1111's ``show_progress_type`` values:
+
+- "Approx cheap": a fixed linear map from the 4 latent channels to RGB, at latent resolution
+  (1/8 of the image side); costs nothing.
+- "TAESD": the tiny autoencoder's decoder (about 1.2M parameters), full resolution, a few ms per image.
+- "Full": the model's own VAE decoder; exact, but can cost as much as a sampling step.
+- "Approx NN": A1111's small convolutional approximation; ldmkit has no such network and uses the
+  tiny decoder when one is given, else "Approx cheap".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ldmkit.model import StableDiffusion
+
+PreviewDecoder = Callable[[Tensor], list[Image.Image]]
+PREVIEW_TYPES = ("Approx cheap", "Approx NN", "TAESD", "Full")
+
+# latent channel (row) -> R, G, B (column) for SD1 and SD2 latents (both use the same KL-f8 autoencoder).
+# Source: AUTOMATIC1111/stable-diffusion-webui, modules/sd_vae_approx.py, cheap_approximation(), which
+# cites https://discuss.huggingface.co/t/decoding-latents-to-rgb-without-upscaling/23204/2 ; A1111 applies
+# it to the scaled latent and maps the result from [-1, 1] to [0, 1] (sd_samplers_common.py).
+APPROX_CHEAP_SD = torch.tensor([
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+])
+
+
+def to_images(x: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, as A1111 converts previews (scale by 255, truncate)."""
+    x = ((x.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)  # truncation, like numpy's astype
+    return [Image.fromarray(np.ascontiguousarray(im.permute(1, 2, 0).cpu().numpy())) for im in x]
+
+
+def approx_cheap(latents: Tensor, coeffs: Tensor = APPROX_CHEAP_SD) -> list[Image.Image]:
+    """A1111's "Approx cheap" preview: RGB = latent channels x (4, 3) matrix, one pixel per latent."""
+    if latents.shape[1] != coeffs.shape[0]:
+        raise ValueError(f"the Approx cheap preview maps {coeffs.shape[0]} latent channels to RGB, but this "
+                         f"model's latents have {latents.shape[1]}; use the TAESD or Full preview")
+    x = torch.einsum("blhw,lr->brhw", latents.detach().float().cpu(), coeffs)  # (B, 3, h, w)
+    return to_images(x)
+
+
+def full_decoder(model: StableDiffusion) -> PreviewDecoder:
+    """The model's own VAE decoder (whichever VAE it has at the time of the call)."""
+    from ldmkit.pipeline import decode_latents
+
+    return lambda latents: decode_latents(model, latents)
+
+
+def tiny_decoder(path: str | os.PathLike, model: StableDiffusion | None = None) -> PreviewDecoder:
+    """The decoder of a tiny autoencoder (TAESD) file or diffusers ``AutoencoderTiny`` folder."""
+    from ldmkit.models import taesd
+
+    tiny = taesd.load_taesd(path)
+    if model is not None:
+        taesd.check_compatible(tiny, model)
+
+    def decode(latents: Tensor) -> list[Image.Image]:
+        with torch.inference_mode():
+            x = tiny.decode(latents.detach().float().cpu())  # the tiny decoder reads the scaled latent
+        return to_images(x)
+
+    return decode
+
+
+def resolve(kind: str, model: StableDiffusion, tiny: PreviewDecoder | None = None) -> PreviewDecoder:
+    """The decoder for an A1111 ``show_progress_type``; TAESD / Approx NN fall back to Approx cheap."""
+    key = kind.strip().lower()
+    if key == "full":
+        return full_decoder(model)
+    if key in ("taesd", "approx nn"):
+        return tiny or approx_cheap
+    if key == "approx cheap":
+        return approx_cheap
+    raise ValueError(f"unknown preview type {kind!r}; valid: {', '.join(PREVIEW_TYPES)}")
+
+
+def preview_writer(path: str | os.PathLike, decoder: PreviewDecoder) -> Callable[[dict], None]:
+    """A step callback that writes the first image's preview to ``path`` after every step, atomically
+    (a viewer that reloads the file never sees half a PNG)."""
+    from ldmkit.atomic import replacing
+
+    path = Path(path)
+
+    def write(d: dict) -> None:
+        image = decoder(d["denoised"][:1])[0]
+        with replacing(path) as tmp:
+            image.save(tmp, format="PNG")
+
+    return write
