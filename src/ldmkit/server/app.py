@@ -41,7 +41,8 @@ from ldmkit.server import generation as G
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
 from ldmkit.server.generation import Limits
-from ldmkit.server.worker import JobContext, QueueFullError, Worker
+from ldmkit.server.vaes import VAECatalogue, check_name
+from ldmkit.server.worker import PREVIEW_FORMATS, JobContext, QueueFullError, Worker
 
 log = logging.getLogger("ldmkit.server")
 STATIC = Path(str(resources.files("ldmkit.server") / "static"))
@@ -106,13 +107,17 @@ def _parse_auth(api_auth: str | None) -> tuple[str, str] | None:
 def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, models_dir: str | os.PathLike | None = None,
                api_auth: str | None = None, queue_size: int = 16, limits: Limits | None = None,
                device: str | None = None, preview_interval: float | None = 1.0,
-               output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None) -> FastAPI:
+               output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None,
+               preview_vae: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
 
     ``preview_interval``: seconds between live previews (0: every step, None: never);
-    ``output_dir``: where ``save_images`` requests write their PNGs.
+    ``output_dir``: where ``save_images`` requests write their PNGs;
+    ``preview_vae``: a tiny autoencoder for the "TAESD" live preview (the default preview when given);
+    ``vae_dir``: VAE files (KL or tiny) that the ``sd_vae`` option can switch to.
     """
     from ldmkit import api
+    from ldmkit import previews as PV
 
     limits = limits or Limits()
     auth = _parse_auth(api_auth)
@@ -132,9 +137,16 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         first = catalogue.info_for_path(api.resolve_model_path(model))
         catalogue.add(first)
         loaded = load(first)
-    worker = Worker(loaded, first, queue_size=queue_size, preview_interval=preview_interval)
+    vaes = VAECatalogue(vae_dir)
+    tiny_preview = PV.tiny_decoder(preview_vae, loaded) if preview_vae else None
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png", "eta_ddim": 0.0,
-                               "eta_ancestral": 1.0}
+                               "eta_ancestral": 1.0, "sd_vae": "Automatic",
+                               # A1111's live preview options; the Full VAE unless a tiny decoder was given
+                               "live_previews_enable": True, "show_progress_every_n_steps": 1,
+                               "show_progress_type": "TAESD" if tiny_preview else "Full",
+                               "live_previews_image_format": "png"}
+    worker = Worker(loaded, first, queue_size=queue_size, preview_interval=preview_interval, options=options,
+                    tiny_preview=tiny_preview)
     explain_dirs: list[Path] = [Path(explain_dir)] if explain_dir else []  # a temporary one, made when needed
 
     def explain_root() -> Path:
@@ -191,11 +203,27 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     def prepare(req: S.GenerationRequest, kind: str) -> G.Generation:
         return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), output_dir is not None)
 
+    def vae_choice(req: S.GenerationRequest) -> str | None:
+        """The sd_vae of this request (its override_settings, else the option); None: the model's own."""
+        overrides = req.override_settings or {}
+        loc = ("override_settings", "sd_vae") if "sd_vae" in overrides else ("sd_vae",)
+        name = overrides.get("sd_vae", options["sd_vae"])
+        try:
+            info = check_name(vaes, name)
+        except ValueError as e:
+            raise G.field_error(loc, str(e), name) from None
+        return None if info is None else info.model_name
+
     async def generate(req: S.GenerationRequest, kind: str) -> dict:
         gen = await run_in_threadpool(prepare, req, kind)
-        images, model = await run_job(lambda ctx: G.run_generation(ctx, gen, load, output_dir), gen.kind,
+        vae_name = await run_in_threadpool(vae_choice, req)
+
+        def vae_for(model: StableDiffusion) -> Any:
+            return None if vae_name is None else vaes.decoder(check_name(vaes, vae_name), model)
+
+        images, model = await run_job(lambda ctx: G.run_generation(ctx, gen, load, output_dir, vae_for), gen.kind,
                                        req.force_task_id)
-        return await run_in_threadpool(G.response_body, req, gen, images, model)
+        return await run_in_threadpool(G.response_body, req, gen, images, model, vae_name)
 
     # ------------------------------------------------------------ A1111 API
 
@@ -252,6 +280,14 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         clip = req.get("CLIP_stop_at_last_layers", 1)
         if not isinstance(clip, int) or not 1 <= clip <= 12:
             raise G.field_error(("CLIP_stop_at_last_layers",), "must be an integer from 1 to 12", clip)
+        check_preview_options(req)
+        if "sd_vae" in req:
+            try:
+                vae_info = await run_in_threadpool(check_name, vaes, req["sd_vae"])
+            except ValueError as e:
+                raise G.field_error(("sd_vae",), str(e), req["sd_vae"]) from None
+            if vae_info is not None:  # load it now, so a file that does not fit this model fails here
+                await run_job(lambda ctx: vaes.decoder(vae_info, ctx.model), "load VAE")
         name = req.get("sd_model_checkpoint")
         if name is not None:
             info = await run_in_threadpool(catalogue.find, str(name))
@@ -276,8 +312,13 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         return {"txt2img": [], "img2img": []}
 
     @app.get("/sdapi/v1/sd-vae", tags=["sdapi"])
-    async def sd_vae() -> list:
-        return []
+    def sd_vae() -> list[dict]:
+        """VAE files in --vae-dir; set the option `sd_vae` to a `model_name` to decode with it."""
+        return [info.as_item() for info in vaes.scan()]
+
+    @app.post("/sdapi/v1/refresh-vae", tags=["sdapi"])
+    def refresh_vae() -> None:
+        vaes.scan()
 
     @app.get("/sdapi/v1/loras", tags=["sdapi"])
     async def loras() -> list:
@@ -341,6 +382,22 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def check_preview_options(req: dict[str, Any]) -> None:
+    """A1111's live preview options, checked before they are stored (a 422 naming the valid values)."""
+    from ldmkit.previews import PREVIEW_TYPES
+
+    checks = {
+        "live_previews_enable": (lambda v: isinstance(v, bool), "must be true or false"),
+        "show_progress_every_n_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+                                        "must be an integer: steps between previews (-1: none while sampling)"),
+        "show_progress_type": (lambda v: v in PREVIEW_TYPES, f"must be one of: {', '.join(PREVIEW_TYPES)}"),
+        "live_previews_image_format": (lambda v: v in PREVIEW_FORMATS, f"must be one of: {', '.join(PREVIEW_FORMATS)}"),
+    }
+    for key, (ok, msg) in checks.items():
+        if key in req and not ok(req[key]):
+            raise G.field_error((key,), f"{key} {msg}; got {req[key]!r}", req[key])
 
 
 def _explain_page(out_dir: Path, result: Any = None) -> Path | None:

@@ -10,6 +10,7 @@ EXAMPLES = """examples:
   ldmkit serve --model v1-5-pruned-emaonly.safetensors          # http://127.0.0.1:7860
   ldmkit serve --models-dir ~/models --model sd15.safetensors   # switch models from the page or the API
   ldmkit serve --host 0.0.0.0 --api-auth alice:s3cret           # reachable from the network: use auth
+  ldmkit serve --preview-vae taesd/ --vae-dir vaes/            # tiny live previews; sd_vae picks a VAE from vaes/
   curl -s 127.0.0.1:7860/sdapi/v1/txt2img -H 'Content-Type: application/json' \\
       -d '{"prompt": "a red apple", "steps": 20, "seed": 42}' | jq -r '.images[0]' | base64 -d > apple.png
   (A1111 clients such as the webuiapi package work unchanged; the API schema is at /docs)"""
@@ -29,6 +30,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest uploaded image (decoded)")
     p.add_argument("--preview-interval", type=float, default=1.0,
                    help="seconds between live previews (0: every step, negative: none)")
+    p.add_argument("--preview-vae", default=None, metavar="PATH",
+                   help="tiny autoencoder (TAESD file or AutoencoderTiny folder) for live previews; then the "
+                        "default show_progress_type is TAESD (else Full: the model's own VAE)")
+    p.add_argument("--vae-dir", default=None, metavar="DIR",
+                   help="VAE files/folders (KL or tiny) listed at /sdapi/v1/sd-vae; the option sd_vae picks one")
     p.add_argument("--output-dir", default=None, help="where requests with save_images write their PNGs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=serve)
@@ -48,7 +54,7 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(args.model, models_dir=args.models_dir, api_auth=args.api_auth, queue_size=args.queue_size,
                      limits=limits, device=args.device,
                      preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
-                     output_dir=args.output_dir)
+                     output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who can reach it can use it",
               file=sys.stderr)

@@ -29,6 +29,7 @@ from ldmkit.model import StableDiffusion
 from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import CheckpointInfo
+from ldmkit.server.vaes import using_vae
 from ldmkit.server.worker import Interrupted, JobContext, encode_png
 
 
@@ -223,28 +224,19 @@ def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options
 
 
 def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointInfo], StableDiffusion],
-                   output_dir: str | os.PathLike | None = None) -> tuple[list[Image.Image], StableDiffusion]:
-    """In the worker: the n_iter batches, one after another; returns the images and the model used."""
+                   output_dir: str | os.PathLike | None = None,
+                   vae_for: Callable[[StableDiffusion], Any] | None = None
+                   ) -> tuple[list[Image.Image], StableDiffusion]:
+    """In the worker: the n_iter batches, one after another; returns the images and the model used.
+
+    ``vae_for(model)``: the VAE (the ``sd_vae`` option) that stands in for the model's own, or None."""
     original = (ctx.model, ctx.worker.checkpoint)
     if gen.checkpoint is not None and gen.checkpoint.filename != original[1].filename:
         ctx.set_model(load(gen.checkpoint), gen.checkpoint)
     try:
         model, images = ctx.model, []
-        for k in range(gen.n_iter):
-            p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
-            cb = ctx.step_callback(k, gen.n_iter, gen.sampling_steps)
-            try:
-                if gen.kind == "txt2img":
-                    images += P.txt2img(model, p, callback=cb)
-                elif gen.kind == "img2img":
-                    images += P.img2img(model, p, gen.init, callback=cb)
-                else:
-                    images += P.inpaint(model, p, gen.init, gen.mask, callback=cb)
-            except Interrupted:
-                images += partial_images(ctx, gen, p)
-                break
-            if ctx.interrupted:
-                break
+        with using_vae(model, vae_for(model) if vae_for else None):
+            _run_batches(ctx, gen, model, images)
         if gen.save and output_dir is not None:
             out = Path(output_dir)
             for img in images:
@@ -256,8 +248,26 @@ def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointI
             ctx.set_model(*original)
 
 
+def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, images: list[Image.Image]) -> None:
+    for k in range(gen.n_iter):
+        p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
+        cb = ctx.step_callback(k, gen.n_iter, gen.sampling_steps)
+        try:
+            if gen.kind == "txt2img":
+                images += P.txt2img(model, p, callback=cb)
+            elif gen.kind == "img2img":
+                images += P.img2img(model, p, gen.init, callback=cb)
+            else:
+                images += P.inpaint(model, p, gen.init, gen.mask, callback=cb)
+        except Interrupted:
+            images += partial_images(ctx, gen, p)
+            break
+        if ctx.interrupted:
+            break
+
+
 def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.Image],
-                  model: StableDiffusion) -> dict:
+                  model: StableDiffusion, vae_name: str | None = None) -> dict:
     """A1111's txt2img/img2img response: base64 PNGs, the request echoed, and ``info`` as a JSON string."""
     p = gen.params
     seeds = gen.all_seeds
@@ -275,7 +285,7 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
         "scheduler": p.scheduler or "automatic", "cfg_scale": p.cfg_scale, "steps": p.steps,
         "batch_size": p.batch_size, "n_iter": gen.n_iter, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model.source_name,
-        "sd_model_hash": model.model_hash or None, "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_model_hash": model.model_hash or None, "sd_vae_name": vae_name, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": None if gen.kind == "txt2img" else p.strength,
         "extra_generation_params": extra, "index_of_first_image": 0,

@@ -33,6 +33,16 @@ class Interrupted(Exception):  # noqa: N818 - a signal, not an error
     """Raised inside a step callback to stop the running generation."""
 
 
+PREVIEW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # A1111's live_previews_image_format
+
+
+def encode_preview(image: Image.Image, fmt: str = "png") -> str:
+    """Base64 PNG, JPEG or WebP of a live preview."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=PREVIEW_FORMATS[fmt])
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def encode_png(image: Image.Image, parameters: str | None = None) -> str:
     """Base64 PNG, with A1111's ``parameters`` text chunk when given."""
     from PIL import PngImagePlugin
@@ -76,6 +86,7 @@ class JobContext:
         self.worker, self.job = worker, job
         self.last_denoised: Tensor | None = None  # for the partial result of an interrupted job
         self._next_preview = float("-inf")
+        self._preview_step = 0  # the step of the last preview in this batch (A1111's current_image_sampling_step)
 
     @property
     def model(self) -> StableDiffusion:
@@ -90,22 +101,15 @@ class JobContext:
 
     def step_callback(self, job_no: int, job_count: int, steps: int) -> Callable[[dict], None]:
         """The pipeline's per-step callback: progress, a preview now and then, and interruption."""
-        from ldmkit.pipeline import decode_latents
-
         w = self.worker
+        self._preview_step = 0
         with w._lock:
             w._state.job_no, w._state.job_count = job_no, job_count
             w._state.sampling_step, w._state.sampling_steps = 0, steps
 
         def callback(d: dict) -> None:
             self.last_denoised = d["denoised"]
-            preview = None
-            now = time.monotonic()
-            if w.preview_interval is not None and now >= self._next_preview:
-                preview = encode_png(decode_latents(self.model, d["denoised"][:1])[0])
-                # a VAE decode can cost as much as a step (big images on CPU): keep previews under ~20% of the time
-                done = time.monotonic()
-                self._next_preview = done + max(w.preview_interval, 4 * (done - now))
+            preview = self._preview(d["denoised"], d["i"] + 1)
             with w._lock:
                 w._state.sampling_step = d["i"] + 1
                 if preview is not None:
@@ -115,17 +119,40 @@ class JobContext:
 
         return callback
 
+    def _preview(self, denoised: Tensor, step: int) -> str | None:
+        """A preview of the first image after ``step`` steps, when the options and the time budget allow one."""
+        from ldmkit import previews
+
+        w, o = self.worker, self.worker.options
+        every = int(o.get("show_progress_every_n_steps", 1))
+        if w.preview_interval is None or not o.get("live_previews_enable", True) or every == -1:
+            return None  # -1: A1111's "only after the batch", which the result itself shows
+        now = time.monotonic()
+        if step - self._preview_step < every or now < self._next_preview:
+            return None
+        decoder = previews.resolve(str(o.get("show_progress_type", "Full")), self.model, w.tiny_preview)
+        image = encode_preview(decoder(denoised[:1])[0], str(o.get("live_previews_image_format", "png")))
+        self._preview_step = step
+        if w.preview_interval > 0:
+            # a VAE decode can cost as much as a step (big images on CPU): keep previews under ~20% of the time
+            done = time.monotonic()
+            self._next_preview = done + max(w.preview_interval, 4 * (done - now))
+        return image
+
 
 class Worker:
     """A bounded job queue and the thread that empties it."""
 
     def __init__(self, model: StableDiffusion, checkpoint: CheckpointInfo, *, queue_size: int = 16,
-                 preview_interval: float | None = 1.0):
+                 preview_interval: float | None = 1.0, options: dict[str, Any] | None = None,
+                 tiny_preview: Callable[[Tensor], list[Image.Image]] | None = None):
         if queue_size < 1:
             raise ValueError(f"queue size must be at least 1, got {queue_size}")
         self.model, self.checkpoint = model, checkpoint
         self.queue_size = queue_size
-        self.preview_interval = preview_interval  # seconds between previews; None: no previews
+        self.preview_interval = preview_interval  # seconds between previews (0: every step); None: no previews
+        self.options = options if options is not None else {}  # the server's live A1111 options (previews)
+        self.tiny_preview = tiny_preview  # the "TAESD" preview decoder, if the server has one
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()
         self._state = _State()

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { mode: "txt2img", running: false, initDataUrl: null, taskId: null };
+const state = { mode: "txt2img", running: false, initDataUrl: null, taskId: null, lastPreview: null };
 
 // ------------------------------------------------------------------ API helpers
 
@@ -173,6 +173,13 @@ function requestBody() {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// live previews come as PNG, JPEG or WebP (the option live_previews_image_format): tell them by their first bytes
+function previewMime(b64) {
+  if (b64.startsWith("/9j/")) return "image/jpeg";
+  if (b64.startsWith("UklGR")) return "image/webp";
+  return "image/png";
+}
+
 async function pollProgress(taskId) {
   const bar = $("#progress"), text = $("#progress-text"), preview = $("#preview");
   while (state.running && state.taskId === taskId) {
@@ -184,8 +191,9 @@ async function pollProgress(taskId) {
         const batch = s.job_count > 1 ? `batch ${s.job_no + 1}/${s.job_count}, ` : "";
         text.textContent = `${batch}step ${s.sampling_step}/${s.sampling_steps}` +
           (p.eta_relative > 0 ? `, ${p.eta_relative.toFixed(1)} s left` : "");
-        if (p.current_image) {
-          preview.src = `data:image/png;base64,${p.current_image}`;
+        if (p.current_image && p.current_image !== state.lastPreview) {  // the image forming, step by step
+          state.lastPreview = p.current_image;
+          preview.src = `data:${previewMime(p.current_image)};base64,${p.current_image}`;
           preview.hidden = false;
         }
       } else if (s.task_id) {
@@ -250,6 +258,9 @@ $("#form").addEventListener("submit", async (ev) => {
   $("#interrupt").disabled = false;
   $("#progress").value = 0;
   $("#progress-text").textContent = "queued";
+  // a cheap preview is 1/8 of the image's size: show every kind at the image's size (up to the CSS limit)
+  $("#preview").style.width = `${body.width}px`;
+  state.lastPreview = null;
   const t0 = performance.now();
   const polling = pollProgress(taskId);
   let result = null, error = null;

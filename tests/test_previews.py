@@ -1,0 +1,327 @@
+"""Live previews (CLI ``--preview``, the A1111 ``/sdapi/v1/progress`` ``current_image``) and the ``sd_vae`` option.
+
+Approx cheap is checked against its closed form (A1111's 4x3 matrix written out here); server previews are
+read over HTTP from inside the step callback, so "mid-generation" is exact, not a race with a poller.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldmkit import checkpoint, cli, convert, previews
+from ldmkit import pipeline as P
+from ldmkit.config import TINY
+from ldmkit.model import StableDiffusion
+from ldmkit.models.vae import AutoencoderKL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# AUTOMATIC1111 modules/sd_vae_approx.py, cheap_approximation(): latent channel (row) -> R, G, B
+A1111_CHEAP = np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
+                        [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]])
+
+
+def closed_form_cheap(latent: np.ndarray) -> np.ndarray:
+    """(4, h, w) -> (h, w, 3) uint8 as A1111's single_sample_to_image does for "Approx cheap"."""
+    rgb = np.einsum("lxy,lr->xyr", latent.astype(np.float64), A1111_CHEAP)
+    return (255.0 * np.clip(rgb * 0.5 + 0.5, 0, 1)).astype(np.uint8)
+
+
+def test_approx_cheap_is_a1111s_linear_map():
+    # one latent pixel per channel direction: the image is the matrix row, mapped from [-1, 1] to 0..255
+    unit = torch.zeros(1, 4, 1, 4)
+    for c in range(4):
+        unit[0, c, 0, c] = 1.0
+    got = np.asarray(previews.approx_cheap(unit)[0])
+    assert got.shape == (1, 4, 3)
+    assert got[0, 0].tolist() == [165, 153, 154]  # 255 * (0.5 + 0.5 * (0.298, 0.207, 0.208)), truncated
+    np.testing.assert_array_equal(got[0], (255.0 * (A1111_CHEAP * 0.5 + 0.5)).astype(np.uint8))
+    # a random latent batch: every image is the closed form (truncation may differ by one at a boundary)
+    z = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)) * 1.5
+    for img, lat in zip(previews.approx_cheap(z), z.numpy(), strict=True):
+        assert img.size == (5, 6) and img.mode == "RGB"
+        diff = np.abs(np.asarray(img).astype(int) - closed_form_cheap(lat).astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    with pytest.raises(ValueError, match="maps 4 latent channels to RGB, but this model's latents have 16"):
+        previews.approx_cheap(torch.zeros(1, 16, 2, 2))
+
+
+def test_resolve_preview_types():
+    model = StableDiffusion(TINY)
+    assert previews.resolve("Approx cheap", model) is previews.approx_cheap
+    assert previews.resolve("Approx NN", model) is previews.approx_cheap  # no tiny decoder: the cheap map
+    tiny = lambda z: []  # noqa: E731
+    assert previews.resolve("TAESD", model, tiny) is tiny and previews.resolve("Approx NN", model, tiny) is tiny
+    z = torch.randn(1, 4, 4, 4)
+    full = previews.resolve("Full", model)(z)[0]
+    assert np.array_equal(np.asarray(full), np.asarray(P.decode_latents(model, z)[0]))
+    with pytest.raises(ValueError, match="unknown preview type 'Fast'; valid: Approx cheap, Approx NN, TAESD, Full"):
+        previews.resolve("Fast", model)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    checkpoint.save_single_file(StableDiffusion(TINY), d / "tiny.safetensors")
+    return d / "tiny.safetensors"
+
+
+def test_cli_preview_written_after_every_step(tiny_file, tmp_path, monkeypatch, capsys):
+    seen: list[bytes] = []
+    real = previews.preview_writer
+
+    def recording(path, decoder):
+        write = real(path, decoder)
+
+        def step(d):
+            write(d)
+            seen.append(Path(path).read_bytes())  # what a viewer reloading the file sees after this step
+            # the matching closed form of this step's denoised latent
+            np.testing.assert_allclose(np.asarray(Image.open(io.BytesIO(seen[-1]))),
+                                       closed_form_cheap(d["denoised"][0].numpy()), atol=1)
+
+        return step
+
+    monkeypatch.setattr(previews, "preview_writer", recording)
+    preview = tmp_path / "preview.png"
+    rc = cli.main(["generate", "a red apple", "--model", str(tiny_file), "--steps", "5", "--sampler", "Euler",
+                   "--width", "16", "--height", "16", "--seed", "3", "-o", str(tmp_path / "out.png"),
+                   "--preview", str(preview)])
+    assert rc == 0
+    assert len(seen) == 5 and len(set(seen)) >= 4  # written after every step, and it changes
+    assert Image.open(preview).size == (8, 8)  # Approx cheap: one pixel per latent (this model's f = 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png", "preview.png"]  # no temporary files left
+    lines = [line for line in capsys.readouterr().err.split("\n") if line.strip()]
+    assert len(lines) == 2 and lines[0].lstrip("\r").startswith("generate:") and lines[1].startswith("done in")
+
+
+def test_cli_preview_vae_without_preview_is_an_error(tiny_file, capsys):
+    rc = cli.main(["generate", "x", "--model", str(tiny_file), "--steps", "1", "--preview-vae", "taesd/"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == ("ldmkit: error: --preview-vae needs --preview FILE.png "
+                                               "(where to write the preview)")
+
+
+# ---------------------------------------------------------------- server
+
+fastapi = pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
+requests = pytest.importorskip("requests")
+
+from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
+
+DEFAULTS = {"live_previews_enable": True, "show_progress_every_n_steps": 1, "show_progress_type": "Full",
+            "live_previews_image_format": "png", "sd_vae": "Automatic"}
+
+
+def kl_vae_file(path, seed: int) -> None:
+    """A random KL VAE for the tiny model, in the LDM standalone layout (keys without a prefix)."""
+    torch.manual_seed(seed)
+    save_file({k: v.contiguous() for k, v in AutoencoderKL(TINY.vae).state_dict().items()}, str(path))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vaes")
+    kl_vae_file(d / "kl-a.safetensors", 10)
+    # the same weights as a diffusers folder
+    sd, _ = checkpoint.read_state_dict(d / "kl-a.safetensors")
+    folder = d / "kl-a-diffusers"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in convert.vae_ldm_to_diffusers(sd, TINY.vae).items()},
+              str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(convert.diffusers_vae_config(TINY.vae)))
+    (d / "notes.txt").write_text("not a VAE")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny_file, vae_dir):
+    app = create_app(tiny_file, preview_interval=0, device="cpu", vae_dir=vae_dir)
+    with BackgroundServer(app) as url:
+        yield app, url
+
+
+@pytest.fixture
+def url(server):
+    _, url = server
+    yield url
+    assert requests.post(f"{url}/sdapi/v1/options", json=DEFAULTS, timeout=60).ok
+
+
+@pytest.fixture
+def polled(server, monkeypatch):
+    """txt2img whose step callback reads /sdapi/v1/progress over HTTP after each step."""
+    _, url = server
+    seen: list[dict] = []
+    real = P.txt2img
+
+    def txt2img(model, params, callback=None):
+        def cb(d):
+            callback(d)
+            seen.append(requests.get(f"{url}/sdapi/v1/progress", timeout=30).json())
+
+        return real(model, params, callback=cb)
+
+    monkeypatch.setattr(P, "txt2img", txt2img)
+    return seen
+
+
+def generate(url: str, steps: int = 6, **kw) -> requests.Response:
+    body = {"prompt": "a red apple", "seed": 5, "steps": steps, "width": 16, "height": 16, "sampler_name": "Euler",
+            **kw}
+    return requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+
+
+def set_options(url: str, **options) -> requests.Response:
+    return requests.post(f"{url}/sdapi/v1/options", json=options, timeout=60)
+
+
+def image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_progress_has_current_image_mid_generation(url, polled):
+    assert set_options(url, show_progress_type="Approx cheap").ok
+    assert generate(url).ok
+    assert [p["state"]["sampling_step"] for p in polled] == [1, 2, 3, 4, 5, 6]
+    shots = [p["current_image"] for p in polled]
+    assert all(shots) and len(set(shots)) >= 5  # a new preview every step
+    assert {image(s).size for s in shots} == {(8, 8)} and image(shots[0]).format == "PNG"
+    assert requests.get(f"{url}/sdapi/v1/progress", timeout=30).json()["current_image"] is None  # idle
+
+
+def test_preview_types_and_formats(url, polled):
+    assert set_options(url, show_progress_type="Full", live_previews_image_format="jpeg").ok
+    assert generate(url, steps=2).ok
+    assert image(polled[-1]["current_image"]).format == "JPEG" and image(polled[-1]["current_image"]).size == (16, 16)
+    assert set_options(url, show_progress_type="Approx NN", live_previews_image_format="webp").ok
+    assert generate(url, steps=2).ok
+    shot = image(polled[-1]["current_image"])
+    assert shot.format == "WEBP" and shot.size == (8, 8)  # no tiny decoder given: Approx NN is the cheap map
+
+
+def test_skip_current_image(url, server, monkeypatch):
+    seen = []
+    real = P.txt2img
+
+    def txt2img(model, params, callback=None):
+        def cb(d):
+            callback(d)
+            seen.append(requests.get(f"{url}/sdapi/v1/progress", params={"skip_current_image": "true"},
+                                     timeout=30).json())
+
+        return real(model, params, callback=cb)
+
+    monkeypatch.setattr(P, "txt2img", txt2img)
+    assert generate(url, steps=2).ok
+    assert [p["current_image"] for p in seen] == [None, None] and seen[-1]["state"]["sampling_step"] == 2
+
+
+def test_live_previews_disabled(url, polled):
+    assert set_options(url, live_previews_enable=False).ok
+    assert generate(url, steps=3).ok
+    assert [p["current_image"] for p in polled] == [None, None, None]
+    assert [p["state"]["sampling_step"] for p in polled] == [1, 2, 3]  # progress still reported
+
+
+def test_show_progress_every_n_steps(url, polled):
+    assert set_options(url, show_progress_every_n_steps=3, show_progress_type="Approx cheap").ok
+    assert generate(url, steps=10).ok
+    shots = [p["current_image"] for p in polled]
+    changes = [i + 1 for i in range(10) if shots[i] is not None and (i == 0 or shots[i] != shots[i - 1])]
+    assert shots[:2] == [None, None] and changes == [3, 6, 9]
+    polled.clear()
+    assert set_options(url, show_progress_every_n_steps=-1).ok  # A1111: none while sampling
+    assert generate(url, steps=3).ok
+    assert [p["current_image"] for p in polled] == [None, None, None]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("show_progress_type", "Fast", "show_progress_type must be one of: Approx cheap, Approx NN, TAESD, Full"),
+    ("live_previews_image_format", "gif", "live_previews_image_format must be one of: png, jpeg, webp"),
+    ("show_progress_every_n_steps", -2, "show_progress_every_n_steps must be an integer"),
+    ("live_previews_enable", "yes", "live_previews_enable must be true or false"),
+])
+def test_bad_preview_options_are_422(url, option, value, message):
+    r = set_options(url, **{option: value})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", option] and message in r.json()["detail"][0]["msg"]
+
+
+def test_sd_vae_list(url, vae_dir):
+    items = requests.get(f"{url}/sdapi/v1/sd-vae", timeout=30).json()
+    assert items == [{"model_name": "kl-a-diffusers", "filename": str((vae_dir / "kl-a-diffusers").resolve())},
+                     {"model_name": "kl-a.safetensors", "filename": str((vae_dir / "kl-a.safetensors").resolve())}]
+    assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["sd_vae"] == "Automatic"
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(image(b64).convert("RGB"))
+
+
+def test_sd_vae_switches_the_decoder(url, tiny_file, vae_dir):
+    params = P.GenerationParams(prompt="a red apple", seed=5, steps=3, width=16, height=16, sampler="Euler")
+    own = P.txt2img(checkpoint.load(tiny_file), params)[0]
+    # the reference: the standalone-VAE loading that `ldmkit generate --vae` uses
+    swapped = P.txt2img(checkpoint.load(tiny_file, vae=vae_dir / "kl-a.safetensors"), params)[0]
+    assert not np.array_equal(np.asarray(own), np.asarray(swapped))
+
+    r = generate(url, steps=3)
+    np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(own))
+    for name in ("kl-a.safetensors", "kl-a-diffusers"):
+        assert set_options(url, sd_vae=name).ok
+        assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["sd_vae"] == name
+        r = generate(url, steps=3)
+        np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(swapped))
+        assert json.loads(r.json()["info"])["sd_vae_name"] == name
+    for default in ("None", "Automatic"):
+        assert set_options(url, sd_vae=default).ok
+        np.testing.assert_array_equal(pixels(generate(url, steps=3).json()["images"][0]), np.asarray(own))
+    # a per-request override, as A1111's override_settings
+    r = generate(url, steps=3, override_settings={"sd_vae": "kl-a.safetensors"})
+    np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(swapped))
+
+
+def test_bad_sd_vae_is_422_naming_the_valid_ones(url):
+    r = set_options(url, sd_vae="missing.safetensors")
+    assert r.status_code == 422
+    msg = r.json()["detail"][0]["msg"]
+    assert msg.startswith("no VAE 'missing.safetensors' in ")
+    assert msg.endswith("valid: Automatic, None, kl-a-diffusers, kl-a.safetensors")
+    assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["sd_vae"] == "Automatic"  # unchanged
+    r = generate(url, steps=1, override_settings={"sd_vae": "nope"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "override_settings", "sd_vae"]
+
+
+def test_sd_vae_for_another_architecture_is_refused(url, vae_dir, tmp_path):
+    wrong = vae_dir / "wrong.safetensors"
+    save_file({"decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(wrong))
+    try:
+        r = set_options(url, sd_vae="wrong.safetensors")
+        assert r.status_code == 400 and "VAE wrong.safetensors:" in r.json()["detail"]
+        assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["sd_vae"] == "Automatic"
+    finally:
+        wrong.unlink()
+
+
+def test_no_vae_dir(tiny_file):
+    app = create_app(tiny_file, device="cpu")
+    with BackgroundServer(app) as url:
+        assert requests.get(f"{url}/sdapi/v1/sd-vae", timeout=30).json() == []
+        r = set_options(url, sd_vae="x.safetensors")
+        assert r.status_code == 422
+        assert r.json()["detail"][0]["msg"] == ("no VAE 'x.safetensors' (start the server with --vae-dir DIR); "
+                                                "valid: Automatic, None")
