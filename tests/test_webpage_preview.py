@@ -1,0 +1,107 @@
+"""The web page shows the image forming: Chromium sees the live preview change during one generation.
+
+Launched as in ``tests/test_webpage.py`` (Debian's chromium through Playwright, no ``playwright install``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium: apt-get install -y chromium", allow_module_level=True)
+pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+requests = pytest.importorskip("requests")
+
+from ldmkit import pipeline as P  # noqa: E402
+from ldmkit.config import TINY  # noqa: E402
+from ldmkit.model import StableDiffusion  # noqa: E402
+from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000
+STEPS = 16
+
+# records every new src of #preview with the number of finished results on the page at that moment
+WATCH = """() => {
+  window.previewLog = [];
+  const img = document.querySelector('#preview');
+  new MutationObserver(() => window.previewLog.push({
+    src: img.src, results: document.querySelectorAll('#gallery figure.result').length,
+    text: document.querySelector('#progress-text').textContent,
+  })).observe(img, { attributes: true, attributeFilter: ['src'] });
+}"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    app = create_app(StableDiffusion(TINY).eval(), preview_interval=0)
+    with BackgroundServer(app) as url:
+        yield url
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Each step takes 0.3 s more, so the page (polling every 0.25 s) sees the preview of most steps."""
+    seen = []
+    real = P.txt2img
+
+    def txt2img(model, params, callback=None):
+        def cb(d):
+            time.sleep(0.3)
+            callback(d)
+            seen.append(d["i"])
+
+        return real(model, params, callback=cb)
+
+    monkeypatch.setattr(P, "txt2img", txt2img)
+    return seen
+
+
+@pytest.mark.parametrize(("kind", "fmt", "mime", "size"), [
+    ("Approx cheap", "jpeg", "image/jpeg", (16, 12)),  # one pixel per latent (this model's f = 2)
+    ("Full", "png", "image/png", (32, 24)),
+])
+def test_preview_changes_during_one_generation(server, slow_steps, kind, fmt, mime, size):
+    r = requests.post(f"{server}/sdapi/v1/options", timeout=30,
+                      json={"show_progress_type": kind, "live_previews_image_format": fmt})
+    assert r.ok, r.text
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(server)
+        page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 5")
+        page.evaluate(WATCH)
+        page.fill("#prompt", "a red apple")
+        for name, value in {"steps": STEPS, "width": 32, "height": 24, "seed": 7}.items():
+            page.fill(f"#{name}", str(value))
+        page.select_option("#sampler_name", "Euler")
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure.result")
+        log = page.evaluate("window.previewLog")
+        shown = page.eval_on_selector("#preview", "img => [img.naturalWidth, img.naturalHeight, img.hidden]")
+        browser.close()
+    assert errors == [] and len(slow_steps) == STEPS
+    during = [e for e in log if e["results"] == 0 and e["text"].startswith("step ")]
+    assert len(during) == len(log) >= 3  # every change came while this one generation ran ...
+    assert len({e["src"] for e in during}) >= 3  # ... and the picture changed at least twice
+    assert all(e["src"].startswith(f"data:{mime};base64,") for e in during)
+    last = Image.open(io.BytesIO(base64.b64decode(during[-1]["src"].split(",", 1)[1])))
+    assert last.size == size and shown == [*size, False]
