@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,41 @@ def test_cli_preview_written_after_every_step(tiny_file, tmp_path, monkeypatch, 
     assert len(lines) == 2 and lines[0].lstrip("\r").startswith("generate:") and lines[1].startswith("done in")
 
 
+def test_cli_preview_vae_is_the_tiny_decoder(tiny_file, vae_dir, tmp_path, monkeypatch):
+    ref = taesd_reference(vae_dir / "taesd-tiny")
+    shots = []
+    real = previews.preview_writer
+
+    def recording(path, decoder):
+        write = real(path, decoder)
+
+        def step(d):
+            write(d)
+            shots.append((np.asarray(Image.open(path).convert("RGB")), d["denoised"][0].clone()))
+
+        return step
+
+    monkeypatch.setattr(previews, "preview_writer", recording)
+    rc = cli.main(["generate", "a red apple", "--model", str(tiny_file), "--steps", "3", "--sampler", "Euler",
+                   "--width", "16", "--height", "16", "--seed", "3", "-o", str(tmp_path / "out.png"),
+                   "--preview", str(tmp_path / "p.png"), "--preview-vae", str(vae_dir / "taesd-tiny")])
+    assert rc == 0 and len(shots) == 3
+    for got, latent in shots:
+        assert got.shape == (16, 16, 3)  # full size, unlike Approx cheap
+        diff = np.abs(got.astype(int) - reference_preview(ref, latent).astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def test_cli_preview_vae_with_wrong_latent_channels(tiny_file, tmp_path, capsys):
+    taesd_reference(tmp_path / "taesd16", latent_channels=16)
+    rc = cli.main(["generate", "x", "--model", str(tiny_file), "--steps", "1", "--preview", str(tmp_path / "p.png"),
+                   "--preview-vae", str(tmp_path / "taesd16")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.startswith(f"ldmkit: error: --preview-vae {tmp_path / 'taesd16'}: a tiny autoencoder with 16 latent "
+                          "channels, but tiny uses 4 ")
+
+
 def test_cli_preview_vae_without_preview_is_an_error(tiny_file, capsys):
     rc = cli.main(["generate", "x", "--model", str(tiny_file), "--steps", "1", "--preview-vae", "taesd/"])
     assert rc == 2
@@ -144,7 +180,27 @@ def vae_dir(tmp_path_factory):
               str(folder / "diffusion_pytorch_model.safetensors"))
     (folder / "config.json").write_text(json.dumps(convert.diffusers_vae_config(TINY.vae)))
     (d / "notes.txt").write_text("not a VAE")
+    taesd_reference(d / "taesd-tiny")
     return d
+
+
+def taesd_reference(folder: Path, latent_channels: int = 4):
+    """A random diffusers ``AutoencoderTiny`` for the tiny model (f = 2: two levels), saved as a folder."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(3)
+    ref = diffusers.AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1),
+                                    latent_channels=latent_channels).eval()
+    if not folder.exists():
+        ref.save_pretrained(folder)
+    return ref
+
+
+def reference_preview(ref, latent: torch.Tensor) -> np.ndarray:
+    """diffusers' tiny decode of one scaled latent, converted to 8 bits as A1111 converts previews."""
+    with torch.no_grad():
+        x = ref.decode(latent[None]).sample[0]
+    return (255.0 * np.clip(x.permute(1, 2, 0).double().numpy() * 0.5 + 0.5, 0, 1)).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +319,8 @@ def test_bad_preview_options_are_422(url, option, value, message):
 
 def test_sd_vae_list(url, vae_dir):
     items = requests.get(f"{url}/sdapi/v1/sd-vae", timeout=30).json()
-    assert items == [{"model_name": "kl-a-diffusers", "filename": str((vae_dir / "kl-a-diffusers").resolve())},
-                     {"model_name": "kl-a.safetensors", "filename": str((vae_dir / "kl-a.safetensors").resolve())}]
+    names = ["kl-a-diffusers", "kl-a.safetensors", "taesd-tiny"]
+    assert items == [{"model_name": n, "filename": str((vae_dir / n).resolve())} for n in names]
     assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["sd_vae"] == "Automatic"
 
 
@@ -295,26 +351,50 @@ def test_sd_vae_switches_the_decoder(url, tiny_file, vae_dir):
     np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(swapped))
 
 
+def test_sd_vae_tiny_autoencoder(url, tiny_file, vae_dir):
+    params = P.GenerationParams(prompt="a red apple", seed=5, steps=3, width=16, height=16, sampler="Euler")
+    # the reference: `ldmkit generate --vae taesd-tiny/` (the tiny autoencoder as the final decoder)
+    want = P.txt2img(checkpoint.load(tiny_file, vae=vae_dir / "taesd-tiny"), params)[0]
+    assert set_options(url, sd_vae="taesd-tiny").ok
+    r = generate(url, steps=3)
+    np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(want))
+    # img2img encodes with it too
+    init = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    init.save(buf, format="PNG")
+    body = {"prompt": "a red apple", "seed": 5, "steps": 4, "width": 16, "height": 16, "sampler_name": "Euler",
+            "init_images": [base64.b64encode(buf.getvalue()).decode()], "denoising_strength": 0.5}
+    r = requests.post(f"{url}/sdapi/v1/img2img", json=body, timeout=120)
+    want = P.img2img(checkpoint.load(tiny_file, vae=vae_dir / "taesd-tiny"), params.replace(steps=4, strength=0.5),
+                     init)[0]
+    np.testing.assert_array_equal(pixels(r.json()["images"][0]), np.asarray(want))
+
+
 def test_bad_sd_vae_is_422_naming_the_valid_ones(url):
     r = set_options(url, sd_vae="missing.safetensors")
     assert r.status_code == 422
     msg = r.json()["detail"][0]["msg"]
     assert msg.startswith("no VAE 'missing.safetensors' in ")
-    assert msg.endswith("valid: Automatic, None, kl-a-diffusers, kl-a.safetensors")
+    assert msg.endswith("valid: Automatic, None, kl-a-diffusers, kl-a.safetensors, taesd-tiny")
     assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["sd_vae"] == "Automatic"  # unchanged
     r = generate(url, steps=1, override_settings={"sd_vae": "nope"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "override_settings", "sd_vae"]
 
 
-def test_sd_vae_for_another_architecture_is_refused(url, vae_dir, tmp_path):
+def test_sd_vae_for_another_architecture_is_refused(url, vae_dir):
     wrong = vae_dir / "wrong.safetensors"
     save_file({"decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(wrong))
+    taesd_reference(vae_dir / "taesd16", latent_channels=16)
     try:
         r = set_options(url, sd_vae="wrong.safetensors")
         assert r.status_code == 400 and "VAE wrong.safetensors:" in r.json()["detail"]
+        r = set_options(url, sd_vae="taesd16")
+        assert r.status_code == 400
+        assert "a tiny autoencoder with 16 latent channels, but tiny uses 4" in r.json()["detail"]
         assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["sd_vae"] == "Automatic"
     finally:
         wrong.unlink()
+        shutil.rmtree(vae_dir / "taesd16")
 
 
 def test_no_vae_dir(tiny_file):
@@ -325,3 +405,28 @@ def test_no_vae_dir(tiny_file):
         assert r.status_code == 422
         assert r.json()["detail"][0]["msg"] == ("no VAE 'x.safetensors' (start the server with --vae-dir DIR); "
                                                 "valid: Automatic, None")
+
+
+def test_server_preview_vae(tiny_file, vae_dir, monkeypatch):
+    ref = taesd_reference(vae_dir / "taesd-tiny")
+    app = create_app(tiny_file, device="cpu", preview_interval=0, preview_vae=vae_dir / "taesd-tiny")
+    with BackgroundServer(app) as url:
+        assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["show_progress_type"] == "TAESD"
+        seen = []
+        real = P.txt2img
+
+        def txt2img(model, params, callback=None):
+            def cb(d):
+                callback(d)
+                seen.append((requests.get(f"{url}/sdapi/v1/progress", timeout=30).json(), d["denoised"][0].clone()))
+
+            return real(model, params, callback=cb)
+
+        monkeypatch.setattr(P, "txt2img", txt2img)
+        assert generate(url, steps=3).ok
+    assert len(seen) == 3
+    for progress, latent in seen:
+        got = pixels(progress["current_image"])
+        assert got.shape == (16, 16, 3)
+        diff = np.abs(got.astype(int) - reference_preview(ref, latent).astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99

@@ -68,7 +68,7 @@ def tiny_decoder(path: str | os.PathLike, model: StableDiffusion | None = None) 
 
     tiny = taesd.load_taesd(path)
     if model is not None:
-        taesd.check_compatible(tiny, model)
+        taesd.check_compatible(tiny, model, f"--preview-vae {path}")
 
     def decode(latents: Tensor) -> list[Image.Image]:
         with torch.inference_mode():

@@ -44,7 +44,7 @@ class VAECatalogue:
         self.vae_dir = Path(vae_dir) if vae_dir else None
         if self.vae_dir is not None and not self.vae_dir.is_dir():
             raise FileNotFoundError(f"--vae-dir {self.vae_dir}: no such folder")
-        self._cache: dict[tuple[str, str], nn.Module] = {}
+        self._cache: dict[tuple, nn.Module] = {}
         self._lock = threading.Lock()
 
     def scan(self) -> list[VAEInfo]:
@@ -75,7 +75,8 @@ class VAECatalogue:
 
     def decoder(self, info: VAEInfo, model: StableDiffusion) -> nn.Module:
         """The VAE as a module that can stand in for ``model.vae`` (same encode/decode contract)."""
-        key = (info.filename, repr(model.cfg.vae))
+        # a decoder-only tiny file borrows this model's KL encoder, and files may be replaced on disk
+        key = (info.filename, Path(info.filename).stat().st_mtime_ns, id(model), repr(model.cfg.vae))
         with self._lock:
             if key not in self._cache:
                 self._cache.clear()  # one switched-to VAE at a time is enough; don't hoard memory
