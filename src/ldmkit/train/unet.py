@@ -320,20 +320,29 @@ class UNetTask:
         self.ids = torch.stack([tokenizer(row) for row in texts])
         self.empty_ids = tokenizer([""])[0]
 
-    def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
-        b = len(idx)
+    def sample_latents(self, idx: Tensor, gen: torch.Generator) -> Tensor:
+        """Scaled latents of the images ``idx``: a posterior sample of each (or of its mirror image)."""
         mean, std = self.cache["mean"][idx], self.cache["std"][idx]
         if self.flip:
-            flip = ((torch.rand(b, generator=gen) < 0.5) & self.flippable[idx])[:, None, None, None]
+            flip = ((torch.rand(len(idx), generator=gen) < 0.5) & self.flippable[idx])[:, None, None, None]
             mean = torch.where(flip, self.cache["mean_flip"][idx], mean)
             std = torch.where(flip, self.cache["std_flip"][idx], std)
-        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
+        return (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
+
+    def caption_ids(self, idx: Tensor, gen: torch.Generator, drop: Tensor) -> Tensor:
+        """Token ids of the captions of ``idx``, each in a random template; the empty caption where ``drop``."""
+        # one template per sample; no draw without templates, so such runs resume on the same random stream
+        many = len(self.ids) > 1
+        pick = torch.randint(0, len(self.ids), (len(idx),), generator=gen) if many else torch.zeros_like(idx)
+        return torch.where(drop[:, None], self.empty_ids, self.ids[pick, idx])
+
+    def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
+        b = len(idx)
+        latents = self.sample_latents(idx, gen)
         t = torch.randint(0, self.model_cfg.num_train_timesteps, (b,), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         drop = torch.rand(b, generator=gen) < self.cfg.caption_dropout
-        # one template per sample; no draw without templates, so such runs resume on the same random stream
-        pick = torch.randint(0, len(self.ids), (b,), generator=gen) if len(self.ids) > 1 else torch.zeros_like(idx)
-        ids = torch.where(drop[:, None], self.empty_ids, self.ids[pick, idx])
+        ids = self.caption_ids(idx, gen, drop)
         return {"latents": latents, "ids": ids, "t": t, "noise": noise}
 
     def viewer(self, eval_net: nn.Module) -> Any:

@@ -1,0 +1,256 @@
+"""``ldmkit train lcm``: the consistency target against a closed form written out here (DDIM step of the
+guided teacher, the boundary scalings of diffusers' LCMScheduler, pseudo-Huber), exact resume with the
+EMA target network, the LCM-LoRA against diffusers' loader, train -> export -> generate, bad input.
+
+Tiny models, 16-px images, a few steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from reference import rel_err
+from shapes import write_shapes
+
+from ldmkit import cli
+from ldmkit.checkpoint import load, read_safetensors, save_single_file
+from ldmkit.config import TINY, TINY_SD2
+from ldmkit.lora import apply_lora
+from ldmkit.model import StableDiffusion
+from ldmkit.train import defaults, train
+from ldmkit.train.lcm import LCM_LORA_FILE, LCMTask
+from ldmkit.train.runner import DistInfo, read_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("data"), 8, SIZE)
+
+
+def _save(cfg, path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_single_file(StableDiffusion(cfg), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save(TINY, tmp_path_factory.mktemp("models") / "tiny.safetensors", 0)
+
+
+@pytest.fixture(scope="module")
+def sd2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save(TINY_SD2, tmp_path_factory.mktemp("models") / "tiny-sd2.safetensors", 1)
+
+
+def lcm_cfg(data: Path, model: Path, **kw):
+    base = dict(data=str(data), init_from=str(model), size=SIZE, batch_size=3, total_steps=4, warmup_steps=1,
+                lr=1e-3, log_every=1, sample_every=0, checkpoint_every=2, device="cpu", w_min=2.0, w_max=6.0,
+                num_ddim_timesteps=10, target_decay=0.5, ema_decay=0.9)
+    return defaults("lcm").replace(**{**base, **kw})
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# ---------------------------------------------------------------- the target, in closed form
+
+
+@pytest.mark.parametrize("model", ["sd1_file", "sd2_file"])  # eps- and v-prediction teachers
+def test_consistency_target_and_loss_match_the_closed_form(data: Path, model: str, request, tmp_path: Path) -> None:
+    from diffusers import DDPMScheduler, LCMScheduler
+
+    path = request.getfixturevalue(model)
+    cfg = lcm_cfg(data, path)
+    task = LCMTask(cfg, tmp_path / "run", DistInfo(0, 1, torch.device("cpu")))
+    net = task.net
+    teacher = copy.deepcopy(net.frozen_teacher.module)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # online, target and teacher all different, so a swapped network shows
+        for m, s in ((net.unet, 0.02), (net.target_unet, 0.05)):
+            for p in m.parameters():
+                p.add_(s * torch.randn(p.shape, generator=g))
+    batch = task.make_batch(torch.arange(3), torch.Generator().manual_seed(7), step=0)
+    with torch.no_grad():
+        loss, _ = net(**batch)
+        _, _, _, target = net.targets(batch["latents"], batch["ids"], batch["index"], batch["noise"], batch["w"])
+
+    # the same, written out: diffusers' training schedule and LCM scalings, DDIM step of the guided teacher
+    prediction = load(path).cfg.prediction
+    ab = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    lcm = LCMScheduler(timestep_scaling=10.0)
+    k = 1000 // 10
+    t_start = [(int(n) + 1) * k - 1 for n in batch["index"]]  # 99, 199, ..., 999
+    t_end = [max(t - k, 0) for t in t_start]
+    text = task.model.text_encoder
+    with torch.no_grad():
+        cond = text(batch["ids"], clip_skip=task.model_cfg.clip_skip)
+        uncond = text(task.empty_ids.expand(3, -1), clip_skip=task.model_cfg.clip_skip)
+    expected_target, expected_pred = [], []
+
+    def x0_eps(out, x, t):
+        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
+        if prediction == "eps":
+            return (x - s * out) / a, out
+        return a * x - s * out, s * x + a * out
+
+    for i in range(3):
+        ts, te, w = t_start[i], t_end[i], float(batch["w"][i])
+        x = ab[ts].sqrt() * batch["latents"][i:i + 1] + (1 - ab[ts]).sqrt() * batch["noise"][i:i + 1]
+        with torch.no_grad():
+            x0_c, eps_c = x0_eps(teacher(x, torch.tensor([ts]), cond[i:i + 1]), x, ts)
+            x0_u, eps_u = x0_eps(teacher(x, torch.tensor([ts]), uncond[i:i + 1]), x, ts)
+            x0_g, eps_g = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+            x_prev = ab[te].sqrt() * x0_g + (1 - ab[te]).sqrt() * eps_g  # DDIM, eta = 0
+            c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(te)
+            expected_target.append(c_skip * x_prev + c_out * x0_eps(net.target_unet(x_prev, torch.tensor([te]),
+                                                                                     cond[i:i + 1]), x_prev, te)[0])
+            c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(ts)
+            expected_pred.append(c_skip * x + c_out * x0_eps(net.unet(x, torch.tensor([ts]), cond[i:i + 1]), x, ts)[0])
+    expected_target, expected_pred = torch.cat(expected_target), torch.cat(expected_pred)
+    assert rel_err(target, expected_target) < 1e-5
+    huber = (torch.sqrt((expected_pred - expected_target) ** 2 + 0.001**2) - 0.001).mean()
+    assert abs(loss.item() - huber.item()) <= 1e-5 * huber.item()
+
+
+def test_boundary_condition_at_t0() -> None:
+    from ldmkit.schedules import lcm_boundary_scalings
+
+    c_skip, c_out = lcm_boundary_scalings(torch.tensor([0, 19, 999]))
+    assert c_skip[0] == 1 and c_out[0] == 0
+    assert c_skip[2] < 1e-6 and abs(c_out[2] - 1) < 1e-6
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_resumed_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    cfg = lcm_cfg(data, sd1_file, total_steps=5)
+    train(cfg, tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step: int, info: dict) -> None:
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):  # after step 3's update, before a checkpoint: the last one is step 2
+        train(cfg, tmp_path / "b", on_step=crash_at_3)
+    assert read_checkpoint(tmp_path / "b")["step"] == 2
+    train(cfg, tmp_path / "b", resume=True)
+
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5]
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
+    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
+    assert ca["net"].keys() == cb["net"].keys() and int(ca["net"]["target_step"]) == 4
+    for k, v in ca["net"].items():
+        assert (v.float() - cb["net"][k].float()).abs().max() <= 1e-6, k
+    for k, v in ca["ema"]["shadow"].items():
+        assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
+    # the target network is an EMA of the online one: it moved, and lags behind
+    teacher = load(sd1_file).unet.state_dict()
+    key = "out.2.weight"
+    online, target = ca["net"]["unet." + key], ca["net"]["target_unet." + key]
+    assert not torch.equal(target, teacher[key]) and not torch.equal(target, online)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _unet_out(unet, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, TINY.unet.context_dim, generator=g)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([99.0, 699.0]), ctx)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def test_lcm_lora_loads_in_diffusers_with_the_same_delta(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+
+    from ldmkit import checkpoint
+
+    run = tmp_path / "lora"
+    train(lcm_cfg(data, sd1_file, lora_rank=4, lora_alpha=2.0, total_steps=3, lr=1e-2), run)
+    path = run / LCM_LORA_FILE
+    sd, meta = read_safetensors(path)
+    assert sd and all(k.startswith("lora_unet_") for k in sd)  # U-Net only, kohya names
+    assert any(v.abs().max() > 0 for k, v in sd.items() if k.endswith("lora_up.weight"))  # it trained
+    ckpt = read_checkpoint(run)
+    key = next(k for k in sd if k.endswith("lora_up.weight"))
+    assert torch.equal(sd[key], ckpt["ema"]["shadow"]["lora." + key])  # the file holds the EMA weights
+
+    base = load(sd1_file)
+    merged = copy.deepcopy(base)
+    apply_lora(merged, path)
+    ours = _unet_out(merged.unet) - _unet_out(base.unet)
+    folder = tmp_path / "pipe"
+    checkpoint.save_diffusers(base, folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    before = _unet_out(pipe.unet)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    ref = _unet_out(pipe.unet) - before
+    assert ref.abs().max() > 1e-4  # the LoRA does change the output
+    assert rel_err(ours, ref) < 1e-3
+
+
+def test_train_export_generate(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "full"
+    train(lcm_cfg(data, sd1_file, total_steps=2), run)
+    out = tmp_path / "lcm.safetensors"
+    assert cli.main(["export", str(run), str(out), "--half"]) == 0
+    model = load(out)
+    ckpt = read_checkpoint(run)
+    for k, v in model.unet.state_dict().items():  # the EMA of the student, stored as float16
+        assert torch.equal(v, ckpt["ema"]["shadow"]["unet." + k].half().to(v.dtype)), k
+    teacher = load(sd1_file)
+    for k, v in model.vae.state_dict().items():  # the teacher's autoencoder and text encoder
+        assert torch.equal(v, teacher.vae.state_dict()[k].half().to(v.dtype)), k
+    _, meta = read_safetensors(out)
+    assert "LCM" in json.dumps(meta)  # the settings to sample with are recorded
+    from ldmkit.samplers import SAMPLERS
+
+    sampler = "LCM" if "LCM" in SAMPLERS else "Euler"
+    png = tmp_path / "a.png"
+    assert cli.main(["generate", "a red square", "--model", str(out), "--sampler", sampler, "--steps", "4",
+                     "--cfg-scale", "1", "--width", str(SIZE), "--height", str(SIZE), "--output", str(png)]) == 0
+    assert png.exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "pass the teacher with --model"),
+    (["--model", "MODEL", "--w-min", "5", "--w-max", "3"], "w_min <= w_max"),
+    (["--model", "MODEL", "--num-ddim-timesteps", "7"], "must divide the model's 1000 training timesteps"),
+    (["--model", "MODEL", "--lora-rank", "-1"], "lora_rank must be 0"),
+    (["--model", "no/such/model.safetensors"], "no such run folder, model file or built-in model"),
+])
+def test_bad_flags_are_one_line_errors(flags, message, data: Path, sd1_file: Path, tmp_path: Path, capsys) -> None:
+    flags = [str(sd1_file) if f == "MODEL" else f for f in flags]
+    argv = ["train", "lcm", "--data", str(data), "--out", str(tmp_path / "r"), "--size", str(SIZE), "--device", "cpu"]
+    assert cli.main(argv + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_export_with_vae_is_refused(data: Path, sd1_file: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "full"
+    train(lcm_cfg(data, sd1_file, total_steps=1), run)
+    assert cli.main(["export", str(run), str(tmp_path / "o.safetensors"), "--vae", str(sd1_file)]) == 2
+    assert "--vae applies to U-Net runs" in capsys.readouterr().err
