@@ -25,7 +25,8 @@ from ldmkit.atomic import replacing
 from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
-from ldmkit.recommended import RECOMMENDED_METADATA_KEY, read_recommended
+from ldmkit.pages import file_backed_ranges, is_file_backed, page_out
+from ldmkit.recommended import RECOMMENDED_METADATA_KEY, implied_recommended, read_recommended
 
 StateDict = dict[str, Tensor]
 CONFIG_METADATA_KEY = "ldmkit.config"
@@ -124,8 +125,19 @@ def load_strict(module: nn.Module, sd: StateDict, what: str, dtype: torch.dtype 
                 f"{tuple(v.shape)}. The checkpoint is a different architecture than the one detected; "
                 "pass the right --model-type."
             )
-    module.load_state_dict({k: sd[k].to(dtype) if sd[k].is_floating_point() else sd[k] for k in expected},
-                          strict=True, assign=True)
+    mapped = file_backed_ranges() if any(sd[k].is_floating_point() and sd[k].dtype != dtype for k in expected) else []
+    module.load_state_dict({k: _as_dtype(sd[k], dtype, mapped) for k in expected}, strict=True, assign=True)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype, mapped: list[tuple[int, int]]) -> Tensor:
+    """``t`` in ``dtype``. When that copies a tensor of a memory-mapped file, the file's pages are given
+    back at once, so converting (fp16 file -> fp32, or fp32 -> fp16 for low-memory mode) never holds both."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if is_file_backed(t, mapped):
+        page_out([t])
+    return out
 
 
 @contextmanager
@@ -381,6 +393,8 @@ def load(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, model
         model = load_single_file(p, model_type=model_type, dtype=dtype)
     else:
         raise CheckpointError(f"{p}: no such file or folder")
+    if model.recommended is None:
+        model.recommended = implied_recommended(bool(model.cfg.unet.time_cond_proj_dim))
     if vae is not None:
         swap_vae(model, vae)
     return model.to(device)

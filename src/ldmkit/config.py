@@ -67,6 +67,9 @@ class UNetConfig:
     transformer_depth: int = 1
     use_linear_in_transformer: bool = False  # SD2 uses nn.Linear for proj_in/proj_out
     norm_groups: int = 32
+    # full LCM models (e.g. LCM_Dreamshaper_v7): width of the guidance-scale embedding added to the
+    # timestep embedding (diffusers' time_cond_proj_dim, 256); None for ordinary U-Nets
+    time_cond_proj_dim: int | None = None
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) for a block of ``channels`` channels."""

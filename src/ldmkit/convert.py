@@ -163,6 +163,8 @@ def _unet_blocks(cfg: UNetConfig) -> list[_Block]:
               _Block("middle_block.0", "mid_block.resnets.0", "res"),
               _Block("middle_block.1", "mid_block.attentions.0", "attn"),
               _Block("middle_block.2", "mid_block.resnets.1", "res")]
+    if cfg.time_cond_proj_dim:  # guidance-embedded LCM U-Net: the same name in both layouts
+        blocks.append(_Block("time_embedding.cond_proj", "time_embedding.cond_proj", "plain"))
     k = 1  # input_blocks.0 is conv_in
     for level in range(levels):
         for j in range(n_res):
@@ -480,6 +482,8 @@ def _unet_config_from_weights(u: Mapping[str, Tensor], family: str) -> UNetConfi
         attention_levels=tuple(f"input_blocks.{k}.1.proj_in.weight" in u for k in firsts),
         context_dim=to_k.shape[1], transformer_depth=_count(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
         use_linear_in_transformer=proj_in.ndim == 2, **heads,
+        time_cond_proj_dim=u["time_embedding.cond_proj.weight"].shape[1] if "time_embedding.cond_proj.weight" in u
+        else None,
     )
 
 
@@ -580,13 +584,14 @@ def diffusers_unet_config(cfg: UNetConfig, sample_size: int = 64) -> dict[str, A
         "transformer_layers_per_block": cfg.transformer_depth,
         "attention_head_dim": heads,
         "use_linear_projection": cfg.use_linear_in_transformer,
+        "time_cond_proj_dim": cfg.time_cond_proj_dim,
     }
 
 
 # diffusers options that change the architecture away from an SD1/SD2 U-Net, with their defaults
 _UNET_UNSUPPORTED = {
     "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None, "num_class_embeds": None,
-    "time_cond_proj_dim": None, "only_cross_attention": False, "dual_cross_attention": False,
+    "only_cross_attention": False, "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
     "conv_out_kernel": 3, "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu", "downsample_padding": 1,
@@ -632,7 +637,7 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         attention_levels=attn, context_dim=_uniform(d, "cross_attention_dim", 1280),
         transformer_depth=_uniform(d, "transformer_layers_per_block", 1),
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
-        norm_groups=d.get("norm_num_groups", 32), **head_cfg,
+        norm_groups=d.get("norm_num_groups", 32), time_cond_proj_dim=d.get("time_cond_proj_dim"), **head_cfg,
     )
 
 

@@ -70,3 +70,26 @@ def read_recommended(metadata: Mapping[str, str]) -> Recommended | None:
     if unknown:
         raise ValueError(f"metadata {RECOMMENDED_METADATA_KEY!r} has unknown settings: {', '.join(sorted(unknown))}")
     return _check(Recommended(**d))
+
+
+def apply_recommended(options: Mapping[str, object], rec: Recommended | None) -> dict[str, object]:
+    """``options`` with each recommended setting the user left out (absent or None) filled in.
+
+    Explicit options always win. The recommended schedule comes only with the recommended sampler:
+    a user who picks another sampler gets that sampler's own default schedule.
+    """
+    out = dict(options)
+    if rec is None:
+        return out
+    sampler_given = out.get("sampler") is not None
+    for name in ("sampler", "steps", "cfg_scale", "scheduler"):
+        value = getattr(rec, name)
+        if out.get(name) is None and value is not None and not (name == "scheduler" and sampler_given):
+            out[name] = value
+    return out
+
+
+def implied_recommended(guidance_embedded: bool) -> Recommended | None:
+    """What a file without recommendations implies: a guidance-embedded (full LCM) U-Net works only as a
+    few-step consistency model, so LCM, 4 steps, guidance 8.5 (diffusers' LatentConsistencyModelPipeline)."""
+    return Recommended(sampler="LCM", steps=4, cfg_scale=8.5) if guidance_embedded else None

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from ldmkit.schedules import SCHEDULE_DISPLAY_NAMES, SCHEDULES
+from ldmkit.schedules import SCHEDULE_DISPLAY_NAMES, SCHEDULES, DiscreteSchedule, lcm_boundary_scalings
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -525,6 +525,83 @@ def sample_unipc(
     return x.to(dtype)
 
 
+# -- consistency models: LCM (Luo et al. 2023) and TCD (Zheng et al. 2024) -----------------------------
+# Both were distilled on the model's discrete VP timesteps, so each step needs the training timestep
+# of its sigma (``schedule``, the model's own; SD's when None). Start them from VP noise
+# (x = noise * sqrt(1 + sigma_max^2)), as diffusers' LCM/TCD pipelines do.
+
+
+def _timestep(schedule: DiscreteSchedule, sigma: float) -> float:
+    """Training timestep of sigma, snapped to the integer when within float error of one."""
+    t = float(schedule.sigma_to_t(torch.tensor(sigma, dtype=torch.float64)))
+    return float(round(t)) if abs(t - round(t)) < 1e-3 else t
+
+
+def sample_lcm(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    schedule: DiscreteSchedule | None = None,
+) -> Tensor:
+    """Latent consistency model multistep sampling (Luo et al. 2023, alg. 1; diffusers ``LCMScheduler``).
+
+    Each step maps x to the consistency output f = c_skip(t) x_vp + c_out(t) D(x, sigma) and re-noises
+    it with fresh noise to the next sigma; the last step returns f itself.
+    """
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    schedule = schedule or DiscreteSchedule.sd()
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        c_skip, c_out = (float(c) for c in lcm_boundary_scalings(_timestep(schedule, s[i])))
+        # the boundary condition mixes in the VP latent the network saw, x / sqrt(1 + sigma^2)
+        f = denoised * c_out + x * (c_skip / math.sqrt(1 + s[i] ** 2))
+        _report(callback, i, x, s[i], f)
+        x = f if i == len(s) - 2 else f + _randn(f, generator) * s[i + 1]
+    return x.to(dtype)
+
+
+def sample_tcd(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 0.3,
+    schedule: DiscreteSchedule | None = None,
+) -> Tensor:
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024; diffusers
+    ``TCDScheduler``), ``eta`` = gamma in [0, 1].
+
+    From sigma_t it jumps along the predicted trajectory to s = floor((1 - gamma) t_next) (x_s =
+    D + sigma_s * eps), then adds fresh noise back up to sigma_next. gamma = 0 is deterministic (DDIM
+    to t_next), gamma = 1 is a full consistency step like LCM's. The last step lands on t = 0.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD gamma (eta) must be in [0, 1], got {eta}; 0.3 is the usual choice")
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    schedule = schedule or DiscreteSchedule.sd()
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        t_s = math.floor((1 - eta) * _timestep(schedule, s[i + 1]))
+        sigma_s = float(schedule.t_to_sigma(t_s))
+        x_s = denoised + _d(x, s[i], denoised) * sigma_s
+        if i == len(s) - 2:
+            # diffusers returns the VP sample at t_s = 0 (sigma_min ~ 0.03, not 0): the same latent here
+            x = x_s / math.sqrt(1 + sigma_s**2)
+        elif eta > 0:
+            x = x_s + _randn(x, generator) * math.sqrt(max(s[i + 1] ** 2 - sigma_s**2, 0.0))
+        else:
+            x = x_s
+    return x.to(dtype)
+
+
 # -- registry ---------------------------------------------------------------------------------------------
 
 _FUNCTIONS: dict[str, Sampler] = {
@@ -539,6 +616,8 @@ _FUNCTIONS: dict[str, Sampler] = {
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,
     "unipc": sample_unipc,
+    "lcm": sample_lcm,
+    "tcd": sample_tcd,
 }
 
 SAMPLER_DISPLAY_NAMES: dict[str, str] = {
@@ -553,6 +632,8 @@ SAMPLER_DISPLAY_NAMES: dict[str, str] = {
     "ddim": "DDIM",
     "ddpm": "DDPM",
     "unipc": "UniPC",
+    "lcm": "LCM",
+    "tcd": "TCD",
 }
 
 # Schedule used when a name carries none: A1111 >= 1.9's per-sampler defaults, DDIM/DDPM's own spacing.
@@ -568,6 +649,8 @@ DEFAULT_SCHEDULES: dict[str, str] = {
     "ddim": "ddim_uniform",
     "ddpm": "ddim_uniform",
     "unipc": "uniform",
+    "lcm": "lcm",
+    "tcd": "lcm",  # TCDScheduler.set_timesteps makes the same original-50 skipping timesteps
 }
 
 # other spellings: k-diffusion/ComfyUI function names and A1111's k_* aliases

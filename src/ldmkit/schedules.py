@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -193,6 +194,38 @@ def sgm_uniform(n: int, schedule: DiscreteSchedule) -> Tensor:
     return _append_zero(schedule.t_to_sigma(t))
 
 
+def trailing(n: int, schedule: DiscreteSchedule) -> Tensor:
+    """diffusers ``timestep_spacing="trailing"``: t = round(T - i T / n) - 1 for i < n (Lin et al. 2024, table 2).
+
+    The first step starts at t = T - 1 (pure noise); SD-Turbo, Hyper-SD and SDXL-Lightning were
+    distilled for it and need it at 1-4 steps. Integer timesteps, so exact on any interpolation.
+    """
+    _check_n(n)
+    T = schedule.num_timesteps
+    if n > T:
+        raise ValueError(f"the trailing schedule takes at most {T} steps, got {n}")
+    # np.arange and np.round (half to even) exactly as diffusers writes them, so the t are identical
+    t = (np.arange(T, 0, -T / n).round() - 1)[:n]
+    return _append_zero(schedule.t_to_sigma(torch.from_numpy(t)))
+
+
+def lcm(n: int, schedule: DiscreteSchedule, original_steps: int = 50) -> Tensor:
+    """Latent consistency models' skipping schedule (diffusers ``LCMScheduler``/``TCDScheduler.set_timesteps``).
+
+    The model was distilled on ``original_steps`` timesteps t = k - 1, 2k - 1, ..., T - 1 with
+    k = T // original_steps (Luo et al. 2023, "skipping-step"); n of them are taken at evenly spaced
+    indices from the top: 4 steps -> t = 999, 759, 499, 259.
+    """
+    _check_n(n)
+    if n > original_steps:
+        raise ValueError(f"the lcm schedule takes at most {original_steps} steps (the distillation's own "
+                         f"schedule), got {n}; use fewer steps or another scheduler")
+    k = schedule.num_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    t = origin[np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(np.int64)]
+    return _append_zero(schedule.t_to_sigma(torch.from_numpy(t.astype(np.float64))))
+
+
 def _karras(n: int, schedule: DiscreteSchedule, rho: float = 7.0) -> Tensor:
     return karras(n, schedule.sigma_min, schedule.sigma_max, rho)
 
@@ -207,6 +240,8 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "exponential": _exponential,
     "ddim_uniform": ddim_uniform,
     "sgm_uniform": sgm_uniform,
+    "trailing": trailing,
+    "lcm": lcm,
 }
 
 # A1111 display names (the "Schedule type" dropdown and the suffix of legacy names like "DPM++ 2M Karras").
@@ -216,6 +251,8 @@ SCHEDULE_DISPLAY_NAMES: dict[str, str] = {
     "exponential": "Exponential",
     "ddim_uniform": "DDIM",
     "sgm_uniform": "SGM Uniform",
+    "trailing": "Trailing",
+    "lcm": "LCM",
 }
 
 

@@ -25,6 +25,18 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of guidance scales w (B,) for guidance-distilled U-Nets, sin half first.
+
+    VDM's (Kingma et al. 2021) embedding of 1000 w with frequencies 10000^(-j / (dim/2 - 1)), as the
+    LCM distillation scripts and diffusers' ``get_guidance_scale_embedding`` compute it.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device))
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))  # (B, dim)
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -187,6 +199,9 @@ class UNetModel(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.time_cond_proj_dim:
+            # LDM has no name for it; community single files keep diffusers' key under model.diffusion_model.
+            self.time_embedding = nn.ModuleDict({"cond_proj": nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)})
 
         def transformer(ch: int) -> SpatialTransformer:
             heads, hd = cfg.heads_at(ch)
@@ -225,11 +240,19 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         self.gradient_checkpointing = False
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
-        """Predict the noise (or v) in ``x`` (B, C, H, W) at ``timesteps`` (B,), given ``context`` (B, 77, D)."""
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, guidance_emb: Tensor | None = None) -> Tensor:
+        """Predict the noise (or v) in ``x`` (B, C, H, W) at ``timesteps`` (B,), given ``context`` (B, 77, D).
+
+        ``guidance_emb`` (B, time_cond_proj_dim): :func:`guidance_embedding` of a guidance-embedded U-Net.
+        """
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
+        if guidance_emb is not None:
+            if not self.cfg.time_cond_proj_dim:
+                raise ValueError("guidance_emb given, but this U-Net has no guidance embedding (time_cond_proj_dim)")
+            t_emb = t_emb + self.time_embedding.cond_proj(guidance_emb.to(x.dtype))
+        emb = self.time_embed(t_emb)
         hs = []
         h = x
         for block in self.input_blocks:
