@@ -55,6 +55,11 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's n-th last layer")
     p.add_argument("--eta", type=float, default=None, help="noise amount for DDIM / ancestral samplers")
+    p.add_argument("--deepcache", type=int, default=None, metavar="N",
+                   help="DeepCache: run the full U-Net every N-th call and only its shallow branch in between, "
+                        "reusing the deep features (3: about 2x faster, slightly different image; default: off)")
+    p.add_argument("--deepcache-branch", type=int, default=None, metavar="B",
+                   help="with --deepcache: skip levels the in-between calls recompute (0, the default, the fewest)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("-o", "--output", default=None, help="output PNG (with several images, -SEED is appended)")
     p.add_argument("--preview", default=None, metavar="PNG",
@@ -137,6 +142,12 @@ def _params_from_args(args: argparse.Namespace, model) -> object:
     )
     if hasattr(args, "strength"):
         kw["strength"] = args.strength
+    if args.deepcache_branch is not None and args.deepcache is None:
+        raise ValueError("--deepcache-branch needs --deepcache N (the interval), e.g. --deepcache 3")
+    if args.deepcache is not None:
+        kw["deepcache"] = args.deepcache
+    if args.deepcache_branch is not None:
+        kw["deepcache_branch"] = args.deepcache_branch
     return GenerationParams(**kw)
 
 
@@ -171,6 +182,10 @@ def _apply_png(args: argparse.Namespace) -> None:
         args.width, args.height = (int(v) for v in p["Size"].split("x"))
     if "Clip skip" in p and args.clip_skip is None:
         args.clip_skip = int(p["Clip skip"])
+    if "DeepCache" in p and args.deepcache is None:
+        args.deepcache = int(p["DeepCache"])
+        if args.deepcache_branch is None:
+            args.deepcache_branch = int(p.get("DeepCache branch", 0))
 
 
 def _outputs(args: argparse.Namespace, images: list) -> list[Path]:

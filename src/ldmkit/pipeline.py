@@ -21,6 +21,8 @@ from PIL import Image
 from torch import Tensor
 
 from ldmkit import __version__
+from ldmkit.deepcache import DeepCacheUNet
+from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, DiscreteDenoiser
 from ldmkit.model import StableDiffusion
 from ldmkit.prompt import encode_pair
@@ -51,6 +53,8 @@ class GenerationParams:
     clip_skip: int | None = None
     eta: float | None = None
     strength: float = 0.75  # img2img / inpaint: how much of the schedule to run
+    deepcache: int = 1  # DeepCache interval: the full U-Net every N-th call, the shallow branch between; 1 = off
+    deepcache_branch: int = 0  # DeepCache branch: how many skip levels the in-between calls recompute (0 = fewest)
 
     def replace(self, **changes: object) -> GenerationParams:
         return dataclasses.replace(self, **changes)
@@ -71,6 +75,10 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
         raise GenerationError(f"steps must be at least 1, got {params.steps}")
     if params.batch_size < 1:
         raise GenerationError(f"batch size must be at least 1, got {params.batch_size}")
+    try:
+        check_deepcache(model.unet, params.deepcache, params.deepcache_branch)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
     if not 0.0 < params.strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {params.strength}")
     try:
@@ -107,8 +115,13 @@ def model_schedule(model: StableDiffusion) -> DiscreteSchedule:
     return DiscreteSchedule(sd_alphas_cumprod(c.num_train_timesteps, c.beta_start, c.beta_end))
 
 
-def make_denoiser(model: StableDiffusion) -> DiscreteDenoiser:
-    return DiscreteDenoiser(model.unet, model_schedule(model), prediction=model.cfg.prediction, dtype=model.dtype)
+def make_denoiser(model: StableDiffusion, params: GenerationParams | None = None) -> DiscreteDenoiser:
+    """The model's denoiser for one generation; with ``params.deepcache`` > 1 its U-Net calls go through a
+    DeepCache made for this generation alone (the feature cache is never shared between requests)."""
+    net = model.unet
+    if params is not None and params.deepcache > 1:
+        net = DeepCacheUNet(model.unet, params.deepcache, params.deepcache_branch)
+    return DiscreteDenoiser(net, model_schedule(model), prediction=model.cfg.prediction, dtype=model.dtype)
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,7 @@ def run_sampler(model: StableDiffusion, params: GenerationParams, x: Tensor, sig
                 mask: Tensor | None = None, init_latent: Tensor | None = None,
                 callback: StepCallback | None = None) -> Tensor:
     """The reverse diffusion: a sampler stepping a guided denoiser from ``sigmas[0]`` to 0."""
-    den = CFGDenoiser(make_denoiser(model), cond, uncond, params.cfg_scale, c_concat=c_concat)
+    den = CFGDenoiser(make_denoiser(model, params), cond, uncond, params.cfg_scale, c_concat=c_concat)
     if mask is not None and init_latent is not None:
         den = MaskedDenoiser(den, mask, init_latent)
     gen = torch.Generator().manual_seed(seeds[0] + 1)  # fresh noise for ancestral/SDE samplers
@@ -242,6 +255,10 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
     fields.extend((extra or {}).items())
     if params.clip_skip and params.clip_skip > 1:
         fields.append(("Clip skip", params.clip_skip))
+    if params.deepcache > 1:
+        fields.append(("DeepCache", params.deepcache))
+        if params.deepcache_branch:
+            fields.append(("DeepCache branch", params.deepcache_branch))
     fields.append(("Version", f"ldmkit {__version__}"))
     lines.append(", ".join(f"{k}: {v}" for k, v in fields))
     return "\n".join(lines)

@@ -144,7 +144,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                                # A1111's live preview options; the Full VAE unless a tiny decoder was given
                                "live_previews_enable": True, "show_progress_every_n_steps": 1,
                                "show_progress_type": "TAESD" if tiny_preview else "Full",
-                               "live_previews_image_format": "png"}
+                               "live_previews_image_format": "png", **G.DEEPCACHE_OPTIONS}
     worker = Worker(loaded, first, queue_size=queue_size, preview_interval=preview_interval, options=options,
                     tiny_preview=tiny_preview)
     explain_dirs: list[Path] = [Path(explain_dir)] if explain_dir else []  # a temporary one, made when needed
@@ -281,6 +281,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         if not isinstance(clip, int) or not 1 <= clip <= 12:
             raise G.field_error(("CLIP_stop_at_last_layers",), "must be an integer from 1 to 12", clip)
         check_preview_options(req)
+        for key in [k for k in G.DEEPCACHE_OPTIONS if k in req]:
+            G.check_deepcache_option(key, req[key], (key,))
         if "sd_vae" in req:
             try:
                 vae_info = await run_in_threadpool(check_name, vaes, req["sd_vae"])

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldmkit import __version__
 from ldmkit import pipeline as P
+from ldmkit.deepcache import branches
 from ldmkit.infotext import parse_infotext, save_png
 from ldmkit.model import StableDiffusion
 from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler
@@ -157,6 +158,34 @@ def check_size(model: StableDiffusion, req: S.GenerationRequest, limits: Limits)
                                       "smaller size or batch_size", req.width)
 
 
+# DeepCache as server options (A1111 has none; named in its options' style), settable per request in
+# override_settings: the full U-Net every N-th call (1 = off) and the branch the calls between recompute
+DEEPCACHE_OPTIONS: dict[str, int] = {"deepcache_interval": 1, "deepcache_branch": 0}
+
+
+def check_deepcache_option(key: str, value: Any, loc: tuple) -> None:
+    """A 422 naming the option unless ``value`` is an integer it accepts (the branch's depth is checked per model)."""
+    lo = 1 if key == "deepcache_interval" else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        what = "1 = off, 3 = the full U-Net every 3rd call" if lo else "0 = the shallowest branch"
+        raise field_error(loc, f"{key} must be an integer of at least {lo} ({what}), got {value!r}", value)
+
+
+def deepcache_settings(model: StableDiffusion, overrides: dict, options: dict) -> dict[str, int]:
+    """The request's DeepCache settings (override_settings, else the options) as GenerationParams fields."""
+    values = {}
+    for key, default in DEEPCACHE_OPTIONS.items():
+        loc = ("override_settings", key) if key in overrides else (key,)
+        values[key] = v = overrides.get(key, options.get(key, default))
+        check_deepcache_option(key, v, loc)
+    n = branches(model.unet)
+    if values["deepcache_branch"] >= n:
+        loc = ("override_settings", "deepcache_branch") if "deepcache_branch" in overrides else ("deepcache_branch",)
+        raise field_error(loc, f"deepcache_branch {values['deepcache_branch']} is beyond this model's U-Net depth: "
+                               f"use 0 to {n - 1}", values["deepcache_branch"])
+    return {"deepcache": values["deepcache_interval"], "deepcache_branch": values["deepcache_branch"]}
+
+
 def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict, limits: Limits,
                  strength: float = 0.75) -> P.GenerationParams:
     check_size(model, req, limits)
@@ -171,6 +200,7 @@ def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict
     if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
         raise field_error(("override_settings", "CLIP_stop_at_last_layers"),
                           f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}", clip_skip)
+    deepcache = deepcache_settings(model, overrides, options)
     params = P.GenerationParams(
         prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
         sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
@@ -179,7 +209,7 @@ def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict
         clip_skip=clip_skip if clip_skip > 1 else None,
         # A1111 clients send eta for every sampler; only those with an eta parameter use it
         eta=req.eta if "eta" in inspect.signature(fn).parameters else None,
-        strength=strength,
+        strength=strength, **deepcache,
     )
     try:
         P.validate(params, model)

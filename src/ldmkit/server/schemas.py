@@ -50,7 +50,8 @@ class GenerationRequest(_Request):
     s_tmin: float | None = Field(None, description=IGNORED)
     s_noise: float | None = Field(None, description=IGNORED)
     override_settings: dict[str, Any] | None = Field(
-        None, description="per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers")
+        None, description="per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers, sd_vae, "
+                          "deepcache_interval (DeepCache: the full U-Net every N-th call; 1 = off), deepcache_branch")
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = Field(None, description=IGNORED)
     refiner_switch_at: float | None = Field(None, description=IGNORED)

@@ -162,6 +162,8 @@ function requestBody() {
     steps: num("#steps"), cfg_scale: num("#cfg_scale"), width: num("#width"), height: num("#height"),
     seed: num("#seed"), batch_size: num("#batch_size"), n_iter: num("#n_iter"),
   };
+  const deepcache = num("#deepcache");  // a per-request override; anything but 1 goes to the server to check
+  if (deepcache !== 1) body.override_settings = { ...(body.override_settings || {}), deepcache_interval: deepcache };
   if (state.mode !== "txt2img") {
     if (!state.initDataUrl) throw new Error("choose an init image first");
     body.init_images = [state.initDataUrl];
