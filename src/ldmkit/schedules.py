@@ -261,9 +261,17 @@ def scheduler_names() -> list[str]:
     return list(SCHEDULES)
 
 
+def schedule_short_name(name: str) -> str:
+    """The short name of a schedule given by short or display name, any case ("SGM Uniform" -> "sgm_uniform");
+    unknown names come back lower-cased for :func:`get_sigmas` to reject."""
+    key = " ".join(name.strip().lower().split())
+    by_display = {v.lower(): k for k, v in SCHEDULE_DISPLAY_NAMES.items()}
+    return by_display.get(key, key)
+
+
 def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, **kwargs: object) -> Tensor:
-    """n + 1 descending float64 sigmas ending in 0 for the schedule called ``name``."""
-    fn = SCHEDULES.get(name.lower())
+    """n + 1 descending float64 sigmas ending in 0 for the schedule called ``name`` (short or display name)."""
+    fn = SCHEDULES.get(schedule_short_name(name))
     if fn is None:
         raise ValueError(f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
     return fn(n, schedule, **kwargs)
