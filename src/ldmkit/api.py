@@ -84,20 +84,38 @@ def default_device() -> str:
 
 def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | None = None,
          model_type: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-         loras: list[tuple[str, float]] | None = None) -> Pipeline:
+         loras: list[tuple[str, float]] | None = None, low_memory: bool = False,
+         vae_tiling: bool = False) -> Pipeline:
     """Load a checkpoint file, a diffusers folder, or a built-in model by name (default: ``emoji``).
 
     ``loras``: (kohya-format LoRA file, multiplier) pairs merged into the weights.
     Computes in float32 on CPU (bf16/fp16 are far slower there) and float16 on CUDA by default.
+    ``low_memory`` (CPU): weights kept in float16, memory-mapped from fp16 safetensors files, and
+    computed in float32 one module at a time (ldmkit.lowmem): about half the memory for a few
+    percent more time; the same image as float32 weights rounded to float16.
+    ``vae_tiling``: decode the image in tiles (ldmkit.vae_tiling): the same image, less memory at
+    large sizes.
     """
-    device = device or default_device()
+    device = device or ("cpu" if low_memory else default_device())
+    if low_memory and (str(device) != "cpu" or dtype not in (None, torch.float32)):
+        raise ValueError("low-memory mode stores float16 weights and computes in float32 on the CPU; "
+                         "drop --device/dtype (on a GPU the default float16 already halves the memory)")
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     path = resolve_model_path(model)
-    sd_model = load_model(path, vae=vae, model_type=model_type, dtype=torch.float32, device="cpu")
+    # low memory: an fp16 file's tensors are kept as they are (views of the mapped file), others converted once
+    storage = torch.float16 if low_memory else torch.float32
+    sd_model = load_model(path, vae=vae, model_type=model_type, dtype=storage, device="cpu")
     if loras:
         from ldmkit.lora import apply_lora
 
         for lora_path, multiplier in loras:
-            apply_lora(sd_model, lora_path, multiplier)
-    return Pipeline(sd_model.to(device=device, dtype=dtype))
+            apply_lora(sd_model, lora_path, multiplier)  # merged in float32, stored in the weights' dtype
+    if low_memory:
+        from ldmkit import lowmem
+
+        sd_model = lowmem.enable(sd_model)
+    else:
+        sd_model = sd_model.to(device=device, dtype=dtype)
+    sd_model.vae_tiling = vae_tiling
+    return Pipeline(sd_model)

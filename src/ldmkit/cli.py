@@ -61,6 +61,14 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--deepcache-branch", type=int, default=None, metavar="B",
                    help="with --deepcache: skip levels the in-between calls recompute (0, the default, the fewest)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="CPU: keep the weights in fp16 (memory-mapped from fp16 .safetensors) and compute in fp32 "
+                        "one layer at a time; idle networks are paged out. Same image, about half the memory, "
+                        "a few percent slower: use it when RAM is short (SD1.5 in under ~4 GB), otherwise "
+                        "leave it off (the default is the faster one)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode the image in tiles: the same image (no seams), far less memory for large "
+                        "images; slightly slower, so worth it above ~768x768 or with --low-memory")
     p.add_argument("-o", "--output", default=None, help="output PNG (with several images, -SEED is appended)")
     p.add_argument("--preview", default=None, metavar="PNG",
                    help="write a live preview of the first image here after every step (open it in a viewer "
@@ -222,7 +230,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ldmkit.lora import parse_lora_arg
 
     loras = [parse_lora_arg(spec) for spec in args.lora]
-    pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras)
+    pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras,
+                    low_memory=args.low_memory, vae_tiling=args.vae_tiling)
     params = _params_from_args(args, pipe.model)
     P.validate(params, pipe.model)
     from ldmkit.prompt import unknown_words

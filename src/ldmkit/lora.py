@@ -95,7 +95,8 @@ def apply_lora(model: StableDiffusion, path: str | os.PathLike, multiplier: floa
             if down.shape[1] != mod.weight.shape[1] or up.shape[0] != mod.weight.shape[0]:
                 raise CheckpointError(f"{path}: {name} has shapes that don't fit {where} {tuple(mod.weight.shape)}")
             delta = lora_delta(g["lora_down.weight"], g["lora_up.weight"], alpha, mod.weight.shape)
-            mod.weight += (multiplier * delta).to(mod.weight.dtype)
+            # merged in float32, then stored in the weight's dtype (fp16 in low-memory mode): rounded once
+            mod.weight.copy_((mod.weight.float() + multiplier * delta).to(mod.weight.dtype))
     return len(groups)
 
 

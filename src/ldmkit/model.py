@@ -29,6 +29,10 @@ class StableDiffusion(nn.Module):
         self.source_name = cfg.name
         self.source_path: str | None = None
         self._hash: str | None = None
+        # low-memory mode (ldmkit.lowmem): weights stored in fp16, computed module by module in this dtype
+        self.compute_dtype: torch.dtype | None = None
+        # decode in tiles (ldmkit.vae_tiling) so the decoder's activations stay small at large sizes
+        self.vae_tiling = False
         # settings the file recommends (ldmkit.recommended metadata); used where the user gives none
         self.recommended: Recommended | None = None
 
@@ -47,7 +51,8 @@ class StableDiffusion(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        """The dtype the networks compute in (their inputs' dtype); in low-memory mode not the weights'."""
+        return self.compute_dtype or next(self.unet.parameters()).dtype
 
     def parts(self) -> dict[str, nn.Module]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}

@@ -8,6 +8,7 @@ decoder -> image. docs/architecture.md maps each to its function here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import random
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ldmkit import __version__
+from ldmkit import __version__, lowmem
 from ldmkit.deepcache import DeepCacheUNet
 from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, DiscreteDenoiser
@@ -28,6 +29,7 @@ from ldmkit.model import StableDiffusion
 from ldmkit.prompt import encode_pair
 from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, default_schedule, resolve_sampler
 from ldmkit.schedules import DiscreteSchedule, get_sigmas, sd_alphas_cumprod
+from ldmkit.vae_tiling import tiled_decode
 
 StepCallback = Callable[[dict], None]
 MAX_SEED = 2**32 - 1
@@ -93,7 +95,10 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
 def encode_prompt(model: StableDiffusion, prompts: list[str], negatives: list[str],
                   clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
     """Prompts and negative prompts -> text embeddings (B, 77*k, D) that cross-attention reads."""
-    return encode_pair(model, prompts, negatives, clip_skip or model.cfg.clip_skip)
+    try:
+        return encode_pair(model, prompts, negatives, clip_skip or model.cfg.clip_skip)
+    finally:
+        lowmem.release(model, "text_encoder")
 
 
 def resolve_seeds(seed: int, n: int) -> list[int]:
@@ -167,8 +172,11 @@ def run_sampler(model: StableDiffusion, params: GenerationParams, x: Tensor, sig
     kwargs: dict = {"generator": gen, "callback": callback}
     if params.eta is not None and "eta" in inspect.signature(sampler_fn).parameters:
         kwargs["eta"] = params.eta  # A1111 clients send eta with every sampler; only some use it
-    with torch.inference_mode():
-        out = sampler_fn(den, x, sigmas.to(x.device), **kwargs)
+    try:
+        with torch.inference_mode():
+            out = sampler_fn(den, x, sigmas.to(x.device), **kwargs)
+    finally:
+        lowmem.release(model, "unet")
     if mask is not None and init_latent is not None:
         out = init_latent * (1 - mask) + out * mask
     return out
@@ -193,11 +201,13 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
     autoencoder (TAESD, ``scaled_latents``) on the latent itself."""
     images = []
     scale = 1.0 if getattr(model.vae, "scaled_latents", False) else model.cfg.vae.scale_factor
+    decode = functools.partial(tiled_decode, model.vae) if model.vae_tiling else model.vae.decode
     with torch.inference_mode():
         for z in latents.split(1):  # one at a time keeps peak memory flat for batches
-            x = model.vae.decode(z.to(model.dtype) / scale).float()
+            x = decode(z.to(model.dtype) / scale).float()
             x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(Image.fromarray(x[0].permute(1, 2, 0).cpu().numpy()))
+    lowmem.release(model, "vae")
     return images
 
 
