@@ -58,8 +58,11 @@ def test_approx_cheap_is_a1111s_linear_map():
 
 def test_resolve_preview_types():
     model = StableDiffusion(TINY)
-    assert previews.resolve("Approx cheap", model) is previews.approx_cheap
-    assert previews.resolve("Approx NN", model) is previews.approx_cheap  # no tiny decoder: the cheap map
+    z = torch.randn(1, 4, 3, 3)
+    cheap = np.asarray(previews.approx_cheap(z)[0])
+    assert previews.cheap_map(model) == (previews.APPROX_CHEAP_SD, None)  # SD's latent space: A1111's matrix
+    np.testing.assert_array_equal(np.asarray(previews.resolve("Approx cheap", model)(z)[0]), cheap)
+    np.testing.assert_array_equal(np.asarray(previews.resolve("Approx NN", model)(z)[0]), cheap)  # no tiny one
     tiny = lambda z: []  # noqa: E731
     assert previews.resolve("TAESD", model, tiny) is tiny and previews.resolve("Approx NN", model, tiny) is tiny
     z = torch.randn(1, 4, 4, 4)
@@ -67,6 +70,34 @@ def test_resolve_preview_types():
     assert np.array_equal(np.asarray(full), np.asarray(P.decode_latents(model, z)[0]))
     with pytest.raises(ValueError, match="unknown preview type 'Fast'; valid: Approx cheap, Approx NN, TAESD, Full"):
         previews.resolve("Fast", model)
+
+
+def test_approx_cheap_fitted_for_another_latent_space():
+    """The built-in emoji model has its own autoencoder: A1111's matrix is meaningless there, a fitted one is not."""
+    from ldmkit import api
+
+    if api.builtin_model_path("emoji") is None:
+        pytest.skip("the built-in emoji model is not installed")
+    model = api.load(device="cpu").model
+    assert model.cfg.vae.scale_factor != previews.SD_SCALE_FACTOR
+    last = {}
+    final = P.txt2img(model, P.GenerationParams(prompt="a red apple", seed=1, steps=12, width=64, height=64),
+                      callback=lambda d: last.update(z=d["denoised"]))[0]
+    z = last["z"]
+    want = np.asarray(final.resize((z.shape[3], z.shape[2]), Image.Resampling.BOX)).astype(float)
+
+    def rmse(img: Image.Image) -> float:
+        return float(np.sqrt(((np.asarray(img).astype(float) - want) ** 2).mean()))
+
+    coeffs, bias = previews.cheap_map(model)
+    assert coeffs.shape == (4, 3) and bias.shape == (3,)
+    fitted, a1111 = rmse(previews.resolve("Approx cheap", model)(z)[0]), rmse(previews.approx_cheap(z)[0])
+    assert fitted < 60 and a1111 > 2 * fitted  # measured: 49 and 138 (of 255)
+    # the best any linear map with a bias could do on this very latent: least squares, numpy
+    x = np.concatenate([z[0].reshape(4, -1).T.numpy(), np.ones((z.shape[2] * z.shape[3], 1))], axis=1)
+    w = np.linalg.lstsq(x, want.reshape(-1, 3) / 127.5 - 1, rcond=None)[0]
+    best = np.sqrt(((np.clip((x @ w) * 0.5 + 0.5, 0, 1) * 255 - want.reshape(-1, 3)) ** 2).mean())
+    assert best <= fitted < 2 * best
 
 
 # ---------------------------------------------------------------- CLI
