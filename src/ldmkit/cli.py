@@ -134,7 +134,7 @@ def _preview_writer(args: argparse.Namespace, model):
         return None
     from ldmkit import previews
 
-    decoder = previews.tiny_decoder(args.preview_vae, model) if args.preview_vae else previews.approx_cheap
+    decoder = previews.tiny_decoder(args.preview_vae, model) if args.preview_vae else previews.approx_cheap_for(model)
     return previews.preview_writer(args.preview, decoder)
 
 
