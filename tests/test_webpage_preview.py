@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -24,6 +25,7 @@ requests = pytest.importorskip("requests")
 from ldmkit import pipeline as P  # noqa: E402
 from ldmkit.config import TINY  # noqa: E402
 from ldmkit.model import StableDiffusion  # noqa: E402
+from ldmkit.models.vae import AutoencoderKL  # noqa: E402
 from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -43,11 +45,14 @@ WATCH = """() => {
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    app = create_app(StableDiffusion(TINY).eval(), preview_interval=0)
+    vaes = tmp_path_factory.mktemp("vaes")
+    save_file({k: v.contiguous() for k, v in AutoencoderKL(TINY.vae).state_dict().items()},
+              str(vaes / "other-vae.safetensors"))
+    app = create_app(StableDiffusion(TINY).eval(), preview_interval=0, vae_dir=vaes)
     with BackgroundServer(app) as url:
         yield url
     torch.set_num_threads(n)
@@ -105,3 +110,30 @@ def test_preview_changes_during_one_generation(server, slow_steps, kind, fmt, mi
     assert all(e["src"].startswith(f"data:{mime};base64,") for e in during)
     last = Image.open(io.BytesIO(base64.b64decode(during[-1]["src"].split(",", 1)[1])))
     assert last.size == size and shown == [*size, False]
+
+
+def test_vae_and_preview_choices_set_the_server_options(server):
+    options = lambda: requests.get(f"{server}/sdapi/v1/options", timeout=30).json()  # noqa: E731
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server)
+        page.wait_for_function("document.querySelectorAll('#sd_vae option').length === 2")
+        assert page.eval_on_selector_all("#sd_vae option", "os => os.map((o) => o.value)") == [
+            "Automatic", "other-vae.safetensors"]
+        page.select_option("#sd_vae", "other-vae.safetensors")
+        page.wait_for_function("document.querySelector('#sd_vae').value === 'other-vae.safetensors'")
+        deadline = time.monotonic() + 30
+        while options()["sd_vae"] != "other-vae.safetensors":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        page.select_option("#show_progress_type", "Approx cheap")
+        while options()["show_progress_type"] != "Approx cheap":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        page.select_option("#sd_vae", "Automatic")
+        while options()["sd_vae"] != "Automatic":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        browser.close()

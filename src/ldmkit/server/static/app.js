@@ -46,7 +46,7 @@ async function loadChoices() {
     sc.innerHTML = "";
     for (const item of schedulers) sc.add(new Option(item.label, item.name));
   } catch (e) { showError(`could not load samplers: ${e.message}`); }
-  await loadModels();
+  await Promise.all([loadModels(), loadVaes()]);
 }
 
 async function loadModels() {
@@ -57,6 +57,26 @@ async function loadModels() {
     sel.innerHTML = "";
     for (const m of models) sel.add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
   } catch (e) { showError(`could not load models: ${e.message}`); }
+}
+
+async function loadVaes() {
+  try {
+    const [vaes, options] = await Promise.all([api("GET", "/sdapi/v1/sd-vae"), api("GET", "/sdapi/v1/options")]);
+    const sel = $("#sd_vae");
+    sel.innerHTML = "";
+    for (const name of ["Automatic", ...vaes.map((v) => v.model_name)]) {
+      sel.add(new Option(name, name, false, name === options.sd_vae));
+    }
+    $("#show_progress_type").value = options.show_progress_type === "Approx NN" ? "TAESD" : options.show_progress_type;
+  } catch (e) { showError(`could not load VAEs: ${e.message}`); }
+}
+
+// the VAE and the preview kind are server options, as in A1111: they apply to the following requests
+for (const id of ["sd_vae", "show_progress_type"]) {
+  $(`#${id}`).addEventListener("change", async (ev) => {
+    try { await api("POST", "/sdapi/v1/options", { [id]: ev.target.value }); } catch (e) { showError(e.message); }
+    await loadVaes();
+  });
 }
 
 $("#model").addEventListener("change", async (ev) => {
