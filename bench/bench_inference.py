@@ -210,10 +210,11 @@ def worker_main(spec: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- parent: orchestration and report
 
 
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one worker process; its stderr passes through, its last tagged stdout line is the result."""
+def run_worker(spec: dict[str, Any], script: str = __file__) -> dict[str, Any]:
+    """Run one worker process of ``script`` (this file by default; other bench scripts pass their own, with the
+    same ``--worker SPEC`` convention); its stderr passes through, its last tagged stdout line is the result."""
     load = os.getloadavg()[0]
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
                           text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
