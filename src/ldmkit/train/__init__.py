@@ -35,6 +35,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     if cfg.kind not in TASKS:
         raise TrainError(f"unknown training kind {cfg.kind!r}; choose one of {', '.join(TASKS)}")
     out = run(cfg, Path(run_dir), TASKS[cfg.kind](), resume=resume, stop_after=stop_after, on_step=on_step)
+    if cfg.kind == "lcm" and cfg.lora_rank and int(os.environ.get("RANK", "0")) == 0:
+        from ldmkit.train.lcm import LCM_LORA_FILE, export_lcm
+
+        export_lcm(out, out / LCM_LORA_FILE)  # the EMA weights of the final checkpoint
     if cfg.kind == "lora" and int(os.environ.get("RANK", "0")) == 0:
         from ldmkit.train.lora import LORA_FILE, export_lora
 
@@ -60,8 +64,14 @@ def _lora_task():
     return LoRATask
 
 
+def _lcm_task():
+    from ldmkit.train.lcm import LCMTask
+
+    return LCMTask
+
+
 # kind -> the Task class (imported on use, so `ldmkit --help` stays fast)
-TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task}
+TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task, "lcm": _lcm_task}
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -81,7 +91,14 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
         from ldmkit.train.export import export_model
 
         return export_model(str(run_dir), out, half, vae)
-    if load_run_config(run_dir).kind == "lora":
+    kind = load_run_config(run_dir).kind
+    if kind == "lcm":
+        if vae:
+            raise TrainError("--vae applies to U-Net runs; an LCM run exports its teacher's autoencoder")
+        from ldmkit.train.lcm import export_lcm
+
+        return export_lcm(run_dir, out, half)
+    if kind == "lora":
         if vae:
             raise TrainError("--vae applies to U-Net runs; a LoRA file holds no autoencoder")
         from ldmkit.train.lora import export_lora

@@ -72,6 +72,17 @@ LORA_EXAMPLES = """examples:
   (runs/lora/lora.safetensors is rewritten at every checkpoint; kohya layout, loads in A1111 and diffusers)
 """
 
+LCM_EXAMPLES = """examples:
+  ldmkit train lcm --model emoji --data data/emoji --out runs/emoji-lcm --w-min 4 --w-max 4
+  ldmkit export runs/emoji-lcm emoji-lcm.safetensors --half
+  ldmkit generate --model emoji-lcm.safetensors --sampler LCM --steps 4 --cfg-scale 1 "a red apple"
+  ldmkit train lcm --model sd15.safetensors --data my_images --size 512 --lora-rank 64 --out runs/lcm-lora
+  ldmkit generate --model sd15.safetensors --lora runs/lcm-lora/lcm_lora.safetensors --sampler LCM --steps 4 \
+      --cfg-scale 1 "a red apple"
+  ldmkit train lcm --resume runs/emoji-lcm                # continue exactly where it stopped
+  (--lora-rank 0, the default, distils the whole U-Net; the teacher's guidance scale is 1 + w)
+"""
+
 EXPORT_EXAMPLES = """examples:
   ldmkit export runs/ldm model.safetensors           # EMA weights + VAE + text encoder, one file
   ldmkit export runs/ldm model-fp16.safetensors --half
@@ -108,7 +119,8 @@ _SPECIAL = {"kind", "arch"}
 _METAVARS = {"data": "DIR", "model": "PRESET", "vae": "RUN_DIR|MODEL", "text_encoder": "MODEL", "device": "DEVICE",
              "init_from": "MODEL"}
 # shorter spellings: `train lora --model sd15.safetensors --rank 8 --alpha 8` (lora has no preset --model)
-_ALIASES = {("lora", "init_from"): "--model", ("lora", "lora_rank"): "--rank", ("lora", "lora_alpha"): "--alpha"}
+_ALIASES = {("lora", "init_from"): "--model", ("lora", "lora_rank"): "--rank", ("lora", "lora_alpha"): "--alpha",
+            ("lcm", "init_from"): "--model"}
 
 
 def _flag(name: str) -> str:
@@ -143,7 +155,7 @@ def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
             p.add_argument(*flags, nargs="+", metavar="TEXT", **kw)
         else:
             p.add_argument(*flags, type=tp, metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
-    if kind != "lora":  # a LoRA's architecture is its model's
+    if kind not in ("lora", "lcm"):  # a LoRA's (a distilled model's) architecture is its model's
         p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
                        help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, "
                             "text.layers=6")
@@ -216,6 +228,8 @@ TRAINERS: dict[str, Trainer] = {
                             "fine-tuning a model (--init-from)", UNET_EXAMPLES),
     "lora": _config_trainer("lora", "train LoRA modules on a Stable Diffusion model (a kohya-format file)",
                             LORA_EXAMPLES),
+    "lcm": _config_trainer("lcm", "latent consistency distillation of a model: a few-step model (sampler LCM, "
+                           "4 steps, CFG 1) or an LCM-LoRA (--lora-rank R)", LCM_EXAMPLES),
 }
 
 

@@ -23,7 +23,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-Kind = Literal["vae", "unet", "lora"]
+Kind = Literal["vae", "unet", "lora", "lcm"]
 KINDS: tuple[str, ...] = typing.get_args(Kind)
 ARCH_PARTS: dict[str, type] = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
 
@@ -54,15 +54,16 @@ class TrainConfig:
     A help text that starts with kinds (``unet/lora: ...``) marks a setting only those kinds use.
     """
 
-    kind: Kind = _help("what is trained: vae, unet or lora", "unet")
+    kind: Kind = _help("what is trained: vae, unet, lora or lcm", "unet")
     data: str = _help("dataset folder (images/ + metadata.jsonl, as `ldmkit data` writes)", "")
     model: str = _help(f"vae/unet: architecture preset: {', '.join(TRAIN_PRESETS)} (unet: unused with --init-from)",
                        "small")
     arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
-    init_from: str = _help("vae/unet/lora: a model to start from. vae: a `ldmkit train vae` run folder or a model "
-                           "file, continued with its architecture; unet: a Stable Diffusion model (file, diffusers "
-                           "folder or built-in name) whose U-Net (and text encoder) is fine-tuned with its "
-                           "architecture and VAE; lora: the model LoRA modules are trained on, frozen (required)",
+    init_from: str = _help("vae/unet/lora/lcm: a model to start from. vae: a `ldmkit train vae` run folder or a "
+                           "model file, continued with its architecture; unet: a Stable Diffusion model (file, "
+                           "diffusers folder or built-in name) whose U-Net (and text encoder) is fine-tuned with its "
+                           "architecture and VAE; lora: the model LoRA modules are trained on, frozen (required); "
+                           "lcm: the teacher (required)",
                            "")
     freeze_encoder: bool = _help("vae: train only the decoder (as SD's ft-MSE VAE), so latents of a U-Net trained "
                                  "on the --init-from VAE stay valid", False)
@@ -92,7 +93,7 @@ class TrainConfig:
         "else eps", "auto")
     caption_dropout: float = _help("unet/lora: probability of training on the empty caption (for CFG)", 0.1)
     caption_templates: list[str] = field(default_factory=list, metadata={
-        "help": "unet: each training caption is put, at random per sample, into one of these, e.g. "
+        "help": "unet/lcm: each training caption is put, at random per sample, into one of these, e.g. "
                 "'{caption}' '{a} {caption}' 'an emoji of {a} {caption}' ({a}: 'a' or 'an' to suit the caption), "
                 "so the model learns prompts phrased as people type them, not only bare captions (default: bare)"})
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
@@ -106,19 +107,28 @@ class TrainConfig:
     sample_every: int = _help("steps between sample grids / evaluation, and at the end (0: never)", 1000)
     log_every: int = _help("steps between metrics lines", 10)
     sample_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "unet/lora: prompts of the sample grid (default: captions of held-out images)"})
-    sample_steps: int = _help("unet/lora: sampler steps for the sample grid", 20)
-    sample_cfg_scale: float = _help("unet/lora: guidance scale for the sample grid", 4.0)
+        "help": "unet/lora/lcm: prompts of the sample grid (default: captions of held-out images)"})
+    sample_steps: int = _help("unet/lora/lcm: sampler steps for the sample grid", 20)
+    sample_cfg_scale: float = _help("unet/lora/lcm: guidance scale for the sample grid", 4.0)
     rec_loss: Literal["l1", "l2"] = _help("vae: pixel reconstruction loss", "l1")
     kl_weight: float = _help("vae: KL weight, relative to the per-pixel loss summed over pixels as in LDM", 1e-6)
     perceptual_weight: float = _help("vae: weight of the multi-scale SSIM + gradient loss (offline LPIPS stand-in)",
                                      1.0)
     disc_start: int = _help("vae: step at which the patch discriminator starts (-1: no discriminator)", -1)
     disc_weight: float = _help("vae: weight of the adversarial loss", 0.5)
-    lora_rank: int = _help("lora: rank of the LoRA matrices (kohya's network_dim)", 8)
-    lora_alpha: float = _help("lora: the update is scaled by alpha / rank (kohya's network_alpha)", 8.0)
+    lora_rank: int = _help("lora/lcm: rank of the LoRA matrices (kohya's network_dim); lcm: 0 distils the whole "
+                           "U-Net, R > 0 trains an LCM-LoRA of rank R", 8)
+    lora_alpha: float = _help("lora/lcm: the update is scaled by alpha / rank (kohya's network_alpha)", 8.0)
     text_encoder_lora: bool = _help("lora: LoRA modules in the text encoder too, not only the U-Net", True)
-    conv_lora: bool = _help("lora: LoRA modules in the U-Net's 3x3 convolutions too (LoCon)", False)
+    conv_lora: bool = _help("lora/lcm: LoRA modules in the U-Net's 3x3 convolutions too (LoCon)", False)
+    w_min: float = _help("lcm: lowest teacher guidance w (w ~ U(w_min, w_max); the teacher's CFG scale is 1 + w). "
+                         "The U-Net takes no w, so the range is baked into the student: w_min = w_max picks one",
+                         3.0)
+    w_max: float = _help("lcm: highest teacher guidance w", 3.0)
+    num_ddim_timesteps: int = _help("lcm: steps N of the skipping-step DDIM solver (each skips T / N timesteps)", 50)
+    target_decay: float = _help("lcm: EMA decay of the target network (whole U-Net; an LCM-LoRA's target is the "
+                                "online network)", 0.95)
+    huber_c: float = _help("lcm: c of the pseudo-Huber loss sqrt(d^2 + c^2) - c", 0.001)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -132,6 +142,12 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     # kohya-like: every image trains (no holdout), no EMA, no caption dropout, SD1's 512 px
     "lora": {"size": 512, "batch_size": 4, "holdout": 0, "total_steps": 2000, "warmup_steps": 100, "ema_decay": 0.0,
              "caption_dropout": 0.0, "checkpoint_every": 500, "sample_every": 500},
+    # LCM's recipe (diffusers' train_lcm_distill_sd_wds.py): lr 1e-6 there is for SD1.5's 860M U-Net with
+    # batch 12 x 8 GPUs; small models take a larger one. Every image trains, no caption dropout (the
+    # teacher's CFG needs no trained-in empty caption beyond what the teacher has)
+    "lcm": {"lora_rank": 0, "lora_alpha": 8.0, "holdout": 0, "total_steps": 4000, "warmup_steps": 100,
+            "lr": 1e-5, "ema_decay": 0.95, "caption_dropout": 0.0, "weight_decay": 0.0, "checkpoint_every": 250,
+            "sample_every": 500, "flip": False},
 }
 
 
@@ -178,6 +194,23 @@ def validate(cfg: TrainConfig) -> None:
              "text_encoder (bake another VAE into the model file first if you need one)")
         need(cfg.lora_rank >= 1, f"lora_rank must be at least 1, got {cfg.lora_rank}")
         need(cfg.lora_alpha > 0, f"lora_alpha must be positive, got {cfg.lora_alpha}")
+    if cfg.kind == "lcm":
+        need(bool(cfg.init_from), "LCM distils a model: pass the teacher with --model, e.g. --model emoji")
+        need(not (cfg.vae or cfg.text_encoder), "lcm uses its teacher's own VAE and text encoder; drop vae and "
+             "text_encoder")
+        need(cfg.lora_rank >= 0, f"lora_rank must be 0 (the whole U-Net) or a LoRA rank >= 1, got {cfg.lora_rank}")
+        need(cfg.lora_alpha > 0, f"lora_alpha must be positive, got {cfg.lora_alpha}")
+        need(0.0 <= cfg.w_min <= cfg.w_max, f"the guidance range needs 0 <= w_min <= w_max, got w_min {cfg.w_min}, "
+             f"w_max {cfg.w_max}")
+        need(cfg.num_ddim_timesteps >= 1, f"num_ddim_timesteps must be at least 1, got {cfg.num_ddim_timesteps}")
+        need(0.0 <= cfg.target_decay < 1.0, f"target_decay must be in [0, 1), got {cfg.target_decay}")
+        need(cfg.huber_c > 0, f"huber_c must be positive, got {cfg.huber_c}")
+    if cfg.kind == "taesd":
+        need(bool(cfg.init_from), "a tiny autoencoder is distilled from a model's VAE: pass --model, "
+             "e.g. --model emoji")
+        need(cfg.taesd_width >= 1, f"taesd_width must be at least 1, got {cfg.taesd_width}")
+        need(set(cfg.taesd_parts.replace(" ", "").split(",")) in ({"encoder", "decoder"}, {"decoder"}, {"encoder"}),
+             f"taesd_parts must be encoder,decoder or decoder, got {cfg.taesd_parts!r}")
     if cfg.vocab == "data":
         need(cfg.kind == "unet" and not cfg.init_from and not cfg.text_encoder,
              "vocab = data sizes a text encoder trained from scratch; drop it with --init-from or --text-encoder")

@@ -347,14 +347,9 @@ class LCMTask(UNetTask):
 
 
 def recommended_metadata() -> dict[str, str]:
-    """The sampler settings to record in an exported file: ldmkit's shared writer when present."""
-    try:
-        from ldmkit.pipeline import recommended_metadata as write  # type: ignore[attr-defined]
-    except ImportError:
-        try:
-            from ldmkit.checkpoint import recommended_metadata as write  # type: ignore[attr-defined,no-redef]
-        except ImportError:
-            return {"ldmkit.recommended": json.dumps(RECOMMENDED)}
+    """The sampler settings recorded in an exported file (``ldmkit.recommended``; loaders apply them)."""
+    from ldmkit.recommended import recommended_metadata as write
+
     return write(RECOMMENDED["sampler"], RECOMMENDED["steps"], RECOMMENDED["cfg_scale"])
 
 
@@ -368,7 +363,7 @@ def lcm_lora_metadata(cfg: TrainConfig) -> dict[str, str]:
 def export_lcm(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
     """An LCM run's EMA weights: the teacher model with the distilled U-Net (full mode; the teacher
     file must be where ``init_from`` says), or a kohya-layout LCM-LoRA (LoRA mode)."""
-    from ldmkit.checkpoint import CONFIG_METADATA_KEY, atomic_save_safetensors, read_safetensors, save_single_file
+    from ldmkit.checkpoint import atomic_save_safetensors, save_single_file
     from ldmkit.train.export import ema_weights, safetensors_path
 
     out = safetensors_path(out)
@@ -385,10 +380,7 @@ def export_lcm(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
         return out
     model = load_model(init_from, "the run's teacher (init_from)")
     model.unet.load_state_dict(ema_weights(ckpt, "unet."))  # strict: the run's architecture is the teacher's
-    save_single_file(model, out, dtype=dtype)
-    # the writer records only the config; add the sampling settings (a rewrite of a small header)
-    sd, meta = read_safetensors(out)
-    atomic_save_safetensors(sd, out, {CONFIG_METADATA_KEY: meta[CONFIG_METADATA_KEY], **recommended_metadata()})
+    save_single_file(model, out, dtype=dtype, metadata=recommended_metadata())
     return out
 
 
