@@ -9,6 +9,7 @@ deep part runs on calls 0, N, 2N, ... only.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import inspect
 import io
 
@@ -23,7 +24,7 @@ from ldmkit.config import TINY
 from ldmkit.deepcache import DeepCacheUNet, branches, unet_forward
 from ldmkit.denoisers import CFGDenoiser, DiscreteDenoiser
 from ldmkit.model import StableDiffusion
-from ldmkit.models.unet import UNetModel
+from ldmkit.models.unet import UNetModel, guidance_embedding
 from ldmkit.samplers import default_schedule, resolve_sampler, sampler_names
 from ldmkit.schedules import DiscreteSchedule, get_sigmas, sd_alphas_cumprod
 
@@ -66,6 +67,22 @@ def test_full_and_shallow_calls_equal_the_unet_exactly(unet, shape):
             shallow, _ = unet_forward(unet, x, t, ctx, b, cached=feature)
             assert torch.equal(full, ref), f"branch {b}: full call differs from UNetModel.forward"
             assert torch.equal(shallow, ref), f"branch {b}: shallow call on its own cache differs"
+
+
+def test_guidance_embedded_unet(unet):
+    """Full LCM U-Nets take the guidance scale as an embedding; both calls pass it through."""
+    torch.manual_seed(2)
+    g_unet = UNetModel(dataclasses.replace(TINY.unet, time_cond_proj_dim=16)).eval()
+    x, t, ctx = _inputs()
+    w = guidance_embedding(torch.tensor([7.0, 3.0]), 16)
+    with torch.inference_mode():
+        ref = g_unet(x, t, ctx, guidance_emb=w)
+        full, feature = unet_forward(g_unet, x, t, ctx, 1, guidance_emb=w)
+        shallow, _ = unet_forward(g_unet, x, t, ctx, 1, cached=feature, guidance_emb=w)
+        cached = DeepCacheUNet(g_unet, interval=2, branch=1)
+        calls = [cached(x, t, ctx, guidance_emb=w) for _ in range(2)]
+    assert torch.equal(full, ref) and torch.equal(shallow, ref)
+    assert torch.equal(calls[0], ref) and torch.equal(calls[1], ref) and cached.shallow_calls == 1
 
 
 def test_shallow_call_runs_only_the_branch(unet):

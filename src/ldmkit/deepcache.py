@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ldmkit.models.unet import UNetModel, timestep_embedding
+from ldmkit.models.unet import UNetModel, up_size
 
 DEFAULT_INTERVAL = 3  # DeepCache's SD1.5 default (cache_interval=3)
 DEFAULT_BRANCH = 0  # ... and cache_branch_id=0: the shallowest branch, the largest saving
@@ -41,16 +41,6 @@ def check_settings(unet: UNetModel, interval: int, branch: int) -> None:
                          f"(0, the default, recomputes the fewest layers)")
 
 
-def _embedding(unet: UNetModel, x: Tensor, timesteps: Tensor, guidance_emb: Tensor | None) -> Tensor:
-    """The U-Net's time (and guidance) embedding, as UNetModel.forward computes it."""
-    if timesteps.ndim == 0:
-        timesteps = timesteps.expand(x.shape[0])
-    t_emb = timestep_embedding(timesteps, unet.cfg.model_channels).to(x.dtype)
-    if guidance_emb is not None:  # guidance-embedded (full LCM) U-Nets
-        t_emb = t_emb + unet.time_embedding.cond_proj(guidance_emb.to(x.dtype))
-    return unet.time_embed(t_emb)
-
-
 def unet_forward(unet: UNetModel, x: Tensor, timesteps: Tensor, context: Tensor, branch: int,
                  cached: Tensor | None = None, guidance_emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``unet(x, timesteps, context)`` that also returns the feature entering the branch's output block.
@@ -58,7 +48,7 @@ def unet_forward(unet: UNetModel, x: Tensor, timesteps: Tensor, context: Tensor,
     With ``cached`` (that feature from an earlier call), only the shallow branch runs. The operations
     are UNetModel.forward's, in the same order, so a full call is bit-identical to it (tests check).
     """
-    emb = _embedding(unet, x, timesteps, guidance_emb)
+    emb = unet.embed(x, timesteps, guidance_emb)
     n = len(unet.input_blocks)
     first_up = n - 1 - branch  # the output block that reads the branch's skip
     hs: list[Tensor] = []
@@ -75,10 +65,7 @@ def unet_forward(unet: UNetModel, x: Tensor, timesteps: Tensor, context: Tensor,
         if j == first_up:
             feature = h
         h = torch.cat([h, hs.pop()], dim=1)
-        # as UNetModel.forward: upsample to the next skip's size when a side was odd at this level
-        skip = tuple(hs[-1].shape[-2:]) if hs else None
-        up_size = skip if skip and skip != (2 * h.shape[-2], 2 * h.shape[-1]) else None
-        h = unet.output_blocks[j](h, emb, context, up_size)
+        h = unet.output_blocks[j](h, emb, context, up_size(h, hs))
     return unet.out(h), feature
 
 

@@ -192,6 +192,13 @@ class TimestepBlock(nn.ModuleList):
         return x
 
 
+def up_size(h: Tensor, skips: list[Tensor]) -> tuple[int, int] | None:
+    """Where an output block's upsampler must land: the next skip's size when a side was odd when halved
+    (it doesn't double back exactly), else None (plain 2x)."""
+    skip = tuple(skips[-1].shape[-2:]) if skips else None
+    return skip if skip and skip != (2 * h.shape[-2], 2 * h.shape[-1]) else None
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -245,14 +252,7 @@ class UNetModel(nn.Module):
 
         ``guidance_emb`` (B, time_cond_proj_dim): :func:`guidance_embedding` of a guidance-embedded U-Net.
         """
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
-        if guidance_emb is not None:
-            if not self.cfg.time_cond_proj_dim:
-                raise ValueError("guidance_emb given, but this U-Net has no guidance embedding (time_cond_proj_dim)")
-            t_emb = t_emb + self.time_embedding.cond_proj(guidance_emb.to(x.dtype))
-        emb = self.time_embed(t_emb)
+        emb = self.embed(x, timesteps, guidance_emb)
         hs = []
         h = x
         for block in self.input_blocks:
@@ -261,11 +261,19 @@ class UNetModel(nn.Module):
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
-            # upsample to the next skip's size: sides that were odd when halved don't double back exactly
-            skip = tuple(hs[-1].shape[-2:]) if hs else None
-            up_size = skip if skip and skip != (2 * h.shape[-2], 2 * h.shape[-1]) else None
-            h = self._run(block, h, emb, context, up_size)
+            h = self._run(block, h, emb, context, up_size(h, hs))
         return self.out(h)
+
+    def embed(self, x: Tensor, timesteps: Tensor, guidance_emb: Tensor | None = None) -> Tensor:
+        """The time (and guidance) embedding every ResBlock reads, (B, 4 * model_channels)."""
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
+        if guidance_emb is not None:
+            if not self.cfg.time_cond_proj_dim:
+                raise ValueError("guidance_emb given, but this U-Net has no guidance embedding (time_cond_proj_dim)")
+            t_emb = t_emb + self.time_embedding.cond_proj(guidance_emb.to(x.dtype))
+        return self.time_embed(t_emb)
 
     def _run(self, block: TimestepBlock, h: Tensor, emb: Tensor, context: Tensor,
              up_size: tuple[int, int] | None = None) -> Tensor:
