@@ -209,3 +209,32 @@ def test_cli_low_memory_and_vae_tiling(files, tmp_path):
 def test_low_memory_refuses_a_gpu_device(files):
     with pytest.raises(ValueError, match="low-memory mode .* CPU"):
         api.load(files / "fp16.safetensors", low_memory=True, device="cuda")
+
+
+def test_serve_low_memory(files):
+    """``ldmkit serve --low-memory``: the A1111 txt2img endpoint gives the low-memory pipeline's image."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from ldmkit.server.app import create_app
+
+    app = create_app(files / "fp16.safetensors", low_memory=True, vae_tiling=True)
+    served = app.state.worker.model
+    assert served.compute_dtype == torch.float32 and served.vae_tiling
+    assert all(p.dtype == torch.float16 for p in served.parameters())
+    try:
+        c = TestClient(app)
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a red apple", "steps": 2, "seed": 5, "width": 32,
+                                              "height": 24, "sampler_name": "Euler a", "cfg_scale": 5})
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    finally:
+        app.state.worker.stop()
+    ref = api.load(files / "fp16.safetensors").model
+    want = P.txt2img(ref, P.GenerationParams("a red apple", steps=2, seed=5, width=32, height=24,
+                                             sampler="Euler a", cfg_scale=5))[0]
+    assert _max_pixel_diff(got, want) <= 1

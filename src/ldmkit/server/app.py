@@ -108,13 +108,16 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                api_auth: str | None = None, queue_size: int = 16, limits: Limits | None = None,
                device: str | None = None, preview_interval: float | None = 1.0,
                output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None,
-               preview_vae: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None) -> FastAPI:
+               preview_vae: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
+               low_memory: bool = False, vae_tiling: bool = False) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
 
     ``preview_interval``: seconds between live previews (0: every step, None: never);
     ``output_dir``: where ``save_images`` requests write their PNGs;
     ``preview_vae``: a tiny autoencoder for the "TAESD" live preview (the default preview when given);
-    ``vae_dir``: VAE files (KL or tiny) that the ``sd_vae`` option can switch to.
+    ``vae_dir``: VAE files (KL or tiny) that the ``sd_vae`` option can switch to;
+    ``low_memory``, ``vae_tiling``: load every model as ``api.load`` does with them (fp16-stored weights
+    computed in fp32, networks paged out when idle; tiled decoding).
     """
     from ldmkit import api
     from ldmkit import previews as PV
@@ -127,7 +130,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     def load(info: CheckpointInfo) -> StableDiffusion:
         if info.filename in resident:
             return resident[info.filename]
-        return api.load(info.filename, device=device).model
+        return api.load(info.filename, device=device, low_memory=low_memory, vae_tiling=vae_tiling).model
 
     if isinstance(model, StableDiffusion):
         first = catalogue.add_model(model)
@@ -138,12 +141,15 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         catalogue.add(first)
         loaded = load(first)
     vaes = VAECatalogue(vae_dir)
+    preview_vae = preview_vae or _builtin_preview_vae(loaded)
     tiny_preview = PV.tiny_decoder(preview_vae, loaded) if preview_vae else None
     options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png", "eta_ddim": 0.0,
                                "eta_ancestral": 1.0, "sd_vae": "Automatic",
-                               # A1111's live preview options; the Full VAE unless a tiny decoder was given
+                               # A1111's live preview options and defaults. Approx NN: the tiny decoder if
+                               # there is one, else Approx cheap; never Full by default, which at 512² on a
+                               # CPU costs more than a sampling step (docs/benchmarks.md)
                                "live_previews_enable": True, "show_progress_every_n_steps": 1,
-                               "show_progress_type": "TAESD" if tiny_preview else "Full",
+                               "show_progress_type": "Approx NN",
                                "live_previews_image_format": "png", **G.DEEPCACHE_OPTIONS}
     worker = Worker(loaded, first, queue_size=queue_size, preview_interval=preview_interval, options=options,
                     tiny_preview=tiny_preview)
@@ -384,6 +390,18 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _builtin_preview_vae(model: StableDiffusion) -> str | None:
+    """The tiny autoencoder shipped for a built-in model (emoji-taesd for emoji), if installed."""
+    from ldmkit import api
+
+    for name, fname in api.BUILTIN_MODELS.items():
+        path = api.builtin_model_path(name)
+        if path is not None and model.source_path and Path(model.source_path).resolve() == path.resolve():
+            tiny = f"{Path(fname).stem}-taesd"
+            return tiny if api.builtin_vae_path(tiny) is not None else None
+    return None
 
 
 def check_preview_options(req: dict[str, Any]) -> None:

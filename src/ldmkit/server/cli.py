@@ -37,6 +37,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="VAE files/folders (KL or tiny) listed at /sdapi/v1/sd-vae; the option sd_vae picks one")
     p.add_argument("--output-dir", default=None, help="where requests with save_images write their PNGs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="CPU: weights kept in fp16 and computed in fp32 one layer at a time, idle networks paged "
+                        "out: about half the memory, a few percent slower (off by default: the faster mode)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode in tiles: the same images, far less memory for large ones")
     p.set_defaults(func=serve)
 
 
@@ -54,7 +59,8 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(args.model, models_dir=args.models_dir, api_auth=args.api_auth, queue_size=args.queue_size,
                      limits=limits, device=args.device,
                      preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
-                     output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir)
+                     output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir,
+                     low_memory=args.low_memory, vae_tiling=args.vae_tiling)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who can reach it can use it",
               file=sys.stderr)
