@@ -16,6 +16,7 @@ Workers run in fresh processes (bench_inference.run_worker), one library each fo
 - ``unet``: one U-Net call on a CFG batch, ldmkit low-memory vs diffusers fp32, alternating (ABBA).
 - ``upcast``: how low-memory mode upcasts, measured: the module class swap ldmkit uses, forward
   pre-/post-hooks that swap the parameters, and plain fp32 weights, on the same U-Net.
+- ``load``: a low-memory load alone, from the fp16 file and from the fp32 folder (converted once).
 """
 
 from __future__ import annotations
@@ -154,7 +155,17 @@ def work_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
             "rss_peak": peak_rss_bytes()}
 
 
-WORKERS = {"fp16file": work_fp16file, "unet": work_unet, "upcast": work_upcast, "pipeline": work_pipeline}
+def work_load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Only a low-memory load, from the fp16 file or the fp32 folder (converted once): its time and peak RSS."""
+    from ldmkit import api
+
+    t0 = time.perf_counter()
+    api.load(spec["source"], low_memory=True)
+    return {"load_s": time.perf_counter() - t0, "rss_peak": peak_rss_bytes()}
+
+
+WORKERS = {"fp16file": work_fp16file, "unet": work_unet, "upcast": work_upcast, "pipeline": work_pipeline,
+           "load": work_load}
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed U-Net calls per variant (default 3)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed U-Net calls per variant besides the first")
     ap.add_argument("--upcast-size", type=int, default=None, help="image size of the upcast comparison (256)")
-    ap.add_argument("--only", action="append", choices=["pipeline", "unet", "upcast"], help="repeatable")
+    ap.add_argument("--only", action="append", choices=["pipeline", "unet", "upcast", "load"], help="repeatable")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="bench_inference.py's random weights")
     ap.add_argument("--fp16-file", type=Path, default=None, help="where the fp16 single file is written")
@@ -189,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or 2
     repeats = args.repeats or 3
     upcast_size = args.upcast_size or (32 if args.quick else 256)
-    only = set(args.only or ["pipeline", "unet", "upcast"])
+    only = set(args.only or ["pipeline", "unet", "upcast", "load"])
     folder = bi.ensure_weights(config, args.cache)
     fp16_file = args.fp16_file or DEFAULT_FP16 / f"{config}-seed0-fp16.safetensors"
     if not fp16_file.exists():
@@ -245,6 +256,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{m['swap'] / m['fp32']:.3f}, hooks/fp32 {m['hooks'] / m['fp32']:.3f}; rel. error vs fp32 of the same "
             f"fp16 values: swap {r['rel_err']['swap']:.1e}, hooks {r['rel_err']['hooks']:.1e}; raw "
             + ", ".join(f"{k} {fmt_times(v)}" for k, v in t.items()))
+
+    if "load" in only:
+        for what, source in (("fp16 file", fp16_file), ("fp32 diffusers folder", folder)):
+            r = bi.run_worker({**common, "kind": "load", "source": str(source)}, __file__)
+            notes.append(f"low-memory load from the {what}: {r['load_s']:.1f} s, "
+                         f"peak RSS {r['rss_peak'] / mib:.0f} MiB")
 
     cmd = "python bench/bench_lowmem.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     print(f"\n`{cmd}`  (weights: random {config}; ldmkit from an fp16 file, diffusers fp32 from the folder)\n")
