@@ -1,67 +1,199 @@
-"""LoRA (Hu et al. 2021) in the kohya / A1111 file layout, so other tools load ldmkit's files and back.
+"""LoRA (Hu et al. 2021): merging LoRA files of any layout into a model, and training LoRA modules.
 
-A LoRA adds ``ΔW = multiplier · (alpha / rank) · up @ down`` to a Linear or Conv2d weight. Files name
-each target by its diffusers-style module path with ``.`` replaced by ``_``:
+A LoRA adds ``ΔW = multiplier · (alpha / rank) · up @ down`` to a Linear or Conv2d weight (DoRA files
+rescale the result per row, see :func:`merged_weight`). The file layouts (kohya/A1111, diffusers/PEFT,
+old diffusers) are read by :mod:`ldmkit.lora_formats`; this module matches their names to the model's
+modules. Files name targets by diffusers module paths::
 
-    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  (rank, in)
-    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight    (out, rank)
-    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha             ()
-    lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight                   ...
+    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  (kohya)
+    unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight           (PEFT)
+    lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight                     (kohya)
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight                 (PEFT)
 
-ldmkit's U-Net uses LDM names, so the U-Net names are mapped through ``convert.unet_ldm_to_diffusers``.
+ldmkit's U-Net uses LDM names, so the U-Net names are mapped through ``convert.unet_ldm_to_diffusers``;
+kohya files that use LDM names (``lora_unet_input_blocks_1_1_proj_in``) match directly.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ldmkit import convert
-from ldmkit.checkpoint import CheckpointError, atomic_save_safetensors, read_state_dict
+from ldmkit.checkpoint import CheckpointError, read_state_dict
+from ldmkit.config import ModelConfig
+from ldmkit.lora_formats import Layout, LoRAFile, LoRAPair, Part, read_lora_file, write_lora
 from ldmkit.model import StableDiffusion
+from ldmkit.models.clip import CLIPTextModel
+from ldmkit.models.unet import UNetModel
 
 UNET_PREFIX, TE_PREFIX = "lora_unet_", "lora_te_"
 # kohya's default targets: every Linear/1x1 conv inside the transformer blocks, and CLIP's attention + MLP
 UNET_TARGETS = ("attn1.", "attn2.", "ff.net.", "proj_in", "proj_out")
 TE_TARGETS = ("self_attn.", "mlp.")
+# cross-attention (U-Net) and text widths of the families a LoRA may have been trained for
+_CONTEXT_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+_TEXT_FAMILY = {768: "SD1.x", 1024: "SD2.x", 1280: "SDXL (second text encoder)"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A Linear/Conv2d a LoRA may change, under each name files use for it."""
+
+    module: nn.Module
+    where: str  # ldmkit path: "unet.input_blocks.1.1.proj_in"
+    kohya: str  # "lora_unet_down_blocks_0_attentions_0_proj_in"
+    peft: str  # "unet.down_blocks.0.attentions.0.proj_in"
+    aliases: tuple[str, ...]  # every (part-relative) name a file may use: diffusers/LDM, dotted/underscored
+
+
+def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig) -> list[Target]:
+    # the key tables rename state-dict keys (of every module with a weight, norms included, as the tables
+    # expect whole blocks); a tag tensor carries each module's index through them
+    paths = [p for p, m in unet.named_modules() if m._parameters.get("weight") is not None]
+    tags = {f"{p}.weight": torch.tensor(i) for i, p in enumerate(paths)}
+    diffusers = {paths[int(t)]: k.removesuffix(".weight")
+                 for k, t in convert.unet_ldm_to_diffusers(tags, cfg.unet).items()}
+    out = []
+    for path, mod in unet.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            d = diffusers[path]
+            out.append(Target(mod, f"unet.{path}", UNET_PREFIX + d.replace(".", "_"), f"unet.{d}",
+                              (d, d.replace(".", "_"), path, path.replace(".", "_"))))
+    for path, mod in text_encoder.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            # files written against transformers >= 5 lack CLIPTextModel's `text_model.` level
+            short = path.removeprefix("text_model.")
+            out.append(Target(mod, f"text_encoder.{path}", TE_PREFIX + path.replace(".", "_"), f"text_encoder.{path}",
+                              (path, path.replace(".", "_"), short, short.replace(".", "_"))))
+    return out
+
+
+def lora_targets(model: StableDiffusion) -> list[Target]:
+    """Every Linear/Conv2d of the U-Net and text encoder, with the names LoRA files give it."""
+    return _targets(model.unet, model.text_encoder, model.cfg)
 
 
 def lora_names(model: StableDiffusion) -> dict[str, tuple[nn.Module, str]]:
     """kohya name -> (module, ldmkit module path) for every Linear/Conv2d a LoRA may target."""
-    ptr_to_diffusers = {
-        v.data_ptr(): k for k, v in convert.unet_ldm_to_diffusers(model.unet.state_dict(), model.cfg.unet).items()
-    }
-    names: dict[str, tuple[nn.Module, str]] = {}
-    for path, mod in model.unet.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            dname = ptr_to_diffusers[mod.weight.data_ptr()].removesuffix(".weight")
-            names[UNET_PREFIX + dname.replace(".", "_")] = (mod, f"unet.{path}")
-    for path, mod in model.text_encoder.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            names[TE_PREFIX + path.replace(".", "_")] = (mod, f"text_encoder.{path}")
-    return names
+    return {t.kohya: (t.module, t.where) for t in lora_targets(model)}
+
+
+def peft_names(cfg: ModelConfig) -> dict[str, str]:
+    """kohya name -> diffusers/PEFT name (``unet.down_blocks...``) for a model of this config."""
+    with torch.device("meta"):  # names only: no weights are allocated
+        unet, text = UNetModel(cfg.unet), CLIPTextModel(cfg.text)
+    return {t.kohya: t.peft for t in _targets(unet, text, cfg)}
 
 
 def lora_delta(down: Tensor, up: Tensor, alpha: float | None, weight_shape: torch.Size) -> Tensor:
     """ΔW for one module (without the user's multiplier)."""
     rank = down.shape[0]
-    scale = (alpha if alpha is not None else rank) / rank
+    return _product(down, up, weight_shape) * ((alpha if alpha is not None else rank) / rank)
+
+
+def _product(down: Tensor, up: Tensor, weight_shape: torch.Size) -> Tensor:
     down, up = down.float(), up.float()
-    if down.ndim == 2:
-        delta = up @ down
-    elif down.shape[2:] == (1, 1):
-        delta = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+    if down.ndim == 2 or down.shape[2:] == (1, 1):
+        delta = up.flatten(1) @ down.flatten(1)
     else:  # 3x3 conv down, 1x1 conv up (LoCon)
         delta = torch.einsum("or,rihw->oihw", up.flatten(1), down)
-    return (delta * scale).reshape(weight_shape)
+    return delta.reshape(weight_shape)
+
+
+def _row_norm(w: Tensor) -> Tensor:
+    """‖w‖ over everything but the output axis, shaped to broadcast against ``w``."""
+    return w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
+
+
+def merged_weight(weight: Tensor, pair: LoRAPair, multiplier: float = 1.0) -> Tensor:
+    """The weight with the LoRA merged, in float32.
+
+    Plain LoRA: ``W + m·s·ΔW`` (s = alpha/rank). DoRA as PEFT defines it (``lora_magnitude_vector``, one
+    magnitude per output row): ``mag · V / ‖V‖_row`` with ``V = W + m·s·ΔW`` (peft.tuners.lora.dora; the
+    multiplier scales ΔW inside, as diffusers' adapter weights do). DoRA in kohya/LyCORIS files
+    (``dora_scale``, per input column unless shaped per output row): ``W + m·(dora(W + s·ΔW) - W)``, as
+    A1111 and ComfyUI merge it.
+    """
+    w = weight.float()
+    delta = _product(pair.down, pair.up, w.shape) * pair.scale
+    if pair.magnitude is None:
+        return w + multiplier * delta
+    mag = pair.magnitude.float()
+    if pair.dora == "peft":
+        v = w + multiplier * delta
+        return mag.reshape(-1, *[1] * (w.ndim - 1)) * v / _row_norm(v)
+    v = w + delta
+    if mag.shape[0] == w.shape[0] and mag.numel() == w.shape[0] and w.shape[0] != 1:
+        norm = _row_norm(v)  # LyCORIS wd_on_output
+    else:
+        norm = _row_norm(v.transpose(0, 1)).transpose(0, 1)
+    return w + multiplier * (v * (mag.reshape(norm.shape) / norm) - w)
+
+
+def _family(lora: LoRAFile) -> str:
+    """Which model family a LoRA's shapes point at, e.g. "SD2.x (cross-attention width 1024)"."""
+    for (part, name), pair in lora.targets.items():
+        if part == "unet" and "attn2" in name and ("to_k" in name or "to_v" in name):
+            width = pair.down.shape[1]
+            return f"{_CONTEXT_FAMILY.get(width, 'an unknown family')} (cross-attention width {width})"
+    for (part, name), pair in lora.targets.items():
+        if part == "text_encoder" and ("q_proj" in name or "fc1" in name):
+            width = pair.down.shape[1]
+            return f"{_TEXT_FAMILY.get(width, 'an unknown family')} (text width {width})"
+    return "another model"
+
+
+def _fits(pair: LoRAPair, w: Tensor) -> bool:
+    kernel = math.prod(w.shape[2:])
+    return (pair.down.shape[1] == w.shape[1] and pair.up.shape[0] == w.shape[0]
+            and math.prod(pair.down.shape[2:]) in (1, kernel) and math.prod(pair.up.shape[2:]) == 1
+            and (pair.magnitude is None or pair.magnitude.numel() in (w.shape[0], w.shape[1])))
+
+
+def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, LoRAPair]]:
+    """Each of the file's targets paired with the model's module, or a CheckpointError saying what differs."""
+    table: dict[tuple[Part, str], Target] = {}
+    for t in lora_targets(model):
+        part: Part = "unet" if t.where.startswith("unet.") else "text_encoder"
+        for alias in t.aliases:
+            table[(part, alias)] = t
+    model_family = f"this model is {model.cfg.family} (cross-attention width {model.cfg.unet.context_dim})"
+    unknown = [f"{part}:{name}" for part, name in lora.targets if (part, name) not in table]
+    if unknown:
+        n = len(lora.targets)
+        which = f"none of its {n} targets match" if len(unknown) == n else f"{len(unknown)} of its {n} targets match no"
+        raise CheckpointError(f"{lora.path}: {which} a layer of this model (e.g. {unknown[0]}); "
+                              f"it looks like a {lora.layout} LoRA for {_family(lora)} and {model_family}")
+    pairs = [(table[key], pair) for key, pair in lora.targets.items()]
+    for t, pair in pairs:
+        if not _fits(pair, t.module.weight):
+            raise CheckpointError(
+                f"{lora.path}: {t.peft} has LoRA shapes {tuple(pair.down.shape)}/{tuple(pair.up.shape)} that don't "
+                f"fit the layer {tuple(t.module.weight.shape)}; it looks like a LoRA for {_family(lora)} and "
+                f"{model_family}")
+    return pairs
+
+
+def apply_lora(model: StableDiffusion, path: str | os.PathLike, multiplier: float = 1.0) -> int:
+    """Merge a LoRA file (any layout, or a PEFT folder) into the model's weights; returns the modules changed."""
+    lora = read_lora_file(path)
+    with torch.no_grad():
+        for t, pair in resolve_lora(model, lora):
+            mod = t.module
+            mod.weight.copy_(merged_weight(mod.weight, pair, multiplier).to(mod.weight.dtype))
+            if pair.up_bias is not None and mod.bias is not None:
+                mod.bias += (multiplier * pair.scale * pair.up_bias.float()).to(mod.bias.dtype)
+    return len(lora.targets)
 
 
 def read_lora(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:
-    """A LoRA file grouped by target: {name: {"lora_down.weight", "lora_up.weight", "alpha"}}."""
+    """A kohya-layout file grouped by target: {name: {"lora_down.weight", "lora_up.weight", "alpha"}}."""
     sd, _ = read_state_dict(path)
     groups: dict[str, dict[str, Tensor]] = {}
     for key, t in sd.items():
@@ -71,33 +203,7 @@ def read_lora(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:
         groups.setdefault(name, {})[part] = t
     if not groups:
         raise CheckpointError(f"{path}: empty LoRA file")
-    for name, g in groups.items():
-        if "lora_down.weight" not in g or "lora_up.weight" not in g:
-            raise CheckpointError(f"{path}: {name} lacks lora_down or lora_up")
     return groups
-
-
-def apply_lora(model: StableDiffusion, path: str | os.PathLike, multiplier: float = 1.0) -> int:
-    """Merge a LoRA file into the model's weights; returns the number of modules changed."""
-    groups = read_lora(path)
-    names = lora_names(model)
-    unknown = sorted(set(groups) - set(names))
-    if unknown:
-        raise CheckpointError(
-            f"{path}: {len(unknown)} LoRA targets match no module of this model (e.g. {', '.join(unknown[:3])}); "
-            "is it for a different base model (SD1 vs SD2)?"
-        )
-    with torch.no_grad():
-        for name, g in groups.items():
-            mod, where = names[name]
-            alpha = g["alpha"].item() if "alpha" in g else None
-            down, up = g["lora_down.weight"], g["lora_up.weight"]
-            if down.shape[1] != mod.weight.shape[1] or up.shape[0] != mod.weight.shape[0]:
-                raise CheckpointError(f"{path}: {name} has shapes that don't fit {where} {tuple(mod.weight.shape)}")
-            delta = lora_delta(g["lora_down.weight"], g["lora_up.weight"], alpha, mod.weight.shape)
-            # merged in float32, then stored in the weight's dtype (fp16 in low-memory mode): rounded once
-            mod.weight.copy_((mod.weight.float() + multiplier * delta).to(mod.weight.dtype))
-    return len(groups)
 
 
 def parse_lora_arg(spec: str) -> tuple[str, float]:
@@ -131,6 +237,7 @@ class LoRAModule(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.peft_name = ""  # the diffusers/PEFT name, for save_lora(layout="peft"); set by inject_lora
 
     @property
     def weight(self) -> Tensor:  # what lora_names() and other code look at
@@ -145,8 +252,8 @@ def inject_lora(model: StableDiffusion, rank: int = 8, alpha: float = 8.0, text_
     """Wrap the targeted modules for training; the base weights are frozen. Returns kohya name -> module."""
     model.requires_grad_(False)
     injected: dict[str, LoRAModule] = {}
-    for name, (mod, where) in lora_names(model).items():
-        part, path = where.split(".", 1)
+    for target in lora_targets(model):
+        name, mod, (part, path) = target.kohya, target.module, target.where.split(".", 1)
         targets = UNET_TARGETS if part == "unet" else TE_TARGETS
         if part == "text_encoder" and not text_encoder:
             continue
@@ -154,6 +261,7 @@ def inject_lora(model: StableDiffusion, rank: int = 8, alpha: float = 8.0, text_
         if not any(t in path for t in targets) and not (conv and part == "unet" and not is_1x1):
             continue
         wrapper = LoRAModule(mod, rank, alpha).to(mod.weight.device)
+        wrapper.peft_name = target.peft
         parent_path, _, attr = path.rpartition(".")
         parent = getattr(model, part).get_submodule(parent_path)
         if isinstance(parent, nn.Sequential) or attr.isdigit():
@@ -174,11 +282,13 @@ def lora_state_dict(injected: dict[str, LoRAModule]) -> dict[str, Tensor]:
 
 
 def save_lora(injected: dict[str, LoRAModule], path: str | os.PathLike, metadata: dict[str, str] | None = None,
-              dtype: torch.dtype | None = None) -> None:
-    sd = lora_state_dict(injected)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-    atomic_save_safetensors(sd, path, {"ss_network_module": "networks.lora", **(metadata or {})})
+              dtype: torch.dtype | None = None, layout: Layout = "kohya") -> None:
+    """Write trained LoRA modules in the kohya/A1111 layout or the diffusers/PEFT one (``layout="peft"``)."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, t in lora_state_dict(injected).items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = t
+    write_lora(groups, path, layout, {name: m.peft_name for name, m in injected.items()}, metadata, dtype)
 
 
 def remove_lora(model: StableDiffusion, injected: dict[str, LoRAModule]) -> None:
