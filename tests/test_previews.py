@@ -22,6 +22,7 @@ from ldmkit import checkpoint, cli, convert, previews
 from ldmkit import pipeline as P
 from ldmkit.config import TINY
 from ldmkit.model import StableDiffusion
+from ldmkit.models.taesd import TAESDConfig, TinyAutoencoder
 from ldmkit.models.vae import AutoencoderKL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,8 +64,11 @@ def test_resolve_preview_types():
     assert previews.cheap_map(model) == (previews.APPROX_CHEAP_SD, None)  # SD's latent space: A1111's matrix
     np.testing.assert_array_equal(np.asarray(previews.resolve("Approx cheap", model)(z)[0]), cheap)
     np.testing.assert_array_equal(np.asarray(previews.resolve("Approx NN", model)(z)[0]), cheap)  # no tiny one
-    tiny = lambda z: []  # noqa: E731
+    tiny = previews.TinyPreview(TinyAutoencoder(TAESDConfig.of_width(8, levels=2)))  # f = 2, as this model
     assert previews.resolve("TAESD", model, tiny) is tiny and previews.resolve("Approx NN", model, tiny) is tiny
+    # a tiny decoder made for another model (f = 8; a server may switch models): Approx cheap instead
+    other = previews.TinyPreview(TinyAutoencoder(TAESDConfig.of_width(8)))
+    np.testing.assert_array_equal(np.asarray(previews.resolve("TAESD", model, other)(z)[0]), cheap)
     z = torch.randn(1, 4, 4, 4)
     full = previews.resolve("Full", model)(z)[0]
     assert np.array_equal(np.asarray(full), np.asarray(P.decode_latents(model, z)[0]))
@@ -189,7 +193,7 @@ requests = pytest.importorskip("requests")
 
 from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
 
-DEFAULTS = {"live_previews_enable": True, "show_progress_every_n_steps": 1, "show_progress_type": "Full",
+DEFAULTS = {"live_previews_enable": True, "show_progress_every_n_steps": 1, "show_progress_type": "Approx NN",
             "live_previews_image_format": "png", "sd_vae": "Automatic"}
 
 
@@ -442,7 +446,7 @@ def test_server_preview_vae(tiny_file, vae_dir, monkeypatch):
     ref = taesd_reference(vae_dir / "taesd-tiny")
     app = create_app(tiny_file, device="cpu", preview_interval=0, preview_vae=vae_dir / "taesd-tiny")
     with BackgroundServer(app) as url:
-        assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["show_progress_type"] == "TAESD"
+        assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json()["show_progress_type"] == "Approx NN"
         seen = []
         real = P.txt2img
 

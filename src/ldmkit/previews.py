@@ -101,29 +101,47 @@ def full_decoder(model: StableDiffusion) -> PreviewDecoder:
     return lambda latents: decode_latents(model, latents)
 
 
-def tiny_decoder(path: str | os.PathLike, model: StableDiffusion | None = None) -> PreviewDecoder:
-    """The decoder of a tiny autoencoder (TAESD) file or diffusers ``AutoencoderTiny`` folder."""
+class TinyPreview:
+    """The decoder of a tiny autoencoder (TAESD) as a preview decoder, on the CPU in float32."""
+
+    def __init__(self, tiny: torch.nn.Module):
+        self.tiny = tiny
+
+    def fits(self, model: StableDiffusion) -> bool:
+        """Whether it reads this model's latents (a server may switch to a model it was not made for)."""
+        from ldmkit.models import taesd
+
+        try:
+            taesd.check_compatible(self.tiny, model)
+        except ValueError:
+            return False
+        return True
+
+    def __call__(self, latents: Tensor) -> list[Image.Image]:
+        with torch.inference_mode():
+            x = self.tiny.decode(latents.detach().float().cpu())  # the tiny decoder reads the scaled latent
+        return to_images(x)
+
+
+def tiny_decoder(path: str | os.PathLike, model: StableDiffusion | None = None) -> TinyPreview:
+    """The decoder of a tiny autoencoder (TAESD) file, diffusers ``AutoencoderTiny`` folder or built-in name,
+    checked against ``model`` when given."""
     from ldmkit.models import taesd
 
     tiny = taesd.load_taesd(path)
     if model is not None:
         taesd.check_compatible(tiny, model, f"--preview-vae {path}")
-
-    def decode(latents: Tensor) -> list[Image.Image]:
-        with torch.inference_mode():
-            x = tiny.decode(latents.detach().float().cpu())  # the tiny decoder reads the scaled latent
-        return to_images(x)
-
-    return decode
+    return TinyPreview(tiny)
 
 
-def resolve(kind: str, model: StableDiffusion, tiny: PreviewDecoder | None = None) -> PreviewDecoder:
-    """The decoder for an A1111 ``show_progress_type``; TAESD / Approx NN fall back to Approx cheap."""
+def resolve(kind: str, model: StableDiffusion, tiny: TinyPreview | None = None) -> PreviewDecoder:
+    """The decoder for an A1111 ``show_progress_type``; TAESD / Approx NN fall back to Approx cheap
+    without a tiny decoder that fits ``model``."""
     key = kind.strip().lower()
     if key == "full":
         return full_decoder(model)
     if key in ("taesd", "approx nn"):
-        return tiny or approx_cheap_for(model)
+        return tiny if tiny is not None and tiny.fits(model) else approx_cheap_for(model)
     if key == "approx cheap":
         return approx_cheap_for(model)
     raise ValueError(f"unknown preview type {kind!r}; valid: {', '.join(PREVIEW_TYPES)}")

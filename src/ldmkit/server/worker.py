@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import queue
 import threading
 import time
@@ -22,7 +23,10 @@ from PIL import Image
 from torch import Tensor
 
 from ldmkit.model import StableDiffusion
+from ldmkit.previews import TinyPreview
 from ldmkit.server.checkpoints import CheckpointInfo
+
+log = logging.getLogger("ldmkit.server")
 
 
 class QueueFullError(RuntimeError):
@@ -130,8 +134,12 @@ class JobContext:
         now = time.monotonic()
         if step - self._preview_step < every or now < self._next_preview:
             return None
-        decoder = previews.resolve(str(o.get("show_progress_type", "Full")), self.model, w.tiny_preview)
-        image = encode_preview(decoder(denoised[:1])[0], str(o.get("live_previews_image_format", "png")))
+        try:
+            decoder = previews.resolve(str(o.get("show_progress_type", "Approx NN")), self.model, w.tiny_preview)
+            image = encode_preview(decoder(denoised[:1])[0], str(o.get("live_previews_image_format", "png")))
+        except Exception:  # noqa: BLE001 - a preview is a nicety: it must never fail the generation
+            log.exception("live preview failed; generation goes on without it")
+            image = None
         self._preview_step = step
         if w.preview_interval > 0:
             # a VAE decode can cost as much as a step (big images on CPU): keep previews under ~20% of the time
@@ -145,7 +153,7 @@ class Worker:
 
     def __init__(self, model: StableDiffusion, checkpoint: CheckpointInfo, *, queue_size: int = 16,
                  preview_interval: float | None = 1.0, options: dict[str, Any] | None = None,
-                 tiny_preview: Callable[[Tensor], list[Image.Image]] | None = None):
+                 tiny_preview: TinyPreview | None = None):
         if queue_size < 1:
             raise ValueError(f"queue size must be at least 1, got {queue_size}")
         self.model, self.checkpoint = model, checkpoint

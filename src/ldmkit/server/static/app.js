@@ -67,7 +67,7 @@ async function loadVaes() {
     for (const name of ["Automatic", ...vaes.map((v) => v.model_name)]) {
       sel.add(new Option(name, name, false, name === options.sd_vae));
     }
-    $("#show_progress_type").value = options.show_progress_type === "Approx NN" ? "TAESD" : options.show_progress_type;
+    $("#show_progress_type").value = options.show_progress_type;
   } catch (e) { showError(`could not load VAEs: ${e.message}`); }
 }
 
