@@ -113,7 +113,9 @@ class ProgressResponse(BaseModel):
     progress: float = Field(description="0..1 of the running request")
     eta_relative: float = Field(description="estimated seconds left")
     state: dict[str, Any]
-    current_image: str | None = Field(None, description="base64 PNG preview of the running step")
+    current_image: str | None = Field(None, description=(
+        "base64 live preview of the running request (options: live_previews_enable, show_progress_every_n_steps, "
+        "show_progress_type, live_previews_image_format png/jpeg/webp); null when skip_current_image"))
     textinfo: str | None = None
 
 
