@@ -31,8 +31,9 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--preview-interval", type=float, default=1.0,
                    help="seconds between live previews (0: every step, negative: none)")
     p.add_argument("--preview-vae", default=None, metavar="PATH",
-                   help="tiny autoencoder (TAESD file or AutoencoderTiny folder) for live previews; then the "
-                        "default show_progress_type is TAESD (else Full: the model's own VAE)")
+                   help="tiny autoencoder (TAESD file, AutoencoderTiny folder or built-in name) for live "
+                        "previews (show_progress_type TAESD, and Approx NN, the default); without one: Approx "
+                        "cheap, A1111's linear latent->RGB map (built-in models use their shipped one)")
     p.add_argument("--vae-dir", default=None, metavar="DIR",
                    help="VAE files/folders (KL or tiny) listed at /sdapi/v1/sd-vae; the option sd_vae picks one")
     p.add_argument("--output-dir", default=None, help="where requests with save_images write their PNGs")
