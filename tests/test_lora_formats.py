@@ -18,7 +18,7 @@ from reference import rel_err, save_diffusers_pipeline
 from ldmkit import checkpoint
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import TINY
-from ldmkit.lora import apply_lora, inject_lora, peft_names, save_lora
+from ldmkit.lora import apply_lora, inject_lora, peft_names, relayout_lora, save_lora
 from ldmkit.lora_formats import detect_lora_format, read_lora_file
 from ldmkit.pipeline import GenerationParams, txt2img
 
@@ -282,6 +282,13 @@ def test_our_peft_writer_loads_in_diffusers(folder, tmp_path):
     merged = _ours(folder, path)
     _assert_same_model(pipe, merged, folder)
     _assert_same_image(pipe, merged)
+    # a kohya file rewritten in the PEFT layout (`ldmkit export RUN --layout peft`) is the same file
+    kohya = tmp_path / "ours_kohya.safetensors"
+    save_lora(injected, kohya)
+    relayout_lora(kohya, "peft", TINY)
+    a, b = checkpoint.read_state_dict(kohya), checkpoint.read_state_dict(path)
+    assert a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert json.loads(a[1]["lora_adapter_metadata"]) == json.loads(b[1]["lora_adapter_metadata"])
 
 
 # ---------------------------------------------------------------- bad files
@@ -336,3 +343,27 @@ def test_cli_bad_lora_is_one_line_exit_2(folder, tmp_path, capsys):
                  "--height", "16", "-o", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert code == 2 and "not a LoRA" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_kohya_with_ldm_names(folder, tmp_path):
+    """kohya files of LDM-named U-Nets (lora_unet_input_blocks_1_1_proj_in, as sd-scripts' extraction
+    writes) merge as their diffusers-named twin, which the test above checks against diffusers."""
+    from ldmkit.lora import lora_targets
+
+    base = checkpoint.load(folder)
+    injected = inject_lora(base, rank=4, alpha=2.0, conv=True)
+    for m in injected.values():
+        m.lora_up.weight.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    path = tmp_path / "diffusers_names.safetensors"
+    save_lora(injected, path)
+    to_ldm = {t.kohya: "lora_unet_" + t.where.removeprefix("unet.").replace(".", "_")
+              for t in lora_targets(checkpoint.load(folder)) if t.where.startswith("unet.")}
+    sd, _ = checkpoint.read_state_dict(path)
+    renamed = {to_ldm.get(k.split(".")[0], k.split(".")[0]) + "." + k.split(".", 1)[1]: v for k, v in sd.items()}
+    assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in renamed
+    ldm = tmp_path / "ldm_names.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(renamed, ldm)
+    a, b = _ours(folder, path).state_dict(), _ours(folder, ldm).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

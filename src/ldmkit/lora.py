@@ -291,6 +291,27 @@ def save_lora(injected: dict[str, LoRAModule], path: str | os.PathLike, metadata
     write_lora(groups, path, layout, {name: m.peft_name for name, m in injected.items()}, metadata, dtype)
 
 
+def write_lora_state_dict(sd: dict[str, Tensor], path: str | os.PathLike, layout: Layout, cfg: ModelConfig,
+                          metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write kohya-named LoRA weights (``<kohya name>.lora_down.weight`` ...) of a model of ``cfg`` in ``layout``."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, t in sd.items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = t
+    names = peft_names(cfg) if layout == "peft" else None
+    if names is not None and (unknown := sorted(set(groups) - set(names))):
+        raise ValueError(f"{len(unknown)} LoRA targets are not modules of this model (e.g. {unknown[0]})")
+    write_lora(groups, path, layout, names, metadata, dtype)
+
+
+def relayout_lora(path: str | os.PathLike, layout: Layout, cfg: ModelConfig) -> None:
+    """Rewrite an ldmkit kohya-layout LoRA file (of a model of ``cfg``) in place in ``layout``."""
+    if layout == "kohya":
+        return
+    sd, metadata = read_state_dict(path)
+    write_lora_state_dict(sd, path, layout, cfg, metadata)
+
+
 def remove_lora(model: StableDiffusion, injected: dict[str, LoRAModule]) -> None:
     """Put the original modules back (after training)."""
     for part in ("unet", "text_encoder"):

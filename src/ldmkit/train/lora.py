@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmkit.lora import LoRAModule, inject_lora, save_lora
+from ldmkit.lora import LoRAModule, inject_lora, save_lora, write_lora_state_dict
+from ldmkit.lora_formats import Layout
 from ldmkit.model import StableDiffusion
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
@@ -176,9 +177,11 @@ def lora_metadata(cfg: TrainConfig, model: StableDiffusion, num_images: int) -> 
     return meta
 
 
-def export_lora(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
-    """A LoRA run's EMA weights (the trained ones when EMA is off) as a kohya LoRA file."""
-    from ldmkit.checkpoint import atomic_save_safetensors
+def export_lora(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False,
+                layout: Layout = "kohya") -> Path:
+    """A LoRA run's EMA weights (the trained ones when EMA is off) as a LoRA file in the kohya or
+    diffusers/PEFT layout."""
+    from ldmkit.config import ModelConfig
     from ldmkit.train.export import ema_weights, safetensors_path
 
     out = safetensors_path(out, "LoRA files are .safetensors")
@@ -186,7 +189,6 @@ def export_lora(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool =
     if ckpt["kind"] != "lora":
         raise TrainError(f"{run_dir} is a {ckpt['kind']} run, not a LoRA run")
     sd = ema_weights(ckpt, "lora.")  # keys are the kohya names already
-    if half:
-        sd = {k: v.to(torch.float16) for k, v in sd.items()}
-    atomic_save_safetensors(sd, out, ckpt["task"]["lora_metadata"])
+    write_lora_state_dict(sd, out, layout, ModelConfig.from_json(ckpt["model_config"]), ckpt["task"]["lora_metadata"],
+                          torch.float16 if half else None)
     return out
