@@ -19,6 +19,7 @@ from PIL import Image
 
 from ldmkit import checkpoint
 from ldmkit import pipeline as P
+from ldmkit.api import Pipeline
 from ldmkit.cli import main
 from ldmkit.config import TINY
 from ldmkit.deepcache import DeepCacheUNet, branches, unet_forward
@@ -169,6 +170,10 @@ def test_pipeline_threads_deepcache_and_records_it(tiny_model):
     assert "DeepCache: 3" in a.info["parameters"] and "DeepCache" not in plain.info["parameters"]
     branch2 = P.txt2img(tiny_model, params.replace(deepcache_branch=2))[0]
     assert "DeepCache: 3, DeepCache branch: 2" in branch2.info["parameters"]
+    # the Python API takes the same options
+    via_api = Pipeline(tiny_model).txt2img("a red apple", steps=7, sampler="Euler", seed=3, width=16, height=16,
+                                           deepcache=3)[0]
+    assert via_api.tobytes() == a.tobytes()
 
 
 @pytest.mark.parametrize("interval, branch, match", [
