@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import html
 import itertools
 import json
+import marshal
 import os
+import sys
 import unicodedata
 import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import ftfy
 import regex
 import torch
+
+from ldmkit.atomic import replacing
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -52,6 +56,10 @@ _SPLIT = regex.compile(
 # only exact special tokens in the raw text count (`CLIPTokenizer._added`).
 _SPLIT_NO_SPECIAL = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 _WHITESPACE = regex.compile(r"\s+")
+# Text ftfy.fix_text returns unchanged: printable ASCII, tabs and newlines, no "&" (HTML entities). Every ftfy
+# fix needs a non-ASCII character, a control character, "\r" or an entity, so typed prompts skip importing
+# ftfy (and wcwidth), a tenth of a second of start-up.
+_FTFY_IDENTITY = regex.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,7 +80,11 @@ def clean_text(text: str, compat: Compat = "clip") -> str:
     """Normalise a prompt before splitting: ftfy + HTML unescape ("clip") or NFC ("transformers"), then
     collapse whitespace and lowercase."""
     if compat == "clip":
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+        if not _FTFY_IDENTITY.fullmatch(text):
+            import ftfy
+
+            text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text))
         return _WHITESPACE.sub(" ", text).strip().lower()
     if compat == "transformers":
         text = _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
@@ -87,13 +99,42 @@ def _default_bpe_path() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def load_bpe_gz(path: str | os.PathLike) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """Read OpenAI CLIP's gzipped merges file into (token -> id, merges), exactly as CLIP builds its vocab."""
+    """Read OpenAI CLIP's gzipped merges file into (token -> id, merges), exactly as CLIP builds its vocab.
+
+    The parse is kept in the user's cache folder (``_bpe_cache_file``): read back, it takes a fifth of
+    the time, and every new process (the CLI's first image) pays it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"CLIP BPE vocabulary not found: {path}. It ships with ldmkit as ldmkit/assets/{DEFAULT_BPE_FILE}; "
             "reinstall ldmkit, or load a diffusers tokenizer folder with CLIPTokenizer.from_dir(...)."
         )
+    cache = _bpe_cache_file(path)
+    try:
+        encoder, merges = marshal.loads(cache.read_bytes())
+        if isinstance(encoder, dict) and isinstance(merges, tuple) and len(merges) == NUM_MERGES:
+            return encoder, merges
+    except (OSError, EOFError, ValueError, TypeError):
+        pass  # no cache yet, or an unreadable one: parse the file
+    encoder, merges = _parse_bpe_gz(path)
+    try:
+        with replacing(cache) as tmp:
+            Path(tmp).write_bytes(marshal.dumps((encoder, merges)))
+    except OSError:
+        pass  # a read-only home: parse every time
+    return encoder, merges
+
+
+def _bpe_cache_file(path: Path) -> Path:
+    """Where the parse of ``path`` is cached: keyed by the file's identity and the marshal format (Python's)."""
+    root = os.environ.get("LDMKIT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sys.version}|{NUM_MERGES}"
+    sub = "" if os.environ.get("LDMKIT_CACHE_DIR") else "ldmkit"
+    return Path(root) / sub / f"bpe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.marshal"
+
+
+def _parse_bpe_gz(path: Path) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -105,16 +146,17 @@ def load_bpe_gz(path: str | os.PathLike) -> tuple[dict[str, int], tuple[tuple[st
     # Line 0 is a header ("#version: 0.2"); CLIP uses the next NUM_MERGES lines.
     merge_lines = lines[1 : NUM_MERGES + 1]
     pairs = [line.split() for line in merge_lines]
-    if len(pairs) != NUM_MERGES or any(len(p) != 2 for p in pairs):
+    # map/zip/set run in C: this parse is part of every first image's start-up
+    if len(pairs) != NUM_MERGES or set(map(len, pairs)) != {2}:
         raise ValueError(
             f"CLIP BPE vocabulary {path} is truncated or malformed: expected {NUM_MERGES} merge lines of two "
             f"symbols after the header; replace it with a fresh copy of {DEFAULT_BPE_FILE}."
         )
-    merges = tuple((a, b) for a, b in pairs)
+    merges = tuple(map(tuple, pairs))
     byte_chars = list(bytes_to_unicode().values())
-    tokens = byte_chars + [c + END_OF_WORD for c in byte_chars] + ["".join(m) for m in merges]
+    tokens = byte_chars + [c + END_OF_WORD for c in byte_chars] + list(map("".join, merges))
     tokens += [BOS_TOKEN, EOS_TOKEN]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    return dict(zip(tokens, range(len(tokens)), strict=True)), merges
 
 
 def _read_json(file: Path) -> dict:
@@ -172,7 +214,7 @@ class CLIPTokenizer:
         self.encoder = dict(encoder)
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.merges = tuple((a, b) for a, b in merges)
-        self.bpe_ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self.bpe_ranks = dict(zip(self.merges, range(len(self.merges)), strict=True))
         self._no_rank = len(self.bpe_ranks)
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
