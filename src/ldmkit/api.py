@@ -13,6 +13,7 @@ from ldmkit import pipeline as P
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.checkpoint import load as load_model
 from ldmkit.model import StableDiffusion
+from ldmkit.recommended import apply_recommended
 
 # models that ship inside the package, selectable by name
 BUILTIN_MODELS = {"emoji": "emoji.safetensors"}
@@ -66,7 +67,9 @@ class Pipeline:
         unknown = set(kw) - {f for f in P.GenerationParams.__dataclass_fields__} - {"callback"}
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-        return P.GenerationParams(prompt=prompt, **{k: v for k, v in kw.items() if k != "callback"})
+        # sampler, scheduler, steps, cfg_scale not given: the model's recommended ones, else the defaults
+        kw = apply_recommended({k: v for k, v in kw.items() if k != "callback"}, self.model.recommended)
+        return P.GenerationParams(prompt=prompt, **{k: v for k, v in kw.items() if v is not None})
 
     def txt2img(self, prompt: str, **kw) -> list[Image.Image]:
         return P.txt2img(self.model, self._params(prompt, kw), callback=kw.get("callback"))

@@ -17,7 +17,8 @@ EXAMPLES = {
   ldmkit generate "a red apple on a wooden table" --model v1-5-pruned-emaonly.safetensors \\
       --sampler "DPM++ 2M" --scheduler karras --steps 20 --cfg-scale 7 --seed 42 \\
       --negative-prompt "blurry" --width 512 --height 512 --batch-size 1 -o apple.png
-  ldmkit generate --from-png apple.png -o again.png   # reproduce an image from its parameters""",
+  ldmkit generate --from-png apple.png -o again.png   # reproduce an image from its parameters
+  ldmkit generate "a red apple" --model sd15.safetensors --deepcache 3   # DeepCache: deep features reused""",
     "img2img": """examples:
   ldmkit img2img "a watercolor apple" --init-image apple.png --strength 0.6 --model sd15.safetensors -o out.png""",
     "inpaint": """examples:
@@ -45,16 +46,24 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"],
                    help="override the detected model family / prediction type")
     p.add_argument("--negative-prompt", default="", help="what the image should not look like")
-    p.add_argument("--sampler", default="DPM++ 2M", help='e.g. "Euler a", "DPM++ 2M", dpmpp_2m, "DPM++ 2M Karras"')
-    p.add_argument("--scheduler", default=None, help="uniform, karras or exponential (default: the sampler's)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale")
+    # sampler, scheduler, steps and CFG scale default to what the model file recommends, else the
+    # values shown (None here so that "not given" is visible)
+    p.add_argument("--sampler", default=None,
+                   help='e.g. "Euler a", "DPM++ 2M", dpmpp_2m, "DPM++ 2M Karras", LCM, TCD (default: the '
+                        'model\'s recommended sampler, else "DPM++ 2M")')
+    p.add_argument("--scheduler", default=None,
+                   help="uniform, karras, exponential, ddim_uniform, sgm_uniform, trailing or lcm (default: the "
+                        "model's recommended one, else the sampler's)")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's recommended steps, else 20")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's recommended one, else 7)")
     p.add_argument("--seed", type=int, default=-1, help="-1 for random; image i of a batch uses seed+i")
     p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's n-th last layer")
-    p.add_argument("--eta", type=float, default=None, help="noise amount for DDIM / ancestral samplers")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise amount for DDIM / ancestral samplers; gamma in [0, 1] for TCD (default 0.3)")
     p.add_argument("--deepcache", type=int, default=None, metavar="N",
                    help="DeepCache: run the full U-Net every N-th call and only its shallow branch in between, "
                         "reusing the deep features (3: about 2x faster, slightly different image; default: off)")
@@ -140,13 +149,15 @@ def _preview_writer(args: argparse.Namespace, model):
 
 def _params_from_args(args: argparse.Namespace, model) -> object:
     from ldmkit.pipeline import GenerationParams
+    from ldmkit.recommended import apply_recommended
 
     native = native_size(model.cfg)
+    chosen = apply_recommended(dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
+                                    cfg_scale=args.cfg_scale), model.recommended)
     kw = dict(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
-        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+        prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         width=args.width or native, height=args.height or native, batch_size=args.batch_size,
-        clip_skip=args.clip_skip, eta=args.eta,
+        clip_skip=args.clip_skip, eta=args.eta, **{k: v for k, v in chosen.items() if v is not None},
     )
     if hasattr(args, "strength"):
         kw["strength"] = args.strength
@@ -295,6 +306,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     for k, n in counts.items():
         print(f"  {k}: {n / 1e6:.1f}M parameters")
     print(f"  unet: {c.unet}\n  vae: {c.vae}\n  text: {c.text}")
+    if model.recommended is not None:
+        print(f"  recommended settings (used unless given): {model.recommended.to_json()}")
 
 
 COMMANDS = {"generate": cmd_generate, "img2img": cmd_generate, "inpaint": cmd_generate,

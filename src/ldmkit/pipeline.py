@@ -26,16 +26,18 @@ from ldmkit.deepcache import DeepCacheUNet
 from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, DiscreteDenoiser
 from ldmkit.model import StableDiffusion
+from ldmkit.models.unet import guidance_embedding
 from ldmkit.prompt import encode_pair
 from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, default_schedule, resolve_sampler
-from ldmkit.schedules import DiscreteSchedule, get_sigmas, sd_alphas_cumprod
+from ldmkit.schedules import DiscreteSchedule, get_sigmas, schedule_short_name, sd_alphas_cumprod
 from ldmkit.vae_tiling import tiled_decode
 
 StepCallback = Callable[[dict], None]
 MAX_SEED = 2**32 - 1
 # samplers that start from N(0, 1) in the DDPM x_t space, as the CompVis/diffusers DDIM code does,
-# rather than from sigma_max * N(0, 1) in k-diffusion's space
-_VP_START = {"ddim", "ddpm", "unipc"}
+# rather than from sigma_max * N(0, 1) in k-diffusion's space (the consistency samplers too: diffusers'
+# LCMScheduler/TCDScheduler have init_noise_sigma = 1)
+_VP_START = {"ddim", "ddpm", "unipc", "lcm", "tcd"}
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,11 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
     if not 0.0 < params.strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {params.strength}")
     try:
-        resolve_sampler(params.sampler)
+        short = resolve_sampler(params.sampler)[0]
     except ValueError as e:
         raise GenerationError(str(e)) from None
+    if short == "tcd" and params.eta is not None and not 0.0 <= params.eta <= 1.0:
+        raise GenerationError(f"TCD gamma (eta) must be in [0, 1], got {params.eta:g}; 0.3 is the usual choice")
 
 
 # ---------------------------------------------------------------- stages
@@ -146,7 +150,7 @@ class Plan:
 def plan(model: StableDiffusion, params: GenerationParams) -> Plan:
     """Sampler function and the full schedule of ``params.steps`` noise levels."""
     short, fn, suffix = resolve_sampler(params.sampler)
-    schedule = (params.scheduler or suffix or default_schedule(short)).lower()
+    schedule = schedule_short_name(params.scheduler or suffix or default_schedule(short))
     if schedule == "automatic":
         schedule = suffix or default_schedule(short)
     try:
@@ -165,13 +169,21 @@ def run_sampler(model: StableDiffusion, params: GenerationParams, x: Tensor, sig
                 mask: Tensor | None = None, init_latent: Tensor | None = None,
                 callback: StepCallback | None = None) -> Tensor:
     """The reverse diffusion: a sampler stepping a guided denoiser from ``sigmas[0]`` to 0."""
-    den = CFGDenoiser(make_denoiser(model, params), cond, uncond, params.cfg_scale, c_concat=c_concat)
+    if model.cfg.unet.time_cond_proj_dim:
+        # guidance-embedded (full LCM) U-Net: the guidance scale is an input, no unconditional pass
+        w = guidance_embedding(x.new_full((x.shape[0],), params.cfg_scale - 1), model.cfg.unet.time_cond_proj_dim)
+        den = CFGDenoiser(make_denoiser(model, params), cond, None, 1.0, c_concat=c_concat, guidance_emb=w)
+    else:
+        den = CFGDenoiser(make_denoiser(model, params), cond, uncond, params.cfg_scale, c_concat=c_concat)
     if mask is not None and init_latent is not None:
         den = MaskedDenoiser(den, mask, init_latent)
     gen = torch.Generator().manual_seed(seeds[0] + 1)  # fresh noise for ancestral/SDE samplers
     kwargs: dict = {"generator": gen, "callback": callback}
-    if params.eta is not None and "eta" in inspect.signature(sampler_fn).parameters:
+    accepted = inspect.signature(sampler_fn).parameters
+    if params.eta is not None and "eta" in accepted:
         kwargs["eta"] = params.eta  # A1111 clients send eta with every sampler; only some use it
+    if "schedule" in accepted:  # LCM/TCD step on the model's training timesteps
+        kwargs["schedule"] = model_schedule(model)
     try:
         with torch.inference_mode():
             out = sampler_fn(den, x, sigmas.to(x.device), **kwargs)
