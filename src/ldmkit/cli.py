@@ -42,7 +42,8 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--model", default=None, help="checkpoint file, diffusers folder, or built-in name (default: emoji)")
     p.add_argument("--vae", default=None, help="standalone VAE file to use instead of the model's")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="kohya/A1111 LoRA file merged into the model, e.g. style.safetensors:0.8 (repeatable)")
+                   help="LoRA merged into the model, e.g. style.safetensors:0.8 (repeatable): kohya/A1111 or "
+                        "diffusers/PEFT file (LCM-LoRA, TCD-LoRA, DoRA), or a PEFT folder")
     p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"],
                    help="override the detected model family / prediction type")
     p.add_argument("--negative-prompt", default="", help="what the image should not look like")
@@ -201,6 +202,8 @@ def _apply_png(args: argparse.Namespace) -> None:
         args.width, args.height = (int(v) for v in p["Size"].split("x"))
     if "Clip skip" in p and args.clip_skip is None:
         args.clip_skip = int(p["Clip skip"])
+    if "Eta" in p and args.eta is None:
+        args.eta = float(p["Eta"])
     if "DeepCache" in p and args.deepcache is None:
         args.deepcache = int(p["DeepCache"])
         if args.deepcache_branch is None:
