@@ -313,9 +313,12 @@ def test_cli_few_step_recipes_and_bad_gamma(recommending_file, tmp_path, capsys)
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(out), "--model", str(plain), "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
-    assert main(["generate", "a red apple", "--model", str(plain), "--sampler", "TCD", "--steps", "2",
+    assert main(["generate", "a red apple", "--model", str(plain), "--sampler", "TCD", "--steps", "2", "--eta", "0.6",
                  "--width", "16", "--height", "16", "-o", str(out)]) == 0
-    assert parse_infotext(read_parameters(out))["Sampler"] == "TCD"
+    p = parse_infotext(read_parameters(out))
+    assert (p["Sampler"], p["Schedule type"], p["Eta"]) == ("TCD", "LCM", "0.6")
+    assert main(["generate", "--from-png", str(out), "--model", str(plain), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
     capsys.readouterr()
     code = main(["generate", "a red apple", "--model", str(plain), "--sampler", "TCD", "--eta", "1.5",
                  "--width", "16", "--height", "16", "-o", str(out)])

@@ -277,6 +277,8 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
     fields.extend((extra or {}).items())
     if params.clip_skip and params.clip_skip > 1:
         fields.append(("Clip skip", params.clip_skip))
+    if sampler_name == "TCD" and params.eta is not None:  # TCD's gamma changes the image: keep it reproducible
+        fields.append(("Eta", f"{params.eta:g}"))
     if params.deepcache > 1:
         fields.append(("DeepCache", params.deepcache))
         if params.deepcache_branch:
