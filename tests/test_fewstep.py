@@ -353,3 +353,24 @@ def test_server_lists_and_validates_few_step_samplers(tmp_path):
         assert r.status_code == 200, r.text
         info = json.loads(r.json()["info"])
         assert info["sampler_name"] == "LCM" and "Sampler: LCM, Schedule type: LCM" in info["infotexts"][0]
+
+
+def test_lora_recommendations_apply(recommending_file, tmp_path):
+    """An LCM-LoRA written with recommended settings (as ``ldmkit train lcm`` exports it) brings them along."""
+    from ldmkit.lora import inject_lora, save_lora
+
+    torch.manual_seed(0)
+    plain = tmp_path / "plain.safetensors"
+    checkpoint.save_single_file(StableDiffusion(TINY), plain)
+    lora = tmp_path / "lcm-lora.safetensors"
+    save_lora(inject_lora(StableDiffusion(TINY), rank=2, alpha=2.0), lora,
+              metadata=recommended_metadata("TCD", 2, 1.0))
+    p = api.load(plain, device="cpu", loras=[(str(lora), 1.0)])._params("x", {})
+    assert (p.sampler, p.steps, p.cfg_scale) == ("TCD", 2, 1.0)
+    p = api.load(plain, device="cpu", loras=[(str(lora), 1.0)])._params("x", {"sampler": "Euler", "steps": 9})
+    assert (p.sampler, p.steps, p.cfg_scale) == ("Euler", 9, 1.0)
+    out = tmp_path / "o.png"
+    assert main(["generate", "x", "--model", str(plain), "--lora", str(lora), "--width", "16", "--height", "16",
+                 "-o", str(out)]) == 0
+    info = parse_infotext(read_parameters(out))
+    assert (info["Sampler"], info["Steps"], info["CFG scale"]) == ("TCD", "2", "1")

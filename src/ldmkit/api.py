@@ -13,7 +13,7 @@ from ldmkit import pipeline as P
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.checkpoint import load as load_model
 from ldmkit.model import StableDiffusion
-from ldmkit.recommended import apply_recommended
+from ldmkit.recommended import apply_recommended, file_recommended
 
 # models that ship inside the package, selectable by name
 BUILTIN_MODELS = {"emoji": "emoji.safetensors"}
@@ -115,6 +115,8 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
 
         for lora_path, multiplier in loras:
             apply_lora(sd_model, lora_path, multiplier)  # merged in float32, stored in the weights' dtype
+            # a LoRA that changes how the model samples (an LCM-LoRA) recommends its own settings
+            sd_model.recommended = file_recommended(lora_path) or sd_model.recommended
     if low_memory:
         from ldmkit import lowmem
 

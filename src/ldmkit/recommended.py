@@ -8,8 +8,10 @@ CLI and the Python API use each one the user does not give.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 RECOMMENDED_METADATA_KEY = "ldmkit.recommended"
 
@@ -93,3 +95,18 @@ def implied_recommended(guidance_embedded: bool) -> Recommended | None:
     """What a file without recommendations implies: a guidance-embedded (full LCM) U-Net works only as a
     few-step consistency model, so LCM, 4 steps, guidance 8.5 (diffusers' LatentConsistencyModelPipeline)."""
     return Recommended(sampler="LCM", steps=4, cfg_scale=8.5) if guidance_embedded else None
+
+
+def file_recommended(path: str | os.PathLike) -> Recommended | None:
+    """The recommendations in a .safetensors file's header (None for other files or none stored), read
+    without loading its tensors: an LCM-LoRA recommends the sampler it was distilled for."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    try:
+        return read_recommended(metadata)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
