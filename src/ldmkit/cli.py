@@ -18,6 +18,10 @@ EXAMPLES = {
       --sampler "DPM++ 2M" --scheduler karras --steps 20 --cfg-scale 7 --seed 42 \\
       --negative-prompt "blurry" --width 512 --height 512 --batch-size 1 -o apple.png
   ldmkit generate --from-png apple.png -o again.png   # reproduce an image from its parameters
+  ldmkit generate "a red apple" --model sd15.safetensors --lora lcm-lora-sdv1-5.safetensors \\
+      --sampler LCM --steps 4 --cfg-scale 1             # few-step: LCM (or TCD with a TCD-LoRA, --eta = gamma)
+  ldmkit generate "a red apple" --model sd_turbo.safetensors --sampler "Euler a" --scheduler sgm_uniform \\
+      --steps 1 --cfg-scale 1                           # SD-Turbo/Hyper-SD/Lightning (or --scheduler trailing)
   ldmkit generate "a red apple" --model sd15.safetensors --deepcache 3   # DeepCache: deep features reused""",
     "img2img": """examples:
   ldmkit img2img "a watercolor apple" --init-image apple.png --strength 0.6 --model sd15.safetensors -o out.png""",
