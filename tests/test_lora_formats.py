@@ -391,3 +391,18 @@ def test_few_step_sampler_with_peft_lora_matches_diffusers(folder, tmp_path, sam
     diff = np.abs(np.asarray(ours).astype(np.int16) - ref).max()
     assert diff <= 2, f"max pixel difference {diff}/255"
     assert ref.std() > 5
+
+
+def test_text_layers_the_model_does_not_have_are_skipped(folder, tmp_path):
+    """SD2 diffusers folders keep 23 of OpenCLIP's 24 text layers; a LoRA of all 24 still merges."""
+    from safetensors.torch import save_file
+
+    model = checkpoint.load(folder)  # 2 text layers
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in (1, 2):  # layer 2 is beyond the model
+        name = f"lora_te_text_model_encoder_layers_{i}_self_attn_q_proj"
+        sd |= {f"{name}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"{name}.lora_up.weight": torch.randn(32, 2, generator=g)}
+    save_file(sd, tmp_path / "te.safetensors")
+    assert apply_lora(model, tmp_path / "te.safetensors") == 1

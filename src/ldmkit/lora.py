@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,13 @@ def _fits(pair: LoRAPair, w: Tensor) -> bool:
             and (pair.magnitude is None or pair.magnitude.numel() in (w.shape[0], w.shape[1])))
 
 
+def _beyond_text_layers(key: tuple[Part, str], model: StableDiffusion) -> bool:
+    """A text-encoder target in a layer this model does not have: SD2 diffusers folders keep 23 of OpenCLIP's
+    24 layers (the last one's output is never used), while LoRAs trained on single files may target all 24."""
+    m = re.search(r"encoder[._]layers[._](\d+)[._]", key[1])
+    return key[0] == "text_encoder" and m is not None and int(m[1]) >= len(model.text_encoder.text_model.encoder.layers)
+
+
 def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, LoRAPair]]:
     """Each of the file's targets paired with the model's module, or a CheckpointError saying what differs."""
     table: dict[tuple[Part, str], Target] = {}
@@ -164,13 +172,16 @@ def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, L
         for alias in t.aliases:
             table[(part, alias)] = t
     model_family = f"this model is {model.cfg.family} (cross-attention width {model.cfg.unet.context_dim})"
-    unknown = [f"{part}:{name}" for part, name in lora.targets if (part, name) not in table]
-    if unknown:
+    targets = {key: pair for key, pair in lora.targets.items() if key in table or not _beyond_text_layers(key, model)}
+    unknown = [f"{part}:{name}" for part, name in targets if (part, name) not in table]
+    if unknown or not targets:
         n = len(lora.targets)
-        which = f"none of its {n} targets match" if len(unknown) == n else f"{len(unknown)} of its {n} targets match no"
-        raise CheckpointError(f"{lora.path}: {which} a layer of this model (e.g. {unknown[0]}); "
+        which = (f"none of its {n} targets match" if len(unknown) in (0, n)
+                 else f"{len(unknown)} of its {n} targets match no")
+        example = (unknown or [f"{part}:{name}" for part, name in lora.targets])[0]
+        raise CheckpointError(f"{lora.path}: {which} a layer of this model (e.g. {example}); "
                               f"it looks like a {lora.layout} LoRA for {_family(lora)} and {model_family}")
-    pairs = [(table[key], pair) for key, pair in lora.targets.items()]
+    pairs = [(table[key], pair) for key, pair in targets.items()]
     for t, pair in pairs:
         if not _fits(pair, t.module.weight):
             raise CheckpointError(
@@ -183,13 +194,14 @@ def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, L
 def apply_lora(model: StableDiffusion, path: str | os.PathLike, multiplier: float = 1.0) -> int:
     """Merge a LoRA file (any layout, or a PEFT folder) into the model's weights; returns the modules changed."""
     lora = read_lora_file(path)
+    pairs = resolve_lora(model, lora)
     with torch.no_grad():
-        for t, pair in resolve_lora(model, lora):
+        for t, pair in pairs:
             mod = t.module
             mod.weight.copy_(merged_weight(mod.weight, pair, multiplier).to(mod.weight.dtype))
             if pair.up_bias is not None and mod.bias is not None:
                 mod.bias += (multiplier * pair.scale * pair.up_bias.float()).to(mod.bias.dtype)
-    return len(lora.targets)
+    return len(pairs)
 
 
 def read_lora(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:
