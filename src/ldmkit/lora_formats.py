@@ -331,8 +331,10 @@ def write_lora(groups: Mapping[str, Mapping[str, Tensor]], path: str | os.PathLi
     sd = {}
     config: dict[str, dict[str, Any]] = {}
     for name, g in groups.items():
-        full = peft_names[name]
+        full = peft_names.get(name, "")
         part, _, module = full.partition(".")
+        if part not in ("unet", "text_encoder") or not module:
+            raise ValueError(f"no diffusers/PEFT name for the LoRA target {name}")
         sd[f"{full}.lora_A.weight"] = cast(g["lora_down.weight"])
         sd[f"{full}.lora_B.weight"] = cast(g["lora_up.weight"])
         rank = g["lora_down.weight"].shape[0]
