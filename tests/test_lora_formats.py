@@ -23,6 +23,7 @@ from ldmkit.lora_formats import detect_lora_format, read_lora_file
 from ldmkit.pipeline import GenerationParams, txt2img
 
 pytest.importorskip("peft")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj",
                 "downsamplers.0.conv"]
