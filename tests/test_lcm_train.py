@@ -21,7 +21,7 @@ from ldmkit.checkpoint import load, read_safetensors, save_single_file
 from ldmkit.config import TINY, TINY_SD2
 from ldmkit.lora import apply_lora
 from ldmkit.model import StableDiffusion
-from ldmkit.train import defaults, train
+from ldmkit.train import defaults, export_run, train
 from ldmkit.train.lcm import LCM_LORA_FILE, LCMTask
 from ldmkit.train.runner import DistInfo, read_checkpoint
 
@@ -66,12 +66,14 @@ def losses(run: Path) -> dict[int, float]:
 # ---------------------------------------------------------------- the target, in closed form
 
 
-@pytest.mark.parametrize("model", ["sd1_file", "sd2_file"])  # eps- and v-prediction teachers
-def test_consistency_target_and_loss_match_the_closed_form(data: Path, model: str, request, tmp_path: Path) -> None:
-    from diffusers import DDPMScheduler, LCMScheduler
+# eps- and v-prediction teachers; a student with LCM's guidance embedding
+@pytest.mark.parametrize("model, w_embedding", [("sd1_file", False), ("sd2_file", False), ("sd1_file", True)])
+def test_consistency_target_and_loss_match_the_closed_form(data: Path, model: str, w_embedding: bool, request,
+                                                           tmp_path: Path) -> None:
+    from diffusers import DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler
 
     path = request.getfixturevalue(model)
-    cfg = lcm_cfg(data, path)
+    cfg = lcm_cfg(data, path, w_embedding=w_embedding)
     task = LCMTask(cfg, tmp_path / "run", DistInfo(0, 1, torch.device("cpu")))
     net = task.net
     teacher = copy.deepcopy(net.frozen_teacher.module)
@@ -93,6 +95,10 @@ def test_consistency_target_and_loss_match_the_closed_form(data: Path, model: st
     t_start = [(int(n) + 1) * k - 1 for n in batch["index"]]  # 99, 199, ..., 999
     t_end = [max(t - k, 0) for t in t_start]
     text = task.model.text_encoder
+    # the student's guidance input: diffusers' embedding of w (the LCM pipeline's), or none
+    w_emb = (LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, batch["w"], embedding_dim=256)
+             if w_embedding else None)
+    assert (net.unet.cfg.time_cond_proj_dim == 256) == w_embedding
     with torch.no_grad():
         cond = text(batch["ids"], clip_skip=task.model_cfg.clip_skip)
         uncond = text(task.empty_ids.expand(3, -1), clip_skip=task.model_cfg.clip_skip)
@@ -113,10 +119,12 @@ def test_consistency_target_and_loss_match_the_closed_form(data: Path, model: st
             x0_g, eps_g = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
             x_prev = ab[te].sqrt() * x0_g + (1 - ab[te]).sqrt() * eps_g  # DDIM, eta = 0
             c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(te)
-            expected_target.append(c_skip * x_prev + c_out * x0_eps(net.target_unet(x_prev, torch.tensor([te]),
-                                                                                     cond[i:i + 1]), x_prev, te)[0])
+            emb = w_emb[i:i + 1] if w_embedding else None
+            out = net.target_unet(x_prev, torch.tensor([te]), cond[i:i + 1], emb)
+            expected_target.append(c_skip * x_prev + c_out * x0_eps(out, x_prev, te)[0])
             c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(ts)
-            expected_pred.append(c_skip * x + c_out * x0_eps(net.unet(x, torch.tensor([ts]), cond[i:i + 1]), x, ts)[0])
+            out = net.unet(x, torch.tensor([ts]), cond[i:i + 1], emb)
+            expected_pred.append(c_skip * x + c_out * x0_eps(out, x, ts)[0])
     expected_target, expected_pred = torch.cat(expected_target), torch.cat(expected_pred)
     assert rel_err(target, expected_target) < 1e-5
     huber = (torch.sqrt((expected_pred - expected_target) ** 2 + 0.001**2) - 0.001).mean()
@@ -178,11 +186,14 @@ def _unet_out(unet, seed: int = 0) -> torch.Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-def test_lcm_lora_loads_in_diffusers_with_the_same_delta(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_lcm_lora_loads_in_diffusers_with_the_same_delta(layout: str, data: Path, sd1_file: Path,
+                                                         tmp_path: Path) -> None:
     pytest.importorskip("peft")
     from diffusers import StableDiffusionPipeline
 
     from ldmkit import checkpoint
+    from ldmkit.lora import relayout_lora
 
     run = tmp_path / "lora"
     train(lcm_cfg(data, sd1_file, lora_rank=4, lora_alpha=2.0, total_steps=3, lr=1e-2), run)
@@ -195,6 +206,9 @@ def test_lcm_lora_loads_in_diffusers_with_the_same_delta(data: Path, sd1_file: P
     assert torch.equal(sd[key], ckpt["ema"]["shadow"]["lora." + key])  # the file holds the EMA weights
 
     base = load(sd1_file)
+    if layout == "peft":  # the published LCM-LoRA layout: unet.<diffusers path>.lora_A/lora_B
+        relayout_lora(path, "peft", base.cfg)
+        assert all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in read_safetensors(path)[0])
     merged = copy.deepcopy(base)
     apply_lora(merged, path)
     ours = _unet_out(merged.unet) - _unet_out(base.unet)
@@ -231,6 +245,37 @@ def test_train_export_generate(data: Path, sd1_file: Path, tmp_path: Path) -> No
     assert png.exists()
 
 
+def test_guidance_embedded_student_exports_with_its_cfg(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "w"
+    train(lcm_cfg(data, sd1_file, total_steps=2, w_embedding=True), run)
+    model = load(export_run(run, tmp_path / "w.safetensors"))
+    assert model.cfg.unet.time_cond_proj_dim == 256
+    ckpt = read_checkpoint(run)
+    key = "time_embedding.cond_proj.weight"
+    assert torch.equal(model.unet.state_dict()[key], ckpt["ema"]["shadow"]["unet." + key])
+    assert ckpt["ema"]["shadow"]["unet." + key].abs().max() > 0  # zero at the start, trained since
+    # sampled with the CFG scale 1 + w at mid-range (w in [2, 6]), which feeds the embedding
+    assert (model.recommended.sampler, model.recommended.steps, model.recommended.cfg_scale) == ("LCM", 4, 5.0)
+
+
+def test_builtin_emoji_lcm_is_the_teacher_with_a_distilled_unet() -> None:
+    from ldmkit import api
+
+    path = api.builtin_model_path("emoji-lcm")
+    if path is None:
+        pytest.skip("the emoji-lcm asset is not installed")
+    lcm, teacher = load(path), load(api.builtin_model_path("emoji"))
+    rec = lcm.recommended
+    assert (rec.sampler, rec.steps, rec.cfg_scale) == ("LCM", 4, 1.0)
+    assert lcm.cfg.unet == teacher.cfg.unet
+    for part in ("vae", "text_encoder"):
+        a, b = getattr(lcm, part).state_dict(), getattr(teacher, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert not torch.equal(lcm.unet.state_dict()["out.2.weight"], teacher.unet.state_dict()["out.2.weight"])
+    image, = api.load("emoji-lcm").txt2img("a red apple", seed=1)  # its settings, not the defaults
+    assert image.size == (64, 64) and image.info["parameters"].count("Sampler: LCM") == 1
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -239,6 +284,7 @@ def test_train_export_generate(data: Path, sd1_file: Path, tmp_path: Path) -> No
     (["--model", "MODEL", "--w-min", "5", "--w-max", "3"], "w_min <= w_max"),
     (["--model", "MODEL", "--num-ddim-timesteps", "7"], "must divide the model's 1000 training timesteps"),
     (["--model", "MODEL", "--lora-rank", "-1"], "lora_rank must be 0"),
+    (["--model", "MODEL", "--lora-rank", "4", "--w-embedding"], "drop --w-embedding or use --lora-rank 0"),
     (["--model", "no/such/model.safetensors"], "no such run folder, model file or built-in model"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, data: Path, sd1_file: Path, tmp_path: Path, capsys) -> None:

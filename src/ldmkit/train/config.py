@@ -129,6 +129,9 @@ class TrainConfig:
     target_decay: float = _help("lcm: EMA decay of the target network (whole U-Net; an LCM-LoRA's target is the "
                                 "online network)", 0.95)
     huber_c: float = _help("lcm: c of the pseudo-Huber loss sqrt(d^2 + c^2) - c", 0.001)
+    w_embedding: bool = _help("lcm: give the student LCM's guidance embedding (time_cond_proj_dim 256), so it learns "
+                              "every w in the range and is sampled with CFG scale 1 + w (one U-Net call a step); off: "
+                              "the guidance is baked in and the model is sampled with CFG 1 (whole U-Net only)", False)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -205,6 +208,8 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.num_ddim_timesteps >= 1, f"num_ddim_timesteps must be at least 1, got {cfg.num_ddim_timesteps}")
         need(0.0 <= cfg.target_decay < 1.0, f"target_decay must be in [0, 1), got {cfg.target_decay}")
         need(cfg.huber_c > 0, f"huber_c must be positive, got {cfg.huber_c}")
+        need(not (cfg.w_embedding and cfg.lora_rank), "w_embedding adds a layer to the U-Net, which an LCM-LoRA "
+             "can't; drop --w-embedding or use --lora-rank 0")
     if cfg.kind == "taesd":
         need(bool(cfg.init_from), "a tiny autoencoder is distilled from a model's VAE: pass --model, "
              "e.g. --model emoji")

@@ -13,18 +13,22 @@ trajectory to its start. One step, for a training latent x0 and noise eps:
 The teacher's guidance scale in ldmkit's (A1111's) sense is 1 + w. The target network is an EMA of
 the online one (decay ``target_decay``) when the whole U-Net is distilled, and the online network
 itself (without gradients) for an LCM-LoRA, as in diffusers' ``train_lcm_distill_*_sd_wds.py``.
-The U-Net takes no guidance embedding (ldmkit's U-Net has no ``time_cond_proj_dim``), so the
-guidance range is baked into the student: choose ``w_min = w_max`` for one scale.
+By default the guidance is baked into the student (choose ``w_min = w_max`` for one scale), which is
+then sampled with CFG 1. With ``w_embedding`` the whole-U-Net student gets LCM's guidance embedding
+(``time_cond_proj_dim`` 256, zero-initialised so it starts as the teacher) and learns every w in the
+range: it is sampled with the CFG scale 1 + w, which only feeds the embedding (one U-Net call a step).
 
 Outputs: ``lora_rank = 0`` distils the whole U-Net (``ldmkit export RUN model.safetensors``: the
 model with the EMA U-Net); ``lora_rank = R`` trains LoRA modules on the frozen model and writes
 ``lcm_lora.safetensors`` in the kohya layout (``ldmkit generate --lora``, A1111 and diffusers load it).
-Both record the settings to sample with: the LCM sampler, 4 steps, CFG 1.
+Both record the settings to sample with: the LCM sampler, 4 steps, CFG 1 (1 + mid-range w with
+``w_embedding``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -34,10 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldmkit.config import ModelConfig
 from ldmkit.lora import inject_lora, save_lora
 from ldmkit.model import StableDiffusion
 from ldmkit.models.clip import CLIPTextModel
-from ldmkit.models.unet import UNetModel
+from ldmkit.models.unet import UNetModel, guidance_embedding
 from ldmkit.schedules import lcm_boundary_scalings, sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
 from ldmkit.train.lora import LoRAWeights, fingerprint
@@ -49,8 +54,10 @@ LCM_LORA_FILE = "lcm_lora.safetensors"
 RUN_FILE = "lcm_run.json"
 # the few-step settings an LCM is meant to be sampled with (recorded in every exported file)
 RECOMMENDED = {"sampler": "LCM", "steps": 4, "cfg_scale": 1.0}
+# diffusers' LCM scripts: the width of the guidance embedding (``unet_time_cond_proj_dim``)
+W_EMBEDDING_DIM = 256
 # what a resumed run must not change
-_RECORDED = ("lora_rank", "lora_alpha", "conv_lora", "num_ddim_timesteps")
+_RECORDED = ("lora_rank", "lora_alpha", "conv_lora", "num_ddim_timesteps", "w_embedding")
 
 
 def solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> Tensor:
@@ -91,14 +98,14 @@ class ConsistencyLoss(nn.Module):
                              persistent=False)
         self.register_buffer("empty_ids", empty_ids.clone(), persistent=False)
 
-    # -- the three networks (raw U-Net outputs)
-    def online(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+    # -- the three networks (raw U-Net outputs); the student's take the guidance w
+    def online(self, x: Tensor, t: Tensor, c: Tensor, w: Tensor) -> Tensor:
         raise NotImplementedError
 
     def teacher(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def target(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+    def target(self, x: Tensor, t: Tensor, c: Tensor, w: Tensor) -> Tensor:
         raise NotImplementedError
 
     def before_step(self, step: int) -> None:
@@ -139,39 +146,50 @@ class ConsistencyLoss(nn.Module):
         cond = self.encode(ids)
         x_end = self.solver_step(x_start, t_start, t_end, cond, w)
         with torch.no_grad():
-            target = self.consistency(x_end, t_end, self.target(x_end, t_end, cond))
+            target = self.consistency(x_end, t_end, self.target(x_end, t_end, cond, w))
         return x_start, t_start, cond, target
 
     def forward(self, latents: Tensor, ids: Tensor, index: Tensor, noise: Tensor, w: Tensor,
                 step: int) -> tuple[Tensor, dict]:
         self.before_step(step)
         x_start, t_start, cond, target = self.targets(latents, ids, index, noise, w)
-        pred = self.consistency(x_start, t_start, self.online(x_start, t_start, cond))
+        pred = self.consistency(x_start, t_start, self.online(x_start, t_start, cond, w))
         return pseudo_huber(pred, target, self.huber_c), {}
 
 
 class FullDistiller(ConsistencyLoss):
     """The whole U-Net is trained from the teacher's weights; the target is its EMA (decay
     ``target_decay``), updated once per optimizer step. Checkpointed: ``unet``, ``target_unet`` and
-    ``target_step`` (the target is brought up to date lazily, at the next step's forward)."""
+    ``target_step`` (the target is brought up to date lazily, at the next step's forward). With
+    ``w_embedding`` the student is the teacher plus a zero-initialised guidance projection."""
 
     def __init__(self, teacher: UNetModel, text: CLIPTextModel, empty_ids: Tensor, cfg: TrainConfig,
                  model_cfg: Any):
         super().__init__(text, empty_ids, cfg, model_cfg)
         self.frozen_teacher = _Shared(teacher.requires_grad_(False).eval())
-        self.unet = copy.deepcopy(teacher).requires_grad_(True).train()
-        self.target_unet = copy.deepcopy(teacher).requires_grad_(False).eval()
+        self.w_dim = model_cfg.unet.time_cond_proj_dim  # the student's (model_cfg is the student's)
+        student = copy.deepcopy(teacher)
+        if self.w_dim and not teacher.cfg.time_cond_proj_dim:
+            student = UNetModel(model_cfg.unet).to(next(teacher.parameters()).device)
+            missing = student.load_state_dict(teacher.state_dict(), strict=False).missing_keys
+            assert missing == ["time_embedding.cond_proj.weight"], missing
+            nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        self.unet = student.requires_grad_(True).train()
+        self.target_unet = copy.deepcopy(student).requires_grad_(False).eval()
         self.register_buffer("target_step", torch.zeros((), dtype=torch.long))
         self.target_decay = cfg.target_decay
 
-    def online(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return self.unet(x, t, c)
+    def _w(self, w: Tensor) -> Tensor | None:
+        return guidance_embedding(w, self.w_dim) if self.w_dim else None
+
+    def online(self, x: Tensor, t: Tensor, c: Tensor, w: Tensor) -> Tensor:
+        return self.unet(x, t, c, self._w(w))
 
     def teacher(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         return self.frozen_teacher.module(x, t, c)
 
-    def target(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return self.target_unet(x, t, c)
+    def target(self, x: Tensor, t: Tensor, c: Tensor, w: Tensor) -> Tensor:
+        return self.target_unet(x, t, c, self._w(w))
 
     @torch.no_grad()
     def before_step(self, step: int) -> None:
@@ -206,7 +224,7 @@ class LoRADistiller(ConsistencyLoss):
         self.frozen = _Shared(model)
         self.modules_ = _Shared(list(injected.values()))  # type: ignore[arg-type]
 
-    def online(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+    def online(self, x: Tensor, t: Tensor, c: Tensor, w: Tensor) -> Tensor:
         return self.frozen.module.unet(x, t, c)
 
     target = online  # without gradients: called under no_grad
@@ -246,7 +264,9 @@ def _check_record(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> No
     if old["fingerprint"] != new["fingerprint"]:
         raise TrainError(f"--model {new['init_from']} has other weights than the teacher {run_dir} was started "
                          f"with ({old['init_from']}); resume with that model")
-    diffs = [f"{k}: {old[k]!r} in the run, {new[k]!r} now" for k in _RECORDED if old[k] != new[k]]
+    base = TrainConfig()  # a setting added since the run started has its default there
+    diffs = [f"{k}: {old.get(k, getattr(base, k))!r} in the run, {new[k]!r} now" for k in _RECORDED
+             if old.get(k, getattr(base, k)) != new[k]]
     if diffs:
         raise TrainError(f"{run_dir} was started with other distillation settings: " + "; ".join(diffs)
                          + ". Resume without these options, or start a new run with another --out.")
@@ -284,13 +304,16 @@ class LCMTask(UNetTask):
         self.read_latents()
         self.tokenize(model.tokenizer)
         self.model_cfg = model.cfg.replace(name=run_dir.name, extra={"image_size": cfg.size})
+        if cfg.w_embedding and not model.cfg.unet.time_cond_proj_dim:
+            self.model_cfg = self.model_cfg.replace(
+                unet=dataclasses.replace(model.cfg.unet, time_cond_proj_dim=W_EMBEDDING_DIM))
         self.model = model.to(d.device).requires_grad_(False)
         self.injected: dict = {}
         if cfg.lora_rank:
             self.injected = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, text_encoder=False, conv=cfg.conv_lora)
             self.net: ConsistencyLoss = LoRADistiller(model, self.injected, self.empty_ids, cfg)
         else:
-            self.net = FullDistiller(model.unet, model.text_encoder, self.empty_ids, cfg, model.cfg)
+            self.net = FullDistiller(model.unet, model.text_encoder, self.empty_ids, cfg, self.model_cfg)
         self.net.to(d.device)
         model.unet.gradient_checkpointing = cfg.gradient_checkpointing
         if isinstance(self.net, FullDistiller):
@@ -323,6 +346,7 @@ class LCMTask(UNetTask):
         from ldmkit.train.data import save_grid
 
         lcm = RECOMMENDED["sampler"] in SAMPLERS
+        rec = recommended(self.cfg)
         model = self.viewer(eval_net)
         was_training = eval_net.training
         images = []
@@ -330,7 +354,7 @@ class LCMTask(UNetTask):
             params = GenerationParams(
                 prompt=prompt, seed=self.cfg.seed + i, width=self.cfg.size, height=self.cfg.size,
                 steps=RECOMMENDED["steps"] if lcm else self.cfg.sample_steps,
-                cfg_scale=RECOMMENDED["cfg_scale"] if lcm else self.cfg.sample_cfg_scale,
+                cfg_scale=rec["cfg_scale"] if lcm else self.cfg.sample_cfg_scale,
                 sampler=RECOMMENDED["sampler"] if lcm else "Euler")
             images += txt2img(model, params)
         eval_net.train(was_training)
@@ -340,24 +364,32 @@ class LCMTask(UNetTask):
     def state(self) -> dict[str, Any]:
         if self.injected:  # beside each checkpoint, as `train lora` does (the trained weights)
             save_lora(self.injected, self.run_dir / LCM_LORA_FILE, lcm_lora_metadata(self.cfg))
-        return {"init_from": self.cfg.init_from, "lora_rank": self.cfg.lora_rank}
+        return {"init_from": self.cfg.init_from, "lora_rank": self.cfg.lora_rank,
+                "recommended": recommended(self.cfg)}
 
 
 # ---------------------------------------------------------------- export
 
 
-def recommended_metadata() -> dict[str, str]:
+def recommended(cfg: TrainConfig) -> dict[str, Any]:
+    """LCM sampler, 4 steps, CFG 1; with a guidance embedding the CFG scale 1 + w picks w (mid-range)."""
+    if cfg.w_embedding:
+        return {**RECOMMENDED, "cfg_scale": 1.0 + (cfg.w_min + cfg.w_max) / 2}
+    return dict(RECOMMENDED)
+
+
+def recommended_metadata(rec: dict[str, Any]) -> dict[str, str]:
     """The sampler settings recorded in an exported file (``ldmkit.recommended``; loaders apply them)."""
     from ldmkit.recommended import recommended_metadata as write
 
-    return write(RECOMMENDED["sampler"], RECOMMENDED["steps"], RECOMMENDED["cfg_scale"])
+    return write(rec["sampler"], rec["steps"], rec["cfg_scale"])
 
 
 def lcm_lora_metadata(cfg: TrainConfig) -> dict[str, str]:
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora_rank),
             "ss_network_alpha": str(cfg.lora_alpha), "ss_sd_model_name": Path(cfg.init_from).name,
             "ss_network_train_unet_only": "True", "ss_training_comment": "ldmkit train lcm (LCM-LoRA)",
-            **recommended_metadata()}
+            **recommended_metadata(recommended(cfg))}
 
 
 def export_lcm(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
@@ -379,8 +411,13 @@ def export_lcm(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
         atomic_save_safetensors(sd, out, lcm_lora_metadata(_run_config(run_dir)))
         return out
     model = load_model(init_from, "the run's teacher (init_from)")
-    model.unet.load_state_dict(ema_weights(ckpt, "unet."))  # strict: the run's architecture is the teacher's
-    save_single_file(model, out, dtype=dtype, metadata=recommended_metadata())
+    student = ModelConfig.from_json(ckpt["model_config"]).unet
+    if student != model.cfg.unet:  # the guidance embedding added
+        model.unet = UNetModel(student)
+        model.cfg = model.cfg.replace(unet=student)
+    model.unet.load_state_dict(ema_weights(ckpt, "unet."))  # strict
+    rec = ckpt["task"].get("recommended", RECOMMENDED)
+    save_single_file(model, out, dtype=dtype, metadata=recommended_metadata(rec))
     return out
 
 
