@@ -70,8 +70,14 @@ def _lcm_task():
     return LCMTask
 
 
+def _taesd_task():
+    from ldmkit.train.taesd import TAESDTask
+
+    return TAESDTask
+
+
 # kind -> the Task class (imported on use, so `ldmkit --help` stays fast)
-TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task, "lcm": _lcm_task}
+TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task, "lcm": _lcm_task, "taesd": _taesd_task}
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -92,6 +98,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
 
         return export_model(str(run_dir), out, half, vae)
     kind = load_run_config(run_dir).kind
+    if kind == "taesd":
+        if vae:
+            raise TrainError("--vae applies to U-Net runs; a taesd run exports its tiny autoencoder")
+        from ldmkit.train.taesd import export_taesd
+
+        return export_taesd(run_dir, out, half)
     if kind == "lcm":
         if vae:
             raise TrainError("--vae applies to U-Net runs; an LCM run exports its teacher's autoencoder")

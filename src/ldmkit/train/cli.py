@@ -83,6 +83,16 @@ LCM_EXAMPLES = """examples:
   (--lora-rank 0, the default, distils the whole U-Net; the teacher's guidance scale is 1 + w)
 """
 
+TAESD_EXAMPLES = """examples:
+  ldmkit train taesd --model emoji --data data/emoji --out runs/emoji-taesd --total-steps 3000
+  ldmkit train taesd --model sd15.safetensors --data my_images --size 256 --out runs/taesd
+  ldmkit train taesd --model emoji --data data/emoji --taesd-parts decoder --width 32 --out runs/tiny-dec
+  ldmkit train taesd --resume runs/emoji-taesd            # continue exactly where it stopped
+  ldmkit export runs/emoji-taesd emoji-taesd.safetensors --half
+  ldmkit generate --model emoji --vae emoji-taesd.safetensors "a red apple"
+  (metrics.jsonl: psnr_vs_kl, the tiny decoder against the model's own decoder on held-out latents)
+"""
+
 EXPORT_EXAMPLES = """examples:
   ldmkit export runs/ldm model.safetensors           # EMA weights + VAE + text encoder, one file
   ldmkit export runs/ldm model-fp16.safetensors --half
@@ -120,7 +130,7 @@ _METAVARS = {"data": "DIR", "model": "PRESET", "vae": "RUN_DIR|MODEL", "text_enc
              "init_from": "MODEL"}
 # shorter spellings: `train lora --model sd15.safetensors --rank 8 --alpha 8` (lora has no preset --model)
 _ALIASES = {("lora", "init_from"): "--model", ("lora", "lora_rank"): "--rank", ("lora", "lora_alpha"): "--alpha",
-            ("lcm", "init_from"): "--model"}
+            ("lcm", "init_from"): "--model", ("taesd", "init_from"): "--model", ("taesd", "taesd_width"): "--width"}
 
 
 def _flag(name: str) -> str:
@@ -155,7 +165,7 @@ def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
             p.add_argument(*flags, nargs="+", metavar="TEXT", **kw)
         else:
             p.add_argument(*flags, type=tp, metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
-    if kind not in ("lora", "lcm"):  # a LoRA's (a distilled model's) architecture is its model's
+    if kind not in ("lora", "lcm", "taesd"):  # a LoRA's (a distilled model's) architecture is its model's
         p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
                        help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, "
                             "text.layers=6")
@@ -230,6 +240,8 @@ TRAINERS: dict[str, Trainer] = {
                             LORA_EXAMPLES),
     "lcm": _config_trainer("lcm", "latent consistency distillation of a model: a few-step model (sampler LCM, "
                            "4 steps, CFG 1) or an LCM-LoRA (--lora-rank R)", LCM_EXAMPLES),
+    "taesd": _config_trainer("taesd", "distil a tiny autoencoder (TAESD) from a model's VAE: a fast decoder "
+                             "for --vae and live previews", TAESD_EXAMPLES),
 }
 
 

@@ -23,7 +23,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-Kind = Literal["vae", "unet", "lora", "lcm"]
+Kind = Literal["vae", "unet", "lora", "lcm", "taesd"]
 KINDS: tuple[str, ...] = typing.get_args(Kind)
 ARCH_PARTS: dict[str, type] = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
 
@@ -59,11 +59,11 @@ class TrainConfig:
     model: str = _help(f"vae/unet: architecture preset: {', '.join(TRAIN_PRESETS)} (unet: unused with --init-from)",
                        "small")
     arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
-    init_from: str = _help("vae/unet/lora/lcm: a model to start from. vae: a `ldmkit train vae` run folder or a "
-                           "model file, continued with its architecture; unet: a Stable Diffusion model (file, "
+    init_from: str = _help("vae/unet/lora/lcm/taesd: a model to start from. vae: a `ldmkit train vae` run folder "
+                           "or a model file, continued with its architecture; unet: a Stable Diffusion model (file, "
                            "diffusers folder or built-in name) whose U-Net (and text encoder) is fine-tuned with its "
                            "architecture and VAE; lora: the model LoRA modules are trained on, frozen (required); "
-                           "lcm: the teacher (required)",
+                           "lcm: the teacher (required); taesd: the model whose autoencoder is distilled (required)",
                            "")
     freeze_encoder: bool = _help("vae: train only the decoder (as SD's ft-MSE VAE), so latents of a U-Net trained "
                                  "on the --init-from VAE stay valid", False)
@@ -121,6 +121,7 @@ class TrainConfig:
     lora_alpha: float = _help("lora/lcm: the update is scaled by alpha / rank (kohya's network_alpha)", 8.0)
     text_encoder_lora: bool = _help("lora: LoRA modules in the text encoder too, not only the U-Net", True)
     conv_lora: bool = _help("lora/lcm: LoRA modules in the U-Net's 3x3 convolutions too (LoCon)", False)
+
     w_min: float = _help("lcm: lowest teacher guidance w (w ~ U(w_min, w_max); the teacher's CFG scale is 1 + w). "
                          "The U-Net takes no w, so the range is baked into the student: w_min = w_max picks one",
                          3.0)
@@ -132,6 +133,9 @@ class TrainConfig:
     w_embedding: bool = _help("lcm: give the student LCM's guidance embedding (time_cond_proj_dim 256), so it learns "
                               "every w in the range and is sampled with CFG scale 1 + w (one U-Net call a step); off: "
                               "the guidance is baked in and the model is sampled with CFG 1 (whole U-Net only)", False)
+    taesd_width: int = _help("taesd: channels at every level of the tiny autoencoder (TAESD: 64)", 64)
+    taesd_parts: str = _help("taesd: which halves to distil: encoder,decoder or decoder (the decoder learns from "
+                             "the model's own latents either way)", "encoder,decoder")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -151,6 +155,9 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "lcm": {"lora_rank": 0, "lora_alpha": 8.0, "holdout": 0, "total_steps": 4000, "warmup_steps": 100,
             "lr": 1e-5, "ema_decay": 0.95, "caption_dropout": 0.0, "weight_decay": 0.0, "checkpoint_every": 250,
             "sample_every": 500, "flip": False},
+    # TAESD: a small plain conv net; no EMA (short runs), no weight decay
+    "taesd": {"batch_size": 16, "total_steps": 10000, "warmup_steps": 100, "lr": 5e-4, "weight_decay": 0.0,
+              "ema_decay": 0.0, "checkpoint_every": 250, "sample_every": 500},
 }
 
 
