@@ -129,6 +129,18 @@ def test_lora_trains_only_lora_weights_and_its_file_merges_exactly(data: Path, s
     assert rel_err(out_merged, out_lora) < 1e-5
     assert rel_err(out_merged, out_base) > 1e-3
 
+    # `ldmkit export RUN OUT --layout peft`: the same weights under diffusers/PEFT keys merge identically
+    # (tests/test_lora_formats.py checks that diffusers' load_lora_weights reads this layout)
+    assert cli.main(["export", str(run), str(tmp_path / "peft.safetensors"), "--layout", "peft"]) == 0
+    _, meta = read_safetensors(tmp_path / "peft.safetensors")
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 2.0
+    apply_lora(peft_merged := copy.deepcopy(base), tmp_path / "peft.safetensors", 0.8)
+    kohya_merged = copy.deepcopy(base)
+    export_run(run, tmp_path / "kohya.safetensors")
+    apply_lora(kohya_merged, tmp_path / "kohya.safetensors", 0.8)
+    assert all(torch.equal(a, b) for a, b in zip(peft_merged.state_dict().values(),
+                                                 kohya_merged.state_dict().values(), strict=True))
+
 
 def test_resumed_lora_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_path: Path, capsys) -> None:
     cfg = lora_cfg(data, sd1_file, total_steps=4, ema_decay=0.5, text_encoder_lora=False, conv_lora=True)

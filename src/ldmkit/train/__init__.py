@@ -88,16 +88,37 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     return load_toml(path, TrainConfig())
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False, vae: str = "") -> Path:
-    """A U-Net run as a model file, a VAE run as a VAE file, a LoRA run as a kohya LoRA file (EMA weights).
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False, vae: str = "",
+               layout: str = "kohya") -> Path:
+    """A U-Net run as a model file, a VAE run as a VAE file, a LoRA run as a LoRA file (EMA weights).
 
     ``vae``: a decoder fine-tune of a U-Net run's VAE to ship in its place. ``run_dir`` may also be a
-    model (file, diffusers folder or built-in name): it is rewritten, with ``vae``'s decoder if given."""
-    if not (Path(run_dir) / "config.toml").exists():
+    model (file, diffusers folder or built-in name): it is rewritten, with ``vae``'s decoder if given.
+    ``layout``: LoRA runs (``train lora``, ``train lcm --lora-rank R``) write the kohya/A1111 layout or
+    the diffusers/PEFT one (``peft``)."""
+    if layout not in ("kohya", "peft"):
+        raise TrainError(f"--layout must be kohya or peft, got {layout!r}")
+    kind = load_run_config(run_dir).kind if (Path(run_dir) / "config.toml").exists() else None
+    if layout != "kohya" and kind not in ("lora", "lcm"):
+        raise TrainError("--layout applies to LoRA runs (train lora, train lcm --lora-rank R)")
+    if kind == "lcm" and layout != "kohya":
+        from ldmkit.config import ModelConfig
+        from ldmkit.lora import relayout_lora
+        from ldmkit.train.lcm import export_lcm
+        from ldmkit.train.runner import read_checkpoint
+
+        ckpt = read_checkpoint(Path(run_dir))
+        if vae:
+            raise TrainError("--vae applies to U-Net runs; a LoRA file holds no autoencoder")
+        if not ckpt["task"].get("lora_rank"):
+            raise TrainError(f"{run_dir} distils the whole U-Net (no --lora-rank); --layout applies to LCM-LoRA runs")
+        path = export_lcm(run_dir, out, half)
+        relayout_lora(path, "peft", ModelConfig.from_json(ckpt["model_config"]))
+        return path
+    if kind is None:
         from ldmkit.train.export import export_model
 
         return export_model(str(run_dir), out, half, vae)
-    kind = load_run_config(run_dir).kind
     if kind == "taesd":
         if vae:
             raise TrainError("--vae applies to U-Net runs; a taesd run exports its tiny autoencoder")
@@ -115,7 +136,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
             raise TrainError("--vae applies to U-Net runs; a LoRA file holds no autoencoder")
         from ldmkit.train.lora import export_lora
 
-        return export_lora(run_dir, out, half)
+        return export_lora(run_dir, out, half, layout)  # type: ignore[arg-type]
     from ldmkit.train.export import export_run as _export
 
     return _export(run_dir, out, half, vae)

@@ -100,6 +100,7 @@ EXPORT_EXAMPLES = """examples:
   ldmkit export runs/vae vae.safetensors             # a VAE run: standalone VAE file
   ldmkit export runs/ldm model.safetensors --vae runs/vae-decoder   # ship a decoder fine-tune of the run's VAE
   ldmkit export runs/lora style.safetensors --half   # a LoRA run: its EMA LoRA weights, kohya layout
+  ldmkit export runs/lora style.safetensors --layout peft   # diffusers/PEFT keys (load_lora_weights)
   ldmkit export emoji emoji-ft.safetensors --half --vae runs/vae-decoder2   # a model file or built-in name:
                                                      # rewritten with a decoder fine-tune of its VAE
 """
@@ -228,7 +229,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from ldmkit.train import export_run
 
-    print(export_run(args.run_dir, args.output, half=args.half, vae=args.vae))
+    print(export_run(args.run_dir, args.output, half=args.half, vae=args.vae, layout=args.layout))
 
 
 # `ldmkit train KIND`; a new trainer (e.g. LoRA) adds an entry here
@@ -260,5 +261,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     e.add_argument("--half", action="store_true", help="store weights as float16")
     e.add_argument("--vae", default="", metavar="RUN_DIR|MODEL",
                    help="U-Net runs: ship this decoder fine-tune of the run's VAE (train vae --freeze-encoder)")
+    e.add_argument("--layout", choices=("kohya", "peft"), default="kohya",
+                   help="LoRA runs: kohya/A1111 keys (lora_unet_...) or diffusers/PEFT keys (unet....lora_A)")
     e.set_defaults(func=cmd_export)
 
