@@ -179,8 +179,11 @@ def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, L
         which = (f"none of its {n} targets match" if len(unknown) in (0, n)
                  else f"{len(unknown)} of its {n} targets match no")
         example = (unknown or [f"{part}:{name}" for part, name in lora.targets])[0]
-        raise CheckpointError(f"{lora.path}: {which} a layer of this model (e.g. {example}); "
-                              f"it looks like a {lora.layout} LoRA for {_family(lora)} and {model_family}")
+        family = _family(lora)
+        guess = (f"it looks like a {lora.layout} LoRA for {family} and {model_family}"
+                 if f"width {model.cfg.unet.context_dim})" not in family and family != "another model"
+                 else f"a {lora.layout}-layout LoRA whose names are not modules of an SD U-Net or CLIP text encoder")
+        raise CheckpointError(f"{lora.path}: {which} a layer of this model (e.g. {example}); {guess}")
     pairs = [(table[key], pair) for key, pair in targets.items()]
     for t, pair in pairs:
         if not _fits(pair, t.module.weight):
