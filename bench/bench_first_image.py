@@ -3,6 +3,8 @@
     python bench/bench_first_image.py                    # emoji model, 5 runs each, torch's default threads
     python bench/bench_first_image.py --threads 1        # OMP_NUM_THREADS=1 in the runs
     python bench/bench_first_image.py --model emoji-lcm  # another built-in model (its recommended settings)
+    python bench/bench_first_image.py --lcm              # the LCM recipe (4 steps, CFG 1) on the emoji model:
+                                                         # the time an LCM-distilled emoji model would take
 
 Each run is a whole new process, timed from the parent: ``ldmkit generate "a red apple" --seed 1
 -o FILE`` (what a user types), and a Python script doing the same with diffusers on the same model
@@ -81,6 +83,8 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="emoji", help="built-in model name (default: emoji)")
+    ap.add_argument("--lcm", action="store_true",
+                    help="use the LCM recipe (ldmkit --sampler LCM --steps 4 --cfg-scale 1; diffusers LCMScheduler)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per command")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
     ap.add_argument("--no-pyc", action="store_true", help="keep PYTHONDONTWRITEBYTECODE: compile sources every run")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     path = api.resolve_model_path(args.model)
     rec = read_recommended(read_safetensors(path)[1])
-    lcm = rec is not None and rec.sampler == "LCM"
+    lcm = args.lcm or (rec is not None and rec.sampler == "LCM")
     folder = args.cache / f"{args.model}-diffusers"
     if not (folder / "model_index.json").exists():
         checkpoint.save_diffusers(api.load(args.model).model, folder)  # what `ldmkit convert` writes
@@ -110,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(args.cache / "pycache")
     size = native_size(checkpoint.load(path).cfg)
-    cmds = {k: v for k, v in commands(args.model, folder, out, size, lcm).items() if not args.only or k in args.only}
+    all_cmds = commands(args.model, folder, out, size, lcm)
+    if args.lcm:
+        all_cmds["ldmkit"] += ["--sampler", "LCM", "--steps", "4", "--cfg-scale", "1"]
+    cmds = {k: v for k, v in all_cmds.items() if not args.only or k in args.only}
     for cmd in cmds.values():
         timed(cmd, env)  # untimed: byte code, page cache, vocabulary cache
     times: dict[str, list[float]] = {k: [] for k in cmds}
@@ -136,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         ratio = statistics.median(times["ldmkit"]) / statistics.median(times["diffusers"])
         cpu_ratio = statistics.median(cpu["ldmkit"]) / statistics.median(cpu["diffusers"])
         print(f"\n- ratio ldmkit / diffusers: {ratio:.2f} (wall), {cpu_ratio:.2f} (CPU time)")
+        import numpy as np
+        from PIL import Image
+
+        a, b = (np.asarray(Image.open(out / f"{k}.png"), dtype=np.int16) for k in ("ldmkit", "diffusers"))
+        print(f"- same recipe check: max pixel difference of the two images {np.abs(a - b).max()}/255")
     print(f"- mean 1-minute load average during the runs: {statistics.mean(loads):.2f}")
     print(f"- machine: {machine()}")
 

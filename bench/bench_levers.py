@@ -9,8 +9,8 @@ Levers (each in its own worker process, the plain path measured beside it in ABB
 - ``channels_last``: the U-Net's weights and input in NHWC memory format.
 - ``int8``: ``torch.ao.quantization.quantize_dynamic`` of every ``nn.Linear`` (weights int8,
   activations quantised per call); the output change is printed as well as the time.
-- ``threads``: ``torch.set_num_threads(1)`` against 2, toggled between calls of one process;
-  on the SD1.5 U-Net step and on the built-in model's whole 20-step txt2img.
+- ``threads``: ``torch.set_num_threads(1)`` against 2, toggled between calls of one process, on
+  the SD1.5 U-Net step; ``builtin_threads``: the same on the built-in model's whole 20-step txt2img.
 - ``interop``: ``torch.set_num_interop_threads(1)`` against the default (a per-process setting,
   so alternate worker processes).
 - ``compile``: ``torch.compile`` (inductor, CPU) on the built-in emoji model's U-Net (and on the
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import DEFAULT_CACHE, RESULT_TAG, alternate, ensure_weights, machine, rel_err  # noqa: E402
 
-LEVERS = ("channels_last", "int8", "threads", "interop", "compile")
+LEVERS = ("channels_last", "int8", "threads", "builtin_threads", "interop", "compile")
 
 
 # ---------------------------------------------------------------- workers (each runs in its own process)
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         r = run_worker({**common, "kind": "lever", "lever": "threads"})
         if r:
             add("threads 2 (vs 1)", step, r, f"rel. err {r['rel_err']:.1e}")
+    if "builtin_threads" in only:
         r = run_worker({**common, "kind": "emoji_threads", "repeats": max(args.repeats, 3)})
         if r:
             add("threads 2 (vs 1)", "built-in emoji txt2img, 20 steps DPM++ 2M, 64²", r,
