@@ -98,19 +98,43 @@ def _hooked(unet: torch.nn.Module) -> torch.nn.Module:
     return unet
 
 
+def _fresh(unet: torch.nn.Module) -> torch.nn.Module:
+    """ldmkit's class swap, but with a fresh ``weight.to(fp32)`` per call instead of the reused buffer."""
+    import torch.nn.functional as F
+
+    from ldmkit import lowmem
+
+    class FreshLinear(lowmem.UpcastLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    class FreshConv2d(lowmem.UpcastConv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._conv_forward(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    for mod in unet.modules():
+        if type(mod) is lowmem.UpcastLinear:
+            mod.__class__ = FreshLinear
+        elif type(mod) is lowmem.UpcastConv2d:
+            mod.__class__ = FreshConv2d
+    return unet
+
+
 def work_upcast(spec: dict[str, Any]) -> dict[str, Any]:
-    """Class swap (ldmkit) vs forward hooks vs plain fp32, on the U-Net of the same fp16 file."""
+    """Class swap (ldmkit: reused buffer; and with fresh copies) vs forward hooks vs plain fp32, same U-Net."""
     from ldmkit import api, checkpoint
 
     swap = api.load(spec["fp16_file"], low_memory=True).model.unet
+    fresh = _fresh(api.load(spec["fp16_file"], low_memory=True).model.unet)  # maps the same file: no copy
     hooks = _hooked(checkpoint.load(spec["fp16_file"], dtype=torch.float16).unet)
     plain = checkpoint.load(spec["fp16_file"]).unet  # fp32 (the fp16 values, upcast once at load)
     x, t, ctx = _ctx_inputs(spec["latent"], swap.cfg.context_dim)
+    fns = {"swap": lambda: swap(x, t, ctx), "fresh": lambda: fresh(x, t, ctx), "hooks": lambda: hooks(x, t, ctx),
+           "fp32": lambda: plain(x, t, ctx)}
     with torch.inference_mode():
         ref = plain(x, t, ctx)
-        errs = {"swap": rel_err(swap(x, t, ctx), ref), "hooks": rel_err(hooks(x, t, ctx), ref)}
-        times = alternate({"swap": lambda: swap(x, t, ctx), "hooks": lambda: hooks(x, t, ctx),
-                           "fp32": lambda: plain(x, t, ctx)}, spec["repeats"], spec["warmup"])
+        errs = {k: rel_err(fn(), ref) for k, fn in fns.items() if k != "fp32"}
+        times = alternate(fns, spec["repeats"], spec["warmup"])
     return {"rel_err": errs, "times": times}
 
 
@@ -208,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         bi.run_worker({"kind": "fp16file", "folder": str(folder), "fp16_file": str(fp16_file)}, __file__)
     common = {"folder": str(folder), "fp16_file": str(fp16_file), "threads": args.threads,
               "repeats": repeats, "warmup": args.warmup}
-    table, notes, mib = Table(), [], 2.0**20
+    table, upcast, notes, mib = Table(), Table(), [], 2.0**20
 
     if "pipeline" in only:
         runs = {}
@@ -250,12 +274,13 @@ def main(argv: list[str] | None = None) -> None:
         r = bi.run_worker({**common, "kind": "upcast", "latent": upcast_size // f}, __file__)
         t = r["times"]
         m = {k: statistics.median(v) for k, v in t.items()}
-        notes.append(
-            f"upcast variants, U-Net CFG step {upcast_size}², medians: class swap (ldmkit) {m['swap']:.3f} s, "
-            f"forward hooks {m['hooks']:.3f} s, fp32 weights {m['fp32']:.3f} s -> swap/fp32 "
-            f"{m['swap'] / m['fp32']:.3f}, hooks/fp32 {m['hooks'] / m['fp32']:.3f}; rel. error vs fp32 of the same "
-            f"fp16 values: swap {r['rel_err']['swap']:.1e}, hooks {r['rel_err']['hooks']:.1e}; raw "
-            + ", ".join(f"{k} {fmt_times(v)}" for k, v in t.items()))
+        for k, label in (("swap", "class swap + reused buffer (ldmkit)"), ("fresh", "class swap + fresh copies"),
+                         ("hooks", "forward pre/post hooks")):
+            upcast.add(f"U-Net step, CFG batch 2, {upcast_size}², upcast by {label}", m[k], m["fp32"], "s",
+                       r["loadavg_before"])
+        notes.append(f"upcast variants, U-Net CFG step {upcast_size}²: rel. error vs fp32 of the same fp16 values "
+                     + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_err"].items()) + "; raw "
+                     + ", ".join(f"{k} {fmt_times(v)}" for k, v in t.items()))
 
     if "load" in only:
         for what, source in (("fp16 file", fp16_file), ("fp32 diffusers folder", folder)):
@@ -266,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     cmd = "python bench/bench_lowmem.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     print(f"\n`{cmd}`  (weights: random {config}; ldmkit from an fp16 file, diffusers fp32 from the folder)\n")
     print(table.markdown().replace("| ldmkit | diffusers |", "| ldmkit --low-memory | diffusers fp32 |"))
+    if upcast.rows:
+        print("\nHow the upcast is done, all in ldmkit (ratio: variant / the same U-Net with fp32 weights):\n")
+        print(upcast.markdown().replace("| ldmkit | diffusers |", "| low-memory variant | fp32 weights |"))
     print(f"\nmachine: {bi.machine()}")
     print("ratio = ldmkit / diffusers (< 1: ldmkit faster or smaller); load avg = 1-minute load average before\n")
     for n in notes:
