@@ -4,6 +4,7 @@
     python bench/bench_deepcache.py --size 256 --steps 10    # shorter
     python bench/bench_deepcache.py --quick                  # tiny model: a smoke run in seconds
     python bench/bench_deepcache.py --diffusers              # also diffusers' plain txt2img, same recipe
+    python bench/bench_deepcache.py --model emoji --repeats 5   # the built-in model at its native 64²
 
 The recipe is the issue's: CFG 7, Euler (uniform schedule, = diffusers' EulerDiscreteScheduler with
 linspace spacing), one image. One worker process loads ldmkit's model once, pages the weights in with a
@@ -41,7 +42,7 @@ def work_ldmkit(spec: dict[str, Any]) -> dict[str, Any]:
     from ldmkit import pipeline as P
     from ldmkit.deepcache import DeepCacheUNet
 
-    model = checkpoint.load(spec["folder"])
+    model = checkpoint.load(spec["folder"])  # the random weights' diffusers folder or a --model file
     size, steps, n, branch = spec["size"], spec["steps"], spec["interval"], spec["branch"]
 
     def params(deepcache: int, k: int = steps) -> P.GenerationParams:
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in the workers (default 1)")
     ap.add_argument("--diffusers", action="store_true", help="also time diffusers' plain txt2img (another process)")
     ap.add_argument("--cache", type=Path, default=BI.DEFAULT_CACHE, help="where the random weights are written")
+    ap.add_argument("--model", default=None,
+                    help="a model file or built-in name (emoji) instead of the random weights; --size defaults to "
+                         "its native size")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -103,7 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     size = args.size or (32 if args.quick else 512)
     steps = args.steps or (6 if args.quick else 20)
     torch.set_num_threads(args.threads)
-    folder = BI.ensure_weights(config, args.cache)
+    if args.model and args.diffusers:
+        sys.exit("--diffusers times diffusers on the random SD1.5 weights; leave out --model")
+    if args.model:
+        from ldmkit import api, checkpoint
+        from ldmkit.cli import native_size
+
+        config, folder = args.model, api.resolve_model_path(args.model)
+        size = args.size or native_size(checkpoint.load(folder).cfg)
+    else:
+        folder = BI.ensure_weights(config, args.cache)
     common = {"folder": str(folder), "size": size, "steps": steps, "threads": args.threads}
     r = BI.run_worker({**common, "kind": "ldmkit", "interval": args.deepcache, "branch": args.branch,
                     "repeats": args.repeats, "call_repeats": args.call_repeats,
@@ -124,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("diffusers txt2img, same recipe, no caching (wall, excl. load)", f"{d['gen_s']:.2f} s",
                      f"ldmkit+DeepCache {d['gen_s'] / cached:.2f}x faster"))
     cmd = "python bench/bench_deepcache.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    print(f"\n`{cmd}`  (weights: random {config}, fp32; {size}², {steps} steps Euler, CFG {BI.CFG_SCALE:g}, "
+    weights = config if args.model else f"random {config}"
+    print(f"\n`{cmd}`  (weights: {weights}, fp32; {size}², {steps} steps Euler, CFG {BI.CFG_SCALE:g}, "
           f"threads {args.threads}; load avg before {r['loadavg_before']:.2f})\n")
     print("| what | time | ratio |\n|---|--:|--:|")
     for row in rows:
@@ -134,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- U-Net calls: {steps} plain; with DeepCache {n_full} full + {steps - n_full} shallow")
     print(f"- raw: plain {BI.fmt_times(r['times']['plain'])} s, DeepCache {BI.fmt_times(r['times']['deepcache'])} s, "
           f"shallow calls {BI.fmt_times(r['shallow_call_s'])} s, warm-up (1 step) {r['warmup_s']:.1f} s")
-    print(f"- images (random weights): mean |pixel difference| {r['mean_abs_diff']:.1f}/255; infotext: "
+    what = "images" if args.model else "images (random weights)"
+    print(f"- {what}: mean |pixel difference| {r['mean_abs_diff']:.1f}/255; infotext: "
           f"{r['infotext'].splitlines()[-1]}")
 
 
