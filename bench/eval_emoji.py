@@ -58,14 +58,14 @@ def load_dataset(root: Path) -> tuple[list[dict], set[str]]:
 
 
 def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale: float, size: int,
-             sampler: str = "DPM++ 2M", batch: int = 32) -> list[Image.Image]:
+             sampler: str = "DPM++ 2M", deepcache: int = 1, batch: int = 32) -> list[Image.Image]:
     """Many different prompts, one seed each, batched through the pipeline's own stages."""
     out: list[Image.Image] = []
     f = model.cfg.vae.downscale
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i:i + batch], seeds[i:i + batch]
         params = P.GenerationParams(ps[0], steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
-                                    height=size, seed=ss[0])
+                                    height=size, seed=ss[0], deepcache=deepcache)
         plan = P.plan(model, params)
         cond, uncond = P.encode_prompt(model, ps, [""] * len(ps))
         noise = P.initial_noise(ss, (model.cfg.unet.out_channels, size // f, size // f), model.device)
@@ -73,6 +73,15 @@ def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale:
                                 plan.fn, cond, uncond, ss)
         out.extend(P.decode_latents(model, latents))
     return out
+
+
+def plan_schedule(sampler: str) -> str:
+    """The schedule the pipeline picks for ``sampler`` (its default), as the infotext names it."""
+    from ldmkit.samplers import default_schedule
+    from ldmkit.schedules import SCHEDULE_DISPLAY_NAMES
+
+    name = default_schedule(sampler)
+    return SCHEDULE_DISPLAY_NAMES.get(name, name)
 
 
 def retrieval(gen_feats: np.ndarray, data_feats: np.ndarray, true_idx: list[int]) -> tuple[float, float]:
@@ -119,9 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--captions", type=int, default=200)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg-scale", type=float, default=5.0)
+    ap.add_argument("--sampler", default="DPM++ 2M", help="e.g. LCM for a consistency-distilled model (emoji-lcm)")
+    ap.add_argument("--deepcache", type=int, default=1, metavar="N",
+                    help="DeepCache interval for every generation (1 = off); compare against a run without")
     ap.add_argument("--cfg-sweep", default="1,3,5,7", help="CFG scales for the sweep on metric 1")
     ap.add_argument("--sweep-captions", type=int, default=100)
     ap.add_argument("--card", default=str(CARD))
+    ap.add_argument("--outputs", default=str(CARD.parent), help="folder for the contact sheets and emoji-eval.json")
+    ap.add_argument("--marker", default="eval", help="the card section rewritten: between <!-- MARKER:begin --> "
+                    "and <!-- MARKER:end --> (e.g. eval-lcm for the distilled model)")
     ap.add_argument("--size", type=int, default=None, help="image size (default: the model's native size)")
     ap.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
     args = ap.parse_args(argv)
@@ -145,35 +160,40 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(1000, 1000 + len(sample)))
 
     results: dict[str, object] = {}
-    gen = generate(model, caps, seeds, args.steps, args.cfg_scale, size)
+    gen = generate(model, caps, seeds, args.steps, args.cfg_scale, size, args.sampler, args.deepcache)
     results["train_top1"], results["train_top5"] = retrieval(features(gen), data_feats,
                                                              [index[r["key"]] for r in sample])
     phrased = [apply_template("{a} {caption}", c) for c in caps]
-    gen_p = generate(model, phrased, seeds, args.steps, args.cfg_scale, size)
+    gen_p = generate(model, phrased, seeds, args.steps, args.cfg_scale, size, args.sampler, args.deepcache)
     results["phrased_top1"], results["phrased_top5"] = retrieval(features(gen_p), data_feats,
                                                                  [index[r["key"]] for r in sample])
     apple_seeds = list(range(16))
-    gen_a = generate(model, ["a red apple"] * 16, apple_seeds, args.steps, args.cfg_scale, size)
+    gen_a = generate(model, ["a red apple"] * 16, apple_seeds, args.steps, args.cfg_scale, size, args.sampler,
+                     args.deepcache)
     apple = [index[r["key"]] for r in rows if r["text"] == "red apple"]
     results["apple_top1"], results["apple_top5"] = retrieval(features(gen_a), data_feats, apple * 16)
     held_seeds = list(range(5000, 5000 + len(held_rows)))
-    gen_h = generate(model, [r["text"] for r in held_rows], held_seeds, args.steps, args.cfg_scale, size)
+    gen_h = generate(model, [r["text"] for r in held_rows], held_seeds, args.steps, args.cfg_scale, size,
+                     args.sampler, args.deepcache)
     true_h = [index[r["key"]] for r in held_rows]
     results["held_top1"], results["held_top5"] = retrieval(features(gen_h), data_feats, true_h)
-    gen_b = generate(model, [r["base"] for r in held_rows], held_seeds, args.steps, args.cfg_scale, size)
+    gen_b = generate(model, [r["base"] for r in held_rows], held_seeds, args.steps, args.cfg_scale, size,
+                     args.sampler, args.deepcache)
     results["base_top1"], results["base_top5"] = retrieval(features(gen_b), data_feats, true_h)
     results["psnr_holdout"] = psnr(model, [data_images[i] for i in true_h], size)
     results["psnr_train"] = psnr(model, [data_images[index[r["key"]]] for r in sample], size)
     sweep = {}
     sub = sample[: args.sweep_captions]
     for s in [float(v) for v in args.cfg_sweep.split(",")]:
-        g = generate(model, [r["text"] for r in sub], seeds[: len(sub)], args.steps, s, size)
+        g = generate(model, [r["text"] for r in sub], seeds[: len(sub)], args.steps, s, size, args.sampler,
+                     args.deepcache)
         sweep[s] = retrieval(features(g), data_feats, [index[r["key"]] for r in sub])
     sheet_rows = sample[:64]
-    contact_sheet(gen[:64], [r["text"] for r in sheet_rows], Path("docs/models/emoji-sheet.png"))
-    contact_sheet(gen_a, [f"seed {i}" for i in apple_seeds], Path("docs/models/emoji-a-red-apple.png"))
+    outputs = Path(args.outputs)
+    contact_sheet(gen[:64], [r["text"] for r in sheet_rows], outputs / "emoji-sheet.png")
+    contact_sheet(gen_a, [f"seed {i}" for i in apple_seeds], outputs / "emoji-a-red-apple.png")
     contact_sheet([data_images[index[r["key"]]] for r in sheet_rows], [r["text"] for r in sheet_rows],
-                  Path("docs/models/emoji-sheet-truth.png"))
+                  outputs / "emoji-sheet-truth.png")
     elapsed = time.time() - t0
 
     table = [
@@ -194,20 +214,25 @@ def main(argv: list[str] | None = None) -> int:
         "| CFG scale | top-1 | top-5 |", "|---|---|---|",
         *[f"| {s:g} | {a:.1%} | {b:.1%} |" for s, (a, b) in sweep.items()],
         "",
-        f"Sampler DPM++ 2M (Karras), {args.steps} steps, {size}x{size}, seeds 1000+i (training captions) and "
+        f"Sampler {args.sampler} ({plan_schedule(args.sampler)}), {args.steps} steps, {size}x{size}, seeds 1000+i "
+        f"(training captions) and "
         f"5000+i (held out); feature space: {FEATURE_SIZE}x{FEATURE_SIZE} area-downsampled RGB, Euclidean; "
         f"retrieval among all {len(rows)} dataset images. Evaluation took {elapsed / 60:.1f} min.",
         "", f"Command: `python bench/eval_emoji.py --model {args.model} --data {args.data} --captions "
-        f"{args.captions} --steps {args.steps} --cfg-scale {args.cfg_scale:g}`",
+        f"{args.captions} --steps {args.steps} --cfg-scale {args.cfg_scale:g}"
+        + (f" --sampler {args.sampler}`" if args.sampler != "DPM++ 2M" else "`"),
     ]
+    if args.deepcache > 1:
+        table.append(f"\nWith DeepCache N = {args.deepcache} (`--deepcache {args.deepcache}` added to the command).")
     text = "\n".join(table)
     print(text)
     card = Path(args.card)
-    if card.exists() and BEGIN in card.read_text():
+    begin, end = BEGIN.replace("eval", args.marker), END.replace("eval", args.marker)
+    if card.exists() and begin in card.read_text():
         body = card.read_text()
-        body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), BEGIN + "\n" + text + "\n" + END, body, flags=re.S)
+        body = re.sub(re.escape(begin) + ".*?" + re.escape(end), begin + "\n" + text + "\n" + end, body, flags=re.S)
         atomic_write_text(card, body)
-    atomic_write_text(Path("docs/models") / "emoji-eval.json", json.dumps(
+    atomic_write_text(outputs / "emoji-eval.json", json.dumps(
         {**results, "cfg_sweep": {str(k): v for k, v in sweep.items()}, "args": vars(args)}, indent=2))
     return 0
 
