@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import inspect
 import io
+import json
 
 import pytest
 import torch
@@ -226,6 +227,7 @@ def test_server_override_and_options(tiny_model):
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert got.tobytes() == expected.tobytes()
     assert got.info["parameters"] == expected.info["parameters"] and "DeepCache: 3" in got.info["parameters"]
+    assert json.loads(r.json()["info"])["extra_generation_params"]["DeepCache"] == 3
     for override, loc in (({"deepcache_interval": 0}, "deepcache_interval"),
                           ({"deepcache_interval": "3"}, "deepcache_interval"),
                           ({"deepcache_branch": 7}, "deepcache_branch")):

@@ -307,6 +307,10 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
         fields = parse_infotext(images[0].info["parameters"])
         extra["Schedule type"] = fields.get("Schedule type")
         sampler_name = fields.get("Sampler", sampler_name)
+    if p.deepcache > 1:  # as A1111 lists an extension's settings
+        extra["DeepCache"] = p.deepcache
+        if p.deepcache_branch:
+            extra["DeepCache branch"] = p.deepcache_branch
     info = {
         "prompt": p.prompt, "all_prompts": [p.prompt] * len(seeds),
         "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * len(seeds),
