@@ -110,7 +110,8 @@ class TrainConfig:
         "help": "unet/lora/lcm: prompts of the sample grid (default: captions of held-out images)"})
     sample_steps: int = _help("unet/lora/lcm: sampler steps for the sample grid", 20)
     sample_cfg_scale: float = _help("unet/lora/lcm: guidance scale for the sample grid", 4.0)
-    rec_loss: Literal["l1", "l2"] = _help("vae: pixel reconstruction loss", "l1")
+    rec_loss: Literal["l1", "l2"] = _help("vae/taesd: pixel reconstruction loss (taesd: l2 = MSE against the KL "
+                                          "decoder's output, what PSNR measures; l1 = L1 + MSE)", "l1")
     kl_weight: float = _help("vae: KL weight, relative to the per-pixel loss summed over pixels as in LDM", 1e-6)
     perceptual_weight: float = _help("vae: weight of the multi-scale SSIM + gradient loss (offline LPIPS stand-in)",
                                      1.0)
@@ -156,8 +157,8 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
             "lr": 1e-5, "ema_decay": 0.95, "caption_dropout": 0.0, "weight_decay": 0.0, "checkpoint_every": 250,
             "sample_every": 500, "flip": False},
     # TAESD: a small plain conv net; no EMA (short runs), no weight decay
-    "taesd": {"batch_size": 16, "total_steps": 10000, "warmup_steps": 100, "lr": 5e-4, "weight_decay": 0.0,
-              "ema_decay": 0.0, "checkpoint_every": 250, "sample_every": 500},
+    "taesd": {"batch_size": 16, "total_steps": 10000, "warmup_steps": 100, "lr": 1e-3, "weight_decay": 0.0,
+              "ema_decay": 0.0, "checkpoint_every": 250, "sample_every": 500, "rec_loss": "l2"},
 }
 
 

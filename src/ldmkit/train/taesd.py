@@ -2,7 +2,7 @@
 
 As madebyollin trained TAESD: the encoder learns to output the KL encoder's posterior mean
 (scaled, as the U-Net sees it) with an MSE loss; the decoder learns to turn latents into what
-the KL decoder makes of them (MSE + L1 in pixel space). The decoder's inputs are posterior
+the KL decoder makes of them (MSE in pixel space, plus L1 with ``rec_loss = l1``). The decoder's inputs are posterior
 *samples*, the kind of latent a sampler ends on. The two halves never see each other's output,
 so either can be trained alone (``--taesd-parts decoder``).
 
@@ -54,9 +54,9 @@ def taesd_config(cfg: TrainConfig, latent_channels: int, downscale: int) -> TAES
 class TAESDNet(nn.Module):
     """The tiny autoencoder with the distillation loss as its forward."""
 
-    def __init__(self, ae: TinyAutoencoder):
+    def __init__(self, ae: TinyAutoencoder, l1: bool = False):
         super().__init__()
-        self.ae = ae
+        self.ae, self.l1 = ae, l1
 
     def forward(self, images: Tensor, mean: Tensor, latents: Tensor, decoded: Tensor) -> tuple[Tensor, dict]:
         loss = torch.zeros((), device=images.device)
@@ -68,7 +68,7 @@ class TAESDNet(nn.Module):
         if self.ae.cfg.has_decoder:
             out = self.ae.decode(latents)
             pixel_mse, pixel_l1 = F.mse_loss(out, decoded), F.l1_loss(out, decoded)
-            loss = loss + pixel_mse + pixel_l1
+            loss = loss + pixel_mse + (pixel_l1 if self.l1 else 0.0)
             logs |= {"pixel_mse": pixel_mse.detach(), "pixel_l1": pixel_l1.detach()}
         return loss, logs
 
@@ -96,7 +96,7 @@ class TAESDTask:
                                  "--taesd-parts, or start a new run with another --out")
         data = load_dataset(cfg.data, cfg.size)
         self.train, self.held = split_holdout(data, cfg.data, cfg.holdout)
-        self.net = TAESDNet(TinyAutoencoder(self.taesd_cfg))
+        self.net = TAESDNet(TinyAutoencoder(self.taesd_cfg), l1=cfg.rec_loss == "l1")
         self.train_size = len(self.train)
         views = 2 if cfg.flip else 1
         size = views * len(self.train) * self.train.images[0].numel() * 2
