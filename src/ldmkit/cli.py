@@ -45,7 +45,9 @@ PLUGIN_MODULES: list[str] = ["ldmkit.data.cli", "ldmkit.train.cli", "ldmkit.expl
 def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = True) -> None:
     p.add_argument("prompt", nargs=None if prompt_required else "?", default="", help="the text prompt")
     p.add_argument("--model", default=None, help="checkpoint file, diffusers folder, or built-in name (default: emoji)")
-    p.add_argument("--vae", default=None, help="standalone VAE file to use instead of the model's")
+    p.add_argument("--vae", default=None,
+                   help="autoencoder to use instead of the model's: a standalone VAE file, or a tiny one (TAESD "
+                        "file or folder, diffusers AutoencoderTiny folder, built-in emoji-taesd): faster decoding")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA merged into the model, e.g. style.safetensors:0.8 (repeatable): kohya/A1111 or "
                         "diffusers/PEFT file (LCM-LoRA, TCD-LoRA, DoRA), or a PEFT folder")
