@@ -40,7 +40,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--low-memory", action="store_true",
                    help="CPU: weights kept in fp16 and computed in fp32 one layer at a time, idle networks paged "
-                        "out: about half the memory, a few percent slower (off by default: the faster mode)")
+                        "out: under half the memory, ~8%% slower per step (off by default: the faster mode)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode in tiles: the same images, far less memory for large ones")
     p.set_defaults(func=serve)
