@@ -27,6 +27,9 @@ class TextEncoderConfig:
     # 0: one embedding row per token id (every released model). N > 0: a compact vocabulary of N rows,
     # token ids mapped to rows by the ``embeddings.token_map`` buffer (small models trained on few words)
     token_rows: int = 0
+    # > 0: a ``text_projection`` (width -> projection_dim, no bias) of the pooled output, as
+    # transformers' CLIPTextModelWithProjection (SDXL's OpenCLIP bigG conditions on it)
+    projection_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,31 @@ class UNetConfig:
     num_heads: int | None = 8
     head_dim: int | None = None
     context_dim: int = 768
-    transformer_depth: int = 1
+    # transformer blocks per spatial transformer: one for all levels (SD1/SD2), or one per level (SDXL:
+    # (0, 2, 10), 0 where the level has no attention); the middle block's is transformer_depth_middle,
+    # None meaning the largest level's
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None
     use_linear_in_transformer: bool = False  # SD2 uses nn.Linear for proj_in/proj_out
     norm_groups: int = 32
     # full LCM models (e.g. LCM_Dreamshaper_v7): width of the guidance-scale embedding added to the
     # timestep embedding (diffusers' time_cond_proj_dim, 256); None for ordinary U-Nets
     time_cond_proj_dim: int | None = None
+    # SDXL: width of the vector conditioning ``y`` that ``label_emb`` adds to the time embedding (base:
+    # pooled text 1280 + 6 Fourier-embedded 256-wide size/crop ids = 2816; refiner: 1280 + 5 * 256 = 2560)
+    adm_in_channels: int | None = None
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks of the spatial transformers at ``level``."""
+        d = self.transformer_depth
+        return d if isinstance(d, int) else d[level]
+
+    @property
+    def middle_depth(self) -> int:
+        if self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        d = self.transformer_depth
+        return d if isinstance(d, int) else max(d)
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) for a block of ``channels`` channels."""
@@ -79,7 +101,7 @@ class UNetConfig:
         return self.num_heads, channels // self.num_heads
 
 
-Family = Literal["sd1", "sd2", "custom"]
+Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner", "custom"]
 Prediction = Literal["eps", "v"]
 
 
@@ -93,6 +115,9 @@ class ModelConfig:
     vae: VAEConfig
     text: TextEncoderConfig
     prediction: Prediction = "eps"
+    # SDXL: the second text encoder (conditioner.embedders.1, OpenCLIP bigG with projection); None for SD1/SD2
+    # and the refiner, whose only encoder (``text``) is the bigG one
+    text2: TextEncoderConfig | None = None
     # which hidden layer feeds the U-Net: 1 = last layer (SD1), 2 = penultimate (SD2)
     clip_skip: int = 1
     # SD1 pads prompts with the end token; OpenCLIP (SD2) pads with id 0
@@ -106,6 +131,10 @@ class ModelConfig:
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 9
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family in ("sdxl", "sdxl-refiner")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -127,6 +156,7 @@ class ModelConfig:
             vae=VAEConfig(**d["vae"]),
             text=TextEncoderConfig(**d["text"]),
             prediction=d.get("prediction", "eps"),
+            text2=TextEncoderConfig(**d["text2"]) if d.get("text2") else None,
             clip_skip=d.get("clip_skip", 1),
             pad_with_eos=d.get("pad_with_eos", True),
             beta_start=d.get("beta_start", 0.00085),
@@ -168,6 +198,44 @@ TINY_SD2 = TINY.replace(
     unet=dataclasses.replace(TINY.unet, num_heads=None, head_dim=8, use_linear_in_transformer=True),
 )
 
+# SDXL (Podell et al. 2023): CLIP-L and OpenCLIP bigG, both read at the penultimate layer without the final
+# norm, concatenated to 2048 channels; no attention at the highest resolution. Values: Stability's
+# sd_xl_base.yaml / sd_xl_refiner.yaml and diffusers' unet/config.json of the same models.
+BIGG_TEXT = TextEncoderConfig(width=1280, layers=32, heads=20, intermediate=5120, act="gelu", projection_dim=1280)
+SDXL_VAE = VAEConfig(scale_factor=0.13025)
+_SDXL_UNET = UNetConfig(
+    channel_mult=(1, 2, 4), attention_levels=(False, True, True), num_heads=None, head_dim=64,
+    context_dim=2048, transformer_depth=(0, 2, 10), use_linear_in_transformer=True, adm_in_channels=2816,
+)
+SDXL_BASE = ModelConfig(name="sdxl-base", family="sdxl", unet=_SDXL_UNET, vae=SDXL_VAE, text=SD1_TEXT,
+                        text2=BIGG_TEXT, clip_skip=2, pad_with_eos=True)
+SDXL_REFINER = ModelConfig(
+    name="sdxl-refiner", family="sdxl-refiner", vae=SDXL_VAE, text=BIGG_TEXT, clip_skip=2, pad_with_eos=False,
+    unet=dataclasses.replace(_SDXL_UNET, model_channels=384, channel_mult=(1, 2, 4, 4),
+                             attention_levels=(False, True, True, False), transformer_depth=4,
+                             context_dim=1280, adm_in_channels=2560),
+)
+SDXL_INPAINT = SDXL_BASE.replace(name="sdxl-inpainting", unet=dataclasses.replace(_SDXL_UNET, in_channels=9))
+SDXL_ID_DIM = 256  # Fourier width of each size/crop/aesthetic id in the vector conditioning
+
+# Tiny SDXL: same structure (two encoders, level 0 without attention, per-level depth, label_emb).
+TINY_BIGG = TextEncoderConfig(width=32, layers=10, heads=4, intermediate=64, act="gelu", projection_dim=24)
+TINY_SDXL = ModelConfig(
+    name="tiny-sdxl", family="sdxl", text=TINY_TEXT, text2=TINY_BIGG, clip_skip=2, pad_with_eos=True,
+    unet=UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(False, True, True),
+        num_heads=None, head_dim=8, context_dim=64, transformer_depth=(0, 1, 2), use_linear_in_transformer=True,
+        norm_groups=8, adm_in_channels=24 + 6 * SDXL_ID_DIM,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, scale_factor=0.13025),
+)
+TINY_SDXL_REFINER = TINY_SDXL.replace(
+    name="tiny-sdxl-refiner", family="sdxl-refiner", text=TINY_BIGG, text2=None, pad_with_eos=False,
+    unet=dataclasses.replace(TINY_SDXL.unet, channel_mult=(1, 2, 2, 2), attention_levels=(False, True, True, False),
+                             transformer_depth=2, context_dim=32, adm_in_channels=24 + 5 * SDXL_ID_DIM),
+)
+
 PRESETS: dict[str, ModelConfig] = {
-    c.name: c for c in (SD15, SD15_INPAINT, SD21_BASE, SD21, SD2_INPAINT, TINY, TINY_SD2)
+    c.name: c for c in (SD15, SD15_INPAINT, SD21_BASE, SD21, SD2_INPAINT, TINY, TINY_SD2,
+                        SDXL_BASE, SDXL_REFINER, SDXL_INPAINT, TINY_SDXL, TINY_SDXL_REFINER)
 }

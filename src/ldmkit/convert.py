@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .config import SD1_TEXT, SD2_TEXT, TextEncoderConfig, UNetConfig, VAEConfig
+from .config import SD1_TEXT, SD2_TEXT, SDXL_ID_DIM, TextEncoderConfig, UNetConfig, VAEConfig
 
 StateDict = dict[str, Tensor]
 TextLayout = Literal["hf", "openclip", "none"]
@@ -165,6 +165,9 @@ def _unet_blocks(cfg: UNetConfig) -> list[_Block]:
               _Block("middle_block.2", "mid_block.resnets.1", "res")]
     if cfg.time_cond_proj_dim:  # guidance-embedded LCM U-Net: the same name in both layouts
         blocks.append(_Block("time_embedding.cond_proj", "time_embedding.cond_proj", "plain"))
+    if cfg.adm_in_channels:  # SDXL vector conditioning (diffusers' addition_embed_type "text_time")
+        blocks += [_Block("label_emb.0.0", "add_embedding.linear_1", "plain"),
+                   _Block("label_emb.0.2", "add_embedding.linear_2", "plain")]
     k = 1  # input_blocks.0 is conv_in
     for level in range(levels):
         for j in range(n_res):
@@ -276,12 +279,14 @@ def normalize_hf_text(sd: Mapping[str, Tensor]) -> StateDict:
     """HF CLIP text names in the on-disk ``text_model.`` form.
 
     Adds the ``text_model.`` prefix where it is missing (transformers >= 5.6 flattened
-    ``CLIPTextModel``, whose in-memory state dict has no prefix; some old SD1 merges lack it too)
-    and drops the ``position_ids`` buffer (an arange that old transformers versions persisted).
+    ``CLIPTextModel``, whose in-memory state dict has no prefix; some old SD1 merges lack it too),
+    leaves SDXL's ``text_projection.weight`` beside it, and drops the ``position_ids`` buffer (an arange
+    that old transformers versions persisted).
     """
     out: StateDict = {}
     for key, t in sd.items():
-        key = key if key.startswith("text_model.") else "text_model." + key
+        # CLIPTextModelWithProjection's projection sits beside text_model, not in it
+        key = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
         if key != _HF_POSITION_IDS:
             out[key] = t
     return out
@@ -581,16 +586,30 @@ def diffusers_unet_config(cfg: UNetConfig, sample_size: int = 64) -> dict[str, A
         "norm_num_groups": cfg.norm_groups,
         "norm_eps": 1e-5,
         "cross_attention_dim": cfg.context_dim,
-        "transformer_layers_per_block": cfg.transformer_depth,
+        "transformer_layers_per_block": _diffusers_depths(cfg),
         "attention_head_dim": heads,
         "use_linear_projection": cfg.use_linear_in_transformer,
         "time_cond_proj_dim": cfg.time_cond_proj_dim,
+        **({"addition_embed_type": "text_time", "addition_time_embed_dim": SDXL_ID_DIM,
+            "projection_class_embeddings_input_dim": cfg.adm_in_channels} if cfg.adm_in_channels else {}),
     }
+
+
+def _diffusers_depths(cfg: UNetConfig) -> int | list[int]:
+    """diffusers' transformer_layers_per_block: its mid block takes the last level's entry, so levels without
+    attention (whose entry diffusers ignores) carry the middle depth."""
+    if isinstance(cfg.transformer_depth, int) and cfg.transformer_depth_middle in (None, cfg.transformer_depth):
+        return cfg.transformer_depth
+    depths = [cfg.depth_at(i) if a else cfg.middle_depth for i, a in enumerate(cfg.attention_levels)]
+    if depths[-1] != cfg.middle_depth:
+        raise ValueError(f"diffusers cannot express a middle depth {cfg.middle_depth} different from the last "
+                         f"level's {depths[-1]}")
+    return depths
 
 
 # diffusers options that change the architecture away from an SD1/SD2 U-Net, with their defaults
 _UNET_UNSUPPORTED = {
-    "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None, "num_class_embeds": None,
+    "class_embed_type": None, "encoder_hid_dim": None, "num_class_embeds": None,
     "only_cross_attention": False, "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "conv_in_kernel": 3,
     "conv_out_kernel": 3, "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
@@ -610,6 +629,13 @@ def _uniform(d: Mapping[str, Any], key: str, default: Any) -> Any:
 def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
     """UNetConfig from a diffusers ``unet/config.json`` dict (missing keys take diffusers' defaults)."""
     odd = {k: d[k] for k, default in _UNET_UNSUPPORTED.items() if d.get(k, default) != default}
+    adm = d.get("projection_class_embeddings_input_dim")
+    if d.get("addition_embed_type") is not None:  # SDXL: only "text_time" with 256-wide id embeddings
+        if d["addition_embed_type"] != "text_time" or d.get("addition_time_embed_dim") != SDXL_ID_DIM or not adm:
+            odd |= {k: d.get(k) for k in ("addition_embed_type", "addition_time_embed_dim",
+                                          "projection_class_embeddings_input_dim")}
+    else:
+        adm = None
     if odd:
         raise ValueError(f"diffusers U-Net options not supported by ldmkit: {odd}")
     block_out = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
@@ -635,10 +661,19 @@ def unet_config_from_diffusers(d: Mapping[str, Any]) -> UNetConfig:
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=mc,
         channel_mult=tuple(c // mc for c in block_out), num_res_blocks=_uniform(d, "layers_per_block", 2),
         attention_levels=attn, context_dim=_uniform(d, "cross_attention_dim", 1280),
-        transformer_depth=_uniform(d, "transformer_layers_per_block", 1),
+        **_depths_from_diffusers(d.get("transformer_layers_per_block", 1), attn), adm_in_channels=adm,
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         norm_groups=d.get("norm_num_groups", 32), time_cond_proj_dim=d.get("time_cond_proj_dim"), **head_cfg,
     )
+
+
+def _depths_from_diffusers(layers: int | list[int], attn: tuple[bool, ...]) -> dict[str, Any]:
+    if isinstance(layers, int) or len(set(layers)) == 1:
+        return {"transformer_depth": layers if isinstance(layers, int) else layers[0]}
+    if any(isinstance(x, (list, tuple)) for x in layers):
+        raise ValueError(f"transformer_layers_per_block={layers}: per-block depths are not supported")
+    depths = tuple(n if a else 0 for n, a in zip(layers, attn, strict=True))
+    return {"transformer_depth": depths, "transformer_depth_middle": None if layers[-1] == max(depths) else layers[-1]}
 
 
 def diffusers_vae_config(cfg: VAEConfig, sample_size: int = 512) -> dict[str, Any]:

@@ -153,16 +153,22 @@ def encode_chunks(model: StableDiffusion, chunks: list[Chunk], clip_skip: int) -
     w = torch.tensor([c.weights for c in chunks], device=device, dtype=torch.float32)
     with torch.inference_mode():
         z = enc(ids, clip_skip=clip_skip).float()  # (chunks, 77, D)
-    if bool((w != 1.0).any()):
-        out = []
-        for zc, wc in zip(z, w, strict=True):
-            mean = zc.mean()
-            zc = zc * wc[:, None]
-            new_mean = zc.mean()
-            # a final LayerNorm without bias gives mean 0 exactly: nothing to preserve then
-            out.append(zc * (mean / new_mean) if new_mean.abs() > 1e-12 else zc)
-        z = torch.stack(out)
-    return z.reshape(1, -1, z.shape[-1])
+    return reweight(z, w).reshape(1, -1, z.shape[-1])
+
+
+def reweight(z: Tensor, w: Tensor) -> Tensor:
+    """A1111's emphasis: hidden states (chunks, 77, D) times per-token weights (chunks, 77), each chunk
+    rescaled to keep its mean."""
+    if not bool((w != 1.0).any()):
+        return z
+    out = []
+    for zc, wc in zip(z, w, strict=True):
+        mean = zc.mean()
+        zc = zc * wc[:, None]
+        new_mean = zc.mean()
+        # a final LayerNorm without bias gives mean 0 exactly: nothing to preserve then
+        out.append(zc * (mean / new_mean) if new_mean.abs() > 1e-12 else zc)
+    return torch.stack(out)
 
 
 def encode_weighted(model: StableDiffusion, prompts: list[str], clip_skip: int) -> Tensor:

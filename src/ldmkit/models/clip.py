@@ -110,6 +110,8 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg)
+        if cfg.projection_dim:  # CLIPTextModelWithProjection (SDXL's bigG): projects the pooled output
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
         self.gradient_checkpointing = False
 
     def forward(self, ids: Tensor, clip_skip: int = 1, embeddings: Tensor | None = None) -> Tensor:
@@ -132,3 +134,32 @@ class CLIPTextModel(nn.Module):
             else:
                 x = layer(x)
         return tm.final_layer_norm(x)
+
+    def hidden_and_pooled(self, ids: Tensor, skip: int = 2,
+                          embeddings: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """SDXL's two outputs: the hidden states of layer ``-skip`` *without* the final norm (B, N, width),
+        and, with a projection, the pooled output (final norm at the end token, through text_projection)
+        (B, projection_dim), else None.
+
+        The end token is found as OpenCLIP and transformers' legacy path do: the highest id (49407) in each
+        row, which is the first end token whichever id pads.
+        """
+        tm = self.text_model
+        n_layers = len(tm.encoder.layers)
+        if not 1 <= skip <= n_layers:
+            raise ValueError(f"skip must be between 1 and {n_layers}, got {skip}")
+        x = tm.embeddings(ids) if embeddings is None else \
+            embeddings + tm.embeddings.position_embedding.weight[: embeddings.shape[1]]
+        last = n_layers if self.cfg.projection_dim else n_layers - (skip - 1)
+        hidden = x
+        for i, layer in enumerate(tm.encoder.layers[:last]):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+            if i == n_layers - skip:
+                hidden = x
+        if not self.cfg.projection_dim:
+            return hidden, None
+        end = tm.final_layer_norm(x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)])  # (B, width)
+        return hidden, self.text_projection(end)

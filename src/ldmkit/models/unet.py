@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.config import UNetConfig
+from ldmkit.config import SDXL_ID_DIM, UNetConfig
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -35,6 +35,15 @@ def guidance_embedding(w: Tensor, dim: int) -> Tensor:
     freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32, device=w.device))
     args = (w.float() * 1000.0)[:, None] * freqs[None]
     return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))  # (B, dim)
+
+
+def sdxl_vector(pooled: Tensor, ids: Tensor) -> Tensor:
+    """SDXL's vector conditioning ``y``: the pooled text embedding (B, P) followed by each id of ``ids``
+    (B, n) -- original size, crop top-left, target size (base) or aesthetic score (refiner) -- as a
+    256-wide timestep-style embedding (sgm's ConcatTimestepEmbedderND): (B, P + 256 n)."""
+    b, n = ids.shape
+    fourier = timestep_embedding(ids.reshape(-1), SDXL_ID_DIM).reshape(b, n * SDXL_ID_DIM)
+    return torch.cat([pooled.float(), fourier], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -210,10 +219,15 @@ class UNetModel(nn.Module):
             # LDM has no name for it; community single files keep diffusers' key under model.diffusion_model.
             self.time_embedding = nn.ModuleDict({"cond_proj": nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)})
 
-        def transformer(ch: int) -> SpatialTransformer:
+        if cfg.adm_in_channels:
+            # SDXL's vector conditioning (pooled text + size/crop ids, see sdxl_vector); nested as in the
+            # LDM/sgm checkpoints: label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, hd = cfg.heads_at(ch)
-            return SpatialTransformer(ch, heads, hd, cfg.transformer_depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, groups)
+            return SpatialTransformer(ch, heads, hd, depth, cfg.context_dim, cfg.use_linear_in_transformer, groups)
 
         self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
         skip_chans, ch = [mc], mc
@@ -222,7 +236,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if cfg.attention_levels[level]:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.depth_at(level)))
                 self.input_blocks.append(TimestepBlock(layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -230,7 +244,7 @@ class UNetModel(nn.Module):
                 skip_chans.append(ch)
 
         self.middle_block = TimestepBlock(
-            [ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)]
+            [ResBlock(ch, emb_dim, ch, groups), transformer(ch, cfg.middle_depth), ResBlock(ch, emb_dim, ch, groups)]
         )
 
         self.output_blocks = nn.ModuleList()
@@ -239,7 +253,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if cfg.attention_levels[level]:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.depth_at(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
@@ -247,12 +261,14 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         self.gradient_checkpointing = False
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, guidance_emb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, guidance_emb: Tensor | None = None,
+                y: Tensor | None = None) -> Tensor:
         """Predict the noise (or v) in ``x`` (B, C, H, W) at ``timesteps`` (B,), given ``context`` (B, 77, D).
 
         ``guidance_emb`` (B, time_cond_proj_dim): :func:`guidance_embedding` of a guidance-embedded U-Net.
+        ``y`` (B, adm_in_channels): SDXL's vector conditioning, :func:`sdxl_vector`.
         """
-        emb = self.embed(x, timesteps, guidance_emb)
+        emb = self.embed(x, timesteps, guidance_emb, y)
         hs = []
         h = x
         for block in self.input_blocks:
@@ -264,8 +280,9 @@ class UNetModel(nn.Module):
             h = self._run(block, h, emb, context, up_size(h, hs))
         return self.out(h)
 
-    def embed(self, x: Tensor, timesteps: Tensor, guidance_emb: Tensor | None = None) -> Tensor:
-        """The time (and guidance) embedding every ResBlock reads, (B, 4 * model_channels)."""
+    def embed(self, x: Tensor, timesteps: Tensor, guidance_emb: Tensor | None = None,
+              y: Tensor | None = None) -> Tensor:
+        """The time (and guidance, and SDXL vector) embedding every ResBlock reads, (B, 4 * model_channels)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
@@ -273,7 +290,13 @@ class UNetModel(nn.Module):
             if not self.cfg.time_cond_proj_dim:
                 raise ValueError("guidance_emb given, but this U-Net has no guidance embedding (time_cond_proj_dim)")
             t_emb = t_emb + self.time_embedding.cond_proj(guidance_emb.to(x.dtype))
-        return self.time_embed(t_emb)
+        emb = self.time_embed(t_emb)
+        if (y is None) != (self.cfg.adm_in_channels is None):
+            raise ValueError("this U-Net needs the vector conditioning y (SDXL: pooled text + size ids)"
+                             if y is None else "y given, but this U-Net has no label_emb (not an SDXL U-Net)")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
+        return emb
 
     def _run(self, block: TimestepBlock, h: Tensor, emb: Tensor, context: Tensor,
              up_size: tuple[int, int] | None = None) -> Tensor:

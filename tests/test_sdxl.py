@@ -1,0 +1,171 @@
+"""SDXL networks and checkpoints against the references: diffusers' UNet2DConditionModel with
+``added_cond_kwargs``, transformers' CLIPTextModel / CLIPTextModelWithProjection, diffusers'
+StableDiffusionXLPipeline (prompt encoding, from_single_file), with weights moved through the on-disk layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from reference import _perturb_norms, rel_err
+from safetensors.torch import load_file
+
+from ldmkit import checkpoint, convert, convert_sdxl
+from ldmkit.config import SDXL_BASE, SDXL_INPAINT, SDXL_REFINER, TINY_SDXL, TINY_SDXL_REFINER, ModelConfig
+from ldmkit.models.clip import CLIPTextModel
+from ldmkit.models.unet import UNetModel, sdxl_vector
+
+TOL = 1e-4
+TINY_SDXL_INPAINT = TINY_SDXL.replace(name="tiny-sdxl-inpainting",
+                                      unet=dataclasses.replace(TINY_SDXL.unet, in_channels=9))
+TINY_CONFIGS = [TINY_SDXL, TINY_SDXL_REFINER, TINY_SDXL_INPAINT]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _n_ids(cfg: ModelConfig) -> int:
+    return 5 if cfg.family == "sdxl-refiner" else 6  # refiner: size, crop, aesthetic score
+
+
+def _unet_inputs(cfg: ModelConfig, size: int, batch: int = 2):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.unet.in_channels, size, size, generator=g)
+    t = torch.tensor([981.0, 24.5])[:batch]
+    ctx = torch.randn(batch, 77, cfg.unet.context_dim, generator=g)
+    pooled = torch.randn(batch, cfg.unet.adm_in_channels - 256 * _n_ids(cfg), generator=g)
+    if cfg.family == "sdxl-refiner":  # original size, crop top-left, aesthetic score
+        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 6.0], [768.0, 512.0, 0.0, 0.0, 2.5]])
+    else:  # original size, crop top-left, target size
+        ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 832.0, 1216.0]])
+    return x, t, ctx, pooled, ids[:batch]
+
+
+def _diffusers_unet(cfg: ModelConfig, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**convert.diffusers_unet_config(cfg.unet)).eval()
+    _perturb_norms(unet)
+    return unet
+
+
+@pytest.mark.parametrize("cfg", TINY_CONFIGS, ids=lambda c: c.name)
+def test_unet_parity(cfg: ModelConfig, tmp_path):
+    ref = _diffusers_unet(cfg)
+    ref.save_pretrained(tmp_path / "unet")
+    x, t, ctx, pooled, ids = _unet_inputs(cfg, 16)
+    with torch.no_grad():
+        expected = ref(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    del ref
+
+    # diffusers folder -> ldmkit
+    ucfg = convert.unet_config_from_diffusers(json.loads((tmp_path / "unet" / "config.json").read_text()))
+    assert ucfg == cfg.unet
+    with torch.device("meta"):
+        ours = UNetModel(ucfg)
+    sd = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    checkpoint.load_strict(ours, convert.unet_diffusers_to_ldm(sd, ucfg), "unet")
+    with torch.no_grad():
+        got = ours(x, t, ctx, y=sdxl_vector(pooled, ids))
+    assert rel_err(got, expected) <= TOL
+
+    # ldmkit single-file names -> diffusers' own converter -> diffusers model
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    path = tmp_path / "unet.safetensors"
+    checkpoint.atomic_save_safetensors({f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}, path)
+    dcfg = convert.diffusers_unet_config(cfg.unet)
+    with torch.device("meta"):
+        back = UNet2DConditionModel(**dcfg)
+    back.load_state_dict(convert_ldm_unet_checkpoint(load_file(path), dcfg), strict=True, assign=True)
+    with torch.no_grad():
+        again = back.eval()(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    assert rel_err(again, expected) <= TOL
+    # and our LDM -> diffusers table gives diffusers' exact keys
+    assert convert.unet_ldm_to_diffusers(ours.state_dict(), cfg.unet).keys() == back.state_dict().keys()
+
+
+def test_unet_needs_y():
+    unet = UNetModel(TINY_SDXL.unet)
+    x, t, ctx, _, _ = _unet_inputs(TINY_SDXL, 8)
+    with pytest.raises(ValueError, match="vector conditioning y"):
+        unet(x, t, ctx)
+
+
+def test_full_configs_match_diffusers_layout():
+    """The presets give diffusers' published SDXL U-Net configs (stabilityai/stable-diffusion-xl-*/unet/config.json)."""
+    base = convert.diffusers_unet_config(SDXL_BASE.unet)
+    assert base["block_out_channels"] == [320, 640, 1280]
+    assert base["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert base["attention_head_dim"] == [5, 10, 20] and base["cross_attention_dim"] == 2048
+    assert base["transformer_layers_per_block"][1:] == [2, 10]
+    assert base["projection_class_embeddings_input_dim"] == 2816 and base["addition_time_embed_dim"] == 256
+    published = {"block_out_channels": [384, 768, 1536, 1536], "attention_head_dim": [6, 12, 24, 24],
+                 "transformer_layers_per_block": 4, "cross_attention_dim": 1280,
+                 "projection_class_embeddings_input_dim": 2560, "use_linear_projection": True,
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}
+    refiner = convert.diffusers_unet_config(SDXL_REFINER.unet)
+    assert {k: refiner[k] for k in published} == published
+    assert convert.unet_config_from_diffusers({**refiner, **published}) == SDXL_REFINER.unet
+    assert convert.unet_config_from_diffusers({**base, "transformer_layers_per_block": [1, 2, 10]}) == SDXL_BASE.unet
+    assert SDXL_INPAINT.unet.in_channels == 9 and SDXL_BASE.vae.scale_factor == 0.13025
+
+
+# ------------------------------------------------------------------------- text encoders
+
+
+def _hf_encoder(tcfg, seed: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel as HFText
+
+    torch.manual_seed(seed)
+    hf_cfg = CLIPTextConfig(**convert.hf_text_config(tcfg), projection_dim=tcfg.projection_dim or 512)
+    model = (CLIPTextModelWithProjection if projection else HFText)(hf_cfg).eval()
+    _perturb_norms(model)
+    return model
+
+
+def _ids(pad_id: int) -> torch.Tensor:
+    from ldmkit.models.tokenizer import CLIPTokenizer
+
+    tok = CLIPTokenizer.default(pad_with_eos=pad_id != 0)
+    return tok(["a photograph of an astronaut riding a horse", "x"])
+
+
+@pytest.mark.parametrize("which", ["clip-l", "bigg"])
+def test_text_encoder_parity(which: str, tmp_path):
+    """Hidden states (last, penultimate) and the projected pooled output vs transformers, with the weights
+    moved through the diffusers folder layout and through the SDXL single-file layout (OpenCLIP names for bigG)."""
+    tcfg = TINY_SDXL.text if which == "clip-l" else TINY_SDXL.text2
+    ref = _hf_encoder(tcfg, 3, projection=which == "bigg")
+    ref.save_pretrained(tmp_path / "te")
+    ids = _ids(0 if which == "bigg" else 49407)
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+    sd = convert.normalize_hf_text(load_file(tmp_path / "te" / "model.safetensors"))
+    layout = "openclip" if which == "bigg" else "hf"
+    single = convert_sdxl.join_sdxl_checkpoint({}, {}, [sd], [layout])
+    prefix = "conditioner.embedders.0." + ("model." if which == "bigg" else "transformer.")
+    assert all(k.startswith(prefix) for k in single)
+    if which == "bigg":  # OpenCLIP's fused q/k/v and x @ P projection
+        assert f"{prefix}transformer.resblocks.0.attn.in_proj_weight" in single
+        assert torch.equal(single[f"{prefix}text_projection"], sd["text_projection.weight"].t())
+    _, _, (back,), (back_layout,) = convert_sdxl.split_sdxl_checkpoint(
+        {**single, "model.diffusion_model.x": torch.zeros(1)})
+    assert back_layout == layout and back.keys() == sd.keys()
+    for state in (sd, back):
+        ours = CLIPTextModel(tcfg)
+        checkpoint.load_strict(ours, state, which)
+        with torch.no_grad():
+            hidden, pooled = ours.hidden_and_pooled(ids, skip=2)
+            last = ours(ids, clip_skip=1)
+        assert rel_err(hidden, out.hidden_states[-2]) <= TOL  # penultimate, no final norm
+        assert rel_err(last, out.last_hidden_state) <= TOL
+        if which == "bigg":
+            assert rel_err(pooled, out.text_embeds) <= TOL
+        else:
+            assert pooled is None
