@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ldmkit import convert
+from ldmkit import convert, convert_sdxl
 from ldmkit.atomic import replacing
 from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
@@ -173,7 +173,8 @@ def config_from_ldm(sd: StateDict, metadata: dict[str, str], name: str, model_ty
             cfg = cfg.replace(prediction="v")
     if model_type is not None:
         if model_type not in _MODEL_TYPES:
-            raise CheckpointError(f"unknown model type {model_type!r}; choose one of {', '.join(_MODEL_TYPES)}")
+            raise CheckpointError(f"unknown model type {model_type!r}; choose one of "
+                                  f"{', '.join(_MODEL_TYPES)}, sdxl, sdxl-refiner, sdxl-inpainting")
         family = "sd1" if model_type == "sd1" else "sd2"
         if family != cfg.family:
             raise CheckpointError(f"{name}: --model-type {model_type} given but the weights are a {cfg.family} model")
@@ -200,6 +201,10 @@ def load_single_file(path: str | os.PathLike, model_type: str | None = None,
                      dtype: torch.dtype = torch.float32) -> StableDiffusion:
     p = Path(path)
     sd, metadata = read_state_dict(p)
+    if convert_sdxl.is_sdxl_checkpoint(sd) or (model_type or "").startswith("sdxl"):
+        from ldmkit.checkpoint_sdxl import load_sdxl_single_file
+
+        return load_sdxl_single_file(p, sd, metadata, model_type, dtype)  # type: ignore[return-value]
     try:
         cfg = config_from_ldm(sd, metadata, p.stem, model_type)
         unet, vae, text, _layout = convert.split_ldm_checkpoint(sd)
@@ -388,11 +393,19 @@ def load(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, model
     """Load a model from a single ``.safetensors``/``.ckpt`` file or a diffusers folder."""
     p = Path(path)
     if p.is_dir():
+        if (p / "text_encoder_2").is_dir():  # SDXL (ldmkit.checkpoint_sdxl): networks only, no sampling yet
+            from ldmkit.checkpoint_sdxl import load_sdxl_diffusers
+
+            return load_sdxl_diffusers(p, dtype=dtype).to(device)  # type: ignore[return-value]
         model = load_diffusers(p, dtype=dtype)
     elif p.exists():
         model = load_single_file(p, model_type=model_type, dtype=dtype)
     else:
         raise CheckpointError(f"{p}: no such file or folder")
+    if model.cfg.is_sdxl:
+        if vae is not None:
+            raise CheckpointError("--vae with an SDXL model is not supported yet")
+        return model.to(device)
     if model.recommended is None:
         model.recommended = implied_recommended(bool(model.cfg.unet.time_cond_proj_dim))
     if vae is not None:

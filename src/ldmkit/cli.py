@@ -51,7 +51,8 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA merged into the model, e.g. style.safetensors:0.8 (repeatable): kohya/A1111 or "
                         "diffusers/PEFT file (LCM-LoRA, TCD-LoRA, DoRA), or a PEFT folder")
-    p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"],
+    p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner",
+                                                           "sdxl-inpainting"],
                    help="override the detected model family / prediction type")
     p.add_argument("--negative-prompt", default="", help="what the image should not look like")
     # sampler, scheduler, steps and CFG scale default to what the model file recommends, else the
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dest")
     c.add_argument("--to", required=True, choices=["diffusers", "ldm"])
     c.add_argument("--half", action="store_true", help="store weights as float16")
-    c.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v"])
+    c.add_argument("--model-type", default=None,
+                   choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-inpainting"])
     f = add("info", "show an image's generation parameters or a model's architecture")
     f.add_argument("path")
     for module in PLUGIN_MODULES:
@@ -251,6 +253,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ldmkit.lora import parse_lora_arg
 
     loras = [parse_lora_arg(spec) for spec in args.lora]
+    from ldmkit.checkpoint_sdxl import refuse_generation
+
+    refuse_generation(api.resolve_model_path(args.model))
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras,
                     low_memory=args.low_memory, vae_tiling=args.vae_tiling)
     params = _params_from_args(args, pipe.model)
@@ -289,6 +294,15 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from ldmkit.checkpoint import load, save_diffusers, save_single_file
 
     model = load(args.source, model_type=args.model_type)
+    if model.cfg.is_sdxl:
+        from ldmkit import checkpoint_sdxl
+
+        if args.to == "diffusers":
+            checkpoint_sdxl.save_sdxl_diffusers(model.half() if args.half else model, args.dest)
+        else:
+            checkpoint_sdxl.save_sdxl_single_file(model, args.dest, dtype=torch.float16 if args.half else None)
+        print(args.dest)
+        return
     if args.to == "diffusers":
         if args.half:
             model = model.half()
@@ -312,11 +326,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     model = load(path)
     c = model.cfg
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in model.parts().items()}
-    print(f"model: {c.name}  family: {c.family}  prediction: {c.prediction}  inpainting: {c.is_inpainting}")
+    family = c.family
+    if c.is_sdxl:
+        from ldmkit.checkpoint_sdxl import describe
+
+        family = f"{c.family} ({describe(c)})"
+    print(f"model: {c.name}  family: {family}  prediction: {c.prediction}  inpainting: {c.is_inpainting}")
     for k, n in counts.items():
         print(f"  {k}: {n / 1e6:.1f}M parameters")
-    print(f"  unet: {c.unet}\n  vae: {c.vae}\n  text: {c.text}")
-    if model.recommended is not None:
+    print(f"  unet: {c.unet}\n  vae: {c.vae}\n  text: {c.text}" + (f"\n  text2: {c.text2}" if c.text2 else ""))
+    if getattr(model, "recommended", None) is not None:
         print(f"  recommended settings (used unless given): {model.recommended.to_json()}")
 
 

@@ -219,12 +219,13 @@ SDXL_INPAINT = SDXL_BASE.replace(name="sdxl-inpainting", unet=dataclasses.replac
 SDXL_ID_DIM = 256  # Fourier width of each size/crop/aesthetic id in the vector conditioning
 
 # Tiny SDXL: same structure (two encoders, level 0 without attention, per-level depth, label_emb).
-TINY_BIGG = TextEncoderConfig(width=32, layers=10, heads=4, intermediate=64, act="gelu", projection_dim=24)
+# widths differ from TINY_TEXT as CLIP-L's and bigG's do: diffusers' single-file loader tells them apart by width
+TINY_BIGG = TextEncoderConfig(width=48, layers=10, heads=4, intermediate=64, act="gelu", projection_dim=24)
 TINY_SDXL = ModelConfig(
     name="tiny-sdxl", family="sdxl", text=TINY_TEXT, text2=TINY_BIGG, clip_skip=2, pad_with_eos=True,
     unet=UNetConfig(
         model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(False, True, True),
-        num_heads=None, head_dim=8, context_dim=64, transformer_depth=(0, 1, 2), use_linear_in_transformer=True,
+        num_heads=None, head_dim=8, context_dim=80, transformer_depth=(0, 1, 2), use_linear_in_transformer=True,
         norm_groups=8, adm_in_channels=24 + 6 * SDXL_ID_DIM,
     ),
     vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, scale_factor=0.13025),
@@ -232,7 +233,7 @@ TINY_SDXL = ModelConfig(
 TINY_SDXL_REFINER = TINY_SDXL.replace(
     name="tiny-sdxl-refiner", family="sdxl-refiner", text=TINY_BIGG, text2=None, pad_with_eos=False,
     unet=dataclasses.replace(TINY_SDXL.unet, channel_mult=(1, 2, 2, 2), attention_levels=(False, True, True, False),
-                             transformer_depth=2, context_dim=32, adm_in_channels=24 + 5 * SDXL_ID_DIM),
+                             transformer_depth=2, context_dim=48, adm_in_channels=24 + 5 * SDXL_ID_DIM),
 )
 
 PRESETS: dict[str, ModelConfig] = {

@@ -152,8 +152,9 @@ def _sdxl_unet_fields(u: Mapping[str, Tensor], attn: tuple[bool, ...]) -> dict[s
     if "label_emb.0.0.weight" not in u:
         raise ValueError("SDXL U-Net without label_emb.0.0.weight (the vector conditioning)")
     middle = convert._count(u, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
-    return {
-        "transformer_depth": tuple(depths),
+    used = {d for d, a in zip(depths, attn, strict=True) if a} | {middle}
+    return {  # one depth everywhere (the refiner's 4) is written as diffusers and sgm write it: an int
+        "transformer_depth": used.pop() if len(used) == 1 else tuple(depths),
         "transformer_depth_middle": None if middle == max(depths) else middle,
         "adm_in_channels": u["label_emb.0.0.weight"].shape[1],
     }
