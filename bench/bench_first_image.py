@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
     ap.add_argument("--no-pyc", action="store_true", help="keep PYTHONDONTWRITEBYTECODE: compile sources every run")
     ap.add_argument("--only", action="append", choices=["import torch", "ldmkit", "diffusers"])
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also time `ldmkit generate` from another copy of ldmkit's src/ (e.g. before a change)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = ap.parse_args(argv)
 
@@ -117,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     all_cmds = commands(args.model, folder, out, size, lcm)
     if args.lcm:
         all_cmds["ldmkit"] += ["--sampler", "LCM", "--steps", "4", "--cfg-scale", "1"]
+    if args.baseline_src:
+        # the same command with the other copy of ldmkit first on the path, writing its own image
+        code = (f"import runpy, sys; sys.path.insert(0, {str(args.baseline_src)!r}); sys.argv[0] = 'ldmkit'; "
+                "runpy.run_module('ldmkit', run_name='__main__')")
+        rest = [str(out / "baseline.png") if a.endswith("ldmkit.png") else a for a in all_cmds["ldmkit"][3:]]
+        all_cmds["ldmkit (baseline src)"] = [sys.executable, "-c", code, *rest]
     cmds = {k: v for k, v in all_cmds.items() if not args.only or k in args.only}
     for cmd in cmds.values():
         timed(cmd, env)  # untimed: byte code, page cache, vocabulary cache
