@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from reference import rel_err
 from shapes import write_shapes
 
@@ -258,7 +259,7 @@ def test_guidance_embedded_student_exports_with_its_cfg(data: Path, sd1_file: Pa
     assert (model.recommended.sampler, model.recommended.steps, model.recommended.cfg_scale) == ("LCM", 4, 5.0)
 
 
-def test_builtin_emoji_lcm_is_the_teacher_with_a_distilled_unet() -> None:
+def test_builtin_emoji_lcm_is_the_teacher_with_a_distilled_unet(tmp_path: Path) -> None:
     from ldmkit import api
 
     path = api.builtin_model_path("emoji-lcm")
@@ -272,8 +273,12 @@ def test_builtin_emoji_lcm_is_the_teacher_with_a_distilled_unet() -> None:
         a, b = getattr(lcm, part).state_dict(), getattr(teacher, part).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), part
     assert not torch.equal(lcm.unet.state_dict()["out.2.weight"], teacher.unet.state_dict()["out.2.weight"])
-    image, = api.load("emoji-lcm").txt2img("a red apple", seed=1)  # its settings, not the defaults
-    assert image.size == (64, 64) and image.info["parameters"].count("Sampler: LCM") == 1
+    # `ldmkit generate --model emoji-lcm`: its recorded settings, not the defaults, at its native 64 px
+    png = tmp_path / "apple.png"
+    assert cli.main(["generate", "a red apple", "--model", "emoji-lcm", "--seed", "1", "--output", str(png)]) == 0
+    image = Image.open(png)
+    assert image.size == (64, 64)
+    assert "Steps: 4, Sampler: LCM, Schedule type: LCM, CFG scale: 1," in image.info["parameters"]
 
 
 # ---------------------------------------------------------------- bad input

@@ -16,7 +16,8 @@ from ldmkit.model import StableDiffusion
 from ldmkit.recommended import apply_recommended, file_recommended
 
 # models that ship inside the package, selectable by name
-BUILTIN_MODELS = {"emoji": "emoji.safetensors"}
+# emoji-lcm: emoji distilled for 4 steps (`ldmkit train lcm`; it records LCM / 4 steps / CFG 1 as its settings)
+BUILTIN_MODELS = {"emoji": "emoji.safetensors", "emoji-lcm": "emoji-lcm.safetensors"}
 # autoencoders that ship inside the package, selectable by name with --vae / load(vae=...)
 BUILTIN_VAES = {"emoji-taesd": "emoji-taesd.safetensors"}
 
