@@ -361,7 +361,10 @@ def _layer_at_or_after(key: str, n: int) -> bool:
 
 
 def load_vae_file(path: str | os.PathLike, cfg: VAEConfig) -> StateDict:
-    """A standalone VAE file (LDM or diffusers layout, with or without prefix) as ldmkit VAE keys."""
+    """A standalone VAE file (LDM or diffusers layout, with or without prefix) or diffusers AutoencoderKL
+    folder (e.g. SDXL's fp16-fix VAE) as ldmkit VAE keys."""
+    if Path(path).is_dir():
+        return _vae_folder(Path(path), cfg)
     sd, _ = read_state_dict(path)
     sd = {k: v for k, v in sd.items() if not k.startswith(_VAE_TRAINING_PREFIXES)}
     if any(k.startswith("first_stage_model.") for k in sd):
@@ -371,6 +374,22 @@ def load_vae_file(path: str | os.PathLike, cfg: VAEConfig) -> StateDict:
     if not any(k.startswith("decoder.") for k in sd):
         raise CheckpointError(f"{path}: no VAE decoder weights found; is it a VAE file?")
     return sd
+
+
+def _vae_folder(root: Path, cfg: VAEConfig) -> StateDict:
+    folder_json = _read_json(root / "config.json")
+    try:
+        folder_cfg = convert.vae_config_from_diffusers(folder_json)
+    except ValueError as e:
+        raise CheckpointError(f"{root}: {e}") from None
+    if folder_cfg.scale_factor != cfg.scale_factor:  # the one thing an SD1 and an SDXL VAE folder differ in
+        raise CheckpointError(f"{root}: a VAE for latents scaled by {folder_cfg.scale_factor} (config.json "
+                              f"scaling_factor) but the model's are scaled by {cfg.scale_factor}: a VAE of another "
+                              "model family (SD1/SD2 use 0.18215, SDXL 0.13025)")
+    if dataclasses.replace(folder_cfg, scale_factor=cfg.scale_factor) != cfg:
+        raise CheckpointError(f"{root}: its config.json describes a different autoencoder than the model's "
+                              f"({folder_cfg} vs {cfg})")
+    return convert.vae_diffusers_to_ldm(_read_part(root, _UNET_FILES), cfg)
 
 
 def swap_vae(model: StableDiffusion, path: str | os.PathLike) -> None:
@@ -393,19 +412,16 @@ def load(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, model
     """Load a model from a single ``.safetensors``/``.ckpt`` file or a diffusers folder."""
     p = Path(path)
     if p.is_dir():
-        if (p / "text_encoder_2").is_dir():  # SDXL (ldmkit.checkpoint_sdxl): networks only, no sampling yet
+        if (p / "text_encoder_2").is_dir():  # SDXL (ldmkit.checkpoint_sdxl)
             from ldmkit.checkpoint_sdxl import load_sdxl_diffusers
 
-            return load_sdxl_diffusers(p, dtype=dtype).to(device)  # type: ignore[return-value]
-        model = load_diffusers(p, dtype=dtype)
+            model = load_sdxl_diffusers(p, dtype=dtype)
+        else:
+            model = load_diffusers(p, dtype=dtype)
     elif p.exists():
         model = load_single_file(p, model_type=model_type, dtype=dtype)
     else:
         raise CheckpointError(f"{p}: no such file or folder")
-    if model.cfg.is_sdxl:
-        if vae is not None:
-            raise CheckpointError("--vae with an SDXL model is not supported yet")
-        return model.to(device)
     if model.recommended is None:
         model.recommended = implied_recommended(bool(model.cfg.unet.time_cond_proj_dim))
     if vae is not None:

@@ -15,35 +15,35 @@ import torch
 from torch import Tensor, nn
 
 from ldmkit.config import ModelConfig
+from ldmkit.model import StableDiffusion
 from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.tokenizer import CLIPTokenizer
-from ldmkit.models.unet import UNetModel
-from ldmkit.models.vae import AutoencoderKL
 from ldmkit.prompt import pad_to, reweight, tokenize_chunks
 
 
-class StableDiffusionXL(nn.Module):
-    """SDXL base, refiner or inpainting model; attribute names match the parts of a diffusers folder."""
+class StableDiffusionXL(StableDiffusion):
+    """SDXL base, refiner or inpainting model; attribute names match the parts of a diffusers folder.
+
+    A StableDiffusion (device, dtype, low-memory and tiling switches, source file and hash) with a second
+    encoder and tokenizer; ``tokenizer`` is the first of ``tokenizers``.
+    """
 
     def __init__(self, cfg: ModelConfig, tokenizers: list[CLIPTokenizer] | None = None):
-        super().__init__()
         if not cfg.is_sdxl:
             raise ValueError(f"{cfg.name}: family {cfg.family!r} is not SDXL; use ldmkit.model.StableDiffusion")
-        self.cfg = cfg
-        self.unet = UNetModel(cfg.unet)
-        self.vae = AutoencoderKL(cfg.vae)
-        self.text_encoder = CLIPTextModel(cfg.text)
+        # the first tokenizer pads as its encoder was trained (CLIP-L: end token); bigG's pads with id 0
+        tokenizers = tokenizers or [CLIPTokenizer.default(cfg.pad_with_eos, cfg.text.max_positions)] + (
+            [CLIPTokenizer.default(False, cfg.text2.max_positions)] if cfg.text2 is not None else [])
+        super().__init__(cfg, tokenizer=tokenizers[0])
         if cfg.text2 is not None:
             self.text_encoder_2 = CLIPTextModel(cfg.text2)
-        # the first tokenizer pads as its encoder was trained (CLIP-L: end token); bigG's pads with id 0
-        self.tokenizers = tokenizers or [CLIPTokenizer.default(cfg.pad_with_eos, cfg.text.max_positions)] + (
-            [CLIPTokenizer.default(False, cfg.text2.max_positions)] if cfg.text2 is not None else [])
+        self.tokenizers = tokenizers
+        for tok, enc in zip(tokenizers, self.encoders, strict=False):
+            tok.context_length = enc.cfg.max_positions
         if len(self.tokenizers) != len(self.encoders):
             raise ValueError(f"{cfg.name}: {len(self.encoders)} text encoders but {len(self.tokenizers)} tokenizers")
         if not self.encoders[-1].cfg.projection_dim:
             raise ValueError(f"{cfg.name}: the last text encoder has no text_projection, so no pooled output")
-        self.source_name = cfg.name
-        self.source_path: str | None = None
 
     @property
     def encoders(self) -> list[CLIPTextModel]:
@@ -52,10 +52,6 @@ class StableDiffusionXL(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         names = ["text_encoder", "text_encoder_2"][: len(self.encoders)]
         return {"unet": self.unet, "vae": self.vae, **dict(zip(names, self.encoders, strict=True))}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     def encode_chunks(self, prompt: str) -> tuple[Tensor, Tensor]:
         """One prompt -> (context (1, 77 k, sum of widths), pooled (1, projection_dim)).
