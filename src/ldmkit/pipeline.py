@@ -30,7 +30,8 @@ from ldmkit.models.unet import guidance_embedding
 from ldmkit.prompt import encode_pair
 from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, default_schedule, resolve_sampler
 from ldmkit.schedules import DiscreteSchedule, get_sigmas, schedule_short_name, sd_alphas_cumprod
-from ldmkit.vae_tiling import tiled_decode
+from ldmkit.vae_tiling import decode as vae_decode
+from ldmkit.vae_tiling import encode as vae_encode
 
 StepCallback = Callable[[dict], None]
 MAX_SEED = 2**32 - 1
@@ -213,7 +214,8 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
     autoencoder (TAESD, ``scaled_latents``) on the latent itself."""
     images = []
     scale = 1.0 if getattr(model.vae, "scaled_latents", False) else model.cfg.vae.scale_factor
-    decode = functools.partial(tiled_decode, model.vae) if model.vae_tiling else model.vae.decode
+    # tiled when asked, or when the image is large (vae_tiling.should_tile): bounded memory at 2048^2
+    decode = functools.partial(vae_decode, model.vae, tiling=model.vae_tiling)
     with torch.inference_mode():
         for z in latents.split(1):  # one at a time keeps peak memory flat for batches
             x = decode(z.to(model.dtype) / scale).float()
@@ -228,7 +230,7 @@ def encode_pixels(model: StableDiffusion, x: Tensor) -> Tensor:
     with torch.inference_mode():
         if getattr(model.vae, "scaled_latents", False):  # a tiny autoencoder returns the scaled latent
             return model.vae.encode(x.to(model.device, model.dtype)).float()
-        mean, _ = model.vae.encode(x.to(model.device, model.dtype))
+        mean, _ = vae_encode(model.vae, x.to(model.device, model.dtype), tiling=model.vae_tiling)
     return mean.float() * model.cfg.vae.scale_factor
 
 

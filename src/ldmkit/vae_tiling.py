@@ -17,20 +17,52 @@ The cost of exact statistics: a GroupNorm needs its whole input before any tile 
 normalised, so the decoder goes layer by layer, keeping one full-size activation (two inside a
 ResNet block: its input for the residual and the first conv's output) instead of four or five,
 and never materialising the upsampled tensor. The mid block (with its global attention) runs
-untiled at latent resolution, where it is small.
+untiled at latent resolution, where it is small. The encoder is tiled the same way (its stride-2
+downsampling convs read their halo, and LDM's right/bottom-only padding, per tile).
+
+``decode``/``encode`` tile automatically once the largest full-resolution activation would pass
+``AUTO_TILE_BYTES`` (issue 15, hardening 1: a 2048^2 image on the built-in model), so large images
+stay in bounded memory without ``--vae-tiling``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldmkit.models.vae import AutoencoderKL, ResnetBlock, Upsample
+from ldmkit.models.vae import AutoencoderKL, Downsample, ResnetBlock, Upsample
 
 DEFAULT_TILE = 128  # pixels per tile side at each layer's own resolution
+# untiled above this size of the largest full-resolution activation (SD's 256 channels at 512^2 = 256 MiB
+# stays untiled; the built-in model's 32 channels at 2048^2 = 512 MiB is tiled)
+AUTO_TILE_BYTES = 256 << 20
+
+
+def should_tile(vae: nn.Module, width: int, height: int, itemsize: int = 4) -> bool:
+    """Whether an image of this size is decoded/encoded in tiles by default (KL autoencoders only)."""
+    if not isinstance(vae, AutoencoderKL):
+        return False
+    cfg = vae.cfg
+    channels = cfg.ch * max(cfg.ch_mult[:2])  # full resolution, and the upsampled tensor of the level below
+    return channels * width * height * itemsize > AUTO_TILE_BYTES
+
+
+def decode(vae: nn.Module, z: Tensor, tiling: bool = False) -> Tensor:
+    """``vae.decode(z)``, in tiles when ``tiling`` or when the image is large (``should_tile``)."""
+    f = 2 ** (len(vae.cfg.ch_mult) - 1) if isinstance(vae, AutoencoderKL) else 8
+    if tiling or should_tile(vae, z.shape[-1] * f, z.shape[-2] * f, z.element_size()):
+        return tiled_decode(vae, z)
+    return vae.decode(z)
+
+
+def encode(vae: nn.Module, x: Tensor, tiling: bool = False):
+    """``vae.encode(x)``, in tiles when ``tiling`` or when the image is large (``should_tile``)."""
+    if isinstance(vae, AutoencoderKL) and (tiling or should_tile(vae, x.shape[-1], x.shape[-2], x.element_size())):
+        return tiled_encode(vae, x)
+    return vae.encode(x)
 
 
 def tiled_decode(vae: nn.Module, z: Tensor, tile: int = DEFAULT_TILE) -> Tensor:
@@ -51,6 +83,22 @@ def tiled_decode(vae: nn.Module, z: Tensor, tile: int = DEFAULT_TILE) -> Tensor:
     return _norm_conv(dec.norm_out, dec.conv_out, h, tile)
 
 
+def tiled_encode(vae: AutoencoderKL, x: Tensor, tile: int = DEFAULT_TILE) -> tuple[Tensor, Tensor]:
+    """Image (B, 3, H, W) -> posterior (mean, logvar), as ``vae.encode`` computes them, tile by tile."""
+    enc = vae.encoder
+    if any(len(level.attn) for level in enc.down):
+        return vae.encode(x)
+    h = _conv(enc.conv_in, x, tile, None)
+    for level in enc.down:
+        for block in level.block:
+            h = _resnet(block, h, tile)
+        if hasattr(level, "downsample"):
+            h = _downsample(level.downsample, h, tile)
+    h = _norm_conv(enc.norm_out, enc.conv_out, enc.mid(h), tile)
+    mean, logvar = vae.quant_conv(h).chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
 # ---------------------------------------------------------------- layers
 
 
@@ -66,6 +114,12 @@ def _resnet(block: ResnetBlock, x: Tensor, tile: int) -> Tensor:
 def _norm_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: Tensor, tile: int, out: Tensor | None = None) -> Tensor:
     """``conv(silu(norm(x)))`` (+ ``out`` when given, written into it), one tile at a time."""
     scale, shift = _group_norm_affine(norm, x)
+    return _conv(conv, x, tile, lambda t: F.silu(t * scale + shift), out)
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, tile: int, pre: Callable[[Tensor], Tensor] | None,
+          out: Tensor | None = None) -> Tensor:
+    """``conv(pre(x))`` (+ ``out`` when given, written into it) for an elementwise ``pre``, one tile at a time."""
     w, b = _conv_params(conv, x.dtype)
     H, W = x.shape[-2:]
     if out is None:
@@ -75,12 +129,27 @@ def _norm_conv(norm: nn.GroupNorm, conv: nn.Conv2d, x: Tensor, tile: int, out: T
         add = True
     for r0, r1, c0, c1 in _tiles(H, W, tile):
         (a0, a1, pt, pb), (b0, b1, pl, pr) = _halo(r0, r1, H), _halo(c0, c1, W)
-        t = F.silu(x[..., a0:a1, b0:b1] * scale + shift)
-        y = F.conv2d(F.pad(t, (pl, pr, pt, pb)), w, b)
+        t = x[..., a0:a1, b0:b1]
+        y = F.conv2d(F.pad(t if pre is None else pre(t), (pl, pr, pt, pb)), w, b)
         if add:
             out[..., r0:r1, c0:c1] += y
         else:
             out[..., r0:r1, c0:c1] = y
+    return out
+
+
+def _downsample(down: Downsample, x: Tensor, tile: int) -> Tensor:
+    """LDM's stride-2 3x3 conv (zero padding on the right and bottom only) per output tile: output row i
+    reads input rows 2i..2i+2, the last of which is the padding row at the bottom edge."""
+    conv = down.conv
+    w, b = conv.weight.to(x.dtype), None if conv.bias is None else conv.bias.to(x.dtype)
+    H, W = x.shape[-2:]
+    Ho, Wo = (H - 2) // 2 + 1, (W - 2) // 2 + 1
+    out = x.new_empty(x.shape[0], conv.out_channels, Ho, Wo)
+    for r0, r1, c0, c1 in _tiles(Ho, Wo, tile):
+        a1, b1 = min(2 * r1 + 1, H), min(2 * c1 + 1, W)
+        t = F.pad(x[..., 2 * r0:a1, 2 * c0:b1], (0, 2 * c1 + 1 - b1, 0, 2 * r1 + 1 - a1))
+        out[..., r0:r1, c0:c1] = F.conv2d(t, w, b, stride=2)
     return out
 
 

@@ -51,8 +51,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H*W, C)
-        q, k, v = (t(hn).flatten(2).transpose(1, 2).unsqueeze(1) for t in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1, H*W, C), contiguous: on transposed views PyTorch's CPU attention falls back to
+        # the math path, which materialises the (H*W)^2 score matrix (16 GiB for a 2048^2 image's latent)
+        q, k, v = (t(hn).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for t in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
 

@@ -22,7 +22,7 @@ from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
 
-from ldmkit import __version__
+from ldmkit import __version__, memory
 from ldmkit import pipeline as P
 from ldmkit.deepcache import branches
 from ldmkit.infotext import parse_infotext, save_png
@@ -45,6 +45,7 @@ class Limits:
     max_n_iter: int = 100
     max_upload_bytes: int = 32 << 20  # one base64 image
     max_input_pixels: int = 4096 * 4096  # an uploaded image, before it is resized
+    max_memory_bytes: int | None = None  # working memory a request may need (None: what the machine has free)
 
     @property
     def max_body_bytes(self) -> int:  # a few images plus the JSON around them
@@ -156,6 +157,10 @@ def check_size(model: StableDiffusion, req: S.GenerationRequest, limits: Limits)
         raise field_error(("width",), f"{req.batch_size} x {req.width}x{req.height} = {pixels / 1e6:.1f} MP at once "
                                       f"is more than this server's limit of {limits.max_pixels / 1e6:.1f} MP; use a "
                                       "smaller size or batch_size", req.width)
+    try:  # the size limit the machine sets: refused here, before any work, rather than killed half-way
+        memory.check_fits(model, req.width, req.height, req.batch_size, limits.max_memory_bytes)
+    except memory.TooLarge as e:
+        raise field_error(("width",), str(e), req.width) from None
 
 
 # DeepCache as server options (A1111 has none; named in its options' style), settable per request in
