@@ -29,6 +29,7 @@ from ldmkit import convert
 from ldmkit.checkpoint import CheckpointError, read_state_dict
 from ldmkit.config import ModelConfig
 from ldmkit.lora_formats import Layout, LoRAFile, LoRAPair, Part, read_lora_file, write_lora
+from ldmkit.lycoris import LycoModule
 from ldmkit.model import StableDiffusion
 from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.unet import UNetModel
@@ -94,17 +95,7 @@ def peft_names(cfg: ModelConfig) -> dict[str, str]:
 
 def lora_delta(down: Tensor, up: Tensor, alpha: float | None, weight_shape: torch.Size) -> Tensor:
     """ΔW for one module (without the user's multiplier)."""
-    rank = down.shape[0]
-    return _product(down, up, weight_shape) * ((alpha if alpha is not None else rank) / rank)
-
-
-def _product(down: Tensor, up: Tensor, weight_shape: torch.Size) -> Tensor:
-    down, up = down.float(), up.float()
-    if down.ndim == 2 or down.shape[2:] == (1, 1):
-        delta = up.flatten(1) @ down.flatten(1)
-    else:  # 3x3 conv down, 1x1 conv up (LoCon)
-        delta = torch.einsum("or,rihw->oihw", up.flatten(1), down)
-    return delta.reshape(weight_shape)
+    return LoRAPair(down, up, alpha).delta(torch.empty(weight_shape, device="meta"))
 
 
 def _row_norm(w: Tensor) -> Tensor:
@@ -112,17 +103,17 @@ def _row_norm(w: Tensor) -> Tensor:
     return w.flatten(1).norm(dim=1).reshape(-1, *[1] * (w.ndim - 1))
 
 
-def merged_weight(weight: Tensor, pair: LoRAPair, multiplier: float = 1.0) -> Tensor:
+def merged_weight(weight: Tensor, pair: LoRAPair | LycoModule, multiplier: float = 1.0) -> Tensor:
     """The weight with the LoRA merged, in float32.
 
     Plain LoRA: ``W + m·s·ΔW`` (s = alpha/rank). DoRA as PEFT defines it (``lora_magnitude_vector``, one
     magnitude per output row): ``mag · V / ‖V‖_row`` with ``V = W + m·s·ΔW`` (peft.tuners.lora.dora; the
     multiplier scales ΔW inside, as diffusers' adapter weights do). DoRA in kohya/LyCORIS files
     (``dora_scale``, per input column unless shaped per output row): ``W + m·(dora(W + s·ΔW) - W)``, as
-    A1111 and ComfyUI merge it.
+    A1111 and ComfyUI merge it. LyCORIS kinds (:class:`ldmkit.lycoris.LycoModule`) give their own ``s·ΔW``.
     """
     w = weight.float()
-    delta = _product(pair.down, pair.up, w.shape) * pair.scale
+    delta = pair.delta(w)
     if pair.magnitude is None:
         return w + multiplier * delta
     mag = pair.magnitude.float()
@@ -140,17 +131,23 @@ def merged_weight(weight: Tensor, pair: LoRAPair, multiplier: float = 1.0) -> Te
 def _family(lora: LoRAFile) -> str:
     """Which model family a LoRA's shapes point at, e.g. "SD2.x (cross-attention width 1024)"."""
     for (part, name), pair in lora.targets.items():
-        if part == "unet" and "attn2" in name and ("to_k" in name or "to_v" in name):
-            width = pair.down.shape[1]
+        if part == "unet" and "attn2" in name and ("to_k" in name or "to_v" in name) and pair.in_features:
+            width = pair.in_features
             return f"{_CONTEXT_FAMILY.get(width, 'an unknown family')} (cross-attention width {width})"
     for (part, name), pair in lora.targets.items():
-        if part == "text_encoder" and ("q_proj" in name or "fc1" in name):
-            width = pair.down.shape[1]
+        if part == "text_encoder" and ("q_proj" in name or "fc1" in name) and pair.in_features:
+            width = pair.in_features
             return f"{_TEXT_FAMILY.get(width, 'an unknown family')} (text width {width})"
     return "another model"
 
 
-def _fits(pair: LoRAPair, w: Tensor) -> bool:
+def _fits(pair: LoRAPair | LycoModule, w: Tensor) -> bool:
+    if isinstance(pair, LycoModule):
+        try:
+            pair.delta(w)
+        except (ValueError, RuntimeError):  # RuntimeError: factor shapes that do not multiply
+            return False
+        return pair.magnitude is None or pair.magnitude.numel() in (w.shape[0], w.shape[1])
     kernel = math.prod(w.shape[2:])
     return (pair.down.shape[1] == w.shape[1] and pair.up.shape[0] == w.shape[0]
             and math.prod(pair.down.shape[2:]) in (1, kernel) and math.prod(pair.up.shape[2:]) == 1
@@ -164,7 +161,7 @@ def _beyond_text_layers(key: tuple[Part, str], model: StableDiffusion) -> bool:
     return key[0] == "text_encoder" and m is not None and int(m[1]) >= len(model.text_encoder.text_model.encoder.layers)
 
 
-def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, LoRAPair]]:
+def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, LoRAPair | LycoModule]]:
     """Each of the file's targets paired with the model's module, or a CheckpointError saying what differs."""
     table: dict[tuple[Part, str], Target] = {}
     for t in lora_targets(model):
@@ -187,24 +184,35 @@ def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, L
     pairs = [(table[key], pair) for key, pair in targets.items()]
     for t, pair in pairs:
         if not _fits(pair, t.module.weight):
+            shapes = "/".join(str(tuple(x.shape)) for x in ((pair.down, pair.up) if isinstance(pair, LoRAPair)
+                                                            else pair.w.values()))
             raise CheckpointError(
-                f"{lora.path}: {t.peft} has LoRA shapes {tuple(pair.down.shape)}/{tuple(pair.up.shape)} that don't "
+                f"{lora.path}: {t.peft} has LoRA shapes {shapes} that don't "
                 f"fit the layer {tuple(t.module.weight.shape)}; it looks like a LoRA for {_family(lora)} and "
                 f"{model_family}")
     return pairs
 
 
-def apply_lora(model: StableDiffusion, path: str | os.PathLike, multiplier: float = 1.0) -> int:
-    """Merge a LoRA file (any layout, or a PEFT folder) into the model's weights; returns the modules changed."""
-    lora = read_lora_file(path)
+def apply_lora(model: StableDiffusion, path: str | os.PathLike | LoRAFile, multiplier: float = 1.0,
+               unet_multiplier: float | None = None) -> int:
+    """Merge a LoRA file (any layout or LyCORIS kind, or a PEFT folder) into the model's weights; returns the
+    modules changed. ``unet_multiplier`` (default: ``multiplier``) weighs the U-Net part and ``multiplier`` the
+    text encoder's, as A1111's ``<lora:name:te:unet>``."""
+    lora = path if isinstance(path, LoRAFile) else read_lora_file(path)
     pairs = resolve_lora(model, lora)
     with torch.no_grad():
         for t, pair in pairs:
-            mod = t.module
-            mod.weight.copy_(merged_weight(mod.weight, pair, multiplier).to(mod.weight.dtype))
-            if pair.up_bias is not None and mod.bias is not None:
-                mod.bias += (multiplier * pair.scale * pair.up_bias.float()).to(mod.bias.dtype)
+            m = multiplier if unet_multiplier is None or not t.where.startswith("unet.") else unet_multiplier
+            merge_into(t.module, pair, m)
     return len(pairs)
+
+
+def merge_into(mod: nn.Module, pair: LoRAPair | LycoModule, multiplier: float) -> None:
+    """Add one target's update to a Linear/Conv2d in place (weights kept in their dtype)."""
+    mod.weight.copy_(merged_weight(mod.weight, pair, multiplier).to(mod.weight.dtype))
+    bias = pair.bias_delta()
+    if bias is not None and mod.bias is not None:
+        mod.bias += (multiplier * bias).to(mod.bias.dtype)
 
 
 def read_lora(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:

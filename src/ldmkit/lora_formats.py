@@ -35,13 +35,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ldmkit import lycoris
 from ldmkit.checkpoint import CheckpointError, atomic_save_safetensors, read_state_dict
+from ldmkit.lycoris import LycoModule
 
 Part = Literal["unet", "text_encoder"]
 Layout = Literal["kohya", "peft"]
 # lora_te1_: diffusers' own kohya writer (convert_state_dict_to_kohya) names SD1's text encoder so too
 KOHYA_PREFIXES: dict[str, Part] = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
+                "scale": "scale", **{role: role for role in lycoris.ROLES}}
 _PEFT_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(?:\.weight)?|alpha)")
 _OLD_ATTN = re.compile(r"(.+?)\.(?:processor\.)?(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
 _OLD_LINEAR = re.compile(r"(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight")
@@ -78,12 +81,28 @@ class LoRAPair:
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    def delta(self, weight: Tensor) -> Tensor:
+        """``scale · up @ down`` in float32, shaped like ``weight`` (without the user's multiplier)."""
+        down, up = self.down.float(), self.up.float()
+        if down.ndim == 2 or down.shape[2:] == (1, 1):
+            d = up.flatten(1) @ down.flatten(1)
+        else:  # 3x3 conv down, 1x1 conv up (LoCon)
+            d = torch.einsum("or,rihw->oihw", up.flatten(1), down)
+        return d.reshape(weight.shape) * self.scale
+
+    def bias_delta(self) -> Tensor | None:
+        return None if self.up_bias is None else self.up_bias.float() * self.scale
+
 
 @dataclass
 class LoRAFile:
     path: str
     layout: str  # "kohya", "peft" or "diffusers-old"
-    targets: dict[tuple[Part, str], LoRAPair]
+    targets: dict[tuple[Part, str], LoRAPair | LycoModule]
     metadata: dict[str, str]
 
 
@@ -95,14 +114,12 @@ def _what_else(keys: list[str]) -> str:
     def has(*parts: str) -> bool:
         return any(p in k for k in keys for p in parts)
 
-    if has("hada_w1_a"):
-        return "a LyCORIS LoHa network (hada_w1_a keys), not a LoRA; ldmkit merges LoRA and LoCon only"
-    if has("lokr_w1"):
-        return "a LyCORIS LoKr network (lokr_w1 keys), not a LoRA; ldmkit merges LoRA and LoCon only"
-    if has(".lora_mid."):
-        return "a LyCORIS LoCon with Tucker decomposition (lora_mid keys), which ldmkit does not merge"
     if has("oft_blocks", "oft_diag"):
-        return "an OFT/BOFT network (oft_blocks keys), not a LoRA"
+        return "a LyCORIS OFT/BOFT network (oft_blocks keys), which ldmkit does not merge"
+    if has(".w_norm", ".b_norm"):
+        return "a LyCORIS network with norm-layer updates (w_norm/b_norm keys), which ldmkit does not merge"
+    if has("glora_"):
+        return "a LyCORIS GLoRA network (glora_ keys), which ldmkit does not merge"
     if has("lora_embedding_A"):
         return "a PEFT LoRA of embedding layers (lora_embedding_A keys), which ldmkit does not merge"
     if has("model.diffusion_model."):
@@ -126,7 +143,7 @@ def detect_lora_format(keys: Iterable[str]) -> str:
     if not keys:
         raise ValueError("the file holds no tensors")
     lycoris = _what_else(keys)
-    if lycoris.startswith(("a LyCORIS", "an OFT", "a PEFT LoRA of embedding")):
+    if lycoris.startswith(("a LyCORIS", "a PEFT LoRA of embedding")):
         raise ValueError(lycoris)
     if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
@@ -243,7 +260,7 @@ def _group(sd: Mapping[str, Tensor], layout: str) -> dict[tuple[Part, str], dict
     if unknown:
         raise ValueError(f"{len(unknown)} keys do not fit the {layout} LoRA layout (e.g. {', '.join(unknown[:3])})")
     for (_, name), g in groups.items():
-        if "down" not in g or "up" not in g:
+        if ("down" not in g or "up" not in g) and not any(r in lycoris.ROLES for r in g):
             raise ValueError(f"{name} lacks its {'down' if 'down' not in g else 'up'} matrix; the file is incomplete")
     return groups
 
@@ -285,8 +302,15 @@ def read_lora_file(path: str | os.PathLike) -> LoRAFile:
         configs = _alpha_configs(metadata, adapter_config if layout == "peft" else None)
     except (ValueError, CheckpointError) as e:
         raise CheckpointError(f"{path}: {e}") from None
-    targets: dict[tuple[Part, str], LoRAPair] = {}
+    targets: dict[tuple[Part, str], LoRAPair | LycoModule] = {}
     for (part, name), g in groups.items():
+        if any(r in lycoris.ROLES for r in g):
+            try:
+                roles = {{"down": "lora_down.weight", "up": "lora_up.weight"}.get(r, r): t for r, t in g.items()}
+                targets[(part, name)] = lycoris.module_from_roles(name, roles)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+            continue
         cfg = configs.get(part) or configs.get("") or _AlphaConfig()
         alpha = g["alpha"].item() if "alpha" in g else cfg.alpha_for(_pattern_names(part, name))
         magnitude = g.get("magnitude", g.get("dora_scale"))
