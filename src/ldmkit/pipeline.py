@@ -25,6 +25,7 @@ from ldmkit import __version__, lowmem
 from ldmkit.deepcache import DeepCacheUNet
 from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, DiscreteDenoiser
+from ldmkit.images import convert as convert_image
 from ldmkit.model import StableDiffusion
 from ldmkit.models.unet import guidance_embedding
 from ldmkit.prompt import encode_pair
@@ -248,7 +249,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
     """PIL image -> (1, 3, H, W) in [-1, 1], resized to the requested size."""
-    image = image.convert("RGB")
+    image = convert_image(image, "RGB")  # 16-bit greyscale by range, not clipped to white
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
@@ -257,7 +258,7 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
 
 def mask_to_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
     """Mask image -> (1, 1, H, W) in {0, 1}; white (>= 50%) marks what to repaint."""
-    m = mask.convert("L")
+    m = convert_image(mask, "L")
     if m.size != (width, height):
         m = m.resize((width, height), Image.Resampling.NEAREST)
     return (torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0) >= 0.5).float()[None, None]

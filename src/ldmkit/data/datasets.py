@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ldmkit.atomic import replacing
+from ldmkit.images import to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def open_rgb(source: str | Path | io.BytesIO, size: int | None = None) -> Image.
     img = Image.open(source)
     if size is not None and img.format == "JPEG":
         img.draft("RGB", (size, size))
-    img = ImageOps.exif_transpose(img)
+    img = to_8bit(ImageOps.exif_transpose(img))  # 16-bit greyscale by range, not clipped
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))

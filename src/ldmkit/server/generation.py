@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from ldmkit import __version__, memory
 from ldmkit import pipeline as P
 from ldmkit.deepcache import branches
+from ldmkit.images import convert as convert_image
 from ldmkit.infotext import parse_infotext, save_png
 from ldmkit.model import StableDiffusion
 from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler
@@ -248,7 +249,7 @@ def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options
     if isinstance(req, S.Img2ImgRequest):
         init = decode_image(req.init_images[0], ("init_images", 0), limits)
         if req.mask:
-            mask = decode_image(req.mask, ("mask",), limits).convert("L")
+            mask = convert_image(decode_image(req.mask, ("mask",), limits), "L")  # 16-bit by range
             if req.inpainting_mask_invert:
                 mask = mask.point(lambda v: 255 - v)
             kind = "inpaint"

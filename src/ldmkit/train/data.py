@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ldmkit.images import to_8bit
 from ldmkit.train.config import TrainError
 
 try:
@@ -61,7 +62,7 @@ class ImageSet:
 
 def load_image(path: Path, size: int) -> Tensor:
     """(3, size, size) uint8: transparent pixels on white, shorter side resized, centre-cropped."""
-    img = Image.open(path)
+    img = to_8bit(Image.open(path))  # 16-bit greyscale by range, not clipped
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
