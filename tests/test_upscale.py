@@ -11,6 +11,7 @@ References written independently of ``ldmkit.models.esrgan``:
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 
@@ -393,3 +394,158 @@ def test_cli_upscale(tmp_path, capsys):
     assert Image.open(out).size == (30, 36)
     assert main(["upscale", str(src), "--upscaler", "Lanczos", "-o", str(out)]) == 2
     assert "give --scale" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- server: A1111's upscaler routes
+
+
+@pytest.fixture(scope="module")
+def upscaler_server(tmp_path_factory):
+    pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
+    from fastapi.testclient import TestClient
+
+    from ldmkit.config import TINY
+    from ldmkit.model import StableDiffusion
+    from ldmkit.server.app import create_app
+
+    d = tmp_path_factory.mktemp("upscalers")
+    p2 = basicsr_params(nf=8, nb=1, gc=4, scale=2, seed=21)
+    _save(p2, d / "RealESRGAN_x2plus.pth", "params_ema")
+    _save(_old_esrgan(nf=8, nb=1, gc=4, n_up=2, seed=22).state_dict(), d / "4x-Old.pth")
+    (d / "sub").mkdir()
+    _save(srvgg_params(8, 2, 4, seed=23), d / "sub" / "compact.safetensors")
+    _sd_checkpoint(d / "sd15.safetensors")  # not an upscaler: left out with a warning
+    (d / "broken.pth").write_bytes(b"PK\x03\x04 not really")
+    torch.manual_seed(0)
+    app = create_app(StableDiffusion(TINY), upscaler_dir=d, device="cpu", preview_interval=None)
+    with TestClient(app) as client:
+        yield client, d, p2
+
+
+def _b64(img: Image.Image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _unb64(data: str) -> Image.Image:
+    import base64
+    import io
+
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def _image(w=20, h=12, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_server_lists_upscalers(upscaler_server, caplog):
+    client, d, _ = upscaler_server
+    items = client.get("/sdapi/v1/upscalers").json()
+    by_name = {i["name"]: i for i in items}
+    assert list(by_name)[:3] == ["None", "Lanczos", "Nearest"]
+    assert set(by_name) == {"None", "Lanczos", "Nearest", "4x-Old", "RealESRGAN_x2plus", "sub/compact"}
+    assert by_name["RealESRGAN_x2plus"]["scale"] == 2 and by_name["4x-Old"]["scale"] == 4
+    assert by_name["sub/compact"]["scale"] == 4 and by_name["sub/compact"]["model_name"] == "Real-ESRGAN"
+    assert by_name["RealESRGAN_x2plus"]["model_path"] == str((d / "RealESRGAN_x2plus.pth").resolve())
+    assert set(by_name["None"]) == {"name", "model_name", "model_path", "model_url", "scale"}
+    from ldmkit.server.extras import UpscalerCatalogue
+
+    with caplog.at_level(logging.WARNING, logger="ldmkit.server"):
+        UpscalerCatalogue(d).scan()  # files that fail to load: a warning naming each, no crash
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "sd15.safetensors" in warned and "not an upscaler" in warned and "broken.pth" in warned
+
+
+def test_server_extra_single_image_matches_direct_call(upscaler_server):
+    client, d, p2 = upscaler_server
+    img = _image()
+    r = client.post("/sdapi/v1/extra-single-image",
+                    json={"image": _b64(img), "upscaler_1": "RealESRGAN_x2plus", "upscaling_resize": 2})
+    assert r.status_code == 200, r.text
+    out = _unb64(r.json()["image"])
+    assert out.size == (40, 24)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    ref = (basicsr_rrdbnet(p2, x, 2).clamp(0, 1) * 255).round()[0].permute(1, 2, 0).numpy()
+    assert np.abs(np.asarray(out, dtype=np.float32) - ref).max() <= 1
+    assert "Postprocess upscale by: 2, Postprocess upscaler: RealESRGAN_x2plus" in r.json()["html_info"]
+    assert out.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: RealESRGAN_x2plus"
+    # "None": the image back unchanged, as A1111
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": _b64(img), "upscaler_1": "None"})
+    assert np.array_equal(np.asarray(_unb64(r.json()["image"])), np.asarray(img))
+
+
+def test_server_resize_to_crop_and_second_upscaler(upscaler_server):
+    client, _, _ = upscaler_server
+    img = _image(20, 12, seed=1)
+    body = {"image": _b64(img), "resize_mode": 1, "upscaling_resize_w": 64, "upscaling_resize_h": 64,
+            "upscaling_crop": True, "upscaler_1": "4x-Old", "upscaler_2": "Lanczos",
+            "extras_upscaler_2_visibility": 0.5}
+    r = client.post("/sdapi/v1/extra-single-image", json=body)
+    assert r.status_code == 200, r.text
+    out = _unb64(r.json()["image"])
+    assert out.size == (64, 64)  # by max(64/20, 64/12) = 5.33 -> 104x64, centred and cropped
+    up = load_upscaler("Lanczos")
+    lanczos = upscale(img, up, 64 / 12, multiple_of=8)
+    crop = Image.new("RGB", (64, 64))
+    crop.paste(lanczos, (32 - lanczos.width // 2, 32 - lanczos.height // 2))
+    net = upscale(img, load_upscaler(upscaler_server[1] / "4x-Old.pth"), 64 / 12, multiple_of=8)
+    first = Image.new("RGB", (64, 64))
+    first.paste(net, (32 - net.width // 2, 32 - net.height // 2))
+    expected = Image.blend(first, crop, 0.5)
+    assert np.abs(np.asarray(out, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
+    info = r.json()["html_info"]
+    assert "Postprocess upscale to: 64x64" in info and "Postprocess crop to: 64x64" in info
+    assert "Postprocess upscaler 2: Lanczos" in info
+
+
+def test_server_extra_batch_images(upscaler_server):
+    client, _, _ = upscaler_server
+    imgs = [_image(16, 16, seed=s) for s in (2, 3)]
+    r = client.post("/sdapi/v1/extra-batch-images", json={
+        "imageList": [{"data": _b64(im), "name": f"{i}.png"} for i, im in enumerate(imgs)],
+        "upscaler_1": "sub/compact", "upscaling_resize": 4})
+    assert r.status_code == 200, r.text
+    outs = [_unb64(b) for b in r.json()["images"]]
+    assert [o.size for o in outs] == [(64, 64), (64, 64)]
+    single = client.post("/sdapi/v1/extra-single-image", json={
+        "image": _b64(imgs[1]), "upscaler_1": "sub/compact", "upscaling_resize": 4}).json()["image"]
+    assert np.array_equal(np.asarray(outs[1]), np.asarray(_unb64(single)))
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"upscaler_1": "nope"}, 422, "no upscaler 'nope'"),
+    ({"upscaler_1": "../RealESRGAN_x2plus"}, 422, "valid: None, Lanczos, Nearest"),
+    ({"upscaler_1": "sd15"}, 422, "no upscaler 'sd15'"),
+    ({"upscaler_1": "Lanczos", "upscaler_2": "broken"}, 422, "no upscaler 'broken'"),
+    ({"upscaler_1": "Lanczos", "gfpgan_visibility": 0.5}, 422, "face restoration"),
+    ({"upscaler_1": "Lanczos", "upscaling_resize": 9}, 422, "upscaling_resize"),
+    ({"upscaler_1": "Lanczos", "image": "@@@"}, 422, "base64"),
+    ({"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 9000, "upscaling_resize_h": 9000}, 413,
+     "MP"),
+])
+def test_server_extras_bad_requests(upscaler_server, body, status, needle):
+    client, _, _ = upscaler_server
+    r = client.post("/sdapi/v1/extra-single-image", json={"image": _b64(_image()), **body})
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_server_with_a1111_client(upscaler_server):
+    """The webuiapi package (an A1111 client) lists the upscalers and upscales through them, over HTTP."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from ldmkit.server.app import BackgroundServer
+
+    client, _, _ = upscaler_server
+    img = _image(24, 16, seed=4)
+    with BackgroundServer(client.app) as url:
+        api = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1")
+        assert "RealESRGAN_x2plus" in [u["name"] for u in api.get_upscalers()]
+        result = api.extra_single_image(img, upscaler_1="RealESRGAN_x2plus", upscaling_resize=3)
+        batch = api.extra_batch_images([img, img], upscaler_1="Nearest", upscaling_resize=2)
+    assert result.image.size == (72, 48)  # x2 net twice (A1111: until large enough), Lanczos down to x3
+    assert [im.size for im in batch.images] == [(48, 32), (48, 32)]
+    assert np.array_equal(np.asarray(batch.images[0].convert("RGB")), np.asarray(img).repeat(2, 0).repeat(2, 1))

@@ -40,6 +40,7 @@ from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NA
 from ldmkit.server import generation as G
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
+from ldmkit.server.extras import UpscalerCatalogue, add_extras_routes
 from ldmkit.server.generation import Limits
 from ldmkit.server.vaes import VAECatalogue, check_name
 from ldmkit.server.worker import PREVIEW_FORMATS, JobContext, QueueFullError, Worker
@@ -109,13 +110,15 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                device: str | None = None, preview_interval: float | None = 1.0,
                output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None,
                preview_vae: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
-               low_memory: bool = False, vae_tiling: bool = False) -> FastAPI:
+               low_memory: bool = False, vae_tiling: bool = False,
+               upscaler_dir: str | os.PathLike | None = None) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
 
     ``preview_interval``: seconds between live previews (0: every step, None: never);
     ``output_dir``: where ``save_images`` requests write their PNGs;
     ``preview_vae``: a tiny autoencoder for the "TAESD" live preview (the default preview when given);
     ``vae_dir``: VAE files (KL or tiny) that the ``sd_vae`` option can switch to;
+    ``upscaler_dir``: ESRGAN-family upscaler files for the extras routes (``/sdapi/v1/upscalers``);
     ``low_memory``, ``vae_tiling``: load every model as ``api.load`` does with them (fp16-stored weights
     computed in fp32, networks paged out when idle; tiled decoding).
     """
@@ -331,6 +334,9 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     @app.get("/sdapi/v1/loras", tags=["sdapi"])
     async def loras() -> list:
         return []
+
+    add_extras_routes(app, upscalers=UpscalerCatalogue(upscaler_dir, device), limits=limits, options=options,
+                      run_job=run_job)
 
     # ------------------------------------------------------------ explain view, web page
 

@@ -36,6 +36,9 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                         "cheap, A1111's linear latent->RGB map (built-in models use their shipped one)")
     p.add_argument("--vae-dir", default=None, metavar="DIR",
                    help="VAE files/folders (KL or tiny) listed at /sdapi/v1/sd-vae; the option sd_vae picks one")
+    p.add_argument("--upscaler-dir", default=None, metavar="DIR",
+                   help="upscaler files (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ... .pth/.safetensors) for "
+                        "/sdapi/v1/upscalers and the extras routes; names are the file stems")
     p.add_argument("--output-dir", default=None, help="where requests with save_images write their PNGs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--low-memory", action="store_true",
@@ -61,6 +64,7 @@ def serve(args: argparse.Namespace) -> None:
                      limits=limits, device=args.device,
                      preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
                      output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir,
+                     upscaler_dir=args.upscaler_dir,
                      low_memory=args.low_memory, vae_tiling=args.vae_tiling)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who can reach it can use it",
