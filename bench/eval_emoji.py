@@ -35,7 +35,6 @@ from PIL import Image
 from ldmkit import api
 from ldmkit import pipeline as P
 from ldmkit.checkpoint import atomic_write_text
-from ldmkit.cli import native_size
 from ldmkit.train.unet import apply_template
 
 FEATURE_SIZE = 16
@@ -59,28 +58,23 @@ def load_dataset(root: Path) -> tuple[list[dict], set[str]]:
 
 def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale: float, size: int,
              sampler: str = "DPM++ 2M", deepcache: int = 1, batch: int = 32) -> list[Image.Image]:
-    """Many different prompts, one seed each, batched through the pipeline's own stages."""
+    """Many different prompts, one seed each, batched through the generation core (ldmkit.core)."""
     out: list[Image.Image] = []
-    f = model.cfg.vae.downscale
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i:i + batch], seeds[i:i + batch]
         params = P.GenerationParams(ps[0], steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
                                     height=size, seed=ss[0], deepcache=deepcache)
-        plan = P.plan(model, params)
-        cond, uncond = P.encode_prompt(model, ps, [""] * len(ps))
-        noise = P.initial_noise(ss, (model.cfg.unet.out_channels, size // f, size // f), model.device)
-        latents = P.run_sampler(model, params, noise * P.start_scale(plan.sampler, plan.sigmas[0]), plan.sigmas,
-                                plan.fn, cond, uncond, ss)
-        out.extend(P.decode_latents(model, latents))
+        job = P.prepare(model, params, prompts=ps, seeds=ss)
+        out.extend(P.decode_latents(model, P.sample(model, job.plan, job.cond, job.uncond, job.noise)))
     return out
 
 
 def plan_schedule(sampler: str) -> str:
     """The schedule the pipeline picks for ``sampler`` (its default), as the infotext names it."""
-    from ldmkit.samplers import default_schedule
+    from ldmkit.samplers import sampler_spec
     from ldmkit.schedules import SCHEDULE_DISPLAY_NAMES
 
-    name = default_schedule(sampler)
+    name = sampler_spec(sampler).schedule
     return SCHEDULE_DISPLAY_NAMES.get(name, name)
 
 
@@ -146,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     pipe = api.load(args.model)
     model = pipe.model
-    size = args.size or native_size(model.cfg)
+    size = args.size or model.cfg.native_size
     rows, holdout = load_dataset(Path(args.data))
     keys = [r["key"] for r in rows]
     index = {k: i for i, k in enumerate(keys)}

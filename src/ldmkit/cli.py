@@ -162,7 +162,7 @@ def _params_from_args(args: argparse.Namespace, model) -> object:
     from ldmkit.pipeline import GenerationParams
     from ldmkit.recommended import apply_recommended
 
-    native = native_size(model.cfg)
+    native = model.cfg.native_size
     chosen = apply_recommended(dict(sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
                                     cfg_scale=args.cfg_scale), model.recommended)
     kw = dict(
@@ -182,10 +182,8 @@ def _params_from_args(args: argparse.Namespace, model) -> object:
 
 
 def native_size(cfg) -> int:
-    """The resolution a model was trained at: stored by ldmkit's export, else SD's (768 for SD2-v)."""
-    if "image_size" in cfg.extra:
-        return int(cfg.extra["image_size"])
-    return 768 if cfg.family == "sd2" and cfg.prediction == "v" else 512
+    """The resolution a model was trained at (kept for old importers; it lives in ``ModelConfig.native_size``)."""
+    return cfg.native_size
 
 
 def _apply_png(args: argparse.Namespace) -> None:

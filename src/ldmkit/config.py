@@ -136,6 +136,16 @@ class ModelConfig:
     def is_sdxl(self) -> bool:
         return self.family in ("sdxl", "sdxl-refiner")
 
+    @property
+    def native_size(self) -> int:
+        """The resolution the model was trained at: stored by ldmkit's export (``extra["image_size"]``), else
+        the family's (SDXL 1024, SD2 768-v 768, otherwise 512)."""
+        if "image_size" in self.extra:
+            return int(self.extra["image_size"])
+        if self.is_sdxl:
+            return 1024
+        return 768 if self.family == "sd2" and self.prediction == "v" else 512
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

@@ -12,7 +12,9 @@ c_noise = the fractional training timestep of sigma.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -109,52 +111,120 @@ def _repeat_to(c: Tensor, batch: int, what: str) -> Tensor:
     raise ValueError(f"{what} has batch {c.shape[0]}, expected 1 or {batch}")
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything a U-Net reads besides the noisy latent and the timestep, for a batch of B images.
+
+    Built by the model family (SD1/SD2: ``pipeline.encode_conditioning``; SDXL: its own encoders) and
+    read by its U-Net through :meth:`unet_kwargs`; samplers and CFG never look inside.
+    """
+
+    context: Tensor  # (B, T, D) token embeddings, the keys and values of cross-attention
+    pooled: Tensor | None = None  # (B, P) SDXL: pooled, projected text embedding
+    ids: Tensor | None = None  # (B, n) SDXL: original size, crop top-left, target size (refiner: aesthetic score)
+    c_concat: Tensor | None = None  # (B, 1 + C, h, w) inpainting models: mask and masked-image latent
+
+    def __post_init__(self) -> None:
+        if (self.pooled is None) != (self.ids is None):
+            raise ValueError("SDXL conditioning needs both the pooled text embedding and the size/crop ids")
+
+    @property
+    def batch(self) -> int:
+        return self.context.shape[0]
+
+    @property
+    def y(self) -> Tensor | None:
+        """SDXL's vector conditioning (``models.unet.sdxl_vector``), None for SD1/SD2."""
+        if self.pooled is None:
+            return None
+        from ldmkit.models.unet import sdxl_vector
+
+        return sdxl_vector(self.pooled, self.ids)
+
+    def unet_kwargs(self) -> dict[str, Tensor]:
+        """Keyword arguments of ``denoiser(x, sigma, ...)`` beyond x and sigma (``y`` only where there is one)."""
+        kw: dict[str, Tensor] = {"context": self.context}
+        if self.c_concat is not None:
+            kw["c_concat"] = self.c_concat
+        y = self.y
+        if y is not None:
+            kw["y"] = y
+        return kw
+
+    def replace(self, **changes: Any) -> Conditioning:
+        return dataclasses.replace(self, **changes)
+
+    def expand(self, batch: int) -> Conditioning:
+        """Each tensor repeated to ``batch`` rows (from 1 row or already ``batch``)."""
+        return Conditioning(**{f.name: None if (v := getattr(self, f.name)) is None else _repeat_to(v, batch, f.name)
+                               for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Batches side by side, e.g. ``[uncond, cond]`` for one CFG call."""
+        out = {}
+        for f in dataclasses.fields(Conditioning):
+            vals = [getattr(p, f.name) for p in parts]
+            if any(v is None for v in vals) and not all(v is None for v in vals):
+                raise ValueError(f"cannot batch conditionings with and without {f.name}")
+            out[f.name] = None if vals[0] is None else torch.cat(vals)
+        return Conditioning(**out)
+
+
+def as_conditioning(c: Tensor | Conditioning | None, c_concat: Tensor | None = None) -> Conditioning | None:
+    """A bare context tensor as a :class:`Conditioning` (with ``c_concat`` unless it has its own)."""
+    if c is None:
+        return None
+    if isinstance(c, Tensor):
+        return Conditioning(c, c_concat=c_concat)
+    return c if c_concat is None or c.c_concat is not None else c.replace(c_concat=c_concat)
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022) around a denoiser: uncond + scale * (cond - uncond).
 
-    Both halves run in ONE network call on a doubled batch ``[uncond | cond]``. ``c_concat`` (the
-    mask and masked-image latent of an inpainting model) is shared by both halves. With
-    ``scale == 1`` the unconditional half is skipped.
+    Both halves run in ONE network call on a doubled batch ``[uncond | cond]``. ``cond``/``uncond`` are
+    :class:`Conditioning` values (a bare tensor is a context); ``c_concat`` (the mask and masked-image
+    latent of an inpainting model) is shared by both halves. With ``scale == 1`` the unconditional half
+    is skipped.
     """
 
     def __init__(
         self,
         denoiser: Denoiser,
-        cond: Tensor,
-        uncond: Tensor | None,
+        cond: Tensor | Conditioning,
+        uncond: Tensor | Conditioning | None,
         scale: float,
         c_concat: Tensor | None = None,
         **kwargs: Any,
     ) -> None:
         if uncond is None and scale != 1:
             raise ValueError(f"guidance scale {scale} needs an unconditional context (uncond=None)")
-        if uncond is not None and uncond.shape[1:] != cond.shape[1:]:
+        cond_c, uncond_c = as_conditioning(cond, c_concat), as_conditioning(uncond, c_concat)
+        assert cond_c is not None
+        if uncond_c is not None and uncond_c.context.shape[1:] != cond_c.context.shape[1:]:
             raise ValueError(
-                f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} must match after the batch "
-                "dimension; pad the shorter prompt to the same number of tokens"
+                f"cond {tuple(cond_c.context.shape)} and uncond {tuple(uncond_c.context.shape)} must match after "
+                "the batch dimension; pad the shorter prompt to the same number of tokens"
             )
         self.denoiser = denoiser
-        self.cond = cond
-        self.uncond = uncond
+        self.cond = cond_c
+        self.uncond = uncond_c
         self.scale = float(scale)
-        self.c_concat = c_concat
         self.kwargs = kwargs
 
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         b = x.shape[0]
         sigma = _sigma_batch(sigma, x)
-        cond = _repeat_to(self.cond, b, "cond")
-        cc = None if self.c_concat is None else _repeat_to(self.c_concat, b, "c_concat")
+        cond = self.cond.expand(b)
         if self.scale == 1:
-            return self.denoiser(x, sigma, context=cond, c_concat=cc, **self.kwargs)
+            return self.denoiser(x, sigma, **cond.unet_kwargs(), **self.kwargs)
         assert self.uncond is not None
-        uncond = _repeat_to(self.uncond, b, "uncond")
-        both = self.denoiser(
+        both = Conditioning.cat([self.uncond.expand(b), cond])
+        d_uncond, d_cond = self.denoiser(
             torch.cat([x, x]),  # (2B, C, H, W)
             torch.cat([sigma, sigma]),
-            context=torch.cat([uncond, cond]),
-            c_concat=None if cc is None else torch.cat([cc, cc]),
+            **both.unet_kwargs(),
             **self.kwargs,
-        )
-        d_uncond, d_cond = both.chunk(2)
+        ).chunk(2)
         return d_uncond + (d_cond - d_uncond) * self.scale

@@ -195,29 +195,16 @@ class Explanation:
 
 
 def _resolve(model: StableDiffusion, params: P.GenerationParams) -> P.GenerationParams:
-    from ldmkit.cli import native_size
-
-    size = native_size(model.cfg)
+    size = model.cfg.native_size
     return params.replace(seed=P.resolve_seeds(params.seed, 1)[0], batch_size=1,
                           width=params.width or size, height=params.height or size)
 
 
 def explain(model: StableDiffusion, params: P.GenerationParams, init_image: Image.Image | None = None,
             callback: P.StepCallback | None = None) -> Explanation:
-    """Run ``params`` as txt2img (the same image ``pipeline.txt2img`` makes) and record every stage."""
+    """Run ``params`` as txt2img (``pipeline.txt2img``'s own path, so the same image) and record every stage
+    through the sampler's step callback and cross-attention hooks."""
     params = _resolve(model, params)
-    P.validate(params, model)
-    p = P.plan(model, params)
-    sampler_name, schedule_name = p.infotext_names
-    cond, uncond = P.encode_prompt(model, [params.prompt], [params.negative_prompt], params.clip_skip)
-    f = model.cfg.vae.downscale
-    shape = (model.cfg.unet.out_channels, params.height // f, params.width // f)
-    noise = P.initial_noise([params.seed], shape, model.device)
-    c_concat = None
-    if model.cfg.is_inpainting:  # as txt2img: everything masked, nothing to keep
-        _, c, h, w = noise.shape
-        extra = model.cfg.unet.in_channels - c - 1
-        c_concat = torch.cat([torch.ones(1, 1, h, w), torch.zeros(1, extra, h, w)], dim=1).to(noise)
     recorded: list[tuple[int, float, Tensor]] = []
 
     def record(info: dict) -> None:
@@ -225,13 +212,12 @@ def explain(model: StableDiffusion, params: P.GenerationParams, init_image: Imag
         if callback is not None:
             callback(info)
 
-    x = noise * P.start_scale(p.sampler, p.sigmas[0])
-    with CrossAttentionMaps(model.unet, shape[1:]) as cap:
-        latents = P.run_sampler(model, params, x, p.sigmas, p.fn, cond, uncond, [params.seed],
-                                c_concat=c_concat, callback=record)
-
-    image = P.decode_latents(model, latents)[0]
-    image.info["parameters"] = P.infotext(model, params, params.seed, sampler_name, schedule_name)
+    f = model.cfg.vae.downscale
+    with CrossAttentionMaps(model.unet, (params.height // f, params.width // f)) as cap:
+        job, latents = P.txt2img_latents(model, params, callback=record)
+    noise = job.noise
+    sampler_name, schedule_name = job.plan.infotext_names
+    image = P.finish(model, params, latents, job.seeds, job.plan)[0]
     schedule = P.model_schedule(model)
     decoded = P.decode_latents(model, torch.cat([d for _, _, d in recorded]))
     steps = [Step(i, s, float(schedule.sigma_to_t(s)), img) for (i, s, _), img in zip(recorded, decoded, strict=True)]

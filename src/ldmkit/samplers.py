@@ -13,8 +13,10 @@ of step i.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -702,6 +704,7 @@ def resolve_sampler(name: str) -> tuple[str, Sampler, str | None]:
     """``(short_name, function, schedule or None)`` for a short, A1111 or combined name, any case.
 
     "DPM++ 2M Karras" -> ("dpmpp_2m", sample_dpmpp_2m, "karras"); "Euler a" -> ("euler_a", ..., None).
+    Generation code uses :func:`sampler_spec`, the same parse as one record.
     """
     key = _norm(name)
     if key in _LOOKUP:
@@ -719,10 +722,45 @@ def resolve_sampler(name: str) -> tuple[str, Sampler, str | None]:
     )
 
 
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler name resolved once, at the edge (CLI, API, server): everything generation needs to know."""
+
+    name: str  # short name, e.g. "dpmpp_2m"
+    fn: Sampler
+    display: str  # A1111's name, e.g. "DPM++ 2M" (infotext, /sdapi/v1/samplers)
+    schedule: str  # the schedule the name carries ("DPM++ 2M Karras"), else the sampler's default
+    named_schedule: bool  # whether the name carried it (it then wins over "Automatic")
+    vp_start: bool  # starts from N(0, 1) in the DDPM x_t space instead of sigma_max * N(0, 1)
+    takes_eta: bool  # has an eta (noise amount; TCD's gamma) parameter
+    takes_schedule: bool  # steps on the model's training timesteps (LCM, TCD): needs its DiscreteSchedule
+
+    def start_scale(self, sigma: Tensor) -> Tensor:
+        """What pure starting noise N(0, 1) is multiplied by at noise level ``sigma``."""
+        return (sigma**2 + 1).sqrt() if self.vp_start else sigma
+
+
+# samplers that start from N(0, 1) in the DDPM x_t space, as the CompVis/diffusers DDIM code does, rather
+# than from sigma_max * N(0, 1) in k-diffusion's space (the consistency samplers too: diffusers'
+# LCMScheduler/TCDScheduler have init_noise_sigma = 1)
+VP_START: frozenset[str] = frozenset({"ddim", "ddpm", "unipc", "lcm", "tcd"})
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    """The :class:`SamplerSpec` for any name :func:`resolve_sampler` accepts; ValueError listing the valid
+    names otherwise."""
+    short, fn, suffix = resolve_sampler(name)
+    accepted = inspect.signature(fn).parameters
+    return SamplerSpec(
+        name=short, fn=fn, display=SAMPLER_DISPLAY_NAMES[short], schedule=suffix or DEFAULT_SCHEDULES[short],
+        named_schedule=suffix is not None, vp_start=short in VP_START, takes_eta="eta" in accepted,
+        takes_schedule="schedule" in accepted,
+    )
+
+
 def default_schedule(name: str) -> str:
     """The schedule a sampler uses when its name does not carry one."""
-    short, _, schedule = resolve_sampler(name)
-    return schedule or DEFAULT_SCHEDULES[short]
+    return sampler_spec(name).schedule
 
 
 def sample(model: Model, x: Tensor, sigmas: Tensor, name: str, **kwargs: Any) -> Tensor:
