@@ -175,6 +175,32 @@ def test_resumed_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_path:
     assert not torch.equal(target, teacher[key]) and not torch.equal(target, online)
 
 
+def test_init_student_continues_from_an_exported_model(data: Path, sd1_file: Path, tmp_path: Path, capsys) -> None:
+    """--init-student: online and target U-Nets start as the given model's, the teacher stays the teacher."""
+    teacher = load(sd1_file)
+    student = load(sd1_file)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    student_file = tmp_path / "student.safetensors"
+    save_single_file(student, student_file)
+    task = LCMTask(lcm_cfg(data, sd1_file, init_student=str(student_file)), tmp_path / "run",
+                   DistInfo(0, 1, torch.device("cpu")))
+    want, orig = student.unet.state_dict(), teacher.unet.state_dict()
+    for net in (task.net.unet, task.net.target_unet):
+        assert all(torch.equal(v, want[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(v, orig[k]) for k, v in task.net.frozen_teacher.module.state_dict().items())
+    assert cli.main(["train", "lcm", "--model", str(sd1_file), "--init-student", str(tmp_path / "other"),
+                     "--data", str(data), "--out", str(tmp_path / "r"), "--size", str(SIZE), "--device", "cpu"]) == 2
+    assert "--init-student" in capsys.readouterr().err
+    sd2 = _save(TINY_SD2, tmp_path / "sd2.safetensors", 1)
+    assert cli.main(["train", "lcm", "--model", str(sd1_file), "--init-student", str(sd2), "--data", str(data),
+                     "--out", str(tmp_path / "r2"), "--size", str(SIZE), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "its U-Net is not the student's" in err and len(err.splitlines()) == 1, err
+
+
 # ---------------------------------------------------------------- outputs
 
 
@@ -290,6 +316,7 @@ def test_builtin_emoji_lcm_is_the_teacher_with_a_distilled_unet(tmp_path: Path) 
     (["--model", "MODEL", "--num-ddim-timesteps", "7"], "must divide the model's 1000 training timesteps"),
     (["--model", "MODEL", "--lora-rank", "-1"], "lora_rank must be 0"),
     (["--model", "MODEL", "--lora-rank", "4", "--w-embedding"], "drop --w-embedding or use --lora-rank 0"),
+    (["--model", "MODEL", "--lora-rank", "4", "--init-student", "MODEL"], "drop --init-student or use --lora-rank 0"),
     (["--model", "no/such/model.safetensors"], "no such run folder, model file or built-in model"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message, data: Path, sd1_file: Path, tmp_path: Path, capsys) -> None:

@@ -134,6 +134,9 @@ class TrainConfig:
     w_embedding: bool = _help("lcm: give the student LCM's guidance embedding (time_cond_proj_dim 256), so it learns "
                               "every w in the range and is sampled with CFG scale 1 + w (one U-Net call a step); off: "
                               "the guidance is baked in and the model is sampled with CFG 1 (whole U-Net only)", False)
+    init_student: str = _help("lcm: start the student (and its target network) from this model's U-Net instead of "
+                              "the teacher's, e.g. --init-student emoji-lcm to continue a distillation from an "
+                              "exported model (whole U-Net only; --resume continues a run exactly)", "")
     taesd_width: int = _help("taesd: channels at every level of the tiny autoencoder (TAESD: 64)", 64)
     taesd_parts: str = _help("taesd: which halves to distil: encoder,decoder or decoder (the decoder learns from "
                              "the model's own latents either way)", "encoder,decoder")
@@ -218,6 +221,8 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.huber_c > 0, f"huber_c must be positive, got {cfg.huber_c}")
         need(not (cfg.w_embedding and cfg.lora_rank), "w_embedding adds a layer to the U-Net, which an LCM-LoRA "
              "can't; drop --w-embedding or use --lora-rank 0")
+        need(not (cfg.init_student and cfg.lora_rank), "init_student starts a whole-U-Net student; an LCM-LoRA "
+             "starts from zero: drop --init-student or use --lora-rank 0")
     if cfg.kind == "taesd":
         need(bool(cfg.init_from), "a tiny autoencoder is distilled from a model's VAE: pass --model, "
              "e.g. --model emoji")

@@ -164,12 +164,14 @@ class FullDistiller(ConsistencyLoss):
     ``w_embedding`` the student is the teacher plus a zero-initialised guidance projection."""
 
     def __init__(self, teacher: UNetModel, text: CLIPTextModel, empty_ids: Tensor, cfg: TrainConfig,
-                 model_cfg: Any):
+                 model_cfg: Any, init_student: UNetModel | None = None):
         super().__init__(text, empty_ids, cfg, model_cfg)
         self.frozen_teacher = _Shared(teacher.requires_grad_(False).eval())
         self.w_dim = model_cfg.unet.time_cond_proj_dim  # the student's (model_cfg is the student's)
         student = copy.deepcopy(teacher)
-        if self.w_dim and not teacher.cfg.time_cond_proj_dim:
+        if init_student is not None:  # a distilled U-Net to go on from (LCMTask checked its architecture)
+            student = copy.deepcopy(init_student).to(next(teacher.parameters()).device)
+        elif self.w_dim and not teacher.cfg.time_cond_proj_dim:
             student = UNetModel(model_cfg.unet).to(next(teacher.parameters()).device)
             missing = student.load_state_dict(teacher.state_dict(), strict=False).missing_keys
             assert missing == ["time_embedding.cond_proj.weight"], missing
@@ -313,11 +315,28 @@ class LCMTask(UNetTask):
             self.injected = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, text_encoder=False, conv=cfg.conv_lora)
             self.net: ConsistencyLoss = LoRADistiller(model, self.injected, self.empty_ids, cfg)
         else:
-            self.net = FullDistiller(model.unet, model.text_encoder, self.empty_ids, cfg, self.model_cfg)
+            self.net = FullDistiller(model.unet, model.text_encoder, self.empty_ids, cfg, self.model_cfg,
+                                     self._init_student())
         self.net.to(d.device)
         model.unet.gradient_checkpointing = cfg.gradient_checkpointing
         if isinstance(self.net, FullDistiller):
             self.net.unet.gradient_checkpointing = cfg.gradient_checkpointing
+
+    def _init_student(self) -> UNetModel | None:
+        """The U-Net of ``init_student`` (None without it, or when resuming: the checkpoint has the student);
+        its architecture must be the student's."""
+        if not self.cfg.init_student or (self.run_dir / CHECKPOINT).exists():
+            return None
+        unet = load_model(self.cfg.init_student, "--init-student").unet
+        if unet.cfg != self.model_cfg.unet:
+            diff = [f"{f.name} {getattr(unet.cfg, f.name)!r} there, {getattr(self.model_cfg.unet, f.name)!r} here"
+                    for f in dataclasses.fields(unet.cfg)
+                    if getattr(unet.cfg, f.name) != getattr(self.model_cfg.unet, f.name)]
+            raise TrainError(f"--init-student {self.cfg.init_student}: its U-Net is not the student's ("
+                             + "; ".join(diff) + "); pass a model distilled from this teacher"
+                             + (" (and --w-embedding for one with a guidance embedding)" if not self.cfg.w_embedding
+                                else ""))
+        return unet
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
         latents = self.sample_latents(idx, gen)
