@@ -12,7 +12,9 @@ import binascii
 import hashlib
 import importlib
 import inspect
+import ipaddress
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -20,6 +22,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -36,14 +39,17 @@ from ldmkit import __version__
 from ldmkit import pipeline as P
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.model import StableDiffusion
-from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, sampler_names
+from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler, sampler_names
 from ldmkit.server import generation as G
+from ldmkit.server import options as OPT
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
 from ldmkit.server.extras import UpscalerCatalogue, add_extras_routes
 from ldmkit.server.generation import Limits
+from ldmkit.server.routes_misc import add_misc_routes, scripts_to_overrides
+from ldmkit.server.styles import StyleDatabase
 from ldmkit.server.vaes import VAECatalogue, check_name
-from ldmkit.server.worker import PREVIEW_FORMATS, JobContext, QueueFullError, Worker
+from ldmkit.server.worker import JobContext, QueueFullError, Worker
 
 log = logging.getLogger("ldmkit.server")
 STATIC = Path(str(resources.files("ldmkit.server") / "static"))
@@ -52,11 +58,56 @@ STATIC = Path(str(resources.files("ldmkit.server") / "static"))
 # ---------------------------------------------------------------- the app
 
 
-class _Guard:
-    """ASGI middleware: HTTP basic auth (constant-time compare) and a request body size limit."""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
 
-    def __init__(self, app: Any, auth: tuple[str, str] | None, max_body: int):
-        self.app, self.auth, self.max_body = app, auth, max_body
+
+def allowed_host_names(host: str, extra: Iterable[str] = ()) -> frozenset[str] | None:
+    """The Host header names a server bound to ``host`` answers to (None: any, when ``extra`` has ``*``).
+
+    A page on another site can make a browser send requests to a local server under the site's own name
+    (DNS rebinding); refusing Host names the user never chose stops that. Loopback names always work;
+    a server bound to every interface also answers to this machine's names and to bare IP addresses
+    (those cannot be rebound: a page's origin is then the address itself)."""
+    names = {n.strip().lower().strip("[]").rstrip(".") for n in (*LOOPBACK_NAMES, host, *extra)}
+    if "*" in names:
+        return None
+    if host.strip("[]") in _ANY_ADDRESS:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower(), "*ip"}
+    return frozenset(names - {""})
+
+
+def _host_name(header: bytes) -> str:
+    """The name in a Host header: without its port, IPv6 brackets, case or trailing dot."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class _Guard:
+    """ASGI middleware: the Host header check, HTTP basic auth (constant-time compare) and a request body
+    size limit."""
+
+    def __init__(self, app: Any, auth: tuple[str, str] | None, max_body: int,
+                 allowed_hosts: frozenset[str] | None = None):
+        self.app, self.auth, self.max_body, self.allowed_hosts = app, auth, max_body, allowed_hosts
+
+    def _host_ok(self, header: bytes | None) -> bool:
+        if self.allowed_hosts is None:
+            return True
+        name = _host_name(header or b"")
+        return name in self.allowed_hosts or ("*ip" in self.allowed_hosts and _is_ip(name))
 
     @staticmethod
     def _authorized(header: bytes | None, auth: tuple[str, str]) -> bool:
@@ -75,6 +126,12 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if not self._host_ok(headers.get(b"host")):
+            name = _host_name(headers.get(b"host") or b"")[:100] or "(none)"
+            response = JSONResponse({"detail": f"Host {name!r} is not a name this server answers to (a guard "
+                                               f"against DNS rebinding); to allow it, start the server with "
+                                               f"--allowed-hosts {name}"}, 400)
+            return await response(scope, receive, send)
         if self.auth is not None and not self._authorized(headers.get(b"authorization"), self.auth):
             response = JSONResponse({"detail": "Not authenticated: this server needs HTTP basic auth (--api-auth)"},
                                     401, headers={"WWW-Authenticate": 'Basic realm="ldmkit"'})
@@ -110,7 +167,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                device: str | None = None, preview_interval: float | None = 1.0,
                output_dir: str | os.PathLike | None = None, explain_dir: str | os.PathLike | None = None,
                preview_vae: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
-               low_memory: bool = False, vae_tiling: bool = False,
+               low_memory: bool = False, vae_tiling: bool = False, allowed_hosts: Iterable[str] | None = None,
+               styles_file: str | os.PathLike | None = None, cmd_flags: dict[str, Any] | None = None,
                upscaler_dir: str | os.PathLike | None = None) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
 
@@ -120,7 +178,11 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     ``vae_dir``: VAE files (KL or tiny) that the ``sd_vae`` option can switch to;
     ``upscaler_dir``: ESRGAN-family upscaler files for the extras routes (``/sdapi/v1/upscalers``);
     ``low_memory``, ``vae_tiling``: load every model as ``api.load`` does with them (fp16-stored weights
-    computed in fp32, networks paged out when idle; tiled decoding).
+    computed in fp32, networks paged out when idle; tiled decoding);
+    ``allowed_hosts``: the Host header names requests must carry (see :func:`allowed_host_names`; ``ldmkit
+    serve`` passes those of the address it binds); None: no Host check, for callers that serve it otherwise;
+    ``styles_file``: A1111's ``styles.csv`` (``/sdapi/v1/prompt-styles``, a request's ``styles``);
+    ``cmd_flags``: how the server was started, for ``/sdapi/v1/cmd-flags``.
     """
     from ldmkit import api
     from ldmkit import previews as PV
@@ -146,16 +208,20 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     vaes = VAECatalogue(vae_dir)
     preview_vae = preview_vae or _builtin_preview_vae(loaded)
     tiny_preview = PV.tiny_decoder(preview_vae, loaded) if preview_vae else None
-    options: dict[str, Any] = {"CLIP_stop_at_last_layers": 1, "samples_format": "png", "eta_ddim": 0.0,
-                               "eta_ancestral": 1.0, "sd_vae": "Automatic",
-                               # A1111's live preview options and defaults. Approx NN: the tiny decoder if
-                               # there is one, else Approx cheap; never Full by default, which at 512² on a
-                               # CPU costs more than a sampling step (docs/benchmarks.md)
-                               "live_previews_enable": True, "show_progress_every_n_steps": 1,
-                               "show_progress_type": "Approx NN",
-                               "live_previews_image_format": "png", **G.DEEPCACHE_OPTIONS}
+    styles = StyleDatabase(styles_file)
+    # A1111's options (ldmkit.server.options). Live previews default to Approx NN: the tiny decoder if there is
+    # one, else Approx cheap; never Full, which at 512² on a CPU costs more than a sampling step
+    options: dict[str, Any] = OPT.defaults()
     worker = Worker(loaded, first, queue_size=queue_size, preview_interval=preview_interval, options=options,
                     tiny_preview=tiny_preview)
+    worker.loader = load
+    flags = {"api": True, "nowebui": False, "ckpt": first.filename, "ckpt_dir": str(models_dir or "") or None,
+             "vae_dir": str(vae_dir or "") or None, "styles_file": str(styles_file or "") or None,
+             "api_auth": "(set)" if auth else None, "lowvram": low_memory, "medvram": False,
+             "device": device, "queue_size": queue_size, "output_dir": str(output_dir or "") or None,
+             "preview_vae": str(preview_vae or "") or None, "vae_tiling": vae_tiling,
+             "max_side": limits.max_side, "max_pixels": limits.max_pixels, "max_steps": limits.max_steps,
+             "allowed_hosts": sorted(allowed_hosts) if allowed_hosts is not None else None, **(cmd_flags or {})}
     explain_dirs: list[Path] = [Path(explain_dir)] if explain_dir else []  # a temporary one, made when needed
 
     def explain_root() -> Path:
@@ -174,7 +240,19 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                   description="Stable Diffusion from the model up: an AUTOMATIC1111-compatible API (/sdapi/v1) "
                               "and a web page at /.")
     app.state.worker, app.state.catalogue, app.state.limits, app.state.options = worker, catalogue, limits, options
-    app.add_middleware(_Guard, auth=auth, max_body=limits.max_body_bytes)
+    app.add_middleware(_Guard, auth=auth, max_body=limits.max_body_bytes,
+                       allowed_hosts=None if allowed_hosts is None else frozenset(allowed_hosts))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input as it came, which JSON cannot always hold (NaN, a lone
+        # surrogate) and which may be megabytes: echo a safe, short copy
+        return JSONResponse({"detail": json_safe(exc.errors())}, 422)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Any, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": json_safe(f"internal error: {type(exc).__name__}: {exc}")}, 500)
 
     @app.exception_handler(QueueFullError)
     async def _queue_full(request: Any, exc: QueueFullError) -> JSONResponse:
@@ -192,7 +270,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         except asyncio.CancelledError:
             future.cancel()  # the client went away: drop the job if it has not started
             raise
-        except (P.GenerationError, CheckpointError, QueueFullError, HTTPException):
+        except (P.GenerationError, CheckpointError, QueueFullError, HTTPException, RequestValidationError):
             raise
         except Exception as e:
             log.exception("%s failed", kind)
@@ -210,7 +288,24 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         return info
 
     def prepare(req: S.GenerationRequest, kind: str) -> G.Generation:
-        return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), output_dir is not None)
+        can_save = output_dir is not None and bool(options["samples_save"])
+        return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), can_save)
+
+    def as_run(req: S.GenerationRequest) -> S.GenerationRequest:
+        """The request as it is generated: scripts as settings, styles applied, eta from the options."""
+        req = scripts_to_overrides(req)
+        update: dict[str, Any] = {}
+        if req.styles:
+            try:
+                update["prompt"], update["negative_prompt"] = styles.apply(req.styles, req.prompt,
+                                                                           req.negative_prompt)
+            except KeyError as e:
+                raise G.field_error(("styles",), e.args[0], req.styles) from None
+            except ValueError as e:
+                raise HTTPException(500, str(e)) from None
+        if req.eta is None:
+            update["eta"] = default_eta(req.sampler_name or req.sampler_index, options)
+        return req.model_copy(update=update) if update else req
 
     def vae_choice(req: S.GenerationRequest) -> str | None:
         """The sd_vae of this request (its override_settings, else the option); None: the model's own."""
@@ -224,7 +319,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         return None if info is None else info.model_name
 
     async def generate(req: S.GenerationRequest, kind: str) -> dict:
-        gen = await run_in_threadpool(prepare, req, kind)
+        gen = await run_in_threadpool(lambda: prepare(as_run(req), kind))
         vae_name = await run_in_threadpool(vae_choice, req)
 
         def vae_for(model: StableDiffusion) -> Any:
@@ -278,20 +373,21 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     def refresh_checkpoints() -> None:
         catalogue.scan()
 
+    def read_only() -> dict[str, Any]:
+        return OPT.read_only_values(None if output_dir is None else str(output_dir), worker.checkpoint.sha256)
+
     @app.get("/sdapi/v1/options", tags=["sdapi"])
     async def get_options() -> dict:
-        info = worker.checkpoint
-        return {**options, "sd_model_checkpoint": info.title, "sd_checkpoint_hash": info.sha256}
+        """A1111's options that ldmkit has (ldmkit.server.options lists what each does here)."""
+        return {**options, "sd_model_checkpoint": worker.checkpoint.title, **read_only()}
 
     @app.post("/sdapi/v1/options", tags=["sdapi"])
     async def set_options(req: dict[str, Any] = Body(...)) -> None:  # noqa: B008 - FastAPI's idiom
-        """Set options; `sd_model_checkpoint` (a title from /sdapi/v1/sd-models) switches the model."""
-        clip = req.get("CLIP_stop_at_last_layers", 1)
-        if not isinstance(clip, int) or not 1 <= clip <= 12:
-            raise G.field_error(("CLIP_stop_at_last_layers",), "must be an integer from 1 to 12", clip)
-        check_preview_options(req)
-        for key in [k for k in G.DEEPCACHE_OPTIONS if k in req]:
-            G.check_deepcache_option(key, req[key], (key,))
+        """Set options; `sd_model_checkpoint` (a title from /sdapi/v1/sd-models) switches the model.
+
+        Every value is checked before any is stored; an unknown key is refused."""
+        checked = OPT.check_update(req, read_only())
+        clip_loc = ("CLIP_stop_at_last_layers",)
         if "sd_vae" in req:
             try:
                 vae_info = await run_in_threadpool(check_name, vaes, req["sd_vae"])
@@ -307,20 +403,24 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                 raise G.field_error(("sd_model_checkpoint",), f"no model {name!r}; available: {titles}", name)
 
             def switch(ctx: JobContext) -> None:
-                if info.filename != ctx.worker.checkpoint.filename:
-                    ctx.set_model(load(info), info)
+                same = info.filename == ctx.worker.checkpoint.filename
+                new = ctx.model if same else load(info)
+                # the clip skip in force after this request must fit the new model's text encoder
+                OPT.check_clip_skip(req.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"]),
+                                    new, clip_loc)
+                if not same:
+                    ctx.set_model(new, info)
 
             await run_job(switch, "load model")
-        options.update({k: v for k, v in req.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
+        elif "CLIP_stop_at_last_layers" in req:
+            OPT.check_clip_skip(req["CLIP_stop_at_last_layers"], worker.model, clip_loc)
+        options.update(checked)
+        options.update({k: req[k] for k in ("CLIP_stop_at_last_layers", "sd_vae") if k in req})
 
     @app.post("/sdapi/v1/png-info", response_model=S.PNGInfoResponse, tags=["sdapi"])
     def png_info_route(req: S.PNGInfoRequest) -> dict:
         """The generation parameters a PNG carries."""
         return G.png_info(G.decode_image(req.image, ("image",), limits))
-
-    @app.get("/sdapi/v1/scripts", tags=["sdapi"])
-    async def scripts() -> dict:
-        return {"txt2img": [], "img2img": []}
 
     @app.get("/sdapi/v1/sd-vae", tags=["sdapi"])
     def sd_vae() -> list[dict]:
@@ -337,6 +437,13 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
 
     add_extras_routes(app, upscalers=UpscalerCatalogue(upscaler_dir, device), limits=limits, options=options,
                       run_job=run_job)
+
+    def can_unload() -> str | None:
+        if worker.checkpoint.filename in resident:
+            return "it was given to the server as an object, not a file it could be reloaded from"
+        return None
+
+    add_misc_routes(app, worker=worker, styles=styles, flags=flags, run_job=run_job, can_unload=can_unload)
 
     # ------------------------------------------------------------ explain view, web page
 
@@ -410,20 +517,41 @@ def _builtin_preview_vae(model: StableDiffusion) -> str | None:
     return None
 
 
-def check_preview_options(req: dict[str, Any]) -> None:
-    """A1111's live preview options, checked before they are stored (a 422 naming the valid values)."""
-    from ldmkit.previews import PREVIEW_TYPES
+def default_eta(sampler: str, options: dict[str, Any]) -> float | None:
+    """A1111's eta when a request gives none: eta_ddim for DDIM, eta_ancestral for the other samplers that
+    take an eta (ancestral and SDE); None (the sampler's own) for the rest and for unknown names."""
+    try:
+        short, fn = resolve_sampler(sampler)[:2]
+    except ValueError:
+        return None  # build_params names the bad sampler
+    if short == "ddim":
+        return float(options["eta_ddim"])
+    if short != "tcd" and "eta" in inspect.signature(fn).parameters:  # TCD's eta is its gamma
+        return float(options["eta_ancestral"])
+    return None
 
-    checks = {
-        "live_previews_enable": (lambda v: isinstance(v, bool), "must be true or false"),
-        "show_progress_every_n_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
-                                        "must be an integer: steps between previews (-1: none while sampling)"),
-        "show_progress_type": (lambda v: v in PREVIEW_TYPES, f"must be one of: {', '.join(PREVIEW_TYPES)}"),
-        "live_previews_image_format": (lambda v: v in PREVIEW_FORMATS, f"must be one of: {', '.join(PREVIEW_FORMATS)}"),
-    }
-    for key, (ok, msg) in checks.items():
-        if key in req and not ok(req[key]):
-            raise G.field_error((key,), f"{key} {msg}; got {req[key]!r}", req[key])
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` made JSON-safe and short for an error body: non-finite floats and lone surrogates as text,
+    long strings and containers cut."""
+    if isinstance(value, bool | int) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth > 6:
+        return "..."
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {str(json_safe(str(k), depth + 1)): json_safe(v, depth + 1) for k, v in items[:50]}
+        if len(items) > 50:
+            out["..."] = f"{len(items) - 50} more"
+        return out
+    if isinstance(value, list | tuple):
+        return [json_safe(v, depth + 1) for v in value[:50]] + ([f"... {len(value) - 50} more"]
+                                                                  if len(value) > 50 else [])
+    text = value if isinstance(value, str) else str(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 500 else f"{text[:500]}... ({len(text)} characters)"
 
 
 def _explain_page(out_dir: Path, result: Any = None) -> Path | None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 EXAMPLES = """examples:
   ldmkit serve --model v1-5-pruned-emaonly.safetensors          # http://127.0.0.1:7860
@@ -23,6 +27,12 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-auth", default=None, metavar="USER:PASSWORD", help="require HTTP basic auth")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAME[,NAME...]",
+                   help="Host names clients may use besides the --host address and localhost (a guard against "
+                        "DNS rebinding: other names get HTTP 400); '*' turns the check off")
+    p.add_argument("--styles-file", default=None, metavar="CSV",
+                   help="A1111 styles.csv (name,prompt,negative_prompt): /sdapi/v1/prompt-styles and requests' "
+                        "`styles`")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get HTTP 503")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="width x height x batch_size per request")
     p.add_argument("--max-side", type=int, default=2048, help="largest width or height")
@@ -49,23 +59,35 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.set_defaults(func=serve)
 
 
+def build_app(args: argparse.Namespace) -> FastAPI:
+    """The app ``ldmkit serve`` runs for these arguments."""
+    from ldmkit.server.app import Limits, allowed_host_names, create_app
+
+    limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                    max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+    extra_hosts = [h for h in (args.allowed_hosts or "").split(",") if h.strip()]
+    flags = {"listen": args.host not in ("127.0.0.1", "localhost", "::1"), "server_name": args.host,
+             "port": args.port}
+    return create_app(args.model, models_dir=args.models_dir, api_auth=args.api_auth, queue_size=args.queue_size,
+                      limits=limits, device=args.device,
+                      preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
+                      output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir,
+                      upscaler_dir=args.upscaler_dir,
+                      low_memory=args.low_memory, vae_tiling=args.vae_tiling,
+                      allowed_hosts=allowed_host_names(args.host, extra_hosts), styles_file=args.styles_file,
+                      cmd_flags=flags)
+
+
 def serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from ldmkit.server.app import Limits, create_app
+        import ldmkit.server.app  # noqa: F401 - its dependencies, checked before the model loads
     except ImportError as e:
         raise ValueError(f"the server needs its extra dependencies ({e.name} is missing): "
                          "pip install 'ldmkit[server]'") from None
-    limits = Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
-                    max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     print(f"loading {args.model or 'the default model'} ...", file=sys.stderr)
-    app = create_app(args.model, models_dir=args.models_dir, api_auth=args.api_auth, queue_size=args.queue_size,
-                     limits=limits, device=args.device,
-                     preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
-                     output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir,
-                     upscaler_dir=args.upscaler_dir,
-                     low_memory=args.low_memory, vae_tiling=args.vae_tiling)
+    app = build_app(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who can reach it can use it",
               file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 import json
 import os
@@ -25,11 +26,12 @@ from ldmkit import __version__, memory
 from ldmkit import pipeline as P
 from ldmkit.deepcache import branches
 from ldmkit.images import convert as convert_image
-from ldmkit.infotext import parse_infotext, save_png
+from ldmkit.infotext import parse_infotext
 from ldmkit.model import StableDiffusion
-from ldmkit.samplers import SCHEDULE_DISPLAY_NAMES
+from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import CheckpointInfo
+from ldmkit.server.samples import save_sample
 from ldmkit.server.vaes import using_vae
 from ldmkit.server.worker import Interrupted, JobContext, encode_png
 
@@ -76,13 +78,15 @@ def decode_image(data: str, loc: tuple, limits: Limits) -> Image.Image:
         img = Image.open(io.BytesIO(raw))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
         raise field_error(loc, "not an image PIL can read; send a base64 PNG, JPEG or WebP") from None
+    except ValueError as e:  # PIL bounds what text chunks may inflate to (zip bombs) and says so this way
+        raise field_error(loc, f"the image's metadata is too large to decode ({e}); strip it and resend") from None
     w, h = img.size
     if w * h > limits.max_input_pixels:
         raise HTTPException(413, f"{name}: the image is {w}x{h} = {w * h / 1e6:.1f} MP; this server accepts up "
                                  f"to {limits.max_input_pixels / 1e6:.1f} MP; downscale it first")
     try:
         img.load()
-    except (OSError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # ValueError: a text chunk bomb
         raise field_error(loc, f"the image cannot be decoded ({e})") from None
     return img
 
@@ -194,26 +198,30 @@ def deepcache_settings(model: StableDiffusion, overrides: dict, options: dict) -
 def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict, limits: Limits,
                  strength: float = 0.75) -> P.GenerationParams:
     check_size(model, req, limits)
-    overrides = req.override_settings or {}
-    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
-    if not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
-        raise field_error(("override_settings", "CLIP_stop_at_last_layers"),
-                          f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}", clip_skip)
-    deepcache = deepcache_settings(model, overrides, options)
     field = "sampler_name" if req.sampler_name else "sampler_index"
     sampler = req.sampler_name or req.sampler_index
-    try:  # the sampler name is resolved here, once (GenerationParams.sampler_spec)
-        params = P.GenerationParams(
-            prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
-            sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
-            seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
-            width=req.width, height=req.height, batch_size=req.batch_size,
-            clip_skip=clip_skip if clip_skip > 1 else None, eta=req.eta, strength=strength, **deepcache,
-        )
-    except P.GenerationError as e:
+    try:
+        fn = resolve_sampler(sampler)[1]
+    except ValueError as e:
         raise field_error((field,), str(e), sampler) from None
-    if not params.sampler_spec.takes_eta:
-        params = params.replace(eta=None)  # A1111 clients send eta for every sampler; only some have one
+    overrides = req.override_settings or {}
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+    from ldmkit.server.options import check_clip_skip  # the options module builds on this one
+
+    loc = ("override_settings", "CLIP_stop_at_last_layers") if "CLIP_stop_at_last_layers" in overrides else (
+        "CLIP_stop_at_last_layers",)
+    check_clip_skip(clip_skip, model, loc)  # as many as the text encoder has layers
+    deepcache = deepcache_settings(model, overrides, options)
+    params = P.GenerationParams(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
+        sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
+        seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
+        width=req.width, height=req.height, batch_size=req.batch_size,
+        clip_skip=clip_skip if clip_skip > 1 else None,
+        # A1111 clients send eta for every sampler; only those with an eta parameter use it
+        eta=req.eta if "eta" in inspect.signature(fn).parameters else None,
+        strength=strength, **deepcache,
+    )
     try:
         P.validate(params, model)
         P.plan(model, params)
@@ -271,10 +279,8 @@ def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointI
         with using_vae(model, vae_for(model) if vae_for else None):
             _run_batches(ctx, gen, model, images)
         if gen.save and output_dir is not None:
-            out = Path(output_dir)
-            for img in images:
-                save_png(img, out / f"{time.strftime('%Y%m%d-%H%M%S')}-{ctx.job.task_id[-6:]}-"
-                                    f"{img.info['seed']}.png")
+            for img in images:  # in samples_format, the client's task id made safe for a file name
+                save_sample(img, Path(output_dir), ctx.job.task_id, ctx.worker.options)
         return images, model
     finally:
         if gen.restore_model:
@@ -292,9 +298,8 @@ def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, image
                 images += P.img2img(model, p, gen.init, callback=cb)
             else:
                 images += P.inpaint(model, p, gen.init, gen.mask, callback=cb)
-        except Interrupted:
+        except Interrupted:  # or Skipped (/sdapi/v1/skip): this batch ends; an interrupt ends them all
             images += partial_images(ctx, gen, p)
-            break
         if ctx.interrupted:
             break
 
@@ -304,7 +309,7 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
     """A1111's txt2img/img2img response: base64 PNGs, the request echoed, and ``info`` as a JSON string."""
     p = gen.params
     seeds = gen.all_seeds
-    sampler_name = p.sampler_spec.display
+    sampler_name = SAMPLER_DISPLAY_NAMES[resolve_sampler(p.sampler)[0]]
     extra: dict[str, Any] = {}
     if images:
         fields = parse_infotext(images[0].info["parameters"])

@@ -9,14 +9,48 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IGNORED = "accepted for A1111 compatibility; ignored by ldmkit"
 MAX_PROMPT_CHARS = 20_000  # far beyond any real prompt (75-token chunks), short of a memory problem
 
 
+def find_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(where, the character) of the first lone UTF-16 surrogate in a JSON value's strings, or None.
+
+    JSON's ``\\ud800`` escapes decode to such characters, which no UTF-8 text (a prompt, a file name, the
+    response that echoes the request) can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # only surrogates fail to encode
+            return f"{path or 'value'} (character {e.start})", value[e.start]
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = find_surrogate(k, f"{path}.{k!r}" if path else repr(k)) or find_surrogate(
+                v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = find_surrogate(v, f"{path}.{i}")
+            if found:
+                return found
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        found = find_surrogate(data)
+        if found:
+            where, ch = found
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate ({ch.encode('unicode_escape').decode()}), "
+                             "which is not a character; send valid Unicode text")
+        return data
 
 
 class GenerationRequest(_Request):
@@ -65,6 +99,13 @@ class GenerationRequest(_Request):
     force_task_id: str | None = Field(None, max_length=200,
                                       description="id to recognise this job in /sdapi/v1/progress (state.task_id)")
     infotext: str | None = Field(None, description=IGNORED)
+
+    @field_validator("force_task_id")
+    @classmethod
+    def _printable_task_id(cls, v: str | None) -> str | None:
+        if v is not None and not v.isprintable():
+            raise ValueError("force_task_id must be printable text (no control characters such as NUL)")
+        return v
 
 
 class Txt2ImgRequest(GenerationRequest):

@@ -37,6 +37,12 @@ class Interrupted(Exception):  # noqa: N818 - a signal, not an error
     """Raised inside a step callback to stop the running generation."""
 
 
+class Skipped(Interrupted):
+    """Raised inside a step callback to end the running batch; the request goes on with its next one."""
+
+
+# jobs that do not need the current model's weights (a model switch loads its own)
+NO_MODEL_JOBS = ("unload checkpoint", "load model")
 PREVIEW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # A1111's live_previews_image_format
 
 
@@ -102,11 +108,13 @@ class JobContext:
 
     def set_model(self, model: StableDiffusion, info: CheckpointInfo) -> None:
         self.worker.model, self.worker.checkpoint = model, info
+        self.worker.unloaded = False
 
     def step_callback(self, job_no: int, job_count: int, steps: int) -> Callable[[dict], None]:
         """The pipeline's per-step callback: progress, a preview now and then, and interruption."""
         w = self.worker
         self._preview_step = 0
+        self.last_denoised = None  # a skip before this batch's first step has nothing of it to return
         with w._lock:
             w._state.job_no, w._state.job_count = job_no, job_count
             w._state.sampling_step, w._state.sampling_steps = 0, steps
@@ -120,6 +128,9 @@ class JobContext:
                     w._state.current_image = preview
             if self.interrupted:
                 raise Interrupted
+            if w._skip.is_set():
+                w._skip.clear()
+                raise Skipped
 
         return callback
 
@@ -165,6 +176,10 @@ class Worker:
         self._lock = threading.Lock()
         self._state = _State()
         self._interrupt = threading.Event()
+        self._skip = threading.Event()
+        # /sdapi/v1/unload-checkpoint frees the weights; the next job that needs them reloads them with loader
+        self.loader: Callable[[CheckpointInfo], StableDiffusion] | None = None
+        self.unloaded = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ldmkit-worker", daemon=True)
         self._thread.start()
@@ -186,6 +201,12 @@ class Worker:
             if self._state.task_id is not None:
                 self._interrupt.set()
 
+    def skip(self) -> None:
+        """End the running batch (it returns its image so far); the request's next batch runs."""
+        with self._lock:
+            if self._state.task_id is not None:
+                self._skip.set()
+
     def waiting(self) -> int:
         return self._queue.qsize()
 
@@ -204,7 +225,8 @@ class Worker:
                 "progress": min(progress, 1.0),
                 "eta_relative": eta,
                 "state": {
-                    "skipped": False, "interrupted": self._interrupt.is_set(), "stopping_generation": False,
+                    "skipped": self._skip.is_set(), "interrupted": self._interrupt.is_set(),
+                    "stopping_generation": False,
                     "job": s.kind, "job_count": s.job_count, "job_timestamp": s.timestamp, "job_no": s.job_no,
                     "sampling_step": s.sampling_step, "sampling_steps": s.sampling_steps,
                     "task_id": s.task_id, "queued": self._queue.qsize(),
@@ -228,9 +250,12 @@ class Worker:
                 continue  # its client gave up while it waited
             with self._lock:
                 self._interrupt.clear()
+                self._skip.clear()
                 self._state = _State(task_id=job.task_id, kind=job.kind, started=time.monotonic(),
                                      timestamp=time.strftime("%Y%m%d%H%M%S"))
             try:
+                if self.unloaded and job.kind not in NO_MODEL_JOBS:
+                    self._reload()
                 result = job.fn(JobContext(self, job))
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
                 job.future.set_exception(e)
@@ -240,3 +265,10 @@ class Worker:
                 with self._lock:
                     self._state = _State()
                     self._interrupt.clear()
+                    self._skip.clear()
+
+    def _reload(self) -> None:
+        if self.loader is None:
+            raise RuntimeError("the model was unloaded and this worker has no loader to bring it back")
+        self.model = self.loader(self.checkpoint)
+        self.unloaded = False
