@@ -7,6 +7,11 @@
   20 tokens, as A1111 does); each chunk becomes ``<start> 75 tokens <end>``, is encoded on its own,
   and the chunks' embeddings are concatenated along the sequence axis.
 
+- ``<lora:NAME:W>`` / ``<lyco:NAME:W>`` (A1111's extra-network tags) name a LoRA to apply; they are
+  taken out of the text before tokenizing (:func:`extract_network_tags`, used by ``ldmkit.networks``).
+- A word that is the name of a textual-inversion embedding (``ldmkit.embeddings``) becomes that
+  embedding's vectors, which count against the 75-token chunks as A1111 counts them.
+
 Weighting maths (A1111's): with ``z`` the (77, D) embeddings of a chunk and ``w`` its per-token
 weights, ``z' = z * w[:, None] * (mean(z) / mean(z * w[:, None]))``: the weighted embeddings are
 rescaled so their overall mean stays that of the unweighted ones.
@@ -16,12 +21,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:
+    from ldmkit.embeddings import EmbeddingMatcher
 
 COMMA_BACKTRACK = 20  # A1111: words after a comma this near a 75-token chunk end move to the next chunk
 _RE_ATTENTION = re.compile(
@@ -32,6 +41,47 @@ _RE_ATTENTION = re.compile(
 )
 _RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 ROUND, SQUARE = 1.1, 1 / 1.1
+
+
+# A1111's extra-network syntax: <type:arg:arg...>; the types ldmkit applies are lora and lyco (its alias)
+_RE_NETWORK = re.compile(r"<(lora|lyco):([^>]+)>", re.I)
+
+
+@dataclass(frozen=True)
+class NetworkTag:
+    """``<lora:name:te:unet>`` (or ``te=``/``unet=`` named): multipliers for the text encoder and U-Net parts."""
+
+    name: str
+    te: float = 1.0
+    unet: float | None = None  # None: the same as te
+
+
+def extract_network_tags(prompt: str) -> tuple[str, list[NetworkTag], list[str]]:
+    """(prompt without its LoRA tags, the tags, warnings for tags that could not be read).
+
+    A1111's argument rules: ``<lora:name>`` is weight 1; ``<lora:name:w>`` weighs both parts w;
+    ``<lora:name:te:unet>`` or ``te=``/``unet=`` weigh them apart.
+    """
+    tags: list[NetworkTag] = []
+    warnings: list[str] = []
+
+    def found(m: re.Match) -> str:
+        items = m[2].split(":")
+        positional = [i.strip() for i in items if "=" not in i]
+        named = dict(i.split("=", 1) for i in items if "=" in i)
+        try:
+            te = float(positional[1]) if len(positional) > 1 else 1.0
+            te = float(named.get("te", te))
+            unet = float(positional[2]) if len(positional) > 2 else None
+            unet = float(named["unet"]) if "unet" in named else unet
+        except ValueError:
+            warnings.append(f"{m[0]}: the weights must be numbers, as in <lora:name:0.8>; tag ignored")
+            return ""
+        if positional and positional[0]:
+            tags.append(NetworkTag(positional[0], te, unet))
+        return ""
+
+    return _RE_NETWORK.sub(found, prompt), tags, warnings
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -84,11 +134,17 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 class Chunk:
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    # textual inversion: (offset among the chunk's tokens, (n, D) vectors) replacing n placeholder tokens
+    fixes: list[tuple[int, Tensor]] = field(default_factory=list)
 
 
-def tokenize_chunks(tok: CLIPTokenizer, prompt: str) -> list[Chunk]:
+def tokenize_chunks(tok: CLIPTokenizer, prompt: str, embeddings: EmbeddingMatcher | None = None) -> list[Chunk]:
     """A prompt as chunks of the text encoder's length (77 for SD: start, 75 tokens, end) with
-    per-token weights (start/end/padding weigh 1)."""
+    per-token weights (start/end/padding weigh 1).
+
+    ``embeddings``: names of textual-inversion embeddings become placeholder tokens (id 0) with a fix
+    that puts the vectors there; an embedding that does not fit in what is left of a chunk starts the
+    next one (A1111's ``tokenize_line``)."""
     size = tok.context_length - 2
     backtrack = COMMA_BACKTRACK * size // 75
     comma = tok.encode(",")[0]
@@ -103,27 +159,43 @@ def tokenize_chunks(tok: CLIPTokenizer, prompt: str) -> list[Chunk]:
         if tok.pad_id != tok.eos_id:  # OpenCLIP: one end token, then padding
             end = len(cur.tokens) + 1
             tokens = tokens[: end + 1] + [tok.pad_id] * (len(tokens) - end - 1)
-        chunks.append(Chunk(tokens, [1.0, *cur.weights, *[1.0] * (pad + 1)]))
+        chunks.append(Chunk(tokens, [1.0, *cur.weights, *[1.0] * (pad + 1)], cur.fixes))
         cur, last_comma = Chunk(), -1
 
     for text, weight in parse_prompt_attention(prompt):
         if text == "BREAK" and weight == -1:
             close()
             continue
-        for t in tok.encode(text):
+        ids = tok.encode(text)
+        pos = 0
+        while pos < len(ids):
+            t = ids[pos]
             if t == comma:
                 last_comma = len(cur.tokens)
             elif len(cur.tokens) == size and last_comma != -1 and len(cur.tokens) - last_comma <= backtrack:
                 # move the words after the last comma to the next chunk rather than cut one mid-phrase
+                # (an embedding among them moves with its vectors; A1111 leaves its fix behind)
                 k = last_comma + 1
-                rest = Chunk(cur.tokens[k:], cur.weights[k:])
-                cur = Chunk(cur.tokens[:k], cur.weights[:k])
+                rest = Chunk(cur.tokens[k:], cur.weights[k:], [(o - k, v) for o, v in cur.fixes if o >= k])
+                cur = Chunk(cur.tokens[:k], cur.weights[:k], [(o, v) for o, v in cur.fixes if o < k])
                 close()
                 cur = rest
             if len(cur.tokens) == size:
                 close()
-            cur.tokens.append(t)
-            cur.weights.append(weight)
+            found = embeddings.match(ids, pos) if embeddings is not None else None
+            if found is None:
+                cur.tokens.append(t)
+                cur.weights.append(weight)
+                pos += 1
+                continue
+            vec, spans, _ = found
+            n = min(vec.shape[0], size)
+            if len(cur.tokens) + n > size:
+                close()
+            cur.fixes.append((len(cur.tokens), vec[:n]))
+            cur.tokens += [0] * n
+            cur.weights += [weight] * n
+            pos += spans
     if cur.tokens or not chunks:
         close(is_last=True)
     return chunks
@@ -152,8 +224,28 @@ def encode_chunks(model: StableDiffusion, chunks: list[Chunk], clip_skip: int) -
     ids = torch.tensor([c.tokens for c in chunks], device=device)
     w = torch.tensor([c.weights for c in chunks], device=device, dtype=torch.float32)
     with torch.inference_mode():
-        z = enc(ids, clip_skip=clip_skip).float()  # (chunks, 77, D)
+        z = enc(ids, clip_skip=clip_skip, embeddings=token_embeddings(enc, ids, chunks)).float()  # (chunks, 77, D)
     return reweight(z, w).reshape(1, -1, z.shape[-1])
+
+
+def token_embeddings(enc: torch.nn.Module, ids: Tensor, chunks: list[Chunk]) -> Tensor | None:
+    """The encoder's token embeddings (chunks, 77, D) with the chunks' textual-inversion vectors in place
+    (after the start token), or None when no chunk has any (the encoder looks the ids up itself)."""
+    if not any(c.fixes for c in chunks):
+        return None
+    x = enc.text_model.embeddings.lookup(ids).clone()
+    for i, c in enumerate(chunks):
+        for offset, vec in c.fixes:
+            n = min(vec.shape[0], x.shape[1] - offset - 1)
+            x[i, offset + 1: offset + 1 + n] = vec[:n].to(x)
+    return x
+
+
+def embedding_matcher(model: StableDiffusion, tok: CLIPTokenizer, width: int,
+                      prefer: str = "") -> EmbeddingMatcher | None:
+    """The matcher of the model's embeddings folder (``model.embedding_table``) for one encoder, if any."""
+    table = getattr(model, "embedding_table", None)
+    return None if table is None else table.matcher(tok, width, prefer)
 
 
 def reweight(z: Tensor, w: Tensor) -> Tensor:
@@ -174,9 +266,10 @@ def reweight(z: Tensor, w: Tensor) -> Tensor:
 def encode_weighted(model: StableDiffusion, prompts: list[str], clip_skip: int) -> Tensor:
     """Prompts -> (B, 77 * k, D), every prompt padded with empty-prompt chunks to the longest."""
     cache: dict[str, Tensor] = {}
+    matcher = embedding_matcher(model, model.tokenizer, model.text_encoder.cfg.width)
     for p in prompts:
         if p not in cache:
-            cache[p] = encode_chunks(model, tokenize_chunks(model.tokenizer, p), clip_skip)
+            cache[p] = encode_chunks(model, tokenize_chunks(model.tokenizer, p, matcher), clip_skip)
     longest = max(z.shape[1] for z in cache.values())
     if any(z.shape[1] != longest for z in cache.values()):
         empty = encode_chunks(model, tokenize_chunks(model.tokenizer, ""), clip_skip)
@@ -192,6 +285,12 @@ def pad_to(z: Tensor, length: int, empty: Tensor) -> Tensor:
 
 def encode_pair(model: StableDiffusion, prompts: list[str], negatives: list[str],
                 clip_skip: int) -> tuple[Tensor, Tensor]:
-    """Conditional and unconditional embeddings of equal length, for one batched U-Net call."""
+    """Conditional and unconditional embeddings of equal length, for one batched U-Net call.
+
+    The LoRAs the first prompt names (``<lora:name:w>``) are put on the model first (``ldmkit.networks``),
+    and their tags taken out of the text."""
+    from ldmkit.networks import apply_prompt_networks
+
+    prompts, negatives, _ = apply_prompt_networks(model, list(prompts), list(negatives))
     z = encode_weighted(model, list(prompts) + list(negatives), clip_skip)
     return z[: len(prompts)], z[len(prompts):]
