@@ -457,9 +457,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         except (ImportError, AttributeError) as e:
             raise HTTPException(501, f"the explain view is not available in this installation ({e}); it needs "
                                      "the ldmkit.explain module with build_explain_page()") from None
-        from ldmkit.cli import native_size
-
-        native = native_size(worker.model.cfg)
+        native = worker.model.cfg.native_size
         try:
             req = S.Txt2ImgRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                                    sampler_name=sampler, cfg_scale=cfg_scale, width=width or native,

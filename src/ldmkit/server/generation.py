@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import inspect
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from ldmkit.deepcache import branches
 from ldmkit.images import convert as convert_image
 from ldmkit.infotext import parse_infotext
 from ldmkit.model import StableDiffusion
-from ldmkit.samplers import SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler
+from ldmkit.samplers import SCHEDULE_DISPLAY_NAMES
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import CheckpointInfo
 from ldmkit.server.samples import save_sample
@@ -198,12 +197,6 @@ def deepcache_settings(model: StableDiffusion, overrides: dict, options: dict) -
 def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict, limits: Limits,
                  strength: float = 0.75) -> P.GenerationParams:
     check_size(model, req, limits)
-    field = "sampler_name" if req.sampler_name else "sampler_index"
-    sampler = req.sampler_name or req.sampler_index
-    try:
-        fn = resolve_sampler(sampler)[1]
-    except ValueError as e:
-        raise field_error((field,), str(e), sampler) from None
     overrides = req.override_settings or {}
     clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
     from ldmkit.server.options import check_clip_skip  # the options module builds on this one
@@ -212,16 +205,20 @@ def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict
         "CLIP_stop_at_last_layers",)
     check_clip_skip(clip_skip, model, loc)  # as many as the text encoder has layers
     deepcache = deepcache_settings(model, overrides, options)
-    params = P.GenerationParams(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
-        sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
-        seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
-        width=req.width, height=req.height, batch_size=req.batch_size,
-        clip_skip=clip_skip if clip_skip > 1 else None,
-        # A1111 clients send eta for every sampler; only those with an eta parameter use it
-        eta=req.eta if "eta" in inspect.signature(fn).parameters else None,
-        strength=strength, **deepcache,
-    )
+    field = "sampler_name" if req.sampler_name else "sampler_index"
+    sampler = req.sampler_name or req.sampler_index
+    try:  # the sampler name is resolved here, once (GenerationParams.sampler_spec)
+        params = P.GenerationParams(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg_scale=req.cfg_scale,
+            sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
+            seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
+            width=req.width, height=req.height, batch_size=req.batch_size,
+            clip_skip=clip_skip if clip_skip > 1 else None, eta=req.eta, strength=strength, **deepcache,
+        )
+    except P.GenerationError as e:
+        raise field_error((field,), str(e), sampler) from None
+    if not params.sampler_spec.takes_eta:
+        params = params.replace(eta=None)  # A1111 clients send eta for every sampler; only some have one
     try:
         P.validate(params, model)
         P.plan(model, params)
@@ -309,7 +306,7 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
     """A1111's txt2img/img2img response: base64 PNGs, the request echoed, and ``info`` as a JSON string."""
     p = gen.params
     seeds = gen.all_seeds
-    sampler_name = SAMPLER_DISPLAY_NAMES[resolve_sampler(p.sampler)[0]]
+    sampler_name = p.sampler_spec.display
     extra: dict[str, Any] = {}
     if images:
         fields = parse_infotext(images[0].info["parameters"])
