@@ -93,6 +93,8 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"{path}: no such image file") from None
     except OSError as e:  # includes PIL's UnidentifiedImageError
         raise ValueError(f"{path}: cannot read the image ({e}); use a PNG or JPEG file") from None
+    except Image.DecompressionBombError as e:  # PIL's size guard (e.g. 30000x30000): refused before decoding
+        raise ValueError(f"{path}: too large to open ({e}); downscale it first") from None
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
