@@ -89,7 +89,8 @@ def default_device() -> str:
 def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | None = None,
          model_type: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
          loras: list[tuple[str, float]] | None = None, low_memory: bool = False,
-         vae_tiling: bool = False) -> Pipeline:
+         vae_tiling: bool = False, lora_dir: str | os.PathLike | None = None,
+         embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
     """Load a checkpoint file, a diffusers folder, or a built-in model by name (default: ``emoji``).
 
     ``loras``: (LoRA file or PEFT folder, multiplier) pairs merged into the weights; any layout
@@ -100,6 +101,8 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
     percent more time; the same image as float32 weights rounded to float16.
     ``vae_tiling``: decode the image in tiles (ldmkit.vae_tiling): the same image, less memory at
     large sizes.
+    ``lora_dir``: where ``<lora:NAME:W>`` in a prompt looks NAME up (applied for that generation only);
+    ``embeddings_dir``: textual-inversion embeddings whose file names are words of the prompt.
     """
     device = device or ("cpu" if low_memory else default_device())
     if low_memory and (str(device) != "cpu" or dtype not in (None, torch.float32)):
@@ -125,4 +128,20 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
     else:
         sd_model = sd_model.to(device=device, dtype=dtype)
     sd_model.vae_tiling = vae_tiling
+    attach_folders(sd_model, lora_dir, embeddings_dir)
     return Pipeline(sd_model)
+
+
+def attach_folders(model: StableDiffusion, lora_dir: str | os.PathLike | None = None,
+                   embeddings_dir: str | os.PathLike | None = None) -> None:
+    """Give a model its LoRA folder (``<lora:NAME:W>``) and textual-inversion embeddings folder."""
+    from ldmkit.embeddings import EmbeddingTable
+    from ldmkit.networks import NetworkFolder
+
+    try:
+        if lora_dir is not None:
+            model.lora_folder = NetworkFolder(lora_dir)
+        if embeddings_dir is not None:
+            model.embedding_table = EmbeddingTable(embeddings_dir)
+    except NotADirectoryError as e:
+        raise CheckpointError(str(e)) from None

@@ -52,6 +52,13 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA merged into the model, e.g. style.safetensors:0.8 (repeatable): kohya/A1111 or "
                         "diffusers/PEFT file (LCM-LoRA, TCD-LoRA, DoRA), or a PEFT folder")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="folder where <lora:NAME:WEIGHT> (or <lyco:...>) in the prompt finds NAME.safetensors; "
+                        "applied for this image only (LoRA, LoCon, LoHa, LoKr, (IA)3, full diff, DoRA)")
+    p.add_argument("--lora-strict", action="store_true",
+                   help="an unknown or unreadable <lora:NAME> is an error (default: a warning, generation goes on)")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="textual-inversion embeddings (.pt/.safetensors/.bin); a file's name is a word of the prompt")
     p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner",
                                                            "sdxl-inpainting"],
                    help="override the detected model family / prediction type")
@@ -256,7 +263,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     refuse_generation(api.resolve_model_path(args.model))
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras,
-                    low_memory=args.low_memory, vae_tiling=args.vae_tiling)
+                    low_memory=args.low_memory, vae_tiling=args.vae_tiling, lora_dir=args.lora_dir,
+                    embeddings_dir=args.embeddings_dir)
+    pipe.model.lora_strict = args.lora_strict
     params = _params_from_args(args, pipe.model)
     P.validate(params, pipe.model)
     from ldmkit.prompt import unknown_words
@@ -282,6 +291,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             images = P.inpaint(pipe.model, params, init, mask, callback=cb)
     finally:
         bar.close()
+    from ldmkit.networks import last_report
+
+    for warning in last_report(pipe.model).warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for path in _outputs(args, images):
         print(path)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

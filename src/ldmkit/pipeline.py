@@ -42,6 +42,7 @@ from ldmkit.core import (  # noqa: F401  (re-exported: the pipeline's public nam
 from ldmkit.denoisers import Conditioning, as_conditioning
 from ldmkit.images import convert as convert_image
 from ldmkit.model import StableDiffusion
+from ldmkit.networks import last_report
 from ldmkit.vae_tiling import decode as vae_decode
 from ldmkit.vae_tiling import encode as vae_encode
 
@@ -128,6 +129,7 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
         fields.append(("Model hash", model.model_hash))
     fields.append(("Model", model.source_name))
     fields.extend((extra or {}).items())
+    fields.extend(last_report(model).infotext_fields().items())  # the prompt's <lora:...> (ldmkit.networks)
     if params.clip_skip and params.clip_skip > 1:
         fields.append(("Clip skip", params.clip_skip))
     if sampler_name == "TCD" and params.eta is not None:  # TCD's gamma changes the image: keep it reproducible

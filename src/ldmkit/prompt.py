@@ -209,7 +209,7 @@ def unknown_words(model: StableDiffusion, prompt: str) -> list[str]:
         return []
     tok = model.tokenizer
     words = []
-    for text, _ in parse_prompt_attention(prompt):
+    for text, _ in parse_prompt_attention(extract_network_tags(prompt)[0]):
         for word in re.findall(r"[^\s,.;:!?]+", text):
             ids = tok.encode(word)
             if ids and bool((emb.token_map[torch.tensor(ids, device=emb.token_map.device)] == 0).any()):

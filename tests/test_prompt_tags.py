@@ -1,0 +1,143 @@
+"""``<lora:NAME:W>`` / ``<lyco:NAME:W>`` in the prompt: the same image as ``--lora NAME.safetensors:W``,
+switching LoRAs between generations leaves no trace (each image equals a fresh load), and names that are
+missing, unsafe or for another model are warnings in the infotext while generation goes on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import save_diffusers_pipeline
+from safetensors.torch import save_file
+
+from ldmkit import api, checkpoint
+from ldmkit.config import TINY
+from ldmkit.networks import NetworkNameError, last_report
+from ldmkit.prompt import NetworkTag, extract_network_tags
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+GEN = dict(steps=4, sampler="Euler", scheduler="uniform", seed=3, width=24, height=16, cfg_scale=5.0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipe")
+    save_diffusers_pipeline(TINY, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    """A folder with a kohya LoRA ("style"), a LoHa ("Shape", upper case) and an SD2-width LoRA."""
+    d = tmp_path_factory.mktemp("loras")
+    g = torch.Generator().manual_seed(0)
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{q}.lora_down.weight": torch.randn(4, 32, generator=g) * 0.3,
+               f"{q}.lora_up.weight": torch.randn(32, 4, generator=g) * 0.3, f"{q}.alpha": torch.tensor(2.0),
+               f"{te}.lora_down.weight": torch.randn(4, 32, generator=g) * 0.3,
+               f"{te}.lora_up.weight": torch.randn(32, 4, generator=g) * 0.3}, d / "style.safetensors")
+    (d / "sub").mkdir()
+    loha = {f"{k}.hada_w{i}_{ab}": torch.randn(*((64, 2) if ab == "a" else (2, 32)), generator=g) * 0.7
+            for i in (1, 2) for ab in "ab"}
+    save_file(loha | {f"{k}.alpha": torch.tensor(1.0)}, d / "sub" / "Shape.safetensors")
+    save_file({f"{k}.lora_down.weight": torch.zeros(4, 1024), f"{k}.lora_up.weight": torch.zeros(64, 4)},
+              d / "sd2only.safetensors")
+    return d
+
+
+def _png(img) -> np.ndarray:
+    return np.asarray(img)
+
+
+def test_extract_network_tags():
+    text, tags, warnings = extract_network_tags("a castle, <lora:watercolor:0.7>, <lyco:x>, <LORA:y:0.5:0.2> "
+                                                "<lora:z:te=0.3:unet=0.9> <lora:bad:high> <hypernet:h:1>")
+    assert text == "a castle, , ,    <hypernet:h:1>"
+    assert tags == [NetworkTag("watercolor", 0.7), NetworkTag("x", 1.0), NetworkTag("y", 0.5, 0.2),
+                    NetworkTag("z", 0.3, 0.9)]
+    assert len(warnings) == 1 and "<lora:bad:high>" in warnings[0]
+
+
+def test_tag_equals_lora_flag(folder, loras):
+    merged = api.load(folder, loras=[(str(loras / "style.safetensors"), 0.7)])
+    tagged = api.load(folder, lora_dir=loras)
+    a = merged.txt2img("a red apple", **GEN)[0]
+    b = tagged.txt2img("a red apple <lora:style:0.7>", **GEN)[0]
+    assert np.array_equal(_png(a), _png(b))
+    assert "Lora hashes: \"style: " in b.info["parameters"]
+    assert b.info["parameters"].startswith("a red apple <lora:style:0.7>")  # the prompt keeps its tag
+    # LyCORIS through <lyco:...>, found in a subfolder, any case
+    merged = api.load(folder, loras=[(str(loras / "sub" / "Shape.safetensors"), 1.0)])
+    c = tagged.txt2img("a red apple <lyco:shape>", **GEN)[0]
+    assert np.array_equal(_png(merged.txt2img("a red apple", **GEN)[0]), _png(c))
+
+
+def test_switching_loras_equals_fresh_loads(folder, loras):
+    pipe = api.load(folder, lora_dir=loras)
+    original = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    first = pipe.txt2img("a red apple <lora:style:1>", **GEN)[0]
+    second = pipe.txt2img("a red apple <lora:shape:0.5> <lora:style:-0.3:0.6>", **GEN)[0]
+    third = pipe.txt2img("a red apple", **GEN)[0]
+    assert all(torch.equal(original[k], v) for k, v in pipe.model.state_dict().items())  # no trace left
+    fresh1 = api.load(folder, loras=[(str(loras / "style.safetensors"), 1.0)]).txt2img("a red apple", **GEN)[0]
+    fresh2_model = checkpoint.load(folder)
+    from ldmkit.lora import apply_lora
+    from ldmkit.pipeline import GenerationParams, txt2img
+
+    apply_lora(fresh2_model, loras / "sub" / "Shape.safetensors", 0.5)
+    apply_lora(fresh2_model, loras / "style.safetensors", -0.3, unet_multiplier=0.6)
+    fresh2 = txt2img(fresh2_model, GenerationParams("a red apple", **GEN))[0]
+    fresh3 = api.load(folder).txt2img("a red apple", **GEN)[0]
+    for got, want in ((first, fresh1), (second, fresh2), (third, fresh3)):
+        assert np.array_equal(_png(got), _png(want))
+    assert not np.array_equal(_png(first), _png(third)) and not np.array_equal(_png(second), _png(third))
+    assert "Lora" not in third.info["parameters"]
+
+
+@pytest.mark.parametrize("name,message", [("nope", "LoRA not found: 'nope'"), ("../style", "is refused"),
+                                          ("sd2only", "SD2.x")])
+def test_bad_names_are_warnings_and_generation_goes_on(folder, loras, name, message):
+    pipe = api.load(folder, lora_dir=loras)
+    base = pipe.txt2img("a red apple", **GEN)[0]
+    img = pipe.txt2img(f"a red apple <lora:{name}:1>", **GEN)[0]
+    assert np.array_equal(_png(base), _png(img))
+    assert "Lora warnings: " in img.info["parameters"] and message in img.info["parameters"]
+    assert any(message in w for w in last_report(pipe.model).warnings)
+    pipe.model.lora_strict = True
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        pipe.txt2img(f"a red apple <lora:{name}:1>", **GEN)
+
+
+def test_refused_names():
+    from ldmkit.networks import check_name
+
+    for bad in ("../x", "a/b", "a\\b", "..", "", "C:x", "x\0"):
+        with pytest.raises(NetworkNameError):
+            check_name(bad)
+    assert check_name("my style v2.1") == "my style v2.1"
+
+
+def test_cli_tag_and_lora_flag_give_the_same_png(folder, loras, tmp_path, capsys):
+    from PIL import Image
+
+    from ldmkit.cli import main
+
+    common = ["--model", str(folder), "--steps", "3", "--sampler", "Euler", "--seed", "5", "--width", "24",
+              "--height", "16"]
+    assert main(["generate", "a red apple", *common, "--lora", f"{loras / 'style.safetensors'}:0.6",
+                 "-o", str(tmp_path / "a.png")]) in (0, None)
+    assert main(["generate", "a red apple <lora:style:0.6>", *common, "--lora-dir", str(loras),
+                 "-o", str(tmp_path / "b.png")]) in (0, None)
+    a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    capsys.readouterr()
+    assert main(["generate", "a red apple <lora:missing:1>", *common, "--lora-dir", str(loras),
+                 "-o", str(tmp_path / "c.png")]) in (0, None)
+    err = capsys.readouterr().err
+    assert "warning: LoRA not found: 'missing'" in err
+    code = main(["generate", "a red apple <lora:missing:1>", *common, "--lora-dir", str(loras), "--lora-strict",
+                 "-o", str(tmp_path / "d.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "LoRA not found: 'missing'" in err and "Traceback" not in err
