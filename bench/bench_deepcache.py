@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("--diffusers times diffusers on the random SD1.5 weights; leave out --model")
     if args.model:
         from ldmkit import api, checkpoint
-        from ldmkit.cli import native_size
 
         config, folder = args.model, api.resolve_model_path(args.model)
-        size = args.size or native_size(checkpoint.load(folder).cfg)
+        size = args.size or checkpoint.load(folder).cfg.native_size
     else:
         folder = BI.ensure_weights(config, args.cache)
     common = {"folder": str(folder), "size": size, "steps": steps, "threads": args.threads}

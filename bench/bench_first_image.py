@@ -5,6 +5,8 @@
     python bench/bench_first_image.py --model emoji-lcm  # another built-in model (its recommended settings)
     python bench/bench_first_image.py --lcm              # the LCM recipe (4 steps, CFG 1) on the emoji model:
                                                          # the time an LCM-distilled emoji model would take
+    python bench/bench_first_image.py --model emoji-lcm --vae emoji-taesd   # + the tiny decoder (ldmkit only;
+                                                         # diffusers keeps the model's own VAE)
 
 Each run is a whole new process, timed from the parent: ``ldmkit generate "a red apple" --seed 1
 -o FILE`` (what a user types), and a Python script doing the same with diffusers on the same model
@@ -53,10 +55,13 @@ pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, wi
 """
 
 
-def commands(model: str, folder: Path, out: Path, size: int, lcm: bool) -> dict[str, list[str]]:
+def commands(model: str, folder: Path, out: Path, size: int, lcm: bool, vae: str | None = None
+             ) -> dict[str, list[str]]:
     ldmkit_args = [sys.executable, "-m", "ldmkit", "generate", PROMPT, "--seed", "1", "-o", str(out / "ldmkit.png")]
     if model != "emoji":
         ldmkit_args += ["--model", model]
+    if vae:
+        ldmkit_args += ["--vae", vae]
     return {
         "import torch": [sys.executable, "-c", "import torch"],
         "ldmkit": ldmkit_args,
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="emoji", help="built-in model name (default: emoji)")
     ap.add_argument("--lcm", action="store_true",
                     help="use the LCM recipe (ldmkit --sampler LCM --steps 4 --cfg-scale 1; diffusers LCMScheduler)")
+    ap.add_argument("--vae", default=None,
+                    help="ldmkit's --vae (e.g. emoji-taesd); diffusers keeps the model's own VAE")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per command")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
     ap.add_argument("--no-pyc", action="store_true", help="keep PYTHONDONTWRITEBYTECODE: compile sources every run")
@@ -96,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from ldmkit import api, checkpoint
     from ldmkit.checkpoint import read_safetensors
-    from ldmkit.cli import native_size
     from ldmkit.recommended import read_recommended
 
     path = api.resolve_model_path(args.model)
@@ -115,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_pyc:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(args.cache / "pycache")
-    size = native_size(checkpoint.load(path).cfg)
-    all_cmds = commands(args.model, folder, out, size, lcm)
+    size = checkpoint.load(path).cfg.native_size
+    all_cmds = commands(args.model, folder, out, size, lcm, args.vae)
     if args.lcm:
         all_cmds["ldmkit"] += ["--sampler", "LCM", "--steps", "4", "--cfg-scale", "1"]
     if args.baseline_src:
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cmd = "python bench/bench_first_image.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     recipe = "LCM 4 steps, CFG 1" if lcm else "DPM++ 2M Karras 20 steps, CFG 7"
+    if args.vae:
+        recipe += f", ldmkit decodes with {args.vae!r}"
     print(f"\n`{cmd}`  (built-in {args.model!r}, {recipe}, OMP_NUM_THREADS={args.threads or 'unset'}, "
           f"{'no byte code' if args.no_pyc else 'byte code kept'}; medians of {args.runs} new processes)\n")
     print("| command | first image, wall (median) | CPU time (median) | wall of each run |")
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         from PIL import Image
 
         a, b = (np.asarray(Image.open(out / f"{k}.png"), dtype=np.int16) for k in ("ldmkit", "diffusers"))
-        print(f"- same recipe check: max pixel difference of the two images {np.abs(a - b).max()}/255")
+        what = "different decoders" if args.vae else "same recipe check"
+        print(f"- {what}: max pixel difference of the two images {np.abs(a - b).max()}/255")
     print(f"- mean 1-minute load average during the runs: {statistics.mean(loads):.2f}")
     print(f"- machine: {machine()}")
 

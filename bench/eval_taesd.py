@@ -26,7 +26,6 @@ import torch
 
 from ldmkit import api
 from ldmkit import pipeline as P
-from ldmkit.cli import native_size
 from ldmkit.models import taesd
 from ldmkit.train.data import load_dataset, split_holdout
 from ldmkit.train.losses import psnr
@@ -48,7 +47,7 @@ def generated_latents(model, captions: list[str], steps: int) -> torch.Tensor:
     """Scaled latents the model's default sampler produces for ``captions`` (seed i for caption i)."""
     kl = model.vae
     model.vae = RecordingVAE(kl)
-    size = native_size(model.cfg)
+    size = model.cfg.native_size
     try:
         for i, c in enumerate(captions):
             P.txt2img(model, P.GenerationParams(c, steps=steps, seed=i, width=size, height=size))
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = api.load(args.model, device="cpu").model
     tiny = taesd.load_taesd(args.vae)
     taesd.check_compatible(tiny, model, args.vae)
-    size = native_size(model.cfg)
+    size = model.cfg.native_size
     data = load_dataset(args.data, size)
     _, held = split_holdout(data, args.data, 16)
     images = held.as_float()
