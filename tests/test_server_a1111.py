@@ -291,3 +291,21 @@ def test_exif_user_comment_is_the_exif_spec_encoding(tmp_path):
     path = save_sample(img, tmp_path, "task(1)", {"samples_format": "jpg"})
     raw = Image.open(path).getexif().get_ifd(0x8769)[0x9286]
     assert raw[:8] == b"UNICODE\0" and raw[8:].decode("utf-16-be") == "a cat ✓\nSteps: 2"
+
+
+def test_override_settings_are_applied_or_refused(api, server, model):
+    _, url, _ = server
+    kw = dict(prompt="a red apple", seed=4, width=16, height=16)
+    body = {**kw, "steps": 4, "sampler_name": "Euler a", "override_settings": {"eta_ancestral": 0}}
+    got = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=TIMEOUT).json()
+    euler = P.txt2img(model, P.GenerationParams(**kw, steps=4, sampler="Euler", cfg_scale=7.0))[0]
+    np.testing.assert_array_equal(pixels(Image.open(io.BytesIO(base64.b64decode(got["images"][0])))),
+                                  pixels(euler))
+    assert api.get_options()["eta_ancestral"] == 1.0  # per request only
+    for override, words in [({"sd_lora": "x"}, "unknown option 'sd_lora'"),
+                            ({"samples_format": "jpg"}, "server-wide only"),
+                            ({"eta_ddim": "high"}, "from 0 to 10")]:
+        r = requests.post(f"{url}/sdapi/v1/txt2img", json={**kw, "steps": 1, "override_settings": override},
+                          timeout=TIMEOUT)
+        assert r.status_code == 422 and words in r.json()["detail"][0]["msg"], r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "override_settings", next(iter(override))]

@@ -294,6 +294,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     def as_run(req: S.GenerationRequest) -> S.GenerationRequest:
         """The request as it is generated: scripts as settings, styles applied, eta from the options."""
         req = scripts_to_overrides(req)
+        OPT.check_overrides(req.override_settings or {})
         update: dict[str, Any] = {}
         if req.styles:
             try:
@@ -304,7 +305,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
             except ValueError as e:
                 raise HTTPException(500, str(e)) from None
         if req.eta is None:
-            update["eta"] = default_eta(req.sampler_name or req.sampler_index, options)
+            update["eta"] = default_eta(req.sampler_name or req.sampler_index,
+                                        {**options, **(req.override_settings or {})})
         return req.model_copy(update=update) if update else req
 
     def vae_choice(req: S.GenerationRequest) -> str | None:

@@ -105,6 +105,25 @@ READ_ONLY = ("sd_checkpoint_hash", "outdir_samples", "outdir_txt2img_samples", "
              "outdir_extras_samples", "outdir_grids", "outdir_txt2img_grids", "outdir_img2img_grids", "outdir_save")
 
 
+# the options a request's override_settings may set (the others apply server-wide only)
+PER_REQUEST = (*SPECIAL, *DEEPCACHE_OPTIONS, "eta_ddim", "eta_ancestral")
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """A 422 naming the first key of a request's override_settings that ldmkit would not apply to it."""
+    for key, value in overrides.items():
+        loc = ("override_settings", str(key)[:80])
+        if key not in OPTIONS and key not in SPECIAL and key not in READ_ONLY:
+            raise field_error(loc, f"unknown option {str(key)[:80]!r}; per request ldmkit applies: "
+                                   f"{', '.join(PER_REQUEST)}", None)
+        if key not in PER_REQUEST:
+            raise field_error(loc, f"{key} applies server-wide only: set it with POST /sdapi/v1/options; per "
+                                   f"request ldmkit applies: {', '.join(PER_REQUEST)}", value)
+        opt = OPTIONS.get(key)
+        if opt is not None and not opt.ok(value):
+            raise field_error(loc, f"{key} must be {opt.expect}; got {value!r}", value)
+
+
 def defaults() -> dict[str, Any]:
     """The stored options of a new server (those the app checks against the model included)."""
     return {"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", **{k: o.default for k, o in OPTIONS.items()}}
