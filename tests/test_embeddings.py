@@ -144,3 +144,32 @@ def test_embedding_of_another_width_is_skipped(folder, tmp_path):
     model = checkpoint.load(folder)
     matcher = EmbeddingTable(d).matcher(model.tokenizer, WIDTH)
     assert matcher.skipped == ["mystyle"] and not tokenize_chunks(model.tokenizer, "mystyle", matcher)[0].fixes
+
+
+def test_sdxl_embedding_matches_diffusers_on_both_encoders(tmp_path):
+    """An SDXL file (clip_l for CLIP-L, clip_g for bigG) against diffusers' SDXL recipe: the two tensors
+    loaded into text_encoder / text_encoder_2 with load_textual_inversion; the context and pooled vector."""
+    from reference import rel_err
+    from safetensors.torch import save_file
+    from test_sdxl import _diffusers_sdxl_folder
+
+    from ldmkit.config import TINY_SDXL
+
+    pipe = _diffusers_sdxl_folder(TINY_SDXL, tmp_path)
+    g = torch.Generator().manual_seed(3)
+    vecs = {"clip_l": torch.randn(2, TINY_SDXL.text.width, generator=g),
+            "clip_g": torch.randn(2, TINY_SDXL.text2.width, generator=g)}
+    (tmp_path / "emb").mkdir()
+    save_file(vecs, tmp_path / "emb" / "mystyle.safetensors")
+    pipe.load_textual_inversion(vecs["clip_l"], token="mystyle", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vecs["clip_g"], token="mystyle", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    model = checkpoint.load(tmp_path / "model")
+    before, _ = model.encode([PROMPT])
+    model.embedding_table = EmbeddingTable(tmp_path / "emb")
+    with torch.no_grad():
+        ctx, _, pooled, _ = pipe.encode_prompt(PROMPT, prompt_2=PROMPT, do_classifier_free_guidance=False)
+    got, got_pooled = model.encode([PROMPT])
+    assert rel_err(got, ctx) < 1e-4 and rel_err(before, ctx) > 1e-2
+    assert rel_err(got_pooled, pooled) < 1e-4

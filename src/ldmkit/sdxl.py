@@ -18,7 +18,7 @@ from ldmkit.config import ModelConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.tokenizer import CLIPTokenizer
-from ldmkit.prompt import pad_to, reweight, tokenize_chunks
+from ldmkit.prompt import embedding_matcher, pad_to, reweight, token_embeddings, tokenize_chunks
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -62,12 +62,14 @@ class StableDiffusionXL(StableDiffusion):
         """
         zs, pooled = [], None
         for enc, tok in zip(self.encoders, self.tokenizers, strict=True):
-            chunks = tokenize_chunks(tok, prompt)
+            # textual inversion (ldmkit.embeddings): an SDXL file's clip_l / clip_g vectors, by encoder width
+            chunks = tokenize_chunks(tok, prompt, embedding_matcher(self, tok, enc.cfg.width))
             device = next(enc.parameters()).device
             ids = torch.tensor([c.tokens for c in chunks], device=device)  # (k, 77)
             w = torch.tensor([c.weights for c in chunks], device=device, dtype=torch.float32)
             with torch.inference_mode():
-                hidden, pool = enc.hidden_and_pooled(ids, skip=self.cfg.clip_skip)
+                hidden, pool = enc.hidden_and_pooled(ids, skip=self.cfg.clip_skip,
+                                                     embeddings=token_embeddings(enc, ids, chunks))
             zs.append(reweight(hidden.float(), w))
             if pool is not None:
                 pooled = pool[:1].float()
