@@ -39,7 +39,7 @@ from ldmkit import __version__
 from ldmkit import pipeline as P
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.model import StableDiffusion
-from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, resolve_sampler, sampler_names
+from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, sampler_names, sampler_spec
 from ldmkit.server import generation as G
 from ldmkit.server import options as OPT
 from ldmkit.server import schemas as S
@@ -521,12 +521,12 @@ def default_eta(sampler: str, options: dict[str, Any]) -> float | None:
     """A1111's eta when a request gives none: eta_ddim for DDIM, eta_ancestral for the other samplers that
     take an eta (ancestral and SDE); None (the sampler's own) for the rest and for unknown names."""
     try:
-        short, fn = resolve_sampler(sampler)[:2]
+        spec = sampler_spec(sampler)
     except ValueError:
         return None  # build_params names the bad sampler
-    if short == "ddim":
+    if spec.name == "ddim":
         return float(options["eta_ddim"])
-    if short != "tcd" and "eta" in inspect.signature(fn).parameters:  # TCD's eta is its gamma
+    if spec.name != "tcd" and spec.takes_eta:  # TCD's eta is its gamma
         return float(options["eta_ancestral"])
     return None
 
