@@ -22,6 +22,7 @@ from ldmkit.model import StableDiffusion
 from ldmkit.previews import PREVIEW_TYPES
 from ldmkit.server.generation import DEEPCACHE_OPTIONS, check_deepcache_option, field_error
 from ldmkit.server.samples import SAMPLE_FORMATS
+from ldmkit.upscale import DEFAULT_OVERLAP, DEFAULT_TILE
 
 PREVIEW_IMAGE_FORMATS = ("png", "jpeg", "webp")  # A1111's live_previews_image_format
 
@@ -96,6 +97,11 @@ OPTIONS: dict[str, Option] = {
                                           "an integer: steps between previews (-1: none while sampling)"),
     "show_progress_type": Option("Approx NN", *_choice(*PREVIEW_TYPES)),
     "live_previews_image_format": Option("png", *_choice(*PREVIEW_IMAGE_FORMATS)),
+    # upscalers (/sdapi/v1/extra-single-image): tile size in input pixels (0: untiled) and tile overlap
+    "ESRGAN_tile": Option(DEFAULT_TILE, lambda v: _is_int(v) and 0 <= v <= 4096, "an integer from 0 (untiled) "
+                          "to 4096"),
+    "ESRGAN_tile_overlap": Option(DEFAULT_OVERLAP, lambda v: _is_int(v) and 0 <= v <= 512,
+                                  "an integer from 0 to 512"),
     **{k: Option(v, *_deepcache(k), "DeepCache: the full U-Net every N-th call / the branch between")
        for k, v in DEEPCACHE_OPTIONS.items()},
 }
