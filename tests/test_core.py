@@ -166,3 +166,21 @@ def test_sdxl_conditioning_reaches_the_unet():
     # and the ids matter: another target size is another image
     other = core.sample(xl, plan, cond.replace(ids=ids[:1] * 2), uncond.replace(ids=ids[1:] * 2), noise)
     assert (other - got).abs().max() > 1e-2
+
+
+def test_deepcache_passes_sdxl_vector_conditioning():
+    from ldmkit.deepcache import DeepCacheUNet
+
+    torch.manual_seed(3)
+    unet = UNetModel(TINY_SDXL.unet).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
+    ctx, y = torch.randn(2, 5, TINY_SDXL.unet.context_dim), torch.randn(2, TINY_SDXL.unet.adm_in_channels)
+    with torch.inference_mode():
+        assert torch.equal(DeepCacheUNet(unet, interval=1)(x, t, ctx, y=y), unet(x, t, ctx, y=y))
+        shallow = []
+        for y2 in (y, y * 0):  # the same full call, then a shallow call with another y
+            cached = DeepCacheUNet(unet, interval=2)
+            cached(x, t, ctx, y=y)
+            shallow.append(cached(x, t, ctx, y=y2))
+            assert cached.shallow_calls == 1
+    assert (shallow[0] - shallow[1]).abs().max() > 1e-3  # the shallow branch reads y (time embedding) too

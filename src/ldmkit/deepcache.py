@@ -42,13 +42,14 @@ def check_settings(unet: UNetModel, interval: int, branch: int) -> None:
 
 
 def unet_forward(unet: UNetModel, x: Tensor, timesteps: Tensor, context: Tensor, branch: int,
-                 cached: Tensor | None = None, guidance_emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 cached: Tensor | None = None, guidance_emb: Tensor | None = None,
+                 y: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``unet(x, timesteps, context)`` that also returns the feature entering the branch's output block.
 
     With ``cached`` (that feature from an earlier call), only the shallow branch runs. The operations
     are UNetModel.forward's, in the same order, so a full call is bit-identical to it (tests check).
     """
-    emb = unet.embed(x, timesteps, guidance_emb)
+    emb = unet.embed(x, timesteps, guidance_emb, y)  # y: SDXL's vector conditioning
     n = len(unet.input_blocks)
     first_up = n - 1 - branch  # the output block that reads the branch's skip
     hs: list[Tensor] = []
@@ -84,15 +85,16 @@ class DeepCacheUNet:
         self._feature: Tensor | None = None
         self._key: tuple | None = None
 
-    def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, guidance_emb: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, guidance_emb: Tensor | None = None,
+                 y: Tensor | None = None) -> Tensor:
         key = (tuple(x.shape), x.dtype, tuple(context.shape))
         reuse = self.calls % self.interval != 0 and self._feature is not None and key == self._key
         self.calls += 1
         if reuse:
             self.shallow_calls += 1
-            out, _ = unet_forward(self.unet, x, timesteps, context, self.branch, self._feature, guidance_emb)
+            out, _ = unet_forward(self.unet, x, timesteps, context, self.branch, self._feature, guidance_emb, y)
             return out
         self.full_calls += 1
-        out, self._feature = unet_forward(self.unet, x, timesteps, context, self.branch, None, guidance_emb)
+        out, self._feature = unet_forward(self.unet, x, timesteps, context, self.branch, None, guidance_emb, y)
         self._key = key
         return out
