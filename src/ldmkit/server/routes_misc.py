@@ -50,7 +50,7 @@ def scripts_to_overrides(req: S.GenerationRequest) -> S.GenerationRequest:
         args = value.get("args", []) if isinstance(value, dict) else None
         if not isinstance(args, list) or len(args) > len(_DEEPCACHE_ARGS):
             raise field_error(("alwayson_scripts", name, "args"), f"{name} takes args [interval, branch], "
-                                                                  f"got {args!r}", None)
+                                                                  f"got {value!r}", None)
         for key, arg in zip(DEEPCACHE_OPTIONS, args, strict=False):
             overrides[key] = arg
     if not req.alwayson_scripts:
