@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from ldmkit.guards import finite_float
+
 EXAMPLES = {
     "generate": """examples:
   ldmkit generate "a red apple"                       # built-in model, 20 steps
@@ -72,14 +74,14 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
                    help="uniform, karras, exponential, ddim_uniform, sgm_uniform, trailing or lcm (default: the "
                         "model's recommended one, else the sampler's)")
     p.add_argument("--steps", type=int, default=None, help="default: the model's recommended steps, else 20")
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: the model's recommended one, else 7)")
     p.add_argument("--seed", type=int, default=-1, help="-1 for random; image i of a batch uses seed+i")
     p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's n-th last layer")
-    p.add_argument("--eta", type=float, default=None,
+    p.add_argument("--eta", type=finite_float, default=None,
                    help="noise amount for DDIM / ancestral samplers; gamma in [0, 1] for TCD (default 0.3)")
     p.add_argument("--deepcache", type=int, default=None, metavar="N",
                    help="DeepCache: run the full U-Net every N-th call and only its shallow branch in between, "
@@ -118,12 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = add("img2img", "image to image")
     _add_generation_args(i)
     i.add_argument("--init-image", required=True)
-    i.add_argument("--strength", type=float, default=0.75, help="0..1: how much to change the image")
+    i.add_argument("--strength", type=finite_float, default=0.75, help="0..1: how much to change the image")
     n = add("inpaint", "repaint the masked part of an image")
     _add_generation_args(n)
     n.add_argument("--init-image", required=True)
     n.add_argument("--mask", required=True, help="white = repaint, black = keep")
-    n.add_argument("--strength", type=float, default=1.0)
+    n.add_argument("--strength", type=finite_float, default=1.0)
     c = add("convert", "convert a model between single-file (ldm) and diffusers formats")
     c.add_argument("source")
     c.add_argument("dest")

@@ -27,6 +27,7 @@ from ldmkit import lowmem
 from ldmkit.deepcache import DeepCacheUNet
 from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, Conditioning, DiscreteDenoiser
+from ldmkit.guards import FiniteDenoiser, non_finite_setting
 from ldmkit.model import StableDiffusion
 from ldmkit.models.unet import guidance_embedding
 from ldmkit.prompt import encode_pair
@@ -96,6 +97,9 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
         check_deepcache(model.unet, params.deepcache, params.deepcache_branch)
     except ValueError as e:
         raise GenerationError(str(e)) from None
+    bad = non_finite_setting({"cfg_scale": params.cfg_scale, "eta": params.eta, "strength": params.strength})
+    if bad:  # NaN passes the range checks below and draws a black image (hardening 9)
+        raise GenerationError(bad)
     if not 0.0 < params.strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {params.strength}")
     if params.sampler_spec.name == "tcd" and params.eta is not None and not 0.0 <= params.eta <= 1.0:
@@ -317,6 +321,7 @@ def denoise(model: StableDiffusion, plan: Plan, cond: Conditioning, uncond: Cond
     den: Callable[[Tensor, Tensor], Tensor] = guided_denoiser(model, plan, cond, uncond, x.shape[0])
     if mask is not None and init_latent is not None:
         den = MaskedDenoiser(den, mask, init_latent)
+    den = FiniteDenoiser(den, plan.cfg_scale, GenerationError)  # NaN/inf stop here, not as a black image
     kwargs: dict = {"generator": torch.Generator().manual_seed(plan.seed + 1), "callback": callback}
     if plan.eta is not None and spec.takes_eta:
         kwargs["eta"] = plan.eta  # A1111 clients send eta with every sampler; only some use it

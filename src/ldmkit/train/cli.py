@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ldmkit.guards import finite_float
 from ldmkit.train.config import (
     KINDS,
     TrainConfig,
@@ -165,7 +166,8 @@ def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
         elif typing.get_origin(tp) is list:
             p.add_argument(*flags, nargs="+", metavar="TEXT", **kw)
         else:
-            p.add_argument(*flags, type=tp, metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
+            p.add_argument(*flags, type=finite_float if tp is float else tp,
+                           metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
     if kind not in ("lora", "lcm", "taesd"):  # a LoRA's (a distilled model's) architecture is its model's
         p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
                        help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, "
