@@ -231,14 +231,9 @@ def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams)
     """An interrupted generation returns its last denoised estimate, as A1111 does."""
     if ctx.last_denoised is None:
         return []
-    model = ctx.model
-    images = P.decode_latents(model, ctx.last_denoised)
-    names = P.plan(model, params).infotext_names
+    model, latents = ctx.model, ctx.last_denoised
     extra = None if gen.kind == "txt2img" else {"Denoising strength": params.strength}
-    for img, seed in zip(images, P.resolve_seeds(params.seed, len(images)), strict=True):
-        img.info["parameters"] = P.infotext(model, params, seed, *names, extra)
-        img.info["seed"] = seed
-    return images
+    return P.finish(model, params, latents, P.resolve_seeds(params.seed, len(latents)), P.plan(model, params), extra)
 
 
 def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options: dict, limits: Limits,
