@@ -141,3 +141,64 @@ def test_cli_tag_and_lora_flag_give_the_same_png(folder, loras, tmp_path, capsys
                  "-o", str(tmp_path / "d.png")])
     err = capsys.readouterr().err
     assert code == 2 and "LoRA not found: 'missing'" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- server
+
+
+def _server_image(client, prompt: str):
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 3, "sampler_name": "Euler", "seed": 11,
+                                               "width": 24, "height": 16, "cfg_scale": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    img = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    return np.asarray(img.convert("RGB")), json.loads(body["info"])["infotexts"][0]
+
+
+def test_server_routes_and_switching_loras(folder, loras, tmp_path):
+    """Two requests with different LoRAs, then one without: each image equals a server whose model had that
+    LoRA merged at load (a fresh process), and the last equals a server without any."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ldmkit.lora import apply_lora
+    from ldmkit.server.app import create_app
+
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}}, emb / "mystyle.pt")
+    torch.save({"string_to_param": {"*": torch.randn(1, 768)}}, emb / "wide.pt")
+    (emb / "broken.safetensors").write_bytes(b"garbage")
+    app = create_app(checkpoint.load(folder), lora_dir=loras, embeddings_dir=emb, preview_interval=None,
+                     device="cpu")
+    with TestClient(app) as c:
+        names = {item["name"] for item in c.get("/sdapi/v1/loras").json()}
+        assert names == {"style", "Shape", "sd2only"}
+        e = c.get("/sdapi/v1/embeddings").json()
+        assert set(e["loaded"]) == {"mystyle"} and e["loaded"]["mystyle"]["vectors"] == 2
+        assert set(e["skipped"]) == {"wide", "broken"} and "broken" in e["skipped"]["broken"]["error"]
+        a, info_a = _server_image(c, "a red apple <lora:style:1>")
+        b, _ = _server_image(c, "a red apple <lora:shape:0.5>")
+        none, info_none = _server_image(c, "a red apple")
+        missing, info_missing = _server_image(c, "a red apple <lora:../style:1>")
+        assert "Lora hashes" in info_a and "Lora" not in info_none
+        assert "is refused" in info_missing and np.array_equal(missing, none)
+        save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.diff": torch.zeros(32, 32)},
+                  loras / "later.safetensors")
+        assert "later" not in {i["name"] for i in c.get("/sdapi/v1/loras").json()}
+        assert c.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert "later" in {i["name"] for i in c.get("/sdapi/v1/loras").json()}
+        (loras / "later.safetensors").unlink()
+        assert c.post("/sdapi/v1/refresh-embeddings").status_code == 200
+    for image, lora, w in ((a, "style.safetensors", 1.0), (b, "sub/Shape.safetensors", 0.5), (none, None, 0)):
+        model = checkpoint.load(folder)
+        if lora:
+            apply_lora(model, loras / lora, w)
+        with TestClient(create_app(model, preview_interval=None, device="cpu")) as fresh:
+            assert np.array_equal(image, _server_image(fresh, "a red apple")[0])

@@ -162,7 +162,8 @@ def tokenize_chunks(tok: CLIPTokenizer, prompt: str, embeddings: EmbeddingMatche
         chunks.append(Chunk(tokens, [1.0, *cur.weights, *[1.0] * (pad + 1)], cur.fixes))
         cur, last_comma = Chunk(), -1
 
-    for text, weight in parse_prompt_attention(prompt):
+    # <lora:...> tags are instructions, never text (ldmkit.networks applies them before encoding)
+    for text, weight in parse_prompt_attention(extract_network_tags(prompt)[0]):
         if text == "BREAK" and weight == -1:
             close()
             continue

@@ -46,6 +46,7 @@ from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
 from ldmkit.server.extras import UpscalerCatalogue, add_extras_routes
 from ldmkit.server.generation import Limits
+from ldmkit.server.networks_routes import NetworkFolders, add_network_routes
 from ldmkit.server.routes_misc import add_misc_routes, scripts_to_overrides
 from ldmkit.server.styles import StyleDatabase
 from ldmkit.server.vaes import VAECatalogue, check_name
@@ -169,7 +170,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                preview_vae: str | os.PathLike | None = None, vae_dir: str | os.PathLike | None = None,
                low_memory: bool = False, vae_tiling: bool = False, allowed_hosts: Iterable[str] | None = None,
                styles_file: str | os.PathLike | None = None, cmd_flags: dict[str, Any] | None = None,
-               upscaler_dir: str | os.PathLike | None = None) -> FastAPI:
+               upscaler_dir: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None,
+               embeddings_dir: str | os.PathLike | None = None) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
 
     ``preview_interval``: seconds between live previews (0: every step, None: never);
@@ -182,7 +184,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     ``allowed_hosts``: the Host header names requests must carry (see :func:`allowed_host_names`; ``ldmkit
     serve`` passes those of the address it binds); None: no Host check, for callers that serve it otherwise;
     ``styles_file``: A1111's ``styles.csv`` (``/sdapi/v1/prompt-styles``, a request's ``styles``);
-    ``cmd_flags``: how the server was started, for ``/sdapi/v1/cmd-flags``.
+    ``cmd_flags``: how the server was started, for ``/sdapi/v1/cmd-flags``;
+    ``lora_dir``/``embeddings_dir``: where ``<lora:NAME:W>`` and embedding words are looked up (every model).
     """
     from ldmkit import api
     from ldmkit import previews as PV
@@ -191,16 +194,18 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     auth = _parse_auth(api_auth)
     catalogue = Catalogue(models_dir)
     resident: dict[str, StableDiffusion] = {}  # models given as objects can't be reloaded from a file
+    folders = NetworkFolders(lora_dir, embeddings_dir)
 
     def load(info: CheckpointInfo) -> StableDiffusion:
         if info.filename in resident:
-            return resident[info.filename]
-        return api.load(info.filename, device=device, low_memory=low_memory, vae_tiling=vae_tiling).model
+            return folders.attach(resident[info.filename])
+        return folders.attach(api.load(info.filename, device=device, low_memory=low_memory,
+                                       vae_tiling=vae_tiling).model)
 
     if isinstance(model, StableDiffusion):
         first = catalogue.add_model(model)
         resident[first.filename] = model
-        loaded = model
+        loaded = folders.attach(model)
     else:
         first = catalogue.info_for_path(api.resolve_model_path(model))
         catalogue.add(first)
@@ -433,9 +438,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     def refresh_vae() -> None:
         vaes.scan()
 
-    @app.get("/sdapi/v1/loras", tags=["sdapi"])
-    async def loras() -> list:
-        return []
+    add_network_routes(app, folders=folders, current_model=lambda: worker.model)
 
     add_extras_routes(app, upscalers=UpscalerCatalogue(upscaler_dir, device), limits=limits, options=options,
                       run_job=run_job)

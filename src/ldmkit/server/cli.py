@@ -49,6 +49,10 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--upscaler-dir", default=None, metavar="DIR",
                    help="upscaler files (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ... .pth/.safetensors) for "
                         "/sdapi/v1/upscalers and the extras routes; names are the file stems")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="LoRA/LyCORIS files a prompt applies with <lora:NAME:WEIGHT> (/sdapi/v1/loras)")
+    p.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                   help="textual-inversion embeddings; a file's name is a word of the prompt (/sdapi/v1/embeddings)")
     p.add_argument("--output-dir", default=None, help="where requests with save_images write their PNGs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--low-memory", action="store_true",
@@ -72,7 +76,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
                       limits=limits, device=args.device,
                       preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
                       output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir,
-                      upscaler_dir=args.upscaler_dir,
+                      upscaler_dir=args.upscaler_dir, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                       low_memory=args.low_memory, vae_tiling=args.vae_tiling,
                       allowed_hosts=allowed_host_names(args.host, extra_hosts), styles_file=args.styles_file,
                       cmd_flags=flags)
