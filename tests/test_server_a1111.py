@@ -276,6 +276,18 @@ def test_options_change_behaviour(api, server, model):
             assert im.format == pil and im.size == (16, 16)
             text = im.info.get("parameters") if pil == "PNG" else read_user_comment(im)
             assert text == r.info["infotexts"][0]
+    # jpeg_quality: smaller files at lower quality; enable_pnginfo false: no parameters in the file
+    sizes = []
+    for q in (95, 10):
+        api.set_options({"samples_format": "jpg", "jpeg_quality": q})
+        api.txt2img(save_images=True, sampler_name="Euler", **{**kw, "seed": 50 + q})
+        (saved,) = out.glob(f"*-{50 + q}.jpg")
+        sizes.append(saved.stat().st_size)
+    assert sizes[1] < sizes[0]
+    api.set_options({"samples_format": "png", "enable_pnginfo": False})
+    api.txt2img(save_images=True, **{**kw, "seed": 66})
+    (saved,) = out.glob("*-66.png")
+    assert "parameters" not in Image.open(saved).info
     # samples_save false: save_images saves nothing
     api.set_options({"samples_save": False, "samples_format": "png"})
     api.txt2img(save_images=True, **{**kw, "seed": 77})

@@ -192,3 +192,18 @@ def test_host_header_guards_against_dns_rebinding(model_file):
         assert TestClient(app, base_url="http://anything.example").get("/sdapi/v1/samplers").status_code == 200
     finally:
         app.state.worker.stop()
+
+
+def test_png_info_bounds_all_text_chunks_together(client):
+    """Each chunk within PIL's 1 MB, ten of them: /png-info would echo 10 MB of metadata."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    chunks = b""
+    for i in range(10):
+        data = f"k{i}".encode() + b"\0\0" + zlib.compress(b"a" * 1_000_000, 9)
+        chunks += struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    iend = png.rfind(b"IEND") - 4
+    b64 = base64.b64encode(png[:iend] + chunks + png[iend:]).decode()
+    r = client.post("/sdapi/v1/png-info", json={"image": b64})
+    assert r.status_code == 413 and "10.0 MB" in r.json()["detail"] and len(r.content) < 1000

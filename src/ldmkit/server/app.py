@@ -54,6 +54,7 @@ from ldmkit.server.worker import JobContext, QueueFullError, Worker
 
 log = logging.getLogger("ldmkit.server")
 STATIC = Path(str(resources.files("ldmkit.server") / "static"))
+MAX_PNG_TEXT = 4 << 20  # /png-info: text chunks of an image, all together (a prompt is a few KB)
 
 
 # ---------------------------------------------------------------- the app
@@ -427,7 +428,12 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     @app.post("/sdapi/v1/png-info", response_model=S.PNGInfoResponse, tags=["sdapi"])
     def png_info_route(req: S.PNGInfoRequest) -> dict:
         """The generation parameters a PNG carries."""
-        return G.png_info(G.decode_image(req.image, ("image",), limits))
+        img = G.decode_image(req.image, ("image",), limits)
+        text = sum(len(v) for v in img.info.values() if isinstance(v, str | bytes))
+        if text > MAX_PNG_TEXT:  # PIL lets each chunk inflate to 1 MB and all to 64 MB: far beyond parameters
+            raise HTTPException(413, f"image: its text chunks hold {text / 1e6:.1f} MB; /png-info reads up to "
+                                     f"{MAX_PNG_TEXT / 1e6:.0f} MB of metadata")
+        return G.png_info(img)
 
     @app.get("/sdapi/v1/sd-vae", tags=["sdapi"])
     def sd_vae() -> list[dict]:
