@@ -207,22 +207,40 @@ def test_old_layout_esrgan_matches_original_arch(tmp_path, n_up, unshuffle, scal
     assert _rel(run_network(up.module, x, tile=0), expected) <= 1e-5
 
 
+def _renamed(p: dict, names: dict, rdb: str) -> dict:
+    """BasicSR-named tensors under another layout's names: ``names`` for the top-level convs, ``rdb`` (a format
+    of b, r, c: block, dense block, conv) for the dense blocks' convs."""
+    out = {}
+    for k, v in p.items():
+        head, kind = k.rsplit(".", 1)
+        if head.startswith("body."):
+            _, b, r, c = head.split(".")
+            out[f"{rdb.format(b=b, r=r[-1], c=c)}.{kind}"] = v
+        else:
+            out[f"{names.get(head, head)}.{kind}"] = v
+    return out
+
+
 def test_old_and_new_layouts_of_the_same_weights_agree(tmp_path):
     """The x4 old layout converted by ldmkit equals BasicSR's forward on the same tensors renamed as
     spandrel/A1111 rename them (conv_up1 -> model.3, conv_up2 -> model.6, conv_hr -> model.8, conv_last -> model.10)."""
     p = basicsr_params(nf=8, nb=3, gc=4, scale=4, seed=7)
     names = {"conv_first": "model.0", "conv_body": "model.1.sub.3", "conv_up1": "model.3", "conv_up2": "model.6",
              "conv_hr": "model.8", "conv_last": "model.10"}
-    old = {}
-    for k, v in p.items():
-        head, kind = k.rsplit(".", 1)
-        if head.startswith("body."):
-            _, b, r, c = head.split(".")
-            old[f"model.1.sub.{b}.RDB{r[-1]}.{c}.0.{kind}"] = v
-        else:
-            old[f"{names[head]}.{kind}"] = v
+    old = _renamed(p, names, "model.1.sub.{b}.RDB{r}.{c}.0")
     up = load_upscaler(_save(old, tmp_path / "old.pth"))
     x = torch.rand(1, 3, 10, 10, generator=torch.Generator().manual_seed(3))
+    assert _rel(run_network(up.module, x, tile=0), basicsr_rrdbnet(p, x, 4)) <= 1e-5
+
+
+def test_bsrgan_layout(tmp_path):
+    """BSRGAN / RealSR files name the same tensors RRDB_trunk.N.RDBr.convc, trunk_conv, upconv1/2, HRconv."""
+    p = basicsr_params(nf=8, nb=2, gc=4, scale=4, seed=8)
+    names = {"conv_body": "trunk_conv", "conv_up1": "upconv1", "conv_up2": "upconv2", "conv_hr": "HRconv"}
+    renamed = _renamed(p, names, "RRDB_trunk.{b}.RDB{r}.{c}")
+    up = load_upscaler(_save(renamed, tmp_path / "BSRGAN.pth"))
+    assert (up.arch.layout, up.scale, up.arch.num_block) == ("bsrgan", 4, 2)
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(8))
     assert _rel(run_network(up.module, x, tile=0), basicsr_rrdbnet(p, x, 4)) <= 1e-5
 
 

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = add("generate", "text to image")
     _add_generation_args(g, prompt_required=False)
     g.add_argument("--from-png", default=None, help="take all settings from a PNG's parameters text")
+    importlib.import_module("ldmkit.hires").add_hires_args(g)  # --hires-scale/-upscaler/-steps/-denoise
     i = add("img2img", "image to image")
     _add_generation_args(i)
     i.add_argument("--init-image", required=True)
@@ -225,6 +226,9 @@ def _apply_png(args: argparse.Namespace) -> None:
         args.deepcache = int(p["DeepCache"])
         if args.deepcache_branch is None:
             args.deepcache_branch = int(p.get("DeepCache branch", 0))
+    from ldmkit.hires import apply_png
+
+    apply_png(args, p)
 
 
 def _outputs(args: argparse.Namespace, images: list) -> list[Path]:
@@ -277,6 +281,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"note: {pipe.model.source_name} was trained on a small vocabulary and has never seen: "
               f"{', '.join(unknown)} (read as blank)", file=sys.stderr)
     steps = params.steps if args.command == "generate" else max(1, int(params.steps * params.strength))
+    from ldmkit.hires import hires_from_args, txt2img_hires
+
+    hires, upscaler = hires_from_args(args, args.device) if args.command == "generate" else (None, None)
+    steps += (hires.steps or params.steps) if hires else 0
     preview = _preview_writer(args, pipe.model)  # before the bar: a bad --preview-vae fails on a clean line
     bar, progress = _progress(steps, args.command)
 
@@ -285,7 +293,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             preview(d)
         progress(d)
     try:
-        if args.command == "generate":
+        if hires is not None:
+            images = txt2img_hires(pipe.model, params, hires, upscaler, callback=cb)
+        elif args.command == "generate":
             images = P.txt2img(pipe.model, params, callback=cb)
         elif args.command == "img2img":
             images = P.img2img(pipe.model, params, init, callback=cb)

@@ -284,7 +284,18 @@ def cmd_upscale(args: argparse.Namespace) -> None:
         raise ValueError(f"--upscaler {up.name} is a plain resize: give --scale")
     print(f"{up.name}: {up.describe()}", file=sys.stderr)
     scale = args.scale or up.scale
-    out = upscale(image, up, scale, tile=args.tile, overlap=args.tile_overlap)
+    bars: list = []
+
+    def progress(done: int, total: int) -> None:  # a bar per network pass, over its tiles
+        from tqdm import tqdm
+
+        if done == 1:
+            bars.append(tqdm(total=total, desc="upscale", unit="tile", file=sys.stderr, dynamic_ncols=True))
+        bars[-1].update(1)
+        if done == total:
+            bars[-1].close()
+
+    out = upscale(image, up, scale, tile=args.tile, overlap=args.tile_overlap, progress=progress)
     dest = Path(args.output) if args.output else src.with_name(f"{src.stem}_x{scale:g}.png")
     from PIL import PngImagePlugin
 

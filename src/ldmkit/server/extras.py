@@ -251,6 +251,12 @@ def _encode(image: Image.Image, infotext: str) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _int_option(options: dict[str, Any], key: str, default: int) -> int:
+    """A1111's tile options (``ESRGAN_tile``: 0 is untiled); a value that is no count falls back to ldmkit's."""
+    value = options.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
 def add_extras_routes(app: FastAPI, *, upscalers: UpscalerCatalogue, limits: Limits, options: dict[str, Any],
                       run_job: Callable[..., Awaitable[Any]]) -> None:
     """The upscaler routes; the work runs on the server's worker, queued like generations."""
@@ -263,8 +269,8 @@ def add_extras_routes(app: FastAPI, *, upscalers: UpscalerCatalogue, limits: Lim
         job = ExtrasJob(upscalers.resolve(req.upscaler_1, ("upscaler_1",)),
                         upscalers.resolve(req.upscaler_2, ("upscaler_2",)), req.extras_upscaler_2_visibility,
                         req.resize_mode, req.upscaling_resize, req.upscaling_resize_w, req.upscaling_resize_h,
-                        req.upscaling_crop, int(options.get("ESRGAN_tile", DEFAULT_TILE)),
-                        int(options.get("ESRGAN_tile_overlap", DEFAULT_OVERLAP)))
+                        req.upscaling_crop, _int_option(options, "ESRGAN_tile", DEFAULT_TILE),
+                        _int_option(options, "ESRGAN_tile_overlap", DEFAULT_OVERLAP))
         decoded = [decode_image(data, loc, limits) for data, loc in images]
         most = max(limits.max_pixels, limits.max_input_pixels)
         for img, (_, loc) in zip(decoded, images, strict=True):
