@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   ldmkit serve --model v1-5-pruned-emaonly.safetensors          # http://127.0.0.1:7860
   ldmkit serve --models-dir ~/models --model sd15.safetensors   # switch models from the page or the API
   ldmkit serve --host 0.0.0.0 --api-auth alice:s3cret           # reachable from the network: use auth
+  ldmkit serve --allowed-hosts studio.lan                       # also answer to that name (others: HTTP 400)
+  ldmkit serve --styles-file styles.csv                         # A1111 prompt styles (requests' "styles")
   ldmkit serve --preview-vae taesd/ --vae-dir vaes/            # tiny live previews; sd_vae picks a VAE from vaes/
   curl -s 127.0.0.1:7860/sdapi/v1/txt2img -H 'Content-Type: application/json' \\
       -d '{"prompt": "a red apple", "steps": 20, "seed": 42}' | jq -r '.images[0]' | base64 -d > apple.png
