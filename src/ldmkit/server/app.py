@@ -355,9 +355,10 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         return worker.progress(skip_current_image)
 
     @app.post("/sdapi/v1/interrupt", tags=["sdapi"])
-    async def interrupt() -> None:
+    async def interrupt() -> dict:
         """Stop the running request; it returns the images it has so far."""
         worker.interrupt()
+        return {}  # as A1111 answers
 
     @app.get("/sdapi/v1/samplers", response_model=list[S.SamplerItem], tags=["sdapi"])
     async def samplers() -> list[dict]:
