@@ -135,3 +135,85 @@ def test_cli_hires_and_from_png(saved, tmp_path, capsys):
     assert main(bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ldmkit: error:") and "denoising strength" in err[-1]
+
+
+# ---------------------------------------------------------------- the A1111 API
+
+
+@pytest.fixture(scope="module")
+def hires_server(tmp_path_factory):
+    pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
+    from fastapi.testclient import TestClient
+    from test_upscale import _save, basicsr_params
+
+    from ldmkit.model import StableDiffusion
+    from ldmkit.server.app import create_app
+
+    d = tmp_path_factory.mktemp("hires_server")
+    torch.manual_seed(3)
+    checkpoint.save_single_file(StableDiffusion(TINY), d / "tiny.safetensors")
+    (d / "upscalers").mkdir()
+    _save(basicsr_params(nf=8, nb=1, gc=4, scale=2, seed=4), d / "upscalers" / "RealESRGAN_x2plus.pth", "params_ema")
+    app = create_app(d / "tiny.safetensors", upscaler_dir=d / "upscalers", device="cpu", preview_interval=None)
+    with TestClient(app) as client:
+        yield client, d
+
+
+def _decode(b64: str) -> Image.Image:
+    import base64
+    import io
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "RealESRGAN_x2plus"])
+def test_api_hires_and_from_png_reproduces(hires_server, tmp_path, upscaler):
+    import json
+
+    from ldmkit.cli import main
+
+    client, d = hires_server
+    body = {"prompt": "a castle", "steps": 3, "sampler_name": "Euler", "seed": 9, "width": 24, "height": 16,
+            "cfg_scale": 6, "enable_hr": True, "hr_scale": 2, "hr_upscaler": upscaler, "hr_second_pass_steps": 2,
+            "denoising_strength": 0.5}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    img = _decode(r.json()["images"][0])
+    assert img.size == (48, 32)
+    text = img.info["parameters"]
+    for field in ("Size: 24x16", "Denoising strength: 0.5", "Hires upscale: 2", "Hires steps: 2",
+                  f"Hires upscaler: {upscaler}"):
+        assert field in text
+    info = json.loads(r.json()["info"])
+    assert info["denoising_strength"] == 0.5 and info["extra_generation_params"]["Hires upscaler"] == upscaler
+    src = tmp_path / "api.png"
+    img.save(src, pnginfo=_pnginfo(text))
+    out = tmp_path / "cli.png"
+    assert main(["generate", "--from-png", str(src), "--model", str(d / "tiny.safetensors"),
+                 "--upscaler-dir", str(d / "upscalers"), "-o", str(out)]) == 0
+    with Image.open(out) as again:
+        assert np.array_equal(np.asarray(again.convert("RGB")), np.asarray(img.convert("RGB")))
+
+
+def _pnginfo(text: str):
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    return meta
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"hr_upscaler": "nope"}, "hr_upscaler"), ({"hr_scale": 50}, "hr_scale"),
+    ({"denoising_strength": 0}, "denoising_strength"), ({"hr_second_pass_steps": -2}, "hr_second_pass_steps"),
+    ({"hr_resize_x": 4096, "hr_resize_y": 4096}, "hr_resize_x")])
+def test_api_bad_hires_settings(hires_server, extra, field):
+    client, _ = hires_server
+    body = {"prompt": "x", "steps": 1, "width": 16, "height": 16, "enable_hr": True, **extra}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 422, r.text
+    assert field in json_loc(r)
+
+
+def json_loc(r) -> str:
+    return " ".join(str(x) for e in r.json()["detail"] for x in e["loc"])

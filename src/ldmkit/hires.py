@@ -186,7 +186,13 @@ def txt2img_hires(model: StableDiffusion, params: GenerationParams, hires: Hires
     if model.cfg.is_inpainting:
         blank = core.blank_inpaint_condition(model, noise)
         cond, uncond = cond.replace(c_concat=blank), uncond.replace(c_concat=blank)
-    latents = core.sample(model, plan, cond, uncond, noise, init_latent=latents.to(noise), callback=callback)
+    first = len(job.plan.sigmas) - 1
+
+    def second_pass(d: dict) -> None:  # steps counted on from the first pass's (progress bars, the server)
+        callback({**d, "i": d["i"] + first})
+
+    latents = core.sample(model, plan, cond, uncond, noise, init_latent=latents.to(noise),
+                          callback=second_pass if callback else None)
     name = upscaler.name if upscaler is not None and mode is None else hires.upscaler
     fields = dataclasses.replace(hires, upscaler=name).infotext_fields()
     return P.finish(model, params, latents, job.seeds, job.plan, fields)

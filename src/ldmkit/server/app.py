@@ -295,7 +295,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
 
     def prepare(req: S.GenerationRequest, kind: str) -> G.Generation:
         can_save = output_dir is not None and bool(options["samples_save"])
-        return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), can_save)
+        return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), can_save,
+                         upscalers=upscalers)
 
     def as_run(req: S.GenerationRequest) -> S.GenerationRequest:
         """The request as it is generated: scripts as settings, styles applied, eta from the options."""
@@ -447,8 +448,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
 
     add_network_routes(app, folders=folders, current_model=lambda: worker.model)
 
-    add_extras_routes(app, upscalers=UpscalerCatalogue(upscaler_dir, device), limits=limits, options=options,
-                      run_job=run_job)
+    upscalers = UpscalerCatalogue(upscaler_dir, device)  # also hires fix's hr_upscaler names
+    add_extras_routes(app, upscalers=upscalers, limits=limits, options=options, run_job=run_job)
 
     def can_unload() -> str | None:
         if worker.checkpoint.filename in resident:

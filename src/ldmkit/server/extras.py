@@ -251,6 +251,48 @@ def _encode(image: Image.Image, infotext: str) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def hires_from_request(req: Any, model: Any, limits: Limits, upscalers: UpscalerCatalogue | None
+                       ) -> tuple[Any, Callable[[], Upscaler | None] | None]:
+    """A txt2img request's hires fix (A1111's enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps,
+    denoising_strength, hr_resize_x/y), checked: (HiresParams, a loader of its image upscaler) or (None, None).
+    Bad values and targets beyond the limits are 422s naming the field."""
+    from ldmkit.hires import LATENT_UPSCALE_MODES, HiresParams
+
+    if not getattr(req, "enable_hr", False):
+        return None, None
+    hires = HiresParams(scale=req.hr_scale, upscaler=req.hr_upscaler or "Latent", steps=req.hr_second_pass_steps,
+                        denoise=0.7 if req.denoising_strength is None else req.denoising_strength,
+                        resize_x=req.hr_resize_x, resize_y=req.hr_resize_y)
+    resize = hires.resize_x or hires.resize_y
+    if not resize and not 1.0 <= hires.scale <= 8.0:
+        raise field_error(("hr_scale",), f"hr_scale must be from 1 to 8, got {hires.scale:g}", hires.scale)
+    if not 0.0 < hires.denoise <= 1.0:
+        raise field_error(("denoising_strength",), "denoising_strength must be in (0, 1] for hires fix",
+                          hires.denoise)
+    if hires.steps < 0 or hires.steps > limits.max_steps:
+        raise field_error(("hr_second_pass_steps",), f"hr_second_pass_steps must be from 0 (as many as steps) to "
+                                                     f"{limits.max_steps}", hires.steps)
+    for field in ("hr_resize_x", "hr_resize_y"):
+        if getattr(req, field) < 0:
+            raise field_error((field,), f"{field} must be >= 0 (0: from hr_scale)", getattr(req, field))
+    to_x, to_y, tx, ty = hires.target(req.width, req.height)
+    w, h = to_x - tx, to_y - ty
+    if max(w, h) > limits.max_side or w * h * req.batch_size > limits.max_pixels or min(w, h) < 8:
+        loc = ("hr_resize_x",) if resize else ("hr_scale",)
+        raise field_error(loc, f"the hires target {w}x{h} (x{req.batch_size} images) is beyond this server's limits: "
+                               f"sides from 8 to {limits.max_side}, {limits.max_pixels} pixels per request", w)
+    if hires.upscaler in LATENT_UPSCALE_MODES:
+        return hires, None
+    if hires.upscaler == "None":  # A1111's resize_image: a plain Lanczos resize
+        return hires, lambda: builtin_upscaler("None")
+    info = upscalers.find(hires.upscaler) if upscalers is not None else None
+    if info is None:
+        names = [*LATENT_UPSCALE_MODES, *(upscalers.names() if upscalers else BUILTIN_UPSCALERS)]
+        raise field_error(("hr_upscaler",), f"no upscaler {hires.upscaler!r}; valid: {', '.join(names)}",
+                          hires.upscaler)
+    return hires, lambda: upscalers.get(info)
+
+
 def _int_option(options: dict[str, Any], key: str, default: int) -> int:
     """A1111's tile options (``ESRGAN_tile``: 0 is untiled); a value that is no count falls back to ldmkit's."""
     value = options.get(key, default)

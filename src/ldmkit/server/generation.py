@@ -118,6 +118,8 @@ class Generation:
     init: Image.Image | None = None
     mask: Image.Image | None = None
     save: bool = False
+    hires: Any = None  # ldmkit.hires.HiresParams: txt2img's hires fix (enable_hr)
+    hires_upscaler: Callable[[], Any] | None = None  # loads its image upscaler (None: a latent mode)
 
     @property
     def all_seeds(self) -> list[int]:
@@ -237,7 +239,7 @@ def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams)
 
 
 def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options: dict, limits: Limits,
-            info: CheckpointInfo | None, can_save: bool) -> Generation:
+            info: CheckpointInfo | None, can_save: bool, upscalers: Any = None) -> Generation:
     """Check a request against ``model`` and the limits; decode its images."""
     # checked against the current model; an override model is checked again by the pipeline when it runs
     strength = req.denoising_strength if isinstance(req, S.Img2ImgRequest) else 0.75
@@ -252,8 +254,12 @@ def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options
             kind = "inpaint"
     steps = params.steps if kind == "txt2img" else max(1, min(params.steps, int(params.steps * params.strength)))
     save = req.save_images and not req.do_not_save_samples and can_save
+    from ldmkit.server.extras import hires_from_request  # (extras builds on this module)
+
+    hires, hires_upscaler = hires_from_request(req, model, limits, upscalers) if kind == "txt2img" else (None, None)
+    steps += (hires.steps or params.steps) if hires is not None else 0
     return Generation(kind, params, req.n_iter, steps, info, req.override_settings_restore_afterwards,
-                      init, mask, save)
+                      init, mask, save, hires, hires_upscaler)
 
 
 def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointInfo], StableDiffusion],
@@ -284,7 +290,12 @@ def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, image
         p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
         cb = ctx.step_callback(k, gen.n_iter, gen.sampling_steps)
         try:
-            if gen.kind == "txt2img":
+            if gen.kind == "txt2img" and gen.hires is not None:
+                from ldmkit.hires import txt2img_hires
+
+                upscaler = gen.hires_upscaler() if gen.hires_upscaler is not None else None
+                images += txt2img_hires(model, p, gen.hires, upscaler, callback=cb)
+            elif gen.kind == "txt2img":
                 images += P.txt2img(model, p, callback=cb)
             elif gen.kind == "img2img":
                 images += P.img2img(model, p, gen.init, callback=cb)
@@ -307,6 +318,8 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
         fields = parse_infotext(images[0].info["parameters"])
         extra["Schedule type"] = fields.get("Schedule type")
         sampler_name = fields.get("Sampler", sampler_name)
+    if gen.hires is not None:  # A1111: Hires upscale/resize, steps, upscaler
+        extra.update({k: v for k, v in gen.hires.infotext_fields().items() if k != "Denoising strength"})
     if p.deepcache > 1:  # as A1111 lists an extension's settings
         extra["DeepCache"] = p.deepcache
         if p.deepcache_branch:
@@ -321,7 +334,7 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
         "face_restoration_model": None, "sd_model_name": model.source_name,
         "sd_model_hash": model.model_hash or None, "sd_vae_name": vae_name, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": None if gen.kind == "txt2img" else p.strength,
+        "denoising_strength": (gen.hires and gen.hires.denoise) if gen.kind == "txt2img" else p.strength,
         "extra_generation_params": extra, "index_of_first_image": 0,
         "infotexts": [img.info["parameters"] for img in images], "styles": req.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip or 1,

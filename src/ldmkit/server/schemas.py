@@ -109,15 +109,15 @@ class GenerationRequest(_Request):
 
 
 class Txt2ImgRequest(GenerationRequest):
-    enable_hr: bool = Field(False, description=IGNORED)
-    denoising_strength: float | None = Field(None, description=IGNORED)
+    enable_hr: bool = Field(False, description="hires fix: generate at width x height, upscale, refine")
+    denoising_strength: float | None = Field(None, description="hires fix: second-pass strength (0.7)")
     firstphase_width: int = Field(0, description=IGNORED)
     firstphase_height: int = Field(0, description=IGNORED)
-    hr_scale: float = Field(2.0, description=IGNORED)
-    hr_upscaler: str | None = Field(None, description=IGNORED)
-    hr_second_pass_steps: int = Field(0, description=IGNORED)
-    hr_resize_x: int = Field(0, description=IGNORED)
-    hr_resize_y: int = Field(0, description=IGNORED)
+    hr_scale: float = Field(2.0, description="hires fix: upscale factor (1-8)")
+    hr_upscaler: str | None = Field(None, description="hires fix: a Latent mode or a /sdapi/v1/upscalers name")
+    hr_second_pass_steps: int = Field(0, description="hires fix: second-pass steps (0: as steps)")
+    hr_resize_x: int = Field(0, description="hires fix: target width instead of hr_scale (0: from height)")
+    hr_resize_y: int = Field(0, description="hires fix: target height instead of hr_scale (0: from width)")
     hr_checkpoint_name: str | None = Field(None, description=IGNORED)
     hr_sampler_name: str | None = Field(None, description=IGNORED)
     hr_scheduler: str | None = Field(None, description=IGNORED)
