@@ -76,8 +76,15 @@ def _taesd_task():
     return TAESDTask
 
 
+def _embedding_task():
+    from ldmkit.train.embedding import EmbeddingTask
+
+    return EmbeddingTask
+
+
 # kind -> the Task class (imported on use, so `ldmkit --help` stays fast)
-TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task, "lcm": _lcm_task, "taesd": _taesd_task}
+TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task, "lcm": _lcm_task, "taesd": _taesd_task,
+         "embedding": _embedding_task}
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:

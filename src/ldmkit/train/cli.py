@@ -94,6 +94,14 @@ TAESD_EXAMPLES = """examples:
   (metrics.jsonl: psnr_vs_kl, the tiny decoder against the model's own decoder on held-out latents)
 """
 
+EMBEDDING_EXAMPLES = """examples:
+  ldmkit train embedding --model sd15.safetensors --data my_cat/ --token mycat --vectors 4 --out runs/mycat
+  ldmkit train embedding --resume runs/mycat              # continue exactly where it stopped
+  cp runs/mycat/mycat.safetensors embeddings/ && ldmkit generate --model sd15.safetensors \
+      --embeddings-dir embeddings/ "a photo of mycat on a sofa"
+  (runs/mycat/mycat.safetensors is rewritten at every checkpoint, A1111's emb_params layout)
+"""
+
 EXPORT_EXAMPLES = """examples:
   ldmkit export runs/ldm model.safetensors           # EMA weights + VAE + text encoder, one file
   ldmkit export runs/ldm model-fp16.safetensors --half
@@ -132,7 +140,8 @@ _METAVARS = {"data": "DIR", "model": "PRESET", "vae": "RUN_DIR|MODEL", "text_enc
              "init_from": "MODEL"}
 # shorter spellings: `train lora --model sd15.safetensors --rank 8 --alpha 8` (lora has no preset --model)
 _ALIASES = {("lora", "init_from"): "--model", ("lora", "lora_rank"): "--rank", ("lora", "lora_alpha"): "--alpha",
-            ("lcm", "init_from"): "--model", ("taesd", "init_from"): "--model", ("taesd", "taesd_width"): "--width"}
+            ("lcm", "init_from"): "--model", ("taesd", "init_from"): "--model", ("taesd", "taesd_width"): "--width",
+            ("embedding", "init_from"): "--model"}
 
 
 def _flag(name: str) -> str:
@@ -168,7 +177,7 @@ def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
         else:
             p.add_argument(*flags, type=finite_float if tp is float else tp,
                            metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
-    if kind not in ("lora", "lcm", "taesd"):  # a LoRA's (a distilled model's) architecture is its model's
+    if kind not in ("lora", "lcm", "taesd", "embedding"):  # a LoRA's (a distilled model's) architecture is its model's
         p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
                        help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, "
                             "text.layers=6")
@@ -245,6 +254,8 @@ TRAINERS: dict[str, Trainer] = {
                            "4 steps, CFG 1) or an LCM-LoRA (--lora-rank R)", LCM_EXAMPLES),
     "taesd": _config_trainer("taesd", "distil a tiny autoencoder (TAESD) from a model's VAE: a fast decoder "
                              "for --vae and live previews", TAESD_EXAMPLES),
+    "embedding": _config_trainer("embedding", "textual inversion: vectors for a new word on a frozen model (an "
+                                 "embedding file for --embeddings-dir)", EMBEDDING_EXAMPLES),
 }
 
 

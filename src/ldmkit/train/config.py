@@ -23,7 +23,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-Kind = Literal["vae", "unet", "lora", "lcm", "taesd"]
+Kind = Literal["vae", "unet", "lora", "lcm", "taesd", "embedding"]
 KINDS: tuple[str, ...] = typing.get_args(Kind)
 ARCH_PARTS: dict[str, type] = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
 
@@ -59,11 +59,12 @@ class TrainConfig:
     model: str = _help(f"vae/unet: architecture preset: {', '.join(TRAIN_PRESETS)} (unet: unused with --init-from)",
                        "small")
     arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
-    init_from: str = _help("vae/unet/lora/lcm/taesd: a model to start from. vae: a `ldmkit train vae` run folder "
-                           "or a model file, continued with its architecture; unet: a Stable Diffusion model (file, "
-                           "diffusers folder or built-in name) whose U-Net (and text encoder) is fine-tuned with its "
-                           "architecture and VAE; lora: the model LoRA modules are trained on, frozen (required); "
-                           "lcm: the teacher (required); taesd: the model whose autoencoder is distilled (required)",
+    init_from: str = _help("vae/unet/lora/lcm/taesd/embedding: a model to start from. vae: a `ldmkit train vae` run "
+                           "folder or a model file, continued with its architecture; unet: a Stable Diffusion model "
+                           "(file, diffusers folder or built-in name) whose U-Net (and text encoder) is fine-tuned "
+                           "with its architecture and VAE; lora: the model LoRA modules are trained on, frozen "
+                           "(required); lcm: the teacher (required); taesd: the model whose autoencoder is distilled "
+                           "(required); embedding: the model the new word is learnt for, frozen (required)",
                            "")
     freeze_encoder: bool = _help("vae: train only the decoder (as SD's ft-MSE VAE), so latents of a U-Net trained "
                                  "on the --init-from VAE stay valid", False)
@@ -93,7 +94,8 @@ class TrainConfig:
         "else eps", "auto")
     caption_dropout: float = _help("unet/lora: probability of training on the empty caption (for CFG)", 0.1)
     caption_templates: list[str] = field(default_factory=list, metadata={
-        "help": "unet/lcm: each training caption is put, at random per sample, into one of these, e.g. "
+        "help": "unet/lcm/embedding: each training caption (embedding: the word) is put, at random per sample, "
+                "into one of these, e.g. "
                 "'{caption}' '{a} {caption}' 'an emoji of {a} {caption}' ({a}: 'a' or 'an' to suit the caption), "
                 "so the model learns prompts phrased as people type them, not only bare captions (default: bare)"})
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
@@ -107,9 +109,9 @@ class TrainConfig:
     sample_every: int = _help("steps between sample grids / evaluation, and at the end (0: never)", 1000)
     log_every: int = _help("steps between metrics lines", 10)
     sample_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "unet/lora/lcm: prompts of the sample grid (default: captions of held-out images)"})
-    sample_steps: int = _help("unet/lora/lcm: sampler steps for the sample grid", 20)
-    sample_cfg_scale: float = _help("unet/lora/lcm: guidance scale for the sample grid", 4.0)
+        "help": "unet/lora/lcm/embedding: prompts of the sample grid (default: captions of held-out images)"})
+    sample_steps: int = _help("unet/lora/lcm/embedding: sampler steps for the sample grid", 20)
+    sample_cfg_scale: float = _help("unet/lora/lcm/embedding: guidance scale for the sample grid", 4.0)
     rec_loss: Literal["l1", "l2"] = _help("vae/taesd: pixel reconstruction loss (taesd: l2 = MSE against the KL "
                                           "decoder's output, what PSNR measures; l1 = L1 + MSE)", "l1")
     kl_weight: float = _help("vae: KL weight, relative to the per-pixel loss summed over pixels as in LDM", 1e-6)
@@ -122,6 +124,9 @@ class TrainConfig:
     lora_alpha: float = _help("lora/lcm: the update is scaled by alpha / rank (kohya's network_alpha)", 8.0)
     text_encoder_lora: bool = _help("lora: LoRA modules in the text encoder too, not only the U-Net", True)
     conv_lora: bool = _help("lora/lcm: LoRA modules in the U-Net's 3x3 convolutions too (LoCon)", False)
+    token: str = _help("embedding: the new word (the embedding file's name), e.g. mycat", "")
+    vectors: int = _help("embedding: vectors the word stands for (each takes one of a chunk's 75 token places)", 1)
+    init_text: str = _help("embedding: the vectors start as the token embeddings of this text", "*")
 
     w_min: float = _help("lcm: lowest teacher guidance w (w ~ U(w_min, w_max); the teacher's CFG scale is 1 + w). "
                          "The U-Net takes no w, so the range is baked into the student: w_min = w_max picks one",
@@ -159,6 +164,10 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "lcm": {"lora_rank": 0, "lora_alpha": 8.0, "holdout": 0, "total_steps": 4000, "warmup_steps": 100,
             "lr": 1e-5, "ema_decay": 0.95, "caption_dropout": 0.0, "weight_decay": 0.0, "checkpoint_every": 250,
             "sample_every": 500, "flip": False},
+    # textual inversion (A1111's defaults: lr 5e-3, no EMA); every image trains
+    "embedding": {"size": 512, "batch_size": 4, "holdout": 0, "total_steps": 2000, "warmup_steps": 0, "lr": 5e-3,
+                  "ema_decay": 0.0, "weight_decay": 0.0, "caption_dropout": 0.0, "checkpoint_every": 250,
+                  "sample_every": 500},
     # TAESD: a small plain conv net; no EMA (short runs), no weight decay
     "taesd": {"batch_size": 16, "total_steps": 10000, "warmup_steps": 100, "lr": 1e-3, "weight_decay": 0.0,
               "ema_decay": 0.0, "checkpoint_every": 250, "sample_every": 500, "rec_loss": "l2"},
@@ -223,6 +232,12 @@ def validate(cfg: TrainConfig) -> None:
              "can't; drop --w-embedding or use --lora-rank 0")
         need(not (cfg.init_student and cfg.lora_rank), "init_student starts a whole-U-Net student; an LCM-LoRA "
              "starts from zero: drop --init-student or use --lora-rank 0")
+    if cfg.kind == "embedding":
+        need(bool(cfg.init_from), "an embedding is trained for a model: pass --model, e.g. --model sd15.safetensors")
+        need(bool(cfg.token.strip()), "pass the new word with --token, e.g. --token mycat")
+        need(1 <= cfg.vectors <= 75, f"vectors must be between 1 and 75 (a chunk's token places), got {cfg.vectors}")
+        need(not (cfg.vae or cfg.text_encoder), "embedding uses its model's own VAE and text encoder; drop vae and "
+             "text_encoder")
     if cfg.kind == "taesd":
         need(bool(cfg.init_from), "a tiny autoencoder is distilled from a model's VAE: pass --model, "
              "e.g. --model emoji")
