@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+TMP_SUFFIX = ".tmp"
+
 
 @contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[str]:
@@ -17,7 +19,7 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
     file is removed and ``path`` keeps its previous complete content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         yield tmp
@@ -28,3 +30,18 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``replacing`` that a killed process (kill -9, power loss) left in
+    ``folder``: ``.NAME.XXXXXXXX.tmp``. Call it only where no other process is writing (a run folder at
+    its start). Returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        # ".{name}.{mkstemp's 8 random characters}.tmp": the target's name is in it, and it is a file
+        stem = p.name[1:-len(TMP_SUFFIX)]
+        name, _, rand = stem.rpartition(".")
+        if name and len(rand) == 8 and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

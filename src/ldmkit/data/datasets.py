@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -102,6 +103,15 @@ class Transform:
 
     def caption(self, caption: str, aug: Augment) -> str:
         return "" if aug.drop_caption else caption
+
+
+def outside_folder(root: Path, name: str) -> bool:
+    """Whether a file name from a dataset's metadata is absolute or climbs out of ``root`` (``../``): a
+    dataset that reads any file on the machine is a way to leak it (into a cache, a sample, a model)."""
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:
+        return True
+    base = os.path.normpath(root)
+    return os.path.commonpath([base, os.path.normpath(os.path.join(base, name))]) != base
 
 
 def flip_allowed(caption: str) -> bool:
@@ -206,6 +216,9 @@ def _records_from_metadata(root: Path, meta: Path) -> list[Record]:
                              'expected {"file_name": "...", "text": "..."}') from None
         if not isinstance(rec, dict) or not isinstance(rec.get("file_name"), str):
             raise ValueError(f'{meta}, line {n}: expected an object with a "file_name" string, got {line[:80]!r}')
+        if outside_folder(root, rec["file_name"]):
+            raise ValueError(f"{meta}, line {n}: {rec['file_name']!r} is outside the dataset folder {root}; "
+                             "metadata.jsonl may only name files inside it (move or link them in)")
         path = root / rec["file_name"]
         if not path.is_file():
             raise ValueError(f"{meta}, line {n}: image {rec['file_name']!r} not found in {root}")

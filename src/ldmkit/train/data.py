@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ldmkit.data.datasets import outside_folder
 from ldmkit.images import to_8bit
 from ldmkit.train.config import TrainError
 
@@ -92,6 +93,9 @@ def _records(root: Path) -> list[tuple[Path, str]]:
             name = next((rec[k] for k in _FILE_KEYS if k in rec), None)
             if name is None:
                 raise TrainError(f"{meta}:{n}: no image file field (expected one of {', '.join(_FILE_KEYS)})")
+            if not isinstance(name, str) or outside_folder(root, name):
+                raise TrainError(f"{meta}:{n}: {name!r} is outside the dataset folder {root}; metadata.jsonl may "
+                                 "only name files inside it (move or link them in)")
             path = next((p for p in (root / name, root / "images" / name) if p.exists()), None)
             if path is None:
                 raise TrainError(f"{meta}:{n}: image {name!r} not found in {root} or {root / 'images'}")

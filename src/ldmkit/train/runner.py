@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ldmkit.atomic import replacing
+from ldmkit.atomic import remove_leftovers, replacing
 from ldmkit.config import ModelConfig
 from ldmkit.train.config import TrainConfig, TrainError, arch_differences, to_toml, validate
 from ldmkit.train.data import ShardedOrder
@@ -139,6 +139,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+@contextlib.contextmanager
+def rng_unchanged() -> Any:
+    """A block (or, as ``@rng_unchanged()``, a function) that leaves the global RNGs as it found them.
+
+    For work done only sometimes, such as encoding the dataset into the latent cache on a run's first
+    start: whatever it draws (a VAE's random init before its weights load, shuffles), the weights
+    initialised afterwards and every later draw are the same whether or not it ran in this process
+    (issue 15, hardening 11: a restart that found the cache diverged from the uninterrupted run).
+    """
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 # ---------------------------------------------------------------- schedule and precision
 
 
@@ -242,6 +258,8 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, d: DistInfo) 
                          "or choose another --out")
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for p in remove_leftovers(run_dir):  # half-written files of a start that was killed (hardening 10)
+            warnings.warn(f"{p}: removed a partial file left by an interrupted write", stacklevel=2)
     d.barrier()
 
 

@@ -32,7 +32,7 @@ from ldmkit.models.vae import AutoencoderKL
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError, base_model_config
 from ldmkit.train.data import flip_allowed, load_dataset, save_grid, split_holdout
-from ldmkit.train.runner import CHECKPOINT, DistInfo
+from ldmkit.train.runner import CHECKPOINT, DistInfo, rng_unchanged
 from ldmkit.train.sources import load_init_model, load_model, load_vae_source
 
 VAE_FILE = "vae.safetensors"
@@ -161,6 +161,7 @@ def _cache_source(cfg: TrainConfig) -> str:
     return json.dumps({k: getattr(cfg, k) for k in keys})
 
 
+@rng_unchanged()  # the RNG stream must not depend on whether the cache was built in this process
 def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: Any = None,
                    vae_file: bool = True) -> None:
     """First start of a run (rank 0): copy the VAE and text encoder in, encode the dataset once.

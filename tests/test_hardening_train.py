@@ -1,0 +1,114 @@
+"""Hardening items 10 (training files, dataset paths) and 11 (reproducibility) of issue 15, on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from shapes import write_shapes
+
+from ldmkit.data.datasets import ImageCaptionDataset
+from ldmkit.train import TrainConfig, TrainError, defaults, train
+from ldmkit.train.data import load_dataset
+from ldmkit.train.runner import CHECKPOINT, read_checkpoint
+from ldmkit.train.unet import LATENTS_FILE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
+
+
+def tiny(kind: str, **kw) -> TrainConfig:
+    base = dict(model="tiny", size=SIZE, batch_size=3, total_steps=4, warmup_steps=1, lr=1e-3, log_every=1,
+                sample_every=0, checkpoint_every=2, device="cpu")
+    return defaults(kind).replace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def vae_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "vae"
+    train(tiny("vae", data=str(data), disc_start=1), run)
+    return run
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+class Crash(Exception):
+    pass
+
+
+def test_restart_after_cache_written_matches_uninterrupted(data: Path, vae_run: Path, tmp_path: Path) -> None:
+    """Item 11: killed after writing latents.safetensors but before the first checkpoint, then started again
+    with the same seed: the second start reuses the cache and must reproduce the uninterrupted run exactly."""
+    cfg = tiny("unet", data=str(data), vae=str(vae_run), total_steps=5, checkpoint_every=5, ema_decay=0.9)
+    train(cfg, tmp_path / "a")
+
+    def crash(step: int, info: dict) -> None:
+        raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "b", on_step=crash)
+    assert (tmp_path / "b" / LATENTS_FILE).exists() and not (tmp_path / "b" / CHECKPOINT).exists()
+    train(cfg, tmp_path / "b")
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5]
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
+    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
+    for k, v in ca["net"].items():
+        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
+
+
+def test_partial_checkpoint_temporaries_removed_on_resume(data: Path, tmp_path: Path) -> None:
+    """Item 10: a kill -9 during a checkpoint write leaves ``.checkpoint.pt.XXXX.tmp``; the next start removes
+    such leftovers of ldmkit's atomic writes (and nothing else)."""
+    run = tmp_path / "vae"
+    cfg = tiny("vae", data=str(data), total_steps=2, checkpoint_every=1)
+    train(cfg.replace(total_steps=1), run)
+    stale = [run / ".checkpoint.pt.k2j3h4ab.tmp", run / ".latents.safetensors.abc123de.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a checkpoint")
+    keep = [run / "notes.tmp", run / ".hidden"]
+    for p in keep:
+        p.write_text("mine")
+    train(cfg, run, resume=True)
+    assert read_checkpoint(run)["step"] == 2
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "images/../../outside.png"])
+def test_metadata_paths_outside_the_dataset_are_refused(tmp_path: Path, name: str) -> None:
+    """Item 10: metadata.jsonl entries may not point outside the dataset folder (both readers)."""
+    root = write_shapes(_mkdir(tmp_path / "ds"), 3, SIZE)
+    write_shapes(_mkdir(tmp_path / "other"), 1, SIZE)
+    (tmp_path / "outside.png").write_bytes((tmp_path / "other" / "images" / "000.png").read_bytes())
+    meta = root / "metadata.jsonl"
+    meta.write_text(meta.read_text() + json.dumps({"file_name": name, "text": "x"}) + "\n")
+    with pytest.raises(TrainError, match=r"outside the dataset folder"):
+        load_dataset(root, SIZE)
+    with pytest.raises(ValueError, match=r"line 4: .*outside the dataset folder"):
+        ImageCaptionDataset(root, SIZE)
+
+
+def test_metadata_paths_inside_still_work(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = write_shapes(_mkdir(tmp_path / "ds"), 3, SIZE)
+    meta = root / "metadata.jsonl"
+    meta.write_text(meta.read_text() + json.dumps({"file_name": "images/sub/../000.png", "text": "x"}) + "\n")
+    (root / "images" / "sub").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert len(load_dataset(root, SIZE).captions) == 4
+        assert len(ImageCaptionDataset(root, SIZE)) == 4
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True)
+    return p
