@@ -207,3 +207,15 @@ def test_png_info_bounds_all_text_chunks_together(client):
     b64 = base64.b64encode(png[:iend] + chunks + png[iend:]).decode()
     r = client.post("/sdapi/v1/png-info", json={"image": b64})
     assert r.status_code == 413 and "10.0 MB" in r.json()["detail"] and len(r.content) < 1000
+
+
+def test_background_server_checks_the_host_too(model_file):
+    requests = pytest.importorskip("requests")
+    from ldmkit.server.app import BackgroundServer
+
+    app = create_app(model_file, device="cpu")
+    with BackgroundServer(app) as url:
+        assert requests.get(f"{url}/sdapi/v1/samplers", timeout=30).status_code == 200
+        port = url.rsplit(":", 1)[1]
+        for host, code in ((f"localhost:{port}", 200), (f"evil.example:{port}", 400), ("", 400)):
+            assert requests.get(f"{url}/sdapi/v1/samplers", headers={"Host": host}, timeout=30).status_code == code

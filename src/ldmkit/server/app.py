@@ -97,19 +97,32 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-class _Guard:
-    """ASGI middleware: the Host header check, HTTP basic auth (constant-time compare) and a request body
-    size limit."""
+class HostGuard:
+    """ASGI middleware: HTTP 400 for a Host header not in ``allowed_hosts`` (see :func:`allowed_host_names`)."""
 
-    def __init__(self, app: Any, auth: tuple[str, str] | None, max_body: int,
-                 allowed_hosts: frozenset[str] | None = None):
-        self.app, self.auth, self.max_body, self.allowed_hosts = app, auth, max_body, allowed_hosts
+    def __init__(self, app: Any, allowed_hosts: Iterable[str]):
+        self.app, self.allowed_hosts = app, frozenset(allowed_hosts)
 
     def _host_ok(self, header: bytes | None) -> bool:
-        if self.allowed_hosts is None:
-            return True
         name = _host_name(header or b"")
         return name in self.allowed_hosts or ("*ip" in self.allowed_hosts and _is_ip(name))
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        host = dict(scope["headers"]).get(b"host") if scope["type"] == "http" else None
+        if scope["type"] == "http" and not self._host_ok(host):
+            name = _host_name(host or b"")[:100] or "(none)"
+            response = JSONResponse({"detail": f"Host {name!r} is not a name this server answers to (a guard "
+                                               f"against DNS rebinding); to allow it, start the server with "
+                                               f"--allowed-hosts {name}"}, 400)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class _Guard:
+    """ASGI middleware: HTTP basic auth (constant-time compare) and a request body size limit."""
+
+    def __init__(self, app: Any, auth: tuple[str, str] | None, max_body: int):
+        self.app, self.auth, self.max_body = app, auth, max_body
 
     @staticmethod
     def _authorized(header: bytes | None, auth: tuple[str, str]) -> bool:
@@ -128,12 +141,6 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if not self._host_ok(headers.get(b"host")):
-            name = _host_name(headers.get(b"host") or b"")[:100] or "(none)"
-            response = JSONResponse({"detail": f"Host {name!r} is not a name this server answers to (a guard "
-                                               f"against DNS rebinding); to allow it, start the server with "
-                                               f"--allowed-hosts {name}"}, 400)
-            return await response(scope, receive, send)
         if self.auth is not None and not self._authorized(headers.get(b"authorization"), self.auth):
             response = JSONResponse({"detail": "Not authenticated: this server needs HTTP basic auth (--api-auth)"},
                                     401, headers={"WWW-Authenticate": 'Basic realm="ldmkit"'})
@@ -246,8 +253,9 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                   description="Stable Diffusion from the model up: an AUTOMATIC1111-compatible API (/sdapi/v1) "
                               "and a web page at /.")
     app.state.worker, app.state.catalogue, app.state.limits, app.state.options = worker, catalogue, limits, options
-    app.add_middleware(_Guard, auth=auth, max_body=limits.max_body_bytes,
-                       allowed_hosts=None if allowed_hosts is None else frozenset(allowed_hosts))
+    app.add_middleware(_Guard, auth=auth, max_body=limits.max_body_bytes)
+    if allowed_hosts is not None:  # added last: it runs first
+        app.add_middleware(HostGuard, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
@@ -581,7 +589,9 @@ def _explain_page(out_dir: Path, result: Any = None) -> Path | None:
 
 
 class BackgroundServer:
-    """uvicorn in a thread on a free localhost port: ``with BackgroundServer(app) as url: ...``."""
+    """uvicorn in a thread on a free localhost port: ``with BackgroundServer(app) as url: ...``.
+
+    Requests must name the bound address (or localhost) as their Host, as under ``ldmkit serve``."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
@@ -590,7 +600,8 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        guarded = HostGuard(app, allowed_host_names(host) or ())
+        self.server = uvicorn.Server(uvicorn.Config(guarded, log_level="warning", timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
