@@ -96,9 +96,10 @@ def test_sampler_name_is_resolved_once_at_the_edge(model, monkeypatch):
 def test_bad_sampler_is_one_error_at_the_edge(tiny_file, capsys):
     with pytest.raises(P.GenerationError, match="unknown sampler 'Euler b'.*'Euler a'"):
         P.GenerationParams("x", sampler="Euler b")
-    assert cli.main(["generate", "x", "--model", str(tiny_file), "--sampler", "Euler b", "--steps", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown sampler 'Euler b'" in err and "Traceback" not in err
+    for command in ("generate", "explain"):
+        assert cli.main([command, "x", "--model", str(tiny_file), "--sampler", "Euler b", "--steps", "1"]) == 2
+        err = capsys.readouterr().err  # one line: no traceback, no progress bar begun
+        assert err.count("\n") == 1 and err.startswith("ldmkit: error: unknown sampler 'Euler b'")
 
 
 def test_sampler_records():

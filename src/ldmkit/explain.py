@@ -457,6 +457,13 @@ def build_explain_page(model: StableDiffusion, prompt: str, out_dir: str | Path,
     return write_page(explain(model, params, init_image, callback), out_dir, model.tokenizer)
 
 
+def _cli_params(args: argparse.Namespace) -> P.GenerationParams:
+    """The command line's settings; width/height 0 = the model's native size (filled in by ``explain``)."""
+    return P.GenerationParams(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                              cfg_scale=args.cfg_scale, sampler=args.sampler, seed=args.seed,
+                              width=args.width or 0, height=args.height or 0)
+
+
 # ---------------------------------------------------------------- command line
 
 EXAMPLES = """examples:
@@ -470,14 +477,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
     from ldmkit import api
 
+    params = _cli_params(args)  # a bad sampler name stops here, before anything is loaded
     init = P.open_image(args.init_image) if args.init_image else None
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device)
     with tqdm(total=args.steps, desc="explain", unit="step", dynamic_ncols=True) as bar:
-        page = build_explain_page(pipe.model, args.prompt, args.output, seed=args.seed, steps=args.steps,
-                                  sampler=args.sampler, cfg_scale=args.cfg_scale, width=args.width,
-                                  height=args.height, negative_prompt=args.negative_prompt, init_image=init,
-                                  callback=lambda info: bar.update(1))
-    print(page)
+        ex = explain(pipe.model, params, init, callback=lambda info: bar.update(1))
+    print(write_page(ex, args.output, pipe.model.tokenizer))
 
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
