@@ -80,7 +80,6 @@ def test_lists_ldmkit_does_not_have_are_empty(api, server):
     assert api.get_hypernetworks() == []
     assert api.get_face_restorers() == []
     assert api.get_realesrgan_models() == []
-    assert api.get_latent_upscale_modes() == []
     assert requests.get(f"{url}/sdapi/v1/extensions", timeout=TIMEOUT).json() == []
 
 
@@ -100,6 +99,10 @@ def test_cmd_flags_memory_and_scripts(api, server, model_file):
     assert [(i["name"], i["is_alwayson"], i["is_img2img"]) for i in info] == [("deepcache", True, False),
                                                                             ("deepcache", True, True)]
     assert [a["minimum"] for a in info[0]["args"]] == [1, 0]
+    # A1111's shared.latent_upscale_modes, in its order: the hires fix's latent upscalers
+    assert [m["name"] for m in api.get_latent_upscale_modes()] == [
+        "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+        "Latent (nearest-exact)"]
     assert api.interrupt() == {} and api.skip() == {}  # A1111's answers; idle, they change nothing
 
 

@@ -96,10 +96,17 @@ def add_misc_routes(app: FastAPI, *, worker: Worker, styles: StyleDatabase, flag
         return flags
 
     for path, what in (("hypernetworks", "hypernetworks"), ("face-restorers", "face restoration models"),
-                       ("realesrgan-models", "RealESRGAN models"), ("extensions", "A1111 extensions"),
-                       ("latent-upscale-modes", "hires fix latent upscale modes")):
+                       ("realesrgan-models", "bundled RealESRGAN models (upscaler files: /sdapi/v1/upscalers)"),
+                       ("extensions", "A1111 extensions")):
         app.add_api_route(f"/sdapi/v1/{path}", _empty_list, methods=["GET"], tags=["sdapi"],
                           description=f"[]: ldmkit has no {what}", response_model=list[dict])
+
+    @app.get("/sdapi/v1/latent-upscale-modes", tags=["sdapi"])
+    async def latent_upscale_modes() -> list[dict]:
+        """The latent upscalers of the hires fix (txt2img's hr_upscaler)."""
+        from ldmkit.hires import LATENT_UPSCALE_MODES
+
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
     @app.get("/sdapi/v1/prompt-styles", tags=["sdapi"])
     def prompt_styles() -> list[dict]:
