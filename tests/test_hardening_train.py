@@ -9,44 +9,23 @@ from pathlib import Path
 import pytest
 from shapes import write_shapes
 
+# the training tests' tiny dataset, configs and VAE run
+from test_train import SIZE, data, losses, tiny, vae_run  # noqa: E402, F401
+
 from ldmkit.data.datasets import ImageCaptionDataset
-from ldmkit.train import TrainConfig, TrainError, defaults, train
+from ldmkit.train import TrainError, train
 from ldmkit.train.data import load_dataset
 from ldmkit.train.runner import CHECKPOINT, read_checkpoint
 from ldmkit.train.unet import LATENTS_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
-
-
-def tiny(kind: str, **kw) -> TrainConfig:
-    base = dict(model="tiny", size=SIZE, batch_size=3, total_steps=4, warmup_steps=1, lr=1e-3, log_every=1,
-                sample_every=0, checkpoint_every=2, device="cpu")
-    return defaults(kind).replace(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def vae_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "vae"
-    train(tiny("vae", data=str(data), disc_start=1), run)
-    return run
-
-
-def losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
 class Crash(Exception):
     pass
 
 
-def test_restart_after_cache_written_matches_uninterrupted(data: Path, vae_run: Path, tmp_path: Path) -> None:
+def test_restart_after_cache_written_matches_uninterrupted(data: Path, vae_run: Path, tmp_path: Path) -> None:  # noqa: F811
     """Item 11: killed after writing latents.safetensors but before the first checkpoint, then started again
     with the same seed: the second start reuses the cache and must reproduce the uninterrupted run exactly."""
     cfg = tiny("unet", data=str(data), vae=str(vae_run), total_steps=5, checkpoint_every=5, ema_decay=0.9)
@@ -67,7 +46,7 @@ def test_restart_after_cache_written_matches_uninterrupted(data: Path, vae_run: 
         assert (v - cb["net"][k]).abs().max() <= 1e-6, k
 
 
-def test_partial_checkpoint_temporaries_removed_on_resume(data: Path, tmp_path: Path) -> None:
+def test_partial_checkpoint_temporaries_removed_on_resume(data: Path, tmp_path: Path) -> None:  # noqa: F811
     """Item 10: a kill -9 during a checkpoint write leaves ``.checkpoint.pt.XXXX.tmp``; the next start removes
     such leftovers of ldmkit's atomic writes (and nothing else)."""
     run = tmp_path / "vae"
