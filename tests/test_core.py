@@ -185,3 +185,31 @@ def test_deepcache_passes_sdxl_vector_conditioning():
             shallow.append(cached(x, t, ctx, y=y2))
             assert cached.shallow_calls == 1
     assert (shallow[0] - shallow[1]).abs().max() > 1e-3  # the shallow branch reads y (time embedding) too
+
+
+def test_api_server_and_cli_make_the_same_image(tiny_file, tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from ldmkit import api
+    from ldmkit.server.app import create_app
+
+    settings = dict(negative_prompt="blurry", steps=3, cfg_scale=5.0, seed=21, width=W, height=H)
+    ours = api.load(tiny_file, device="cpu").txt2img("a red apple", sampler="DPM++ 2M", scheduler="karras",
+                                                     **settings)[0]
+    out = tmp_path / "cli.png"
+    assert cli.main(["generate", "a red apple", "--model", str(tiny_file), "--sampler", "DPM++ 2M Karras", "--steps",
+                     "3", "--cfg-scale", "5", "--seed", "21", "--width", str(W), "--height", str(H),
+                     "--negative-prompt", "blurry", "--device", "cpu", "-o", str(out)]) == 0
+    capsys.readouterr()
+    r = TestClient(create_app(tiny_file, device="cpu", preview_interval=0)).post(
+        "/sdapi/v1/txt2img",
+        json={**settings, "prompt": "a red apple", "sampler_name": "DPM++ 2M", "scheduler": "karras"})
+    assert r.status_code == 200, r.text
+    served = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    with Image.open(out) as from_cli:
+        assert np.array_equal(_pixels(ours), _pixels(from_cli))
+        assert np.array_equal(_pixels(ours), _pixels(served))
