@@ -58,7 +58,7 @@ class GenerationRequest(_Request):
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    styles: list[str] | None = Field(None, description=IGNORED)
+    styles: list[str] | None = Field(None, description="prompt styles (/sdapi/v1/prompt-styles) applied in order")
     seed: int = Field(-1, description="-1 (any negative) for random; image i of the request uses seed + i")
     subseed: int = Field(-1, description=IGNORED)
     subseed_strength: float = Field(0.0, description=IGNORED)
@@ -91,11 +91,12 @@ class GenerationRequest(_Request):
     refiner_switch_at: float | None = Field(None, description=IGNORED)
     disable_extra_networks: bool = Field(False, description=IGNORED)
     comments: dict[str, Any] | None = Field(None, description=IGNORED)
-    script_name: str | None = Field(None, description=IGNORED)
+    script_name: str | None = Field(None, description="ldmkit has no selectable scripts: a name is a 422")
     script_args: list[Any] = Field(default_factory=list, description=IGNORED)
     send_images: bool = Field(True, description="false: return no images (only info)")
     save_images: bool = Field(False, description="also save the PNGs in the server's --output-dir, if it has one")
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description=IGNORED)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description=(
+        'always-on scripts (/sdapi/v1/script-info): {"deepcache": {"args": [interval, branch]}}; others are a 422'))
     force_task_id: str | None = Field(None, max_length=200,
                                       description="id to recognise this job in /sdapi/v1/progress (state.task_id)")
     infotext: str | None = Field(None, description=IGNORED)
