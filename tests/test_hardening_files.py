@@ -140,3 +140,18 @@ def test_server_models_dir_bad_files_are_4xx(files):
         assert f"{name}.safetensors" in r.text, r.text
     r = c.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 16, "height": 16})  # the good model still serves
     assert r.status_code == 200, r.text
+
+
+def test_model_file_extensions_are_case_insensitive(files, tmp_path):
+    """Hardening 10: ``Upper.SAFETENSORS`` is listed by the server and must load like ``upper.safetensors``
+    (its stored config and recommendations read from the header too)."""
+    upper = tmp_path / "Upper.SAFETENSORS"
+    upper.write_bytes((files / "good.safetensors").read_bytes())
+    model = checkpoint.load(upper)
+    assert model.cfg.unet == TINY.unet
+    from ldmkit.recommended import file_recommended
+
+    assert file_recommended(upper) == file_recommended(files / "good.safetensors")
+    ckpt = tmp_path / "Old.CKPT"
+    torch.save({"state_dict": load_file(files / "good.safetensors")}, ckpt)
+    assert checkpoint.read_state_dict(ckpt)[0].keys() == load_file(files / "good.safetensors").keys()

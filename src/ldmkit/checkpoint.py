@@ -90,9 +90,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file")
-    if p.suffix == ".safetensors":
+    suffix = p.suffix.lower()  # Upper.SAFETENSORS too (hardening 10)
+    if suffix == ".safetensors":
         return read_safetensors(p)
-    if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         return read_ckpt(p), {}
     raise CheckpointError(f"{p}: unknown checkpoint extension {p.suffix!r}; expected .safetensors or .ckpt")
 

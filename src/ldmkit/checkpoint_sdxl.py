@@ -189,7 +189,7 @@ def sdxl_kind(path: str | os.PathLike) -> str | None:
         if not (p / "text_encoder").is_dir():
             return "SDXL refiner"
         return "SDXL inpainting" if unet.get("in_channels", 4) == 9 else "SDXL base"
-    if p.suffix != ".safetensors" or not p.is_file():
+    if p.suffix.lower() != ".safetensors" or not p.is_file():
         return None
     from safetensors import SafetensorError, safe_open
 

@@ -85,7 +85,7 @@ def embedding_from_data(data: object, name: str, path: str = "") -> Embedding:
 def load_embedding(path: str | os.PathLike) -> Embedding:
     """Read one embedding file; its word is the file name without extension."""
     p = Path(path)
-    if p.suffix == ".safetensors":
+    if p.suffix.lower() == ".safetensors":
         data: object = read_safetensors(p)[0]
     else:
         try:

@@ -92,7 +92,7 @@ def short_hash(path: str | os.PathLike) -> str:
     "addnet" hash, header excluded, so metadata edits keep it), of the whole file otherwise; 12 digits."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if str(path).endswith(".safetensors"):
+        if str(path).lower().endswith(".safetensors"):
             n = int.from_bytes(f.read(8), "little")
             f.seek(n + 8)
         for chunk in iter(lambda: f.read(1 << 20), b""):

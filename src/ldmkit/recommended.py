@@ -100,7 +100,7 @@ def implied_recommended(guidance_embedded: bool) -> Recommended | None:
 def file_recommended(path: str | os.PathLike) -> Recommended | None:
     """The recommendations in a .safetensors file's header (None for other files or none stored), read
     without loading its tensors: an LCM-LoRA recommends the sampler it was distilled for."""
-    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+    if Path(path).suffix.lower() != ".safetensors" or not Path(path).is_file():
         return None
     from safetensors import safe_open
 

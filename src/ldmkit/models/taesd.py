@@ -214,7 +214,7 @@ def _original_files(folder: Path) -> dict[str, Path]:
 
 
 def _file_keys(p: Path) -> list[str]:
-    if p.suffix == ".safetensors":
+    if p.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         try:

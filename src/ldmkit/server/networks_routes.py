@@ -38,7 +38,7 @@ class NetworkFolders:
 
 
 def _metadata(path: os.PathLike) -> dict[str, Any]:
-    if not str(path).endswith(".safetensors"):
+    if not str(path).lower().endswith(".safetensors"):
         return {}
     try:
         from safetensors import safe_open
