@@ -46,7 +46,19 @@ async function loadChoices() {
     sc.innerHTML = "";
     for (const item of schedulers) sc.add(new Option(item.label, item.name));
   } catch (e) { showError(`could not load samplers: ${e.message}`); }
-  await Promise.all([loadModels(), loadVaes()]);
+  await Promise.all([loadModels(), loadVaes(), loadUpscalers()]);
+}
+
+// hires fix: A1111's latent modes, then the server's upscalers (None, Lanczos, Nearest, its --upscaler-dir files)
+const LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
+  "Latent (nearest)", "Latent (nearest-exact)"];
+async function loadUpscalers() {
+  const sel = $("#hr_upscaler");
+  sel.innerHTML = "";
+  for (const name of LATENT_MODES) sel.add(new Option(name, name));
+  try {
+    for (const u of await api("GET", "/sdapi/v1/upscalers")) sel.add(new Option(u.name, u.name));
+  } catch (e) { showError(`could not load upscalers: ${e.message}`); }
 }
 
 async function loadModels() {
@@ -95,6 +107,7 @@ function setMode(mode) {
   state.mode = mode;
   for (const b of document.querySelectorAll(".tabs button")) b.classList.toggle("active", b.dataset.mode === mode);
   $("#init-section").hidden = mode === "txt2img";
+  $("#hires-section").hidden = mode !== "txt2img";
   $("#mask-tools").hidden = mode !== "inpaint";
   $("#mask-canvas").classList.toggle("off", mode !== "inpaint");
 }
@@ -102,6 +115,7 @@ for (const b of document.querySelectorAll(".tabs button")) b.addEventListener("c
 
 $("#denoising_strength").addEventListener("input", (ev) => { $("#strength-value").textContent = ev.target.value; });
 $("#random-seed").addEventListener("click", () => { $("#seed").value = -1; });
+$("#enable_hr").addEventListener("change", (ev) => { if (ev.target.checked) $("#hires-section").open = true; });
 
 function setInitImage(dataUrl) {
   const img = new Image();
@@ -184,6 +198,11 @@ function requestBody() {
   };
   const deepcache = num("#deepcache");  // a per-request override; anything but 1 goes to the server to check
   if (deepcache !== 1) body.override_settings = { ...(body.override_settings || {}), deepcache_interval: deepcache };
+  if (state.mode === "txt2img" && $("#enable_hr").checked) {
+    Object.assign(body, { enable_hr: true, hr_upscaler: $("#hr_upscaler").value, hr_scale: num("#hr_scale"),
+      hr_second_pass_steps: num("#hr_second_pass_steps"), denoising_strength: num("#hr_denoising_strength"),
+      hr_resize_x: num("#hr_resize_x"), hr_resize_y: num("#hr_resize_y") });
+  }
   if (state.mode !== "txt2img") {
     if (!state.initDataUrl) throw new Error("choose an init image first");
     body.init_images = [state.initDataUrl];
