@@ -217,3 +217,16 @@ def test_api_bad_hires_settings(hires_server, extra, field):
 
 def json_loc(r) -> str:
     return " ".join(str(x) for e in r.json()["detail"] for x in e["loc"])
+
+
+def test_python_api_hires(saved):
+    from ldmkit import api
+
+    folder, _ = saved
+    pipe = api.load(str(folder), device="cpu")
+    hires = HiresParams(scale=1.5, upscaler="Nearest", steps=2, denoise=0.6)
+    kw = dict(steps=2, sampler="Euler", seed=4, width=16, height=16)
+    out = pipe.txt2img("a boat", hires=hires, **kw)[0]
+    direct = txt2img_hires(pipe.model, GenerationParams("a boat", **kw), hires)[0]
+    assert out.size == (24, 24) and np.array_equal(np.asarray(out), np.asarray(direct))
+    assert "Hires upscaler: Nearest" in out.info["parameters"]

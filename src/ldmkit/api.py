@@ -72,7 +72,12 @@ class Pipeline:
         kw = apply_recommended({k: v for k, v in kw.items() if k != "callback"}, self.model.recommended)
         return P.GenerationParams(prompt=prompt, **{k: v for k, v in kw.items() if v is not None})
 
-    def txt2img(self, prompt: str, **kw) -> list[Image.Image]:
+    def txt2img(self, prompt: str, hires=None, **kw) -> list[Image.Image]:
+        """``hires``: an ``ldmkit.hires.HiresParams`` for A1111's hires fix (upscale, then a second pass)."""
+        if hires is not None:
+            from ldmkit.hires import txt2img_hires
+
+            return txt2img_hires(self.model, self._params(prompt, kw), hires, callback=kw.get("callback"))
         return P.txt2img(self.model, self._params(prompt, kw), callback=kw.get("callback"))
 
     def img2img(self, prompt: str, init_image: Image.Image, **kw) -> list[Image.Image]:
