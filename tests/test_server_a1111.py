@@ -325,3 +325,21 @@ def test_override_settings_are_applied_or_refused(api, server, model):
                           timeout=TIMEOUT)
         assert r.status_code == 422 and words in r.json()["detail"][0]["msg"], r.text
         assert r.json()["detail"][0]["loc"] == ["body", "override_settings", next(iter(override))]
+
+
+def test_styles_file_reread_when_changed_and_a1111_legacy_column(tmp_path):
+    import os
+
+    from ldmkit.server.styles import StyleDatabase, merge_prompts
+
+    path = tmp_path / "styles.csv"
+    path.write_text("\ufeffname,text,negative_prompt\nold,\"{prompt}, oil\",\n", encoding="utf-8")  # BOM, "text"
+    db = StyleDatabase(path)
+    assert db.apply(["old"], "a cat", "") == ("a cat, oil", "")
+    path.write_text("name,prompt,negative_prompt\nnew,sketch,\n", encoding="utf-8")
+    os.utime(path, ns=(1, 2))  # a different stamp even within the file system's time resolution
+    assert list(db.styles()) == ["new"]
+    # A1111's merge rule: an empty prompt gives the style alone; whitespace is trimmed before joining
+    assert merge_prompts("sketch", "") == "sketch" and merge_prompts(" sketch ", " a cat ") == "a cat, sketch"
+    with pytest.raises(FileNotFoundError, match="--styles-file"):
+        StyleDatabase(tmp_path / "missing.csv")
