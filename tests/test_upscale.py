@@ -12,6 +12,7 @@ References written independently of ``ldmkit.models.esrgan``:
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import zipfile
 
@@ -567,3 +568,25 @@ def test_server_with_a1111_client(upscaler_server):
     assert result.image.size == (72, 48)  # x2 net twice (A1111: until large enough), Lanczos down to x3
     assert [im.size for im in batch.images] == [(48, 32), (48, 32)]
     assert np.array_equal(np.asarray(batch.images[0].convert("RGB")), np.asarray(img).repeat(2, 0).repeat(2, 1))
+
+
+def test_server_upscaler_file_broken_after_listing(tmp_path):
+    """A listed file replaced by garbage: probed again (a new version), left out: a 422, never a 500."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ldmkit.config import TINY
+    from ldmkit.model import StableDiffusion
+    from ldmkit.server.app import create_app
+
+    _save(srvgg_params(8, 1, 2, seed=1), tmp_path / "a.pth", "params")
+    _save(srvgg_params(8, 1, 2, seed=2), tmp_path / "b.pth", "params")
+    app = create_app(StableDiffusion(TINY), upscaler_dir=tmp_path, device="cpu", preview_interval=None)
+    with TestClient(app) as client:
+        assert {"a", "b"} <= {u["name"] for u in client.get("/sdapi/v1/upscalers").json()}
+        (tmp_path / "b.pth").write_bytes(b"garbage")
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": _b64(_image()), "upscaler_1": "a"})
+        assert r.status_code == 200
+        os.utime(tmp_path / "b.pth", ns=(1, 1))  # a new version of the file: probed again, left out
+        r = client.post("/sdapi/v1/extra-single-image", json={"image": _b64(_image()), "upscaler_1": "b"})
+        assert r.status_code == 422 and "no upscaler 'b'" in r.text

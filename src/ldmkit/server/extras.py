@@ -76,7 +76,10 @@ class UpscalerCatalogue:
     def _probe(self, path: Path, name: str) -> UpscalerInfo | None:
         from ldmkit.models.esrgan import UpscalerFormatError, detect
 
-        key = (str(path), path.stat().st_mtime_ns)
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except OSError:  # gone since the folder was listed
+            return None
         if key not in self._probed:
             try:
                 arch, _ = detect(read_upscaler_file(path))
@@ -118,7 +121,10 @@ class UpscalerCatalogue:
             up = builtin_upscaler(info.name)
             assert up is not None
             return up
-        key = (info.path, Path(info.path).stat().st_mtime_ns)
+        try:
+            key = (info.path, Path(info.path).stat().st_mtime_ns)
+        except OSError as e:
+            raise CheckpointError(f"upscaler {info.name}: {info.path} cannot be read ({e.strerror})") from None
         with self._lock:
             if key not in self._loaded:
                 self._loaded.clear()  # one network at a time is enough; don't hoard memory
