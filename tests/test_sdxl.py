@@ -6,7 +6,6 @@ StableDiffusionXLPipeline (prompt encoding, from_single_file), with weights move
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 
 import pytest
@@ -282,7 +281,9 @@ def test_long_prompt_chunks_and_emphasis():
         assert torch.allclose(weighted[..., sl].mean(), plain[..., sl].mean(), atol=1e-6)
 
 
-def test_cli_info_and_generate_refusal(tmp_path, capsys):
+def test_cli_info_and_generate(tmp_path, capsys):
+    from PIL import Image
+
     from ldmkit import checkpoint_sdxl
     from ldmkit.cli import main
     from ldmkit.sdxl import StableDiffusionXL
@@ -292,11 +293,29 @@ def test_cli_info_and_generate_refusal(tmp_path, capsys):
     checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL_INPAINT).eval(), path)
     assert main(["info", str(path)]) == 0
     assert "family: sdxl (SDXL inpainting)" in capsys.readouterr().out
-    assert main(["generate", "an apple", "--model", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "SDXL inpainting model: SDXL generation is not implemented" in err
+    out = tmp_path / "out.png"
+    assert main(["generate", "an apple", "--model", str(path), "--steps", "2", "--width", "32", "--height", "24",
+                 "--seed", "5", "-o", str(out)]) == 0
+    info = Image.open(out).info["parameters"]
+    assert info.startswith("an apple\nSteps: 2, ") and "Size: 32x24" in info and "Model: tiny-xl" in info
     with pytest.raises(checkpoint.CheckpointError, match="weights are SDXL inpainting"):
         checkpoint.load(path, model_type="sdxl-refiner")
+
+
+def test_refiner_as_base_is_named(tmp_path, capsys):
+    """txt2img with a refiner is one line naming it and the way to use it (img2img)."""
+    from ldmkit import checkpoint_sdxl
+    from ldmkit.cli import main
+    from ldmkit.sdxl import StableDiffusionXL
+
+    torch.manual_seed(0)
+    path = tmp_path / "refiner.safetensors"
+    checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL_REFINER).eval(), path)
+    assert main(["generate", "an apple", "--model", str(path), "--steps", "2", "--width", "32", "--height", "24",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "refiner is an SDXL refiner" in err
+    assert "ldmkit img2img --model REFINER" in err
 
 
 def test_truncated_sdxl_file_is_named(tmp_path):
@@ -313,117 +332,4 @@ def test_truncated_sdxl_file_is_named(tmp_path):
         checkpoint.load(tmp_path / "cut.safetensors")
 
 
-# ------------------------------------------------------------------------- full size (slow tier)
-
-
-def _random_like(sd: dict, seed: int) -> dict:
-    """Random weights for a meta state dict: norms near 1/0, other weights scaled by 1/sqrt(fan-in)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in sd.items():
-        r = torch.randn(t.shape, generator=g)
-        if "norm" in name:
-            out[name] = (1 + 0.1 * r) if name.endswith("weight") else 0.1 * r
-        else:
-            out[name] = r / max(1, t[0].numel()) ** 0.5 if t.ndim > 1 else 0.1 * r
-    return out
-
-
-@pytest.mark.slow
-def test_full_sdxl_unet_block_by_block():
-    """The full SDXL base U-Net against diffusers in parts: each diffusers down/mid/up block and ldmkit's
-    LDM blocks that make it, with the same random weights (moved through our diffusers -> LDM key table) and
-    the same inputs; one block pair in memory at a time (up_blocks.0 is ~1.1 B parameters)."""
-    from diffusers import UNet2DConditionModel
-
-    cfg = SDXL_BASE.unet
-    with torch.device("meta"):
-        ref = UNet2DConditionModel(**convert.diffusers_unet_config(cfg))
-        ours = UNetModel(cfg)
-    blocks = convert._unet_blocks(cfg)
-    g = torch.Generator().manual_seed(0)
-    lat, b = 16, 1
-    emb = torch.randn(b, 1280, generator=g)
-    ctx = torch.randn(b, 77, 2048, generator=g)
-
-    def load_pair(hf_prefix: str, ldm_indices: list[str], seed: int):
-        module = ref.get_submodule(hf_prefix)
-        sd = _random_like(module.state_dict(), seed)
-        module.load_state_dict(sd, assign=True)
-        conv = convert._convert({f"{hf_prefix}.{k}": v for k, v in sd.items()},
-                                [x for x in blocks if x.hf.startswith(hf_prefix + ".")], to_ldm=True, what=hf_prefix)
-        mods = []
-        for idx in ldm_indices:
-            sub = ours.get_submodule(idx)
-            checkpoint.load_strict(sub, {k[len(idx) + 1:]: v for k, v in conv.items() if k.startswith(idx + ".")}, idx)
-            mods.append(sub)
-        return module, mods
-
-    def unload(module, mods):
-        for m in [module, *mods]:
-            m.to("meta")
-        gc.collect()
-
-    widths = [320, 640, 1280]
-    for level in range(3):  # down blocks: two ResBlocks (+ transformers), then a downsampler
-        s = lat >> level
-        h = torch.randn(b, widths[max(level - 1, 0)], s, s, generator=g)
-        k0 = 1 + 3 * level
-        idx = [f"input_blocks.{k}" for k in range(k0, k0 + (3 if level < 2 else 2))]
-        module, mods = load_pair(f"down_blocks.{level}", idx, 10 + level)
-        with torch.no_grad():
-            kw = {"encoder_hidden_states": ctx} if cfg.attention_levels[level] else {}
-            exp_h, exp_res = module(h, emb, **kw)
-            got = []
-            for m in mods:
-                h = m(h, emb, ctx)
-                got.append(h)
-        for a, e in zip(got, exp_res, strict=True):
-            assert rel_err(a, e) <= TOL, f"down_blocks.{level}"
-        assert rel_err(got[-1], exp_h) <= TOL
-        unload(module, mods)
-
-    h = torch.randn(b, 1280, lat // 4, lat // 4, generator=g)
-    module, mods = load_pair("mid_block", ["middle_block"], 20)
-    with torch.no_grad():
-        assert rel_err(mods[0](h, emb, ctx), module(h, emb, encoder_hidden_states=ctx)) <= TOL
-    unload(module, mods)
-
-    # up blocks: (input width, skip widths in the order they are popped, spatial size)
-    ups = [(1280, [1280, 1280, 640], lat // 4), (1280, [640, 640, 320], lat // 2), (640, [320, 320, 320], lat)]
-    for i, (c_in, skip_w, s) in enumerate(ups):
-        h = torch.randn(b, c_in, s, s, generator=g)
-        skips = [torch.randn(b, c, s, s, generator=g) for c in reversed(skip_w)]  # popped from the end
-        module, mods = load_pair(f"up_blocks.{i}", [f"output_blocks.{3 * i + j}" for j in range(3)], 30 + i)
-        with torch.no_grad():
-            kw = {"encoder_hidden_states": ctx} if cfg.attention_levels[2 - i] else {}
-            expected = module(h, tuple(skips), emb, **kw)
-            stack = list(skips)
-            for m in mods:
-                h = m(torch.cat([h, stack.pop()], dim=1), emb, ctx)
-        assert rel_err(h, expected) <= TOL, f"up_blocks.{i}"
-        unload(module, mods)
-
-
-@pytest.mark.slow
-def test_full_bigg_encoder():
-    """The full OpenCLIP ViT-bigG/14 text encoder (32 layers, 1280 wide) vs CLIPTextModelWithProjection,
-    through the single file's OpenCLIP layout."""
-    tcfg = SDXL_BASE.text2
-    ref = _hf_encoder(tcfg, 7, projection=True)
-    ids = _ids(0)
-    with torch.no_grad():
-        out = ref(ids, output_hidden_states=True)
-    sd = convert.normalize_hf_text(ref.state_dict())
-    del ref
-    single = convert_sdxl.join_sdxl_checkpoint({}, {}, [sd], ["openclip"])
-    del sd
-    _, _, (back,), _ = convert_sdxl.split_sdxl_checkpoint({**single, "model.diffusion_model.x": torch.zeros(1)})
-    del single
-    with torch.device("meta"):
-        ours = CLIPTextModel(tcfg)
-    checkpoint.load_strict(ours, back, "bigG")
-    with torch.no_grad():
-        hidden, pooled = ours.hidden_and_pooled(ids, skip=2)
-    assert rel_err(hidden, out.hidden_states[-2]) <= TOL
-    assert rel_err(pooled, out.text_embeds) <= TOL
+# full-size networks (slow tier): tests/test_sdxl_full.py

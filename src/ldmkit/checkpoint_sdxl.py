@@ -205,10 +205,3 @@ def sdxl_kind(path: str | os.PathLike) -> str | None:
         return "SDXL refiner"
     return "SDXL inpainting" if conv_in[1] == 9 else "SDXL base"
 
-
-def refuse_generation(path: str | os.PathLike) -> None:
-    """Until SDXL sampling lands (issue 13), generating from an SDXL model is a one-line error, not a traceback."""
-    kind = sdxl_kind(path)
-    if kind is not None:
-        raise CheckpointError(f"{Path(path).name} is an {kind} model: SDXL generation is not implemented in ldmkit "
-                              "yet (its networks load: `ldmkit info`, `ldmkit convert`); use an SD1/SD2 model")

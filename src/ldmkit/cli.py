@@ -265,15 +265,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from ldmkit.lora import parse_lora_arg
 
     loras = [parse_lora_arg(spec) for spec in args.lora]
-    from ldmkit.checkpoint_sdxl import refuse_generation
-
-    refuse_generation(api.resolve_model_path(args.model))
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras,
                     low_memory=args.low_memory, vae_tiling=args.vae_tiling, lora_dir=args.lora_dir,
                     embeddings_dir=args.embeddings_dir)
     pipe.model.lora_strict = args.lora_strict
     params = _params_from_args(args, pipe.model)
     P.validate(params, pipe.model)
+    if args.command == "generate":
+        from ldmkit.sdxl import check_txt2img
+
+        check_txt2img(pipe.model)  # before the progress bar: an SDXL refiner cannot start from noise
     from ldmkit.prompt import unknown_words
 
     unknown = unknown_words(pipe.model, params.prompt)

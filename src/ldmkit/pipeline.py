@@ -171,6 +171,9 @@ def finish(model: StableDiffusion, params: GenerationParams, latents: Tensor, se
 def txt2img_latents(model: StableDiffusion, params: GenerationParams,
                     callback: StepCallback | None = None) -> tuple[Job, Tensor]:
     """txt2img up to the final latents: the prepared job and its latents (explain records the stages)."""
+    from ldmkit.sdxl import check_txt2img
+
+    check_txt2img(model)  # an SDXL refiner cannot start from noise
     job = _job(model, params)
     return job, sample(model, job.plan, job.cond, job.uncond, job.noise, callback=callback)
 

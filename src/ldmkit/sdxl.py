@@ -11,14 +11,20 @@ CLIP-L and ``text_encoder_2`` bigG; the refiner's ``text_encoder`` is bigG.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from ldmkit.config import ModelConfig
+from ldmkit.denoisers import Conditioning
 from ldmkit.model import StableDiffusion
 from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.prompt import embedding_matcher, pad_to, reweight, token_embeddings, tokenize_chunks
+
+if TYPE_CHECKING:
+    from ldmkit.core import GenerationParams
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -88,3 +94,61 @@ class StableDiffusionXL(StableDiffusion):
             empty = self.encode_chunks("")[0]
             cache = {p: (pad_to(z, longest, empty), pool) for p, (z, pool) in cache.items()}
         return torch.cat([cache[p][0] for p in prompts]), torch.cat([cache[p][1] for p in prompts])
+
+
+# ---------------------------------------------------------------- conditioning for the generation core
+
+# A1111's defaults (sdxl_refiner_high/low_aesthetic_score; diffusers' aesthetic_score/negative_aesthetic_score)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+
+
+def micro_ids(cfg: ModelConfig, width: int, height: int, negative: bool = False) -> Tensor:
+    """The size/crop ids of one image, (1, n), as A1111 sends them: original size = target size = the image's,
+    crop top-left (0, 0). Base: (h, w, top, left, target h, target w); refiner: (h, w, top, left, aesthetic
+    score), the low score for the negative prompt."""
+    if cfg.family == "sdxl-refiner":
+        last = [NEGATIVE_AESTHETIC_SCORE if negative else AESTHETIC_SCORE]
+    else:
+        last = [height, width]
+    return torch.tensor([[height, width, 0, 0, *last]], dtype=torch.float32)
+
+
+def encode_conditioning(model: StableDiffusionXL, prompts: list[str], negatives: list[str],
+                        params: GenerationParams) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) of a batch for ``core.sample``: token embeddings of both encoders, the pooled bigG vector
+    and the size/crop (refiner: aesthetic) ids. An empty negative prompt is zeros, context and pooled alike,
+    as in A1111 (``force_zero_embeddings``) and diffusers (``force_zeros_for_empty_prompt``)."""
+    from ldmkit import lowmem
+    from ldmkit.networks import apply_prompt_networks
+
+    prompts, negatives, _ = apply_prompt_networks(model, list(prompts), list(negatives))
+    zero_negative = all(n == "" for n in negatives)
+    try:
+        ctx, pooled = model.encode(prompts if zero_negative else prompts + negatives)
+    finally:
+        for part in model.parts():
+            if part.startswith("text_encoder"):
+                lowmem.release(model, part)
+    n = len(prompts)
+    if zero_negative:  # zeros for one chunk; a longer prompt pads it with the empty prompt's chunks (A1111)
+        zeros = torch.zeros_like(ctx[:1, : model.cfg.text.max_positions])
+        if ctx.shape[1] > zeros.shape[1]:
+            with torch.inference_mode():
+                zeros = pad_to(zeros, ctx.shape[1], model.encode_chunks("")[0].to(ctx))
+        neg_ctx, neg_pooled = zeros.expand(n, -1, -1), torch.zeros_like(pooled[:1]).expand(n, -1)
+    else:
+        ctx, neg_ctx, pooled, neg_pooled = ctx[:n], ctx[n:], pooled[:n], pooled[n:]
+    ids = micro_ids(model.cfg, params.width, params.height).to(ctx.device).expand(n, -1)
+    neg_ids = micro_ids(model.cfg, params.width, params.height, negative=True).to(ctx.device).expand(n, -1)
+    return Conditioning(ctx, pooled, ids), Conditioning(neg_ctx, neg_pooled, neg_ids)
+
+
+def check_txt2img(model: StableDiffusion) -> None:
+    """A refiner only ever learnt the last, low-noise steps (t < 200 of 1000): started from pure noise it
+    draws mush, so txt2img with it is refused, naming what to do instead."""
+    if model.cfg.family == "sdxl-refiner":
+        from ldmkit.core import GenerationError
+
+        raise GenerationError(f"{model.source_name} is an SDXL refiner, which only finishes images (it was trained "
+                              "on the last, low-noise steps): generate with an SDXL base model and refine the "
+                              "result with `ldmkit img2img --model REFINER --strength 0.3`")

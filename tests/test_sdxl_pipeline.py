@@ -1,0 +1,161 @@
+"""SDXL generation end to end against diffusers: a random tiny SDXL pipeline saved by diffusers loads in ldmkit
+and txt2img (Euler, DPM++ 2M Karras), img2img and the refiner give the same image as StableDiffusionXLPipeline /
+StableDiffusionXLImg2ImgPipeline (max pixel difference <= 2/255); ldmkit's single file loads in diffusers'
+from_single_file and gives the same image again.
+
+Scheduler correspondences as in tests/test_e2e_parity.py (docs/samplers.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_sdxl import _diffusers_sdxl_folder
+
+from ldmkit import checkpoint
+from ldmkit.config import TINY_SDXL, TINY_SDXL_REFINER
+from ldmkit.pipeline import GenerationParams, img2img, txt2img
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+W, H = 32, 24  # latent 16 x 12 with the tiny autoencoder (f = 2)
+PROMPT = "a red apple on a wooden table"
+
+
+def _pixels(img) -> np.ndarray:
+    return np.asarray(img).astype(np.int16)
+
+
+def _ref_pixels(out) -> np.ndarray:
+    return (out.images[0] * 255).round().astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("xl")
+    pipe = _diffusers_sdxl_folder(TINY_SDXL, folder)
+    return folder / "model", pipe
+
+
+@pytest.fixture(scope="module")
+def refiner(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("xl-refiner")
+    pipe = _diffusers_sdxl_folder(TINY_SDXL_REFINER, folder)
+    return folder / "model", pipe
+
+
+def _scheduler(case: str):
+    import diffusers
+
+    if case == "euler":
+        return diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="linspace")
+    return diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="dpmsolver++", solver_order=2,
+                                                 solver_type="midpoint", use_karras_sigmas=True,
+                                                 final_sigmas_type="zero")
+
+
+def _diffusers_txt2img(pipe, case: str, negative: str, steps: int, seed: int) -> np.ndarray:
+    pipe.scheduler = _scheduler(case)
+    latents = None
+    if case == "dpmpp_2m":  # diffusers' DPM-Solver starts in x / sqrt(1 + sigma^2) space (see test_e2e_parity)
+        z = torch.randn((1, 4, H // 2, W // 2), generator=torch.Generator().manual_seed(seed))
+        sigma_max = 14.614641
+        latents = z * sigma_max / math.sqrt(1 + sigma_max**2)
+    # negative_prompt None is diffusers' zeroed negative (force_zeros_for_empty_prompt), A1111's for ""
+    out = pipe(PROMPT, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=6.0,
+               generator=torch.Generator().manual_seed(seed), height=H, width=W, output_type="np", latents=latents)
+    return _ref_pixels(out)
+
+
+CASES = {"euler": ("Euler", "uniform", 8), "dpmpp_2m": ("DPM++ 2M", "karras", 10)}
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"], ids=["zero-negative", "negative"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_txt2img_matches_diffusers(base, case: str, negative: str):
+    folder, pipe = base
+    sampler, schedule, steps = CASES[case]
+    ref = _diffusers_txt2img(pipe, case, negative, steps, seed=1234)
+    model = checkpoint.load(folder)
+    ours = txt2img(model, GenerationParams(PROMPT, negative_prompt=negative, steps=steps, cfg_scale=6.0,
+                                           sampler=sampler, scheduler=schedule, seed=1234, width=W, height=H))[0]
+    diff = np.abs(_pixels(ours) - ref).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    assert ref.std() > 5  # not a flat image
+    info = ours.info["parameters"]
+    assert f"Sampler: {sampler}" in info and f"Size: {W}x{H}" in info and "Model: model" in info
+
+
+def _img2img_reference(i2i, monkeypatch, prompt, init, steps, strength, seed, **kw) -> np.ndarray:
+    """diffusers' img2img with the posterior's mean (ldmkit encodes to the mean) and ldmkit given the noise
+    diffusers' generator draws second (the first draw is diffusers' posterior sample)."""
+    from ldmkit import pipeline as P
+
+    original = i2i.vae.encode
+
+    def mean_only(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
+        return out
+
+    monkeypatch.setattr(i2i.vae, "encode", mean_only)
+
+    def diffusers_order_noise(seeds, shape, device):
+        g = torch.Generator().manual_seed(seeds[0])
+        torch.randn((1, *shape), generator=g)
+        return torch.randn((1, *shape), generator=g)
+
+    monkeypatch.setattr(P, "initial_noise", diffusers_order_noise)
+    i2i.scheduler = _scheduler("euler")
+    out = i2i(prompt, image=init, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
+              generator=torch.Generator().manual_seed(seed), output_type="np", **kw)
+    return _ref_pixels(out)
+
+
+def _init_image():
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_img2img_and_refiner_match_diffusers(which: str, base, refiner, monkeypatch):
+    """img2img with the base (size/crop ids) and the refiner (aesthetic score 6 / 2.5) vs
+    StableDiffusionXLImg2ImgPipeline."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    folder, pipe = base if which == "base" else refiner
+    i2i = pipe if which == "refiner" else StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    init = _init_image()
+    steps, strength, seed = 10, 0.6, 7
+    ref = _img2img_reference(i2i, monkeypatch, "a watercolor apple", init, steps, strength, seed,
+                             negative_prompt="dark")
+    model = checkpoint.load(folder)
+    ours = img2img(model, GenerationParams("a watercolor apple", negative_prompt="dark", steps=steps, cfg_scale=5.0,
+                                           sampler="Euler", scheduler="uniform", seed=seed, width=W, height=H,
+                                           strength=strength), init)[0]
+    diff = np.abs(_pixels(ours) - ref).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    assert "Denoising strength: 0.6" in ours.info["parameters"]
+
+
+def test_single_file_output_in_diffusers(base, tmp_path):
+    """ldmkit's single file (no stored config needed by diffusers) loads in from_single_file and gives the
+    same image as ldmkit from that file."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldmkit.checkpoint_sdxl import save_sdxl_single_file
+
+    folder, _ = base
+    path = tmp_path / "tiny-xl.safetensors"
+    save_sdxl_single_file(checkpoint.load(folder), path)
+    theirs = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    ref = _diffusers_txt2img(theirs, "euler", "blurry", 8, seed=99)
+    model = checkpoint.load(path)
+    ours = txt2img(model, GenerationParams(PROMPT, negative_prompt="blurry", steps=8, cfg_scale=6.0,
+                                           sampler="Euler", scheduler="uniform", seed=99, width=W, height=H))[0]
+    assert np.abs(_pixels(ours) - ref).max() <= 2
+    assert f"Model hash: {checkpoint.model_hash(path)}" in ours.info["parameters"]
