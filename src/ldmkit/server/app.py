@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import Body, FastAPI, HTTPException
+from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -40,6 +40,7 @@ from ldmkit import pipeline as P
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.model import StableDiffusion
 from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, sampler_names, sampler_spec
+from ldmkit.server import explain_cache
 from ldmkit.server import generation as G
 from ldmkit.server import options as OPT
 from ldmkit.server import schemas as S
@@ -50,7 +51,7 @@ from ldmkit.server.networks_routes import NetworkFolders, add_network_routes
 from ldmkit.server.routes_misc import add_misc_routes, scripts_to_overrides
 from ldmkit.server.styles import StyleDatabase
 from ldmkit.server.vaes import VAECatalogue, check_name
-from ldmkit.server.worker import JobContext, QueueFullError, Worker
+from ldmkit.server.worker import ClientGone, JobContext, QueueFullError, Worker, await_job
 
 log = logging.getLogger("ldmkit.server")
 STATIC = Path(str(resources.files("ldmkit.server") / "static"))
@@ -277,10 +278,12 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     async def _bad_settings(request: Any, exc: ValueError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 400)
 
-    async def run_job(fn: Any, kind: str, task_id: str | None = None) -> Any:
+    async def run_job(fn: Any, kind: str, task_id: str | None = None, request: Request | None = None) -> Any:
         future = worker.submit(fn, kind, task_id)
-        try:
-            return await asyncio.wrap_future(future)
+        try:  # with the request: a job whose client hung up while it was queued is dropped (hardening 10)
+            return await await_job(future, request.is_disconnected if request is not None else None)
+        except ClientGone as e:
+            raise HTTPException(499, str(e)) from None  # nginx's "client closed request"; nobody reads it
         except asyncio.CancelledError:
             future.cancel()  # the client went away: drop the job if it has not started
             raise
@@ -335,7 +338,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
             raise G.field_error(loc, str(e), name) from None
         return None if info is None else info.model_name
 
-    async def generate(req: S.GenerationRequest, kind: str) -> dict:
+    async def generate(req: S.GenerationRequest, kind: str, request: Request | None = None) -> dict:
         gen = await run_in_threadpool(lambda: prepare(as_run(req), kind))
         vae_name = await run_in_threadpool(vae_choice, req)
 
@@ -343,20 +346,20 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
             return None if vae_name is None else vaes.decoder(check_name(vaes, vae_name), model)
 
         images, model = await run_job(lambda ctx: G.run_generation(ctx, gen, load, output_dir, vae_for), gen.kind,
-                                       req.force_task_id)
+                                       req.force_task_id, request)
         return await run_in_threadpool(G.response_body, req, gen, images, model, vae_name)
 
     # ------------------------------------------------------------ A1111 API
 
     @app.post("/sdapi/v1/txt2img", response_model=S.ImageResponse, tags=["sdapi"])
-    async def txt2img(req: S.Txt2ImgRequest) -> dict:
+    async def txt2img(req: S.Txt2ImgRequest, request: Request) -> dict:
         """Text to image; queued behind other requests."""
-        return await generate(req, "txt2img")
+        return await generate(req, "txt2img", request)
 
     @app.post("/sdapi/v1/img2img", response_model=S.ImageResponse, tags=["sdapi"])
-    async def img2img(req: S.Img2ImgRequest) -> dict:
+    async def img2img(req: S.Img2ImgRequest, request: Request) -> dict:
         """Image to image; with `mask`, inpainting (white is repainted)."""
-        return await generate(req, "img2img")
+        return await generate(req, "img2img", request)
 
     @app.get("/sdapi/v1/progress", response_model=S.ProgressResponse, tags=["sdapi"])
     async def progress(skip_current_image: bool = False) -> dict:
@@ -490,6 +493,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         key = hashlib.sha256(f"{info.filename}\0{info.sha256}\0{params!r}".encode()).hexdigest()[:16]
         out_dir = explain_root() / key
         page = _explain_page(out_dir)
+        if page is not None:
+            explain_cache.touch(out_dir)  # recently used: pruned last
         if page is None:
             accepted = inspect.signature(build).parameters
             values = {"seed": params.seed, "out_dir": out_dir, "steps": params.steps, "sampler": params.sampler,
@@ -506,6 +511,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
             page = _explain_page(out_dir, result)
             if page is None:
                 raise HTTPException(500, f"build_explain_page wrote no HTML page in {out_dir}")
+            if not explain_dir:  # the temporary folder keeps the most recently used pages only (hardening 10)
+                explain_cache.prune(explain_root(), keep=out_dir)
         return RedirectResponse(f"/explain/files/{key}/{page.relative_to(out_dir.resolve()).as_posix()}", 303)
 
     @app.get("/explain/files/{key}/{path:path}", include_in_schema=False)

@@ -7,6 +7,7 @@ new jobs at once (HTTP 503) instead of letting them pile up in memory.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -14,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,6 +158,27 @@ class JobContext:
             done = time.monotonic()
             self._next_preview = done + max(w.preview_interval, 4 * (done - now))
         return image
+
+
+class ClientGone(Exception):
+    """The request's client disconnected while its job waited in the queue; the job was dropped."""
+
+
+async def await_job(future: Future, is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+                    poll: float = 0.25) -> Any:
+    """The job's result. While it is still queued, ``is_disconnected`` (Starlette's
+    ``request.is_disconnected``) is polled: when the client has gone, the job is cancelled, so the worker
+    skips it (issue 15, hardening 10), and ``ClientGone`` is raised. A job already running is left to finish:
+    a half-done generation would be lost either way."""
+    waiter = asyncio.wrap_future(future)
+    if is_disconnected is None:
+        return await waiter
+    while True:
+        done, _ = await asyncio.wait({waiter}, timeout=poll)
+        if done:
+            return waiter.result()
+        if not future.running() and await is_disconnected() and future.cancel():
+            raise ClientGone("the client disconnected before its request left the queue")
 
 
 class Worker:
