@@ -230,3 +230,34 @@ def test_python_api_hires(saved):
     direct = txt2img_hires(pipe.model, GenerationParams("a boat", **kw), hires)[0]
     assert out.size == (24, 24) and np.array_equal(np.asarray(out), np.asarray(direct))
     assert "Hires upscaler: Nearest" in out.info["parameters"]
+
+
+def test_sdxl_hires_matches_diffusers(tmp_path):
+    """SDXL hires (latent) vs diffusers' SDXL txt2img -> interpolate -> SDXL img2img. (The second pass's size ids
+    are the target's, as diffusers takes them from the latent; on this random tiny U-Net their effect is within
+    the tolerance, so this does not tell the ids apart.)"""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from test_sdxl import _diffusers_sdxl_folder
+
+    from ldmkit.config import TINY_SDXL
+
+    pipe = _diffusers_sdxl_folder(TINY_SDXL, tmp_path)
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            timestep_spacing="linspace")
+    seed, steps, hr_steps, denoise, (w, h) = 5, 4, 3, 0.5, (16, 16)
+    kw = dict(negative_prompt="dark", guidance_scale=5.0)
+    lat = pipe("a boat", num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), width=w, height=h,
+               output_type="latent", **kw).images
+    i2i = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    init = F.interpolate(lat, scale_factor=2, mode="bilinear")
+    ref = i2i("a boat", image=init, strength=denoise, num_inference_steps=int(hr_steps / denoise),
+              generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    model = checkpoint.load(tmp_path / "model")
+    params = GenerationParams("a boat", negative_prompt="dark", steps=steps, cfg_scale=5.0, sampler="Euler",
+                              scheduler="uniform", seed=seed, width=w, height=h)
+    ours = txt2img_hires(model, params, HiresParams(scale=2, steps=hr_steps, denoise=denoise))[0]
+    assert ours.size == (32, 32)
+    assert np.abs(np.asarray(ours).astype(np.int16) - ref).max() <= 2

@@ -180,9 +180,10 @@ def txt2img_hires(model: StableDiffusion, params: GenerationParams, hires: Hires
     plan = dataclasses.replace(plan, sigmas=plan.sigmas[total - steps:])
     noise = core.initial_noise(job.seeds, tuple(latents.shape[1:]), model.device)
     cond, uncond = job.cond, job.uncond
-    if model.cfg.is_sdxl:  # the size conditioning is the target's
+    if model.cfg.is_sdxl:  # the size conditioning is the upscaled size's (A1111's calculate_hr_conds)
         n = len(job.seeds)
-        cond, uncond = core.encode_conditioning(model, [params.prompt] * n, [params.negative_prompt] * n, second)
+        cond, uncond = core.encode_conditioning(model, [params.prompt] * n, [params.negative_prompt] * n,
+                                                params.replace(width=to_x, height=to_y))
     if model.cfg.is_inpainting:
         blank = core.blank_inpaint_condition(model, noise)
         cond, uncond = cond.replace(c_concat=blank), uncond.replace(c_concat=blank)
