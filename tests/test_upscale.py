@@ -331,6 +331,14 @@ def test_upscale_image_sizes_and_builtins(tmp_path):
     rgba = img.convert("RGBA")
     rgba.putalpha(128)
     assert upscale(rgba, up).mode == "RGBA"
+    # a palette image with a transparent colour, and 16-bit greyscale (by range, not clipped to white)
+    pal = img.convert("P")
+    pal.info["transparency"] = 0
+    assert upscale(pal, up).mode == "RGBA"
+    grey16 = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+    assert grey16.mode.startswith("I;16")
+    big = upscale(grey16, load_upscaler("Lanczos"), 2)
+    assert np.array_equal(np.asarray(big), np.asarray(img.convert("L").resize((60, 40), Image.Resampling.LANCZOS)))
 
 
 # ---------------------------------------------------------------- bad input: one line

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ldmkit.checkpoint import CheckpointError, load_strict, read_safetensors
+from ldmkit.images import to_8bit
 from ldmkit.models.esrgan import UpscalerArch, UpscalerFormatError, detect
 
 BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
@@ -189,7 +190,7 @@ def run_network(module: nn.Module, x: Tensor, tile: int = DEFAULT_TILE, overlap:
 def _network_pass(image: Image.Image, up: Upscaler, tile: int, overlap: int,
                   progress: Callable[[int, int], None] | None) -> Image.Image:
     assert up.module is not None and up.arch is not None
-    alpha = image.getchannel("A") if "A" in image.getbands() or "transparency" in image.info else None
+    alpha = image.getchannel("A") if "A" in image.getbands() else None
     mode = "L" if up.arch.in_ch == 1 else "RGB"
     if up.arch.in_ch not in (1, 3):
         raise CheckpointError(f"{up.name}: a {up.arch.in_ch}-channel upscaler; ldmkit runs 1- and 3-channel ones")
@@ -214,6 +215,9 @@ def upscale(image: Image.Image, upscaler: Upscaler, scale: float | None = None, 
             progress: Callable[[int, int], None] | None = None) -> Image.Image:
     """``image`` enlarged by ``scale`` (default: the upscaler's own) or to ``size`` (width, height), as A1111's
     ``Upscaler.upscale`` does it: up to three passes of the network, then Lanczos to the exact size."""
+    image = to_8bit(image)  # 16-bit greyscale by range (PIL would clip it to white)
+    if image.mode == "P" or (image.mode not in ("RGB", "RGBA", "L", "LA")):
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if scale is not None and not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"upscale scale must be a positive number, got {scale}")
     scale = scale or upscaler.scale
