@@ -598,3 +598,14 @@ def test_server_upscaler_file_broken_after_listing(tmp_path):
         os.utime(tmp_path / "b.pth", ns=(1, 1))  # a new version of the file: probed again, left out
         r = client.post("/sdapi/v1/extra-single-image", json={"image": _b64(_image()), "upscaler_1": "b"})
         assert r.status_code == 422 and "no upscaler 'b'" in r.text
+
+
+def test_info_describes_upscaler_files(tmp_path, capsys):
+    _save(basicsr_params(nf=8, nb=2, gc=4, scale=2, seed=1), tmp_path / "x2.pth", "params_ema")
+    _save(srvgg_params(8, 2, 4, seed=1), tmp_path / "c.safetensors")
+    assert main(["info", str(tmp_path / "x2.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "upscaler: ESRGAN/RRDBNet 2 blocks, 8 features, x2, pixel-unshuffle 2, new key layout" in out
+    assert main(["info", str(tmp_path / "c.safetensors")]) == 0
+    assert "Real-ESRGAN compact (SRVGGNetCompact) 2 convs, 8 features, x4" in capsys.readouterr().out
+    assert main(["info", str(_sd_checkpoint(tmp_path / "sd.safetensors"))]) == 2  # not an upscaler: the SD path

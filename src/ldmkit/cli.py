@@ -346,6 +346,12 @@ def cmd_info(args: argparse.Namespace) -> None:
         text = read_parameters(path)
         print(text or f"{path}: no generation parameters in this image")
         return
+    from ldmkit.upscale import describe_file
+
+    upscaler = describe_file(path)  # ESRGAN-family files (ldmkit upscale) say what they are
+    if upscaler:
+        print(upscaler)
+        return
     from ldmkit.checkpoint import load
 
     model = load(path)
