@@ -54,7 +54,8 @@ class Target:
     aliases: tuple[str, ...]  # every (part-relative) name a file may use: diffusers/LDM, dotted/underscored
 
 
-def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig) -> list[Target]:
+def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig,
+             text_encoder_2: nn.Module | None = None) -> list[Target]:
     # the key tables rename state-dict keys (of every module with a weight, norms included, as the tables
     # expect whole blocks); a tag tensor carries each module's index through them
     paths = [p for p, m in unet.named_modules() if m._parameters.get("weight") is not None]
@@ -67,18 +68,22 @@ def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig) -> list
             d = diffusers[path]
             out.append(Target(mod, f"unet.{path}", UNET_PREFIX + d.replace(".", "_"), f"unet.{d}",
                               (d, d.replace(".", "_"), path, path.replace(".", "_"))))
-    for path, mod in text_encoder.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            # files written against transformers >= 5 lack CLIPTextModel's `text_model.` level
-            short = path.removeprefix("text_model.")
-            out.append(Target(mod, f"text_encoder.{path}", TE_PREFIX + path.replace(".", "_"), f"text_encoder.{path}",
-                              (path, path.replace(".", "_"), short, short.replace(".", "_"))))
+    # SDXL: the second text encoder (OpenCLIP bigG) is lora_te2_ / text_encoder_2.
+    encoders = [("text_encoder", TE_PREFIX, text_encoder)] + \
+        ([("text_encoder_2", "lora_te2_", text_encoder_2)] if text_encoder_2 is not None else [])
+    for part, prefix, encoder in encoders:
+        for path, mod in encoder.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                # files written against transformers >= 5 lack CLIPTextModel's `text_model.` level
+                short = path.removeprefix("text_model.")
+                out.append(Target(mod, f"{part}.{path}", prefix + path.replace(".", "_"), f"{part}.{path}",
+                                  (path, path.replace(".", "_"), short, short.replace(".", "_"))))
     return out
 
 
 def lora_targets(model: StableDiffusion) -> list[Target]:
     """Every Linear/Conv2d of the U-Net and text encoder, with the names LoRA files give it."""
-    return _targets(model.unet, model.text_encoder, model.cfg)
+    return _targets(model.unet, model.text_encoder, model.cfg, getattr(model, "text_encoder_2", None))
 
 
 def lora_names(model: StableDiffusion) -> dict[str, tuple[nn.Module, str]]:
@@ -164,8 +169,11 @@ def _beyond_text_layers(key: tuple[Part, str], model: StableDiffusion) -> bool:
 def resolve_lora(model: StableDiffusion, lora: LoRAFile) -> list[tuple[Target, LoRAPair | LycoModule]]:
     """Each of the file's targets paired with the model's module, or a CheckpointError saying what differs."""
     table: dict[tuple[Part, str], Target] = {}
+    if lora.sdxl_prefix and not model.cfg.is_sdxl:
+        raise CheckpointError(f"{lora.path}: a LoRA for SDXL ({lora.sdxl_prefix}... keys), and this model is "
+                              f"{model.cfg.family}; use it with an SDXL model")
     for t in lora_targets(model):
-        part: Part = "unet" if t.where.startswith("unet.") else "text_encoder"
+        part: Part = t.where.split(".", 1)[0]  # type: ignore[assignment]
         for alias in t.aliases:
             table[(part, alias)] = t
     model_family = f"this model is {model.cfg.family} (cross-attention width {model.cfg.unet.context_dim})"

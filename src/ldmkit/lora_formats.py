@@ -39,10 +39,12 @@ from ldmkit import lycoris
 from ldmkit.checkpoint import CheckpointError, atomic_save_safetensors, read_state_dict
 from ldmkit.lycoris import LycoModule
 
-Part = Literal["unet", "text_encoder"]
+Part = Literal["unet", "text_encoder", "text_encoder_2"]
 Layout = Literal["kohya", "peft"]
 # lora_te1_: diffusers' own kohya writer (convert_state_dict_to_kohya) names SD1's text encoder so too
-KOHYA_PREFIXES: dict[str, Part] = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+# (SDXL: lora_te1_ is CLIP-L, lora_te2_ OpenCLIP bigG)
+KOHYA_PREFIXES: dict[str, Part] = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                                   "lora_te2_": "text_encoder_2"}
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
                 "scale": "scale", **{role: role for role in lycoris.ROLES}}
 _PEFT_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(?:\.weight)?|alpha)")
@@ -52,9 +54,10 @@ _OLD_ALPHA = re.compile(r"(.+?)(?:\.processor)?(?:\.(to_q|to_k|to_v|to_out)_lora
 # diffusers' old attention-processor names -> module names (U-Net attention, CLIP attention)
 _OLD_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 _OLD_TE_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+# prefixes of SDXL LoRAs (fine for an SDXL model, refused on SD1/SD2 ones by ldmkit.lora.resolve_lora)
+SDXL_PREFIXES = ("lora_te2_", "text_encoder_2.", "lora_unet_label_emb", "unet.add_embedding")
 # prefixes of other architectures' LoRAs, with the family they point at
-_FOREIGN = (("lora_te2_", "SDXL"), ("text_encoder_2.", "SDXL"), ("lora_unet_label_emb", "SDXL"),
-            ("unet.add_embedding", "SDXL"), ("lora_unet_double_blocks", "Flux"), ("lora_unet_single_blocks", "Flux"),
+_FOREIGN = (("lora_unet_double_blocks", "Flux"), ("lora_unet_single_blocks", "Flux"),
             ("transformer.single_transformer_blocks", "Flux"), ("lora_transformer_single", "Flux"),
             ("transformer.transformer_blocks", "a DiT (SD3/Flux)"), ("lora_unet_joint_blocks", "SD3"),
             ("diffusion_model.joint_blocks", "SD3"), ("lora_transformer_", "a DiT (SD3/Flux)"))
@@ -104,6 +107,7 @@ class LoRAFile:
     layout: str  # "kohya", "peft" or "diffusers-old"
     targets: dict[tuple[Part, str], LoRAPair | LycoModule]
     metadata: dict[str, str]
+    sdxl_prefix: str | None = None  # a key prefix only SDXL LoRAs have (lora_te2_, ...), if any
 
 
 # ---------------------------------------------------------------- telling layouts apart
@@ -145,7 +149,7 @@ def detect_lora_format(keys: Iterable[str]) -> str:
     lycoris = _what_else(keys)
     if lycoris.startswith(("a LyCORIS", "a PEFT LoRA of embedding")):
         raise ValueError(lycoris)
-    if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if all(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
         return "kohya"
     if any(_PEFT_KEY.fullmatch(k) and ".lora_" in k for k in keys):
         return "peft"
@@ -155,7 +159,7 @@ def detect_lora_format(keys: Iterable[str]) -> str:
 
 
 def foreign_family(keys: Iterable[str]) -> str | None:
-    """The model family a LoRA is for when its key names alone show it is not SD1/SD2 (e.g. "SDXL")."""
+    """The model family a LoRA is for when its key names alone show it is not SD1/SD2/SDXL (e.g. "Flux")."""
     for key in keys:
         for prefix, family in _FOREIGN:
             if key.startswith(prefix):
@@ -168,12 +172,12 @@ def foreign_family(keys: Iterable[str]) -> str | None:
 
 def _split_part(name: str) -> tuple[Part, str]:
     """(part, module name) of a dotted diffusers/PEFT name with or without its component prefix."""
-    for prefix in ("unet.", "text_encoder.", "base_model.model."):
+    for prefix in ("unet.", "text_encoder.", "text_encoder_2.", "base_model.model."):
         if name.startswith(prefix):
             name = name.removeprefix(prefix)
             if prefix != "base_model.model.":
-                part: Part = "unet" if prefix == "unet." else "text_encoder"
-                return part, _text_name(name) if part == "text_encoder" else name
+                part: Part = prefix[:-1]  # type: ignore[assignment]
+                return part, _text_name(name) if part != "unet" else name
     # a bare adapter (PEFT saves one model's modules without prefix): CLIP's layers have their own names
     if name.startswith(("text_model.", "encoder.layers.")):
         return "text_encoder", _text_name(name)
@@ -216,7 +220,7 @@ def _alpha_configs(metadata: dict[str, str], adapter_config: dict | None) -> dic
             meta = json.loads(raw)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"the lora_adapter_metadata in the file header is not JSON ({e})") from None
-        for part in ("unet", "text_encoder"):
+        for part in ("unet", "text_encoder", "text_encoder_2"):
             fields = {k.removeprefix(part + "."): v for k, v in meta.items() if k.startswith(part + ".")}
             if fields:
                 out[part] = _AlphaConfig.of(fields)
@@ -245,13 +249,13 @@ def _group(sd: Mapping[str, Tensor], layout: str) -> dict[tuple[Part, str], dict
         else:  # diffusers-old
             if m := _OLD_ATTN.fullmatch(key):
                 part, base = _split_part(m[1])
-                proj = (_OLD_TE_PROJ if part == "text_encoder" else _OLD_UNET_PROJ)[m[2]]
+                proj = (_OLD_TE_PROJ if part != "unet" else _OLD_UNET_PROJ)[m[2]]
                 target, role = (part, f"{base}.{proj}"), m[3]
             elif m := _OLD_LINEAR.fullmatch(key):
                 target, role = _split_part(m[1]), m[2]
             elif m := _OLD_ALPHA.fullmatch(key):
                 part, base = _split_part(m[1])
-                proj = (_OLD_TE_PROJ if part == "text_encoder" else _OLD_UNET_PROJ).get(m[2] or "")
+                proj = (_OLD_TE_PROJ if part != "unet" else _OLD_UNET_PROJ).get(m[2] or "")
                 target, role = (part, f"{base}.{proj}" if proj else base), "alpha"
         if target is None:
             unknown.append(key)
@@ -296,7 +300,7 @@ def read_lora_file(path: str | os.PathLike) -> LoRAFile:
         layout = detect_lora_format(sd)
         family = foreign_family(sd)
         if family:
-            raise ValueError(f"a LoRA for {family}, not for an SD1/SD2 model")
+            raise ValueError(f"a LoRA for {family}, not for an SD1/SD2/SDXL model")
         groups = _group(sd, layout)
         # diffusers' per-component header first, then a folder's adapter_config.json
         configs = _alpha_configs(metadata, adapter_config if layout == "peft" else None)
@@ -320,12 +324,13 @@ def read_lora_file(path: str | os.PathLike) -> LoRAFile:
         )
     if (adapter_config or {}).get("use_dora") and not any(p.magnitude is not None for p in targets.values()):
         raise CheckpointError(f"{path}: adapter_config.json says use_dora but the file has no lora_magnitude_vector")
-    return LoRAFile(str(path), layout, targets, metadata)
+    sdxl = next((p for k in sd for p in SDXL_PREFIXES if k.startswith(p)), None)
+    return LoRAFile(str(path), layout, targets, metadata, sdxl)
 
 
 def _pattern_names(part: Part, name: str) -> list[str]:
     """The names a PEFT alpha_pattern may be written against (with and without CLIP's `text_model.`)."""
-    return [name, name.removeprefix("text_model.")] if part == "text_encoder" else [name]
+    return [name, name.removeprefix("text_model.")] if part != "unet" else [name]
 
 
 # ---------------------------------------------------------------- writing
