@@ -166,7 +166,7 @@ def _decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-@pytest.mark.parametrize("upscaler", ["Latent", "RealESRGAN_x2plus"])
+@pytest.mark.parametrize("upscaler", ["Latent", "RealESRGAN_x2plus", "R-ESRGAN 2x+"])
 def test_api_hires_and_from_png_reproduces(hires_server, tmp_path, upscaler):
     import json
 

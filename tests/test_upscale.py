@@ -474,7 +474,9 @@ def test_server_lists_upscalers(upscaler_server, caplog):
     items = client.get("/sdapi/v1/upscalers").json()
     by_name = {i["name"]: i for i in items}
     assert list(by_name)[:3] == ["None", "Lanczos", "Nearest"]
-    assert set(by_name) == {"None", "Lanczos", "Nearest", "4x-Old", "RealESRGAN_x2plus", "sub/compact"}
+    assert set(by_name) == {"None", "Lanczos", "Nearest", "4x-Old", "RealESRGAN_x2plus", "sub/compact",
+                            "R-ESRGAN 2x+"}  # A1111's name for RealESRGAN_x2plus.pth
+    assert by_name["R-ESRGAN 2x+"]["model_path"] == by_name["RealESRGAN_x2plus"]["model_path"]
     assert by_name["RealESRGAN_x2plus"]["scale"] == 2 and by_name["4x-Old"]["scale"] == 4
     assert by_name["sub/compact"]["scale"] == 4 and by_name["sub/compact"]["model_name"] == "Real-ESRGAN"
     assert by_name["RealESRGAN_x2plus"]["model_path"] == str((d / "RealESRGAN_x2plus.pth").resolve())
@@ -500,6 +502,10 @@ def test_server_extra_single_image_matches_direct_call(upscaler_server):
     assert np.abs(np.asarray(out, dtype=np.float32) - ref).max() <= 1
     assert "Postprocess upscale by: 2, Postprocess upscaler: RealESRGAN_x2plus" in r.json()["html_info"]
     assert out.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: RealESRGAN_x2plus"
+    alias = client.post("/sdapi/v1/extra-single-image",
+                        json={"image": _b64(img), "upscaler_1": "R-ESRGAN 2x+", "upscaling_resize": 2}).json()
+    assert alias["image"] != r.json()["image"] and "Postprocess upscaler: R-ESRGAN 2x+" in alias["html_info"]
+    assert np.array_equal(np.asarray(_unb64(alias["image"])), np.asarray(out))
     # "None": the image back unchanged, as A1111
     r = client.post("/sdapi/v1/extra-single-image", json={"image": _b64(img), "upscaler_1": "None"})
     assert np.array_equal(np.asarray(_unb64(r.json()["image"])), np.asarray(img))

@@ -107,7 +107,7 @@ class HiresParams:
 def resolve_upscaler(name: str, upscaler_dir: str | os.PathLike | None = None, device: str | None = None):
     """The image upscaler ``name`` means: a latent mode (None), a built-in, a file, or a file stem in
     ``upscaler_dir`` (a name there, never a path: no separators or ``..``)."""
-    from ldmkit.upscale import UPSCALER_SUFFIXES, builtin_upscaler, load_upscaler
+    from ldmkit.upscale import A1111_REALESRGAN_NAMES, UPSCALER_SUFFIXES, builtin_upscaler, load_upscaler
 
     if name in LATENT_UPSCALE_MODES:
         return None
@@ -116,11 +116,12 @@ def resolve_upscaler(name: str, upscaler_dir: str | os.PathLike | None = None, d
         return builtin
     if Path(name).is_file():
         return load_upscaler(name, device)
-    if upscaler_dir and "/" not in name and "\\" not in name and name not in ("", ".", ".."):
+    stem = A1111_REALESRGAN_NAMES.get(name, name)  # "R-ESRGAN 4x+" -> RealESRGAN_x4plus.pth
+    if upscaler_dir and "/" not in stem and "\\" not in stem and stem not in ("", ".", ".."):
         for suffix in UPSCALER_SUFFIXES:
-            path = Path(upscaler_dir) / f"{name}{suffix}"
+            path = Path(upscaler_dir) / f"{stem}{suffix}"
             if path.is_file():
-                return load_upscaler(path, device)
+                return load_upscaler(path, device, name=name)
     where = f" in {upscaler_dir}" if upscaler_dir else ""
     raise GenerationError(f"hires upscaler {name!r}: no such file{where}; use a latent mode "
                           f"({', '.join(LATENT_UPSCALE_MODES)}), Lanczos, Nearest, None, or an upscaler file")

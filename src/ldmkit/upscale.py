@@ -28,6 +28,13 @@ from ldmkit.models.esrgan import UpscalerArch, UpscalerFormatError, detect
 
 BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
+# A1111 lists the Real-ESRGAN release files under these names (modules/realesrgan_model.py); requests and
+# infotexts use them ("Hires upscaler: R-ESRGAN 4x+"), so a folder holding the file answers to both
+A1111_REALESRGAN_NAMES = {
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3", "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3", "R-ESRGAN 4x+": "RealESRGAN_x4plus",
+    "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B", "R-ESRGAN 2x+": "RealESRGAN_x2plus",
+}
 DEFAULT_TILE, DEFAULT_OVERLAP = 256, 32  # input pixels; A1111's ESRGAN_tile/overlap are 192/8
 _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 

@@ -9,6 +9,7 @@ load is left out of the list with a warning naming it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import logging
@@ -28,6 +29,7 @@ from ldmkit.checkpoint import CheckpointError
 from ldmkit.server import schemas as S
 from ldmkit.server.generation import Limits, decode_image, field_error
 from ldmkit.upscale import (
+    A1111_REALESRGAN_NAMES,
     BUILTIN_UPSCALERS,
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -107,6 +109,10 @@ class UpscalerCatalogue:
                 if info is not None:
                     taken.add(name.lower())
                     found.append(info)
+            for alias, stem in A1111_REALESRGAN_NAMES.items():  # "R-ESRGAN 4x+" for RealESRGAN_x4plus.pth
+                file = next((i for i in found if i.path and i.name == stem), None)
+                if file is not None and alias.lower() not in taken:
+                    found.append(dataclasses.replace(file, name=alias))
         return found
 
     def names(self) -> list[str]:
@@ -129,7 +135,8 @@ class UpscalerCatalogue:
             if key not in self._loaded:
                 self._loaded.clear()  # one network at a time is enough; don't hoard memory
                 self._loaded[key] = load_upscaler(info.path, self.device, name=info.name)
-            return self._loaded[key]
+            # one network under its file name and its A1111 alias: the name the request used
+            return dataclasses.replace(self._loaded[key], name=info.name)
 
     def resolve(self, name: object, loc: tuple) -> UpscalerInfo | None:
         """The upscaler a request names (None for "None" / no upscaler); a 422 listing the valid names."""
