@@ -173,3 +173,24 @@ def test_sdxl_embedding_matches_diffusers_on_both_encoders(tmp_path):
     got, got_pooled = model.encode([PROMPT])
     assert rel_err(got, ctx) < 1e-4 and rel_err(before, ctx) > 1e-2
     assert rel_err(got_pooled, pooled) < 1e-4
+
+
+def test_infotext_names_used_embeddings_and_broken_words(folder, tmp_path):
+    """A1111's ``TI hashes`` (SHA-256 of the file, 12 digits) for the embeddings a prompt uses; a word whose
+    file failed to load is a warning in the infotext, and the image is made without it."""
+    import hashlib
+
+    d = tmp_path / "e"
+    d.mkdir()
+    torch.save({"string_to_param": {"*": _vectors(2)}}, d / "good.pt")
+    torch.save({"string_to_param": {"*": _vectors(1, seed=1)}}, d / "unused.pt")
+    (d / "broken.safetensors").write_bytes(b"garbage")
+    model = checkpoint.load(folder)
+    model.embedding_table = EmbeddingTable(d)
+    params = GenerationParams("a good apple, broken", steps=2, sampler="Euler", seed=1, width=16, height=16)
+    text = txt2img(model, params)[0].info["parameters"]
+    sha = hashlib.sha256((d / "good.pt").read_bytes()).hexdigest()[:12]
+    assert f'TI hashes: "good: {sha}"' in text and "unused" not in text
+    assert "Prompt warnings: " in text and "embedding 'broken' not used" in text
+    plain = txt2img(model, params.replace(prompt="a red apple"))[0].info["parameters"]
+    assert "TI hashes" not in plain and "broken" not in plain

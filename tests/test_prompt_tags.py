@@ -103,7 +103,7 @@ def test_bad_names_are_warnings_and_generation_goes_on(folder, loras, name, mess
     base = pipe.txt2img("a red apple", **GEN)[0]
     img = pipe.txt2img(f"a red apple <lora:{name}:1>", **GEN)[0]
     assert np.array_equal(_png(base), _png(img))
-    assert "Lora warnings: " in img.info["parameters"] and message in img.info["parameters"]
+    assert "Prompt warnings: " in img.info["parameters"] and message in img.info["parameters"]
     assert any(message in w for w in last_report(pipe.model).warnings)
     pipe.model.lora_strict = True
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -16,7 +16,9 @@ An embedding whose width fits none of the model's encoders is skipped (the word 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +132,7 @@ class EmbeddingTable:
         self._loaded: list[Embedding] | None = None
         self.errors: dict[str, str] = {}
         self._matchers: dict[tuple, EmbeddingMatcher] = {}
+        self._hashes: dict[str, str] = {}
 
     def refresh(self) -> None:
         self.folder.refresh()
@@ -140,7 +143,7 @@ class EmbeddingTable:
             except (CheckpointError, OSError) as e:
                 errors[path.stem] = str(e)
         with self._lock:
-            self._loaded, self.errors, self._matchers = loaded, errors, {}
+            self._loaded, self.errors, self._matchers, self._hashes = loaded, errors, {}, {}
 
     @property
     def embeddings(self) -> list[Embedding]:
@@ -148,6 +151,29 @@ class EmbeddingTable:
             self.refresh()
         assert self._loaded is not None
         return self._loaded
+
+    def used_in(self, tok: CLIPTokenizer, width: int, prompt: str) -> tuple[list[Embedding], list[str]]:
+        """(embeddings for an encoder of ``width`` whose word the prompt has, warnings for its words whose file
+        failed to load)."""
+        ids = tok.encode(prompt)
+        used = []
+        for emb in self.embeddings:
+            name = tok.encode(emb.name) if emb.for_width(width) is not None else []
+            if name and any(ids[i:i + len(name)] == name for i in range(len(ids) - len(name) + 1)):
+                used.append(emb)
+        words = set(re.findall(r"[\w.-]+", prompt.lower()))
+        warnings = [f"embedding {name!r} not used: {err}" for name, err in self.errors.items() if name.lower() in words]
+        return used, warnings
+
+    def file_hash(self, emb: Embedding) -> str:
+        """A1111's ``TI hashes`` entry: the first 12 hex digits of the file's SHA-256 (cached)."""
+        if emb.path not in self._hashes:
+            h = hashlib.sha256()
+            with open(emb.path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self._hashes[emb.path] = h.hexdigest()[:12]
+        return self._hashes[emb.path]
 
     def matcher(self, tok: CLIPTokenizer, width: int, prefer: str = "") -> EmbeddingMatcher:
         embeddings = self.embeddings

@@ -106,13 +106,17 @@ class NetworkReport:
 
     hashes: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    ti_hashes: dict[str, str] = field(default_factory=dict)  # textual-inversion embeddings the prompts use
 
     def infotext_fields(self) -> dict[str, str]:
         out = {}
         if self.hashes:
             out["Lora hashes"] = json.dumps(", ".join(f"{k}: {v}" for k, v in self.hashes.items()), ensure_ascii=False)
+        if self.ti_hashes:
+            out["TI hashes"] = json.dumps(", ".join(f"{k}: {v}" for k, v in self.ti_hashes.items()),
+                                          ensure_ascii=False)
         if self.warnings:
-            out["Lora warnings"] = json.dumps("; ".join(self.warnings), ensure_ascii=False)
+            out["Prompt warnings"] = json.dumps("; ".join(self.warnings), ensure_ascii=False)
         return out
 
 
@@ -231,6 +235,13 @@ def apply_prompt_networks(model: nn.Module, prompts: list[str], negatives: list[
     else:
         report = apply_networks(model, tags, folder, strict or getattr(model, "lora_strict", False))
         report.warnings[:0] = bad
+    table = getattr(model, "embedding_table", None)
+    if table is not None:  # A1111's "TI hashes" of the embeddings used, and words whose file failed to load
+        tok = model.tokenizers[0] if hasattr(model, "tokenizers") else model.tokenizer
+        for text in dict.fromkeys(clean[:1] + clean_neg[:1]):
+            used, warnings = table.used_in(tok, model.text_encoder.cfg.width, text)
+            report.ti_hashes.update({e.name: table.file_hash(e) for e in used})
+            report.warnings += [w for w in warnings if w not in report.warnings]
     state(model).report = report
     return clean, clean_neg, report
 
