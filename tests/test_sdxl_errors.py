@@ -93,3 +93,22 @@ def test_truncated_sdxl_file(models, tmp_path, capsys):
     err = _one_line_error(capsys, _generate(cut, tmp_path))
     assert "xl-cut.safetensors" in err and "truncated" in err
     assert "truncated or corrupt" in _one_line_error(capsys, ["info", str(cut)])
+
+
+def test_cli_refiner(models, tmp_path, capsys):
+    """--refiner: the base's image finished by the refiner, A1111's infotext fields; misuse is one line."""
+    from PIL import Image
+
+    out = tmp_path / "refined.png"
+    argv = _generate(models / "xl.safetensors", tmp_path, "--refiner", str(models / "xl-refiner.safetensors"),
+                     "--refiner-switch-at", "0.5", "--steps", "4", "-o", str(out))
+    assert main(argv) == 0
+    capsys.readouterr()
+    info = Image.open(out).info["parameters"]
+    assert "Model: xl, Refiner: xl-refiner [" in info and "Refiner switch at: 0.5" in info
+    err = _one_line_error(capsys, _generate(models / "sd15.safetensors", tmp_path, "--refiner",
+                                            str(models / "xl-refiner.safetensors")))
+    assert "--refiner needs an SDXL base model" in err
+    err = _one_line_error(capsys, _generate(models / "xl.safetensors", tmp_path, "--refiner",
+                                            str(models / "xl-refiner.safetensors"), "--refiner-switch-at", "1.5"))
+    assert "refiner switch at 1.5 must be between 0 and 1" in err

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(g, prompt_required=False)
     g.add_argument("--from-png", default=None, help="take all settings from a PNG's parameters text")
     importlib.import_module("ldmkit.hires").add_hires_args(g)  # --hires-scale/-upscaler/-steps/-denoise
+    importlib.import_module("ldmkit.sdxl").add_refiner_args(g)  # --refiner, --refiner-switch-at
     i = add("img2img", "image to image")
     _add_generation_args(i)
     i.add_argument("--init-image", required=True)
@@ -271,10 +272,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe.model.lora_strict = args.lora_strict
     params = _params_from_args(args, pipe.model)
     P.validate(params, pipe.model)
+    refiner = None
     if args.command == "generate":
-        from ldmkit.sdxl import check_txt2img
+        from ldmkit.sdxl import check_txt2img, refiner_from_args
 
         check_txt2img(pipe.model)  # before the progress bar: an SDXL refiner cannot start from noise
+        refiner = refiner_from_args(args, pipe.model)
     from ldmkit.prompt import unknown_words
 
     unknown = unknown_words(pipe.model, params.prompt)
@@ -296,6 +299,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     try:
         if hires is not None:
             images = txt2img_hires(pipe.model, params, hires, upscaler, callback=cb)
+        elif refiner is not None:
+            from ldmkit.sdxl import txt2img_refined
+
+            images = txt2img_refined(pipe.model, refiner, params, args.refiner_switch_at, callback=cb)
         elif args.command == "generate":
             images = P.txt2img(pipe.model, params, callback=cb)
         elif args.command == "img2img":

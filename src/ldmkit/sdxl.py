@@ -11,6 +11,9 @@ CLIP-L and ``text_encoder_2`` bigG; the refiner's ``text_encoder`` is bigG.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +27,8 @@ from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.prompt import embedding_matcher, pad_to, reweight, token_embeddings, tokenize_chunks
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ldmkit.core import GenerationParams
 
 
@@ -152,3 +157,68 @@ def check_txt2img(model: StableDiffusion) -> None:
         raise GenerationError(f"{model.source_name} is an SDXL refiner, which only finishes images (it was trained "
                               "on the last, low-noise steps): generate with an SDXL base model and refine the "
                               "result with `ldmkit img2img --model REFINER --strength 0.3`")
+
+
+def txt2img_refined(base: StableDiffusionXL, refiner: StableDiffusionXL, params: GenerationParams,
+                    switch_at: float = 0.8, callback: Callable[[dict], None] | None = None) -> list[Image.Image]:
+    """txt2img with a refiner as second expert (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``, diffusers'
+    ``denoising_end`` / ``denoising_start``): the base samples the first ``switch_at`` of the noise levels, the
+    refiner, with its own conditioning (aesthetic score), the rest from the base's latents. Each part is one
+    sampler run, so a multistep sampler starts afresh at the switch, as in diffusers."""
+    from ldmkit import core, pipeline
+
+    if not refiner.cfg.is_sdxl:
+        raise core.GenerationError(f"refiner {refiner.source_name} is not an SDXL model")
+    check_switch_at(switch_at)
+    check_txt2img(base)
+    job = pipeline._job(base, params)
+    steps = len(job.plan.sigmas) - 1
+    k = min(steps - 1, max(1, round(steps * switch_at)))  # base steps; at least one step for each expert
+    first = dataclasses.replace(job.plan, sigmas=job.plan.sigmas[: k + 1])
+    x = core.sample(base, first, job.cond, job.uncond, job.noise, callback=callback)
+    cond, uncond = encode_conditioning(refiner, [params.prompt] * len(job.seeds),
+                                       [params.negative_prompt] * len(job.seeds), params)
+    second = dataclasses.replace(job.plan, sigmas=job.plan.sigmas[k:])
+
+    def shifted(d: dict) -> None:  # step numbers go on from the base's
+        if callback is not None:
+            callback({**d, "i": d["i"] + k})
+
+    x = core.denoise(refiner, second, cond, uncond, x.to(refiner.device), callback=shifted)
+    ref_hash = f" [{refiner.model_hash}]" if refiner.model_hash else ""
+    extra = {"Refiner": f"{refiner.source_name}{ref_hash}", "Refiner switch at": f"{switch_at:g}"}
+    return pipeline.finish(base, params, x, job.seeds, job.plan, extra)
+
+
+def check_switch_at(switch_at: float) -> None:
+    if not 0.0 < switch_at < 1.0:
+        from ldmkit.core import GenerationError
+
+        raise GenerationError(f"refiner switch at {switch_at:g} must be between 0 and 1 (A1111's default: 0.8)")
+
+
+def add_refiner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refiner", default=None, metavar="MODEL",
+                   help="SDXL: a second model (the SDXL refiner) that finishes the image from --refiner-switch-at "
+                        "(A1111's Refiner)")
+    p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
+                   help="fraction of the steps the base model runs before the refiner takes over (default 0.8)")
+
+
+def refiner_from_args(args: argparse.Namespace, base: StableDiffusion) -> StableDiffusion | None:
+    """The ``--refiner`` model, loaded like the base (device, low-memory mode), or None."""
+    if not getattr(args, "refiner", None):
+        return None
+    if not base.cfg.is_sdxl:
+        raise ValueError(f"--refiner needs an SDXL base model; {base.source_name} is {base.cfg.family}")
+    check_switch_at(args.refiner_switch_at)
+    if getattr(args, "hires_scale", None) or getattr(args, "hires_resize", None):
+        raise ValueError("--refiner together with hires fix (--hires-scale/--hires-resize) is not supported; "
+                         "use one of them")
+    from ldmkit import api
+
+    refiner = api.load(args.refiner, device=args.device, low_memory=args.low_memory).model
+    if not refiner.cfg.is_sdxl:
+        raise ValueError(f"--refiner {args.refiner}: an SDXL model (refiner or base) is needed, this is "
+                         f"{refiner.cfg.family}")
+    return refiner
