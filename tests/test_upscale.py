@@ -370,13 +370,20 @@ def _bad_files(tmp_path) -> dict:
     files["lora"] = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 8)}, str(files["lora"]))
     files["missing"] = tmp_path / "nope.pth"
+    plus = _old_esrgan(8, 1, 4, 2).state_dict()
+    plus["model.1.sub.0.RDB1.conv1x1.weight"] = torch.zeros(4, 8, 1, 1)  # ESRGAN+ adds 1x1 convs
+    files["esrgan plus"] = _save(plus, tmp_path / "esrganplus.pth")
+    odd = basicsr_params(8, 1, 4, 4, 0)
+    odd["conv_hr.weight"] = torch.zeros(8, 9, 3, 3)
+    files["bad shapes"] = _save(odd, tmp_path / "odd.pth", "params_ema")
     return files
 
 
 @pytest.mark.parametrize("kind,needle", [
     ("not a model", "not a readable .pth"), ("sd checkpoint", "Stable Diffusion checkpoint, not an upscaler"),
     ("corrupt", "corrupt"), ("pickled code", "weights_only"), ("lora", "LoRA, not an upscaler"),
-    ("missing", "no such upscaler file")])
+    ("missing", "no such upscaler file"), ("esrgan plus", "unexpected keys"),
+    ("bad shapes", "ldmkit does not read this variant")])
 def test_bad_upscaler_files_one_line(tmp_path, capsys, kind, needle):
     path = _bad_files(tmp_path)[kind]
     with pytest.raises(CheckpointError) as e:

@@ -61,7 +61,7 @@ def read_upscaler_file(path: str | os.PathLike) -> dict[str, Tensor]:
     are read with ``weights_only=True``, so a file carrying code is refused, never run."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"{p}: no such upscaler file")
+        raise CheckpointError(f"{p}: no such upscaler file (built-in ones: {', '.join(BUILTIN_UPSCALERS)})")
     if p.suffix.lower() == ".safetensors":
         sd: object = read_safetensors(p)[0]
     elif p.suffix.lower() in UPSCALER_SUFFIXES:
@@ -110,7 +110,11 @@ def load_upscaler(path: str | os.PathLike, device: str | torch.device | None = N
         raise CheckpointError(f"{p}: {e}") from None
     with torch.device("meta"):
         module = arch.build()
-    load_strict(module, sd, f"upscaler {p.name} ({arch.describe()})")
+    try:
+        load_strict(module, sd, f"upscaler {p.name} ({arch.describe()})")
+    except CheckpointError as e:  # load_strict's hint is about SD checkpoints
+        raise CheckpointError(str(e).replace("; pass the right --model-type.", "; ldmkit does not read this "
+                                             "variant.")) from None
     module = module.eval().requires_grad_(False).to(device or "cpu")
     return Upscaler(name or p.stem, float(arch.scale), str(p), arch, module)
 
