@@ -202,3 +202,27 @@ def test_server_routes_and_switching_loras(folder, loras, tmp_path):
             apply_lora(model, loras / lora, w)
         with TestClient(create_app(model, preview_interval=None, device="cpu")) as fresh:
             assert np.array_equal(image, _server_image(fresh, "a red apple")[0])
+
+
+def test_files_are_read_once_and_a_repeated_set_changes_nothing(folder, loras, monkeypatch):
+    """Switching between LoRAs reads each file once (the parsed files are cached); the same set again does
+    no merge at all; an edited file (new mtime) is read again."""
+    import os
+
+    from ldmkit import networks
+
+    reads, merges = [], []
+    real_read, real_merge = networks.read_lora_file, networks.merge_into
+    monkeypatch.setattr(networks, "read_lora_file", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr(networks, "merge_into", lambda *a: merges.append(1) or real_merge(*a))
+    pipe = api.load(folder, lora_dir=loras)
+    for prompt in ("x <lora:style:1>", "x <lora:shape:1>", "x", "x <lora:style:1>", "x <lora:shape:1>"):
+        pipe.txt2img(prompt, **GEN)
+    assert len(reads) == 2
+    n = len(merges)
+    pipe.txt2img("y <lora:shape:1>", **GEN)  # the set on the weights already
+    assert len(merges) == n
+    st = (loras / "style.safetensors").stat()
+    os.utime(loras / "style.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    pipe.txt2img("x <lora:style:1>", **GEN)
+    assert len(reads) == 3
