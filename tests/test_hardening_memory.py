@@ -157,3 +157,18 @@ def test_server_refuses_a_request_that_cannot_fit_before_any_work(monkeypatch, t
     msg = r.json()["detail"][0]["msg"]
     assert "2048x2048" in msg and "GiB" in msg and "smaller size" in msg
     assert ran == []
+
+
+def test_cli_refuses_a_size_that_cannot_fit(monkeypatch, tmp_path, capsys):
+    """The same limit on the command line: exit 2 with the estimate, before the model runs."""
+    from ldmkit import checkpoint, cli
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    checkpoint.save_single_file(StableDiffusion(TINY), path)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 << 20)  # a machine with 64 MiB free
+    out = tmp_path / "o.png"
+    rc = cli.main(["generate", "x", "--model", str(path), "--steps", "1", "--width", "2048", "--height", "2048",
+                   "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2048x2048 needs about" in err and "GiB" in err and not out.exists(), err

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldmkit import lowmem
+from ldmkit import lowmem, memory
 from ldmkit.deepcache import DeepCacheUNet
 from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, Conditioning, DiscreteDenoiser
@@ -100,6 +100,10 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
     bad = non_finite_setting({"cfg_scale": params.cfg_scale, "eta": params.eta, "strength": params.strength})
     if bad:  # NaN passes the range checks below and draws a black image (hardening 9)
         raise GenerationError(bad)
+    try:  # refused before any work rather than killed half-way by the kernel (hardening 1)
+        memory.check_fits(model, params.width, params.height, params.batch_size)
+    except memory.TooLarge as e:
+        raise GenerationError(str(e)) from None
     if not 0.0 < params.strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {params.strength}")
     if params.sampler_spec.name == "tcd" and params.eta is not None and not 0.0 <= params.eta <= 1.0:
