@@ -428,6 +428,17 @@ def test_cli_upscale(tmp_path, capsys):
     assert Image.open(out).size == (30, 36)
     assert main(["upscale", str(src), "--upscaler", "Lanczos", "-o", str(out)]) == 2
     assert "give --scale" in capsys.readouterr().err
+    # several images: -o is a folder
+    second = tmp_path / "second.jpg"
+    Image.fromarray(np.zeros((8, 10, 3), dtype=np.uint8)).save(second)
+    assert main(["upscale", str(src), str(second), "--upscaler", str(model), "-o", str(tmp_path / "big")]) == 0
+    assert Image.open(tmp_path / "big" / "small_x2.png").size == (40, 48)
+    assert Image.open(tmp_path / "big" / "second_x2.png").size == (20, 16)
+    assert main(["upscale", str(src), str(second), "--upscaler", str(model), "-o", str(out)]) == 2
+    assert "names a folder" in capsys.readouterr().err
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert main(["upscale", str(tmp_path / "broken.png"), "--upscaler", "Lanczos", "--scale", "2"]) == 2
+    assert "broken.png" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- server: A1111's upscaler routes

@@ -286,13 +286,15 @@ EXAMPLES = """examples:
   ldmkit upscale small.png --upscaler RealESRGAN_x4plus.pth -o big.png
   ldmkit upscale small.png --upscaler 4x-UltraSharp.pth --scale 2 -o big.png   # network x4, Lanczos to x2
   ldmkit upscale small.png --upscaler Lanczos --scale 2 -o big.png
+  ldmkit upscale shots/*.png --upscaler RealESRGAN_x4plus.pth -o big/         # several: -o is a folder
   (ESRGAN/RRDBNet in old and new layouts, Real-ESRGAN x4plus/x2plus, realesr-general-x4v3 and other
   compact nets; .pth read with weights_only=True, or .safetensors)"""
 
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("upscale", "enlarge an image with an ESRGAN-family upscaler file or Lanczos/Nearest", EXAMPLES)
-    p.add_argument("image", help="input image (PNG, JPEG, WebP)")
+    p.add_argument("images", nargs="+", metavar="image",
+                   help="input image(s) (PNG, JPEG, WebP); with several, -o is a folder")
     p.add_argument("--upscaler", required=True,
                    help="upscaler file (.pth/.safetensors: ESRGAN, Real-ESRGAN, compact) or Lanczos / Nearest")
     p.add_argument("-o", "--output", default=None, help="output PNG (default: <image>_x<scale>.png beside it)")
@@ -308,20 +310,24 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
 def cmd_upscale(args: argparse.Namespace) -> None:
     import sys
 
-    from ldmkit.infotext import read_parameters
+    from PIL import PngImagePlugin
 
-    src = Path(args.image)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such image")
-    try:
-        image = Image.open(src)
-        image.load()
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{src}: not an image Pillow can read ({e})") from None
+    from ldmkit.infotext import read_parameters
+    from ldmkit.pipeline import open_image
+
     if args.scale is not None and not 0 < args.scale <= 16:
         raise ValueError(f"--scale must be in (0, 16], got {args.scale:g}")
     if args.tile < 0 or args.tile_overlap < 0:
         raise ValueError("--tile and --tile-overlap must be >= 0")
+    sources = [Path(s) for s in args.images]
+    folder = None
+    if len(sources) > 1 and args.output:
+        folder = Path(args.output)
+        if folder.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not folder.is_dir():
+            raise ValueError(f"-o {folder}: with several images, -o names a folder for the results")
+    for src in sources:
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: no such image")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     up = load_upscaler(args.upscaler, device=device)
     if up.module is None and args.scale is None:
@@ -339,15 +345,18 @@ def cmd_upscale(args: argparse.Namespace) -> None:
         if done == total:
             bars[-1].close()
 
-    out = upscale(image, up, scale, tile=args.tile, overlap=args.tile_overlap, progress=progress)
-    dest = Path(args.output) if args.output else src.with_name(f"{src.stem}_x{scale:g}.png")
-    from PIL import PngImagePlugin
-
-    meta = PngImagePlugin.PngInfo()
-    params = read_parameters(src) if src.suffix.lower() == ".png" else None
-    if params:
-        meta.add_text("parameters", params)  # the generation parameters stay with the image, as in A1111
-    meta.add_text("postprocessing", postprocess_infotext(up, scale))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    out.save(dest, pnginfo=meta if dest.suffix.lower() == ".png" else None)
-    print(f"{dest} ({out.width}x{out.height})")
+    for src in sources:
+        out = upscale(open_image(src), up, scale, tile=args.tile, overlap=args.tile_overlap, progress=progress)
+        name = f"{src.stem}_x{scale:g}.png"
+        if folder is not None:
+            dest = folder / name
+        else:
+            dest = Path(args.output) if args.output else src.with_name(name)
+        meta = PngImagePlugin.PngInfo()
+        params = read_parameters(src) if src.suffix.lower() == ".png" else None
+        if params:
+            meta.add_text("parameters", params)  # the generation parameters stay with the image, as in A1111
+        meta.add_text("postprocessing", postprocess_infotext(up, scale))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out.save(dest, pnginfo=meta if dest.suffix.lower() == ".png" else None)
+        print(f"{dest} ({out.width}x{out.height})")
