@@ -372,7 +372,7 @@ def test_resolve_sampler_names():
             S.resolve_sampler(bad)
     assert set(S.sampler_names()) == {
         "euler", "euler_a", "heun", "dpm2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "ddim", "ddpm", "unipc",
-        "lcm", "tcd",
+        "lcm", "tcd", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpm_fast", "dpm_adaptive", "restart", "plms",
     }  # fmt: skip
     assert "Euler a" in S.SAMPLERS and "DPM++ 2M" in S.SAMPLERS and "karras" in S.scheduler_names()
     x_T = _x_T(2)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from ldmkit.schedules import SCHEDULE_DISPLAY_NAMES, SCHEDULES, DiscreteSchedule, lcm_boundary_scalings
+from ldmkit.schedules import SCHEDULE_DISPLAY_NAMES, SCHEDULES, DiscreteSchedule, karras, lcm_boundary_scalings
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -164,14 +164,68 @@ def sample_heun(
         x, sigma_hat = _churn(x, s[i], len(s) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = _call(model, x, sigma_hat)
         _report(callback, i, x, s[i], denoised)
-        d = _d(x, sigma_hat, denoised)
-        dt = s[i + 1] - sigma_hat
-        if s[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = _d(x_2, s[i + 1], _call(model, x_2, s[i + 1]))
-            x = x + (d + d_2) * (dt / 2)
+        x = _heun_step(model, x, sigma_hat, s[i + 1], denoised)
+    return x.to(dtype)
+
+
+def _heun_step(model: Model, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor) -> Tensor:
+    """One Heun step from sigma to sigma_next given D(x, sigma); Euler when sigma_next is 0."""
+    d = _d(x, sigma, denoised)
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return x + d * dt
+    x_2 = x + d * dt
+    d_2 = _d(x_2, sigma_next, _call(model, x_2, sigma_next))
+    return x + (d + d_2) * (dt / 2)
+
+
+def restart_steps(sigmas: list[float]) -> list[tuple[float, float]]:
+    """The (sigma, sigma_next) steps of A1111's Restart sampler (``sd_samplers_extra.restart_sampler``).
+
+    Below 20 steps: the schedule's own steps. From 20 steps: a Karras schedule of ``steps - k * times`` steps
+    between the schedule's ends, and after the step that reaches the sigma closest to 0.1, ``times`` restarts
+    that go back to the sigma closest to 2 and descend again in k Karras steps (k = 9 once; from 36 steps
+    k = steps // 4 twice). The number of steps is unchanged.
+    """
+    steps = len(sigmas) - 1
+    if steps < 20:
+        return list(zip(sigmas[:-1], sigmas[1:], strict=True))
+    k, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    main = karras(steps - k * times, sigmas[-2], sigmas[0]).tolist()
+    lo = min(range(len(main)), key=lambda j: abs(main[j] - 0.1))  # first index wins ties, as torch.argmin
+    hi = min(range(len(main)), key=lambda j: abs(main[j] - 2.0))
+    out: list[tuple[float, float]] = []
+    for i in range(len(main) - 1):
+        out.append((main[i], main[i + 1]))
+        if i + 1 == lo and hi < lo:
+            restart = karras(k + 1, main[lo], main[hi]).tolist()[:-1]
+            out += list(zip(restart[:-1], restart[1:], strict=True)) * times
+    return out
+
+
+def sample_restart(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Restart sampling (Xu et al. 2023) as A1111 runs it: Heun steps on :func:`restart_steps`; each restart
+    adds fresh noise from the low sigma back up to the high one, then integrates down again."""
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    steps = restart_steps(s)
+    last = steps[0][0]
+    for i in trange(len(steps), disable=disable):
+        sigma, sigma_next = steps[i]
+        if sigma > last:
+            x = x + _randn(x, generator) * (s_noise * math.sqrt(sigma**2 - last**2))
+        denoised = _call(model, x, sigma)
+        _report(callback, i, x, sigma, denoised)
+        x = _heun_step(model, x, sigma, sigma_next, denoised)
+        last = sigma_next
     return x.to(dtype)
 
 
@@ -377,6 +431,69 @@ def sample_dpmpp_sde(
     return x.to(dtype)
 
 
+
+def sample_dpmpp_2m_sde_heun(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """A1111's "DPM++ 2M SDE Heun": :func:`sample_dpmpp_2m_sde` with ``solver_type="heun"``."""
+    return sample_dpmpp_2m_sde(model, x, sigmas, generator=generator, callback=callback, disable=disable, eta=eta,
+                               s_noise=s_noise, solver_type="heun")
+
+
+def sample_dpmpp_3m_sde(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE (Lu et al. 2022b; k-diffusion ``sample_dpmpp_3m_sde``): third-order multistep in
+    data prediction, warming up through first and second order; eta = 0 is the DPM-Solver++(3M) ODE solver.
+
+    Noise as in :func:`sample_dpmpp_2m_sde`: one independent draw per step (the Brownian tree's increments
+    over the steps' disjoint intervals have this law).
+    """
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    old: list[Tensor] = []  # previous denoised, newest first
+    hs: list[float] = []  # previous step sizes in lambda, newest first
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i] / s[i + 1])
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if len(old) >= 2:
+                r0, r1 = hs[0] / h, hs[1] / h
+                d1_0 = (denoised - old[0]) / r0
+                d1_1 = (old[0] - old[1]) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif old:
+                x = x + phi_2 * (denoised - old[0]) / (hs[0] / h)
+            if eta:
+                x = x + _randn(x, generator) * (s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+            hs = [h, *hs][:2]
+        old = [denoised, *old][:2]
+    return x.to(dtype)
+
 # -- DDIM / DDPM written in sigma space -------------------------------------------------------------------
 
 
@@ -433,6 +550,46 @@ def sample_ddpm(
             x = x + _randn(x, generator) * (s[i + 1] * math.sqrt(1 - ratio))
     return x.to(dtype)
 
+
+
+# Adams-Bashforth weights of the newest 1..4 eps values (PLMS assumes equal steps)
+_PLMS_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def sample_plms(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+) -> Tensor:
+    """PLMS, pseudo linear multistep (Liu et al. 2022; CompVis ``PLMSSampler``, A1111's "PLMS", diffusers'
+    ``PNDMScheduler(skip_prk_steps=True)``), written in sigma space like :func:`sample_ddim`.
+
+    Each step is a DDIM step (= Euler in sigma) with eps replaced by the Adams-Bashforth combination of the
+    last up to 4 eps = (x - D) / sigma; the first step is the pseudo improved Euler (Heun) step, so n steps
+    cost n + 1 model calls. The constant weights assume equal steps in the timestep.
+    """
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    eps_old: list[Tensor] = []  # newest first
+    for i in _steps(s, disable):
+        denoised = _call(model, x, s[i])
+        _report(callback, i, x, s[i], denoised)
+        eps = _d(x, s[i], denoised)
+        dt = s[i + 1] - s[i]
+        if not eps_old:
+            eps_prime = eps
+            if s[i + 1] > 0:
+                x_2 = x + eps * dt
+                eps_prime = (eps + _d(x_2, s[i + 1], _call(model, x_2, s[i + 1]))) / 2
+        else:
+            history = [eps, *eps_old]
+            eps_prime = sum(w * e for w, e in zip(_PLMS_WEIGHTS[len(history) - 1], history, strict=True))
+        x = x + eps_prime * dt
+        eps_old = [eps, *eps_old][:3]
+    return x.to(dtype)
 
 # -- UniPC (Zhao et al. 2023) ----------------------------------------------------------------------------
 
@@ -604,6 +761,171 @@ def sample_tcd(
     return x.to(dtype)
 
 
+
+# -- DPM-Solver with a step budget or adaptive steps (Lu et al. 2022; k-diffusion ``DPMSolver``) ------------
+# Both integrate in t = -log(sigma) (lambda) from sigmas[0] to the smallest positive sigma and return x
+# there, as k-diffusion's sample_dpm_fast/sample_dpm_adaptive do (A1111 gives them the model's full range).
+
+
+class _EpsCache:
+    """eps(x, t) = (x - D(x, sigma)) / sigma at t = -log(sigma), counting model calls."""
+
+    def __init__(self, model: Model) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self, x: Tensor, t: float) -> Tensor:
+        self.calls += 1
+        sigma = math.exp(-t)
+        return (x - _call(self.model, x, sigma)) / sigma
+
+
+def _dpm_solver_step(eps_fn: _EpsCache, x: Tensor, eps: Tensor, t: float, t_next: float, order: int,
+                     r1: float | None = None) -> tuple[Tensor, Tensor | None]:
+    """DPM-Solver-1/2/3 (Lu et al. 2022, alg. 1, 4, 5) from t to t_next given eps at t. Returns the result and
+    the eps at the first intermediate point (for reuse: a 2nd-order step with r1 = 1/3 shares it with the
+    3rd-order one)."""
+    h = t_next - t
+    sig = math.exp(-t_next)
+    x_1 = x - sig * math.expm1(h) * eps
+    if order == 1:
+        return x_1, None
+    r1 = r1 if r1 is not None else (0.5 if order == 2 else 1 / 3)
+    s1 = t + r1 * h
+    e1 = eps_fn(x - math.exp(-s1) * math.expm1(r1 * h) * eps, s1)
+    if order == 2:
+        return x_1 - sig / (2 * r1) * math.expm1(h) * (e1 - eps), e1
+    r2 = 2 / 3
+    s2 = t + r2 * h
+    u2 = x - math.exp(-s2) * math.expm1(r2 * h) * eps
+    u2 = u2 - math.exp(-s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (e1 - eps)
+    e2 = eps_fn(u2, s2)
+    return x_1 - sig / r2 * (math.expm1(h) / h - 1) * (e2 - eps), e1
+
+
+def _ancestral_target(t: float, t_next: float, t_end: float, eta: float) -> tuple[float, float]:
+    """(t to integrate to, noise std to add) for a step t -> t_next with ancestral noise eta."""
+    if not eta:
+        return t_next, 0.0
+    down, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+    t_down = min(t_end, -math.log(down)) if down > 0 else t_end
+    return t_down, math.sqrt(max(math.exp(-2 * t_next) - math.exp(-2 * t_down), 0.0))
+
+
+def _t_range(s: list[float]) -> tuple[float, float]:
+    positive = [v for v in s if v > 0]
+    return -math.log(positive[0]), -math.log(positive[-1])
+
+
+def sample_dpm_fast(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver-fast (Lu et al. 2022, sec. 3.4; k-diffusion ``sample_dpm_fast``): a budget of n = len(sigmas) - 1
+    model calls spent on third-order steps evenly spaced in lambda (the last one or two of lower order).
+
+    Only the schedule's ends matter. ``eta`` > 0 adds ancestral noise after each step; A1111 passes its
+    "Eta for ancestral samplers" (default 1) to it, so the default here is 1 too; eta = 0 is the ODE solver.
+    """
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    nfe = len(s) - 1
+    t_start, t_end = _t_range(s)
+    m = nfe // 3 + 1
+    ts = np.linspace(t_start, t_end, m + 1).tolist()
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    eps_fn = _EpsCache(model)
+    for i in trange(len(orders), disable=disable):
+        t, t_next = ts[i], ts[i + 1]
+        t_target, noise_std = _ancestral_target(t, t_next, t_end, eta)
+        eps = eps_fn(x, t)
+        _report(callback, i, x, math.exp(-t), x - math.exp(-t) * eps)
+        x, _ = _dpm_solver_step(eps_fn, x, eps, t, t_target, orders[i])
+        if noise_std > 0:
+            x = x + _randn(x, generator) * (noise_std * s_noise)
+    return x.to(dtype)
+
+
+def sample_dpm_adaptive(
+    model: Model,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    disable: bool = True,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+) -> Tensor:
+    """Adaptive-step DPM-Solver-12/23 (Lu et al. 2022, sec. 3.4; k-diffusion ``sample_dpm_adaptive``).
+
+    Each step compares a DPM-Solver-(order - 1) and a DPM-Solver-(order) result; a PID controller (k-diffusion's
+    ``PIDStepSizeController``, default: integral only) accepts or rejects it and sets the next step size in
+    lambda. The number of model calls is decided by the tolerances, not by the schedule: only its ends matter.
+    The callback's ``i`` is the progress in lambda scaled to len(sigmas) - 1 steps. ``eta``: as
+    :func:`sample_dpm_fast`. The error norm is taken over the whole batch, as k-diffusion does.
+    """
+    if order not in (2, 3):
+        raise ValueError(f"DPM adaptive order must be 2 or 3, got {order}")
+    dtype, (x, s) = x.dtype, _prepare(x, sigmas)
+    n = len(s) - 1
+    t_start, t_end = _t_range(s)
+    eps_fn = _EpsCache(model)
+    pid_order = 1.5 if eta else order
+    b1 = (pcoeff + icoeff + dcoeff) / pid_order
+    b2 = -(pcoeff + 2 * dcoeff) / pid_order
+    b3 = dcoeff / pid_order
+    inv_errs: list[float] = []
+    h = abs(h_init)
+    t, x_prev, steps = t_start, x, 0
+    while t < t_end - 1e-5:
+        t_next = min(t_end, t + h)
+        t_target, noise_std = _ancestral_target(t, t_next, t_end, eta)
+        eps = eps_fn(x, t)
+        if order == 2:
+            x_low, _ = _dpm_solver_step(eps_fn, x, eps, t, t_target, 1)
+            x_high, _ = _dpm_solver_step(eps_fn, x, eps, t, t_target, 2)
+        else:
+            x_high, e1 = _dpm_solver_step(eps_fn, x, eps, t, t_target, 3)
+            # the 2nd-order (r1 = 1/3) estimate from the same intermediate eps: no extra model call
+            x_low = x - math.exp(-t_target) * math.expm1(t_target - t) * (eps + 1.5 * (e1 - eps))
+        delta = torch.maximum(torch.maximum(x_low.abs(), x_prev.abs()) * rtol, torch.tensor(atol).to(x))
+        error = float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)
+        if not math.isfinite(error):
+            raise ValueError("DPM adaptive: the step error is not finite (the model returned NaN or inf)")
+        # PID step size control (k-diffusion PIDStepSizeController.propose_step)
+        inv = 1 / (error + 1e-8)
+        inv_errs = [inv, *(inv_errs[1:] or [inv, inv])]
+        factor = 1 + math.atan(inv_errs[0] ** b1 * inv_errs[1] ** b2 * inv_errs[2] ** b3 - 1)
+        accept = factor >= accept_safety
+        if accept:
+            inv_errs = [inv_errs[0], inv_errs[0], inv_errs[1]]
+        h *= factor
+        steps += 1
+        if accept:
+            denoised = x - math.exp(-t) * eps
+            x_prev = x_low
+            x = x_high + (_randn(x, generator) * (noise_std * s_noise) if noise_std > 0 else 0)
+            progress = (t - t_start) / (t_end - t_start) if t_end > t_start else 1.0
+            _report(callback, min(int(progress * n), n - 1), x, math.exp(-t), denoised)
+            t = t_next
+        if steps > 100_000:
+            raise ValueError("DPM adaptive did not finish in 100000 steps; raise rtol/atol")
+    return x.to(dtype)
+
 # -- registry ---------------------------------------------------------------------------------------------
 
 _FUNCTIONS: dict[str, Sampler] = {
@@ -615,7 +937,13 @@ _FUNCTIONS: dict[str, Sampler] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
+    "restart": sample_restart,
     "ddim": sample_ddim,
+    "plms": sample_plms,
     "ddpm": sample_ddpm,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
@@ -631,7 +959,13 @@ SAMPLER_DISPLAY_NAMES: dict[str, str] = {
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
     "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "dpm_fast": "DPM fast",
+    "dpm_adaptive": "DPM adaptive",
+    "restart": "Restart",
     "ddim": "DDIM",
+    "plms": "PLMS",
     "ddpm": "DDPM",
     "unipc": "UniPC",
     "lcm": "LCM",
@@ -648,7 +982,13 @@ DEFAULT_SCHEDULES: dict[str, str] = {
     "dpmpp_2m": "karras",
     "dpmpp_2m_sde": "exponential",
     "dpmpp_sde": "karras",
+    "dpmpp_2m_sde_heun": "exponential",
+    "dpmpp_3m_sde": "exponential",
+    "dpm_fast": "uniform",  # only the ends are used: the model's full range, as A1111 passes it
+    "dpm_adaptive": "uniform",
+    "restart": "karras",
     "ddim": "ddim_uniform",
+    "plms": "ddim_uniform",
     "ddpm": "ddim_uniform",
     "unipc": "uniform",
     "lcm": "lcm",
@@ -668,6 +1008,10 @@ _ALIASES: dict[str, str] = {
     "k_dpmpp_2m": "dpmpp_2m",
     "k_dpmpp_sde": "dpmpp_sde",
     "k_dpmpp_2m_sde": "dpmpp_2m_sde",
+    "k_dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun",
+    "k_dpmpp_3m_sde": "dpmpp_3m_sde",
+    "k_dpm_fast": "dpm_fast",
+    "k_dpm_ad": "dpm_adaptive",
     "uni_pc": "unipc",
 }
 
@@ -743,7 +1087,7 @@ class SamplerSpec:
 # samplers that start from N(0, 1) in the DDPM x_t space, as the CompVis/diffusers DDIM code does, rather
 # than from sigma_max * N(0, 1) in k-diffusion's space (the consistency samplers too: diffusers'
 # LCMScheduler/TCDScheduler have init_noise_sigma = 1)
-VP_START: frozenset[str] = frozenset({"ddim", "ddpm", "unipc", "lcm", "tcd"})
+VP_START: frozenset[str] = frozenset({"ddim", "ddpm", "plms", "unipc", "lcm", "tcd"})
 
 
 def sampler_spec(name: str) -> SamplerSpec:
