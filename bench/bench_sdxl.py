@@ -2,6 +2,7 @@
 
     flock /tmp/ldmkit-big.lock env OMP_NUM_THREADS=1 python bench/bench_sdxl.py            # 1024², ~10 GB a side
     python bench/bench_sdxl.py --config tiny-sdxl --size 64                                  # smoke run
+    flock /tmp/ldmkit-big.lock env OMP_NUM_THREADS=1 python bench/bench_sdxl.py --generate  # whole 1024² image
 
 Each library runs in a fresh worker process (peak RSS is the process's own): the U-Net is built on the meta
 device and every weight drawn from a generator seeded by its diffusers name, so both hold identical values
@@ -90,10 +91,65 @@ def work_unet(spec: dict[str, Any]) -> dict[str, Any]:
     return {"load_s": load_s, "times": times, "rss_peak": peak_rss_bytes()}
 
 
+def work_file(spec: dict[str, Any]) -> dict[str, Any]:
+    """A random full SDXL model written once as an fp16 single file (weights drawn by name, as above)."""
+    from ldmkit import checkpoint_sdxl, convert
+    from ldmkit.config import PRESETS
+    from ldmkit.sdxl import StableDiffusionXL
+
+    t0 = time.perf_counter()
+    cfg = PRESETS[spec["config"]]
+    with torch.device("meta"):
+        model = StableDiffusionXL(cfg)
+    unet = model.unet.state_dict()
+    names = {id(v): k for k, v in unet.items()}
+    to_diffusers = {names[id(v)]: dk for dk, v in convert.unet_ldm_to_diffusers(unet, cfg.unet).items()}
+    for part, module in model.parts().items():
+        key = (lambda k: to_diffusers[k]) if part == "unet" else (lambda k, p=part: f"{p}.{k}")
+        module.load_state_dict({k: _weight(key(k), v.shape).half() for k, v in module.state_dict().items()},
+                               strict=True, assign=True)
+    checkpoint_sdxl.save_sdxl_single_file(model, spec["file"])
+    return {"seconds": time.perf_counter() - t0}
+
+
+def work_generate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load + one whole txt2img (encoders, ``steps`` CFG steps, VAE decode) in a fresh process: peak RSS."""
+    from ldmkit import api
+    from ldmkit.pipeline import GenerationParams, txt2img
+
+    t0 = time.perf_counter()
+    pipe = api.load(spec["file"], low_memory=spec["low_memory"], vae_tiling=spec["vae_tiling"])
+    load_s = time.perf_counter() - t0
+    params = GenerationParams("a photograph of an astronaut riding a horse", negative_prompt="blurry",
+                              steps=spec["steps"], sampler="Euler", seed=1, width=spec["size"], height=spec["size"])
+    t1 = time.perf_counter()
+    txt2img(pipe.model, params)
+    return {"load_s": load_s, "gen_s": time.perf_counter() - t1, "rss_peak": peak_rss_bytes()}
+
+
+WORKERS = {"unet": work_unet, "file": work_file, "generate": work_generate}
+
+
 def worker_main(spec: dict[str, Any]) -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    print(RESULT_TAG + json.dumps(work_unet(spec)), flush=True)
+    print(RESULT_TAG + json.dumps(WORKERS[spec["kind"]](spec)), flush=True)
+
+
+def generate_rss(args: argparse.Namespace) -> None:
+    """ldmkit's whole 1024² generation from an fp16 SDXL file: peak RSS, plain and --low-memory (+ tiling)."""
+    file = Path(args.file)
+    if not file.exists():
+        print(f"writing random {args.config} fp16 weights to {file} (once)", file=sys.stderr, flush=True)
+        run_worker({"kind": "file", "config": args.config, "file": str(file), "threads": args.threads}, __file__)
+    print(f"# whole txt2img at {args.size}², {args.steps} Euler step(s) with CFG, from {file.name} (fp16), "
+          f"{machine()}")
+    print("| mode | load s | generate s | peak RSS GiB | load avg |\n|---|--:|--:|--:|--:|")
+    for name, low, tiling in (("low-memory + VAE tiling", True, True), ("low-memory", True, False)):
+        r = run_worker({"kind": "generate", "file": str(file), "low_memory": low, "vae_tiling": tiling,
+                        "steps": args.steps, "size": args.size, "threads": args.threads}, __file__)
+        print(f"| {name} | {r['load_s']:.0f} | {r['gen_s']:.0f} | {r['rss_peak'] / 2**30:.2f} | "
+              f"{r['loadavg_before']:.1f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,9 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--generate", action="store_true",
+                    help="instead: peak RSS of ldmkit's whole generation from an fp16 file (written once to --file)")
+    ap.add_argument("--file", default="/tmp/ldmkit-bench/sdxl-random-fp16.safetensors")
+    ap.add_argument("--steps", type=int, default=1, help="--generate: sampling steps")
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))
+        return
+    if args.generate:
+        generate_rss(args)
         return
     print(f"# SDXL U-Net step with CFG (batch 2), {args.config} at {args.size}², {machine()}, "
           f"{torch.get_num_threads() if args.threads is None else args.threads} threads")

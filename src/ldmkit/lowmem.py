@@ -108,7 +108,9 @@ def enable(model: StableDiffusion) -> StableDiffusion:
                 if p.is_floating_point() and p.dtype != want:
                     setattr(mod, name, nn.Parameter(p.detach().to(want), requires_grad=False))
     model.compute_dtype = COMPUTE_DTYPE
-    _make_pageable(model.text_encoder)
+    for name, part in model.parts().items():  # SDXL: text_encoder_2 (bigG) too
+        if name.startswith("text_encoder"):
+            _make_pageable(part)
     for part in model.parts().values():
         page_out(_tensors(part))
     return model
