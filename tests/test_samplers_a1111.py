@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from test_samplers import (
@@ -292,3 +293,153 @@ def test_a1111_aliases():
                          ("k_dpm_fast", "dpm_fast"), ("k_dpm_ad", "dpm_adaptive"), ("restart", "restart"),
                          ("plms", "plms")]:
         assert S.resolve_sampler(alias)[0] == short
+
+
+# -- schedules (A1111 modules/sd_schedulers.py, k-diffusion get_sigmas_polyexponential) -----------------------
+
+SD = DiscreteSchedule.sd()
+
+
+def test_simple_and_normal_schedules():
+    # Simple: training sigmas at t = T - 1 - floor(i * T / n)
+    torch.testing.assert_close(get_sigmas("simple", 4, SD), torch.cat([SD.sigmas[[999, 749, 499, 249]],
+                                                                       torch.zeros(1, dtype=torch.float64)]))
+    torch.testing.assert_close(get_sigmas("Simple", 3, SD)[:-1], SD.sigmas[[999, 666, 333]])
+    # Normal: t = linspace(t(sigma_max), t(sigma_min), n) = linspace(999, 0, n), i.e. Uniform
+    torch.testing.assert_close(get_sigmas("normal", 4, SD)[:-1], SD.sigmas[[999, 666, 333, 0]])
+    torch.testing.assert_close(get_sigmas("normal", 25, SD), get_sigmas("uniform", 25, SD))
+
+
+def test_polyexponential_schedule():
+    from ldmkit.schedules import exponential, polyexponential
+
+    torch.testing.assert_close(get_sigmas("polyexponential", 9, SD), exponential(9, SD.sigma_min, SD.sigma_max))
+    sig = polyexponential(5, 0.1, 10.0, rho=2.0)
+    ramp = torch.tensor([1, 0.75, 0.5, 0.25, 0], dtype=torch.float64) ** 2
+    torch.testing.assert_close(sig[:-1], 0.1 * (10.0 / 0.1) ** ramp)
+
+
+def test_beta_quantile_closed_forms_and_scipy():
+    from ldmkit.schedules import beta, beta_ppf
+
+    p = [0.0, 0.01, 0.2, 0.5, 0.77, 0.999, 1.0]
+    # Beta(1, 1) is uniform; Beta(1/2, 1/2) is the arcsine law, ppf = sin^2(pi p / 2); Beta(a, 1): p^(1/a)
+    for q in p:
+        assert beta_ppf(q, 1.0, 1.0) == pytest.approx(q, abs=1e-14)
+        assert beta_ppf(q, 0.5, 0.5) == pytest.approx(math.sin(math.pi * q / 2) ** 2, abs=1e-14)
+        assert beta_ppf(q, 3.0, 1.0) == pytest.approx(q ** (1 / 3), abs=1e-14)
+    # A1111: sigma_min + ppf(1 - linspace(0, 1, n), 0.6, 0.6) * (sigma_max - sigma_min), then 0
+    stats = pytest.importorskip("scipy.stats")
+    n = 10
+    expected = [SD.sigma_min + stats.beta.ppf(1 - v, 0.6, 0.6) * (SD.sigma_max - SD.sigma_min)
+                for v in torch.linspace(0, 1, n, dtype=torch.float64).tolist()]
+    torch.testing.assert_close(get_sigmas("beta", n, SD), torch.tensor([*expected, 0.0], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+    arcsine = beta(5, 0.1, 10.0, alpha=0.5, beta=0.5)[:-1]
+    torch.testing.assert_close(arcsine, torch.tensor([0.1 + math.sin(math.pi * (1 - i / 4) / 2) ** 2 * 9.9
+                                                      for i in range(5)], dtype=torch.float64))
+    with pytest.raises(ValueError, match="alpha and beta must be > 0"):
+        beta(5, 0.1, 10.0, alpha=0.0)
+
+
+AYS_SD1 = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]
+
+
+def test_align_your_steps_tables():
+    # NVIDIA's published values (AYS how-to page, as A1111's sd_schedulers.py ships them); A1111 takes the table
+    # as-is at n = 11 and appends 0
+    assert get_sigmas("align_your_steps", 11, SD).tolist() == [*AYS_SD1, 0.0]
+    assert get_sigmas("Align Your Steps", 11, SD, sdxl=True).tolist() == [*AYS_SDXL, 0.0]
+    # other n: log-linear interpolation at evenly spaced positions. n = 21 puts every other point on the table
+    # and the ones between at geometric means of their neighbours.
+    for table, sdxl in ((AYS_SD1, False), (AYS_SDXL, True)):
+        sig = get_sigmas("align_your_steps", 21, SD, sdxl=sdxl)
+        assert sig[-1] == 0 and len(sig) == 22
+        torch.testing.assert_close(sig[0:21:2], torch.tensor(table, dtype=torch.float64), rtol=1e-12, atol=0)
+        geo = [math.sqrt(a * b) for a, b in zip(table[:-1], table[1:], strict=True)]
+        torch.testing.assert_close(sig[1:21:2], torch.tensor(geo, dtype=torch.float64), rtol=1e-12, atol=0)
+    # n = 10: position j/9 falls at table index 10 j / 9
+    sig = get_sigmas("align_your_steps", 10, SD)
+    for j in range(10):
+        pos = 10 * j / 9
+        k = min(int(pos), 9)
+        w = pos - k
+        expected = math.exp((1 - w) * math.log(AYS_SD1[k]) + w * math.log(AYS_SD1[k + 1]))
+        assert sig[j].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_generation_plan_picks_the_ays_table_of_the_model_family():
+    from types import SimpleNamespace
+
+    from ldmkit import core
+    from ldmkit import pipeline as P
+    from ldmkit.config import TINY, TINY_SDXL
+
+    params = P.GenerationParams("x", sampler="Euler", scheduler="align_your_steps", steps=11)
+    for cfg, table in ((TINY, AYS_SD1), (TINY_SDXL, AYS_SDXL)):
+        plan = core.plan(SimpleNamespace(cfg=cfg), params)
+        assert plan.sigmas.tolist() == [*table, 0.0]
+        assert plan.infotext_names == ("Euler", "Align Your Steps")
+
+
+# -- front ends: CLI and the A1111 server accept the new names -------------------------------------------------
+
+NEW_SCHEDULES = {"simple": "Simple", "normal": "Normal", "beta": "Beta", "polyexponential": "Polyexponential",
+                 "align_your_steps": "Align Your Steps", "sgm_uniform": "SGM Uniform", "ddim_uniform": "DDIM"}
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    from ldmkit import checkpoint
+    from ldmkit.config import TINY
+    from ldmkit.model import StableDiffusion
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("a1111") / "tiny.safetensors"
+    checkpoint.save_single_file(StableDiffusion(TINY).eval(), path)
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("sampler,scheduler", [("DPM++ 3M SDE", "beta"), ("PLMS", None), ("Restart", "simple"),
+                                               ("DPM adaptive", None), ("DPM++ 2M SDE Heun", "Align Your Steps")])
+def test_cli_generates_with_new_samplers_and_schedulers(tiny_file, tmp_path, sampler, scheduler, capsys):
+    from PIL import Image
+
+    from ldmkit import cli
+
+    out = tmp_path / "out.png"
+    argv = ["generate", "a red apple", "--model", str(tiny_file), "--sampler", sampler, "--steps", "3", "--seed", "5",
+            "--width", "16", "--height", "16", "--device", "cpu", "-o", str(out)]
+    argv += ["--scheduler", scheduler] if scheduler else []
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    with Image.open(out) as img:
+        info = img.info["parameters"]
+        assert f"Sampler: {sampler}," in info
+        if scheduler:
+            label = NEW_SCHEDULES.get(scheduler, scheduler)
+            assert f"Schedule type: {label}" in info
+        assert np.asarray(img.convert("RGB")).std() > 0  # not a blank image
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_server_lists_and_runs_new_samplers_and_schedulers(tiny_file):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import create_app
+
+    with TestClient(create_app(tiny_file, device="cpu", preview_interval=0)) as client:
+        samplers = {s["name"]: s for s in client.get("/sdapi/v1/samplers").json()}
+        assert {display for display, *_ in NEW_SAMPLERS.values()} <= set(samplers)
+        assert "k_dpm_ad" in samplers["DPM adaptive"]["aliases"]
+        schedulers = {s["name"]: s["label"] for s in client.get("/sdapi/v1/schedulers").json()}
+        assert {k: schedulers.get(k) for k in NEW_SCHEDULES} == NEW_SCHEDULES
+        body = dict(prompt="a red apple", steps=2, width=16, height=16, seed=3)
+        for sampler, scheduler in (("DPM++ 3M SDE", "beta"), ("PLMS", "automatic"), ("DPM fast", "Polyexponential")):
+            r = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": sampler, "scheduler": scheduler})
+            assert r.status_code == 200, r.text
+            assert f"Sampler: {sampler}," in r.json()["info"]
+        r = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler", "scheduler": "bogus"})
+        assert r.status_code == 422 and "align_your_steps" in r.text

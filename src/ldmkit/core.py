@@ -160,7 +160,7 @@ def plan(model: StableDiffusion, params: GenerationParams, seed: int | None = No
     if schedule == "automatic":
         schedule = spec.schedule
     try:
-        sigmas = get_sigmas(schedule, params.steps, model_schedule(model))
+        sigmas = get_sigmas(schedule, params.steps, model_schedule(model), sdxl=model.cfg.is_sdxl)
     except ValueError as e:
         raise GenerationError(str(e)) from None
     return Plan(spec, schedule, sigmas, params.cfg_scale, params.eta, params.deepcache, params.deepcache_branch,

@@ -11,6 +11,7 @@ first-order sampler, the last step landing on the clean sample.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,6 +141,100 @@ def exponential(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
+def polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0) -> Tensor:
+    """k-diffusion ``get_sigmas_polyexponential`` (A1111 "Polyexponential", rho = 1): log-sigma follows
+    ramp**rho for ramp from 1 to 0; rho = 1 is :func:`exponential`."""
+    _check_n(n)
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    return _append_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + aa * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-16:
+            break
+    return h
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """Regularised incomplete beta function I_x(a, b), the CDF of the Beta(a, b) distribution."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """Quantile of Beta(a, b) (scipy's ``stats.beta.ppf``) by bisection on :func:`beta_cdf`: the CDF is
+    monotone, so this cannot miss, and 200 halvings reach float64 resolution."""
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if beta_cdf(mid, a, b) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def beta(n: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """A1111 "Beta" ("Beta Sampling is All You Need", Lee et al. 2024): sigma = sigma_min + q (sigma_max - sigma_min)
+    with q the Beta(alpha, beta) quantiles of 1 - linspace(0, 1, n); A1111's default alpha = beta = 0.6.
+
+    (ComfyUI's "beta" differs: it picks training timesteps at those quantiles.)
+    """
+    _check_n(n)
+    if alpha <= 0 or beta <= 0:
+        raise ValueError(f"beta schedule alpha and beta must be > 0, got {alpha}, {beta}")
+    q = [beta_ppf(1 - float(v), alpha, beta) for v in np.linspace(0, 1, n)]
+    return _append_zero(sigma_min + torch.tensor(q, dtype=torch.float64) * (sigma_max - sigma_min))
+
+
+# Align Your Steps (Sabour et al. 2024): NVIDIA's optimised 10-step noise levels as A1111 ships them
+# (modules/sd_schedulers.py, from research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html).
+AYS_SIGMAS: dict[str, tuple[float, ...]] = {
+    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def loglinear_interp(values: Tensor | list[float], num: int) -> Tensor:
+    """``num`` values through a decreasing sequence, linear in log(value) at evenly spaced positions (AYS)."""
+    ys = np.log(np.asarray(values, dtype=np.float64)[::-1])
+    new = np.interp(np.linspace(0, 1, num), np.linspace(0, 1, len(ys)), ys)
+    return torch.from_numpy(np.exp(new)[::-1].copy())
+
+
+def align_your_steps(n: int, schedule: DiscreteSchedule | None = None, sdxl: bool = False) -> Tensor:
+    """A1111 "Align Your Steps": the 11 AYS noise levels of the model family (SDXL or else SD 1.x) as n = 11
+    steps, log-linearly interpolated to n values otherwise, then 0.
+
+    (ComfyUI's AlignYourStepsScheduler instead takes 10 steps as native and ends on 0 in place of 0.029.)
+    """
+    _check_n(n)
+    table = AYS_SIGMAS["sdxl" if sdxl else "sd1"]
+    sigmas = torch.tensor(table, dtype=torch.float64) if n == len(table) else loglinear_interp(table, n)
+    return _append_zero(sigmas)
+
 def lcm_boundary_scalings(timestep: Tensor | float, sigma_data: float = 0.5,
                           timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """(c_skip, c_out) of a latent consistency model at training timestep t (Luo et al. 2023, eq. 9).
@@ -226,6 +321,19 @@ def lcm(n: int, schedule: DiscreteSchedule, original_steps: int = 50) -> Tensor:
     return _append_zero(schedule.t_to_sigma(torch.from_numpy(t.astype(np.float64))))
 
 
+def simple(n: int, schedule: DiscreteSchedule) -> Tensor:
+    """A1111/ComfyUI "Simple": the training sigmas at t = T - 1 - floor(i T / n), i < n."""
+    _check_n(n)
+    T = schedule.num_timesteps
+    t = [T - 1 - int(i * (T / n)) for i in range(n)]
+    return _append_zero(schedule.sigmas[t].clone())
+
+
+def normal(n: int, schedule: DiscreteSchedule) -> Tensor:
+    """A1111/ComfyUI "Normal": t = linspace(t(sigma_max), t(sigma_min), n) = linspace(T - 1, 0, n), which is
+    :func:`uniform` (k-diffusion's ``get_sigmas``)."""
+    return uniform(n, schedule)
+
 def _karras(n: int, schedule: DiscreteSchedule, rho: float = 7.0) -> Tensor:
     return karras(n, schedule.sigma_min, schedule.sigma_max, rho)
 
@@ -233,6 +341,13 @@ def _karras(n: int, schedule: DiscreteSchedule, rho: float = 7.0) -> Tensor:
 def _exponential(n: int, schedule: DiscreteSchedule) -> Tensor:
     return exponential(n, schedule.sigma_min, schedule.sigma_max)
 
+
+def _polyexponential(n: int, schedule: DiscreteSchedule, rho: float = 1.0) -> Tensor:
+    return polyexponential(n, schedule.sigma_min, schedule.sigma_max, rho)
+
+
+def _beta(n: int, schedule: DiscreteSchedule, alpha: float = 0.6, beta_: float = 0.6) -> Tensor:
+    return beta(n, schedule.sigma_min, schedule.sigma_max, alpha, beta_)
 
 SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "uniform": uniform,
@@ -242,6 +357,11 @@ SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "sgm_uniform": sgm_uniform,
     "trailing": trailing,
     "lcm": lcm,
+    "polyexponential": _polyexponential,
+    "simple": simple,
+    "normal": normal,
+    "beta": _beta,
+    "align_your_steps": align_your_steps,
 }
 
 # A1111 display names (the "Schedule type" dropdown and the suffix of legacy names like "DPM++ 2M Karras").
@@ -253,6 +373,11 @@ SCHEDULE_DISPLAY_NAMES: dict[str, str] = {
     "sgm_uniform": "SGM Uniform",
     "trailing": "Trailing",
     "lcm": "LCM",
+    "polyexponential": "Polyexponential",
+    "simple": "Simple",
+    "normal": "Normal",
+    "beta": "Beta",
+    "align_your_steps": "Align Your Steps",
 }
 
 
@@ -269,9 +394,14 @@ def schedule_short_name(name: str) -> str:
     return by_display.get(key, key)
 
 
-def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, **kwargs: object) -> Tensor:
-    """n + 1 descending float64 sigmas ending in 0 for the schedule called ``name`` (short or display name)."""
+def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, *, sdxl: bool = False, **kwargs: object) -> Tensor:
+    """n + 1 descending float64 sigmas ending in 0 for the schedule called ``name`` (short or display name).
+
+    ``sdxl``: the model is SDXL (only schedules tabulated per model family, Align Your Steps, read it).
+    """
     fn = SCHEDULES.get(schedule_short_name(name))
     if fn is None:
         raise ValueError(f"unknown schedule {name!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if "sdxl" in inspect.signature(fn).parameters:
+        kwargs["sdxl"] = sdxl
     return fn(n, schedule, **kwargs)
