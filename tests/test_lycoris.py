@@ -245,3 +245,31 @@ def test_incomplete_or_wrong_lycoris_is_one_clear_error(folder, tmp_path):
     save_file({f"{name}.oft_blocks": torch.zeros(4, 8, 8)}, oft)
     with pytest.raises(CheckpointError, match="OFT"):
         read_lora_file(oft)
+
+
+def test_norm_layer_updates(folder, tmp_path):
+    """LyCORIS w_norm/b_norm (A1111 network_norm): the weight and bias updates of GroupNorm/LayerNorm layers,
+    scale 1, times the multiplier."""
+    from safetensors.torch import save_file
+
+    pipe = _pipe(folder)
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    norms = [("unet", "down_blocks.0.resnets.0.norm1"), ("unet", "mid_block.attentions.0.norm"),
+             ("unet", "up_blocks.0.attentions.0.transformer_blocks.0.norm2"),
+             ("text_encoder", "encoder.layers.1.layer_norm1")]
+    with torch.no_grad():
+        for part, name in norms:
+            mod = _module(pipe, part, name)
+            w, b = torch.randn(mod.weight.shape, generator=g) * 0.3, torch.randn(mod.bias.shape, generator=g) * 0.3
+            sd |= {f"{_kohya(part, name)}.w_norm": w, f"{_kohya(part, name)}.b_norm": b,
+                   f"{_kohya(part, name)}.alpha": torch.tensor(4.0)}  # no rank: alpha does not scale
+            mod.weight += 0.8 * w
+            mod.bias += 0.8 * b
+    path = tmp_path / "norm.safetensors"
+    save_file(sd, path)
+    base = checkpoint.load(folder)
+    model = copy.deepcopy(base)
+    assert apply_lora(model, path, 0.8) == len(norms)
+    _assert_same_model(pipe, model, base)
+    _assert_same_image(pipe, model)

@@ -43,6 +43,10 @@ _CONTEXT_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 _TEXT_FAMILY = {768: "SD1.x", 1024: "SD2.x", 1280: "SDXL (second text encoder)"}
 
 
+# what a LoRA file may change: Linear/Conv2d weights, and norm layers (LyCORIS w_norm/b_norm)
+_TARGET_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+
+
 @dataclass(frozen=True)
 class Target:
     """A Linear/Conv2d a LoRA may change, under each name files use for it."""
@@ -64,7 +68,7 @@ def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig,
                  for k, t in convert.unet_ldm_to_diffusers(tags, cfg.unet).items()}
     out = []
     for path, mod in unet.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        if isinstance(mod, _TARGET_TYPES) and getattr(mod, "weight", None) is not None:
             d = diffusers[path]
             out.append(Target(mod, f"unet.{path}", UNET_PREFIX + d.replace(".", "_"), f"unet.{d}",
                               (d, d.replace(".", "_"), path, path.replace(".", "_"))))
@@ -73,7 +77,7 @@ def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig,
         ([("text_encoder_2", "lora_te2_", text_encoder_2)] if text_encoder_2 is not None else [])
     for part, prefix, encoder in encoders:
         for path, mod in encoder.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            if isinstance(mod, _TARGET_TYPES) and getattr(mod, "weight", None) is not None:
                 # files written against transformers >= 5 lack CLIPTextModel's `text_model.` level
                 short = path.removeprefix("text_model.")
                 out.append(Target(mod, f"{part}.{path}", prefix + path.replace(".", "_"), f"{part}.{path}",
@@ -82,7 +86,7 @@ def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig,
 
 
 def lora_targets(model: StableDiffusion) -> list[Target]:
-    """Every Linear/Conv2d of the U-Net and text encoder, with the names LoRA files give it."""
+    """Every Linear/Conv2d (and norm layer) of the U-Net and text encoders, with the names LoRA files give it."""
     return _targets(model.unet, model.text_encoder, model.cfg, getattr(model, "text_encoder_2", None))
 
 
@@ -153,6 +157,8 @@ def _fits(pair: LoRAPair | LycoModule, w: Tensor) -> bool:
         except (ValueError, RuntimeError):  # RuntimeError: factor shapes that do not multiply
             return False
         return pair.magnitude is None or pair.magnitude.numel() in (w.shape[0], w.shape[1])
+    if w.ndim < 2:  # a norm layer: only LyCORIS w_norm updates it
+        return False
     kernel = math.prod(w.shape[2:])
     return (pair.down.shape[1] == w.shape[1] and pair.up.shape[0] == w.shape[0]
             and math.prod(pair.down.shape[2:]) in (1, kernel) and math.prod(pair.up.shape[2:]) == 1
@@ -285,6 +291,8 @@ def inject_lora(model: StableDiffusion, rank: int = 8, alpha: float = 8.0, text_
     injected: dict[str, LoRAModule] = {}
     for target in lora_targets(model):
         name, mod, (part, path) = target.kohya, target.module, target.where.split(".", 1)
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
         targets = UNET_TARGETS if part == "unet" else TE_TARGETS
         if part == "text_encoder" and not text_encoder:
             continue

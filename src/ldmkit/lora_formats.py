@@ -120,10 +120,8 @@ def _what_else(keys: list[str]) -> str:
 
     if has("oft_blocks", "oft_diag"):
         return "a LyCORIS OFT/BOFT network (oft_blocks keys), which ldmkit does not merge"
-    if has(".w_norm", ".b_norm"):
-        return "a LyCORIS network with norm-layer updates (w_norm/b_norm keys), which ldmkit does not merge"
-    if has("glora_"):
-        return "a LyCORIS GLoRA network (glora_ keys), which ldmkit does not merge"
+    if has(".a1.weight") and has(".b1.weight"):
+        return "a LyCORIS GLoRA network (a1/a2/b1/b2 keys), which ldmkit does not merge"
     if has("lora_embedding_A"):
         return "a PEFT LoRA of embedding layers (lora_embedding_A keys), which ldmkit does not merge"
     if has("model.diffusion_model."):

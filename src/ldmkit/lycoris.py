@@ -16,6 +16,7 @@ LoKr          ``kron(w1, w2)`` with ``w1`` = ``lokr_w1`` or ``lokr_w1_a @ lokr_w
               decomposed factor (``w2_b``, else ``w1_b``), none when both are full (scale 1).
 (IA)³         ``W ⊙ w`` per output row (``on_input`` 0) or per input column (``on_input`` 1); scale 1.
 full          ``diff`` is ΔW itself (``diff_b`` the bias update, times ``m`` only); scale 1.
+norm          a LayerNorm/GroupNorm's ``w_norm`` and ``b_norm`` are its weight and bias updates; scale 1.
 
 ``dora_scale`` (DoRA) then rescales ``W + s·ΔW`` as :func:`ldmkit.lora.merged_weight` describes.
 """
@@ -29,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Kind = Literal["locon-tucker", "loha", "lokr", "ia3", "full"]
+Kind = Literal["locon-tucker", "loha", "lokr", "ia3", "full", "norm"]
 # the roles of each kind in a kohya-style file (``<name>.<role>``)
 ROLES: dict[str, Kind] = {
     "lora_mid.weight": "locon-tucker",
@@ -39,9 +40,10 @@ ROLES: dict[str, Kind] = {
     "lokr_w2_b": "lokr", "lokr_t2": "lokr",
     "weight": "ia3", "on_input": "ia3",
     "diff": "full", "diff_b": "full",
+    "w_norm": "norm", "b_norm": "norm",
 }
 KIND_NAMES: dict[Kind, str] = {"locon-tucker": "LoCon (Tucker)", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)³",
-                               "full": "full-diff"}
+                               "full": "full-diff", "norm": "norm"}
 # tensors that may accompany any kind
 COMMON = ("alpha", "scale", "dora_scale")
 _REQUIRED: dict[Kind, tuple[str, ...]] = {
@@ -50,6 +52,7 @@ _REQUIRED: dict[Kind, tuple[str, ...]] = {
     "lokr": (),  # checked in lokr_factors: w1 or w1_a/w1_b, and w2 or w2_a/w2_b
     "ia3": ("weight",),
     "full": ("diff",),
+    "norm": ("w_norm", "b_norm"),
 }
 
 
@@ -142,6 +145,8 @@ class LycoModule:
             on_input = bool(w["on_input"].item()) if "on_input" in w else False
             v = v.reshape(1, -1, *[1] * (len(shape) - 2)) if on_input else v.reshape(-1, *[1] * (len(shape) - 1))
             d = weight.float() * v
+        elif self.kind == "norm":
+            d = w["w_norm"]
         else:
             d = w["diff"]
         if d.numel() != math.prod(shape):
@@ -149,8 +154,9 @@ class LycoModule:
         return d.reshape(shape) * self.scale
 
     def bias_delta(self) -> Tensor | None:
-        """The bias update (full-diff ``diff_b``), not scaled: A1111 multiplies it by the multiplier only."""
-        b = self.w.get("diff_b")
+        """The bias update (full-diff ``diff_b``, norm ``b_norm``), not scaled: A1111 multiplies it by the
+        multiplier only."""
+        b = self.w.get("diff_b", self.w.get("b_norm"))
         return None if b is None else b.float()
 
 

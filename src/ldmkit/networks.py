@@ -236,7 +236,7 @@ def apply_prompt_networks(model: nn.Module, prompts: list[str], negatives: list[
         report = apply_networks(model, tags, folder, strict or getattr(model, "lora_strict", False))
         report.warnings[:0] = bad
     table = getattr(model, "embedding_table", None)
-    if table is not None:  # A1111's "TI hashes" of the embeddings used, and words whose file failed to load
+    if hasattr(table, "used_in"):  # A1111's "TI hashes" of the embeddings used, and words whose file failed to load
         tok = model.tokenizers[0] if hasattr(model, "tokenizers") else model.tokenizer
         for text in dict.fromkeys(clean[:1] + clean_neg[:1]):
             used, warnings = table.used_in(tok, model.text_encoder.cfg.width, text)
