@@ -99,7 +99,8 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
     """Load a checkpoint file, a diffusers folder, or a built-in model by name (default: ``emoji``).
 
     ``loras``: (LoRA file or PEFT folder, multiplier) pairs merged into the weights; any layout
-    :func:`ldmkit.lora_formats.detect_lora_format` knows (kohya/A1111, diffusers/PEFT, old diffusers).
+    :func:`ldmkit.lora_formats.detect_lora_format` knows (kohya/A1111, diffusers/PEFT, old diffusers) and
+    the LyCORIS kinds of :mod:`ldmkit.lycoris`.
     Computes in float32 on CPU (bf16/fp16 are far slower there) and float16 on CUDA by default.
     ``low_memory`` (CPU): weights kept in float16, memory-mapped from fp16 safetensors files, and
     computed in float32 one module at a time (ldmkit.lowmem): about half the memory for a few

@@ -53,7 +53,8 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
                         "file or folder, diffusers AutoencoderTiny folder, built-in emoji-taesd): faster decoding")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA merged into the model, e.g. style.safetensors:0.8 (repeatable): kohya/A1111 or "
-                        "diffusers/PEFT file (LCM-LoRA, TCD-LoRA, DoRA), or a PEFT folder")
+                        "diffusers/PEFT file (LCM-LoRA, TCD-LoRA, DoRA), a PEFT folder, or LyCORIS (LoCon, LoHa, "
+                        "LoKr, (IA)3, full diff)")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="folder where <lora:NAME:WEIGHT> (or <lyco:...>) in the prompt finds NAME.safetensors; "
                         "applied for this image only (LoRA, LoCon, LoHa, LoKr, (IA)3, full diff, DoRA)")
