@@ -226,3 +226,23 @@ def test_files_are_read_once_and_a_repeated_set_changes_nothing(folder, loras, m
     os.utime(loras / "style.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     pipe.txt2img("x <lora:style:1>", **GEN)
     assert len(reads) == 3
+
+
+def test_alias_from_the_trainers_output_name(folder, loras, tmp_path):
+    """A1111 also finds a LoRA by the ss_output_name in its header; the file stem wins a clash, and an alias
+    two files share names neither."""
+    import shutil
+
+    d = tmp_path / "aliased"
+    d.mkdir()
+    sd, _ = checkpoint.read_state_dict(loras / "style.safetensors")
+    save_file(sd, d / "v2_final.safetensors", metadata={"ss_output_name": "Watercolor"})
+    save_file(sd, d / "a.safetensors", metadata={"ss_output_name": "twice"})
+    save_file(sd, d / "b.safetensors", metadata={"ss_output_name": "twice"})
+    shutil.copy(loras / "sub" / "Shape.safetensors", d / "watercolor2.safetensors")
+    pipe = api.load(folder, lora_dir=d)
+    img = pipe.txt2img("a red apple <lora:watercolor:0.7>", **GEN)[0]
+    assert "Lora hashes: \"watercolor: " in img.info["parameters"]
+    merged = api.load(folder, loras=[(str(loras / "style.safetensors"), 0.7)]).txt2img("a red apple", **GEN)[0]
+    assert np.array_equal(_png(img), _png(merged))
+    assert "LoRA not found: 'twice'" in pipe.txt2img("x <lora:twice>", **GEN)[0].info["parameters"]

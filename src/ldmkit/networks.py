@@ -53,6 +53,7 @@ class NetworkFolder:
         if not self.path.is_dir():
             raise NotADirectoryError(f"{self.path}: no such {what} folder")
         self._index: dict[str, Path] | None = None
+        self._aliases: dict[str, Path] | None = None
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
@@ -64,7 +65,7 @@ class NetworkFolder:
                 if p.suffix.lower() in self.extensions and not f.startswith("."):
                     index.setdefault(p.stem.lower(), p)  # the first by path order wins a clash
         with self._lock:
-            self._index = index
+            self._index, self._aliases = index, None
 
     @property
     def index(self) -> dict[str, Path]:
@@ -78,13 +79,40 @@ class NetworkFolder:
 
     def find(self, name: str) -> Path:
         check_name(name, self.what)
-        path = self.index.get(name.lower())
+        path = self.index.get(name.lower()) or self.aliases().get(name.lower())
         if path is None:
             raise NetworkNameError(f"{self.what} not found: {name!r} (no such file in {self.path})")
         return path
 
+    def aliases(self) -> dict[str, Path]:
+        """A1111's second name of a LoRA: the ``ss_output_name`` its trainer wrote into the file's header
+        (an alias two files share names neither)."""
+        if self._aliases is None:
+            seen: dict[str, list[Path]] = {}
+            for path in self.index.values():
+                alias = read_metadata(path).get("ss_output_name", "").strip().lower()
+                if alias and alias not in self.index:
+                    seen.setdefault(alias, []).append(path)
+            self._aliases = {a: ps[0] for a, ps in seen.items() if len(ps) == 1}
+        return self._aliases
+
     def files(self) -> list[Path]:
         return sorted(self.index.values(), key=lambda p: p.stem.lower())
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a .safetensors header ({} for other files or a header that does not parse)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100_000_000:
+                return {}
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def short_hash(path: str | os.PathLike) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ldmkit.embeddings import EmbeddingTable
-from ldmkit.networks import NetworkFolder
+from ldmkit.networks import NetworkFolder, read_metadata
 
 
 class NetworkFolders:
@@ -37,25 +37,13 @@ class NetworkFolders:
         return model
 
 
-def _metadata(path: os.PathLike) -> dict[str, Any]:
-    if not str(path).lower().endswith(".safetensors"):
-        return {}
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - an unreadable file is listed with its error
-        return {"error": f"not a readable .safetensors file ({e})"}
-
-
 def lora_items(folder: NetworkFolder | None) -> list[dict[str, Any]]:
     """A1111's /sdapi/v1/loras items: name (the file stem a prompt uses), alias, path, metadata."""
     if folder is None:
         return []
     out = []
     for path in folder.files():
-        meta = _metadata(path)
+        meta = read_metadata(path)
         out.append({"name": path.stem, "alias": meta.get("ss_output_name", path.stem), "path": str(path),
                     "metadata": meta})
     return out
