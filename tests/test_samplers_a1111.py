@@ -434,8 +434,9 @@ def test_server_lists_and_runs_new_samplers_and_schedulers(tiny_file):
         samplers = {s["name"]: s for s in client.get("/sdapi/v1/samplers").json()}
         assert {display for display, *_ in NEW_SAMPLERS.values()} <= set(samplers)
         assert "k_dpm_ad" in samplers["DPM adaptive"]["aliases"]
-        schedulers = {s["name"]: s["label"] for s in client.get("/sdapi/v1/schedulers").json()}
-        assert {k: schedulers.get(k) for k in NEW_SCHEDULES} == NEW_SCHEDULES
+        listed = {s["name"]: s for s in client.get("/sdapi/v1/schedulers").json()}
+        assert {k: listed[k]["label"] for k in NEW_SCHEDULES if k in listed} == NEW_SCHEDULES
+        assert (listed["karras"]["default_rho"], listed["polyexponential"]["default_rho"]) == (7.0, 1.0)  # A1111's
         body = dict(prompt="a red apple", steps=2, width=16, height=16, seed=3)
         for sampler, scheduler in (("DPM++ 3M SDE", "beta"), ("PLMS", "automatic"), ("DPM fast", "Polyexponential")):
             r = client.post("/sdapi/v1/txt2img", json={**body, "sampler_name": sampler, "scheduler": scheduler})

@@ -72,8 +72,9 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
                    help='e.g. "Euler a", "DPM++ 2M", dpmpp_2m, "DPM++ 2M Karras", LCM, TCD (default: the '
                         'model\'s recommended sampler, else "DPM++ 2M")')
     p.add_argument("--scheduler", default=None,
-                   help="uniform, karras, exponential, ddim_uniform, sgm_uniform, trailing or lcm (default: the "
-                        "model's recommended one, else the sampler's)")
+                   help="uniform, karras, exponential, polyexponential, ddim_uniform, sgm_uniform, simple, normal, "
+                        "beta, align_your_steps, trailing or lcm (default: the model's recommended one, else "
+                        "the sampler's)")
     p.add_argument("--steps", type=int, default=None, help="default: the model's recommended steps, else 20")
     p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: the model's recommended one, else 7)")

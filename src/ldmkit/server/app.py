@@ -382,7 +382,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     @app.get("/sdapi/v1/schedulers", response_model=list[S.SchedulerItem], tags=["sdapi"])
     async def schedulers() -> list[dict]:
         items = [{"name": "automatic", "label": "Automatic"}]
-        items += [{"name": k, "label": v, "default_rho": 7.0 if k == "karras" else None,
+        items += [{"name": k, "label": v, "default_rho": {"karras": 7.0, "polyexponential": 1.0}.get(k),
                    "need_inner_model": False} for k, v in SCHEDULE_DISPLAY_NAMES.items()]
         return items
 
