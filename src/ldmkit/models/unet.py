@@ -9,6 +9,7 @@ Reference: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Dif
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,35 @@ def up_size(h: Tensor, skips: list[Tensor]) -> tuple[int, int] | None:
     return skip if skip and skip != (2 * h.shape[-2], 2 * h.shape[-1]) else None
 
 
+def spatial_transformer(cfg: UNetConfig, ch: int, depth: int) -> SpatialTransformer:
+    heads, hd = cfg.heads_at(ch)
+    return SpatialTransformer(ch, heads, hd, depth, cfg.context_dim, cfg.use_linear_in_transformer, cfg.norm_groups)
+
+
+def encoder(cfg: UNetConfig) -> tuple[nn.ModuleList, TimestepBlock, list[int]]:
+    """The U-Net's down path and middle: (input_blocks, middle_block, channels of each skip connection).
+
+    Shared by :class:`UNetModel` and the ControlNet (models/controlnet.py), a trainable copy of exactly this.
+    """
+    mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.model_channels * 4
+    input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+    skip_chans, ch = [mc], mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
+            ch = mult * mc
+            if cfg.attention_levels[level]:
+                layers.append(spatial_transformer(cfg, ch, cfg.depth_at(level)))
+            input_blocks.append(TimestepBlock(layers))
+            skip_chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            input_blocks.append(TimestepBlock([Downsample(ch)]))
+            skip_chans.append(ch)
+    middle_block = TimestepBlock([ResBlock(ch, emb_dim, ch, groups), spatial_transformer(cfg, ch, cfg.middle_depth),
+                                  ResBlock(ch, emb_dim, ch, groups)])
+    return input_blocks, middle_block, skip_chans
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -225,27 +255,8 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(
                 nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, hd = cfg.heads_at(ch)
-            return SpatialTransformer(ch, heads, hd, depth, cfg.context_dim, cfg.use_linear_in_transformer, groups)
-
-        self.input_blocks = nn.ModuleList([TimestepBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_chans, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
-                ch = mult * mc
-                if cfg.attention_levels[level]:
-                    layers.append(transformer(ch, cfg.depth_at(level)))
-                self.input_blocks.append(TimestepBlock(layers))
-                skip_chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepBlock([Downsample(ch)]))
-                skip_chans.append(ch)
-
-        self.middle_block = TimestepBlock(
-            [ResBlock(ch, emb_dim, ch, groups), transformer(ch, cfg.middle_depth), ResBlock(ch, emb_dim, ch, groups)]
-        )
+        self.input_blocks, self.middle_block, skip_chans = encoder(cfg)
+        ch = skip_chans[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -253,7 +264,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if cfg.attention_levels[level]:
-                    layers.append(transformer(ch, cfg.depth_at(level)))
+                    layers.append(spatial_transformer(cfg, ch, cfg.depth_at(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(layers))
@@ -262,11 +273,13 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, guidance_emb: Tensor | None = None,
-                y: Tensor | None = None) -> Tensor:
+                y: Tensor | None = None, control: tuple[Sequence[Tensor], Tensor] | None = None) -> Tensor:
         """Predict the noise (or v) in ``x`` (B, C, H, W) at ``timesteps`` (B,), given ``context`` (B, 77, D).
 
         ``guidance_emb`` (B, time_cond_proj_dim): :func:`guidance_embedding` of a guidance-embedded U-Net.
         ``y`` (B, adm_in_channels): SDXL's vector conditioning, :func:`sdxl_vector`.
+        ``control``: ControlNet residuals (one per skip connection, middle), added to the skips once the
+        down path is done and to the middle block's output (diffusers' down/mid_block_additional_residual).
         """
         emb = self.embed(x, timesteps, guidance_emb, y)
         hs = []
@@ -275,6 +288,9 @@ class UNetModel(nn.Module):
             h = self._run(block, h, emb, context)
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if control is not None:
+            hs = [s + r.to(s.dtype) for s, r in zip(hs, control[0], strict=True)]
+            h = h + control[1].to(h.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(block, h, emb, context, up_size(h, hs))
