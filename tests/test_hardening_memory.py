@@ -172,3 +172,21 @@ def test_cli_refuses_a_size_that_cannot_fit(monkeypatch, tmp_path, capsys):
                    "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "2048x2048 needs about" in err and "GiB" in err and not out.exists(), err
+
+
+def test_decode_tiles_when_memory_is_short(monkeypatch):
+    """Below the size threshold, an image whose untiled decode would take over half the available memory is
+    still decoded in tiles (same numbers), so the estimate can count on tiled decoding."""
+    import ldmkit.vae_tiling as T
+
+    vae = _tiny_vae()
+    calls = []
+    real = T.tiled_decode
+    monkeypatch.setattr(T, "tiled_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z = torch.randn(1, 4, 6, 6)
+    with torch.inference_mode():
+        decode(vae, z)
+        assert calls == []
+        monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+        assert rel_err(decode(vae, z), vae.decode(z)) <= 1e-5
+    assert calls == [1]

@@ -3,10 +3,11 @@ refused before any work (issue 15, hardening 1) instead of being killed by the k
 
 The estimate covers activations (weights are already loaded): the U-Net's, which grow with the
 latent's pixels times its base width (CFG doubles the batch; attention is memory-efficient, so no
-N^2 term), and the VAE decoder's at full resolution (tiled above ``vae_tiling.AUTO_TILE_BYTES``: a
-few full-size activations instead of several). The constants were measured on the built-in model
-(fp32, CPU) and rounded up: at 1024^2 one U-Net call grew the process by 0.30 GB (8.4 MB per
-activation -> 36 activations), the tiled decode by 0.45 GB.
+N^2 term), and the VAE decoder's at full resolution, a few full-size activations (``vae_tiling.decode``
+tiles large images, and any image whose untiled decode would not fit the available memory). The
+constants were measured on the built-in model (fp32, CPU) and rounded up: at 1024^2 one U-Net call
+grew the process by 0.30 GB (8.4 MB per activation: 36 of them); at 2048^2 the tiled decode peaked at
+1.38 GiB with ~0.4 GiB of that the interpreter and model (512 MiB per activation: about 2).
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import os
 from pathlib import Path
 
 from ldmkit.model import StableDiffusion
-from ldmkit.vae_tiling import should_tile
 
 UNET_ACTIVATIONS = 40  # live U-Net activations of (2B, model_channels, h, w), measured 36
-DECODER_TILED = 4  # full-size decoder activations alive at once when tiled (measured ~3)
-DECODER_WHOLE = 8  # ... when not (ResNet block internals plus the 2x-upsampled input)
+DECODER_TILED = 4  # full-size decoder activations alive at once when tiled (measured ~2-3)
 HEADROOM = 0.8  # of the available memory a request may plan to use
 
 
@@ -35,8 +34,8 @@ def estimate_generation_bytes(model: StableDiffusion, width: int, height: int, b
     latent = (width // f) * (height // f)
     unet = UNET_ACTIVATIONS * 2 * batch_size * cfg.unet.model_channels * latent * itemsize
     channels = cfg.vae.ch * max(cfg.vae.ch_mult[:2])
-    per = DECODER_TILED if should_tile(model.vae, width, height, itemsize) else DECODER_WHOLE
-    decoder = per * channels * width * height * itemsize  # images are decoded one at a time
+    # images are decoded one at a time, in tiles wherever the whole would not fit (vae_tiling.decode)
+    decoder = DECODER_TILED * channels * width * height * itemsize
     return max(unet, decoder) + 3 * 4 * width * height * batch_size  # + the decoded images
 
 

@@ -50,17 +50,30 @@ def should_tile(vae: nn.Module, width: int, height: int, itemsize: int = 4) -> b
     return channels * width * height * itemsize > AUTO_TILE_BYTES
 
 
+def _tile_now(vae: nn.Module, width: int, height: int, itemsize: int) -> bool:
+    """``should_tile``, or memory is short: the untiled decoder's ~8 full-size activations would take more
+    than half of what the machine has available (tiled, it needs about half as many)."""
+    if not isinstance(vae, AutoencoderKL):
+        return False
+    if should_tile(vae, width, height, itemsize):
+        return True
+    from ldmkit.memory import available_bytes  # here: ldmkit.memory imports this module
+
+    cfg = vae.cfg
+    return 8 * cfg.ch * max(cfg.ch_mult[:2]) * width * height * itemsize > available_bytes() // 2
+
+
 def decode(vae: nn.Module, z: Tensor, tiling: bool = False) -> Tensor:
-    """``vae.decode(z)``, in tiles when ``tiling`` or when the image is large (``should_tile``)."""
+    """``vae.decode(z)``, in tiles when ``tiling``, when the image is large or when memory is short."""
     f = 2 ** (len(vae.cfg.ch_mult) - 1) if isinstance(vae, AutoencoderKL) else 8
-    if tiling or should_tile(vae, z.shape[-1] * f, z.shape[-2] * f, z.element_size()):
+    if tiling or _tile_now(vae, z.shape[-1] * f, z.shape[-2] * f, z.element_size()):
         return tiled_decode(vae, z)
     return vae.decode(z)
 
 
 def encode(vae: nn.Module, x: Tensor, tiling: bool = False):
-    """``vae.encode(x)``, in tiles when ``tiling`` or when the image is large (``should_tile``)."""
-    if isinstance(vae, AutoencoderKL) and (tiling or should_tile(vae, x.shape[-1], x.shape[-2], x.element_size())):
+    """``vae.encode(x)``, in tiles when ``tiling``, when the image is large or when memory is short."""
+    if isinstance(vae, AutoencoderKL) and (tiling or _tile_now(vae, x.shape[-1], x.shape[-2], x.element_size())):
         return tiled_encode(vae, x)
     return vae.encode(x)
 
