@@ -209,9 +209,13 @@ def unknown_words(model: StableDiffusion, prompt: str) -> list[str]:
     if not hasattr(emb, "token_map"):
         return []
     tok = model.tokenizer
+    table = getattr(model, "embedding_table", None)
+    named = {e.name.lower() for e in table.embeddings} if hasattr(table, "embeddings") else set()
     words = []
     for text, _ in parse_prompt_attention(extract_network_tags(prompt)[0]):
         for word in re.findall(r"[^\s,.;:!?]+", text):
+            if word.lower() in named:  # a textual-inversion word: its vectors stand in for it
+                continue
             ids = tok.encode(word)
             if ids and bool((emb.token_map[torch.tensor(ids, device=emb.token_map.device)] == 0).any()):
                 words.append(word)
