@@ -383,6 +383,25 @@ def test_generation_plan_picks_the_ays_table_of_the_model_family():
         assert plan.infotext_names == ("Euler", "Align Your Steps")
 
 
+
+def test_plan_discards_the_penultimate_sigma_where_a1111_does():
+    from types import SimpleNamespace
+
+    from ldmkit import core
+    from ldmkit import pipeline as P
+    from ldmkit.config import TINY
+
+    model = SimpleNamespace(cfg=TINY)
+    for sampler, schedule in (("DPM++ 3M SDE", "exponential"), ("DPM2", "karras")):
+        plan = core.plan(model, P.GenerationParams("x", sampler=sampler, steps=10))
+        full = get_sigmas(schedule, 11, SD)  # A1111: steps + 1, then the next-to-last dropped
+        assert plan.schedule == schedule and len(plan.sigmas) == 11
+        torch.testing.assert_close(plan.sigmas, torch.cat([full[:-2], full[-1:]]))
+        assert S.sampler_spec(sampler).discard_penultimate
+    for sampler in ("DPM++ 2M SDE", "Euler", "PLMS", "DPM++ 2M SDE Heun"):
+        plan = core.plan(model, P.GenerationParams("x", sampler=sampler, steps=10))
+        torch.testing.assert_close(plan.sigmas, get_sigmas(plan.schedule, 10, SD))
+
 # -- front ends: CLI and the A1111 server accept the new names -------------------------------------------------
 
 NEW_SCHEDULES = {"simple": "Simple", "normal": "Normal", "beta": "Beta", "polyexponential": "Polyexponential",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldmkit import lowmem, memory
+from ldmkit import lowmem, memory, prompt_schedule
 from ldmkit.deepcache import DeepCacheUNet
 from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, Conditioning, DiscreteDenoiser
@@ -160,7 +160,8 @@ def plan(model: StableDiffusion, params: GenerationParams, seed: int | None = No
     if schedule == "automatic":
         schedule = spec.schedule
     try:
-        sigmas = get_sigmas(schedule, params.steps, model_schedule(model), sdxl=model.cfg.is_sdxl)
+        sigmas = spec.sigmas_for(params.steps, lambda n: get_sigmas(schedule, n, model_schedule(model),
+                                                                    sdxl=model.cfg.is_sdxl))
     except ValueError as e:
         raise GenerationError(str(e)) from None
     return Plan(spec, schedule, sigmas, params.cfg_scale, params.eta, params.deepcache, params.deepcache_branch,
@@ -188,7 +189,14 @@ def encode_conditioning(model: StableDiffusion, prompts: list[str], negatives: l
                         params: GenerationParams) -> tuple[Conditioning, Conditioning]:
     """The model family's (cond, uncond) for a batch of prompts: the one place a family's conditioning
     is built. SD1/SD2: the token embeddings. SDXL (``ldmkit.sdxl.encode_conditioning``): token
-    embeddings, pooled vector and size/crop ids from ``params``."""
+    embeddings, pooled vector and size/crop ids from ``params``. Prompt editing, alternation and AND
+    (``ldmkit.prompt_schedule``) encode each distinct text once and schedule them per model call."""
+    return prompt_schedule.encode_scheduled(lambda p, n: _encode_family(model, p, n, params), list(prompts),
+                                            list(negatives), params.steps, params.sampler_spec.name)
+
+
+def _encode_family(model: StableDiffusion, prompts: list[str], negatives: list[str],
+                   params: GenerationParams) -> tuple[Conditioning, Conditioning]:
     if model.cfg.is_sdxl:
         from ldmkit import sdxl
 
@@ -275,10 +283,11 @@ def guided_denoiser(model: StableDiffusion, plan: Plan, cond: Conditioning, unco
     """The classifier-free-guided denoiser; a guidance-embedded (full LCM) U-Net takes the scale as an
     input instead and needs no unconditional pass."""
     dim = model.cfg.unet.time_cond_proj_dim
+    guide = prompt_schedule.ScheduledCFGDenoiser if prompt_schedule.scheduled(cond, uncond) else CFGDenoiser
     if dim:
         w = guidance_embedding(torch.full((batch,), plan.cfg_scale - 1), dim).to(cond.context.device)
-        return CFGDenoiser(make_denoiser(model, plan), cond, None, 1.0, guidance_emb=w)
-    return CFGDenoiser(make_denoiser(model, plan), cond, uncond, plan.cfg_scale)
+        return guide(make_denoiser(model, plan), cond, None, 1.0, guidance_emb=w)
+    return guide(make_denoiser(model, plan), cond, uncond, plan.cfg_scale)
 
 
 class MaskedDenoiser:

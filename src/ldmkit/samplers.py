@@ -1078,16 +1078,27 @@ class SamplerSpec:
     vp_start: bool  # starts from N(0, 1) in the DDPM x_t space instead of sigma_max * N(0, 1)
     takes_eta: bool  # has an eta (noise amount; TCD's gamma) parameter
     takes_schedule: bool  # steps on the model's training timesteps (LCM, TCD): needs its DiscreteSchedule
+    discard_penultimate: bool = False  # A1111's discard_next_to_last_sigma (DPM2, DPM++ 3M SDE)
 
     def start_scale(self, sigma: Tensor) -> Tensor:
         """What pure starting noise N(0, 1) is multiplied by at noise level ``sigma``."""
         return (sigma**2 + 1).sqrt() if self.vp_start else sigma
+
+    def sigmas_for(self, steps: int, make: Callable[[int], Tensor]) -> Tensor:
+        """The noise levels for ``steps`` steps from a schedule ``make(n)``: with ``discard_penultimate``, A1111's
+        n + 1 levels less the next-to-last (so the last step does not land on the tiny sigma_min first)."""
+        if not self.discard_penultimate:
+            return make(steps)
+        sigmas = make(steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
 # samplers that start from N(0, 1) in the DDPM x_t space, as the CompVis/diffusers DDIM code does, rather
 # than from sigma_max * N(0, 1) in k-diffusion's space (the consistency samplers too: diffusers'
 # LCMScheduler/TCDScheduler have init_noise_sigma = 1)
 VP_START: frozenset[str] = frozenset({"ddim", "ddpm", "plms", "unipc", "lcm", "tcd"})
+# A1111's samplers with the option discard_next_to_last_sigma (modules/sd_samplers_kdiffusion.py)
+DISCARD_PENULTIMATE: frozenset[str] = frozenset({"dpm2", "dpmpp_3m_sde"})
 
 
 def sampler_spec(name: str) -> SamplerSpec:
@@ -1098,7 +1109,7 @@ def sampler_spec(name: str) -> SamplerSpec:
     return SamplerSpec(
         name=short, fn=fn, display=SAMPLER_DISPLAY_NAMES[short], schedule=suffix or DEFAULT_SCHEDULES[short],
         named_schedule=suffix is not None, vp_start=short in VP_START, takes_eta="eta" in accepted,
-        takes_schedule="schedule" in accepted,
+        takes_schedule="schedule" in accepted, discard_penultimate=short in DISCARD_PENULTIMATE,
     )
 
 
