@@ -89,19 +89,24 @@ def test_txt2img_matches_diffusers(base, case: str, negative: str):
     assert f"Sampler: {sampler}" in info and f"Size: {W}x{H}" in info and "Model: model" in info
 
 
-def _img2img_reference(i2i, monkeypatch, prompt, init, steps, strength, seed, **kw) -> np.ndarray:
-    """diffusers' img2img with the posterior's mean (ldmkit encodes to the mean) and ldmkit given the noise
-    diffusers' generator draws second (the first draw is diffusers' posterior sample)."""
-    from ldmkit import pipeline as P
-
-    original = i2i.vae.encode
+def _posterior_mean(pipe, monkeypatch) -> None:
+    """Make diffusers encode images to the posterior's mean, as ldmkit does (instead of sampling it)."""
+    original = pipe.vae.encode
 
     def mean_only(*args, **kwargs):
         out = original(*args, **kwargs)
         out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
         return out
 
-    monkeypatch.setattr(i2i.vae, "encode", mean_only)
+    monkeypatch.setattr(pipe.vae, "encode", mean_only)
+
+
+def _img2img_reference(i2i, monkeypatch, prompt, init, steps, strength, seed, **kw) -> np.ndarray:
+    """diffusers' img2img with the posterior's mean (ldmkit encodes to the mean) and ldmkit given the noise
+    diffusers' generator draws second (the first draw is diffusers' posterior sample)."""
+    from ldmkit import pipeline as P
+
+    _posterior_mean(i2i, monkeypatch)
 
     def diffusers_order_noise(seeds, shape, device):
         g = torch.Generator().manual_seed(seeds[0])
@@ -182,3 +187,32 @@ def test_base_plus_refiner_matches_diffusers(base, refiner):
     assert diff <= 2, f"max pixel difference {diff}/255"
     assert steps_seen == list(range(steps))
     assert "Refiner: model, Refiner switch at: 0.8" in ours.info["parameters"]
+
+
+def test_inpainting_model_matches_diffusers(tmp_path, monkeypatch):
+    """A 9-channel SDXL inpainting model: mask and masked-image latent as extra input channels, vs
+    StableDiffusionXLInpaintPipeline at strength 1."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from PIL import Image
+    from test_sdxl import TINY_SDXL_INPAINT
+
+    from ldmkit.pipeline import inpaint
+
+    pipe = _diffusers_sdxl_folder(TINY_SDXL_INPAINT, tmp_path)
+    ip = StableDiffusionXLInpaintPipeline(**pipe.components)
+    ip.scheduler = _scheduler("euler")
+    _posterior_mean(ip, monkeypatch)  # diffusers samples the masked image's posterior
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[4:16, 8:24] = 255  # white: repaint
+    image, mask = _init_image(), Image.fromarray(mask)
+    seed, steps = 3, 8
+    ref = _ref_pixels(ip(PROMPT, image=image, mask_image=mask, height=H, width=W, strength=1.0,
+                         num_inference_steps=steps, guidance_scale=6.0, negative_prompt="dark",
+                         generator=torch.Generator().manual_seed(seed), output_type="np"))
+    model = checkpoint.load(tmp_path / "model")
+    assert model.cfg.is_inpainting and model.cfg.is_sdxl
+    ours = inpaint(model, GenerationParams(PROMPT, negative_prompt="dark", steps=steps, cfg_scale=6.0,
+                                           sampler="Euler", scheduler="uniform", seed=seed, width=W, height=H,
+                                           strength=1.0), image, mask)[0]
+    diff = np.abs(_pixels(ours) - ref).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
