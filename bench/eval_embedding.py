@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embedding", required=True, help="the trained <word>.safetensors")
     ap.add_argument("--group", required=True, help="comma-separated caption prefixes of the group's images")
     ap.add_argument("--prompt", default="a photo of {word}")
+    ap.add_argument("--words", default="", help="a text baseline, e.g. 'a photo of a cat face' (the group's own words)")
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg-scale", type=float, default=5.0)
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                "seeds": args.seeds}
     results["untrained"] = group_hits(features(generate(pipe.model, [prompt] * len(seeds), seeds, args.steps,
                                                         args.cfg_scale, size)), data, in_group)
+    if args.words:
+        results["words"] = [args.words, *group_hits(features(generate(pipe.model, [args.words] * len(seeds), seeds,
+                                                                      args.steps, args.cfg_scale, size)),
+                                                     data, in_group)]
     with tempfile.TemporaryDirectory() as d:
         shutil.copy(args.embedding, d)
         pipe.model.embedding_table = EmbeddingTable(d)
