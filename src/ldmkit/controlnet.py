@@ -1,0 +1,243 @@
+"""ControlNet files and control units: load a ControlNet in any published layout, pair it with a control
+map, and apply it at every denoising step (see ``models/controlnet.py`` for the network).
+
+Layouts read: the original single file (lllyasviel's ``cldm.py`` names, bare or under ``control_model.``,
+also inside a full SD+ControlNet checkpoint), and diffusers ``ControlNetModel`` (a folder with
+``diffusion_pytorch_model.safetensors``/``.bin``, or that file alone); fp16 or fp32. The architecture is
+read from the weights' names and shapes; attention heads, which the weights do not fix, follow the model
+the ControlNet is used with (SD1: 8 heads; SD2: 64-wide heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ldmkit import convert
+from ldmkit.checkpoint import CheckpointError, read_state_dict
+from ldmkit.config import UNetConfig
+from ldmkit.models.controlnet import ControlNet, ControlNetConfig, Residuals
+
+StateDict = dict[str, Tensor]
+ORIGINAL_PREFIX = "control_model."
+_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+
+
+class ControlNetError(CheckpointError):
+    """A file that is not a ControlNet, or one that does not fit the model; the message says which."""
+
+
+def _family(context_dim: int) -> str:
+    return _FAMILY.get(context_dim, f"context dim {context_dim}")
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _read(path: Path) -> StateDict:
+    if path.is_dir():
+        for name in _DIFFUSERS_FILES:
+            if (path / name).exists():
+                return read_state_dict(path / name)[0]
+        raise ControlNetError(f"{path}: a folder without {' or '.join(_DIFFUSERS_FILES)}: not a diffusers ControlNet")
+    return read_state_dict(path)[0]
+
+
+def _original_keys(sd: Mapping[str, Tensor]) -> StateDict | None:
+    """The cldm.py-named weights (prefix stripped), or None if the file is not in that layout."""
+    if any(k.startswith(ORIGINAL_PREFIX) for k in sd):
+        return {k[len(ORIGINAL_PREFIX):]: v for k, v in sd.items() if k.startswith(ORIGINAL_PREFIX)}
+    if "input_hint_block.0.weight" in sd:
+        return dict(sd)
+    return None
+
+
+def _diffusers_blocks(sd: Mapping[str, Tensor]) -> list[convert._Block]:
+    """The diffusers <-> cldm.py block table of a diffusers ControlNet: the U-Net's down path and middle
+    (convert.py's table) plus the hint encoder and the zero convolutions."""
+    count = convert._count
+    levels, n_res = count(sd, r"down_blocks\.(\d+)\."), count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")
+    attn = tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(levels))
+    shape = UNetConfig(channel_mult=(1,) * levels, num_res_blocks=n_res, attention_levels=attn)  # names only
+    blocks = [b for b in convert._unet_blocks(shape) if b.ldm.startswith(("time_embed", "input_blocks", "middle_"))]
+    n_hint = count(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
+    hint = ["controlnet_cond_embedding.conv_in"] + [f"controlnet_cond_embedding.blocks.{j}" for j in range(n_hint)]
+    hint.append("controlnet_cond_embedding.conv_out")
+    blocks += [convert._Block(f"input_hint_block.{2 * j}", hf, "plain") for j, hf in enumerate(hint)]
+    n_skips = count(sd, r"controlnet_down_blocks\.(\d+)\.")
+    blocks += [convert._Block(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", "plain") for i in range(n_skips)]
+    return blocks + [convert._Block("middle_block_out.0", "controlnet_mid_block", "plain")]
+
+
+def diffusers_to_original(sd: Mapping[str, Tensor]) -> StateDict:
+    """diffusers ``ControlNetModel`` state dict -> cldm.py names (no ``control_model.`` prefix)."""
+    return convert._convert(sd, _diffusers_blocks(sd), to_ldm=True, what="diffusers ControlNet")
+
+
+def config_from_weights(sd: Mapping[str, Tensor], base: UNetConfig | None = None) -> ControlNetConfig:
+    """The architecture of cldm.py-named weights; heads and GroupNorm groups (not in the weights) from ``base``
+    (the model it is used with), else by the
+    family convention of its context width (1024: SD2's 64-wide heads; otherwise SD1's 8 heads)."""
+    try:
+        ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        in_ch = sd["input_blocks.0.0.weight"].shape[1]
+    except KeyError as e:
+        raise ControlNetError(f"ControlNet weights lack {e.args[0]!r}: not an SD1/SD2 ControlNet") from None
+    # convert's U-Net detector wants the output conv, which a ControlNet lacks: its width is irrelevant here
+    unet = convert._unet_config_from_weights({**sd, "out.2.weight": torch.empty(in_ch, 0)},
+                                             "sd2" if ctx == 1024 else "sd1")
+    if base is not None:
+        unet = dataclasses.replace(unet, num_heads=base.num_heads, head_dim=base.head_dim, norm_groups=base.norm_groups)
+    convs = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
+    if len(convs) < 2 or convs != list(range(0, 2 * len(convs), 2)):
+        raise ControlNetError(f"ControlNet hint encoder convolutions at {convs}: expected 0, 2, 4, ...")
+    stages = len(convs) // 2
+    hint = (sd["input_hint_block.0.weight"].shape[0],
+            *(sd[f"input_hint_block.{4 + 4 * s}.weight"].shape[0] for s in range(stages - 1)))
+    return ControlNetConfig(unet, sd["input_hint_block.0.weight"].shape[1], hint)
+
+
+def read_controlnet(path: str | os.PathLike) -> StateDict:
+    """The cldm.py-named weights of a ControlNet file or folder in any layout; refuses other files by name."""
+    path = Path(path)
+    sd = _read(path)
+    original = _original_keys(sd)
+    if original is not None:
+        return original
+    if "controlnet_cond_embedding.conv_in.weight" in sd:
+        try:
+            return diffusers_to_original(sd)
+        except ValueError as e:
+            raise ControlNetError(f"{path}: {e}") from None
+    if any(k.startswith(convert.UNET_PREFIX) for k in sd) or "conv_in.weight" in sd:
+        raise ControlNetError(f"{path} is a Stable Diffusion checkpoint, not a ControlNet: pass it as --model, "
+                              "and a ControlNet file (control_*.safetensors or a diffusers ControlNetModel) "
+                              "as --controlnet")
+    raise ControlNetError(f"{path} is not a ControlNet: no control_model.*, input_hint_block.* or "
+                          "controlnet_cond_embedding.* weights")
+
+
+def load_controlnet(path: str | os.PathLike, base: UNetConfig | None = None, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> ControlNet:
+    """A ControlNet from ``path``, checked against ``base`` (the U-Net it will control) when given."""
+    sd = read_controlnet(path)
+    cfg = config_from_weights(sd, base)
+    if base is not None:
+        check_fits(cfg, base, str(path))
+    from ldmkit.checkpoint import load_strict
+
+    with torch.device("meta"):
+        net = ControlNet(cfg)
+    net = net.to_empty(device="cpu")
+    load_strict(net, {k: v.float() for k, v in sd.items()}, f"ControlNet {path}")
+    net.source_name = Path(path).stem  # type: ignore[assignment]
+    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def check_fits(cfg: ControlNetConfig, base: UNetConfig, name: str) -> None:
+    """Refuse a ControlNet whose residuals cannot be added to ``base``'s skips, naming both families."""
+    u = cfg.unet
+    if u.context_dim != base.context_dim:
+        raise ControlNetError(
+            f"ControlNet {name} is for {_family(u.context_dim)} (text context {u.context_dim}) but the model is "
+            f"{_family(base.context_dim)} (context {base.context_dim}): use a ControlNet made for that model")
+    mine = (u.model_channels, u.channel_mult, u.num_res_blocks)
+    theirs = (base.model_channels, base.channel_mult, base.num_res_blocks)
+    if mine != theirs:
+        raise ControlNetError(f"ControlNet {name} has U-Net widths {mine} (model channels, levels, blocks) but the "
+                              f"model has {theirs}: use a ControlNet made for that model")
+
+
+# ---------------------------------------------------------------- units: a ControlNet, its map, when and how much
+
+
+@dataclass(frozen=True, eq=False)
+class ControlUnit:
+    """One ControlNet applied with a control map: ``weight`` scales its residuals (diffusers'
+    controlnet_conditioning_scale); it acts only on the steps i of n with start <= i/n and (i+1)/n <= end
+    (diffusers' control_guidance_start/end; A1111's guidance start/end)."""
+
+    model: ControlNet
+    image: Tensor  # (1 or B, 3, H, W) in [0, 1], at the output image size
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"control start {self.start:g} and end {self.end:g} must satisfy 0 <= start < end <= 1")
+
+    def active(self, i: int, n: int) -> bool:
+        return not (i / n < self.start or (i + 1) / n > self.end)
+
+
+def control_map(image: object, width: int, height: int, log: Callable[[str], None] | None = None) -> Tensor:
+    """A PIL control image as a (1, 3, height, width) map in [0, 1]; another size is resized to the output size
+    ("just resize", Lanczos) and ``log`` is told so."""
+    from PIL import Image
+
+    assert isinstance(image, Image.Image)
+    rgb = image.convert("RGB")
+    if rgb.size != (width, height):
+        if log is not None:
+            log(f"control image {rgb.size[0]}x{rgb.size[1]} resized to {width}x{height} (just resize)")
+        rgb = rgb.resize((width, height), Image.LANCZOS)
+    x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return x.permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
+
+
+class ControlledUNet:
+    """``unet(x, t, context, ...)`` with the active control units' residuals added: what the denoiser calls.
+
+    The step index of a call is read from its timestep against the plan's (a sampler's intermediate
+    evaluations belong to the step they fall in). Under CFG the ControlNet sees the same doubled batch
+    as the U-Net, the map repeated for both halves (diffusers without guess mode).
+    """
+
+    def __init__(self, unet: Callable[..., Tensor], units: Sequence[ControlUnit], step_timesteps: Tensor):
+        self.unet, self.units = unet, list(units)
+        self.step_t = step_timesteps.float()  # (n,) decreasing: the timestep of each step's first call
+
+    def step_index(self, t: Tensor) -> int:
+        later = (self.step_t.to(t.device) >= t.float().max() - 1e-3).nonzero()
+        return int(later[-1]) if len(later) else 0
+
+    def residuals(self, x: Tensor, t: Tensor, context: Tensor) -> Residuals | None:
+        i, n = self.step_index(t), len(self.step_t)
+        total = None
+        for unit in self.units:
+            if not unit.active(i, n) or unit.weight == 0:
+                continue
+            net = unit.model
+            dtype = next(net.parameters()).dtype
+            hint = unit.image.to(x.device, dtype)
+            hint = hint.expand(x.shape[0], -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(
+                x.shape[0] // hint.shape[0], 1, 1, 1)
+            r = net(x.to(dtype), hint, t, context.to(dtype)).scaled(unit.weight)
+            total = r if total is None else total + r
+        return total
+
+    def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, **kwargs) -> Tensor:
+        control = self.residuals(x, timesteps, context)
+        if control is None:
+            return self.unet(x, timesteps, context, **kwargs)
+        return self.unet(x, timesteps, context, control=control, **kwargs)
+
+
+def hint_size_problem(unit: ControlUnit, width: int, height: int) -> str | None:
+    h, w = unit.image.shape[-2:]
+    if (w, h) != (width, height):
+        return f"control map is {w}x{h} but the image is {width}x{height}: resize it (ldmkit.controlnet.control_map)"
+    return None
+
+
+__all__ = ["ControlNetError", "ControlUnit", "ControlledUNet", "check_fits", "config_from_weights", "control_map",
+           "diffusers_to_original", "load_controlnet", "read_controlnet"]
