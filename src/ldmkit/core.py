@@ -65,8 +65,12 @@ class GenerationParams:
     strength: float = 0.75  # img2img / inpaint: how much of the schedule to run
     deepcache: int = 1  # DeepCache interval: the full U-Net every N-th call, the shallow branch between; 1 = off
     deepcache_branch: int = 0  # DeepCache branch: how many skip levels the in-between calls recompute (0 = fewest)
+    tiling: bool = False  # seamless texture: circular padding in the U-Net and VAE convs (A1111 "Tiling")
+    # ControlNet units (ldmkit.controlnet.ControlUnit), their residuals summed at every step they are active
+    controlnets: tuple = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "controlnets", tuple(self.controlnets))
         try:
             spec = sampler_spec(self.sampler)
         except ValueError as e:
@@ -106,6 +110,12 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
         raise GenerationError(str(e)) from None
     if not 0.0 < params.strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {params.strength}")
+    if params.controlnets:
+        from ldmkit.controlnet import control_problem
+
+        bad = control_problem(params.controlnets, model, params.width, params.height, params.deepcache)
+        if bad:
+            raise GenerationError(bad)
     if params.sampler_spec.name == "tcd" and params.eta is not None and not 0.0 <= params.eta <= 1.0:
         raise GenerationError(f"TCD gamma (eta) must be in [0, 1], got {params.eta:g}; 0.3 is the usual choice")
 
@@ -130,6 +140,7 @@ class Plan:
     deepcache: int = 1
     deepcache_branch: int = 0
     seed: int = 0  # the first image's seed; ancestral/SDE samplers draw their fresh noise from seed + 1
+    controlnets: tuple = ()  # ControlNet units (ldmkit.controlnet.ControlUnit)
 
     @property
     def sampler(self) -> str:
@@ -165,7 +176,7 @@ def plan(model: StableDiffusion, params: GenerationParams, seed: int | None = No
     except ValueError as e:
         raise GenerationError(str(e)) from None
     return Plan(spec, schedule, sigmas, params.cfg_scale, params.eta, params.deepcache, params.deepcache_branch,
-                params.seed if seed is None else seed)
+                params.seed if seed is None else seed, params.controlnets)
 
 
 def start_scale(sampler: str | SamplerSpec, sigma: Tensor) -> Tensor:
@@ -274,6 +285,10 @@ def make_denoiser(model: StableDiffusion, params: GenerationParams | Plan | None
     net = model.unet
     if params is not None and params.deepcache > 1:
         net = DeepCacheUNet(model.unet, params.deepcache, params.deepcache_branch)
+    if isinstance(params, Plan) and params.controlnets:  # (validate refuses DeepCache with a ControlNet)
+        from ldmkit.controlnet import ControlledUNet
+
+        net = ControlledUNet(net, params.controlnets, model_schedule(model).sigma_to_t(params.sigmas[:-1]))
     return DiscreteDenoiser(net, model_schedule(model), prediction=model.cfg.prediction,
                             dtype=getattr(model, "dtype", None))
 
