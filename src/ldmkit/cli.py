@@ -90,6 +90,9 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
                         "reusing the deep features (3: about 2x faster, slightly different image; default: off)")
     p.add_argument("--deepcache-branch", type=int, default=None, metavar="B",
                    help="with --deepcache: skip levels the in-between calls recompute (0, the default, the fewest)")
+    p.add_argument("--tiling", action="store_true",
+                   help="seamless texture: the image continues across its left/right and top/bottom edges "
+                        "(circular padding in the U-Net and VAE, as A1111's Tiling)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--low-memory", action="store_true",
                    help="CPU: keep the weights in fp16 (memory-mapped from fp16 .safetensors) and compute in fp32 "
@@ -185,6 +188,8 @@ def _params_from_args(args: argparse.Namespace, model) -> object:
     )
     if hasattr(args, "strength"):
         kw["strength"] = args.strength
+    if getattr(args, "tiling", False):
+        kw["tiling"] = True
     if args.deepcache_branch is not None and args.deepcache is None:
         raise ValueError("--deepcache-branch needs --deepcache N (the interval), e.g. --deepcache 3")
     if args.deepcache is not None:
@@ -229,6 +234,8 @@ def _apply_png(args: argparse.Namespace) -> None:
         args.deepcache = int(p["DeepCache"])
         if args.deepcache_branch is None:
             args.deepcache_branch = int(p.get("DeepCache branch", 0))
+    if p.get("Tiling") == "True":
+        args.tiling = True
     from ldmkit.hires import apply_png
 
     apply_png(args, p)

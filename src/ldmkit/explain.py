@@ -33,6 +33,7 @@ from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.models.unet import Attention, BasicTransformerBlock, SpatialTransformer
 from ldmkit.prompt import tokenize_chunks
+from ldmkit.tiling import per_generation
 
 # t = 0 .. 999 for SD's 1000 training steps; scaled for models trained with another count
 FORWARD_TIMESTEPS = (0, 100, 250, 500, 750, 999)
@@ -200,6 +201,7 @@ def _resolve(model: StableDiffusion, params: P.GenerationParams) -> P.Generation
                           width=params.width or size, height=params.height or size)
 
 
+@per_generation  # params.tiling: circular padding for this generation only
 def explain(model: StableDiffusion, params: P.GenerationParams, init_image: Image.Image | None = None,
             callback: P.StepCallback | None = None) -> Explanation:
     """Run ``params`` as txt2img (``pipeline.txt2img``'s own path, so the same image) and record every stage

@@ -29,6 +29,7 @@ from PIL import Image
 from ldmkit import core
 from ldmkit.core import GenerationError, GenerationParams, StepCallback
 from ldmkit.model import StableDiffusion
+from ldmkit.tiling import per_generation
 
 # A1111's shared.latent_upscale_modes: name -> (torch interpolation mode, antialias)
 LATENT_UPSCALE_MODES = {
@@ -148,6 +149,7 @@ def _upscale_images(model: StableDiffusion, latents: torch.Tensor, upscaler, to:
     return P.encode_pixels(model, torch.cat(tensors))
 
 
+@per_generation  # params.tiling: circular padding for both passes
 def txt2img_hires(model: StableDiffusion, params: GenerationParams, hires: HiresParams, upscaler=None,
                   callback: StepCallback | None = None) -> list[Image.Image]:
     """txt2img with a hires second pass. ``upscaler``: the loaded image upscaler for a non-latent

@@ -43,6 +43,7 @@ from ldmkit.denoisers import Conditioning, as_conditioning
 from ldmkit.images import convert as convert_image
 from ldmkit.model import StableDiffusion
 from ldmkit.networks import last_report
+from ldmkit.tiling import per_generation
 from ldmkit.vae_tiling import decode as vae_decode
 from ldmkit.vae_tiling import encode as vae_encode
 
@@ -132,6 +133,8 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
     fields.extend(last_report(model).infotext_fields().items())  # the prompt's <lora:...> (ldmkit.networks)
     if params.clip_skip and params.clip_skip > 1:
         fields.append(("Clip skip", params.clip_skip))
+    if params.tiling:  # as A1111 writes it
+        fields.append(("Tiling", "True"))
     if sampler_name == "TCD" and params.eta is not None:  # TCD's gamma changes the image: keep it reproducible
         fields.append(("Eta", f"{params.eta:g}"))
     if params.deepcache > 1:
@@ -178,12 +181,14 @@ def txt2img_latents(model: StableDiffusion, params: GenerationParams,
     return job, sample(model, job.plan, job.cond, job.uncond, job.noise, callback=callback)
 
 
+@per_generation  # params.tiling: circular padding for this generation only
 def txt2img(model: StableDiffusion, params: GenerationParams,
             callback: StepCallback | None = None) -> list[Image.Image]:
     job, latents = txt2img_latents(model, params, callback)
     return finish(model, params, latents, job.seeds, job.plan)
 
 
+@per_generation
 def img2img(model: StableDiffusion, params: GenerationParams, init_image: Image.Image,
             callback: StepCallback | None = None) -> list[Image.Image]:
     job = _job(model, params)
@@ -193,6 +198,7 @@ def img2img(model: StableDiffusion, params: GenerationParams, init_image: Image.
     return finish(model, params, latents, job.seeds, job.plan, {"Denoising strength": params.strength})
 
 
+@per_generation
 def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.Image, mask_image: Image.Image,
             callback: StepCallback | None = None) -> list[Image.Image]:
     """Repaint the white part of ``mask_image``.

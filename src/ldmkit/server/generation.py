@@ -33,6 +33,7 @@ from ldmkit.server.checkpoints import CheckpointInfo
 from ldmkit.server.samples import save_sample
 from ldmkit.server.vaes import using_vae
 from ldmkit.server.worker import Interrupted, JobContext, encode_png
+from ldmkit.tiling import circular
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,8 @@ def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict
             sampler=sampler, scheduler=resolve_scheduler(req.scheduler),
             seed=req.seed if req.seed >= 0 else random.randint(0, P.MAX_SEED),
             width=req.width, height=req.height, batch_size=req.batch_size,
-            clip_skip=clip_skip if clip_skip > 1 else None, eta=req.eta, strength=strength, **deepcache,
+            clip_skip=clip_skip if clip_skip > 1 else None, eta=req.eta, strength=strength, tiling=bool(req.tiling),
+            **deepcache,
         )
     except P.GenerationError as e:
         raise field_error((field,), str(e), sampler) from None
@@ -274,7 +276,8 @@ def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointI
         ctx.set_model(load(gen.checkpoint), gen.checkpoint)
     try:
         model, images = ctx.model, []
-        with using_vae(model, vae_for(model) if vae_for else None):
+        # the VAE swapped in first, so that tiling (circular padding) reaches it; both undone after
+        with using_vae(model, vae_for(model) if vae_for else None), circular(model, gen.params.tiling):
             _run_batches(ctx, gen, model, images)
         if gen.save and output_dir is not None:
             for img in images:  # in samples_format, the client's task id made safe for a file name

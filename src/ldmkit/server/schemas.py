@@ -74,7 +74,7 @@ class GenerationRequest(_Request):
     width: int = Field(512, ge=1)
     height: int = Field(512, ge=1)
     restore_faces: bool | None = Field(None, description=IGNORED)
-    tiling: bool | None = Field(None, description=IGNORED)
+    tiling: bool | None = Field(None, description="seamless texture: circular padding in the U-Net and VAE")
     do_not_save_samples: bool = False
     do_not_save_grid: bool = Field(False, description=IGNORED)
     eta: float | None = Field(None, description="noise of ancestral/SDE samplers and DDIM; ignored by the others")
