@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ldmkit import convert
@@ -219,9 +220,13 @@ class ControlledUNet:
             net = unit.model
             dtype = next(net.parameters()).dtype
             hint = unit.image.to(x.device, dtype)
+            size = [s * 2 ** (len(net.cfg.hint_channels) - 1) for s in x.shape[-2:]]
+            if list(hint.shape[-2:]) != size:  # a second pass at another size (hires fix): the map follows
+                hint = F.interpolate(hint, size=size, mode="bilinear", align_corners=False)
             hint = hint.expand(x.shape[0], -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(
                 x.shape[0] // hint.shape[0], 1, 1, 1)
-            r = net(x.to(dtype), hint, t, context.to(dtype)).scaled(unit.weight)
+            latent = x[:, :net.cfg.unet.in_channels]  # an inpainting U-Net's input also holds mask + masked image
+            r = net(latent.to(dtype), hint, t, context.to(dtype)).scaled(unit.weight)
             total = r if total is None else total + r
         return total
 
@@ -232,12 +237,26 @@ class ControlledUNet:
         return self.unet(x, timesteps, context, control=control, **kwargs)
 
 
-def hint_size_problem(unit: ControlUnit, width: int, height: int) -> str | None:
-    h, w = unit.image.shape[-2:]
-    if (w, h) != (width, height):
-        return f"control map is {w}x{h} but the image is {width}x{height}: resize it (ldmkit.controlnet.control_map)"
+def control_problem(units: Sequence[ControlUnit], model: object, width: int, height: int,
+                    deepcache: int = 1) -> str | None:
+    """Why ``units`` cannot control ``model`` at this size (one line), or None."""
+    unet_cfg = model.cfg.unet  # type: ignore[attr-defined]
+    if deepcache > 1:
+        return ("DeepCache reuses the U-Net's deep features between steps, which would drop the ControlNet's "
+                "residuals there: drop --deepcache (or the ControlNet)")
+    for n, unit in enumerate(units, 1):
+        if not isinstance(unit, ControlUnit):
+            return f"controlnets[{n - 1}] is a {type(unit).__name__}, not an ldmkit.controlnet.ControlUnit"
+        try:
+            check_fits(unit.model.cfg, unet_cfg, getattr(unit.model, "source_name", f"#{n}"))
+        except ControlNetError as e:
+            return str(e)
+        h, w = unit.image.shape[-2:]
+        if (w, h) != (width, height):
+            return (f"control image {n} is {w}x{h} but the output is {width}x{height}: make it with "
+                    "ldmkit.controlnet.control_map(image, width, height), which resizes it")
     return None
 
 
 __all__ = ["ControlNetError", "ControlUnit", "ControlledUNet", "check_fits", "config_from_weights", "control_map",
-           "diffusers_to_original", "load_controlnet", "read_controlnet"]
+           "control_problem", "diffusers_to_original", "load_controlnet", "read_controlnet"]
