@@ -6,7 +6,8 @@ a hook fills a block with weights just before it runs and sends it back to the m
 weight is drawn from a generator seeded by its diffusers name, so our block and diffusers' get identical
 values, ours through the key table from diffusers names to the single file's ``model.diffusion_model.*``
 names -- which is checked, key for key, against diffusers' own single-file converter at full size.
-Peak memory is one block (base ``up_blocks.0``: 1.1 B parameters, ~4.5 GB).
+Peak memory is one block (base ``up_blocks.0``: 1.1 B parameters, ~4.5 GB); the whole file with the full VAE
+test took 4 min 13 s at peak RSS 7.75 GiB on 2 busy cores (OMP_NUM_THREADS=1).
 """
 
 from __future__ import annotations
