@@ -109,6 +109,7 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--preview-vae", default=None, metavar="PATH",
                    help="tiny autoencoder (TAESD file or AutoencoderTiny folder) for --preview; default: "
                         "A1111's 'Approx cheap' linear map (free, 1/8 of the image size)")
+    importlib.import_module("ldmkit.controlnet").add_controlnet_args(p)  # --controlnet, --control-image, ...
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +268,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             _apply_png(args)
         if not args.prompt:
             raise ValueError("no prompt given: ldmkit generate \"a red apple\"")
+    importlib.import_module("ldmkit.controlnet").check_args(args)  # unpaired --controlnet: before any loading
     if args.preview_vae and not args.preview:
         raise ValueError("--preview-vae needs --preview FILE.png (where to write the preview)")
     init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
@@ -280,6 +282,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     embeddings_dir=args.embeddings_dir)
     pipe.model.lora_strict = args.lora_strict
     params = _params_from_args(args, pipe.model)
+    if getattr(args, "controlnet", None):
+        from ldmkit.controlnet import units_from_args
+
+        params = params.replace(controlnets=units_from_args(args, pipe.model, params.width, params.height,
+                                                            log=lambda m: print(f"note: {m}", file=sys.stderr)))
     P.validate(params, pipe.model)
     refiner = None
     if args.command == "generate":

@@ -258,5 +258,93 @@ def control_problem(units: Sequence[ControlUnit], model: object, width: int, hei
     return None
 
 
+# ---------------------------------------------------------------- front-ends: command line and Python API
+
+
+def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: object, width: int, height: int,
+              weight: float = 1.0, start: float = 0.0, end: float = 1.0, preprocessor: str = "none",
+              log: Callable[[str], None] | None = None) -> ControlUnit:
+    """A :class:`ControlUnit` for ``model`` (a StableDiffusion) from a ControlNet file/folder (or a loaded one)
+    and a PIL image, preprocessed and resized to the output size ``width`` x ``height``."""
+    from ldmkit.preprocess import preprocess
+
+    if isinstance(controlnet, ControlNet):
+        net = controlnet
+        check_fits(net.cfg, model.cfg.unet, getattr(net, "source_name", "given"))  # type: ignore[attr-defined]
+    else:
+        dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", torch.float32)
+        net = load_controlnet(controlnet, model.cfg.unet, dtype=dtype, device=model.device)  # type: ignore[attr-defined]
+    hint = control_map(preprocess(preprocessor, image), width, height, log)  # type: ignore[arg-type]
+    return ControlUnit(net, hint, float(weight), float(start), float(end))
+
+
+_PER_UNIT = (("control_image", "--control-image"), ("control_weight", "--control-weight"),
+             ("control_start", "--control-start"), ("control_end", "--control-end"),
+             ("preprocessor", "--preprocessor"))
+
+
+def add_controlnet_args(p: object) -> None:
+    """--controlnet FILE --control-image PNG [--control-weight W --control-start S --control-end E
+    --preprocessor NAME], repeatable: the n-th of each belongs to the n-th --controlnet."""
+    from ldmkit.preprocess import PREPROCESSORS
+
+    add = p.add_argument  # type: ignore[attr-defined]
+    add("--controlnet", action="append", default=[], metavar="FILE",
+        help="ControlNet (.safetensors/.pth in the original layout, or a diffusers ControlNetModel folder); "
+             "repeat for several, each paired in order with the options below")
+    add("--control-image", action="append", default=[], metavar="IMAGE",
+        help="the control map (edges, depth...) of the matching --controlnet; resized to the output size")
+    add("--control-weight", action="append", default=[], type=float, metavar="W",
+        help="strength of the ControlNet's residuals (default 1; one value applies to all)")
+    add("--control-start", action="append", default=[], type=float, metavar="S",
+        help="fraction of the steps where it starts acting (default 0)")
+    add("--control-end", action="append", default=[], type=float, metavar="E",
+        help="fraction of the steps where it stops (default 1)")
+    add("--preprocessor", action="append", default=[], metavar="NAME",
+        help=f"turn the control image into a map first: {', '.join(PREPROCESSORS)} (default none)")
+
+
+def check_args(args: object) -> None:
+    """One-line errors for control options that do not pair up, before any model is loaded."""
+    from ldmkit.preprocess import check_name
+
+    n = len(getattr(args, "controlnet", []) or [])
+    for attr, flag in _PER_UNIT:
+        k = len(getattr(args, attr, []) or [])
+        if n == 0 and k:
+            raise ValueError(f"{flag} needs --controlnet FILE (the ControlNet it belongs to)")
+        if attr == "control_image" and k != n:
+            raise ValueError(f"--controlnet given {n} time(s) but --control-image {k}: give one --control-image "
+                             "per --controlnet, in the same order")
+        if k not in (0, 1, n):
+            raise ValueError(f"{flag} given {k} times for {n} ControlNets: give it once (for all) or once per "
+                             "--controlnet")
+    for name in getattr(args, "preprocessor", []) or []:
+        check_name(name)
+
+
+def units_from_args(args: object, model: object, width: int, height: int,
+                    log: Callable[[str], None] | None = None) -> tuple[ControlUnit, ...]:
+    """The control units of the command line (see :func:`add_controlnet_args`)."""
+    from ldmkit.pipeline import open_image
+
+    check_args(args)
+    paths = getattr(args, "controlnet", []) or []
+
+    def nth(attr: str, i: int, default: object) -> object:
+        v = getattr(args, attr, []) or []
+        return default if not v else v[i] if len(v) > 1 else v[0]
+
+    units = []
+    for i, path in enumerate(paths):
+        image_path = nth("control_image", i, None)
+        tell = None if log is None else (lambda msg, f=image_path: log(f"{f}: {msg}"))
+        units.append(make_unit(model, path, open_image(image_path), width, height, nth("control_weight", i, 1.0),
+                               nth("control_start", i, 0.0), nth("control_end", i, 1.0),
+                               nth("preprocessor", i, "none"), tell))
+    return tuple(units)
+
+
 __all__ = ["ControlNetError", "ControlUnit", "ControlledUNet", "check_fits", "config_from_weights", "control_map",
-           "control_problem", "diffusers_to_original", "load_controlnet", "read_controlnet"]
+           "control_problem", "diffusers_to_original", "load_controlnet", "make_unit", "read_controlnet",
+           "units_from_args"]

@@ -1,0 +1,83 @@
+"""Control-map preprocessors that need no downloaded weights (issue 16, part 4).
+
+OpenCV is not a dependency of ldmkit (nor installed in its environment), so these are written with
+numpy and Pillow. ``canny`` follows OpenCV's ``cv2.Canny(image, low, high)`` as the A1111 ControlNet
+extension calls it (low 100, high 200, no blur, 3x3 Sobel, L1 gradient magnitude, per-pixel maximum over
+the colour channels, non-maximum suppression in four directions, hysteresis with 8-connectivity); it is
+close to OpenCV's output, not bit-identical (tie-breaking of the direction sectors differs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def _sobel(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """3x3 Sobel derivatives of a (H, W) float array, border replicated as OpenCV's BORDER_REPLICATE."""
+    p = np.pad(a, 1, mode="edge")
+    gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    return gx, gy
+
+
+def canny_edges(image: Image.Image, low: float = 100, high: float = 200) -> Image.Image:
+    """Canny edge map (white edges on black, RGB) of ``image``; thresholds on the 8-bit Sobel magnitude."""
+    from scipy import ndimage
+
+    a = np.asarray(image.convert("RGB"), dtype=np.float64)  # (H, W, 3)
+    grads = [_sobel(a[..., c]) for c in range(3)]
+    mags = np.stack([np.abs(gx) + np.abs(gy) for gx, gy in grads])  # (3, H, W)
+    pick = mags.argmax(0)[None]
+    mag = np.take_along_axis(mags, pick, 0)[0]
+    gx = np.take_along_axis(np.stack([g[0] for g in grads]), pick, 0)[0]
+    gy = np.take_along_axis(np.stack([g[1] for g in grads]), pick, 0)[0]
+    # non-maximum suppression along the gradient direction, quantised to 0, 45, 90, 135 degrees
+    angle = (np.rad2deg(np.arctan2(gy, gx)) + 180.0) % 180.0
+    sector = ((angle + 22.5) // 45).astype(int) % 4
+    p = np.pad(mag, 1)
+    h, w = mag.shape
+    neighbours = {0: ((0, 1), (0, -1)), 1: ((1, 1), (-1, -1)), 2: ((1, 0), (-1, 0)), 3: ((1, -1), (-1, 1))}
+    keep = np.zeros_like(mag, dtype=bool)
+    for s, ((dy1, dx1), (dy2, dx2)) in neighbours.items():
+        n1 = p[1 + dy1:1 + dy1 + h, 1 + dx1:1 + dx1 + w]
+        n2 = p[1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
+        keep |= (sector == s) & (mag > n1) & (mag >= n2)
+    thin = np.where(keep, mag, 0.0)
+    # hysteresis: weak edges survive only when 8-connected to a strong one
+    labels, _ = ndimage.label(thin > low, structure=np.ones((3, 3)))
+    strong = np.unique(labels[thin > high])
+    edges = np.isin(labels, strong[strong > 0])
+    return Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
+
+
+def threshold(image: Image.Image, level: int = 127) -> Image.Image:
+    """Binary map: white where the grey level is above ``level`` (scribble / silhouette inputs)."""
+    grey = np.asarray(image.convert("L"))
+    return Image.fromarray(((grey > level) * 255).astype(np.uint8)).convert("RGB")
+
+
+def invert(image: Image.Image) -> Image.Image:
+    """Black lines on white -> white lines on black, as line-art/scribble ControlNets expect."""
+    return ImageOps.invert(image.convert("RGB"))
+
+
+PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "none": lambda image: image.convert("RGB"),
+    "canny": canny_edges,
+    "invert": invert,
+    "threshold": threshold,
+}
+
+
+def check_name(name: str) -> None:
+    if name not in PREPROCESSORS:
+        raise ValueError(f"unknown preprocessor {name!r}: choose one of {', '.join(PREPROCESSORS)}")
+
+
+def preprocess(name: str, image: Image.Image) -> Image.Image:
+    """The control map the preprocessor ``name`` makes from ``image`` (same size, RGB)."""
+    check_name(name)
+    return PREPROCESSORS[name](image)
