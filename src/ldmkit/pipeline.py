@@ -206,13 +206,31 @@ def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.
     9-channel inpainting models see the mask and the masked image as extra input channels;
     ordinary models keep the original latent outside the mask at every step.
     """
+    image = image_to_tensor(init_image, params.width, params.height)
+    mask = mask_to_tensor(mask_image, params.width, params.height)
+    job, latents = inpaint_latents(model, params, image, mask, callback)
+    return finish(model, params, latents, job.seeds, job.plan, {"Denoising strength": params.strength})
+
+
+def inpaint_latents(model: StableDiffusion, params: GenerationParams, image: Tensor, mask: Tensor,
+                    callback: StepCallback | None = None, *, latent_fill: str = "original",
+                    noise_multiplier: float = 1.0) -> tuple[Job, Tensor]:
+    """:func:`inpaint` on tensors: ``image`` (1, 3, H, W) in [-1, 1], ``mask`` (1, 1, H, W), 1 = repaint.
+
+    ``latent_fill`` (A1111's "masked content" for the latent): "original", "latent noise" (the seeds' noise
+    inside the mask) or "latent nothing" (zeros inside the mask); ``noise_multiplier`` scales the starting
+    noise (A1111's ``initial_noise_multiplier``)."""
     job = _job(model, params)
     p = job.plan.truncate(params.strength)
     f = model.cfg.vae.downscale
-    image = image_to_tensor(init_image, params.width, params.height)
-    mask = mask_to_tensor(mask_image, params.width, params.height)
     latent_mask = F.interpolate(mask, scale_factor=1 / f, mode="nearest").to(job.noise)
     init = encode_pixels(model, image)
+    if latent_fill == "latent noise":
+        init = init * (1 - latent_mask) + job.noise * latent_mask
+    elif latent_fill == "latent nothing":
+        init = init * (1 - latent_mask)
+    if noise_multiplier != 1.0:
+        job = dataclasses.replace(job, noise=job.noise * noise_multiplier)
     if model.cfg.is_inpainting:
         # the masked part becomes 0 (mid-grey), as the inpainting models were trained
         masked_latent = encode_pixels(model, image * (mask < 0.5))
@@ -224,4 +242,4 @@ def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.
     else:
         latents = sample(model, p, job.cond, job.uncond, job.noise, init_latent=init, mask=latent_mask,
                          callback=callback)
-    return finish(model, params, latents, job.seeds, job.plan, {"Denoising strength": params.strength})
+    return job, latents
