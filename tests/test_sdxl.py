@@ -333,3 +333,13 @@ def test_truncated_sdxl_file_is_named(tmp_path):
 
 
 # full-size networks (slow tier): tests/test_sdxl_full.py
+
+
+def test_python_api_default_size_is_native():
+    """ldmkit.load(sdxl).txt2img(prompt) draws at SDXL's 1024² unless told otherwise (SD1 keeps 512)."""
+    from ldmkit.api import Pipeline
+    from ldmkit.sdxl import StableDiffusionXL
+
+    pipe = Pipeline(StableDiffusionXL(TINY_SDXL))
+    assert (pipe._params("x", {}).width, pipe._params("x", {}).height) == (1024, 1024) == (SDXL_BASE.native_size,) * 2
+    assert pipe._params("x", {"width": 64}).width == 64
