@@ -141,9 +141,13 @@ def _conv(conv: nn.Conv2d, x: Tensor, tile: int, pre: Callable[[Tensor], Tensor]
     else:
         add = True
     for r0, r1, c0, c1 in _tiles(H, W, tile):
-        (a0, a1, pt, pb), (b0, b1, pl, pr) = _halo(r0, r1, H), _halo(c0, c1, W)
-        t = x[..., a0:a1, b0:b1]
-        y = F.conv2d(F.pad(t if pre is None else pre(t), (pl, pr, pt, pb)), w, b)
+        if conv.padding_mode == "circular":  # tiling (ldmkit.tiling): the halo wraps around the image
+            t = _wrapped(x, r0, r1, c0, c1, H, W)
+            y = F.conv2d(t if pre is None else pre(t), w, b)
+        else:
+            (a0, a1, pt, pb), (b0, b1, pl, pr) = _halo(r0, r1, H), _halo(c0, c1, W)
+            t = x[..., a0:a1, b0:b1]
+            y = F.conv2d(F.pad(t if pre is None else pre(t), (pl, pr, pt, pb)), w, b)
         if add:
             out[..., r0:r1, c0:c1] += y
         else:
@@ -172,6 +176,9 @@ def _upsample(up: Upsample, x: Tensor, tile: int) -> Tensor:
     H, W = x.shape[-2] * 2, x.shape[-1] * 2
     out = x.new_empty(x.shape[0], up.conv.out_channels, H, W)
     for r0, r1, c0, c1 in _tiles(H, W, tile):
+        if up.conv.padding_mode == "circular":  # tiling: the upsampled tensor's halo wraps around
+            out[..., r0:r1, c0:c1] = F.conv2d(_wrapped(x, r0, r1, c0, c1, H, W, 2), w, b)
+            continue
         (a0, a1, pt, pb), (b0, b1, pl, pr) = _halo(r0, r1, H), _halo(c0, c1, W)
         # upsampled rows a0..a1 come from input rows a0//2 .. (a1-1)//2; cut the odd extra row or column
         src = x[..., a0 // 2:(a1 - 1) // 2 + 1, b0 // 2:(b1 - 1) // 2 + 1]
@@ -207,6 +214,14 @@ def _tiles(H: int, W: int, tile: int) -> Iterator[tuple[int, int, int, int]]:
     for r0 in range(0, H, tile):
         for c0 in range(0, W, tile):
             yield r0, min(r0 + tile, H), c0, min(c0 + tile, W)
+
+
+def _wrapped(x: Tensor, r0: int, r1: int, c0: int, c1: int, H: int, W: int, up: int = 1) -> Tensor:
+    """Rows [r0-1, r1+1) and columns [c0-1, c1+1) of an H x W image, wrapping around its borders (circular
+    padding); the image is ``x`` upsampled ``up`` times (nearest), read from ``x`` without materialising it."""
+    rows = (torch.arange(r0 - 1, r1 + 1, device=x.device) % H) // up
+    cols = (torch.arange(c0 - 1, c1 + 1, device=x.device) % W) // up
+    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 def _halo(lo: int, hi: int, size: int) -> tuple[int, int, int, int]:
