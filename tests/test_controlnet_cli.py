@@ -95,3 +95,12 @@ def test_bad_input_one_line(files, capsys, case):
     lines = [ln for ln in cap.err.splitlines() if ln.startswith("ldmkit: error")]
     assert len(lines) == 1 and expect in lines[0], cap.err
     assert "Traceback" not in cap.err
+
+
+def test_preprocess_command(files, capsys, tmp_path):
+    out = tmp_path / "edges.png"
+    rc, cap = _run(capsys, "preprocess", "canny", str(files / "map.png"), "-o", str(out))
+    assert rc == 0 and cap.out.strip() == str(out)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(canny_edges(Image.open(files / "map.png"))))
+    rc, cap = _run(capsys, "preprocess", "hed", str(files / "map.png"))
+    assert rc == 2 and cap.err.count("\n") == 1 and "unknown preprocessor 'hed'" in cap.err

@@ -1,7 +1,7 @@
 """Control-map preprocessors that need no downloaded weights (issue 16, part 4).
 
 OpenCV is not a dependency of ldmkit (nor installed in its environment), so these are written with
-numpy and Pillow. ``canny`` follows OpenCV's ``cv2.Canny(image, low, high)`` as the A1111 ControlNet
+numpy and Pillow only. ``canny`` follows OpenCV's ``cv2.Canny(image, low, high)`` as the A1111 ControlNet
 extension calls it (low 100, high 200, no blur, 3x3 Sobel, L1 gradient magnitude, per-pixel maximum over
 the colour channels, non-maximum suppression in four directions, hysteresis with 8-connectivity); it is
 close to OpenCV's output, not bit-identical (tie-breaking of the direction sectors differs).
@@ -25,8 +25,6 @@ def _sobel(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def canny_edges(image: Image.Image, low: float = 100, high: float = 200) -> Image.Image:
     """Canny edge map (white edges on black, RGB) of ``image``; thresholds on the 8-bit Sobel magnitude."""
-    from scipy import ndimage
-
     a = np.asarray(image.convert("RGB"), dtype=np.float64)  # (H, W, 3)
     grads = [_sobel(a[..., c]) for c in range(3)]
     mags = np.stack([np.abs(gx) + np.abs(gy) for gx, gy in grads])  # (3, H, W)
@@ -46,10 +44,18 @@ def canny_edges(image: Image.Image, low: float = 100, high: float = 200) -> Imag
         n2 = p[1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
         keep |= (sector == s) & (mag > n1) & (mag >= n2)
     thin = np.where(keep, mag, 0.0)
-    # hysteresis: weak edges survive only when 8-connected to a strong one
-    labels, _ = ndimage.label(thin > low, structure=np.ones((3, 3)))
-    strong = np.unique(labels[thin > high])
-    edges = np.isin(labels, strong[strong > 0])
+    # hysteresis: weak edges survive only when 8-connected to a strong one (grown until nothing changes)
+    weak, edges = thin > low, thin > high
+    while True:
+        p = np.pad(edges, 1)
+        near = np.zeros_like(edges)
+        for dy in range(3):
+            for dx in range(3):
+                near |= p[dy:dy + h, dx:dx + w]
+        grown = edges | (weak & near)
+        if np.array_equal(grown, edges):
+            break
+        edges = grown
     return Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
 
 
@@ -81,3 +87,26 @@ def preprocess(name: str, image: Image.Image) -> Image.Image:
     """The control map the preprocessor ``name`` makes from ``image`` (same size, RGB)."""
     check_name(name)
     return PREPROCESSORS[name](image)
+
+
+def register(add: Callable[..., object]) -> None:
+    """``ldmkit preprocess NAME IMAGE -o MAP.png``: the control map a preprocessor makes, to look at or reuse."""
+    p = add("preprocess", "turn an image into a ControlNet control map (canny edges, invert, threshold)",
+            "example:\n  ldmkit preprocess canny photo.jpg -o edges.png")
+    p.add_argument("name", help=f"preprocessor: {', '.join(PREPROCESSORS)}")  # type: ignore[attr-defined]
+    p.add_argument("image", help="input image")  # type: ignore[attr-defined]
+    p.add_argument("-o", "--output", default=None,  # type: ignore[attr-defined]
+                   help="output PNG (default: <image>_<name>.png beside it)")
+    p.set_defaults(func=cmd_preprocess)  # type: ignore[attr-defined]
+
+
+def cmd_preprocess(args: object) -> None:
+    from pathlib import Path
+
+    from ldmkit.pipeline import open_image
+
+    check_name(args.name)  # type: ignore[attr-defined]
+    src = Path(args.image)  # type: ignore[attr-defined]
+    out = Path(args.output or src.with_name(f"{src.stem}_{args.name}.png"))  # type: ignore[attr-defined]
+    preprocess(args.name, open_image(src)).save(out)  # type: ignore[attr-defined]
+    print(out)
