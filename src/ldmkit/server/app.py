@@ -45,6 +45,7 @@ from ldmkit.server import generation as G
 from ldmkit.server import options as OPT
 from ldmkit.server import schemas as S
 from ldmkit.server.checkpoints import Catalogue, CheckpointInfo
+from ldmkit.server.docs_offline import add_offline_docs
 from ldmkit.server.extras import UpscalerCatalogue, add_extras_routes
 from ldmkit.server.generation import Limits
 from ldmkit.server.networks_routes import NetworkFolders, add_network_routes
@@ -250,7 +251,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         if explain_dirs and not explain_dir:
             shutil.rmtree(explain_dirs[0], ignore_errors=True)
 
-    app = FastAPI(title="ldmkit", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="ldmkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Stable Diffusion from the model up: an AUTOMATIC1111-compatible API (/sdapi/v1) "
                               "and a web page at /.")
     app.state.worker, app.state.catalogue, app.state.limits, app.state.options = worker, catalogue, limits, options
@@ -528,6 +529,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    add_offline_docs(app)  # /docs from the installed swagger-ui-bundle, not a CDN
     return app
 
 
