@@ -15,7 +15,7 @@ from reference import save_diffusers_pipeline
 from test_controlnet import diffusers_controlnet
 
 from ldmkit import checkpoint
-from ldmkit.config import TINY
+from ldmkit.config import TINY, TINY_SD2
 from ldmkit.controlnet import ControlUnit, control_map, load_controlnet
 from ldmkit.pipeline import GenerationParams, txt2img
 
@@ -23,17 +23,19 @@ SIZE = (24, 16)  # the tiny VAE halves: latents 12x8, and a hint encoder with on
 PROMPT, NEGATIVE, STEPS, CFG, SEED = "a stone house by a lake", "blurry", 10, 6.0, 77
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=[TINY, TINY_SD2], ids=lambda c: c.name)
+def setup(request, tmp_path_factory):
     import diffusers
 
-    folder = tmp_path_factory.mktemp("cn-pipe")
-    pipe = save_diffusers_pipeline(TINY, folder / "sd")
-    pipe.scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                                      beta_schedule="scaled_linear", timestep_spacing="linspace")
+    cfg = request.param  # SD2: v-prediction, linear projections, 8-wide heads
+    folder = tmp_path_factory.mktemp(f"cn-pipe-{cfg.name}")
+    pipe = save_diffusers_pipeline(cfg, folder / "sd")
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="linspace",
+        prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon")
     nets = []
     for i in range(2):
-        net = diffusers_controlnet(TINY.unet, hint=(8, 16), seed=10 + i)
+        net = diffusers_controlnet(cfg.unet, hint=(8, 16), seed=10 + i)
         net.save_pretrained(folder / f"cn{i}")
         nets.append(net)
     rng = np.random.default_rng(0)
@@ -85,3 +87,49 @@ def test_matches_diffusers_controlnet_pipeline(setup, case):
                                                        width=SIZE[0], height=SIZE[1]))[0]).astype(np.int16)
     assert np.abs(plain - ref).max() > 6  # well beyond the 2/255 parity margin
     assert ref.std() > 5
+
+
+def test_img2img_matches_diffusers_controlnet_img2img(setup, monkeypatch):
+    """img2img: start/end are fractions of the steps that run (diffusers counts the truncated timesteps)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from ldmkit import pipeline as P
+    from ldmkit.pipeline import img2img
+
+    folder, pipe, nets, maps = setup
+    if pipe.scheduler.config.prediction_type != "epsilon":
+        pytest.skip("one prediction type is enough for img2img")
+    i2i = StableDiffusionControlNetImg2ImgPipeline(**pipe.components, controlnet=nets[0])
+    init = Image.fromarray(np.random.default_rng(5).integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
+    original = i2i.vae.encode
+
+    def mean_only(*args, **kwargs):  # as test_e2e_parity: both use the posterior mean
+        out = original(*args, **kwargs)
+        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
+        return out
+
+    monkeypatch.setattr(i2i.vae, "encode", mean_only)
+
+    def diffusers_order_noise(seeds, shape, device):
+        g = torch.Generator().manual_seed(seeds[0])
+        torch.randn((1, *shape), generator=g)  # the posterior sample's draw
+        return torch.randn((1, *shape), generator=g)
+
+    monkeypatch.setattr(P, "initial_noise", diffusers_order_noise)
+    ref = i2i(PROMPT, image=init, control_image=maps[0], strength=0.7, num_inference_steps=STEPS, guidance_scale=CFG,
+              generator=torch.Generator().manual_seed(SEED), controlnet_conditioning_scale=0.9,
+              control_guidance_start=0.2, control_guidance_end=0.8, output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    model = checkpoint.load(folder / "sd")
+    unit = ControlUnit(load_controlnet(folder / "cn0", model.cfg.unet), control_map(maps[0], *SIZE), 0.9, 0.2, 0.8)
+    ours = img2img(model, GenerationParams(PROMPT, steps=STEPS, cfg_scale=CFG, sampler="Euler", scheduler="uniform",
+                                           seed=SEED, width=SIZE[0], height=SIZE[1], strength=0.7,
+                                           controlnets=[unit]), init)[0]
+    diff = np.abs(np.asarray(ours).astype(np.int16) - ref).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    # the guidance window mattered: the same unit acting on every step gives another image
+    always = ControlUnit(unit.model, unit.image, 0.9)
+    ungated = img2img(model, GenerationParams(PROMPT, steps=STEPS, cfg_scale=CFG, sampler="Euler", scheduler="uniform",
+                                              seed=SEED, width=SIZE[0], height=SIZE[1], strength=0.7,
+                                              controlnets=[always]), init)[0]
+    assert np.abs(np.asarray(ungated).astype(np.int16) - ref).max() > 2
