@@ -216,3 +216,30 @@ def test_inpainting_model_matches_diffusers(tmp_path, monkeypatch):
                                            strength=1.0), image, mask)[0]
     diff = np.abs(_pixels(ours) - ref).max()
     assert diff <= 2, f"max pixel difference {diff}/255"
+
+
+def test_turbo_one_step_matches_diffusers(base, tmp_path):
+    """--model-type sdxl-turbo: native 512², 1 step of Euler ancestral on the trailing schedule without CFG (the
+    settings travel with ldmkit's single file), vs diffusers' SDXL-Turbo recipe (EulerAncestralDiscreteScheduler,
+    timestep_spacing="trailing", guidance_scale 0) on the same weights."""
+    import diffusers
+
+    from ldmkit.api import Pipeline
+    from ldmkit.checkpoint_sdxl import save_sdxl_single_file
+
+    folder, pipe = base
+    path = tmp_path / "turbo.safetensors"
+    save_sdxl_single_file(checkpoint.load(folder), path)
+    turbo = checkpoint.load(path, model_type="sdxl-turbo")
+    assert turbo.cfg.native_size == 512 and turbo.recommended.steps == 1
+    save_sdxl_single_file(turbo, tmp_path / "turbo-marked.safetensors")
+    again = checkpoint.load(tmp_path / "turbo-marked.safetensors")  # no --model-type needed any more
+    assert again.cfg.native_size == 512 and again.recommended == turbo.recommended
+
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler(**SD, timestep_spacing="trailing")
+    out = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(5),
+               height=H, width=W, output_type="np")
+    ours = Pipeline(again).txt2img(PROMPT, seed=5, width=W, height=H)[0]
+    assert np.abs(_pixels(ours) - _ref_pixels(out)).max() <= 2
+    info = ours.info["parameters"]
+    assert "Steps: 1, Sampler: Euler a, Schedule type: Trailing, CFG scale: 1" in info

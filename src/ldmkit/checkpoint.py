@@ -272,7 +272,7 @@ def config_from_ldm(sd: StateDict, metadata: dict[str, str], name: str, model_ty
     if model_type is not None:
         if model_type not in _MODEL_TYPES:
             raise CheckpointError(f"unknown model type {model_type!r}; choose one of "
-                                  f"{', '.join(_MODEL_TYPES)}, sdxl, sdxl-refiner, sdxl-inpainting")
+                                  f"{', '.join(_MODEL_TYPES)}, sdxl, sdxl-refiner, sdxl-inpainting, sdxl-turbo")
         family = "sd1" if model_type == "sd1" else "sd2"
         if family != cfg.family:
             raise CheckpointError(f"{name}: --model-type {model_type} given but the weights are a {cfg.family} model")

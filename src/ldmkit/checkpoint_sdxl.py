@@ -26,10 +26,16 @@ from ldmkit.checkpoint import (
 )
 from ldmkit.config import ModelConfig, TextEncoderConfig
 from ldmkit.models.tokenizer import CLIPTokenizer
+from ldmkit.recommended import RECOMMENDED_METADATA_KEY, Recommended, read_recommended
 from ldmkit.sdxl import StableDiffusionXL
 
 StateDict = dict[str, torch.Tensor]
-MODEL_TYPES = {"sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner", "sdxl-inpainting": "sdxl"}
+MODEL_TYPES = {"sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner", "sdxl-inpainting": "sdxl", "sdxl-turbo": "sdxl"}
+# SDXL-Turbo (adversarial diffusion distillation) has the base's weights layout: only --model-type tells it.
+# It was trained at 512² and samples in 1-4 steps without CFG; settings as diffusers' model card (Euler
+# ancestral, trailing spacing, guidance off)
+TURBO_SIZE = 512
+TURBO_RECOMMENDED = Recommended(sampler="Euler a", scheduler="trailing", steps=1, cfg_scale=1.0)
 _UNET_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _TEXT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -58,6 +64,8 @@ def sdxl_config(sd: StateDict, metadata: dict[str, str], name: str, model_type: 
         if MODEL_TYPES[model_type] != cfg.family or (model_type == "sdxl-inpainting") != cfg.is_inpainting:
             raise CheckpointError(f"{name}: --model-type {model_type} given but the weights are "
                                   f"{describe(cfg)}")
+        if model_type == "sdxl-turbo":
+            cfg = cfg.replace(extra={**cfg.extra, "image_size": TURBO_SIZE})
     return cfg
 
 
@@ -82,6 +90,12 @@ def load_sdxl_single_file(path: str | os.PathLike, sd: StateDict, metadata: dict
     names = ["text_encoder", "text_encoder_2"][: len(texts)]
     model = build_sdxl(cfg, {"unet": unet, "vae": vae, **dict(zip(names, texts, strict=True))}, dtype=dtype)
     model.source_name, model.source_path = p.stem, str(p)
+    try:
+        model.recommended = read_recommended(metadata)
+    except ValueError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    if model_type == "sdxl-turbo" and model.recommended is None:
+        model.recommended = TURBO_RECOMMENDED
     return model
 
 
@@ -92,7 +106,10 @@ def save_sdxl_single_file(model: StableDiffusionXL, path: str | os.PathLike, dty
                                            [enc.state_dict() for enc in model.encoders], layouts)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    atomic_save_safetensors(sd, path, {CONFIG_METADATA_KEY: model.cfg.to_json()})
+    meta = {CONFIG_METADATA_KEY: model.cfg.to_json()}
+    if model.recommended is not None:  # e.g. a Turbo model's 1 step without CFG travels with the file
+        meta[RECOMMENDED_METADATA_KEY] = model.recommended.to_json()
+    atomic_save_safetensors(sd, path, meta)
 
 
 def is_sdxl_folder(root: Path) -> bool:

@@ -63,7 +63,7 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     p.add_argument("--embeddings-dir", default=None, metavar="DIR",
                    help="textual-inversion embeddings (.pt/.safetensors/.bin); a file's name is a word of the prompt")
     p.add_argument("--model-type", default=None, choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner",
-                                                           "sdxl-inpainting"],
+                                                           "sdxl-inpainting", "sdxl-turbo"],
                    help="override the detected model family / prediction type")
     p.add_argument("--negative-prompt", default="", help="what the image should not look like")
     # sampler, scheduler, steps and CFG scale default to what the model file recommends, else the
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=["diffusers", "ldm"])
     c.add_argument("--half", action="store_true", help="store weights as float16")
     c.add_argument("--model-type", default=None,
-                   choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-inpainting"])
+                   choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-inpainting", "sdxl-turbo"])
     f = add("info", "show an image's generation parameters or a model's architecture")
     f.add_argument("path")
     for module in PLUGIN_MODULES:
