@@ -104,3 +104,13 @@ def test_preprocess_command(files, capsys, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(canny_edges(Image.open(files / "map.png"))))
     rc, cap = _run(capsys, "preprocess", "hed", str(files / "map.png"))
     assert rc == 2 and cap.err.count("\n") == 1 and "unknown preprocessor 'hed'" in cap.err
+
+
+def test_hires_fix_with_controlnet(files, capsys, tmp_path):
+    """The second pass is larger: the map follows it (resized inside the denoiser), not refused."""
+    out = tmp_path / "hires.png"
+    rc, cap = _run(capsys, "generate", "a stone house", "--model", str(files / "sd"), *SETTINGS,
+                   "--controlnet", str(files / "cn"), "--control-image", str(files / "map.png"),
+                   "--hires-scale", "2", "--hires-upscaler", "Lanczos", "-o", str(out))
+    assert rc == 0, cap.err
+    assert Image.open(out).size == (48, 32)

@@ -239,7 +239,8 @@ class ControlledUNet:
 
 def control_problem(units: Sequence[ControlUnit], model: object, width: int, height: int,
                     deepcache: int = 1) -> str | None:
-    """Why ``units`` cannot control ``model`` at this size (one line), or None."""
+    """Why ``units`` cannot control ``model`` (one line), or None. A map of another size than ``width`` x ``height``
+    is not refused: :class:`ControlledUNet` resizes it to each pass (the hires fix's second pass is larger)."""
     unet_cfg = model.cfg.unet  # type: ignore[attr-defined]
     if deepcache > 1:
         return ("DeepCache reuses the U-Net's deep features between steps, which would drop the ControlNet's "
@@ -251,10 +252,6 @@ def control_problem(units: Sequence[ControlUnit], model: object, width: int, hei
             check_fits(unit.model.cfg, unet_cfg, getattr(unit.model, "source_name", f"#{n}"))
         except ControlNetError as e:
             return str(e)
-        h, w = unit.image.shape[-2:]
-        if (w, h) != (width, height):
-            return (f"control image {n} is {w}x{h} but the output is {width}x{height}: make it with "
-                    "ldmkit.controlnet.control_map(image, width, height), which resizes it")
     return None
 
 
