@@ -131,3 +131,31 @@ def test_bad_settings_are_one_line_errors():
         InpaintSettings(fill=4)
     with pytest.raises(GenerationError, match="initial_noise_multiplier"):
         InpaintSettings(noise_multiplier=float("nan"))
+
+
+def test_a1111_request_fields(model):
+    import base64
+    import io
+
+    from fastapi.exceptions import RequestValidationError
+
+    from ldmkit.server import schemas
+    from ldmkit.server.generation import Limits, prepare
+
+    image, mask = _image_and_mask()
+    data = []
+    for im in (image, mask):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        data.append(base64.b64encode(buf.getvalue()).decode())
+    req = schemas.Img2ImgRequest(init_images=[data[0]], mask=data[1], width=S, height=S, steps=2, mask_blur_x=3,
+                           inpainting_fill=3, inpaint_full_res=False, inpainting_mask_invert=1,
+                           initial_noise_multiplier=0.8)
+    gen = prepare(req, "img2img", model, {}, Limits(), None, False)
+    assert gen.kind == "inpaint"
+    assert gen.params.inpaint == InpaintSettings(3, 4, 3, True, False, 0, 0.8)
+    assert prepare(req.model_copy(update={"mask_blur": 6}), "img2img", model, {}, Limits(), None,
+                   False).params.inpaint.mask_blur_y == 6
+    with pytest.raises(RequestValidationError) as e:
+        prepare(req.model_copy(update={"inpainting_fill": 7}), "img2img", model, {}, Limits(), None, False)
+    assert "inpainting_fill must be 0..3" in e.value.errors()[0]["msg"]

@@ -112,8 +112,14 @@ def test_img2img_and_inpaint_match_the_pipeline(api, model_a):
     mask.paste(255, (0, 0, 16, 32))  # repaint the left half
     r = api.img2img(images=[init], mask_image=mask, prompt="a watercolor", seed=7, steps=4, width=32, height=32,
                     denoising_strength=0.5, inpainting_fill=1, mask_blur=4)
-    want = P.inpaint(model_a, params, init, mask)[0]
+    # A1111's inpainting (issue 15, item 5): webuiapi's defaults are "only masked" with padding 0
+    from ldmkit.inpaint_a1111 import InpaintSettings, prepare_mask
+
+    a1111 = InpaintSettings(mask_blur=4, fill=1, full_res=True, full_res_padding=0)
+    want = P.inpaint(model_a, params.replace(inpaint=a1111), init, mask)[0]
     np.testing.assert_array_equal(pixels(r.image), pixels(want))
+    keep = np.asarray(prepare_mask(mask, a1111)) == 0  # outside the blurred mask: the original pixels
+    np.testing.assert_array_equal(pixels(r.image)[keep], pixels(init)[keep])
     assert not np.array_equal(pixels(r.image), pixels(P.img2img(model_a, params, init)[0]))
 
 
@@ -304,7 +310,7 @@ def test_bad_requests_are_refused_clearly(model_a):
 
         i2i = lambda **kw: c.post("/sdapi/v1/img2img", json={"width": 16, "height": 16, "steps": 2, **kw})
         assert "init_images" in _field_errors(i2i())
-        assert "denoising_strength" in _field_errors(i2i(init_images=[png((16, 16))], denoising_strength=0))
+        assert "denoising_strength" in _field_errors(i2i(init_images=[png((16, 16))], denoising_strength=1.5))
         assert "not valid base64" in _field_errors(i2i(init_images=["!!!"]))["init_images.0"]
         assert "not an image" in _field_errors(i2i(init_images=[base64.b64encode(b"hello").decode()]))[
             "init_images.0"]

@@ -19,6 +19,7 @@ import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,6 +67,7 @@ class GenerationParams:
     deepcache: int = 1  # DeepCache interval: the full U-Net every N-th call, the shallow branch between; 1 = off
     deepcache_branch: int = 0  # DeepCache branch: how many skip levels the in-between calls recompute (0 = fewest)
     tiling: bool = False  # seamless texture: circular padding in the U-Net and VAE convs (A1111 "Tiling")
+    inpaint: Any = None  # ldmkit.inpaint_a1111.InpaintSettings: A1111's mask blur/fill/crop (None: mask as given)
     # ControlNet units (ldmkit.controlnet.ControlUnit), their residuals summed at every step they are active
     controlnets: tuple = dataclasses.field(default=(), repr=False)
 
@@ -108,8 +110,8 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
         memory.check_fits(model, params.width, params.height, params.batch_size)
     except memory.TooLarge as e:
         raise GenerationError(str(e)) from None
-    if not 0.0 < params.strength <= 1.0:
-        raise GenerationError(f"strength must be in (0, 1], got {params.strength}")
+    if not 0.0 <= params.strength <= 1.0:  # 0: A1111 runs one step at the lowest noise level (the image back)
+        raise GenerationError(f"strength must be in [0, 1], got {params.strength}")
     if params.controlnets:
         from ldmkit.controlnet import control_problem
 

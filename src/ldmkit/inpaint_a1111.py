@@ -23,7 +23,6 @@ from PIL import Image, ImageFilter, ImageOps
 from ldmkit import pipeline as P
 from ldmkit.core import GenerationError, GenerationParams, StepCallback
 from ldmkit.images import convert as convert_image
-from ldmkit.tiling import per_generation
 
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
 
@@ -47,6 +46,15 @@ class InpaintSettings:
                 raise GenerationError(f"{name} must be between 0 and 256 pixels, got {v}")
         if not 0.0 <= self.noise_multiplier <= 2.0:  # also refuses NaN
             raise GenerationError(f"initial_noise_multiplier must be in [0, 2], got {self.noise_multiplier}")
+
+
+def from_request(req) -> InpaintSettings:
+    """The settings of an A1111 img2img request (``mask_blur`` sets both blurs when given)."""
+    blur_x = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+    blur_y = req.mask_blur if req.mask_blur is not None else req.mask_blur_y
+    noise = 1.0 if req.initial_noise_multiplier is None else req.initial_noise_multiplier
+    return InpaintSettings(blur_x, blur_y, req.inpainting_fill, bool(req.inpainting_mask_invert),
+                           req.inpaint_full_res, req.inpaint_full_res_padding, noise)
 
 
 def gaussian_blur(mask: np.ndarray, sigma: float, axis: int) -> np.ndarray:
@@ -122,11 +130,17 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     return out.convert("RGB")
 
 
-@per_generation  # params.tiling, as pipeline.inpaint
 def inpaint(model, params: GenerationParams, image: Image.Image, mask: Image.Image, settings: InpaintSettings,
             callback: StepCallback | None = None) -> list[Image.Image]:
     """Repaint the white part of ``mask`` as A1111 does; the result keeps every pixel the blurred mask leaves
-    untouched. With ``full_res`` the images have ``image``'s size, otherwise the generation size."""
+    untouched. With ``full_res`` the images have ``image``'s size, otherwise the generation size.
+    (``pipeline.inpaint`` with ``params.inpaint = settings`` is the same.)"""
+    return P.inpaint(model, params.replace(inpaint=settings), image, mask, callback)
+
+
+def run(model, params: GenerationParams, image: Image.Image, mask: Image.Image, settings: InpaintSettings,
+        callback: StepCallback | None = None) -> list[Image.Image]:
+    """:func:`inpaint`'s work, inside ``pipeline.inpaint`` (which sets up tiling)."""
     image = convert_image(image, "RGB")
     m = prepare_mask(mask.resize(image.size, Image.Resampling.NEAREST) if mask.size != image.size else mask,
                      settings)

@@ -206,6 +206,10 @@ def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.
     9-channel inpainting models see the mask and the masked image as extra input channels;
     ordinary models keep the original latent outside the mask at every step.
     """
+    if params.inpaint is not None:  # A1111's mask blur, masked content, "only masked", original pasted back
+        from ldmkit import inpaint_a1111
+
+        return inpaint_a1111.run(model, params, init_image, mask_image, params.inpaint, callback)
     image = image_to_tensor(init_image, params.width, params.height)
     mask = mask_to_tensor(mask_image, params.width, params.height)
     job, latents = inpaint_latents(model, params, image, mask, callback)

@@ -231,11 +231,15 @@ def build_params(req: S.GenerationRequest, model: StableDiffusion, options: dict
     return params
 
 
-def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams) -> list[Image.Image]:
-    """An interrupted generation returns its last denoised estimate, as A1111 does."""
+def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams,
+                   steps_run: int | None = None) -> list[Image.Image]:
+    """An interrupted generation returns its last denoised estimate, as A1111 does; its infotext's "Steps"
+    are the ``steps_run`` it got through, not the ones asked for (issue 15, item 6)."""
     if ctx.last_denoised is None:
         return []
     model, latents = ctx.model, ctx.last_denoised
+    if steps_run is not None:
+        params = params.replace(steps=max(1, min(steps_run, params.steps)))  # (hires: the first pass's count)
     extra = None if gen.kind == "txt2img" else {"Denoising strength": params.strength}
     return P.finish(model, params, latents, P.resolve_seeds(params.seed, len(latents)), P.plan(model, params), extra)
 
@@ -251,8 +255,12 @@ def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options
         init = decode_image(req.init_images[0], ("init_images", 0), limits)
         if req.mask:
             mask = convert_image(decode_image(req.mask, ("mask",), limits), "L")  # 16-bit by range
-            if req.inpainting_mask_invert:
-                mask = mask.point(lambda v: 255 - v)
+            from ldmkit.inpaint_a1111 import from_request
+
+            try:  # mask blur, inversion, masked content, "only masked", noise multiplier: as A1111
+                params = params.replace(inpaint=from_request(req))
+            except P.GenerationError as e:
+                raise field_error((), str(e)) from None
             kind = "inpaint"
     steps = params.steps if kind == "txt2img" else max(1, min(params.steps, int(params.steps * params.strength)))
     save = req.save_images and not req.do_not_save_samples and can_save
@@ -291,7 +299,7 @@ def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointI
 def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, images: list[Image.Image]) -> None:
     for k in range(gen.n_iter):
         p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
-        cb = ctx.step_callback(k, gen.n_iter, gen.sampling_steps)
+        cb, done = _counted(ctx.step_callback(k, gen.n_iter, gen.sampling_steps))
         try:
             if gen.kind == "txt2img" and gen.hires is not None:
                 from ldmkit.hires import txt2img_hires
@@ -305,9 +313,20 @@ def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, image
             else:
                 images += P.inpaint(model, p, gen.init, gen.mask, callback=cb)
         except Interrupted:  # or Skipped (/sdapi/v1/skip): this batch ends; an interrupt ends them all
-            images += partial_images(ctx, gen, p)
+            images += partial_images(ctx, gen, p, done[0])
         if ctx.interrupted:
             break
+
+
+def _counted(callback: Callable[[dict], None]) -> tuple[Callable[[dict], None], list[int]]:
+    """``callback`` that also counts the sampler steps completed (in the returned one-element list)."""
+    done = [0]
+
+    def counted(d: dict) -> None:
+        done[0] += 1  # this step is done, whether or not the callback then interrupts
+        callback(d)
+
+    return counted, done
 
 
 def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.Image],
@@ -317,7 +336,9 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
     seeds = gen.all_seeds
     sampler_name = p.sampler_spec.display
     extra: dict[str, Any] = {}
-    if images:
+    steps = p.steps
+    if images:  # an interrupted last batch: the steps it got through (its infotext says so)
+        steps = int(parse_infotext(images[-1].info["parameters"]).get("Steps", steps))
         fields = parse_infotext(images[0].info["parameters"])
         extra["Schedule type"] = fields.get("Schedule type")
         sampler_name = fields.get("Sampler", sampler_name)
@@ -332,7 +353,7 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
         "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * len(seeds),
         "seed": p.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
         "subseed_strength": 0, "width": p.width, "height": p.height, "sampler_name": sampler_name,
-        "scheduler": p.scheduler or "automatic", "cfg_scale": p.cfg_scale, "steps": p.steps,
+        "scheduler": p.scheduler or "automatic", "cfg_scale": p.cfg_scale, "steps": steps,
         "batch_size": p.batch_size, "n_iter": gen.n_iter, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model.source_name,
         "sd_model_hash": model.model_hash or None, "sd_vae_name": vae_name, "sd_vae_hash": None,
