@@ -140,3 +140,28 @@ def test_other_family_is_refused(saved):
     other_unet = dataclasses.replace(other.unet, context_dim=cfg.unet.context_dim + 8)
     with pytest.raises(ControlNetError, match="made for that model"):
         load_controlnet(folder / "diffusers", other_unet)
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_full_size_layout(preset):
+    """The released SD1.5 / SD2.1 ControlNet architecture (diffusers' config of those files), on the meta device:
+    every converted name and shape is a parameter of ldmkit's ControlNet, and the detected U-Net is the preset's."""
+    from diffusers import ControlNetModel
+
+    from ldmkit.config import PRESETS
+    from ldmkit.controlnet import config_from_weights
+    from ldmkit.models.controlnet import ControlNet
+
+    unet = PRESETS[preset].unet
+    with torch.device("meta"):
+        ref = ControlNetModel(**diffusers_controlnet_config(unet))
+    sd = diffusers_to_original(ref.state_dict())
+    cfg = config_from_weights(sd)  # no base model: SD1/SD2 conventions from the context width
+    for field in ("model_channels", "channel_mult", "num_res_blocks", "attention_levels", "num_heads", "head_dim",
+                  "context_dim", "use_linear_in_transformer", "transformer_depth"):
+        assert getattr(cfg.unet, field) == getattr(unet, field), field
+    assert cfg.hint_channels == (16, 32, 96, 256)
+    with torch.device("meta"):
+        ours = ControlNet(cfg).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    assert len([k for k in sd if k.startswith("zero_convs.")]) == 2 * 12  # weight + bias per skip connection
