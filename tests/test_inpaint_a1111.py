@@ -159,3 +159,29 @@ def test_a1111_request_fields(model):
     with pytest.raises(RequestValidationError) as e:
         prepare(req.model_copy(update={"inpainting_fill": 7}), "img2img", model, {}, Limits(), None, False)
     assert "inpainting_fill must be 0..3" in e.value.errors()[0]["msg"]
+
+
+def test_cli_inpaint_keeps_the_original_outside_the_blurred_mask(model, tmp_path, capsys):
+    from ldmkit import checkpoint, cli
+
+    path = tmp_path / "tiny.safetensors"
+    checkpoint.save_single_file(model, path)
+    image, mask = _image_and_mask()
+    image.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    argv = ["inpaint", "a pear", "--model", str(path), "--init-image", str(tmp_path / "init.png"), "--mask",
+            str(tmp_path / "mask.png"), "--steps", "2", "--seed", "3", "--width", str(S), "--height", str(S),
+            "--device", "cpu", "--mask-blur", "3", "--masked-content", "latent-nothing", "-o", str(out)]
+    assert cli.main(argv) == 0
+    settings = InpaintSettings(mask_blur=3, fill=3)
+    params = P.GenerationParams("a pear", steps=2, seed=3, width=S, height=S, strength=1.0, inpaint=settings)
+    want = P.inpaint(checkpoint.load(path), params, image, mask)[0]
+    with Image.open(out) as got:
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+        keep = np.asarray(prepare_mask(mask, settings)) == 0
+        assert np.array_equal(np.asarray(got.convert("RGB"))[keep], np.asarray(image)[keep])
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv[:-2] + ["--masked-content", "noise", "-o", str(out)])
+    assert e.value.code == 2
+    capsys.readouterr()

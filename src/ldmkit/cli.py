@@ -134,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--init-image", required=True)
     n.add_argument("--mask", required=True, help="white = repaint, black = keep")
     n.add_argument("--strength", type=finite_float, default=1.0)
+    # A1111's inpainting settings (ldmkit.inpaint_a1111); its UI's defaults
+    n.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the mask in pixels (0: none)")
+    n.add_argument("--masked-content", default="original", choices=["fill", "original", "latent-noise",
+                                                                     "latent-nothing"])
+    n.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
+    n.add_argument("--only-masked", action="store_true",
+                   help="repaint the mask's region (plus padding) at the full size, then paste it back")
+    n.add_argument("--only-masked-padding", type=int, default=32)
+    n.add_argument("--noise-multiplier", type=finite_float, default=1.0, help="scales the starting noise")
     c = add("convert", "convert a model between single-file (ldm) and diffusers formats")
     c.add_argument("source")
     c.add_argument("dest")
@@ -191,6 +200,12 @@ def _params_from_args(args: argparse.Namespace, model) -> object:
         kw["strength"] = args.strength
     if getattr(args, "tiling", False):
         kw["tiling"] = True
+    if args.command == "inpaint":
+        from ldmkit.inpaint_a1111 import FILL_MODES, InpaintSettings
+
+        kw["inpaint"] = InpaintSettings(args.mask_blur, None, FILL_MODES.index(args.masked_content.replace("-", " ")),
+                                        args.invert_mask, args.only_masked, args.only_masked_padding,
+                                        args.noise_multiplier)
     if args.deepcache_branch is not None and args.deepcache is None:
         raise ValueError("--deepcache-branch needs --deepcache N (the interval), e.g. --deepcache 3")
     if args.deepcache is not None:
