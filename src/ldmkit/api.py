@@ -70,7 +70,9 @@ class Pipeline:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
         # sampler, scheduler, steps, cfg_scale not given: the model's recommended ones, else the defaults
         kw = apply_recommended({k: v for k, v in kw.items() if k != "callback"}, self.model.recommended)
-        if self.model.cfg.is_sdxl:  # SDXL draws poorly below its 1024² (SD1/SD2 keep GenerationParams' 512)
+        # SDXL draws poorly below its 1024², and a model that records its training size (the 64-px built-in
+        # emoji models) is drawn at that size, as the CLI does; other SD1/SD2 keep GenerationParams' 512
+        if self.model.cfg.is_sdxl or "image_size" in self.model.cfg.extra:
             for side in ("width", "height"):
                 kw.setdefault(side, self.model.cfg.native_size)
         return P.GenerationParams(prompt=prompt, **{k: v for k, v in kw.items() if v is not None})
