@@ -202,3 +202,20 @@ def test_tiled_vae_wraps_too(model):
     assert (whole - tiled).abs().max() < 1e-4
     assert (enc - tiled_enc).abs().max() < 1e-4
     assert (whole - plain).abs().max() > 1e-2  # circular differs from zero padding at the borders
+
+
+def test_sdxl_refiner_tiles_both_models():
+    """Base + refiner: both models pad circularly while they run (seen from each expert's steps), restored after."""
+    from ldmkit.config import TINY_SDXL, TINY_SDXL_REFINER
+    from ldmkit.sdxl import StableDiffusionXL, txt2img_refined
+
+    torch.manual_seed(0)
+    base, refiner = StableDiffusionXL(TINY_SDXL).eval(), StableDiffusionXL(TINY_SDXL_REFINER).eval()
+    seen: list[tuple[int, set[str], set[str]]] = []
+    params = _params(tiling=True).replace(width=16, height=16)
+    img = txt2img_refined(base, refiner, params, switch_at=0.5,
+                          callback=lambda d: seen.append((d["i"], set(_modes(base)), set(_modes(refiner)))))[0]
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3]
+    assert all(b == r == {"circular"} for _, b, r in seen)
+    assert set(_modes(base)) == set(_modes(refiner)) == {"zeros"}
+    assert "Tiling: True" in img.info["parameters"]

@@ -164,7 +164,16 @@ def txt2img_refined(base: StableDiffusionXL, refiner: StableDiffusionXL, params:
     """txt2img with a refiner as second expert (A1111's ``refiner_checkpoint`` / ``refiner_switch_at``, diffusers'
     ``denoising_end`` / ``denoising_start``): the base samples the first ``switch_at`` of the noise levels, the
     refiner, with its own conditioning (aesthetic score), the rest from the base's latents. Each part is one
-    sampler run, so a multistep sampler starts afresh at the switch, as in diffusers."""
+    sampler run, so a multistep sampler starts afresh at the switch, as in diffusers. ``params.tiling``: both
+    models' convolutions pad circularly for the generation."""
+    from ldmkit.tiling import circular
+
+    with circular(base, params.tiling), circular(refiner, params.tiling):
+        return _txt2img_refined(base, refiner, params, switch_at, callback)
+
+
+def _txt2img_refined(base: StableDiffusionXL, refiner: StableDiffusionXL, params: GenerationParams,
+                     switch_at: float, callback: Callable[[dict], None] | None) -> list[Image.Image]:
     from ldmkit import core, pipeline
 
     if not refiner.cfg.is_sdxl:
