@@ -38,6 +38,13 @@ def test_a1111_docstring_schedules(prompt, expected):
     assert [list(e) for e in prompt_schedule(prompt, 10)] == expected
 
 
+def test_a1111_docstring_hires_schedules():
+    # the same docstring, second part: a hires pass of 10 steps after 10 (g = ...([p], 10, 10)[0])
+    assert prompt_schedule("a [b:.5] c", 10, 10) == [(10, "a b c")]
+    assert prompt_schedule("a [b:1.5] c", 10, 10) == [(5, "a  c"), (10, "a b c")]
+    assert prompt_schedule("a [b:13] c", 10, 10) == [(3, "a  c"), (10, "a b c")]  # step numbers count on
+
+
 def test_a1111_docstring_unhandled_example():
     # The docstring lists "a [{b|d{:.5] c" -> [[5, 'a  c'], [10, 'a {b|d{ c']] under "not handling this right
     # now": its grammar has no "|" outside an alternation, so A1111's code (lark 1.1.2, checked) returns the
@@ -202,3 +209,29 @@ def test_batch_of_an_inpainting_model_equals_single_images():
     for i in range(2):
         one = P.txt2img_latents(inp, params.replace(batch_size=1, seed=4 + i))[1]
         torch.testing.assert_close(both[i:i + 1], one, atol=1e-3, rtol=1e-4)  # batched vs not: float32 rounding
+
+
+def test_hires_second_pass_schedules_after_the_first(model, monkeypatch):
+    from ldmkit.hires import HiresParams, txt2img_hires
+
+    seen = []
+    real = core.sample
+
+    def spy(model_, plan, cond, uncond, noise, **kw):
+        seen.append(cond)
+        return real(model_, plan, cond, uncond, noise, **kw)
+
+    monkeypatch.setattr(core, "sample", spy)
+    params = P.GenerationParams("a [red:blue:0.5] apple", steps=4, sampler="Euler", seed=4, width=W, height=H)
+    txt2img_hires(model, params, HiresParams(scale=1.5, upscaler="Nearest", steps=3, denoise=0.6))
+    first, second = seen
+    assert first.prompts.cond[0] == ((1.0, ((2, 0), (4, 1))),)  # red, blue
+    # the hires pass comes after the switch at 0.5: blue throughout (A1111's hires_steps schedule)
+    blue, _ = _encode(model, "a blue apple", "")
+    assert type(second) is Conditioning and torch.equal(second.context, blue)
+
+
+def test_a_single_changed_text_is_encoded(model):
+    # "[red:blue:0]" is blue from the start: one text, but not the prompt as written
+    job = core.prepare(model, P.GenerationParams("a [red:blue:0] apple", steps=2, width=W, height=H))
+    assert torch.equal(job.cond.context, _encode(model, "a blue apple", "")[0])

@@ -199,13 +199,15 @@ def encode_prompt(model: StableDiffusion, prompts: list[str], negatives: list[st
 
 
 def encode_conditioning(model: StableDiffusion, prompts: list[str], negatives: list[str],
-                        params: GenerationParams) -> tuple[Conditioning, Conditioning]:
+                        params: GenerationParams, hires_steps: int | None = None
+                        ) -> tuple[Conditioning, Conditioning]:
     """The model family's (cond, uncond) for a batch of prompts: the one place a family's conditioning
     is built. SD1/SD2: the token embeddings. SDXL (``ldmkit.sdxl.encode_conditioning``): token
     embeddings, pooled vector and size/crop ids from ``params``. Prompt editing, alternation and AND
-    (``ldmkit.prompt_schedule``) encode each distinct text once and schedule them per model call."""
+    (``ldmkit.prompt_schedule``) encode each distinct text once and schedule them per model call
+    (``hires_steps``: over a hires fix's second pass)."""
     return prompt_schedule.encode_scheduled(lambda p, n: _encode_family(model, p, n, params), list(prompts),
-                                            list(negatives), params.steps, params.sampler_spec.name)
+                                            list(negatives), params.steps, params.sampler_spec.name, hires_steps)
 
 
 def _encode_family(model: StableDiffusion, prompts: list[str], negatives: list[str],

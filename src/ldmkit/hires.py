@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldmkit import core
+from ldmkit import core, prompt_schedule
 from ldmkit.core import GenerationError, GenerationParams, StepCallback
 from ldmkit.model import StableDiffusion
 from ldmkit.tiling import per_generation
@@ -183,10 +183,12 @@ def txt2img_hires(model: StableDiffusion, params: GenerationParams, hires: Hires
     plan = dataclasses.replace(plan, sigmas=plan.sigmas[total - steps:])
     noise = core.initial_noise(job.seeds, tuple(latents.shape[1:]), model.device)
     cond, uncond = job.cond, job.uncond
-    if model.cfg.is_sdxl:  # the size conditioning is the upscaled size's (A1111's calculate_hr_conds)
+    # SDXL: the size conditioning is the upscaled size's (A1111's calculate_hr_conds); prompt editing:
+    # scheduled over the hires steps, counted on from the first pass (A1111's hires_steps)
+    if model.cfg.is_sdxl or prompt_schedule.scheduled(cond, uncond):
         n = len(job.seeds)
         cond, uncond = core.encode_conditioning(model, [params.prompt] * n, [params.negative_prompt] * n,
-                                                params.replace(width=to_x, height=to_y))
+                                                params.replace(width=to_x, height=to_y), hires_steps=steps)
     if model.cfg.is_inpainting:
         blank = core.blank_inpaint_condition(model, noise)
         cond, uncond = cond.replace(c_concat=blank), uncond.replace(c_concat=blank)

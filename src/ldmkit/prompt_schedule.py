@@ -146,49 +146,52 @@ def _parse(prompt: str) -> list | None:
         return None
 
 
-def _edit_step(when: str, steps: int) -> int:
+def _edit_step(when: str, steps: int, base: int | None) -> int:
+    """The step ``[a:b:when]`` switches after. A hires pass (``base`` = the first pass's steps) counts on from
+    the first pass: a fraction 1.5 is half-way through the hires steps, a step number base + 3 its third."""
     v = float(when)
-    return min(steps, int(v * steps if "." in when else v))
+    if "." in when:
+        v = (v - (base is not None)) * steps
+    elif base is not None:
+        v -= base
+    return min(steps, int(v))
 
 
-def _collect(node: Any, steps: int, out: set[int]) -> None:
+def _collect(node: Any, steps: int, base: int | None, out: set[int]) -> None:
     if isinstance(node, str):
         return
     if node[0] == "edit":
-        if (k := _edit_step(node[3], steps)) >= 1:
+        if (k := _edit_step(node[3], steps, base)) >= 1:
             out.add(k)
-        _collect(node[1], steps, out)
-        _collect(node[2], steps, out)
     elif node[0] == "alt":
         out.update(range(1, steps + 1))
-        for n in node[1]:
-            _collect(n, steps, out)
-    else:
-        for n in node[1]:
-            _collect(n, steps, out)
+    for n in node[1:3] if node[0] == "edit" else node[1]:
+        _collect(n, steps, base, out)
 
 
-def _text_at(node: Any, step: int, steps: int) -> str:
+def _text_at(node: Any, step: int, steps: int, base: int | None) -> str:
     if isinstance(node, str):
         return node
     if node[0] == "edit":
-        return _text_at(node[1] if step <= _edit_step(node[3], steps) else node[2], step, steps)
+        return _text_at(node[1] if step <= _edit_step(node[3], steps, base) else node[2], step, steps, base)
     if node[0] == "alt":
-        return _text_at(node[1][(step - 1) % len(node[1])], step, steps)
-    return "".join(_text_at(n, step, steps) for n in node[1])
+        return _text_at(node[1][(step - 1) % len(node[1])], step, steps, base)
+    return "".join(_text_at(n, step, steps, base) for n in node[1])
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
     """``[(end_at_step, text), ...]``: ``text`` is the prompt through step ``end_at_step`` (A1111's
-    ``get_learned_conditioning_prompt_schedules`` for one prompt)."""
+    ``get_learned_conditioning_prompt_schedules`` for one prompt). ``hires_steps``: the schedule of a hires
+    fix's second pass of that many steps after a first pass of ``steps``."""
+    base, n = (None, steps) if hires_steps is None else (steps, hires_steps)
     tree = _parse(prompt)
     if tree is None:
-        return [(steps, prompt)]
-    ends: set[int] = {steps}
-    for n in tree:
-        _collect(n, steps, ends)
+        return [(n, prompt)]
+    ends: set[int] = {n}
+    for node in tree:
+        _collect(node, n, base, ends)
     root = ("seq", tree)
-    return [(k, _text_at(root, k, steps)) for k in sorted(ends)]
+    return [(k, _text_at(root, k, n, base)) for k in sorted(ends)]
 
 
 def split_and(prompt: str) -> list[tuple[str, float]]:
@@ -265,16 +268,20 @@ Encoder = Callable[[list[str], list[str]], tuple[Conditioning, Conditioning]]
 
 
 def encode_scheduled(encode: Encoder, prompts: list[str], negatives: list[str], steps: int,
-                     sampler: str) -> tuple[Conditioning, Conditioning]:
+                     sampler: str, hires_steps: int | None = None) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) for a batch whose prompts may use editing, alternation or AND.
 
     ``encode(prompts, negatives)`` is the model family's encoder (equal-length lists). Without any of the
-    syntax this is ``encode(prompts, negatives)`` itself, bit for bit."""
+    syntax this is ``encode(prompts, negatives)`` itself, bit for bit. ``hires_steps``: for a hires fix's
+    second pass (A1111 schedules it after the first pass's ``steps``)."""
     n = total_steps(steps, sampler)
-    parts = [[(text, w, prompt_schedule(text, n)) for text, w in split_and(p)] for p in prompts]
-    neg = [prompt_schedule(p, n) for p in negatives]
+    hn = None if hires_steps is None else total_steps(hires_steps, sampler)
+    parts = [[(text, w, prompt_schedule(text, n, hn)) for text, w in split_and(p)] for p in prompts]
+    neg = [prompt_schedule(p, n, hn) for p in negatives]
     if all(len(ps) == 1 and ps[0][1] == 1.0 and len(ps[0][2]) == 1 for ps in parts) and all(len(s) == 1 for s in neg):
-        return encode(prompts, negatives)
+        # one text each all along: the prompt itself where there is no syntax (so encoded as before), else
+        # its one text (e.g. "[a:b:0]", "a cat:1", or a hires pass after the switch)
+        return encode([ps[0][2][0][1] for ps in parts], [s[0][1] for s in neg])
     pos_rows = _distinct([t for ps in parts for _, _, s in ps for _, t in s])
     neg_rows = _distinct([t for s in neg for _, t in s])
     pos, negs = list(pos_rows), list(neg_rows)
