@@ -79,6 +79,7 @@ def test_only_masked_crops_and_pastes_back(model):
     settings = InpaintSettings(mask_blur=2, full_res=True, full_res_padding=8)
     out = inpaint(model, params, big, mask, settings)[0]
     assert out.size == big.size
+    assert "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 8" in out.info["parameters"]
     reach = np.asarray(prepare_mask(mask, settings)) > 0
     assert np.array_equal(np.asarray(out)[~reach], np.asarray(big)[~reach])
     assert not np.array_equal(np.asarray(out)[reach], np.asarray(big)[reach])

@@ -235,3 +235,19 @@ def test_a_single_changed_text_is_encoded(model):
     # "[red:blue:0]" is blue from the start: one text, but not the prompt as written
     job = core.prepare(model, P.GenerationParams("a [red:blue:0] apple", steps=2, width=W, height=H))
     assert torch.equal(job.cond.context, _encode(model, "a blue apple", "")[0])
+
+
+def test_sdxl_prompt_editing_carries_pooled_and_ids():
+    from ldmkit import sdxl
+    from ldmkit.config import TINY_SDXL
+
+    torch.manual_seed(2)
+    xl = sdxl.StableDiffusionXL(TINY_SDXL).eval()
+    xl.compute_dtype = None
+    params = P.GenerationParams("a [red:blue:1] apple", negative_prompt="blurry", steps=3, cfg_scale=5.0,
+                                sampler="Euler", seed=1, width=W, height=H)
+    job, got, den = _generate(xl, params)
+    red, u = sdxl.encode_conditioning(xl, ["a red apple"], ["blurry"], params)
+    blue, _ = sdxl.encode_conditioning(xl, ["a blue apple"], ["blurry"], params)
+    # [(1, red), (3, blue)]: calls 0 and 1 red, call 2 blue; each with its own pooled vector
+    assert torch.equal(got, _step_by_step(job, den, [(red, u), (red, u), (blue, u)], 5.0))

@@ -167,6 +167,9 @@ def run(model, params: GenerationParams, image: Image.Image, mask: Image.Image, 
     extra: dict[str, object] = {"Denoising strength": params.strength, "Mask blur": settings.mask_blur}
     if settings.noise_multiplier != 1.0:
         extra["Noise multiplier"] = settings.noise_multiplier
+    if settings.full_res:  # A1111's infotext names
+        extra["Inpaint area"] = "Only masked"
+        extra["Masked area padding"] = settings.full_res_padding
     out = []
     for img in P.finish(model, params, latents, job.seeds, job.plan, extra):
         info = img.info
