@@ -167,7 +167,7 @@ class ControlUnit:
     (diffusers' control_guidance_start/end; A1111's guidance start/end)."""
 
     model: ControlNet
-    image: Tensor  # (1 or B, 3, H, W) in [0, 1], at the output image size
+    image: Tensor  # (1 or B, 3, H, W) in [0, 1]; made at the output size (control_map), resized to other passes
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
@@ -237,10 +237,9 @@ class ControlledUNet:
         return self.unet(x, timesteps, context, control=control, **kwargs)
 
 
-def control_problem(units: Sequence[ControlUnit], model: object, width: int, height: int,
-                    deepcache: int = 1) -> str | None:
-    """Why ``units`` cannot control ``model`` (one line), or None. A map of another size than ``width`` x ``height``
-    is not refused: :class:`ControlledUNet` resizes it to each pass (the hires fix's second pass is larger)."""
+def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int = 1) -> str | None:
+    """Why ``units`` cannot control ``model`` (one line), or None. A map's size is not checked: :class:`ControlledUNet`
+    resizes it to each pass (the hires fix's second pass is larger)."""
     unet_cfg = model.cfg.unet  # type: ignore[attr-defined]
     if deepcache > 1:
         return ("DeepCache reuses the U-Net's deep features between steps, which would drop the ControlNet's "

@@ -115,7 +115,7 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
     if params.controlnets:
         from ldmkit.controlnet import control_problem
 
-        bad = control_problem(params.controlnets, model, params.width, params.height, params.deepcache)
+        bad = control_problem(params.controlnets, model, params.deepcache)
         if bad:
             raise GenerationError(bad)
     if params.sampler_spec.name == "tcd" and params.eta is not None and not 0.0 <= params.eta <= 1.0:
