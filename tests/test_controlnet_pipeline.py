@@ -133,3 +133,37 @@ def test_img2img_matches_diffusers_controlnet_img2img(setup, monkeypatch):
                                               seed=SEED, width=SIZE[0], height=SIZE[1], strength=0.7,
                                               controlnets=[always]), init)[0]
     assert np.abs(np.asarray(ungated).astype(np.int16) - ref).max() > 2
+
+
+@pytest.mark.parametrize("sampler,calls_per_step", [("Euler", 1), ("Heun", 2), ("DPM2", 2)])
+def test_window_counts_sampler_steps(sampler, calls_per_step):
+    """A window [0.2, 0.7] of 10 steps acts on steps 2..6 (i/n >= 0.2, (i+1)/n <= 0.7): every model call of those
+    steps, second-order samplers' intermediate calls included, and no other (A1111 counts sampling steps)."""
+    from ldmkit.controlnet import ControlledUNet
+    from ldmkit.core import model_schedule
+    from ldmkit.denoisers import DiscreteDenoiser
+    from ldmkit.models.controlnet import ControlNet, ControlNetConfig
+    from ldmkit.samplers import sampler_spec
+    from ldmkit.schedules import get_sigmas
+
+    class Model:  # what model_schedule reads
+        cfg = TINY
+
+    sched = model_schedule(Model())
+    spec = sampler_spec(sampler)
+    sigmas = get_sigmas(spec.schedule, 10, sched).float()
+    net = ControlNet(ControlNetConfig(TINY.unet, hint_channels=(8, 16))).eval()
+    unit = ControlUnit(net, torch.rand(1, 3, 16, 24), 1.0, 0.2, 0.7)
+    seen = []
+
+    def unet(x, t, context, control=None):
+        seen.append((float(t[0]), control is not None))
+        return torch.zeros_like(x)
+
+    den = DiscreteDenoiser(ControlledUNet(unet, [unit], sched.sigma_to_t(sigmas[:-1])), sched)
+    with torch.no_grad():
+        spec.fn(lambda x, s: den(x, s, context=torch.zeros(1, 7, 32)), torch.zeros(1, 4, 8, 12), sigmas)
+    steps_t = sched.sigma_to_t(sigmas[:-1])
+    on = [i for i, t in enumerate(steps_t.tolist()) if any(abs(t - u) < 1e-4 and c for u, c in seen)]
+    assert on == [2, 3, 4, 5, 6]
+    assert sum(c for _, c in seen) == 5 * calls_per_step
