@@ -161,9 +161,12 @@ def run(model, params: GenerationParams, image: Image.Image, mask: Image.Image, 
     if settings.fill == 0:
         work = fill_masked(work, work_mask)
     repaint = torch.from_numpy((np.asarray(work_mask, np.float32) / 255.0 >= 0.5).astype(np.float32))[None, None]
+    f = model.cfg.vae.downscale  # A1111: the blurred mask resized (bicubic) to the latent, then rounded
+    small = np.asarray(work_mask.convert("RGB").resize((w // f, h // f)), np.float32)[..., 0] / 255
+    latent_mask = torch.from_numpy(np.around(small))[None, None]
     job, latents = P.inpaint_latents(model, params, P.image_to_tensor(work, w, h), repaint, callback,
                                      latent_fill=FILL_MODES[settings.fill],
-                                     noise_multiplier=settings.noise_multiplier)
+                                     noise_multiplier=settings.noise_multiplier, latent_mask=latent_mask)
     extra: dict[str, object] = {"Denoising strength": params.strength, "Mask blur": settings.mask_blur}
     if settings.noise_multiplier != 1.0:
         extra["Noise multiplier"] = settings.noise_multiplier

@@ -218,16 +218,18 @@ def inpaint(model: StableDiffusion, params: GenerationParams, init_image: Image.
 
 def inpaint_latents(model: StableDiffusion, params: GenerationParams, image: Tensor, mask: Tensor,
                     callback: StepCallback | None = None, *, latent_fill: str = "original",
-                    noise_multiplier: float = 1.0) -> tuple[Job, Tensor]:
+                    noise_multiplier: float = 1.0, latent_mask: Tensor | None = None) -> tuple[Job, Tensor]:
     """:func:`inpaint` on tensors: ``image`` (1, 3, H, W) in [-1, 1], ``mask`` (1, 1, H, W), 1 = repaint.
 
     ``latent_fill`` (A1111's "masked content" for the latent): "original", "latent noise" (the seeds' noise
     inside the mask) or "latent nothing" (zeros inside the mask); ``noise_multiplier`` scales the starting
-    noise (A1111's ``initial_noise_multiplier``)."""
+    noise (A1111's ``initial_noise_multiplier``); ``latent_mask`` (1, 1, h, w): the ordinary model's mask in the
+    latent (default: ``mask`` sampled down)."""
     job = _job(model, params)
     p = job.plan.truncate(params.strength)
     f = model.cfg.vae.downscale
-    latent_mask = F.interpolate(mask, scale_factor=1 / f, mode="nearest").to(job.noise)
+    concat_mask = F.interpolate(mask, scale_factor=1 / f, mode="nearest").to(job.noise)
+    latent_mask = concat_mask if latent_mask is None else latent_mask.to(job.noise)
     init = encode_pixels(model, image)
     if latent_fill == "latent noise":
         init = init * (1 - latent_mask) + job.noise * latent_mask
@@ -238,7 +240,7 @@ def inpaint_latents(model: StableDiffusion, params: GenerationParams, image: Ten
     if model.cfg.is_inpainting:
         # the masked part becomes 0 (mid-grey), as the inpainting models were trained
         masked_latent = encode_pixels(model, image * (mask < 0.5))
-        c_concat = torch.cat([latent_mask, masked_latent], dim=1).expand(job.noise.shape[0], -1, -1, -1)
+        c_concat = torch.cat([concat_mask, masked_latent], dim=1).expand(job.noise.shape[0], -1, -1, -1)
         cond, uncond = job.cond.replace(c_concat=c_concat), job.uncond.replace(c_concat=c_concat)
         # the inpainting models were trained from pure noise at full strength
         latents = sample(model, p, cond, uncond, job.noise, init_latent=init if params.strength < 1.0 else None,
