@@ -111,6 +111,9 @@ def test_each_distinct_text_encoded_once_and_plain_prompts_untouched():
     assert info.cond[0] == ((1.0, ((1, 0), (2, 1), (3, 0), (4, 1))), (2.0, ((1, 0), (2, 1), (3, 0), (4, 1))))
     assert info.cond[1] == ((1.0, ((2, 0), (4, 2))),)
     assert info.uncond == (((1, 0), (4, 1)), ((4, 0),))
+    calls.clear()  # LoRA tags anywhere in the first prompt reach the first text (the one they are read from)
+    encode_scheduled(encode, ["a cat AND a dog <lora:x:0.5>"], [""], 4, "euler")
+    assert calls[0][0] == ["a cat <lora:x:0.5>", " a dog <lora:x:0.5>"]
 
 
 # ---------------------------------------------------------------- generations

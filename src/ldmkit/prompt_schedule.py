@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.denoisers import CFGDenoiser, Conditioning, Denoiser, _sigma_batch
+from ldmkit.prompt import _RE_NETWORK
 
 # A1111 counts two model calls per step for these (SamplerData.total_steps with options["second_order"])
 SECOND_ORDER = frozenset({"heun", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde_heun"})
@@ -285,8 +286,12 @@ def encode_scheduled(encode: Encoder, prompts: list[str], negatives: list[str], 
     pos_rows = _distinct([t for ps in parts for _, _, s in ps for _, t in s])
     neg_rows = _distinct([t for s in neg for _, t in s])
     pos, negs = list(pos_rows), list(neg_rows)
+    # the LoRA tags are read from the first text the encoder gets (A1111 takes them from the whole first
+    # prompt before splitting it at AND): give it any the first prompt has elsewhere
+    missing = [m.group(0) for m in _RE_NETWORK.finditer(prompts[0]) if m.group(0) not in pos[0]]
+    encoded = [" ".join([pos[0], *missing]), *pos[1:]]
     size = max(len(pos), len(negs))  # the family encoders take lists of equal length: pad with repeats
-    table, neg_table = encode(pos + pos[-1:] * (size - len(pos)), negs + negs[-1:] * (size - len(negs)))
+    table, neg_table = encode(encoded + pos[-1:] * (size - len(pos)), negs + negs[-1:] * (size - len(negs)))
     table, neg_table = _rows(table, list(range(len(pos)))), _rows(neg_table, list(range(len(negs))))
     info = PromptTable(
         table, neg_table,
