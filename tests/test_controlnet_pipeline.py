@@ -43,7 +43,7 @@ def setup(request, tmp_path_factory):
     return folder, pipe, nets, maps
 
 
-def _diffusers(setup, idx, scales, starts, ends):
+def _diffusers(setup, idx, scales, starts, ends, guess=False):
     from diffusers import StableDiffusionControlNetPipeline
 
     _, pipe, nets, maps = setup
@@ -54,14 +54,15 @@ def _diffusers(setup, idx, scales, starts, ends):
     out = p(PROMPT, image=one([maps[i] for i in idx]), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
             guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), width=SIZE[0], height=SIZE[1],
             controlnet_conditioning_scale=one(list(scales)), control_guidance_start=one(list(starts)),
-            control_guidance_end=one(list(ends)), output_type="np")
+            control_guidance_end=one(list(ends)), guess_mode=guess, output_type="np")
     return (out.images[0] * 255).round().astype(np.int16)
 
 
-def _ours(setup, idx, scales, starts, ends):
+def _ours(setup, idx, scales, starts, ends, guess=False):
     folder, _, _, maps = setup
     model = checkpoint.load(folder / "sd")
-    units = [ControlUnit(load_controlnet(folder / f"cn{i}", model.cfg.unet), control_map(maps[i], *SIZE), w, s, e)
+    units = [ControlUnit(load_controlnet(folder / f"cn{i}", model.cfg.unet), control_map(maps[i], *SIZE), w, s, e,
+                         guess)
              for i, w, s, e in zip(idx, scales, starts, ends, strict=True)]
     params = GenerationParams(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler",
                               scheduler="uniform", seed=SEED, width=SIZE[0], height=SIZE[1], controlnets=units)
@@ -72,6 +73,7 @@ CASES = {
     "one": ([0], [0.7], [0.0], [1.0]),
     "start-end": ([1], [1.0], [0.2], [0.7]),
     "two": ([0, 1], [0.8, 0.5], [0.0, 0.3], [1.0, 0.8]),
+    "guess-mode": ([0, 1], [1.0, 0.6], [0.0, 0.1], [1.0, 0.9], True),  # diffusers' guess_mode=True
 }
 
 

@@ -171,6 +171,9 @@ class ControlUnit:
     weight: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    # diffusers' guess_mode: the ControlNet reads only the conditional half of a CFG batch (the unconditional
+    # half gets no residuals) and its residuals grow from 0.1 x weight (first skip) to 1 x weight (middle)
+    guess_mode: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.end <= 1.0:
@@ -195,6 +198,12 @@ def control_map(image: object, width: int, height: int, log: Callable[[str], Non
     return x.permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
 
 
+def guess_scaled(r: Residuals, weight: float) -> Residuals:
+    """diffusers' guess-mode scales: 10^(-1 + k/K) x weight for the k-th of K + 1 residuals (middle last, 1 x)."""
+    scales = torch.logspace(-1, 0, len(r.down) + 1).tolist()
+    return Residuals([d * (s * weight) for d, s in zip(r.down, scales, strict=False)], r.mid * (scales[-1] * weight))
+
+
 class ControlledUNet:
     """``unet(x, t, context, ...)`` with the active control units' residuals added: what the denoiser calls.
 
@@ -203,9 +212,11 @@ class ControlledUNet:
     as the U-Net, the map repeated for both halves (diffusers without guess mode).
     """
 
-    def __init__(self, unet: Callable[..., Tensor], units: Sequence[ControlUnit], step_timesteps: Tensor):
+    def __init__(self, unet: Callable[..., Tensor], units: Sequence[ControlUnit], step_timesteps: Tensor,
+                 uncond_rows: int = 0):
         self.unet, self.units = unet, list(units)
         self.step_t = step_timesteps.float()  # (n,) decreasing: the timestep of each step's first call
+        self.uncond_rows = uncond_rows  # under CFG: how many leading rows of a call are unconditional
 
     def step_index(self, t: Tensor) -> int:
         later = (self.step_t.to(t.device) >= t.float().max() - 1e-3).nonzero()
@@ -226,7 +237,12 @@ class ControlledUNet:
             hint = hint.expand(x.shape[0], -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(
                 x.shape[0] // hint.shape[0], 1, 1, 1)
             latent = x[:, :net.cfg.unet.in_channels]  # an inpainting U-Net's input also holds mask + masked image
-            r = net(latent.to(dtype), hint, t, context.to(dtype)).scaled(unit.weight)
+            skip = self.uncond_rows if unit.guess_mode else 0
+            r = net(latent[skip:].to(dtype), hint[skip:], t[skip:] if t.ndim else t, context[skip:].to(dtype))
+            r = r.scaled(unit.weight) if not unit.guess_mode else guess_scaled(r, unit.weight)
+            if skip:
+                r = Residuals([F.pad(d, (0, 0, 0, 0, 0, 0, skip, 0)) for d in r.down],
+                              F.pad(r.mid, (0, 0, 0, 0, 0, 0, skip, 0)))  # zeros for the unconditional rows
             total = r if total is None else total + r
         return total
 

@@ -283,7 +283,8 @@ def prepare(model: StableDiffusion, params: GenerationParams, prompts: list[str]
 # ---------------------------------------------------------------- sampling
 
 
-def make_denoiser(model: StableDiffusion, params: GenerationParams | Plan | None = None) -> DiscreteDenoiser:
+def make_denoiser(model: StableDiffusion, params: GenerationParams | Plan | None = None,
+                  uncond_rows: int = 0) -> DiscreteDenoiser:
     """The model's denoiser for one generation; with DeepCache (interval > 1) its U-Net calls go through a
     DeepCache made for this generation alone (the feature cache is never shared between requests)."""
     net = model.unet
@@ -292,7 +293,8 @@ def make_denoiser(model: StableDiffusion, params: GenerationParams | Plan | None
     if isinstance(params, Plan) and params.controlnets:  # (validate refuses DeepCache with a ControlNet)
         from ldmkit.controlnet import ControlledUNet
 
-        net = ControlledUNet(net, params.controlnets, model_schedule(model).sigma_to_t(params.sigmas[:-1]))
+        net = ControlledUNet(net, params.controlnets, model_schedule(model).sigma_to_t(params.sigmas[:-1]),
+                             uncond_rows)  # the first rows of a CFG call are unconditional (guess mode skips them)
     return DiscreteDenoiser(net, model_schedule(model), prediction=model.cfg.prediction,
                             dtype=getattr(model, "dtype", None))
 
@@ -306,7 +308,7 @@ def guided_denoiser(model: StableDiffusion, plan: Plan, cond: Conditioning, unco
     if dim:
         w = guidance_embedding(torch.full((batch,), plan.cfg_scale - 1), dim).to(cond.context.device)
         return guide(make_denoiser(model, plan), cond, None, 1.0, guidance_emb=w)
-    return guide(make_denoiser(model, plan), cond, uncond, plan.cfg_scale)
+    return guide(make_denoiser(model, plan, batch if plan.cfg_scale != 1 else 0), cond, uncond, plan.cfg_scale)
 
 
 class MaskedDenoiser:
