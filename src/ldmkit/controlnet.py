@@ -275,7 +275,7 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
 
 def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: object, width: int, height: int,
               weight: float = 1.0, start: float = 0.0, end: float = 1.0, preprocessor: str = "none",
-              log: Callable[[str], None] | None = None) -> ControlUnit:
+              log: Callable[[str], None] | None = None, guess_mode: bool = False) -> ControlUnit:
     """A :class:`ControlUnit` for ``model`` (a StableDiffusion) from a ControlNet file/folder (or a loaded one)
     and a PIL image, preprocessed and resized to the output size ``width`` x ``height``."""
     from ldmkit.preprocess import preprocess
@@ -287,7 +287,7 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", torch.float32)
         net = load_controlnet(controlnet, model.cfg.unet, dtype=dtype, device=model.device)  # type: ignore[attr-defined]
     hint = control_map(preprocess(preprocessor, image), width, height, log)  # type: ignore[arg-type]
-    return ControlUnit(net, hint, float(weight), float(start), float(end))
+    return ControlUnit(net, hint, float(weight), float(start), float(end), guess_mode)
 
 
 _PER_UNIT = (("control_image", "--control-image"), ("control_weight", "--control-weight"),
