@@ -169,3 +169,47 @@ def test_window_counts_sampler_steps(sampler, calls_per_step):
     on = [i for i, t in enumerate(steps_t.tolist()) if any(abs(t - u) < 1e-4 and c for u, c in seen)]
     assert on == [2, 3, 4, 5, 6]
     assert sum(c for _, c in seen) == 5 * calls_per_step
+
+
+def test_inpainting_model_with_controlnet(tmp_path, monkeypatch):
+    """A 9-channel inpainting U-Net: the ControlNet reads only the 4 latent channels (diffusers'
+    StableDiffusionControlNetInpaintPipeline), whole image <= 2/255."""
+    import dataclasses
+
+    import diffusers
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    from ldmkit.pipeline import inpaint
+
+    cfg = TINY.replace(name="tiny-inpaint", unet=dataclasses.replace(TINY.unet, in_channels=9))
+    pipe = save_diffusers_pipeline(cfg, tmp_path / "sd")
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                      beta_schedule="scaled_linear", timestep_spacing="linspace")
+    net = diffusers_controlnet(TINY.unet, hint=(8, 16), seed=21)  # a ControlNet of the 4-channel U-Net
+    net.save_pretrained(tmp_path / "cn")
+    ip = StableDiffusionControlNetInpaintPipeline(**pipe.components, controlnet=net)
+    original = ip.vae.encode
+
+    def mean_only(*args, **kwargs):  # as test_inpaint: both use the posterior mean
+        out = original(*args, **kwargs)
+        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
+        return out
+
+    monkeypatch.setattr(ip.vae, "encode", mean_only)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
+    mask = np.zeros((SIZE[1], SIZE[0]), dtype=np.uint8)
+    mask[4:12, 6:18] = 255
+    mask = Image.fromarray(mask)
+    cmap = Image.fromarray(rng.integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
+    ref = ip(PROMPT, image=image, mask_image=mask, control_image=cmap, height=SIZE[1], width=SIZE[0], strength=1.0,
+             num_inference_steps=8, guidance_scale=CFG, generator=torch.Generator().manual_seed(3),
+             controlnet_conditioning_scale=0.9, output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    model = checkpoint.load(tmp_path / "sd")
+    unit = ControlUnit(load_controlnet(tmp_path / "cn", model.cfg.unet), control_map(cmap, *SIZE), 0.9)
+    ours = inpaint(model, GenerationParams(PROMPT, steps=8, cfg_scale=CFG, sampler="Euler", scheduler="uniform", seed=3,
+                                           width=SIZE[0], height=SIZE[1], strength=1.0, controlnets=[unit]),
+                   image, mask)[0]
+    diff = np.abs(np.asarray(ours).astype(np.int16) - ref).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
