@@ -3,6 +3,7 @@
     python bench/bench_levers.py                     # SD1.5 U-Net CFG step at 256², every lever
     python bench/bench_levers.py --size 512 --only channels_last --only int8
     python bench/bench_levers.py --quick             # tiny model: a smoke run of every lever
+    python bench/bench_levers.py --model emoji       # every lever on the built-in model's U-Net step (8² latent)
 
 Levers (each in its own worker process, the plain path measured beside it in ABBA order):
 
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model: a smoke run of every lever")
     ap.add_argument("--size", type=int, default=256, help="image size of the SD1.5 U-Net step (latent = size/8)")
+    ap.add_argument("--model", choices=["sd15", "emoji"], default="sd15",
+                    help="whose U-Net step the in-process levers time: random SD1.5 (default) or the built-in emoji "
+                         "model at its 8² latent (small: no lock needed)")
     ap.add_argument("--repeats", type=int, default=3, help="timed samples per side (ABBA order)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed samples per side before timing")
     ap.add_argument("--only", action="append", choices=LEVERS, help="run only this lever (repeatable)")
@@ -226,9 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker_main(json.loads(args.worker))
 
-    config = "tiny" if args.quick else "sd15"
-    latent = 8 if args.quick else args.size // 8
-    folder = ensure_weights(config, args.cache)
+    config = "tiny" if args.quick else args.model
+    latent = 8 if args.quick or config == "emoji" else args.size // 8
+    folder = "" if config == "emoji" else ensure_weights(config, args.cache)
     common = {"folder": str(folder), "model": config, "latent": latent, "repeats": args.repeats,
               "warmup": args.warmup}
     only = args.only or list(LEVERS)
@@ -290,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                 notes.append(f"torch.compile on {model}: no result within {budget:.0f} s")
 
     cmd = "python bench/bench_levers.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    print(f"\n`{cmd}`  (random {config} weights, fp32, 1 thread unless the lever sets threads)\n")
+    weights = "the built-in emoji model's" if config == "emoji" else f"random {config}"
+    print(f"\n`{cmd}`  ({weights} weights, fp32, 1 thread unless the lever sets threads)\n")
     print("| lever | measured on | plain fp32 | with lever | ratio | output change | load avg |")
     print("|---|---|--:|--:|--:|---|--:|")
     for lever, what, p, q, change, load in rows:
