@@ -114,3 +114,17 @@ def test_hires_fix_with_controlnet(files, capsys, tmp_path):
                    "--hires-scale", "2", "--hires-upscaler", "Lanczos", "-o", str(out))
     assert rc == 0, cap.err
     assert Image.open(out).size == (48, 32)
+
+
+def test_binary_is_otsu_and_blur_keeps_flat():
+    """Otsu on two grey levels splits between them; a flat image stays flat under blur."""
+    from ldmkit.preprocess import otsu_level
+
+    a = np.full((10, 10), 40, dtype=np.uint8)
+    a[:, 6:] = 200
+    level = otsu_level(a)
+    assert 40 <= level < 200
+    out = np.asarray(preprocess("binary", Image.fromarray(a)))[..., 0]
+    assert (out[:, :6] == 0).all() and (out[:, 6:] == 255).all()
+    flat = Image.new("RGB", (12, 8), (30, 60, 90))
+    assert np.array_equal(np.asarray(preprocess("blur", flat)), np.asarray(flat))

@@ -65,6 +65,29 @@ def threshold(image: Image.Image, level: int = 127) -> Image.Image:
     return Image.fromarray(((grey > level) * 255).astype(np.uint8)).convert("RGB")
 
 
+def otsu_level(grey: np.ndarray) -> int:
+    """Otsu's threshold (1979): the grey level that maximises the between-class variance of the histogram."""
+    hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    w0 = np.cumsum(hist)  # pixels at or below each level
+    m0 = np.cumsum(hist * np.arange(256))
+    w1, total = w0[-1] - w0, m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (m0 / w0 - (total - m0) / w1) ** 2
+    return int(np.nanargmax(np.where(w1 > 0, between, np.nan)))
+
+
+def binary(image: Image.Image) -> Image.Image:
+    """Binary map at Otsu's threshold (the A1111 extension's "binary" with threshold 0)."""
+    return threshold(image, otsu_level(np.asarray(image.convert("L"))))
+
+
+def blur(image: Image.Image, radius: float = 5.0) -> Image.Image:
+    """Gaussian blur (the tile / blur ControlNets' input): detail removed, layout and colour kept."""
+    from PIL import ImageFilter
+
+    return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius))
+
+
 def invert(image: Image.Image) -> Image.Image:
     """Black lines on white -> white lines on black, as line-art/scribble ControlNets expect."""
     return ImageOps.invert(image.convert("RGB"))
@@ -75,6 +98,8 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "canny": canny_edges,
     "invert": invert,
     "threshold": threshold,
+    "binary": binary,
+    "blur": blur,
 }
 
 
