@@ -6,8 +6,10 @@ latent's pixels times its base width (CFG doubles the batch; attention is memory
 N^2 term), and the VAE decoder's at full resolution, a few full-size activations (``vae_tiling.decode``
 tiles large images, and any image whose untiled decode would not fit the available memory). The
 constants were measured on the built-in model (fp32, CPU) and rounded up: at 1024^2 one U-Net call
-grew the process by 0.30 GB (8.4 MB per activation: 36 of them); at 2048^2 the tiled decode peaked at
-1.38 GiB with ~0.4 GiB of that the interpreter and model (512 MiB per activation: about 2).
+grew the process by 0.30 GB (8.4 MB per activation: 36 of them); a whole 2048^2 request to the server
+peaked at 2.65 GiB (bench/bench_tiling.py --server 2048), ~2.2 GiB above the loaded server, which is
+the U-Net's (33.5 MB per activation: ~65 of them, attention's work buffers included); the tiled 2048^2
+decode alone peaked at 1.38 GiB, ~0.4 GiB of that the interpreter and model (512 MiB per activation: ~2).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from ldmkit.model import StableDiffusion
 
-UNET_ACTIVATIONS = 40  # live U-Net activations of (2B, model_channels, h, w), measured 36
+UNET_ACTIVATIONS = 72  # live U-Net activations of (2B, model_channels, h, w): measured 36 at 1024^2, ~65 at 2048^2
 DECODER_TILED = 4  # full-size decoder activations alive at once when tiled (measured ~2-3)
 HEADROOM = 0.8  # of the available memory a request may plan to use
 
