@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { mode: "txt2img", running: false, initDataUrl: null, taskId: null, lastPreview: null };
+const state = { mode: "txt2img", running: false, initDataUrl: null, taskId: null, lastPreview: null,
+  promptFocused: false };
 
 // ------------------------------------------------------------------ API helpers
 
@@ -46,7 +47,74 @@ async function loadChoices() {
     sc.innerHTML = "";
     for (const item of schedulers) sc.add(new Option(item.label, item.name));
   } catch (e) { showError(`could not load samplers: ${e.message}`); }
-  await Promise.all([loadModels(), loadVaes(), loadUpscalers()]);
+  await Promise.all([loadModels(), loadVaes(), loadUpscalers(), loadLoras(), loadEmbeddings()]);
+}
+
+// ------------------------------------------------------------------ LoRAs and embeddings (--lora-dir, --embeddings-dir)
+
+// insert text into the prompt at its cursor (the end while the prompt has never been focused), space-separated
+function insertIntoPrompt(text) {
+  const ta = $("#prompt");
+  const value = ta.value;
+  const start = state.promptFocused ? ta.selectionStart : value.length;
+  const end = state.promptFocused ? ta.selectionEnd : value.length;
+  const before = value.slice(0, start), after = value.slice(end);
+  const lead = before && !/[\s,(]$/.test(before) ? " " : "";
+  const tail = after && !/^[\s,)]/.test(after) ? " " : "";
+  ta.value = before + lead + text + tail + after;
+  const cursor = (before + lead + text).length;
+  ta.focus();
+  ta.setSelectionRange(cursor, cursor);
+  ta.dispatchEvent(new Event("input", { bubbles: true }));
+}
+$("#prompt").addEventListener("focus", () => { state.promptFocused = true; });
+
+// one button per name; file names only ever reach the page as text (textContent, title), never as markup
+function fillNetworkList(list, items, emptyText) {
+  list.replaceChildren();
+  if (!items.length) {
+    list.append(Object.assign(document.createElement("span"), { className: "empty", textContent: emptyText }));
+    return;
+  }
+  for (const item of items) {
+    const b = Object.assign(document.createElement("button"),
+      { type: "button", textContent: item.label, title: item.title, disabled: !item.insert });
+    b.dataset.name = item.label;
+    if (item.insert) b.addEventListener("click", () => insertIntoPrompt(item.insert));
+    list.append(b);
+  }
+}
+
+async function loadLoras() {
+  try {
+    const loras = await api("GET", "/sdapi/v1/loras");
+    loras.sort((a, b) => a.name.localeCompare(b.name));
+    fillNetworkList($("#lora-list"), loras.map((l) => ({ label: l.name, insert: `<lora:${l.name}:1>`,
+      title: l.alias && l.alias !== l.name ? `${l.alias} (${l.path})` : l.path })),
+    "none (ldmkit serve --lora-dir DIR)");
+  } catch (e) { showError(`could not load LoRAs: ${e.message}`); }
+}
+
+async function loadEmbeddings() {
+  try {
+    const { loaded, skipped } = await api("GET", "/sdapi/v1/embeddings");
+    const vectors = (n) => `${n} vector${n === 1 ? "" : "s"}`;
+    const items = [
+      ...Object.entries(loaded).map(([name, e]) => ({ label: name, insert: name,
+        title: `${vectors(e.vectors)}, width ${e.shape}` })),
+      ...Object.entries(skipped).map(([name, e]) => ({ label: name, insert: null,
+        title: e.error ? `not loaded: ${e.error}` : `not for this model (width ${e.shape})` })),
+    ].sort((a, b) => a.label.localeCompare(b.label));
+    fillNetworkList($("#embedding-list"), items, "none (ldmkit serve --embeddings-dir DIR)");
+  } catch (e) { showError(`could not load embeddings: ${e.message}`); }
+}
+
+for (const [kind, load] of [["loras", loadLoras], ["embeddings", loadEmbeddings]]) {
+  $(`#refresh-${kind}`).addEventListener("click", async (ev) => {
+    ev.preventDefault();  // a button inside <summary>: refresh without toggling the section
+    try { await api("POST", `/sdapi/v1/refresh-${kind}`); } catch (e) { showError(e.message); }
+    await load();
+  });
 }
 
 // hires fix: A1111's latent modes, then the server's upscalers (None, Lanczos, Nearest, its --upscaler-dir files)
@@ -98,7 +166,7 @@ $("#model").addEventListener("change", async (ev) => {
     await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: ev.target.value });
     status.textContent = "";
   } catch (e) { status.textContent = ""; showError(e.message); }
-  await loadModels();
+  await Promise.all([loadModels(), loadEmbeddings()]);  // which embeddings fit depends on the model
 });
 
 // ------------------------------------------------------------------ modes and the init image / mask canvas
@@ -194,7 +262,7 @@ function requestBody() {
     prompt: $("#prompt").value, negative_prompt: $("#negative_prompt").value,
     sampler_name: $("#sampler_name").value || "DPM++ 2M", scheduler: $("#scheduler").value || "automatic",
     steps: num("#steps"), cfg_scale: num("#cfg_scale"), width: num("#width"), height: num("#height"),
-    seed: num("#seed"), batch_size: num("#batch_size"), n_iter: num("#n_iter"),
+    seed: num("#seed"), batch_size: num("#batch_size"), n_iter: num("#n_iter"), tiling: $("#tiling").checked,
   };
   const deepcache = num("#deepcache");  // a per-request override; anything but 1 goes to the server to check
   if (deepcache !== 1) body.override_settings = { ...(body.override_settings || {}), deepcache_interval: deepcache };
