@@ -145,7 +145,9 @@ def generate_rss(args: argparse.Namespace) -> None:
     print(f"# whole txt2img at {args.size}², {args.steps} Euler step(s) with CFG, from {file.name} (fp16), "
           f"{machine()}")
     print("| mode | load s | generate s | peak RSS GiB | load avg |\n|---|--:|--:|--:|--:|")
-    for name, low, tiling in (("low-memory + VAE tiling", True, True), ("low-memory", True, False)):
+    modes = {"lowmem-tiled": ("low-memory + VAE tiling", True, True), "lowmem": ("low-memory", True, False),
+             "fp32": ("fp32 weights", False, False)}
+    for name, low, tiling in (modes[m] for m in args.modes.split(",")):
         r = run_worker({"kind": "generate", "file": str(file), "low_memory": low, "vae_tiling": tiling,
                         "steps": args.steps, "size": args.size, "threads": args.threads}, __file__)
         print(f"| {name} | {r['load_s']:.0f} | {r['gen_s']:.0f} | {r['rss_peak'] / 2**30:.2f} | "
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="instead: peak RSS of ldmkit's whole generation from an fp16 file (written once to --file)")
     ap.add_argument("--file", default="/tmp/ldmkit-bench/sdxl-random-fp16.safetensors")
     ap.add_argument("--steps", type=int, default=1, help="--generate: sampling steps")
+    ap.add_argument("--modes", default="lowmem-tiled,lowmem", help="--generate: lowmem-tiled, lowmem, fp32 (~15 GB)")
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))
