@@ -120,8 +120,14 @@ def test_refresh_buttons_pick_up_new_files(page, dirs):
 
 
 def test_generate_with_lora_and_tiling(page):
-    sent: list[dict] = []
-    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.url.endswith("/sdapi/v1/txt2img") else None)
+    sent: dict[str, list[dict]] = {"txt2img": [], "img2img": []}
+
+    def record(request):
+        route = request.url.rsplit("/", 1)[-1]
+        if route in sent:
+            sent[route].append(json.loads(request.post_data))
+
+    page.on("request", record)
     page.fill("#prompt", "a cat")
     page.click("#lora-list button[data-name=style]")
     for name, value in {"steps": 2, "width": 32, "height": 32, "seed": 5}.items():
@@ -131,11 +137,23 @@ def test_generate_with_lora_and_tiling(page):
     fig = page.wait_for_selector("#gallery figure.result")
     caption = fig.text_content()
     assert "a cat <lora:style:1>" in caption and 'Lora hashes: "style: ' in caption and "Tiling: True" in caption
-    assert sent[-1]["tiling"] is True and sent[-1]["prompt"] == "a cat <lora:style:1>"
-    # unchecked: the request says so and the infotext has no Tiling
+    assert sent["txt2img"][-1]["tiling"] is True and sent["txt2img"][-1]["prompt"] == "a cat <lora:style:1>"
+    assert fig.query_selector(".warning") is None
+    # unchecked: the request says so and the infotext has no Tiling; an unknown name is a warning on the result
     page.uncheck("#tiling")
-    page.fill("#prompt", "a cat")
+    page.fill("#prompt", "a cat <lora:nosuch:1>")
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery figure.result').length == 2")
-    caption = page.text_content("#gallery figure.result")  # newest first
-    assert "Tiling" not in caption and "Lora hashes" not in caption and sent[-1]["tiling"] is False
+    newest = page.query_selector("#gallery figure.result")
+    caption = newest.text_content()
+    assert "Tiling" not in caption and "Lora hashes" not in caption and sent["txt2img"][-1]["tiling"] is False
+    assert "nosuch" in newest.query_selector(".warning").text_content()
+    # img2img carries the checkbox too
+    newest.query_selector("button:text('use as init image')").click()
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
+    page.fill("#prompt", "a cat")
+    page.check("#tiling")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#gallery figure.result').length == 3")
+    assert "Tiling: True" in page.text_content("#gallery figure.result")
+    assert sent["img2img"][-1]["tiling"] is True

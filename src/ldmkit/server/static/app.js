@@ -319,6 +319,13 @@ function explainUrl(body, seed, sampler) {
   return `/explain?${q}`;
 }
 
+// the infotext's "Prompt warnings" (a JSON-quoted string, as A1111 quotes its fields)
+function promptWarnings(infotext) {
+  const m = /Prompt warnings: ("(?:[^"\\]|\\.)*")/.exec(infotext || "");
+  if (!m) return null;
+  try { return `warning: ${JSON.parse(m[1])}`; } catch (e) { return `warning: ${m[1]}`; }
+}
+
 function addResults(result, body) {
   const info = JSON.parse(result.info);
   const batch = document.createDocumentFragment();  // newest request first, its images in order
@@ -346,6 +353,8 @@ function addResults(result, body) {
     const again = Object.assign(document.createElement("button"), { type: "button", textContent: "reuse seed" });
     again.addEventListener("click", () => { $("#seed").value = seed; });
     links.append(explain, download, reuse, again);
+    const warning = promptWarnings(info.infotexts[i]);  // e.g. an unknown <lora:NAME>: generation went on without it
+    if (warning) cap.append(Object.assign(document.createElement("div"), { className: "warning", textContent: warning }));
     cap.append(pre, links);
     fig.append(img, cap);
     batch.append(fig);
