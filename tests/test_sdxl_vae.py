@@ -112,3 +112,26 @@ def test_full_sdxl_vae():
         ours = AutoencoderKL(SDXL_BASE.vae)
     checkpoint.load_strict(ours, convert.vae_diffusers_to_ldm(ref.state_dict(), SDXL_BASE.vae), "vae")
     _check(ours.eval(), ref, 4)
+
+
+def test_fp16_model_keeps_sdxl_vae_in_fp32(tiny_xl, tmp_path):
+    """An fp16 SDXL model decodes with its autoencoder in fp32 (the SDXL VAE overflows in fp16: diffusers'
+    force_upcast); a --vae folder that says force_upcast false (the fp16-fix VAE) stays in fp16."""
+    import numpy as np
+
+    from ldmkit import api
+    from ldmkit.pipeline import GenerationParams, txt2img
+
+    params = GenerationParams("an apple", steps=2, sampler="Euler", seed=3, width=32, height=32)
+    half = api.load(tiny_xl, device="cpu", dtype=torch.float16).model
+    assert half.unet.out[2].weight.dtype == torch.float16 and half.vae.decoder.conv_out.weight.dtype == torch.float32
+    full = api.load(tiny_xl, device="cpu").model
+    a, b = (np.asarray(txt2img(m, params)[0]).astype(int) for m in (half, full))
+    assert np.abs(a - b).max() <= 3  # fp16 U-Net, fp32 decoder: close to the fp32 image
+
+    ref = _reference_vae(TINY_SDXL.vae, seed=4).half()
+    ref.register_to_config(force_upcast=False)
+    ref.save_pretrained(tmp_path / "fp16-fix")
+    fixed = api.load(tiny_xl, vae=tmp_path / "fp16-fix", device="cpu", dtype=torch.float16).model
+    assert fixed.vae.decoder.conv_out.weight.dtype == torch.float16 and fixed.vae_dtype == torch.float16
+    assert txt2img(fixed, params)[0].size == (32, 32)

@@ -147,6 +147,10 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
         sd_model = lowmem.enable(sd_model)
     else:
         sd_model = sd_model.to(device=device, dtype=dtype)
+        if sd_model.cfg.is_sdxl:
+            from ldmkit.sdxl import upcast_vae
+
+            upcast_vae(sd_model, vae)
     sd_model.vae_tiling = vae_tiling
     attach_folders(sd_model, lora_dir, embeddings_dir)
     return Pipeline(sd_model)

@@ -69,7 +69,7 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
     decode = functools.partial(vae_decode, model.vae, tiling=model.vae_tiling)
     with torch.inference_mode():
         for z in latents.split(1):  # one at a time keeps peak memory flat for batches
-            x = decode(z.to(model.dtype) / scale).float()
+            x = decode(z.to(getattr(model, "vae_dtype", model.dtype)) / scale).float()  # SDXL fp16: fp32 VAE
             x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(Image.fromarray(x[0].permute(1, 2, 0).cpu().numpy()))
     lowmem.release(model, "vae")
@@ -81,7 +81,8 @@ def encode_pixels(model: StableDiffusion, x: Tensor) -> Tensor:
     with torch.inference_mode():
         if getattr(model.vae, "scaled_latents", False):  # a tiny autoencoder returns the scaled latent
             return model.vae.encode(x.to(model.device, model.dtype)).float()
-        mean, _ = vae_encode(model.vae, x.to(model.device, model.dtype), tiling=model.vae_tiling)
+        dtype = getattr(model, "vae_dtype", model.dtype)  # an fp16 SDXL model's VAE runs in fp32 (sdxl.upcast_vae)
+        mean, _ = vae_encode(model.vae, x.to(model.device, dtype), tiling=model.vae_tiling)
     return mean.float() * model.cfg.vae.scale_factor
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,14 @@ class StableDiffusionXL(StableDiffusion):
             raise ValueError(f"{cfg.name}: {len(self.encoders)} text encoders but {len(self.tokenizers)} tokenizers")
         if not self.encoders[-1].cfg.projection_dim:
             raise ValueError(f"{cfg.name}: the last text encoder has no text_projection, so no pooled output")
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The dtype the autoencoder computes in: the model's, except fp32 where :func:`upcast_vae` kept an fp16
+        model's SDXL autoencoder in fp32."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return next(self.vae.parameters()).dtype
 
     @property
     def encoders(self) -> list[CLIPTextModel]:
@@ -146,6 +155,23 @@ def encode_conditioning(model: StableDiffusionXL, prompts: list[str], negatives:
     ids = micro_ids(model.cfg, params.width, params.height).to(ctx.device).expand(n, -1)
     neg_ids = micro_ids(model.cfg, params.width, params.height, negative=True).to(ctx.device).expand(n, -1)
     return Conditioning(ctx, pooled, ids), Conditioning(neg_ctx, neg_pooled, neg_ids)
+
+
+def upcast_vae(model: StableDiffusion, vae: str | os.PathLike | None = None) -> None:
+    """An fp16 SDXL model keeps its autoencoder in fp32: the original SDXL VAE overflows in fp16 (black or NaN
+    images; diffusers' ``force_upcast``, A1111's --no-half-vae). Not for a tiny autoencoder, nor for a ``--vae``
+    folder whose config says it runs in fp16 (``force_upcast: false``, as the fp16-fix VAE's)."""
+    import json
+    from pathlib import Path
+
+    if not model.cfg.is_sdxl or next(model.vae.parameters()).dtype != torch.float16:
+        return
+    if getattr(model.vae, "scaled_latents", False) or model.compute_dtype is not None:
+        return  # tiny autoencoder; low-memory mode computes in fp32 anyway
+    config = Path(vae) / "config.json" if vae is not None else None
+    if config is not None and config.is_file() and json.loads(config.read_text()).get("force_upcast") is False:
+        return
+    model.vae.float()
 
 
 def check_txt2img(model: StableDiffusion) -> None:
