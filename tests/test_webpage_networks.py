@@ -88,6 +88,13 @@ def test_panels_list_the_folders(page):
     assert not page.is_disabled("#embedding-list button[data-name=mystyle]")
     assert page.is_disabled("#embedding-list button[data-name=sd2word]")  # 1024 wide: not for this model
     assert "1024" in page.get_attribute("#embedding-list button[data-name=sd2word]", "title")
+    page.fill("#network-filter", "STY")  # case-insensitive, over both panels
+    assert page.is_visible("#lora-list button[data-name=style]")
+    assert page.is_visible("#embedding-list button[data-name=mystyle]")
+    assert page.is_hidden("#embedding-list button[data-name=sd2word]")
+    assert page.eval_on_selector_all("#lora-list button", "bs => bs.filter(b => !b.hidden).length") == 1
+    page.fill("#network-filter", "")
+    assert page.is_visible("#embedding-list button[data-name=sd2word]")
 
 
 def test_click_inserts_at_the_cursor(page):

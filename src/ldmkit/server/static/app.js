@@ -83,7 +83,16 @@ function fillNetworkList(list, items, emptyText) {
     if (item.insert) b.addEventListener("click", () => insertIntoPrompt(item.insert));
     list.append(b);
   }
+  filterNetworks();
 }
+
+function filterNetworks() {
+  const needle = $("#network-filter").value.trim().toLowerCase();
+  for (const b of document.querySelectorAll(".network-list button")) {
+    b.hidden = Boolean(needle) && !b.dataset.name.toLowerCase().includes(needle);
+  }
+}
+$("#network-filter").addEventListener("input", filterNetworks);
 
 async function loadLoras() {
   try {
