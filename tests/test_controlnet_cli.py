@@ -128,3 +128,12 @@ def test_binary_is_otsu_and_blur_keeps_flat():
     assert (out[:, :6] == 0).all() and (out[:, 6:] == 255).all()
     flat = Image.new("RGB", (12, 8), (30, 60, 90))
     assert np.array_equal(np.asarray(preprocess("blur", flat)), np.asarray(flat))
+
+
+def test_info_describes_a_controlnet(files, capsys):
+    rc, cap = _run(capsys, "info", str(files / "cn"))
+    assert rc == 0
+    assert cap.out.strip().startswith("ControlNet for context dim 32: model channels 32, levels (1, 2), "
+                                      "1 hint downsamplings")
+    rc, cap = _run(capsys, "info", str(files / "sd.safetensors"))  # an SD checkpoint is still described as one
+    assert rc == 0 and cap.out.startswith("model:")

@@ -390,6 +390,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     if upscaler:
         print(upscaler)
         return
+    from ldmkit.controlnet import describe_file as describe_controlnet
+
+    controlnet = describe_controlnet(path)  # --controlnet files and folders too
+    if controlnet:
+        print(controlnet)
+        return
     from ldmkit.checkpoint import load
 
     model = load(path)

@@ -270,6 +270,45 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
     return None
 
 
+def _looks_like_controlnet(path: Path) -> bool:
+    """From names alone (a .safetensors header, a folder's config.json): is this a ControlNet? .pth/.pt: maybe."""
+    import json
+
+    from safetensors import safe_open
+
+    if path.is_dir():
+        try:
+            return json.loads((path / "config.json").read_text()).get("_class_name") == "ControlNetModel"
+        except (OSError, ValueError):
+            return False
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return any(k.startswith((ORIGINAL_PREFIX, "input_hint_block.", "controlnet_cond_embedding."))
+                           for k in f.keys())
+        except Exception:  # noqa: BLE001 - unreadable: the caller's loader says why
+            return False
+    return path.suffix.lower() in (".pth", ".pt")
+
+
+def describe_file(path: str | os.PathLike) -> str | None:
+    """One line on a ControlNet file or folder (``ldmkit info``); None when it is not one (a .safetensors
+    checkpoint is told apart from its header alone, so a large SD file is not read twice)."""
+    p = Path(path)
+    if not _looks_like_controlnet(p):
+        return None
+    try:
+        sd = read_controlnet(p)
+        cfg = config_from_weights(sd)
+    except CheckpointError:
+        return None
+    u = cfg.unet
+    n = sum(t.numel() for t in sd.values())
+    dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}))
+    return (f"ControlNet for {_family(u.context_dim)}: model channels {u.model_channels}, levels {u.channel_mult}, "
+            f"{len(cfg.hint_channels) - 1} hint downsamplings, {n / 1e6:.1f}M parameters ({dtypes})")
+
+
 # ---------------------------------------------------------------- front-ends: command line and Python API
 
 
@@ -358,5 +397,5 @@ def units_from_args(args: object, model: object, width: int, height: int,
 
 
 __all__ = ["ControlNetError", "ControlUnit", "ControlledUNet", "check_fits", "config_from_weights", "control_map",
-           "control_problem", "diffusers_to_original", "load_controlnet", "make_unit", "read_controlnet",
-           "units_from_args"]
+           "control_problem", "describe_file", "diffusers_to_original", "load_controlnet", "make_unit",
+           "read_controlnet", "units_from_args"]
