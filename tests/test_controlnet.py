@@ -165,3 +165,15 @@ def test_full_size_layout(preset):
         ours = ControlNet(cfg).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in sd.items()}
     assert len([k for k in sd if k.startswith("zero_convs.")]) == 2 * 12  # weight + bias per skip connection
+
+
+def test_difference_controlnet_and_adapter_are_refused(saved, tmp_path):
+    """A1111's "difference" files and other networks (here a T2I-Adapter's names) are refused by name."""
+    cfg, folder, ref = saved
+    original = {f"control_model.{k}": v for k, v in diffusers_to_original(ref.state_dict()).items()}
+    save_file({**original, "difference": torch.tensor([1.0])}, tmp_path / "diff_control.safetensors")
+    with pytest.raises(ControlNetError, match="'difference' ControlNet"):
+        load_controlnet(tmp_path / "diff_control.safetensors", cfg.unet)
+    save_file({"adapter.body.0.block1.weight": torch.zeros(1)}, tmp_path / "t2iadapter.safetensors")
+    with pytest.raises(ControlNetError, match="is not a ControlNet"):
+        load_controlnet(tmp_path / "t2iadapter.safetensors", cfg.unet)

@@ -85,8 +85,8 @@ def diffusers_to_original(sd: Mapping[str, Tensor]) -> StateDict:
 
 def config_from_weights(sd: Mapping[str, Tensor], base: UNetConfig | None = None) -> ControlNetConfig:
     """The architecture of cldm.py-named weights; heads and GroupNorm groups (not in the weights) from ``base``
-    (the model it is used with), else by the
-    family convention of its context width (1024: SD2's 64-wide heads; otherwise SD1's 8 heads)."""
+    (the model it is used with), else by the family convention of its context width (1024: SD2's 64-wide
+    heads; otherwise SD1's 8 heads; 32 groups)."""
     try:
         ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
         in_ch = sd["input_blocks.0.0.weight"].shape[1]
@@ -110,6 +110,9 @@ def read_controlnet(path: str | os.PathLike) -> StateDict:
     """The cldm.py-named weights of a ControlNet file or folder in any layout; refuses other files by name."""
     path = Path(path)
     sd = _read(path)
+    if "difference" in sd:  # the A1111 extension's "diff" files: weights to add to the base model's U-Net
+        raise ControlNetError(f"{path} is a 'difference' ControlNet (weights relative to a base U-Net), which ldmkit "
+                              "does not read: use the full ControlNet file (e.g. control_v11p_sd15_*.pth)")
     original = _original_keys(sd)
     if original is not None:
         return original
