@@ -99,3 +99,20 @@ def test_bad_settings_are_one_line(data, model_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "refused" in err and "Traceback" not in err
     assert not Path(tmp_path / "evil.safetensors").exists()
+
+
+def test_out_file_writes_the_embedding_there(data, model_file, tmp_path):
+    """`--out embeddings/mycat.safetensors` (the issue's command): that file is the embedding, the run folder is
+    hidden beside it (an --embeddings-dir scan skips it), and --resume continues writing the same file."""
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    out = folder / "myshape.safetensors"
+    run = folder / ".myshape.run"
+    assert cli.main([*_argv(data, model_file, out), "--stop-after", "2"]) == 0
+    assert run.is_dir() and read_checkpoint(run)["step"] == 2
+    first = read_safetensors(out)[0]["emb_params"]
+    assert cli.main(["train", "embedding", "--resume", str(run)]) == 0
+    final = read_safetensors(out)[0]["emb_params"]
+    assert torch.equal(final, read_safetensors(run / "myshape.safetensors")[0]["emb_params"])
+    assert not torch.equal(first, final)
+    assert [e.name for e in EmbeddingTable(folder).embeddings] == ["myshape"]  # the run folder is not scanned

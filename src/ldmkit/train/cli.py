@@ -100,6 +100,8 @@ EMBEDDING_EXAMPLES = """examples:
   cp runs/mycat/mycat.safetensors embeddings/ && ldmkit generate --model sd15.safetensors \
       --embeddings-dir embeddings/ "a photo of mycat on a sofa"
   (runs/mycat/mycat.safetensors is rewritten at every checkpoint, A1111's emb_params layout)
+  ldmkit train embedding --model sd15.safetensors --data my_cat/ --token mycat --vectors 4 \
+      --out embeddings/mycat.safetensors     # writes that file; the run folder is embeddings/.mycat.run
 """
 
 EXPORT_EXAMPLES = """examples:
@@ -204,6 +206,16 @@ def config_from_args(args: argparse.Namespace, kind: str) -> tuple[TrainConfig, 
         if cfg.kind != kind:
             raise TrainError(f"{run_dir} is a {cfg.kind} run; continue it with `ldmkit train {cfg.kind} "
                              f"--resume {run_dir}`")
+    elif args.out and kind == "embedding" and Path(args.out).suffix.lower() in (".safetensors", ".pt"):
+        # `--out embeddings/mycat.safetensors` (A1111's habit): the file is the product, rewritten at every
+        # checkpoint; the run (checkpoint, samples, metrics) goes to a hidden folder beside it, which an
+        # --embeddings-dir scan skips
+        out = Path(args.out)
+        if out.suffix.lower() != ".safetensors":
+            raise TrainError(f"--out {out}: ldmkit writes embeddings as .safetensors; "
+                             f"use {out.with_suffix('.safetensors')}")
+        run_dir = out.parent / f".{out.stem}.run"
+        cfg = cfg.replace(embedding_file=str(out))
     elif args.out:
         run_dir = Path(args.out)
     else:

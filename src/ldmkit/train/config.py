@@ -127,6 +127,8 @@ class TrainConfig:
     token: str = _help("embedding: the new word (the embedding file's name), e.g. mycat", "")
     vectors: int = _help("embedding: vectors the word stands for (each takes one of a chunk's 75 token places)", 1)
     init_text: str = _help("embedding: the vectors start as the token embeddings of this text", "*")
+    embedding_file: str = _help("embedding: also write the embedding here at every checkpoint (set by "
+                                "--out FILE.safetensors, whose run folder is then .FILE.run beside it)", "")
 
     w_min: float = _help("lcm: lowest teacher guidance w (w ~ U(w_min, w_max); the teacher's CFG scale is 1 + w). "
                          "The U-Net takes no w, so the range is baked into the student: w_min = w_max picks one",

@@ -196,6 +196,8 @@ class EmbeddingTask(UNetTask):
     def state(self) -> dict[str, Any]:
         # written with each checkpoint (main rank): the trained vectors as an embedding file
         save_embedding(self.net.vectors.detach(), self.run_dir / f"{self.cfg.token}.safetensors", self.cfg)
+        if self.cfg.embedding_file:  # --out FILE.safetensors: the file the user named, written atomically
+            save_embedding(self.net.vectors.detach(), Path(self.cfg.embedding_file), self.cfg)
         return {"token": self.cfg.token}
 
 
