@@ -87,6 +87,11 @@ class GenerationParams:
         return dataclasses.replace(self, **changes)
 
 
+def text_encoders(model: StableDiffusion) -> list:
+    """The model's CLIP text encoders (SDXL: both)."""
+    return list(getattr(model, "encoders", None) or [model.text_encoder])
+
+
 def validate(params: GenerationParams, model: StableDiffusion) -> None:
     """Raise a :class:`GenerationError` naming the first setting ``model`` cannot generate with."""
     f = model.cfg.vae.downscale
@@ -97,6 +102,11 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
             raise GenerationError(f"{name} {v} is not a positive multiple of {f}; use {lo} or {lo + f}")
     if params.steps < 1:
         raise GenerationError(f"steps must be at least 1, got {params.steps}")
+    if params.clip_skip is not None:  # every front-end, also a server override naming another model
+        layers = min(len(enc.text_model.encoder.layers) for enc in text_encoders(model))
+        if not 1 <= params.clip_skip <= layers:
+            raise GenerationError(f"clip skip {params.clip_skip} is out of range: this model's text encoder has "
+                                  f"{layers} layers, so use 1 to {layers}")
     if params.batch_size < 1:
         raise GenerationError(f"batch size must be at least 1, got {params.batch_size}")
     try:
