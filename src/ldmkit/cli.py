@@ -252,9 +252,21 @@ def _apply_png(args: argparse.Namespace) -> None:
             args.deepcache_branch = int(p.get("DeepCache branch", 0))
     if p.get("Tiling") == "True":
         args.tiling = True
+    if "Refiner" in p and getattr(args, "refiner", None) is None:  # "name [hash]": the name, as --refiner reads it
+        args.refiner = _beside_model(p["Refiner"].rsplit(" [", 1)[0], args.model)
+        args.refiner_switch_at = float(p.get("Refiner switch at", args.refiner_switch_at))
     from ldmkit.hires import apply_png
 
     apply_png(args, p)
+
+
+def _beside_model(name: str, model: str | None) -> str:
+    """A model named in an infotext (a file's stem): the file or folder of that name beside --model, if any."""
+    if Path(name).exists() or not model or not Path(model).exists():
+        return name
+    folder = Path(model).parent
+    found = [c for c in (folder / name, *(folder / (name + s) for s in (".safetensors", ".ckpt"))) if c.exists()]
+    return str(found[0]) if found else name
 
 
 def _outputs(args: argparse.Namespace, images: list) -> list[Path]:

@@ -298,17 +298,34 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         name = (req.override_settings or {}).get("sd_model_checkpoint")
         if name is None:
             return None
-        info = catalogue.find(str(name))
+        return find_model(str(name), ("override_settings", "sd_model_checkpoint"))
+
+    def find_model(name: str, loc: tuple) -> CheckpointInfo:
+        info = catalogue.find(name)
         if info is None:
             titles = ", ".join(i.title for i in catalogue.scan())
-            raise G.field_error(("override_settings", "sd_model_checkpoint"),
-                              f"no model {name!r}; available: {titles}", name)
+            raise G.field_error(loc, f"no model {name!r}; available: {titles}", name)
         return info
+
+    def refiner_choice(req: S.GenerationRequest) -> CheckpointInfo | None:
+        """refiner_checkpoint, named as sd_model_checkpoint is; None, "" or "None": no refiner (A1111)."""
+        name = req.refiner_checkpoint
+        if name is None or name.strip() in ("", "None", "none"):
+            return None
+        return find_model(name.strip(), ("refiner_checkpoint",))
+
+    refiners: dict[str, StableDiffusion] = {}  # the last refiner used: at most one kept loaded
+
+    def load_refiner(info: CheckpointInfo) -> StableDiffusion:  # in the worker, one job at a time
+        if info.filename not in refiners:
+            refiners.clear()  # the old one freed before the new one loads
+            refiners[info.filename] = load(info)
+        return refiners[info.filename]
 
     def prepare(req: S.GenerationRequest, kind: str) -> G.Generation:
         can_save = output_dir is not None and bool(options["samples_save"])
         return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), can_save,
-                         upscalers=upscalers)
+                         upscalers=upscalers, refiner=refiner_choice(req))
 
     def as_run(req: S.GenerationRequest) -> S.GenerationRequest:
         """The request as it is generated: scripts as settings, styles applied, eta from the options."""
@@ -346,8 +363,10 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         def vae_for(model: StableDiffusion) -> Any:
             return None if vae_name is None else vaes.decoder(check_name(vaes, vae_name), model)
 
-        images, model = await run_job(lambda ctx: G.run_generation(ctx, gen, load, output_dir, vae_for), gen.kind,
-                                       req.force_task_id, request)
+        def job(ctx: JobContext) -> Any:
+            return G.run_generation(ctx, gen, load, output_dir, vae_for, load_refiner)
+
+        images, model = await run_job(job, gen.kind, req.force_task_id, request)
         return await run_in_threadpool(G.response_body, req, gen, images, model, vae_name)
 
     # ------------------------------------------------------------ A1111 API

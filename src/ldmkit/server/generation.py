@@ -121,6 +121,8 @@ class Generation:
     save: bool = False
     hires: Any = None  # ldmkit.hires.HiresParams: txt2img's hires fix (enable_hr)
     hires_upscaler: Callable[[], Any] | None = None  # loads its image upscaler (None: a latent mode)
+    refiner: CheckpointInfo | None = None  # refiner_checkpoint: SDXL's second expert (txt2img)
+    refiner_switch_at: float = 0.8
 
     @property
     def all_seeds(self) -> list[int]:
@@ -245,8 +247,10 @@ def partial_images(ctx: JobContext, gen: Generation, params: P.GenerationParams,
 
 
 def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options: dict, limits: Limits,
-            info: CheckpointInfo | None, can_save: bool, upscalers: Any = None) -> Generation:
-    """Check a request against ``model`` and the limits; decode its images."""
+            info: CheckpointInfo | None, can_save: bool, upscalers: Any = None,
+            refiner: CheckpointInfo | None = None) -> Generation:
+    """Check a request against ``model`` and the limits; decode its images. ``refiner``: the request's
+    refiner_checkpoint, resolved."""
     # checked against the current model; an override model is checked again by the pipeline when it runs
     strength = req.denoising_strength if isinstance(req, S.Img2ImgRequest) else 0.75
     params = build_params(req, model, options, limits, strength=strength)
@@ -268,25 +272,65 @@ def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options
 
     hires, hires_upscaler = hires_from_request(req, model, limits, upscalers) if kind == "txt2img" else (None, None)
     steps += (hires.steps or params.steps) if hires is not None else 0
+    refiner, switch_at = check_refiner(req, kind, model, info, refiner, hires)
     return Generation(kind, params, req.n_iter, steps, info, req.override_settings_restore_afterwards,
-                      init, mask, save, hires, hires_upscaler)
+                      init, mask, save, hires, hires_upscaler, refiner, switch_at)
+
+
+def check_refiner(req: S.GenerationRequest, kind: str, model: StableDiffusion, info: CheckpointInfo | None,
+                  refiner: CheckpointInfo | None, hires: Any) -> tuple[CheckpointInfo | None, float]:
+    """refiner_checkpoint (already resolved to ``refiner``) and refiner_switch_at, checked: txt2img only,
+    without hires fix, with an SDXL base model (an override model is checked when it is loaded)."""
+    switch_at = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
+    if refiner is None:
+        return None, switch_at
+    if kind != "txt2img":
+        raise field_error(("refiner_checkpoint",), "a refiner is supported for txt2img only in ldmkit; for "
+                                                   "img2img, send the image to the refiner model itself",
+                          req.refiner_checkpoint)
+    if hires is not None:
+        raise field_error(("refiner_checkpoint",), "a refiner together with hires fix (enable_hr) is not "
+                                                   "supported; use one of them", req.refiner_checkpoint)
+    if not 0.0 < switch_at < 1.0:
+        raise field_error(("refiner_switch_at",), f"refiner_switch_at {switch_at:g} must be between 0 and 1 "
+                                                  "(A1111's default: 0.8)", switch_at)
+    if info is None:
+        check_refiner_base(model)
+    return refiner, switch_at
+
+
+def check_refiner_base(model: StableDiffusion) -> None:
+    """A 422 on refiner_checkpoint unless ``model`` is an SDXL base model."""
+    if model.cfg.family != "sdxl":
+        raise field_error(("refiner_checkpoint",), f"a refiner needs an SDXL base model; {model.source_name} is "
+                                                   f"{model.cfg.family}", model.source_name)
 
 
 def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointInfo], StableDiffusion],
                    output_dir: str | os.PathLike | None = None,
-                   vae_for: Callable[[StableDiffusion], Any] | None = None
+                   vae_for: Callable[[StableDiffusion], Any] | None = None,
+                   load_refiner: Callable[[CheckpointInfo], StableDiffusion] | None = None
                    ) -> tuple[list[Image.Image], StableDiffusion]:
     """In the worker: the n_iter batches, one after another; returns the images and the model used.
 
-    ``vae_for(model)``: the VAE (the ``sd_vae`` option) that stands in for the model's own, or None."""
+    ``vae_for(model)``: the VAE (the ``sd_vae`` option) that stands in for the model's own, or None;
+    ``load_refiner(info)``: the refiner model for ``gen.refiner`` (the server keeps one loaded)."""
     original = (ctx.model, ctx.worker.checkpoint)
     if gen.checkpoint is not None and gen.checkpoint.filename != original[1].filename:
         ctx.set_model(load(gen.checkpoint), gen.checkpoint)
     try:
         model, images = ctx.model, []
+        refiner = None
+        if gen.refiner is not None:
+            check_refiner_base(model)
+            refiner = (load_refiner or load)(gen.refiner)
+            if not refiner.cfg.is_sdxl:
+                raise field_error(("refiner_checkpoint",), f"{gen.refiner.title} is not an SDXL model (it is "
+                                                           f"{refiner.cfg.family}); use an SDXL refiner or base",
+                                  gen.refiner.title)
         # the VAE swapped in first, so that tiling (circular padding) reaches it; both undone after
         with using_vae(model, vae_for(model) if vae_for else None), circular(model, gen.params.tiling):
-            _run_batches(ctx, gen, model, images)
+            _run_batches(ctx, gen, model, images, refiner)
         if gen.save and output_dir is not None:
             for img in images:  # in samples_format, the client's task id made safe for a file name
                 save_sample(img, Path(output_dir), ctx.job.task_id, ctx.worker.options)
@@ -296,7 +340,8 @@ def run_generation(ctx: JobContext, gen: Generation, load: Callable[[CheckpointI
             ctx.set_model(*original)
 
 
-def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, images: list[Image.Image]) -> None:
+def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, images: list[Image.Image],
+                 refiner: StableDiffusion | None = None) -> None:
     for k in range(gen.n_iter):
         p = gen.params.replace(seed=(gen.params.seed + k * gen.params.batch_size) % (P.MAX_SEED + 1))
         cb, done = _counted(ctx.step_callback(k, gen.n_iter, gen.sampling_steps))
@@ -306,6 +351,10 @@ def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, image
 
                 upscaler = gen.hires_upscaler() if gen.hires_upscaler is not None else None
                 images += txt2img_hires(model, p, gen.hires, upscaler, callback=cb)
+            elif gen.kind == "txt2img" and refiner is not None:
+                from ldmkit.sdxl import txt2img_refined
+
+                images += txt2img_refined(model, refiner, p, gen.refiner_switch_at, callback=cb)
             elif gen.kind == "txt2img":
                 images += P.txt2img(model, p, callback=cb)
             elif gen.kind == "img2img":
@@ -344,6 +393,8 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
         sampler_name = fields.get("Sampler", sampler_name)
     if gen.hires is not None:  # A1111: Hires upscale/resize, steps, upscaler
         extra.update({k: v for k, v in gen.hires.infotext_fields().items() if k != "Denoising strength"})
+    if images and gen.refiner is not None:  # as the infotext writes them: "name [hash]", the fraction
+        extra.update({k: fields[k] for k in ("Refiner", "Refiner switch at") if k in fields})
     if p.deepcache > 1:  # as A1111 lists an extension's settings
         extra["DeepCache"] = p.deepcache
         if p.deepcache_branch:

@@ -87,8 +87,10 @@ class GenerationRequest(_Request):
         None, description="per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers, sd_vae, "
                           "deepcache_interval (DeepCache: the full U-Net every N-th call; 1 = off), deepcache_branch")
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: str | None = Field(None, description=IGNORED)
-    refiner_switch_at: float | None = Field(None, description=IGNORED)
+    refiner_checkpoint: str | None = Field(None, description="SDXL txt2img: a model (as sd_model_checkpoint names "
+                                                             "it) that finishes the image from refiner_switch_at")
+    refiner_switch_at: float | None = Field(None, description="fraction of the steps before the refiner takes "
+                                                              "over (default 0.8)")
     disable_extra_networks: bool = Field(False, description=IGNORED)
     comments: dict[str, Any] | None = Field(None, description=IGNORED)
     script_name: str | None = Field(None, description="ldmkit has no selectable scripts: a name is a 422")
