@@ -137,6 +137,11 @@ class ModelConfig:
         return self.family in ("sdxl", "sdxl-refiner")
 
     @property
+    def text_layers(self) -> int:
+        """The largest clip skip (A1111's CLIP_stop_at_last_layers) every text encoder has layers for."""
+        return min(c.layers for c in (self.text, self.text2) if c is not None)
+
+    @property
     def native_size(self) -> int:
         """The resolution the model was trained at: stored by ldmkit's export (``extra["image_size"]``), else
         the family's (SDXL 1024, SD2 768-v 768, otherwise 512)."""

@@ -87,11 +87,6 @@ class GenerationParams:
         return dataclasses.replace(self, **changes)
 
 
-def text_encoders(model: StableDiffusion) -> list:
-    """The model's CLIP text encoders (SDXL: both)."""
-    return list(getattr(model, "encoders", None) or [model.text_encoder])
-
-
 def validate(params: GenerationParams, model: StableDiffusion) -> None:
     """Raise a :class:`GenerationError` naming the first setting ``model`` cannot generate with."""
     f = model.cfg.vae.downscale
@@ -103,7 +98,7 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
     if params.steps < 1:
         raise GenerationError(f"steps must be at least 1, got {params.steps}")
     if params.clip_skip is not None:  # every front-end, also a server override naming another model
-        layers = min(len(enc.text_model.encoder.layers) for enc in text_encoders(model))
+        layers = model.cfg.text_layers
         if not 1 <= params.clip_skip <= layers:
             raise GenerationError(f"clip skip {params.clip_skip} is out of range: this model's text encoder has "
                                   f"{layers} layers, so use 1 to {layers}")

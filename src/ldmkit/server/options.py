@@ -27,15 +27,9 @@ from ldmkit.upscale import DEFAULT_OVERLAP, DEFAULT_TILE
 PREVIEW_IMAGE_FORMATS = ("png", "jpeg", "webp")  # A1111's live_previews_image_format
 
 
-def max_clip_skip(model: StableDiffusion) -> int:
-    """The largest CLIP_stop_at_last_layers ``model``'s text encoder(s) can honour: its layer count."""
-    cfgs = [model.cfg.text, getattr(model.cfg, "text2", None)]
-    return min(c.layers for c in cfgs if c is not None)
-
-
 def check_clip_skip(value: Any, model: StableDiffusion, loc: tuple) -> int:
     """A 422 naming ``loc`` unless ``value`` is a clip skip this model has layers for."""
-    n = max_clip_skip(model)
+    n = model.cfg.text_layers
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
         raise field_error(loc, f"CLIP_stop_at_last_layers must be an integer from 1 to {n} (this model's text "
                                f"encoder has {n} layers; 1 = the last), got {value!r}", value)
