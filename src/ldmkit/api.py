@@ -20,6 +20,8 @@ from ldmkit.recommended import apply_recommended, file_recommended
 BUILTIN_MODELS = {"emoji": "emoji.safetensors", "emoji-lcm": "emoji-lcm.safetensors"}
 # autoencoders that ship inside the package, selectable by name with --vae / load(vae=...)
 BUILTIN_VAES = {"emoji-taesd": "emoji-taesd.safetensors"}
+# the tiny autoencoder that previews each built-in model (emoji-lcm keeps the teacher's KL autoencoder)
+BUILTIN_PREVIEW_VAES = {"emoji": "emoji-taesd", "emoji-lcm": "emoji-taesd"}
 
 
 class NoModelError(CheckpointError):

@@ -556,11 +556,9 @@ def _builtin_preview_vae(model: StableDiffusion) -> str | None:
     """The tiny autoencoder shipped for a built-in model (emoji-taesd for emoji), if installed."""
     from ldmkit import api
 
-    for name, fname in api.BUILTIN_MODELS.items():
+    for name, tiny in api.BUILTIN_PREVIEW_VAES.items():
         path = api.builtin_model_path(name)
         if path is not None and model.source_path and Path(model.source_path).resolve() == path.resolve():
-            # emoji-lcm keeps the teacher's KL autoencoder, so the teacher's tiny one previews it too
-            tiny = f"{Path(fname).stem.removesuffix('-lcm')}-taesd"
             return tiny if api.builtin_vae_path(tiny) is not None else None
     return None
 
