@@ -9,26 +9,20 @@ from __future__ import annotations
 import base64
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from browser import launch, require_browser
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: apt-get install -y chromium", allow_module_level=True)
-pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+sync_api = require_browser()
 
 from ldmkit import pipeline as P  # noqa: E402
 from ldmkit.config import TINY  # noqa: E402
 from ldmkit.model import StableDiffusion  # noqa: E402
 from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 30_000
 
 
@@ -46,7 +40,7 @@ def server():
 @pytest.fixture(scope="module")
 def page(server):
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = launch(pw)
         page = browser.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         errors: list[str] = []

@@ -4,25 +4,17 @@ size with the hires infotext)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from browser import launch, require_browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: apt-get install -y chromium", allow_module_level=True)
-pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+sync_api = require_browser()
 
 from test_upscale import _save, basicsr_params  # noqa: E402
 
 from ldmkit.config import TINY  # noqa: E402
 from ldmkit.model import StableDiffusion  # noqa: E402
 from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def page(tmp_path_factory):
     torch.manual_seed(0)
     app = create_app(StableDiffusion(TINY).eval(), upscaler_dir=d, preview_interval=None)
     with BackgroundServer(app) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = launch(pw)
         page = browser.new_page()
         page.set_default_timeout(30_000)
         errors: list[str] = []

@@ -6,23 +6,17 @@ refresh buttons pick up new files, and a generation with the tag and Tiling chec
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from browser import launch, require_browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: apt-get install -y chromium", allow_module_level=True)
-pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+sync_api = require_browser()
 
 from safetensors.torch import save_file  # noqa: E402
 
 from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EVIL = "<img src=x onerror=alert(1)>"  # a legal file name on Linux: must show as text, never become an element
 TEXT_WIDTH = 256  # the emoji model's text encoder
 
@@ -61,7 +55,7 @@ def page(dirs):
     loras, emb = dirs
     app = create_app("emoji", lora_dir=loras, embeddings_dir=emb, preview_interval=None)
     with BackgroundServer(app) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = launch(pw)
         page = browser.new_page()
         page.set_default_timeout(30_000)
         errors: list[str] = []

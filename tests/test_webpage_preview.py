@@ -8,18 +8,14 @@ from __future__ import annotations
 import base64
 import io
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from browser import launch, require_browser
 from PIL import Image
 from safetensors.torch import save_file
 
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: apt-get install -y chromium", allow_module_level=True)
-pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+sync_api = require_browser()
 requests = pytest.importorskip("requests")
 
 from ldmkit import pipeline as P  # noqa: E402
@@ -28,8 +24,6 @@ from ldmkit.model import StableDiffusion  # noqa: E402
 from ldmkit.models.vae import AutoencoderKL  # noqa: E402
 from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
 STEPS = 16
 
@@ -85,7 +79,7 @@ def test_preview_changes_during_one_generation(server, slow_steps, kind, fmt, mi
                       json={"show_progress_type": kind, "live_previews_image_format": fmt})
     assert r.ok, r.text
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = launch(pw)
         page = browser.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         errors: list[str] = []
@@ -115,7 +109,7 @@ def test_preview_changes_during_one_generation(server, slow_steps, kind, fmt, mi
 def test_vae_and_preview_choices_set_the_server_options(server):
     options = lambda: requests.get(f"{server}/sdapi/v1/options", timeout=30).json()  # noqa: E731
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = launch(pw)
         page = browser.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(server)
