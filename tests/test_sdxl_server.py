@@ -27,14 +27,19 @@ REQUEST = {"prompt": "an apple", "negative_prompt": "dark", "steps": 3, "width":
            "sampler_name": "Euler", "cfg_scale": 5}
 
 
+def write_models(folder) -> None:
+    """Tiny random single files (seed 0) in ``folder``: sd15 (SD1), xl (SDXL base), xl-refiner."""
+    torch.manual_seed(0)
+    checkpoint.save_single_file(StableDiffusion(TINY).eval(), folder / "sd15.safetensors")
+    checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL).eval(), folder / "xl.safetensors")
+    checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL_REFINER).eval(),
+                                          folder / "xl-refiner.safetensors")
+
+
 def test_sdxl_and_sd15_in_one_server(tmp_path):
     from ldmkit.server.app import create_app
 
-    torch.manual_seed(0)
-    checkpoint.save_single_file(StableDiffusion(TINY).eval(), tmp_path / "sd15.safetensors")
-    checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL).eval(), tmp_path / "xl.safetensors")
-    checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL_REFINER).eval(),
-                                          tmp_path / "xl-refiner.safetensors")
+    write_models(tmp_path)
     client = TestClient(create_app(tmp_path / "sd15.safetensors", models_dir=tmp_path, preview_interval=0))
     titles = [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
     assert {t.split(" ")[0] for t in titles} == {"sd15.safetensors", "xl.safetensors", "xl-refiner.safetensors"}

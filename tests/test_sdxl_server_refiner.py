@@ -11,18 +11,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="server extra not installed: pip install 'ldmkit[server]'")
 from fastapi.testclient import TestClient  # noqa: E402
+from test_sdxl_server import write_models  # noqa: E402
 
-from ldmkit import checkpoint, checkpoint_sdxl, cli  # noqa: E402
-from ldmkit.config import TINY, TINY_SDXL, TINY_SDXL_REFINER  # noqa: E402
+from ldmkit import checkpoint, cli  # noqa: E402
 from ldmkit.infotext import read_parameters  # noqa: E402
-from ldmkit.model import StableDiffusion  # noqa: E402
 from ldmkit.pipeline import GenerationParams, txt2img  # noqa: E402
-from ldmkit.sdxl import StableDiffusionXL  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REQUEST = {"prompt": "an apple", "negative_prompt": "dark", "steps": 4, "width": 32, "height": 24, "seed": 11,
@@ -36,11 +33,7 @@ def _pixels(img: Image.Image) -> np.ndarray:
 def test_refiner_through_the_api_is_the_cli_image(tmp_path):
     from ldmkit.server.app import create_app
 
-    torch.manual_seed(0)
-    checkpoint.save_single_file(StableDiffusion(TINY).eval(), tmp_path / "sd15.safetensors")
-    checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL).eval(), tmp_path / "xl.safetensors")
-    checkpoint_sdxl.save_sdxl_single_file(StableDiffusionXL(TINY_SDXL_REFINER).eval(),
-                                          tmp_path / "xl-refiner.safetensors")
+    write_models(tmp_path)
     client = TestClient(create_app(tmp_path / "xl.safetensors", models_dir=tmp_path, preview_interval=0))
 
     r = client.post("/sdapi/v1/txt2img", json={**REQUEST, "refiner_checkpoint": "xl-refiner",
