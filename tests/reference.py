@@ -82,3 +82,29 @@ def save_diffusers_pipeline(cfg: ModelConfig, folder: Path, scheduler=None, seed
     )
     pipe.save_pretrained(folder)
     return pipe
+
+
+def encode_to_posterior_mean(pipe, monkeypatch) -> None:
+    """Make a diffusers pipeline's VAE encode images to the posterior's mean, as ldmkit does (diffusers samples
+    it with the pipeline's generator): the std is zeroed."""
+    original = pipe.vae.encode
+
+    def mean_only(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
+        return out
+
+    monkeypatch.setattr(pipe.vae, "encode", mean_only)
+
+
+def img2img_noise_as_diffusers(monkeypatch) -> None:
+    """Give ldmkit's img2img the noise diffusers' seeded generator draws second (its first draw is the posterior
+    sample, which :func:`encode_to_posterior_mean` makes irrelevant)."""
+    from ldmkit import pipeline as P
+
+    def diffusers_order_noise(seeds, shape, device):
+        g = torch.Generator().manual_seed(seeds[0])
+        torch.randn((1, *shape), generator=g)  # the posterior sample's draw
+        return torch.randn((1, *shape), generator=g)
+
+    monkeypatch.setattr(P, "initial_noise", diffusers_order_noise)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import save_diffusers_pipeline
+from reference import encode_to_posterior_mean, img2img_noise_as_diffusers, save_diffusers_pipeline
 from test_controlnet import diffusers_controlnet
 
 from ldmkit import checkpoint
@@ -95,7 +95,6 @@ def test_img2img_matches_diffusers_controlnet_img2img(setup, monkeypatch):
     """img2img: start/end are fractions of the steps that run (diffusers counts the truncated timesteps)."""
     from diffusers import StableDiffusionControlNetImg2ImgPipeline
 
-    from ldmkit import pipeline as P
     from ldmkit.pipeline import img2img
 
     folder, pipe, nets, maps = setup
@@ -103,21 +102,8 @@ def test_img2img_matches_diffusers_controlnet_img2img(setup, monkeypatch):
         pytest.skip("one prediction type is enough for img2img")
     i2i = StableDiffusionControlNetImg2ImgPipeline(**pipe.components, controlnet=nets[0])
     init = Image.fromarray(np.random.default_rng(5).integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
-    original = i2i.vae.encode
-
-    def mean_only(*args, **kwargs):  # as test_e2e_parity: both use the posterior mean
-        out = original(*args, **kwargs)
-        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
-        return out
-
-    monkeypatch.setattr(i2i.vae, "encode", mean_only)
-
-    def diffusers_order_noise(seeds, shape, device):
-        g = torch.Generator().manual_seed(seeds[0])
-        torch.randn((1, *shape), generator=g)  # the posterior sample's draw
-        return torch.randn((1, *shape), generator=g)
-
-    monkeypatch.setattr(P, "initial_noise", diffusers_order_noise)
+    encode_to_posterior_mean(i2i, monkeypatch)  # both use the posterior mean
+    img2img_noise_as_diffusers(monkeypatch)
     ref = i2i(PROMPT, image=init, control_image=maps[0], strength=0.7, num_inference_steps=STEPS, guidance_scale=CFG,
               generator=torch.Generator().manual_seed(SEED), controlnet_conditioning_scale=0.9,
               control_guidance_start=0.2, control_guidance_end=0.8, output_type="np").images[0]

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import save_diffusers_pipeline
+from reference import encode_to_posterior_mean, img2img_noise_as_diffusers, save_diffusers_pipeline
 
 from ldmkit import checkpoint
 from ldmkit.config import TINY, TINY_SD2
@@ -79,8 +79,6 @@ def test_img2img_matches_diffusers(saved_pipeline, monkeypatch):
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
-    from ldmkit import pipeline as P
-
     cfg, folder, pipe = saved_pipeline
     if cfg.prediction == "v":
         pytest.skip("one prediction type is enough for img2img")
@@ -92,21 +90,8 @@ def test_img2img_matches_diffusers(saved_pipeline, monkeypatch):
     # ldmkit encodes to the posterior mean; diffusers samples the posterior with the pipeline's generator
     # and then draws the noise from the same generator. Zero the posterior's std so diffusers uses the
     # mean too, and give ldmkit the noise that diffusers' generator produces second.
-    original = i2i.vae.encode
-
-    def mean_only(*args, **kwargs):
-        out = original(*args, **kwargs)
-        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
-        return out
-
-    monkeypatch.setattr(i2i.vae, "encode", mean_only)
-
-    def diffusers_order_noise(seeds, shape, device):
-        g = torch.Generator().manual_seed(seeds[0])
-        torch.randn((1, *shape), generator=g)  # the posterior sample's draw
-        return torch.randn((1, *shape), generator=g)
-
-    monkeypatch.setattr(P, "initial_noise", diffusers_order_noise)
+    encode_to_posterior_mean(i2i, monkeypatch)
+    img2img_noise_as_diffusers(monkeypatch)
     ref = i2i("a watercolor apple", image=init, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
     ref = (ref * 255).round().astype(np.int16)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference import save_diffusers_pipeline
+from reference import encode_to_posterior_mean, save_diffusers_pipeline
 
 from ldmkit import checkpoint
 from ldmkit.config import TINY
@@ -37,14 +37,7 @@ def test_inpainting_model_matches_diffusers(tmp_path, monkeypatch):
     pipe.scheduler = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="linspace")
     ip = StableDiffusionInpaintPipeline(**pipe.components)
     # diffusers samples the masked image's posterior with the pipeline's generator; use the mean, as ldmkit
-    original = ip.vae.encode
-
-    def mean_only(*args, **kwargs):
-        out = original(*args, **kwargs)
-        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
-        return out
-
-    monkeypatch.setattr(ip.vae, "encode", mean_only)
+    encode_to_posterior_mean(ip, monkeypatch)
     image, mask = _image_and_mask()
     seed, steps = 3, 8
     ref = ip("a green pear", image=image, mask_image=mask, height=H, width=W, strength=1.0, num_inference_steps=steps,

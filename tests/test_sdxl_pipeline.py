@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import encode_to_posterior_mean, img2img_noise_as_diffusers
 from test_sdxl import _diffusers_sdxl_folder
 
 from ldmkit import checkpoint
@@ -89,31 +90,11 @@ def test_txt2img_matches_diffusers(base, case: str, negative: str):
     assert f"Sampler: {sampler}" in info and f"Size: {W}x{H}" in info and "Model: model" in info
 
 
-def _posterior_mean(pipe, monkeypatch) -> None:
-    """Make diffusers encode images to the posterior's mean, as ldmkit does (instead of sampling it)."""
-    original = pipe.vae.encode
-
-    def mean_only(*args, **kwargs):
-        out = original(*args, **kwargs)
-        out.latent_dist.std = torch.zeros_like(out.latent_dist.std)
-        return out
-
-    monkeypatch.setattr(pipe.vae, "encode", mean_only)
-
-
 def _img2img_reference(i2i, monkeypatch, prompt, init, steps, strength, seed, **kw) -> np.ndarray:
     """diffusers' img2img with the posterior's mean (ldmkit encodes to the mean) and ldmkit given the noise
     diffusers' generator draws second (the first draw is diffusers' posterior sample)."""
-    from ldmkit import pipeline as P
-
-    _posterior_mean(i2i, monkeypatch)
-
-    def diffusers_order_noise(seeds, shape, device):
-        g = torch.Generator().manual_seed(seeds[0])
-        torch.randn((1, *shape), generator=g)
-        return torch.randn((1, *shape), generator=g)
-
-    monkeypatch.setattr(P, "initial_noise", diffusers_order_noise)
+    encode_to_posterior_mean(i2i, monkeypatch)
+    img2img_noise_as_diffusers(monkeypatch)
     i2i.scheduler = _scheduler("euler")
     out = i2i(prompt, image=init, strength=strength, num_inference_steps=steps, guidance_scale=5.0,
               generator=torch.Generator().manual_seed(seed), output_type="np", **kw)
@@ -204,7 +185,7 @@ def test_inpainting_model_matches_diffusers(tmp_path, monkeypatch):
     pipe = _diffusers_sdxl_folder(TINY_SDXL_INPAINT, tmp_path)
     ip = StableDiffusionXLInpaintPipeline(**pipe.components)
     ip.scheduler = _scheduler("euler")
-    _posterior_mean(ip, monkeypatch)  # diffusers samples the masked image's posterior
+    encode_to_posterior_mean(ip, monkeypatch)  # diffusers samples the masked image's posterior
     mask = np.zeros((H, W), dtype=np.uint8)
     mask[4:16, 8:24] = 255  # white: repaint
     image, mask = _init_image(), Image.fromarray(mask)
