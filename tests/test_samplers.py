@@ -77,9 +77,9 @@ def test_deterministic_sampler_reaches_exact_solution(name, opts, tol, _ns, _lo,
     assert err < tol, f"{name} {opts}: max error {err:.2e} >= {tol:.0e}"
 
 
-@pytest.mark.parametrize("name,opts,_tol,ns,lo,hi", DETERMINISTIC)
-def test_deterministic_sampler_convergence_order(name, opts, _tol, ns, lo, hi):
-    # Stop at sigma_min: the final jump sigma_min -> 0 has a fixed size, which would hide the order.
+def assert_convergence_order(name, opts, ns, lo, hi):
+    """The sampler's error against the exact flow falls as n^-order between the step counts ``ns``, with the
+    order in [lo, hi]. Stops at sigma_min: the final jump sigma_min -> 0 has a fixed size, which would hide it."""
     x_T = _x_T()
     target = exact_flow(x_T, SIGMA_MAX, SIGMA_MIN)
     errs = []
@@ -88,6 +88,11 @@ def test_deterministic_sampler_convergence_order(name, opts, _tol, ns, lo, hi):
         errs.append((S.SAMPLERS[name](gaussian_denoiser, x_T, sigmas, **opts) - target).abs().max().item())
     slope = math.log(errs[0] / errs[1]) / math.log(ns[1] / ns[0])
     assert lo <= slope <= hi, f"{name} {opts}: order {slope:.2f} not in [{lo}, {hi}] (errors {errs})"
+
+
+@pytest.mark.parametrize("name,opts,_tol,ns,lo,hi", DETERMINISTIC)
+def test_deterministic_sampler_convergence_order(name, opts, _tol, ns, lo, hi):
+    assert_convergence_order(name, opts, ns, lo, hi)
 
 
 STOCHASTIC = [

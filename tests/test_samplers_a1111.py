@@ -21,6 +21,7 @@ from test_samplers import (
     SIGMA_MIN,
     _run_diffusers,
     _x_T,
+    assert_convergence_order,
     exact_flow,
     fake_eps_net,
     gaussian_denoiser,
@@ -71,14 +72,7 @@ ORDER = [
 
 @pytest.mark.parametrize("name,opts,ns,lo,hi", ORDER)
 def test_new_sampler_convergence_order(name, opts, ns, lo, hi):
-    x_T = _x_T()
-    target = exact_flow(x_T, SIGMA_MAX, SIGMA_MIN)  # stop at sigma_min (see test_samplers)
-    errs = []
-    for n in ns:
-        sigmas = karras(n, SIGMA_MIN, SIGMA_MAX)[:-1]
-        errs.append((S.SAMPLERS[name](gaussian_denoiser, x_T, sigmas, **opts) - target).abs().max().item())
-    slope = math.log(errs[0] / errs[1]) / math.log(ns[1] / ns[0])
-    assert lo <= slope <= hi, f"{name} {opts}: order {slope:.2f} not in [{lo}, {hi}] (errors {errs})"
+    assert_convergence_order(name, opts, ns, lo, hi)
 
 
 @pytest.mark.parametrize("name,opts,tol", [
