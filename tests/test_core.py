@@ -116,7 +116,6 @@ def test_sampler_records():
 def test_native_size_lives_with_the_config():
     assert (SD15.native_size, SD21.native_size, SDXL_BASE.native_size) == (512, 768, 1024)
     assert TINY.replace(extra={"image_size": 64}).native_size == 64
-    assert cli.native_size(SD21) == 768  # the old import still answers
 
 
 def test_plan_truncates_for_img2img(model):

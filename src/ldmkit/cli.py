@@ -215,11 +215,6 @@ def _params_from_args(args: argparse.Namespace, model) -> object:
     return GenerationParams(**kw)
 
 
-def native_size(cfg) -> int:
-    """The resolution a model was trained at (kept for old importers; it lives in ``ModelConfig.native_size``)."""
-    return cfg.native_size
-
-
 def _apply_png(args: argparse.Namespace) -> None:
     """--from-png: settings from the image's infotext, unless given on the command line."""
     from ldmkit.infotext import parse_infotext, read_parameters
