@@ -116,3 +116,10 @@ def test_out_file_writes_the_embedding_there(data, model_file, tmp_path):
     assert torch.equal(final, read_safetensors(run / "myshape.safetensors")[0]["emb_params"])
     assert not torch.equal(first, final)
     assert [e.name for e in EmbeddingTable(folder).embeddings] == ["myshape"]  # the run folder is not scanned
+
+
+def test_out_file_other_than_safetensors_is_one_line(data, model_file, tmp_path, capsys):
+    assert cli.main(_argv(data, model_file, tmp_path / "myshape.pt")) == 2
+    err = capsys.readouterr().err
+    assert "myshape.safetensors" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / ".myshape.run").exists()
