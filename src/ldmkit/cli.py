@@ -10,6 +10,7 @@ import gc
 import importlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ldmkit.guards import finite_float
@@ -281,21 +282,20 @@ def _open_image(path: str):
     return open_image(path)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from ldmkit import api
-    from ldmkit import pipeline as P
+@dataclass
+class PreparedGeneration:
+    """A generate command's settings, checked against its loaded model: what :func:`run_generation` runs."""
 
-    if args.command == "generate":
-        if args.from_png:
-            _apply_png(args)
-        if not args.prompt:
-            raise ValueError("no prompt given: ldmkit generate \"a red apple\"")
-    importlib.import_module("ldmkit.controlnet").check_args(args)  # unpaired --controlnet: before any loading
-    if args.preview_vae and not args.preview:
-        raise ValueError("--preview-vae needs --preview FILE.png (where to write the preview)")
-    init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
-    mask = _open_image(args.mask) if args.command == "inpaint" else None
-    t0 = time.perf_counter()
+    params: object  # ldmkit.core.GenerationParams
+    steps: int  # model calls per image (the progress bar's length)
+    hires: object = None  # ldmkit.hires.HiresParams
+    upscaler: object = None  # the hires fix's loaded image upscaler
+    refiner: object = None  # the SDXL refiner model
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The model of a generate/img2img/inpaint command line (or an ``ldmkit batch`` job), LoRAs merged."""
+    from ldmkit import api
     from ldmkit.lora import parse_lora_arg
 
     loras = [parse_lora_arg(spec) for spec in args.lora]
@@ -303,12 +303,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     low_memory=args.low_memory, vae_tiling=args.vae_tiling, lora_dir=args.lora_dir,
                     embeddings_dir=args.embeddings_dir)
     pipe.model.lora_strict = args.lora_strict
+    return pipe
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def prepare_generation(args: argparse.Namespace, pipe, note=_note) -> PreparedGeneration:
+    """The command line's GenerationParams (and hires fix, refiner), checked against ``pipe``'s model."""
+    from ldmkit import pipeline as P
+
     params = _params_from_args(args, pipe.model)
     if getattr(args, "controlnet", None):
         from ldmkit.controlnet import units_from_args
 
-        params = params.replace(controlnets=units_from_args(args, pipe.model, params.width, params.height,
-                                                            log=lambda m: print(f"note: {m}", file=sys.stderr)))
+        params = params.replace(controlnets=units_from_args(args, pipe.model, params.width, params.height, log=note))
     P.validate(params, pipe.model)
     refiner = None
     if args.command == "generate":
@@ -320,33 +330,59 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     unknown = unknown_words(pipe.model, params.prompt)
     if unknown:
-        print(f"note: {pipe.model.source_name} was trained on a small vocabulary and has never seen: "
-              f"{', '.join(unknown)} (read as blank)", file=sys.stderr)
+        note(f"{pipe.model.source_name} was trained on a small vocabulary and has never seen: "
+             f"{', '.join(unknown)} (read as blank)")
     steps = params.steps if args.command == "generate" else max(1, int(params.steps * params.strength))
-    from ldmkit.hires import hires_from_args, txt2img_hires
+    from ldmkit.hires import hires_from_args
 
     hires, upscaler = hires_from_args(args, args.device) if args.command == "generate" else (None, None)
     steps += (hires.steps or params.steps) if hires else 0
+    return PreparedGeneration(params, steps, hires, upscaler, refiner)
+
+
+def run_generation(args: argparse.Namespace, pipe, gen: PreparedGeneration, init=None, mask=None,
+                   callback=None) -> list:
+    """The images of a prepared command line (txt2img with hires fix or refiner, img2img, inpaint)."""
+    from ldmkit import pipeline as P
+
+    if gen.hires is not None:
+        from ldmkit.hires import txt2img_hires
+
+        return txt2img_hires(pipe.model, gen.params, gen.hires, gen.upscaler, callback=callback)
+    if gen.refiner is not None:
+        from ldmkit.sdxl import txt2img_refined
+
+        return txt2img_refined(pipe.model, gen.refiner, gen.params, args.refiner_switch_at, callback=callback)
+    if args.command == "generate":
+        return P.txt2img(pipe.model, gen.params, callback=callback)
+    if args.command == "img2img":
+        return P.img2img(pipe.model, gen.params, init, callback=callback)
+    return P.inpaint(pipe.model, gen.params, init, mask, callback=callback)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if args.command == "generate":
+        if args.from_png:
+            _apply_png(args)
+        if not args.prompt:
+            raise ValueError("no prompt given: ldmkit generate \"a red apple\"")
+    importlib.import_module("ldmkit.controlnet").check_args(args)  # unpaired --controlnet: before any loading
+    if args.preview_vae and not args.preview:
+        raise ValueError("--preview-vae needs --preview FILE.png (where to write the preview)")
+    init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
+    mask = _open_image(args.mask) if args.command == "inpaint" else None
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args)
+    gen = prepare_generation(args, pipe)
     preview = _preview_writer(args, pipe.model)  # before the bar: a bad --preview-vae fails on a clean line
-    bar, progress = _progress(steps, args.command)
+    bar, progress = _progress(gen.steps, args.command)
 
     def cb(d: dict) -> None:
         if preview is not None:
             preview(d)
         progress(d)
     try:
-        if hires is not None:
-            images = txt2img_hires(pipe.model, params, hires, upscaler, callback=cb)
-        elif refiner is not None:
-            from ldmkit.sdxl import txt2img_refined
-
-            images = txt2img_refined(pipe.model, refiner, params, args.refiner_switch_at, callback=cb)
-        elif args.command == "generate":
-            images = P.txt2img(pipe.model, params, callback=cb)
-        elif args.command == "img2img":
-            images = P.img2img(pipe.model, params, init, callback=cb)
-        else:
-            images = P.inpaint(pipe.model, params, init, mask, callback=cb)
+        images = run_generation(args, pipe, gen, init, mask, callback=cb)
     finally:
         bar.close()
     from ldmkit.networks import last_report
