@@ -88,13 +88,15 @@ class Pipeline:
         return P.txt2img(self.model, self._params(prompt, kw), callback=kw.get("callback"))
 
     def control_unit(self, controlnet, image: Image.Image, width: int, height: int, weight: float = 1.0,
-                     start: float = 0.0, end: float = 1.0, preprocessor: str = "none", guess_mode: bool = False):
+                     start: float = 0.0, end: float = 1.0, preprocessor: str = "none", guess_mode: bool = False,
+                     **a1111):
         """A ControlNet (file, folder or loaded) with its control image, for ``txt2img(..., controlnets=[...])``;
-        the image is preprocessed and resized to ``width`` x ``height``, the size to generate at."""
+        the image is preprocessed and resized to ``width`` x ``height``, the size to generate at. ``a1111``: the
+        extension's unit settings (control_mode, resize_mode, pixel_perfect, processor_res, threshold_a/b)."""
         from ldmkit.controlnet import make_unit
 
         return make_unit(self.model, controlnet, image, width, height, weight, start, end, preprocessor,
-                         guess_mode=guess_mode)
+                         guess_mode=guess_mode, **a1111)
 
     def img2img(self, prompt: str, init_image: Image.Image, **kw) -> list[Image.Image]:
         return P.img2img(self.model, self._params(prompt, kw), init_image, callback=kw.get("callback"))

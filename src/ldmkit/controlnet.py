@@ -24,6 +24,7 @@ from torch import Tensor
 from ldmkit import convert
 from ldmkit.checkpoint import CheckpointError, read_state_dict
 from ldmkit.config import UNetConfig
+from ldmkit.controlnet_a1111 import BALANCED, CONTROL, soft_scales
 from ldmkit.models.controlnet import ControlNet, ControlNetConfig, Residuals
 
 StateDict = dict[str, Tensor]
@@ -177,26 +178,40 @@ class ControlUnit:
     # diffusers' guess_mode: the ControlNet reads only the conditional half of a CFG batch (the unconditional
     # half gets no residuals) and its residuals grow from 0.1 x weight (first skip) to 1 x weight (middle)
     guess_mode: bool = False
+    # the A1111 extension's control mode (controlnet_a1111): "Balanced", "My prompt is more important" (soft
+    # injection: skip k of K scaled 0.825^(K-k)), "ControlNet is more important" (soft, conditional rows only)
+    control_mode: str = "Balanced"
+    # the extension's unit settings (module, model, resize mode, ...) for the infotext; None: none written
+    settings: dict | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.end <= 1.0:
             raise ValueError(f"control start {self.start:g} and end {self.end:g} must satisfy 0 <= start < end <= 1")
+        from ldmkit.controlnet_a1111 import control_mode_name
+
+        object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
 
     def active(self, i: int, n: int) -> bool:
         return not (i / n < self.start or (i + 1) / n > self.end)
 
 
-def control_map(image: object, width: int, height: int, log: Callable[[str], None] | None = None) -> Tensor:
-    """A PIL control image as a (1, 3, height, width) map in [0, 1]; another size is resized to the output size
-    ("just resize", Lanczos) and ``log`` is told so."""
+def control_map(image: object, width: int, height: int, log: Callable[[str], None] | None = None,
+                resize_mode: str = "Just Resize") -> Tensor:
+    """A PIL control image as a (1, 3, height, width) map in [0, 1]; another size is brought to the output size
+    by ``resize_mode`` (the A1111 extension's: "Just Resize", "Crop and Resize", "Resize and Fill") and ``log``
+    is told so."""
     from PIL import Image
 
+    from ldmkit.controlnet_a1111 import control_image
+
     assert isinstance(image, Image.Image)
-    rgb = image.convert("RGB")
-    if rgb.size != (width, height):
-        if log is not None:
-            log(f"control image {rgb.size[0]}x{rgb.size[1]} resized to {width}x{height} (just resize)")
-        rgb = rgb.resize((width, height), Image.LANCZOS)
+    return map_tensor(control_image(image, width, height, "none", resize_mode, log=log)[0])
+
+
+def map_tensor(image: object) -> Tensor:
+    """A PIL map as (1, 3, H, W) in [0, 1]."""
+    rgb = image.convert("RGB")  # type: ignore[attr-defined]
+    width, height = rgb.size
     x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
     return x.permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
 
@@ -240,9 +255,16 @@ class ControlledUNet:
             hint = hint.expand(x.shape[0], -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(
                 x.shape[0] // hint.shape[0], 1, 1, 1)
             latent = x[:, :net.cfg.unet.in_channels]  # an inpainting U-Net's input also holds mask + masked image
-            skip = self.uncond_rows if unit.guess_mode else 0
+            # guess mode and the extension's "ControlNet is more important": the conditional rows only
+            skip = self.uncond_rows if unit.guess_mode or unit.control_mode == CONTROL else 0
             r = net(latent[skip:].to(dtype), hint[skip:], t[skip:] if t.ndim else t, context[skip:].to(dtype))
-            r = r.scaled(unit.weight) if not unit.guess_mode else guess_scaled(r, unit.weight)
+            if unit.guess_mode:
+                r = guess_scaled(r, unit.weight)
+            elif unit.control_mode != BALANCED:  # the extension's soft injection
+                scales = [s * unit.weight for s in soft_scales(len(r.down))]
+                r = Residuals([d * s for d, s in zip(r.down, scales, strict=False)], r.mid * scales[-1])
+            else:
+                r = r.scaled(unit.weight)
             if skip:
                 r = Residuals([F.pad(d, (0, 0, 0, 0, 0, 0, skip, 0)) for d in r.down],
                               F.pad(r.mid, (0, 0, 0, 0, 0, 0, skip, 0)))  # zeros for the unconditional rows
@@ -317,29 +339,59 @@ def describe_file(path: str | os.PathLike) -> str | None:
 
 def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: object, width: int, height: int,
               weight: float = 1.0, start: float = 0.0, end: float = 1.0, preprocessor: str = "none",
-              log: Callable[[str], None] | None = None, guess_mode: bool = False) -> ControlUnit:
+              log: Callable[[str], None] | None = None, guess_mode: bool = False, control_mode: str = "Balanced",
+              resize_mode: str = "Just Resize", pixel_perfect: bool = False, processor_res: int | None = None,
+              threshold_a: float | None = None, threshold_b: float | None = None) -> ControlUnit:
     """A :class:`ControlUnit` for ``model`` (a StableDiffusion) from a ControlNet file/folder (or a loaded one)
-    and a PIL image, preprocessed and resized to the output size ``width`` x ``height``."""
-    from ldmkit.preprocess import preprocess
+    and a PIL image, preprocessed and brought to the output size ``width`` x ``height`` as the A1111 extension
+    does (``controlnet_a1111.control_image``: pixel perfect, preprocessor resolution and sliders, resize mode)."""
+    from ldmkit.controlnet_a1111 import control_image, model_title, module_name, resize_mode_name
 
+    module = module_name(preprocessor)
+    resize_mode = resize_mode_name(resize_mode)
     if isinstance(controlnet, ControlNet):
         net = controlnet
         check_fits(net.cfg, model.cfg.unet, getattr(net, "source_name", "given"))  # type: ignore[attr-defined]
+        title = getattr(net, "source_name", "given")
     else:
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", torch.float32)
         net = load_controlnet(controlnet, model.cfg.unet, dtype=dtype, device=model.device)  # type: ignore[attr-defined]
-    hint = control_map(preprocess(preprocessor, image), width, height, log)  # type: ignore[arg-type]
-    return ControlUnit(net, hint, float(weight), float(start), float(end), guess_mode)
+        title = model_title(controlnet)
+    hint, res = control_image(image, width, height, module, resize_mode, pixel_perfect, processor_res,  # type: ignore[arg-type]
+                              threshold_a, threshold_b, log)
+    unit = ControlUnit(net, map_tensor(hint), float(weight), float(start), float(end), guess_mode, control_mode)
+    from ldmkit.controlnet_a1111 import slider_values
+
+    sliders = list(slider_values(module, threshold_a, threshold_b).values()) + [-1, -1]
+    settings = {"module": module, "model": title, "weight": float(weight), "resize_mode": resize_mode,
+                "processor_res": res if res is not None else -1, "threshold_a": float(sliders[0]),
+                "threshold_b": float(sliders[1]), "guidance_start": float(start), "guidance_end": float(end),
+                "pixel_perfect": bool(pixel_perfect), "control_mode": unit.control_mode}
+    return dataclasses.replace(unit, settings=settings)
 
 
 _PER_UNIT = (("control_image", "--control-image"), ("control_weight", "--control-weight"),
              ("control_start", "--control-start"), ("control_end", "--control-end"),
-             ("preprocessor", "--preprocessor"))
+             ("preprocessor", "--preprocessor"), ("control_mode", "--control-mode"),
+             ("resize_mode", "--resize-mode"), ("pixel_perfect", "--pixel-perfect"),
+             ("processor_res", "--processor-res"), ("control_threshold_a", "--control-threshold-a"),
+             ("control_threshold_b", "--control-threshold-b"))
+
+
+def _on_off(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("on", "true", "yes", "1"):
+        return True
+    if v in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"--pixel-perfect takes on or off, got {value!r}")
 
 
 def add_controlnet_args(p: object) -> None:
     """--controlnet FILE --control-image PNG [--control-weight W --control-start S --control-end E
-    --preprocessor NAME], repeatable: the n-th of each belongs to the n-th --controlnet."""
+    --preprocessor NAME --control-mode M --resize-mode R --pixel-perfect --processor-res N
+    --control-threshold-a A --control-threshold-b B], repeatable: the n-th of each belongs to the n-th
+    --controlnet (one value: every unit)."""
     from ldmkit.preprocess import PREPROCESSORS
 
     add = p.add_argument  # type: ignore[attr-defined]
@@ -356,12 +408,26 @@ def add_controlnet_args(p: object) -> None:
         help="fraction of the steps where it stops (default 1)")
     add("--preprocessor", action="append", default=[], metavar="NAME",
         help=f"turn the control image into a map first: {', '.join(PREPROCESSORS)} (default none)")
+    add("--control-mode", action="append", default=[], metavar="MODE",
+        help="A1111's control mode: balanced (default), prompt ('My prompt is more important': residuals "
+             "scaled 0.825^k towards the first skip), controlnet ('ControlNet is more important': that, and "
+             "none for the negative prompt's half)")
+    add("--resize-mode", action="append", default=[], metavar="MODE",
+        help="a control image of another size: just-resize (default), crop-and-resize, resize-and-fill "
+             "(A1111's names work too)")
+    add("--pixel-perfect", action="append", default=[], nargs="?", const="on", metavar="on|off",
+        help="run the preprocessor at the resolution the output needs (A1111's pixel perfect)")
+    add("--processor-res", action="append", default=[], type=int, metavar="N",
+        help="preprocessor resolution: the image's short side is scaled to N first (default: as it is)")
+    add("--control-threshold-a", action="append", default=[], type=float, metavar="A",
+        help="preprocessor slider 1 (A1111's threshold_a): canny low (100), threshold level (127), binary "
+             "level (0 = Otsu), blur sigma (9)")
+    add("--control-threshold-b", action="append", default=[], type=float, metavar="B",
+        help="preprocessor slider 2 (A1111's threshold_b): canny high (200)")
 
 
 def check_args(args: object) -> None:
     """One-line errors for control options that do not pair up, before any model is loaded."""
-    from ldmkit.preprocess import check_name
-
     n = len(getattr(args, "controlnet", []) or [])
     for attr, flag in _PER_UNIT:
         k = len(getattr(args, attr, []) or [])
@@ -373,8 +439,16 @@ def check_args(args: object) -> None:
         if k not in (0, 1, n):
             raise ValueError(f"{flag} given {k} times for {n} ControlNets: give it once (for all) or once per "
                              "--controlnet")
+    from ldmkit.controlnet_a1111 import control_mode_name, module_name, resize_mode_name
+
     for name in getattr(args, "preprocessor", []) or []:
-        check_name(name)
+        module_name(name)  # ldmkit's names or the A1111 extension's (blur_gaussian, ...)
+    for mode in getattr(args, "control_mode", []) or []:
+        control_mode_name(mode)
+    for mode in getattr(args, "resize_mode", []) or []:
+        resize_mode_name(mode)
+    for v in getattr(args, "pixel_perfect", []) or []:
+        _on_off(v)
 
 
 def units_from_args(args: object, model: object, width: int, height: int,
@@ -395,10 +469,15 @@ def units_from_args(args: object, model: object, width: int, height: int,
         tell = None if log is None else (lambda msg, f=image_path: log(f"{f}: {msg}"))
         units.append(make_unit(model, path, open_image(image_path), width, height, nth("control_weight", i, 1.0),
                                nth("control_start", i, 0.0), nth("control_end", i, 1.0),
-                               nth("preprocessor", i, "none"), tell))
+                               nth("preprocessor", i, "none"), tell, control_mode=nth("control_mode", i, "Balanced"),
+                               resize_mode=nth("resize_mode", i, "Just Resize"),
+                               pixel_perfect=_on_off(nth("pixel_perfect", i, "off")),
+                               processor_res=nth("processor_res", i, None),
+                               threshold_a=nth("control_threshold_a", i, None),
+                               threshold_b=nth("control_threshold_b", i, None)))
     return tuple(units)
 
 
 __all__ = ["ControlNetError", "ControlUnit", "ControlledUNet", "check_fits", "config_from_weights", "control_map",
-           "control_problem", "describe_file", "diffusers_to_original", "load_controlnet", "make_unit",
+           "control_problem", "describe_file", "diffusers_to_original", "load_controlnet", "make_unit", "map_tensor",
            "read_controlnet", "units_from_args"]

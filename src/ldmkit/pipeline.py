@@ -132,6 +132,10 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
     fields.append(("Model", model.source_name))
     fields.extend((extra or {}).items())
     fields.extend(last_report(model).infotext_fields().items())  # the prompt's <lora:...> (ldmkit.networks)
+    if params.controlnets:  # as the A1111 ControlNet extension writes its units
+        from ldmkit.controlnet_a1111 import infotext_fields
+
+        fields.extend(infotext_fields(params.controlnets).items())
     if params.clip_skip and params.clip_skip > 1:
         fields.append(("Clip skip", params.clip_skip))
     if params.tiling:  # as A1111 writes it

@@ -1,0 +1,279 @@
+"""The A1111 ControlNet extension's (Mikubill/sd-webui-controlnet) unit settings, as it defines them.
+
+* Control modes (``scripts/enums.py`` ControlMode, applied in ``scripts/hook.py``):
+  "Balanced" scales every residual by the weight; "My prompt is more important" ("soft injection") scales
+  the k-th of K skip residuals by weight x 0.825^(K - k) (SD1/SD2: K = 12, so 0.825^12 ~ 0.099 for the first
+  skip .. 0.825 for the last) and the middle by the weight; "ControlNet is more important" is the soft
+  injection plus "CFG injection": the residuals are multiplied by the conditional-row mark, so the
+  unconditional half of a CFG batch gets none.
+* Resize modes (``Script.detectmap_proc``): "Just Resize" stretches the map to the output size; "Crop and
+  Resize" scales it by max(h/H, w/W) and crops the centre; "Resize and Fill" scales it by min(h/H, w/W) and
+  centres it on the median colour of its border. Ints 0, 1, 2 (3, A1111's latent "Just Resize", is 0).
+  Interpolation as the extension's ``high_quality_resize`` picks it: nearest for maps of 3..199 colours,
+  area when shrinking, bicubic when growing; two-colour (black/white) maps are thresholded again at Otsu's
+  level. Not done: its one-pixel-edge thinning of binary maps (``nake_nms`` + ``lvmin_thin``).
+* Pixel perfect (``external_code.pixel_perfect_resolution``): the preprocessor resolution is
+  round(k x min(H, W)) of the input image, k = min(h/H, w/W) for "Resize and Fill", else max.
+* Preprocessor resolution (``resize_image_with_pad``): the input is scaled so its short side is the
+  resolution (bicubic when growing, area when shrinking) before the preprocessor runs.
+* Infotext (``scripts/infotext.py``): ``ControlNet N: "Module: canny, Model: name [hash], Weight: 1.0, ..."``;
+  model names are ``stem [hash]`` with A1111's old 8-digit file hash (``sd_models.model_hash``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BALANCED, PROMPT, CONTROL = "Balanced", "My prompt is more important", "ControlNet is more important"
+CONTROL_MODES = (BALANCED, PROMPT, CONTROL)
+JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = "Just Resize", "Crop and Resize", "Resize and Fill"
+RESIZE_MODES = (JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL)
+SOFT_BASE = 0.825  # the extension's soft-injection base
+
+_CONTROL_ALIASES = {"balanced": BALANCED, "prompt": PROMPT, "controlnet": CONTROL, "control": CONTROL}
+_RESIZE_ALIASES = {  # the extension's resize_mode_aliases, and short names for the command line
+    "inner fit (scale to fit)": CROP_AND_RESIZE, "outer fit (shrink to fit)": RESIZE_AND_FILL,
+    "scale to fit (inner fit)": CROP_AND_RESIZE, "envelope (outer fit)": RESIZE_AND_FILL,
+    "just resize (latent upscale)": JUST_RESIZE, "just-resize": JUST_RESIZE, "resize": JUST_RESIZE,
+    "crop-and-resize": CROP_AND_RESIZE, "crop": CROP_AND_RESIZE, "resize-and-fill": RESIZE_AND_FILL,
+    "fill": RESIZE_AND_FILL,
+}
+# preprocessors that do not look at a resolution (the extension's "none" and "invert" do not resize)
+RESOLUTION_FREE = frozenset({"none", "invert"})
+# the extension's slider defaults (threshold_a, threshold_b) per module, and the ldmkit argument each sets
+SLIDERS: dict[str, tuple[tuple[str, float], ...]] = {
+    "canny": (("low", 100.0), ("high", 200.0)),
+    "threshold": (("level", 127.0),),
+    "binary": (("level", 0.0),),  # 0: Otsu's level
+    "blur": (("radius", 9.0),),  # blur_gaussian's sigma
+}
+# the extension's module names (and UI labels) for ldmkit's preprocessors
+MODULE_ALIASES = {"blur_gaussian": "blur", "tile_resample": "blur", "invert (from white bg & black line)": "invert",
+                  "canny": "canny", "threshold": "threshold", "binary": "binary", "none": "none"}
+MODULE_LABELS = {"none": "none", "invert": "invert (from white bg & black line)", "blur": "blur_gaussian"}
+
+
+def control_mode_name(value: object) -> str:
+    """The extension's control mode name for a name, an alias (balanced, prompt, controlnet) or 0/1/2."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and 0 <= value < len(CONTROL_MODES):
+        return CONTROL_MODES[value]
+    if isinstance(value, str):
+        key = value.strip().lower()
+        for name in CONTROL_MODES:
+            if key == name.lower():
+                return name
+        if key in _CONTROL_ALIASES:
+            return _CONTROL_ALIASES[key]
+        if key.isdigit():
+            return control_mode_name(int(key))
+    raise ValueError(f"unknown control mode {value!r}: use 0 {BALANCED!r}, 1 {PROMPT!r} or 2 {CONTROL!r} "
+                     "(or balanced, prompt, controlnet)")
+
+
+def resize_mode_name(value: object) -> str:
+    """The extension's resize mode name for a name, one of its aliases or 0/1/2 (3: its latent Just Resize)."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and 0 <= value <= 3:
+        return RESIZE_MODES[value] if value < 3 else JUST_RESIZE
+    if isinstance(value, str):
+        key = value.strip().lower()
+        for name in RESIZE_MODES:
+            if key == name.lower():
+                return name
+        if key in _RESIZE_ALIASES:
+            return _RESIZE_ALIASES[key]
+        if key.isdigit():
+            return resize_mode_name(int(key))
+    raise ValueError(f"unknown resize mode {value!r}: use 0 {JUST_RESIZE!r}, 1 {CROP_AND_RESIZE!r} or 2 "
+                     f"{RESIZE_AND_FILL!r}")
+
+
+def module_name(value: str) -> str:
+    """ldmkit's preprocessor for a module name (the extension's, e.g. blur_gaussian, or ldmkit's own)."""
+    from ldmkit.preprocess import PREPROCESSORS, check_name
+
+    key = value.strip()
+    name = key if key in PREPROCESSORS else MODULE_ALIASES.get(key.lower(), key)
+    check_name(name)
+    return name
+
+
+# ---------------------------------------------------------------- residual scales
+
+
+def soft_scales(n_down: int) -> list[float]:
+    """Soft injection: weight factors for the n_down skip residuals and the middle (last): 0.825^(n_down - k)."""
+    return [SOFT_BASE ** float(n_down - k) for k in range(n_down + 1)]
+
+
+# ---------------------------------------------------------------- sizes: pixel perfect, resize modes
+
+
+def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, resize_mode: str) -> int:
+    """The preprocessor resolution for an input image of ``size`` (W, H) and an output of width x height."""
+    raw_w, raw_h = size
+    k0, k1 = height / raw_h, width / raw_w
+    k = min(k0, k1) if resize_mode == RESIZE_AND_FILL else max(k0, k1)
+    return int(np.round(k * min(raw_h, raw_w)))
+
+
+def _resize(a: np.ndarray, width: int, height: int, resample: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(a).resize((width, height), resample))
+
+
+def high_quality_resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An (H, W, 3) uint8 map resized as the extension's ``high_quality_resize`` chooses (see the module doc)."""
+    from ldmkit.preprocess import otsu_level
+
+    if a.shape[:2] == (height, width):
+        return a
+    smaller = width * height < a.shape[0] * a.shape[1]
+    colours = len(np.unique(a.reshape(-1, a.shape[2]), axis=0))
+    binary = colours == 2 and a.min() < 16 and a.max() > 240
+    if 2 < colours < 200:
+        resample = Image.NEAREST
+    else:
+        resample = Image.BOX if smaller else Image.BICUBIC
+    y = _resize(a, width, height, resample)
+    if binary:
+        grey = y.astype(np.float32).mean(axis=2).clip(0, 255).astype(np.uint8)
+        y = np.repeat(((grey > otsu_level(grey)) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    return y
+
+
+def fit_map(a: np.ndarray, width: int, height: int, resize_mode: str) -> np.ndarray:
+    """The extension's ``detectmap_proc``: an (H, W, 3) uint8 map brought to height x width by ``resize_mode``."""
+    if resize_mode == JUST_RESIZE:
+        return high_quality_resize(a, width, height)
+    old_h, old_w = float(a.shape[0]), float(a.shape[1])
+    k0, k1 = height / old_h, width / old_w
+    if resize_mode == RESIZE_AND_FILL:
+        k = min(k0, k1)
+        borders = np.concatenate([a[0, :, :], a[-1, :, :], a[:, 0, :], a[:, -1, :]], axis=0)
+        background = np.tile(np.median(borders, axis=0).astype(a.dtype)[None, None], [height, width, 1])
+        m = high_quality_resize(a, int(np.round(old_w * k)), int(np.round(old_h * k)))
+        new_h, new_w = m.shape[:2]
+        pad_h, pad_w = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
+        background[pad_h:pad_h + new_h, pad_w:pad_w + new_w] = m
+        return background
+    k = max(k0, k1)  # Crop and Resize
+    m = high_quality_resize(a, int(np.round(old_w * k)), int(np.round(old_h * k)))
+    new_h, new_w = m.shape[:2]
+    pad_h, pad_w = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
+    return m[pad_h:pad_h + height, pad_w:pad_w + width]
+
+
+# ---------------------------------------------------------------- preprocessing at a resolution
+
+
+def slider_values(module: str, threshold_a: float | None = None, threshold_b: float | None = None) -> dict:
+    """The preprocessor's keyword arguments for the extension's threshold_a/b (None or negative: its default)."""
+    out = {}
+    for (arg, default), v in zip(SLIDERS.get(module, ()), (threshold_a, threshold_b), strict=False):
+        out[arg] = default if v is None or v < 0 else float(v)
+    if module in ("threshold", "binary"):
+        out["level"] = int(out["level"])
+    return out
+
+
+def run_preprocessor(module: str, image: Image.Image, processor_res: int | None = None,
+                     threshold_a: float | None = None, threshold_b: float | None = None) -> Image.Image:
+    """The map ``module`` makes from ``image``: the input first scaled so its short side is ``processor_res``
+    (None or < 1: as it is), the extension's sliders applied (defaults where not given)."""
+    from ldmkit.preprocess import PREPROCESSORS, binary, preprocess
+
+    name = module_name(module)
+    rgb = image.convert("RGB")
+    if processor_res is not None and processor_res > 0 and name not in RESOLUTION_FREE:
+        k = processor_res / min(rgb.size)
+        size = (int(np.round(rgb.size[0] * k)), int(np.round(rgb.size[1] * k)))
+        if size != rgb.size:
+            rgb = rgb.resize(size, Image.BICUBIC if k > 1 else Image.BOX)
+    kwargs = slider_values(name, threshold_a, threshold_b)
+    if not kwargs:
+        return preprocess(name, rgb)
+    if name == "binary":
+        return binary(rgb) if kwargs["level"] <= 0 else PREPROCESSORS["threshold"](rgb, kwargs["level"])
+    return PREPROCESSORS[name](rgb, **kwargs)
+
+
+def control_image(image: Image.Image, width: int, height: int, module: str = "none",
+                  resize_mode: str = JUST_RESIZE, pixel_perfect: bool = False, processor_res: int | None = None,
+                  threshold_a: float | None = None, threshold_b: float | None = None,
+                  log: Callable[[str], None] | None = None) -> tuple[Image.Image, int | None]:
+    """The control map for an output of width x height, made as the extension makes it: pixel-perfect
+    resolution, preprocessor, resize mode. Returns (map, the preprocessor resolution used)."""
+    resize_mode = resize_mode_name(resize_mode)
+    if pixel_perfect:
+        processor_res = pixel_perfect_resolution(image.size, width, height, resize_mode)
+    detected = run_preprocessor(module, image, processor_res, threshold_a, threshold_b)
+    if detected.size != (width, height) and log is not None:
+        log(f"control image {detected.size[0]}x{detected.size[1]} resized to {width}x{height} "
+            f"({resize_mode.lower()})")
+    a = np.asarray(detected.convert("RGB"))
+    return Image.fromarray(fit_map(a, width, height, resize_mode)), processor_res
+
+
+# ---------------------------------------------------------------- names, hashes, infotext
+
+
+def a1111_model_hash(path: str | os.PathLike) -> str:
+    """A1111's old short hash (``sd_models.model_hash``), which the extension shows after ControlNet names:
+    SHA-256 of the 64 KiB at offset 1 MiB, 8 hex digits. A diffusers folder: that of its weights file."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.fp16.safetensors"):
+            if (p / name).exists():
+                p = p / name
+                break
+        else:
+            return "NOFILE"
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
+
+
+def model_title(path: str | os.PathLike) -> str:
+    """The extension's name for a ControlNet file: ``stem [hash]``."""
+    p = Path(path)
+    stem = p.name if p.is_dir() else p.stem
+    return f"{stem} [{a1111_model_hash(p)}]"
+
+
+def unit_infotext(settings: Mapping[str, object]) -> str:
+    """One unit's infotext value as the extension serialises it (``ControlNetUnit.serialize``), quoted."""
+    order = (("Module", "module"), ("Model", "model"), ("Weight", "weight"), ("Resize Mode", "resize_mode"),
+             ("Processor Res", "processor_res"), ("Threshold A", "threshold_a"), ("Threshold B", "threshold_b"),
+             ("Guidance Start", "guidance_start"), ("Guidance End", "guidance_end"),
+             ("Pixel Perfect", "pixel_perfect"), ("Control Mode", "control_mode"))
+    text = ", ".join(f"{label}: {settings.get(key)}" for label, key in order)
+    return json.dumps(text)  # A1111 quotes values holding commas or colons
+
+
+def infotext_fields(units: Sequence[object]) -> dict[str, str]:
+    """``{"ControlNet 0": "...", ...}`` for units that carry their settings (``ControlUnit.settings``)."""
+    out = {}
+    for i, unit in enumerate(units):
+        settings = getattr(unit, "settings", None)
+        if settings:
+            out[f"ControlNet {i}"] = unit_infotext(settings)
+    return out
+
+
+__all__ = ["BALANCED", "CONTROL", "CONTROL_MODES", "CROP_AND_RESIZE", "JUST_RESIZE", "PROMPT", "RESIZE_AND_FILL",
+           "RESIZE_MODES", "a1111_model_hash", "control_image", "control_mode_name", "fit_map",
+           "high_quality_resize", "infotext_fields", "model_title", "module_name", "pixel_perfect_resolution",
+           "resize_mode_name", "run_preprocessor", "soft_scales"]
