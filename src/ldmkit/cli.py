@@ -43,7 +43,7 @@ EXAMPLES = {
 
 # modules with a register(add) function contributing subcommands (data, train, export, serve, explain)
 PLUGIN_MODULES: list[str] = ["ldmkit.data.cli", "ldmkit.train.cli", "ldmkit.explain", "ldmkit.server.cli",
-                             "ldmkit.upscale", "ldmkit.preprocess"]
+                             "ldmkit.upscale", "ldmkit.preprocess", "ldmkit.batch"]
 
 
 def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = True) -> None:

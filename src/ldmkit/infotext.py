@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -43,12 +44,23 @@ def read_parameters(path: str | os.PathLike) -> str:
         return str(im.info.get("parameters", ""))
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG with its ``parameters`` text, atomically (never a half-written file)."""
-    path = Path(path)
+def _pnginfo(image: Image.Image) -> PngImagePlugin.PngInfo:
     meta = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         meta.add_text("parameters", str(image.info["parameters"]))
+    return meta
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write a PNG with its ``parameters`` text, atomically (never a half-written file)."""
+    path = Path(path)
     with replacing(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=meta)
+        image.save(tmp, format="PNG", pnginfo=_pnginfo(image))
     return path
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The file :func:`save_png` writes, as bytes (``ldmkit batch``: made by a worker, written by the driver)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_pnginfo(image))
+    return buf.getvalue()
