@@ -88,6 +88,36 @@ def blur(image: Image.Image, radius: float = 5.0) -> Image.Image:
     return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius))
 
 
+# how far (in every channel, 0-255) from white a pixel may be and still count as background
+BACKGROUND_TOLERANCE = 24
+
+
+def foreground_mask(image: Image.Image, tolerance: int = BACKGROUND_TOLERANCE) -> np.ndarray:
+    """(H, W) bool: what is drawn on a white background, as ldmkit's datasets define it.
+
+    The datasets draw every image on white (transparent pixels are composited onto white, ``ldmkit data``
+    and ``train.data``), so background = pixels within ``tolerance`` of white in every channel that are
+    4-connected to the image border; foreground = everything else, so white inside a shape (eyes, a
+    keycap's face) stays foreground. The same definition serves training maps and evaluation of outputs.
+    """
+    import cv2
+
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    a = np.asarray(image.convert("RGB"), dtype=np.int16)
+    whiteish = ((255 - a).max(-1) <= tolerance).astype(np.uint8)
+    _, labels = cv2.connectedComponents(whiteish, connectivity=4)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background = np.isin(labels, border[border > 0]) & (whiteish > 0)
+    return ~background
+
+
+def silhouette(image: Image.Image) -> Image.Image:
+    """White foreground on black (:func:`foreground_mask`): the map of the emoji silhouette ControlNet."""
+    return Image.fromarray((foreground_mask(image) * 255).astype(np.uint8)).convert("RGB")
+
+
 def invert(image: Image.Image) -> Image.Image:
     """Black lines on white -> white lines on black, as line-art/scribble ControlNets expect."""
     return ImageOps.invert(image.convert("RGB"))
@@ -100,6 +130,7 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "threshold": threshold,
     "binary": binary,
     "blur": blur,
+    "silhouette": silhouette,
 }
 
 

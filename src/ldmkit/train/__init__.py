@@ -76,6 +76,12 @@ def _taesd_task():
     return TAESDTask
 
 
+def _controlnet_task():
+    from ldmkit.train.controlnet import ControlNetTask
+
+    return ControlNetTask
+
+
 def _embedding_task():
     from ldmkit.train.embedding import EmbeddingTask
 
@@ -84,7 +90,7 @@ def _embedding_task():
 
 # kind -> the Task class (imported on use, so `ldmkit --help` stays fast)
 TASKS = {"vae": _vae_task, "unet": _unet_task, "lora": _lora_task, "lcm": _lcm_task, "taesd": _taesd_task,
-         "embedding": _embedding_task}
+         "embedding": _embedding_task, "controlnet": _controlnet_task}
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -132,6 +138,12 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
         from ldmkit.train.taesd import export_taesd
 
         return export_taesd(run_dir, out, half)
+    if kind == "controlnet":
+        if vae:
+            raise TrainError("--vae applies to U-Net runs; a ControlNet file holds no autoencoder")
+        from ldmkit.train.controlnet import export_controlnet
+
+        return export_controlnet(run_dir, out, half)
     if kind == "lcm":
         if vae:
             raise TrainError("--vae applies to U-Net runs; an LCM run exports its teacher's autoencoder")

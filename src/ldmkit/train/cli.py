@@ -104,6 +104,16 @@ EMBEDDING_EXAMPLES = """examples:
       --out embeddings/mycat.safetensors     # writes that file; the run folder is embeddings/.mycat.run
 """
 
+CONTROLNET_EXAMPLES = """examples:
+  ldmkit train controlnet --model emoji --data data/emoji --condition silhouette --out runs/cn
+  ldmkit train controlnet --model emoji --data data/emoji --condition canny --out runs/cn-canny
+  ldmkit train controlnet --resume runs/cn                 # continue exactly where it stopped
+  torchrun --nproc-per-node 2 -m ldmkit train controlnet --model emoji --data data/emoji --out runs/cn
+  ldmkit export runs/cn emoji-silhouette.safetensors --half   # the original ControlNet layout (control_model.*)
+  ldmkit generate "red heart" --model emoji --controlnet emoji-silhouette.safetensors --control-image star.png
+  (metrics.jsonl: silhouette_iou of held-out silhouettes; samples/: map | output pairs)
+"""
+
 EXPORT_EXAMPLES = """examples:
   ldmkit export runs/ldm model.safetensors           # EMA weights + VAE + text encoder, one file
   ldmkit export runs/ldm model-fp16.safetensors --half
@@ -112,6 +122,7 @@ EXPORT_EXAMPLES = """examples:
   ldmkit export runs/ldm model.safetensors --vae runs/vae-decoder   # ship a decoder fine-tune of the run's VAE
   ldmkit export runs/lora style.safetensors --half   # a LoRA run: its EMA LoRA weights, kohya layout
   ldmkit export runs/lora style.safetensors --layout peft   # diffusers/PEFT keys (load_lora_weights)
+  ldmkit export runs/cn emoji-silhouette.safetensors --half  # a ControlNet run: original layout, EMA weights
   ldmkit export emoji emoji-ft.safetensors --half --vae runs/vae-decoder2   # a model file or built-in name:
                                                      # rewritten with a decoder fine-tune of its VAE
 """
@@ -143,7 +154,7 @@ _METAVARS = {"data": "DIR", "model": "PRESET", "vae": "RUN_DIR|MODEL", "text_enc
 # shorter spellings: `train lora --model sd15.safetensors --rank 8 --alpha 8` (lora has no preset --model)
 _ALIASES = {("lora", "init_from"): "--model", ("lora", "lora_rank"): "--rank", ("lora", "lora_alpha"): "--alpha",
             ("lcm", "init_from"): "--model", ("taesd", "init_from"): "--model", ("taesd", "taesd_width"): "--width",
-            ("embedding", "init_from"): "--model"}
+            ("embedding", "init_from"): "--model", ("controlnet", "init_from"): "--model"}
 
 
 def _flag(name: str) -> str:
@@ -179,7 +190,7 @@ def add_config_flags(p: argparse.ArgumentParser, kind: str) -> None:
         else:
             p.add_argument(*flags, type=finite_float if tp is float else tp,
                            metavar=_METAVARS.get(f.name, tp.__name__.upper()), **kw)
-    if kind not in ("lora", "lcm", "taesd", "embedding"):  # a LoRA's (a distilled model's) architecture is its model's
+    if kind not in ("lora", "lcm", "taesd", "embedding", "controlnet"):  # these take their model's architecture
         p.add_argument("--arch", action="append", default=[], metavar="PART.FIELD=VALUE",
                        help="architecture override, repeatable: unet.model_channels=64, vae.ch_mult=1,2,4, "
                             "text.layers=6")
@@ -268,6 +279,8 @@ TRAINERS: dict[str, Trainer] = {
                              "for --vae and live previews", TAESD_EXAMPLES),
     "embedding": _config_trainer("embedding", "textual inversion: vectors for a new word on a frozen model (an "
                                  "embedding file for --embeddings-dir)", EMBEDDING_EXAMPLES),
+    "controlnet": _config_trainer("controlnet", "train a ControlNet for a model (frozen) on maps made from the "
+                                  "training images: silhouettes or Canny edges", CONTROLNET_EXAMPLES),
 }
 
 

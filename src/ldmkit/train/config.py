@@ -23,7 +23,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-Kind = Literal["vae", "unet", "lora", "lcm", "taesd", "embedding"]
+Kind = Literal["vae", "unet", "lora", "lcm", "taesd", "embedding", "controlnet"]
 KINDS: tuple[str, ...] = typing.get_args(Kind)
 ARCH_PARTS: dict[str, type] = {"unet": UNetConfig, "vae": VAEConfig, "text": TextEncoderConfig}
 
@@ -59,12 +59,14 @@ class TrainConfig:
     model: str = _help(f"vae/unet: architecture preset: {', '.join(TRAIN_PRESETS)} (unet: unused with --init-from)",
                        "small")
     arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
-    init_from: str = _help("vae/unet/lora/lcm/taesd/embedding: a model to start from. vae: a `ldmkit train vae` run "
-                           "folder or a model file, continued with its architecture; unet: a Stable Diffusion model "
-                           "(file, diffusers folder or built-in name) whose U-Net (and text encoder) is fine-tuned "
-                           "with its architecture and VAE; lora: the model LoRA modules are trained on, frozen "
-                           "(required); lcm: the teacher (required); taesd: the model whose autoencoder is distilled "
-                           "(required); embedding: the model the new word is learnt for, frozen (required)",
+    init_from: str = _help("vae/unet/lora/lcm/taesd/embedding/controlnet: a model to start from. vae: a `ldmkit "
+                           "train vae` run folder or a model file, continued with its architecture; unet: a Stable "
+                           "Diffusion model (file, diffusers folder or built-in name) whose U-Net (and text encoder) "
+                           "is fine-tuned with its architecture and VAE; lora: the model LoRA modules are trained on, "
+                           "frozen (required); lcm: the teacher (required); taesd: the model whose autoencoder is "
+                           "distilled (required); embedding: the model the new word is learnt for, frozen "
+                           "(required); controlnet: the model the ControlNet controls, frozen; its U-Net's encoder "
+                           "starts the ControlNet (required)",
                            "")
     freeze_encoder: bool = _help("vae: train only the decoder (as SD's ft-MSE VAE), so latents of a U-Net trained "
                                  "on the --init-from VAE stay valid", False)
@@ -92,10 +94,10 @@ class TrainConfig:
     objective: Literal["auto", "eps", "v"] = _help(
         "unet/lora: predict the noise (eps) or v (Salimans & Ho 2022); auto: what --init-from's model predicts, "
         "else eps", "auto")
-    caption_dropout: float = _help("unet/lora: probability of training on the empty caption (for CFG)", 0.1)
+    caption_dropout: float = _help("unet/lora/controlnet: probability of training on the empty caption (for CFG)", 0.1)
     caption_templates: list[str] = field(default_factory=list, metadata={
-        "help": "unet/lcm/embedding: each training caption (embedding: the word) is put, at random per sample, "
-                "into one of these, e.g. "
+        "help": "unet/lcm/embedding/controlnet: each training caption (embedding: the word) is put, at random per "
+                "sample, into one of these, e.g. "
                 "'{caption}' '{a} {caption}' 'an emoji of {a} {caption}' ({a}: 'a' or 'an' to suit the caption), "
                 "so the model learns prompts phrased as people type them, not only bare captions (default: bare)"})
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
@@ -109,9 +111,10 @@ class TrainConfig:
     sample_every: int = _help("steps between sample grids / evaluation, and at the end (0: never)", 1000)
     log_every: int = _help("steps between metrics lines", 10)
     sample_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "unet/lora/lcm/embedding: prompts of the sample grid (default: captions of held-out images)"})
-    sample_steps: int = _help("unet/lora/lcm/embedding: sampler steps for the sample grid", 20)
-    sample_cfg_scale: float = _help("unet/lora/lcm/embedding: guidance scale for the sample grid", 4.0)
+        "help": "unet/lora/lcm/embedding/controlnet: prompts of the sample grid (default: captions of held-out "
+                "images; controlnet: with their control maps)"})
+    sample_steps: int = _help("unet/lora/lcm/embedding/controlnet: sampler steps for the sample grid", 20)
+    sample_cfg_scale: float = _help("unet/lora/lcm/embedding/controlnet: guidance scale for the sample grid", 4.0)
     rec_loss: Literal["l1", "l2"] = _help("vae/taesd: pixel reconstruction loss (taesd: l2 = MSE against the KL "
                                           "decoder's output, what PSNR measures; l1 = L1 + MSE)", "l1")
     kl_weight: float = _help("vae: KL weight, relative to the per-pixel loss summed over pixels as in LDM", 1e-6)
@@ -148,6 +151,11 @@ class TrainConfig:
     taesd_parts: str = _help("taesd: which halves to distil: encoder,decoder or decoder (the decoder learns from "
                              "the model's own latents either way)", "encoder,decoder")
 
+    condition: Literal["silhouette", "canny", "edges"] = _help(
+        "controlnet: the control map made from each training image: silhouette (its foreground on the white "
+        "background, white on black: ldmkit.preprocess.foreground_mask) or canny / edges (Canny edges, 100/200)",
+        "silhouette")
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -170,6 +178,10 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "embedding": {"size": 512, "batch_size": 4, "holdout": 0, "total_steps": 2000, "warmup_steps": 0, "lr": 5e-3,
                   "ema_decay": 0.0, "weight_decay": 0.0, "caption_dropout": 0.0, "checkpoint_every": 250,
                   "sample_every": 500},
+    # ControlNet (Zhang et al. 2023): AdamW 1e-5 there is for SD's 860M U-Net; half the captions empty, so the
+    # ControlNet learns to read the map alone (their recipe); no EMA in theirs, a light one here for short runs
+    "controlnet": {"total_steps": 5000, "warmup_steps": 100, "lr": 1e-4, "caption_dropout": 0.5, "ema_decay": 0.99,
+                   "weight_decay": 0.0, "checkpoint_every": 250, "sample_every": 500},
     # TAESD: a small plain conv net; no EMA (short runs), no weight decay
     "taesd": {"batch_size": 16, "total_steps": 10000, "warmup_steps": 100, "lr": 1e-3, "weight_decay": 0.0,
               "ema_decay": 0.0, "checkpoint_every": 250, "sample_every": 500, "rec_loss": "l2"},
@@ -240,6 +252,12 @@ def validate(cfg: TrainConfig) -> None:
         need(1 <= cfg.vectors <= 75, f"vectors must be between 1 and 75 (a chunk's token places), got {cfg.vectors}")
         need(not (cfg.vae or cfg.text_encoder), "embedding uses its model's own VAE and text encoder; drop vae and "
              "text_encoder")
+    if cfg.kind == "controlnet":
+        need(bool(cfg.init_from), "a ControlNet is trained for a model: pass --model, e.g. --model emoji")
+        need(not (cfg.vae or cfg.text_encoder), "controlnet uses its model's own VAE and text encoder; drop vae and "
+             "text_encoder")
+        need(cfg.condition in ("silhouette", "canny", "edges"),
+             f"condition must be silhouette, canny or edges, got {cfg.condition!r}")
     if cfg.kind == "taesd":
         need(bool(cfg.init_from), "a tiny autoencoder is distilled from a model's VAE: pass --model, "
              "e.g. --model emoji")

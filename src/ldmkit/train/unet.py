@@ -77,12 +77,16 @@ class LatentDiffusionNet(nn.Module):
         with torch.no_grad():
             return self.frozen_text.module(ids, clip_skip=self.clip_skip)
 
-    def forward(self, latents: Tensor, ids: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, dict]:
+    def forward(self, latents: Tensor, ids: Tensor, t: Tensor, noise: Tensor, hint: Tensor | None = None,
+                controlnet: nn.Module | None = None) -> tuple[Tensor, dict]:
         """DDPM forward process x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, then MSE on eps or
-        v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022)."""
+        v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022). With ``controlnet`` (``train controlnet``)
+        its residuals for the control map ``hint`` are added to the U-Net's skips and middle."""
         a, s = self.sqrt_ab[t].view(-1, 1, 1, 1), self.sqrt_1mab[t].view(-1, 1, 1, 1)
         x_t = a * latents + s * noise
-        pred = self.unet(x_t, t, self.encode_text(ids))
+        context = self.encode_text(ids)
+        control = controlnet(x_t, hint, t, context) if controlnet is not None else None
+        pred = self.unet(x_t, t, context, control=control)
         target = noise if self.objective == "eps" else a * noise - s * latents
         return F.mse_loss(pred.float(), target.float()), {}
 
@@ -321,11 +325,16 @@ class UNetTask:
         self.ids = torch.stack([tokenizer(row) for row in texts])
         self.empty_ids = tokenizer([""])[0]
 
-    def sample_latents(self, idx: Tensor, gen: torch.Generator) -> Tensor:
-        """Scaled latents of the images ``idx``: a posterior sample of each (or of its mirror image)."""
+    def draw_flips(self, idx: Tensor, gen: torch.Generator) -> Tensor | None:
+        """Which images of ``idx`` are mirrored in this batch (None when the run does not flip)."""
+        return ((torch.rand(len(idx), generator=gen) < 0.5) & self.flippable[idx]) if self.flip else None
+
+    def sample_latents(self, idx: Tensor, gen: torch.Generator, flips: Tensor | None = None) -> Tensor:
+        """Scaled latents of the images ``idx``: a posterior sample of each (or of its mirror image).
+        ``flips``: already drawn by :meth:`draw_flips` (a trainer that mirrors something else too)."""
         mean, std = self.cache["mean"][idx], self.cache["std"][idx]
         if self.flip:
-            flip = ((torch.rand(len(idx), generator=gen) < 0.5) & self.flippable[idx])[:, None, None, None]
+            flip = (self.draw_flips(idx, gen) if flips is None else flips)[:, None, None, None]
             mean = torch.where(flip, self.cache["mean_flip"][idx], mean)
             std = torch.where(flip, self.cache["std_flip"][idx], std)
         return (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
@@ -337,9 +346,9 @@ class UNetTask:
         pick = torch.randint(0, len(self.ids), (len(idx),), generator=gen) if many else torch.zeros_like(idx)
         return torch.where(drop[:, None], self.empty_ids, self.ids[pick, idx])
 
-    def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
+    def make_batch(self, idx: Tensor, gen: torch.Generator, step: int, flips: Tensor | None = None) -> dict[str, Any]:
         b = len(idx)
-        latents = self.sample_latents(idx, gen)
+        latents = self.sample_latents(idx, gen, flips)
         t = torch.randint(0, self.model_cfg.num_train_timesteps, (b,), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         drop = torch.rand(b, generator=gen) < self.cfg.caption_dropout

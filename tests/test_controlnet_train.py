@@ -1,0 +1,216 @@
+"""``ldmkit train controlnet`` (issue 16, part 6): the start against diffusers' ``ControlNetModel.from_unet``,
+the silhouette maps against the images' alpha, exact resume, two data-parallel ranks, export in the original
+layout read back by the loader, and bad input. Tiny SD1 model, 16-px images, a few steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference import diffusers_unet
+from shapes import write_shapes
+
+from ldmkit import cli, convert
+from ldmkit.checkpoint import read_safetensors, save_single_file
+from ldmkit.config import TINY
+from ldmkit.controlnet import diffusers_to_original, load_controlnet
+from ldmkit.model import StableDiffusion
+from ldmkit.models.unet import UNetModel
+from ldmkit.train import TrainError, defaults, train
+from ldmkit.train.controlnet import CONDITIONS_FILE, controlnet_from_unet
+from ldmkit.train.runner import read_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
+
+
+@pytest.fixture(scope="module")
+def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_single_file(StableDiffusion(TINY), path)
+    return path
+
+
+def cn_cfg(data: Path, model: Path, **kw):
+    base = dict(data=str(data), init_from=str(model), size=SIZE, batch_size=3, total_steps=4, warmup_steps=1,
+                lr=1e-3, log_every=1, sample_every=0, checkpoint_every=2, device="cpu", ema_decay=0.9, holdout=2)
+    return defaults("controlnet").replace(**{**base, **kw})
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+# ---------------------------------------------------------------- the start
+
+
+def test_start_matches_diffusers_from_unet() -> None:
+    """Encoder and middle copied from the U-Net, zero convolutions and the hint encoder's last conv zero:
+    the weights diffusers' ``ControlNetModel.from_unet`` makes, except the random hint convolutions."""
+    from diffusers import ControlNetModel
+
+    ref_unet = diffusers_unet(TINY, seed=4)
+    ref = ControlNetModel.from_unet(ref_unet, conditioning_embedding_out_channels=(16, 32))
+    expected = diffusers_to_original(ref.state_dict())
+    unet = UNetModel(TINY.unet)
+    unet.load_state_dict(convert.unet_diffusers_to_ldm(ref_unet.state_dict(), TINY.unet))
+    ours = controlnet_from_unet(unet, TINY.vae.downscale).state_dict()
+    assert ours.keys() == expected.keys()
+    random_hint = {f"input_hint_block.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    for k, v in ours.items():
+        if k not in random_hint:
+            assert torch.equal(v, expected[k]), k
+    assert not any(expected[k].any() for k in expected if k.startswith(("zero_convs", "middle_block_out")))
+
+
+def test_silhouette_maps_are_the_images_alpha(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    train(cn_cfg(data, sd1_file, total_steps=1), tmp_path / "run")
+    maps, meta = read_safetensors(tmp_path / "run" / CONDITIONS_FILE)
+    _, latents_meta = read_safetensors(tmp_path / "run" / "latents.safetensors")
+    keys = json.loads(latents_meta["keys"]) + json.loads(meta["held_keys"])
+    assert len(keys) == 12 and meta["condition"] == "silhouette"
+    for key, m in zip(keys, torch.cat([maps["train"], maps["held"]]), strict=True):
+        alpha = np.asarray(Image.open(data / "images" / f"{key}.png"))[..., 3] > 0
+        assert np.array_equal(m[0].numpy() > 127, alpha), key
+
+
+# ---------------------------------------------------------------- resume and data parallel
+
+
+def test_resumed_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    cfg = cn_cfg(data, sd1_file, total_steps=5)
+    train(cfg, tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step: int, info: dict) -> None:
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):  # after step 3's update, before a checkpoint: the last one is step 2
+        train(cfg, tmp_path / "b", on_step=crash_at_3)
+    assert read_checkpoint(tmp_path / "b")["step"] == 2
+    train(cfg, tmp_path / "b", resume=True)
+
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5]
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
+    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
+    assert ca["net"].keys() == cb["net"].keys() and all(k.startswith("controlnet.") for k in ca["net"])
+    for k, v in ca["net"].items():
+        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
+    for k, v in ca["ema"]["shadow"].items():
+        assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
+    assert ca["net"]["controlnet.zero_convs.0.0.weight"].abs().max() > 0  # the zero convolutions learnt
+
+
+WORKER = """
+import hashlib, json, os, sys
+from ldmkit.train import defaults, train
+
+data, model, run, out = sys.argv[1:5]
+cfg = defaults("controlnet").replace(size=16, data=data, init_from=model, batch_size=2, total_steps=3, holdout=0,
+                                     warmup_steps=1, lr=1e-3, log_every=1, sample_every=0, checkpoint_every=3,
+                                     device="cpu")
+seen, final = [], {}
+
+def hook(step, info):
+    seen.append(info["indices"].tolist())
+    sd = info["net"].state_dict()
+    final["hash"] = hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest()
+    final["loss"] = float(info["loss"])
+
+train(cfg, run, on_step=hook)
+with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"seen": seen, **final}, f)
+"""
+
+
+@pytest.mark.slow  # two processes, each loading torch
+def test_two_ranks_keep_identical_weights_on_disjoint_shards(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "worker.py"), str(data), str(sd1_file), str(tmp_path / "run"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["hash"] == r1["hash"]
+    assert r0["loss"] != r1["loss"]  # each rank saw its own data and noise
+    s0, s1 = (sum(r["seen"], []) for r in (r0, r1))
+    assert len(s0) == len(s1) == 6 and not set(s0) & set(s1)
+    assert sorted(s0 + s1) == list(range(12))
+    sd = read_checkpoint(tmp_path / "run")["net"]
+    assert hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest() == r0["hash"]
+
+
+# ---------------------------------------------------------------- export and generate
+
+
+def test_export_is_the_original_layout_with_the_ema_weights(data: Path, sd1_file: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    run = tmp_path / "cn"
+    train(cn_cfg(data, sd1_file, total_steps=2, sample_every=2, sample_steps=2), run)
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= metrics[-1]["silhouette_iou"] <= 1.0
+    assert Image.open(run / "samples" / "step_0000002.png").size == (2 * SIZE, SIZE)  # 1 held out: map | output
+    assert cli.main(["export", str(run), str(tmp_path / "cn.safetensors"), "--half"]) in (0, None)
+    sd, meta = read_safetensors(tmp_path / "cn.safetensors")
+    assert all(k.startswith("control_model.") for k in sd) and {v.dtype for v in sd.values()} == {torch.float16}
+    assert json.loads(meta["ldmkit.controlnet"])["condition"] == "silhouette"
+    ema = read_checkpoint(run)["ema"]["shadow"]
+    assert len(ema) == len(sd)
+    for k, v in ema.items():
+        assert torch.equal(sd["control_model." + k.removeprefix("controlnet.")], v.half()), k
+    net = load_controlnet(tmp_path / "cn.safetensors", TINY.unet)
+    assert net.cfg.hint_channels == (16, 32)
+
+    Image.new("L", (SIZE, SIZE), 0).save(tmp_path / "map.png")
+    args = ["generate", "a red circle", "--model", str(sd1_file), "--controlnet", str(tmp_path / "cn.safetensors"),
+            "--control-image", str(tmp_path / "map.png"), "--steps", "2", "--width", str(SIZE), "--height", str(SIZE),
+            "-o", str(tmp_path / "out.png")]
+    assert cli.main(args) in (0, None)
+    assert Image.open(tmp_path / "out.png").size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "pass --model"),
+    (["--model", "no/such/model.safetensors"], "no such run folder, model file or built-in model"),
+])
+def test_bad_flags_are_one_line_errors(flags, message, data: Path, tmp_path: Path, capsys) -> None:
+    argv = ["train", "controlnet", "--data", str(data), "--out", str(tmp_path / "r"), "--size", str(SIZE)]
+    assert cli.main(argv + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_unknown_condition_is_refused_by_the_parser(data: Path, sd1_file: Path, tmp_path: Path, capsys) -> None:
+    argv = ["train", "controlnet", "--data", str(data), "--model", str(sd1_file), "--condition", "depth",
+            "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and "silhouette" in capsys.readouterr().err
+
+
+def test_resume_with_another_condition_is_refused(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    train(cn_cfg(data, sd1_file, total_steps=1), tmp_path / "run")
+    with pytest.raises(TrainError, match="trains a silhouette ControlNet"):
+        train(cn_cfg(data, sd1_file, total_steps=2, condition="canny"), tmp_path / "run", resume=True)
