@@ -184,3 +184,23 @@ def test_second_batch_on_the_same_folder_is_refused(tmp_path, capsys):
     jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS[:1])
     assert cli.main(["batch", str(jobs), "--out", str(tmp_path / "out")]) == 2
     assert "another ldmkit batch is writing there" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_between_images(tmp_path):
+    """SIGINT: the image being made is dropped, every written image has its manifest row, exit status 130."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", JOBS)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ldmkit", "batch", str(jobs), "--out", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not ((out / MANIFEST).exists() and (out / MANIFEST).read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() - t0 < 120, "the batch ended before its first image"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "stopped: " in err and "run the same command again" in err and "Traceback" not in err
+    rows = manifest_rows(out)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(r["file"] for r in rows)
+    assert all(file_sha256(out / r["file"]) == r["sha256"] for r in rows)
