@@ -126,8 +126,8 @@ def test_unknown_scripts_are_refused_by_name(client):
     """A1111 answers 422 for a script it does not have; a request asking for one never comes back as if it ran."""
     r = client.post("/sdapi/v1/txt2img", json={**BODY, "script_name": "X/Y/Z plot"})
     assert r.status_code == 422 and "X/Y/Z plot" in r.text and "script_name" in r.text
-    r = client.post("/sdapi/v1/txt2img", json={**BODY, "alwayson_scripts": {"ControlNet": {"args": []}}})
-    assert r.status_code == 422 and "ControlNet" in r.text and "alwayson_scripts" in r.text
+    r = client.post("/sdapi/v1/txt2img", json={**BODY, "alwayson_scripts": {"Regional Prompter": {"args": []}}})
+    assert r.status_code == 422 and "Regional Prompter" in r.text and "alwayson_scripts" in r.text
     r = client.post("/sdapi/v1/img2img", json={**BODY, "init_images": [_png(_init())],
                                                "alwayson_scripts": {"ADetailer": {"args": [True]}}})
     assert r.status_code == 422 and "ADetailer" in r.text

@@ -115,9 +115,9 @@ def test_alwayson_deepcache_script_runs_and_unknown_scripts_are_refused(api, ser
     assert r.info["extra_generation_params"]["DeepCache"] == 2
     _, url, _ = server
     body = {**kw, "sampler_name": "Euler"}
-    bad = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": []}}},
-                        timeout=TIMEOUT)
-    assert bad.status_code == 422 and "ControlNet" in bad.text
+    bad = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"Regional Prompter": {
+        "args": []}}}, timeout=TIMEOUT)  # (ControlNet is a script ldmkit has: test_controlnet_server.py)
+    assert bad.status_code == 422 and "Regional Prompter" in bad.text
     bad = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "script_name": "x/y/z plot"}, timeout=TIMEOUT)
     assert bad.status_code == 422 and "x/y/z plot" in bad.text
 

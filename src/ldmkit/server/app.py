@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -40,6 +41,7 @@ from ldmkit import pipeline as P
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.model import StableDiffusion
 from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, sampler_names, sampler_spec
+from ldmkit.server import controlnet_api as CN
 from ldmkit.server import explain_cache
 from ldmkit.server import generation as G
 from ldmkit.server import options as OPT
@@ -181,7 +183,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                low_memory: bool = False, vae_tiling: bool = False, allowed_hosts: Iterable[str] | None = None,
                styles_file: str | os.PathLike | None = None, cmd_flags: dict[str, Any] | None = None,
                upscaler_dir: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None,
-               embeddings_dir: str | os.PathLike | None = None) -> FastAPI:
+               embeddings_dir: str | os.PathLike | None = None,
+               controlnet_dir: str | os.PathLike | None = None) -> FastAPI:
     """The server for ``model`` (an object, a path, a built-in name, or None for the default model).
 
     ``preview_interval``: seconds between live previews (0: every step, None: never);
@@ -195,7 +198,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     serve`` passes those of the address it binds); None: no Host check, for callers that serve it otherwise;
     ``styles_file``: A1111's ``styles.csv`` (``/sdapi/v1/prompt-styles``, a request's ``styles``);
     ``cmd_flags``: how the server was started, for ``/sdapi/v1/cmd-flags``;
-    ``lora_dir``/``embeddings_dir``: where ``<lora:NAME:W>`` and embedding words are looked up (every model).
+    ``lora_dir``/``embeddings_dir``: where ``<lora:NAME:W>`` and embedding words are looked up (every model);
+    ``controlnet_dir``: the ControlNets of the A1111 extension's API (``/controlnet/*``, ``alwayson_scripts``).
     """
     from ldmkit import api
     from ldmkit import previews as PV
@@ -205,6 +209,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
     catalogue = Catalogue(models_dir)
     resident: dict[str, StableDiffusion] = {}  # models given as objects can't be reloaded from a file
     folders = NetworkFolders(lora_dir, embeddings_dir)
+    controlnets = CN.ControlNetFolder(controlnet_dir)
 
     def load(info: CheckpointInfo) -> StableDiffusion:
         if info.filename in resident:
@@ -324,8 +329,11 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
 
     def prepare(req: S.GenerationRequest, kind: str) -> G.Generation:
         can_save = output_dir is not None and bool(options["samples_save"])
-        return G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), can_save,
-                         upscalers=upscalers, refiner=refiner_choice(req))
+        gen = G.prepare(req, kind, worker.model, options, limits, checkpoint_override(req), can_save,
+                        upscalers=upscalers, refiner=refiner_choice(req))
+        units = CN.units_from_request(req, worker.model, controlnets, limits, gen.params.width, gen.params.height,
+                                      gen.init, log=lambda m: log.info("ControlNet: %s", m))  # alwayson_scripts
+        return dataclasses.replace(gen, params=gen.params.replace(controlnets=units)) if units else gen
 
     def as_run(req: S.GenerationRequest) -> S.GenerationRequest:
         """The request as it is generated: scripts as settings, styles applied, eta from the options."""
@@ -478,6 +486,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         vaes.scan()
 
     add_network_routes(app, folders=folders, current_model=lambda: worker.model)
+    CN.add_controlnet_routes(app, controlnets, limits)
 
     upscalers = UpscalerCatalogue(upscaler_dir, device)  # also hires fix's hr_upscaler names
     add_extras_routes(app, upscalers=upscalers, limits=limits, options=options, run_job=run_job)

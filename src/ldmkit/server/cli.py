@@ -55,6 +55,9 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="LoRA/LyCORIS files a prompt applies with <lora:NAME:WEIGHT> (/sdapi/v1/loras)")
     p.add_argument("--embeddings-dir", default=None, metavar="DIR",
                    help="textual-inversion embeddings; a file's name is a word of the prompt (/sdapi/v1/embeddings)")
+    p.add_argument("--controlnet-dir", default=None, metavar="DIR",
+                   help="ControlNet files/folders for the A1111 ControlNet extension's API (/controlnet/model_list, "
+                        "alwayson_scripts controlnet units); named 'stem [hash]' as the extension names them")
     p.add_argument("--output-dir", default=None, help="where requests with save_images write their PNGs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--low-memory", action="store_true",
@@ -79,6 +82,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
                       preview_interval=args.preview_interval if args.preview_interval >= 0 else None,
                       output_dir=args.output_dir, preview_vae=args.preview_vae, vae_dir=args.vae_dir,
                       upscaler_dir=args.upscaler_dir, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                      controlnet_dir=args.controlnet_dir,
                       low_memory=args.low_memory, vae_tiling=args.vae_tiling,
                       allowed_hosts=allowed_host_names(args.host, extra_hosts), styles_file=args.styles_file,
                       cmd_flags=flags)

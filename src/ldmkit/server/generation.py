@@ -393,6 +393,8 @@ def response_body(req: S.GenerationRequest, gen: Generation, images: list[Image.
         sampler_name = fields.get("Sampler", sampler_name)
     if gen.hires is not None:  # A1111: Hires upscale/resize, steps, upscaler
         extra.update({k: v for k, v in gen.hires.infotext_fields().items() if k != "Denoising strength"})
+    if images:  # the A1111 ControlNet extension's "ControlNet N" lines
+        extra.update({k: v for k, v in fields.items() if k.startswith("ControlNet ")})
     if images and gen.refiner is not None:  # as the infotext writes them: "name [hash]", the fraction
         extra.update({k: fields[k] for k in ("Refiner", "Refiner switch at") if k in fields})
     if p.deepcache > 1:  # as A1111 lists an extension's settings

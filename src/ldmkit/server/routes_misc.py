@@ -44,9 +44,12 @@ def scripts_to_overrides(req: S.GenerationRequest) -> S.GenerationRequest:
                                             "(/sdapi/v1/scripts lists what it has)", req.script_name)
     overrides = dict(req.override_settings or {})
     for name, value in req.alwayson_scripts.items():
+        if name.strip().lower() == "controlnet":  # its units: ldmkit.server.controlnet_api
+            continue
         if name.strip().lower() != DEEPCACHE_SCRIPT:
             raise field_error(("alwayson_scripts", name), f"no always-on script {name!r} in ldmkit; it has: "
-                                                          f"{DEEPCACHE_SCRIPT} (see /sdapi/v1/script-info)", None)
+                                                          f"{DEEPCACHE_SCRIPT}, controlnet (see /sdapi/v1/script-info)",
+                              None)
         args = value.get("args", []) if isinstance(value, dict) else None
         if not isinstance(args, list) or len(args) > len(_DEEPCACHE_ARGS):
             raise field_error(("alwayson_scripts", name, "args"), f"{name} takes args [interval, branch], "

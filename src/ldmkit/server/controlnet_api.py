@@ -1,0 +1,321 @@
+"""The A1111 ControlNet extension's API (Mikubill/sd-webui-controlnet ``scripts/api.py``,
+``internal_controlnet/args.py``): units in ``alwayson_scripts: {"controlnet": {"args": [unit, ...]}}`` of
+txt2img and img2img, and ``/controlnet/version``, ``/model_list``, ``/module_list``, ``/detect``,
+``/settings``.
+
+Models are the ControlNet files and diffusers ``ControlNetModel`` folders in the server's ``--controlnet-dir``,
+named as the extension names them (``stem [hash]``, A1111's 8-digit short hash); a unit may give that title,
+or the stem alone. A bad unit is a 422 naming its field (``alwayson_scripts.controlnet.args.N.field``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ldmkit import controlnet_a1111 as A
+from ldmkit.server.generation import Limits, decode_image, field_error
+
+SCRIPT = "controlnet"
+API_VERSION = 3  # external_code.get_api_version() of the extension's current release
+MAX_UNITS = 8  # units per request (/controlnet/settings: control_net_unit_count)
+_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+
+class UnitArgs(BaseModel):
+    """One unit, with the extension's field names and defaults (``low_vram``, ``hr_option``, ... accepted and
+    ignored)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    enabled: bool = True  # the extension's older API default; clients such as webuiapi send it anyway
+    module: str = "none"
+    model: str = "None"
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    image: Any = None  # base64, {"image": b64, "mask": b64}, or [image, mask]
+    mask: Any = None
+    resize_mode: str | int = "Crop and Resize"
+    low_vram: bool = False
+    processor_res: int = -1
+    threshold_a: float = -1
+    threshold_b: float = -1
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+    control_mode: str | int = "Balanced"
+    pixel_perfect: bool = False
+
+
+class ControlNetFolder:
+    """The ControlNets of a folder (files and diffusers folders, searched recursively), by the extension's
+    titles; the last few loaded are kept (per model configuration and dtype)."""
+
+    def __init__(self, folder: str | os.PathLike | None):
+        self.folder = Path(folder) if folder else None
+        if self.folder is not None and not self.folder.is_dir():
+            raise ValueError(f"--controlnet-dir {folder}: not a folder")
+        self._titles: dict[str, Path] = {}
+        self._scanned: tuple | None = None
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _candidates(self) -> list[Path]:
+        from ldmkit.controlnet import _looks_like_controlnet
+
+        if self.folder is None:
+            return []
+        found = []
+        for root, dirs, files in os.walk(self.folder):
+            here = Path(root)
+            if (here / "config.json").exists() and _looks_like_controlnet(here):
+                found.append(here)
+                dirs[:] = []
+                continue
+            found += [here / f for f in files if f.lower().endswith(_SUFFIXES)
+                      and _looks_like_controlnet(here / f)]
+        return sorted(found)
+
+    def models(self) -> dict[str, Path]:
+        """{"stem [hash]": path}, rescanned when the folder's listing changed."""
+        with self._lock:
+            paths = self._candidates()
+            key = tuple((str(p), p.stat().st_mtime_ns) for p in paths)
+            if key != self._scanned:
+                self._titles = {A.model_title(p): p for p in paths}
+                self._scanned = key
+            return dict(self._titles)
+
+    def find(self, name: str) -> Path | None:
+        models = self.models()
+        if name in models:
+            return models[name]
+        stem = name.rsplit(" [", 1)[0].strip() if name.endswith("]") else name.strip()
+        for title, path in models.items():
+            if title.rsplit(" [", 1)[0] == stem:
+                return path
+        return None
+
+    def load(self, path: Path, model: Any) -> Any:
+        from ldmkit.controlnet import load_controlnet
+
+        dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", None)
+        key = (str(path), path.stat().st_mtime_ns, model.cfg.unet, str(dtype), str(model.device))
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        net = load_controlnet(path, model.cfg.unet, device=model.device, **kwargs)
+        with self._lock:
+            self._cache[key] = net
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        return net
+
+
+# ---------------------------------------------------------------- units of a request
+
+
+def script_args(req: Any) -> tuple[str, list] | None:
+    """(the key as sent, its args) of the request's ControlNet always-on script, or None."""
+    for name, value in (getattr(req, "alwayson_scripts", None) or {}).items():
+        if name.strip().lower() == SCRIPT:
+            args = value.get("args") if isinstance(value, dict) else None
+            if not isinstance(args, list):
+                raise field_error(("alwayson_scripts", name), 'ControlNet takes {"args": [unit, ...]} (a list of '
+                                                             "units with the extension's fields)", None)
+            return name, args
+    return None
+
+
+def _image_parts(value: Any, mask: Any) -> tuple[Any, Any]:
+    if isinstance(value, dict):
+        return value.get("image"), value.get("mask", mask)
+    if isinstance(value, list | tuple) and len(value) == 2 and not isinstance(value[0], dict):
+        return value[0], value[1]
+    return value, mask
+
+
+def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: Limits, width: int, height: int,
+                       init_image: Any = None, log: Any = None) -> tuple:
+    """The enabled units of a request as :class:`~ldmkit.controlnet.ControlUnit`; 422 naming the bad field."""
+    import dataclasses
+
+    from ldmkit.controlnet import ControlNetError, make_unit
+
+    found = script_args(req)
+    if found is None:
+        return ()
+    key, args = found
+    if len(args) > MAX_UNITS:
+        raise field_error(("alwayson_scripts", key, "args"), f"{len(args)} ControlNet units: this server takes up "
+                                                             f"to {MAX_UNITS}", None)
+    units = []
+    for i, raw in enumerate(args):
+        loc = ("alwayson_scripts", key, "args", i)
+        if not isinstance(raw, dict):
+            raise field_error(loc, "a ControlNet unit is an object with the extension's fields (module, model, "
+                                   "weight, image, ...)", None)
+        raw = dict(raw)
+        for old, new in (("input_image", "image"), ("guidance", "guidance_end"), ("lowvram", "low_vram"),
+                         ("guessmode", "control_mode")):  # the extension's legacy names
+            if old in raw and new not in raw:
+                raw[new] = raw.pop(old)
+        try:
+            unit = UnitArgs(**raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise field_error((*loc, *err["loc"]), err["msg"], None) from None
+        if not unit.enabled:
+            continue
+        try:
+            control_mode = A.control_mode_name(unit.control_mode)
+        except ValueError as e:
+            raise field_error((*loc, "control_mode"), str(e), unit.control_mode) from None
+        try:
+            resize_mode = A.resize_mode_name(unit.resize_mode)
+        except ValueError as e:
+            raise field_error((*loc, "resize_mode"), str(e), unit.resize_mode) from None
+        try:
+            module = A.module_name(unit.module)
+        except ValueError as e:
+            raise field_error((*loc, "module"), f"{e} (/controlnet/module_list)", unit.module) from None
+        if unit.guidance_start >= unit.guidance_end:
+            raise field_error((*loc, "guidance_start"), f"guidance_start {unit.guidance_start:g} must be below "
+                                                       f"guidance_end {unit.guidance_end:g}", unit.guidance_start)
+        if unit.processor_res > max(limits.max_side, 2048):
+            raise field_error((*loc, "processor_res"), f"processor_res {unit.processor_res} is beyond this "
+                                                       f"server's limit of {max(limits.max_side, 2048)}", None)
+        if unit.model in ("", "None", "none", None):
+            raise field_error((*loc, "model"), "no ControlNet model given: name one of /controlnet/model_list",
+                              unit.model)
+        path = folder.find(unit.model)
+        if path is None:
+            titles = ", ".join(folder.models()) or "none (start the server with --controlnet-dir DIR)"
+            raise field_error((*loc, "model"), f"no ControlNet {unit.model!r}; available: {titles}", unit.model)
+        data, _mask = _image_parts(unit.image, unit.mask)  # the mask serves inpainting modules, which ldmkit lacks
+        if data in (None, ""):
+            if init_image is None:
+                raise field_error((*loc, "image"), "this unit has no control image: give image (base64)", None)
+            image = init_image  # img2img: the extension uses the init image
+            resize_mode = A.resize_mode_name(int(getattr(req, "resize_mode", 0) or 0))
+        elif isinstance(data, str):
+            image = decode_image(data, (*loc, "image"), limits)
+        else:
+            raise field_error((*loc, "image"), 'image is a base64 string or {"image": base64, "mask": base64}', None)
+        try:
+            net = folder.load(path, model)
+            res = None if unit.processor_res < 1 else unit.processor_res
+            if res is None and module not in A.RESOLUTION_FREE:
+                res = 512  # the extension's default preprocessor resolution
+            made = make_unit(model, net, image, width, height, unit.weight, unit.guidance_start,
+                             unit.guidance_end, module, log, control_mode=control_mode, resize_mode=resize_mode,
+                             pixel_perfect=unit.pixel_perfect, processor_res=res,
+                             threshold_a=None if unit.threshold_a < 0 else unit.threshold_a,
+                             threshold_b=None if unit.threshold_b < 0 else unit.threshold_b)
+        except ControlNetError as e:
+            raise field_error((*loc, "model"), str(e), unit.model) from None
+        except ValueError as e:
+            raise field_error(loc, str(e), None) from None
+        units.append(dataclasses.replace(made, settings={**(made.settings or {}), "model": A.model_title(path)}))
+    return tuple(units)
+
+
+# ---------------------------------------------------------------- routes
+
+
+def _b64_png(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def module_detail(name: str) -> dict:
+    """The extension's module_detail entry: model_free and its sliders (resolution, threshold_a/b)."""
+    sliders = []
+    if name not in A.RESOLUTION_FREE:
+        sliders.append({"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8})
+    for (arg, default), label in zip(A.SLIDERS.get(name, ()), ("threshold_a", "threshold_b"), strict=False):
+        sliders.append({"name": arg, "value": default, "min": 0, "max": 255, "step": 1, "field": label})
+    return {"model_free": False, "sliders": sliders}
+
+
+class DetectRequest(BaseModel):
+    """/controlnet/detect's body, the extension's field names."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_images: list[str] = Field(default_factory=list, description="older name of controlnet_input_images")
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = Field(default_factory=list, description="ignored: no ldmkit module reads a mask")
+    low_vram: bool = False
+
+
+def add_controlnet_routes(app: FastAPI, folder: ControlNetFolder, limits: Limits) -> None:
+    @app.get("/controlnet/version", tags=["controlnet"])
+    async def version() -> dict:
+        """The A1111 ControlNet extension's API version that these routes follow."""
+        return {"version": API_VERSION}
+
+    @app.get("/controlnet/model_list", tags=["controlnet"])
+    def model_list(update: bool = True) -> dict:
+        """ControlNets in --controlnet-dir, as the extension names them: "stem [hash]"."""
+        return {"model_list": list(folder.models())}
+
+    @app.get("/controlnet/module_list", tags=["controlnet"])
+    async def module_list(alias_names: bool = False) -> dict:
+        """Preprocessors (modules) a unit may name; alias_names: the extension's UI labels."""
+        from ldmkit.preprocess import PREPROCESSORS
+
+        names = list(PREPROCESSORS)
+        shown = [A.MODULE_LABELS.get(n, n) if alias_names else n for n in names]
+        return {"module_list": shown, "module_detail": {s: module_detail(n) for s, n in zip(shown, names,
+                                                                                            strict=True)}}
+
+    @app.get("/controlnet/settings", tags=["controlnet"])
+    async def settings() -> dict:
+        return {"control_net_unit_count": MAX_UNITS}
+
+    @app.post("/controlnet/detect", tags=["controlnet"])
+    def detect(body: DetectRequest) -> dict:
+        """Run a preprocessor on base64 images: the maps, base64 PNGs (at the preprocessor's resolution)."""
+        controlnet_module, controlnet_processor_res = body.controlnet_module, body.controlnet_processor_res
+        controlnet_threshold_a, controlnet_threshold_b = body.controlnet_threshold_a, body.controlnet_threshold_b
+        controlnet_input_images, controlnet_images = body.controlnet_input_images, body.controlnet_images
+        try:
+            module = A.module_name(controlnet_module)
+        except ValueError as e:
+            raise field_error(("controlnet_module",), f"{e} (/controlnet/module_list)", controlnet_module) from None
+        images = controlnet_input_images or controlnet_images
+        field = "controlnet_input_images" if controlnet_input_images else "controlnet_images"
+        if not images:
+            raise field_error(("controlnet_input_images",), "no image given: send base64 images in "
+                                                            "controlnet_input_images", None)
+        if len(images) > 16:
+            raise field_error((field,), f"{len(images)} images: this server detects up to 16 at once", None)
+        top = max(limits.max_side, 2048)
+        if controlnet_processor_res > top:
+            raise field_error(("controlnet_processor_res",), f"controlnet_processor_res {controlnet_processor_res}"
+                                                             f" is beyond this server's limit of {top}", None)
+        res = controlnet_processor_res if controlnet_processor_res > 0 else 512
+        out = []
+        for i, data in enumerate(images):
+            img = decode_image(data, (field, i), limits)
+            out.append(_b64_png(A.run_preprocessor(
+                module, img, res, None if controlnet_threshold_a < 0 else controlnet_threshold_a,
+                None if controlnet_threshold_b < 0 else controlnet_threshold_b)))
+        return {"images": out, "info": "Success"}
+
+
+__all__ = ["ControlNetFolder", "UnitArgs", "add_controlnet_routes", "script_args", "units_from_request"]
