@@ -98,6 +98,15 @@ class Pipeline:
         return make_unit(self.model, controlnet, image, width, height, weight, start, end, preprocessor,
                          guess_mode=guess_mode, **a1111)
 
+    def adapter_unit(self, adapter, image: Image.Image, width: int, height: int, weight: float = 1.0,
+                     start: float = 0.0, end: float = 1.0, preprocessor: str = "none"):
+        """A T2I-Adapter (file, folder or loaded) with its map, for ``txt2img(..., controlnets=[...])`` beside or
+        instead of ControlNets; ``weight``: diffusers' adapter_conditioning_scale, ``end``: its
+        adapter_conditioning_factor."""
+        from ldmkit.t2i_adapter import make_unit
+
+        return make_unit(self.model, adapter, image, width, height, weight, start, end, preprocessor)
+
     def img2img(self, prompt: str, init_image: Image.Image, **kw) -> list[Image.Image]:
         return P.img2img(self.model, self._params(prompt, kw), init_image, callback=kw.get("callback"))
 

@@ -111,6 +111,7 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
                    help="tiny autoencoder (TAESD file or AutoencoderTiny folder) for --preview; default: "
                         "A1111's 'Approx cheap' linear map (free, 1/8 of the image size)")
     importlib.import_module("ldmkit.controlnet").add_controlnet_args(p)  # --controlnet, --control-image, ...
+    importlib.import_module("ldmkit.t2i_adapter").add_adapter_args(p)  # --adapter: a unit like --controlnet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +316,7 @@ def prepare_generation(args: argparse.Namespace, pipe, note=_note) -> PreparedGe
     from ldmkit import pipeline as P
 
     params = _params_from_args(args, pipe.model)
-    if getattr(args, "controlnet", None):
+    if getattr(args, "controlnet", None) or getattr(args, "adapter", None):
         from ldmkit.controlnet import units_from_args
 
         params = params.replace(controlnets=units_from_args(args, pipe.model, params.width, params.height, log=note))
@@ -434,8 +435,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(upscaler)
         return
     from ldmkit.controlnet import describe_file as describe_controlnet
+    from ldmkit.t2i_adapter import describe_file as describe_adapter
 
-    controlnet = describe_controlnet(path)  # --controlnet files and folders too
+    controlnet = describe_controlnet(path) or describe_adapter(path)  # --controlnet/--adapter files and folders
     if controlnet:
         print(controlnet)
         return

@@ -285,7 +285,13 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
     if deepcache > 1:
         return ("DeepCache reuses the U-Net's deep features between steps, which would drop the ControlNet's "
                 "residuals there: drop --deepcache (or the ControlNet)")
+    from ldmkit.t2i_adapter import AdapterUnit, adapter_problem
+
     for n, unit in enumerate(units, 1):
+        if isinstance(unit, AdapterUnit):
+            if bad := adapter_problem(unit, model):
+                return bad
+            continue
         if not isinstance(unit, ControlUnit):
             return f"controlnets[{n - 1}] is a {type(unit).__name__}, not an ldmkit.controlnet.ControlUnit"
         try:
@@ -428,7 +434,9 @@ def add_controlnet_args(p: object) -> None:
 
 def check_args(args: object) -> None:
     """One-line errors for control options that do not pair up, before any model is loaded."""
-    n = len(getattr(args, "controlnet", []) or [])
+    from ldmkit.t2i_adapter import unit_kinds
+
+    n = len(unit_kinds(args))  # the --controlnet and --adapter units
     for attr, flag in _PER_UNIT:
         k = len(getattr(args, attr, []) or [])
         if n == 0 and k:
@@ -454,19 +462,24 @@ def check_args(args: object) -> None:
 def units_from_args(args: object, model: object, width: int, height: int,
                     log: Callable[[str], None] | None = None) -> tuple[ControlUnit, ...]:
     """The control units of the command line (see :func:`add_controlnet_args`)."""
+    from ldmkit import t2i_adapter
     from ldmkit.pipeline import open_image
 
     check_args(args)
-    paths = getattr(args, "controlnet", []) or []
 
     def nth(attr: str, i: int, default: object) -> object:
         v = getattr(args, attr, []) or []
         return default if not v else v[i] if len(v) > 1 else v[0]
 
     units = []
-    for i, path in enumerate(paths):
+    for i, (kind, path) in enumerate(t2i_adapter.unit_kinds(args)):  # ControlNets and T2I-Adapters, in order
         image_path = nth("control_image", i, None)
         tell = None if log is None else (lambda msg, f=image_path: log(f"{f}: {msg}"))
+        if kind == "adapter":
+            units.append(t2i_adapter.make_unit(model, path, open_image(image_path), width, height,
+                                               nth("control_weight", i, 1.0), nth("control_start", i, 0.0),
+                                               nth("control_end", i, 1.0), nth("preprocessor", i, "none"), tell))
+            continue
         units.append(make_unit(model, path, open_image(image_path), width, height, nth("control_weight", i, 1.0),
                                nth("control_start", i, 0.0), nth("control_end", i, 1.0),
                                nth("preprocessor", i, "none"), tell, control_mode=nth("control_mode", i, "Balanced"),

@@ -68,7 +68,8 @@ class GenerationParams:
     deepcache_branch: int = 0  # DeepCache branch: how many skip levels the in-between calls recompute (0 = fewest)
     tiling: bool = False  # seamless texture: circular padding in the U-Net and VAE convs (A1111 "Tiling")
     inpaint: Any = None  # ldmkit.inpaint_a1111.InpaintSettings: A1111's mask blur/fill/crop (None: mask as given)
-    # ControlNet units (ldmkit.controlnet.ControlUnit), their residuals summed at every step they are active
+    # ControlNet units (ldmkit.controlnet.ControlUnit), their residuals summed at every step they are active,
+    # and T2I-Adapter units (ldmkit.t2i_adapter.AdapterUnit), their features summed likewise
     controlnets: tuple = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -296,10 +297,14 @@ def make_denoiser(model: StableDiffusion, params: GenerationParams | Plan | None
     if params is not None and params.deepcache > 1:
         net = DeepCacheUNet(model.unet, params.deepcache, params.deepcache_branch)
     if isinstance(params, Plan) and params.controlnets:  # (validate refuses DeepCache with a ControlNet)
+        from ldmkit import t2i_adapter
         from ldmkit.controlnet import ControlledUNet
 
-        net = ControlledUNet(net, params.controlnets, model_schedule(model).sigma_to_t(params.sigmas[:-1]),
-                             uncond_rows)  # the first rows of a CFG call are unconditional (guess mode skips them)
+        step_t = model_schedule(model).sigma_to_t(params.sigmas[:-1])
+        nets = [u for u in params.controlnets if not isinstance(u, t2i_adapter.AdapterUnit)]
+        if nets:  # the first rows of a CFG call are unconditional (guess mode skips them)
+            net = ControlledUNet(net, nets, step_t, uncond_rows)
+        net = t2i_adapter.wrap(net, params.controlnets, step_t, model)  # T2I-Adapter units among them
     return DiscreteDenoiser(net, model_schedule(model), prediction=model.cfg.prediction,
                             dtype=getattr(model, "dtype", None))
 

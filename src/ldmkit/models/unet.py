@@ -273,21 +273,28 @@ class UNetModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, guidance_emb: Tensor | None = None,
-                y: Tensor | None = None, control: tuple[Sequence[Tensor], Tensor] | None = None) -> Tensor:
+                y: Tensor | None = None, control: tuple[Sequence[Tensor], Tensor] | None = None,
+                adapter: Sequence[Tensor] | None = None) -> Tensor:
         """Predict the noise (or v) in ``x`` (B, C, H, W) at ``timesteps`` (B,), given ``context`` (B, 77, D).
 
         ``guidance_emb`` (B, time_cond_proj_dim): :func:`guidance_embedding` of a guidance-embedded U-Net.
         ``y`` (B, adm_in_channels): SDXL's vector conditioning, :func:`sdxl_vector`.
         ``control``: ControlNet residuals (one per skip connection, middle), added to the skips once the
         down path is done and to the middle block's output (diffusers' down/mid_block_additional_residual).
+        ``adapter``: T2I-Adapter features, one per level, added inside the down path (see :meth:`adapter_points`).
         """
         emb = self.embed(x, timesteps, guidance_emb, y)
         hs = []
         h = x
-        for block in self.input_blocks:
+        feats, points = list(adapter or ()), self.adapter_points() if adapter else ()
+        for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context)
+            if feats and i in points:
+                h = h + feats.pop(0).to(h.dtype)  # the skip connection carries it too
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if feats and feats[0].shape[1:] == h.shape[1:]:  # SDXL's adapter has one feature more than levels: the middle
+            h = h + feats.pop(0).to(h.dtype)
         if control is not None:
             hs = [s + r.to(s.dtype) for s, r in zip(hs, control[0], strict=True)]
             h = h + control[1].to(h.dtype)
@@ -295,6 +302,19 @@ class UNetModel(nn.Module):
             h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(block, h, emb, context, up_size(h, hs))
         return self.out(h)
+
+    def adapter_points(self) -> tuple[int, ...]:
+        """The input blocks after which T2I-Adapter features are added, one per level (diffusers'
+        down_intrablock_additional_residuals): a level with attention, or the last level, after its last
+        ResBlock/transformer (inside diffusers' CrossAttnDownBlock2D); any other level after its downsampler
+        (after diffusers' whole DownBlock2D: SDXL's first level). For SD1/SD2 that is input blocks 2, 5, 8, 11,
+        the ``(id + 1) % 3 == 0`` of TencentARC's code."""
+        c, points = self.cfg, []
+        for level in range(len(c.channel_mult)):
+            last_res = level * (c.num_res_blocks + 1) + c.num_res_blocks
+            last = level == len(c.channel_mult) - 1
+            points.append(last_res if c.attention_levels[level] or last else last_res + 1)
+        return tuple(points)
 
     def embed(self, x: Tensor, timesteps: Tensor, guidance_emb: Tensor | None = None,
               y: Tensor | None = None) -> Tensor:
