@@ -70,10 +70,13 @@ def _targets(unet: nn.Module, text_encoder: nn.Module, cfg: ModelConfig,
     for path, mod in unet.named_modules():
         if isinstance(mod, _TARGET_TYPES) and getattr(mod, "weight", None) is not None:
             d = diffusers[path]
-            out.append(Target(mod, f"unet.{path}", UNET_PREFIX + d.replace(".", "_"), f"unet.{d}",
+            # kohya names SDXL's U-Net modules by their sgm (LDM) paths, SD1/SD2's by diffusers paths
+            kohya = UNET_PREFIX + (path if cfg.is_sdxl else d).replace(".", "_")
+            out.append(Target(mod, f"unet.{path}", kohya, f"unet.{d}",
                               (d, d.replace(".", "_"), path, path.replace(".", "_"))))
-    # SDXL: the second text encoder (OpenCLIP bigG) is lora_te2_ / text_encoder_2.
-    encoders = [("text_encoder", TE_PREFIX, text_encoder)] + \
+    # SDXL: the second text encoder (OpenCLIP bigG) is lora_te2_ / text_encoder_2, and the first lora_te1_.
+    te_prefix = "lora_te1_" if text_encoder_2 is not None else TE_PREFIX
+    encoders = [("text_encoder", te_prefix, text_encoder)] + \
         ([("text_encoder_2", "lora_te2_", text_encoder_2)] if text_encoder_2 is not None else [])
     for part, prefix, encoder in encoders:
         for path, mod in encoder.named_modules():
@@ -99,7 +102,8 @@ def peft_names(cfg: ModelConfig) -> dict[str, str]:
     """kohya name -> diffusers/PEFT name (``unet.down_blocks...``) for a model of this config."""
     with torch.device("meta"):  # names only: no weights are allocated
         unet, text = UNetModel(cfg.unet), CLIPTextModel(cfg.text)
-    return {t.kohya: t.peft for t in _targets(unet, text, cfg)}
+        text2 = CLIPTextModel(cfg.text2) if cfg.text2 is not None else None
+    return {t.kohya: t.peft for t in _targets(unet, text, cfg, text2)}
 
 
 def lora_delta(down: Tensor, up: Tensor, alpha: float | None, weight_shape: torch.Size) -> Tensor:
@@ -294,7 +298,7 @@ def inject_lora(model: StableDiffusion, rank: int = 8, alpha: float = 8.0, text_
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         targets = UNET_TARGETS if part == "unet" else TE_TARGETS
-        if part == "text_encoder" and not text_encoder:
+        if part.startswith("text_encoder") and not text_encoder:  # SDXL: both encoders
             continue
         is_1x1 = isinstance(mod, nn.Linear) or mod.kernel_size == (1, 1)
         if not any(t in path for t in targets) and not (conv and part == "unet" and not is_1x1):
@@ -353,7 +357,9 @@ def relayout_lora(path: str | os.PathLike, layout: Layout, cfg: ModelConfig) -> 
 
 def remove_lora(model: StableDiffusion, injected: dict[str, LoRAModule]) -> None:
     """Put the original modules back (after training)."""
-    for part in ("unet", "text_encoder"):
+    for part in model.parts():
+        if part == "vae":
+            continue
         root = getattr(model, part)
         for path, mod in list(root.named_modules()):
             if isinstance(mod, LoRAModule):

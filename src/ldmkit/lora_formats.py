@@ -360,7 +360,7 @@ def write_lora(groups: Mapping[str, Mapping[str, Tensor]], path: str | os.PathLi
     for name, g in groups.items():
         full = peft_names.get(name, "")
         part, _, module = full.partition(".")
-        if part not in ("unet", "text_encoder") or not module:
+        if part not in ("unet", "text_encoder", "text_encoder_2") or not module:
             raise ValueError(f"no diffusers/PEFT name for the LoRA target {name}")
         sd[f"{full}.lora_A.weight"] = cast(g["lora_down.weight"])
         sd[f"{full}.lora_B.weight"] = cast(g["lora_up.weight"])
@@ -369,7 +369,7 @@ def write_lora(groups: Mapping[str, Mapping[str, Tensor]], path: str | os.PathLi
         c = config.setdefault(part, {"ranks": {}, "alphas": {}, "targets": []})
         # CLIP layers are targeted by their name below `encoder.`, which matches with transformers' own
         # `text_model.` level and without it (transformers >= 5)
-        target = module.removeprefix("text_model.encoder.") if part == "text_encoder" else module
+        target = module.removeprefix("text_model.encoder.") if part.startswith("text_encoder") else module
         c["ranks"][target], c["alphas"][target] = rank, alpha
         c["targets"].append(target)
     header: dict[str, Any] = {}

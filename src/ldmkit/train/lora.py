@@ -63,13 +63,20 @@ class LoRANet(nn.Module):
     optimizer, the EMA and the checkpoint hold just them.
     """
 
-    def __init__(self, model: StableDiffusion, injected: dict[str, LoRAModule], objective: str, train_text: bool):
+    def __init__(self, model: StableDiffusion, injected: dict[str, LoRAModule], objective: str, train_text: bool,
+                 size: int = 0):
         super().__init__()
         self.lora = nn.ModuleDict({name: LoRAWeights(m) for name, m in injected.items()})
         c = model.cfg
         ac = sd_alphas_cumprod(c.num_train_timesteps, c.beta_start, c.beta_end)
-        # train_text: the text encoder runs with gradients, for its LoRA modules
-        loss = LatentDiffusionNet(model.unet, model.text_encoder, train_text, c.clip_skip, ac, objective)
+        # train_text: the text encoder(s) run with gradients, for their LoRA modules
+        loss: nn.Module
+        if c.is_sdxl:  # both encoders, pooled vector and size ids at the training size (ldmkit.train.lora_sdxl)
+            from ldmkit.train.lora_sdxl import SDXLDiffusionNet
+
+            loss = SDXLDiffusionNet(model, train_text, ac, objective, size)
+        else:
+            loss = LatentDiffusionNet(model.unet, model.text_encoder, train_text, c.clip_skip, ac, objective)
         self.frozen = _Frozen(model, loss.to(model.device))
 
     def forward(self, latents: Tensor, ids: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, dict]:
@@ -87,7 +94,8 @@ class LoRANet(nn.Module):
         for t in itertools.chain(model.parameters(), model.buffers()):
             if not t.requires_grad:
                 memo[id(t)] = t
-        memo[id(model.tokenizer)] = model.tokenizer
+        for tok in getattr(model, "tokenizers", [model.tokenizer]):
+            memo[id(tok)] = tok
         new = LoRANet.__new__(LoRANet)
         memo[id(self)] = new
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
@@ -126,6 +134,10 @@ class LoRATask(UNetTask):
         model = load_model(cfg.init_from, "--model")
         if model.cfg.is_inpainting:
             raise TrainError(f"--model {cfg.init_from} is an inpainting model; train LoRAs on its base model")
+        if model.cfg.is_sdxl:
+            from ldmkit.train import lora_sdxl
+
+            lora_sdxl.check_model(model, cfg.init_from)
         objective = resolve_objective(cfg, model.cfg)
         if objective != model.cfg.prediction:
             raise TrainError(f"--model {cfg.init_from} predicts {model.cfg.prediction}, so its LoRA must too; "
@@ -142,13 +154,20 @@ class LoRATask(UNetTask):
             prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the model's VAE encodes the data
         d.barrier()
         self.read_latents()
-        self.tokenize(model.tokenizer)
+        if model.cfg.is_sdxl:  # each caption through both tokenizers, the two rows side by side
+            from ldmkit.train import lora_sdxl
+
+            lora_sdxl.tokenize(self, model.tokenizers)
+        else:
+            self.tokenize(model.tokenizer)
         self.model_cfg = model.cfg.replace(name=run_dir.name, extra={"image_size": cfg.size})
 
-        model.unet.gradient_checkpointing = model.text_encoder.gradient_checkpointing = cfg.gradient_checkpointing
+        for name, part in model.parts().items():  # U-Net and text encoder(s)
+            if name != "vae":
+                part.gradient_checkpointing = cfg.gradient_checkpointing
         self.injected = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, text_encoder=cfg.text_encoder_lora,
                                     conv=cfg.conv_lora)
-        self.net = LoRANet(model.to(d.device), self.injected, objective, cfg.text_encoder_lora)
+        self.net = LoRANet(model.to(d.device), self.injected, objective, cfg.text_encoder_lora, cfg.size)
         self.metadata = lora_metadata(cfg, model, self.train_size)
 
     def viewer(self, eval_net: nn.Module) -> StableDiffusion:
@@ -168,7 +187,10 @@ def lora_metadata(cfg: TrainConfig, model: StableDiffusion, num_images: int) -> 
     meta = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.lora_rank),
         "ss_network_alpha": str(cfg.lora_alpha), "ss_sd_model_name": Path(cfg.init_from).name,
-        "ss_v2": str(model.cfg.family == "sd2"), "ss_resolution": f"({cfg.size}, {cfg.size})",
+        "ss_v2": str(model.cfg.family == "sd2"),
+        "ss_base_model_version": "sdxl_base_v1-0" if model.cfg.is_sdxl else ("sd_v2" if model.cfg.family == "sd2"
+                                                                              else "sd_v1"),
+        "ss_resolution": f"({cfg.size}, {cfg.size})",
         "ss_num_train_images": str(num_images), "ss_learning_rate": str(cfg.lr), "ss_seed": str(cfg.seed),
         "ss_network_train_unet_only": str(not cfg.text_encoder_lora), "ss_training_comment": "ldmkit train lora",
     }
