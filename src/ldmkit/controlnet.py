@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +224,31 @@ def guess_scaled(r: Residuals, weight: float) -> Residuals:
     return Residuals([d * (s * weight) for d, s in zip(r.down, scales, strict=False)], r.mid * (scales[-1] * weight))
 
 
+_TRACES = threading.local()
+
+
+@contextmanager
+def trace_residuals() -> Iterator[list[tuple[int, int, list[float]]]]:
+    """Record, in this thread, the root-mean-square of every residual each ControlNet adds (after its weight
+    and control mode): a list of (unit index, step index, [RMS of skip 1, ..., skip K, middle]) per call.
+    ``ldmkit explain`` shows it per block and step."""
+    rows: list[tuple[int, int, list[float]]] = []
+    stack = list(getattr(_TRACES, "stack", []))
+    _TRACES.stack = [*stack, rows]
+    try:
+        yield rows
+    finally:
+        _TRACES.stack = stack
+
+
+def _report(k: int, i: int, r: Residuals) -> None:
+    stack = getattr(_TRACES, "stack", None)
+    if stack:
+        rms = [float(t.float().pow(2).mean().sqrt()) for t in (*r.down, r.mid)]
+        for rows in stack:
+            rows.append((k, i, rms))
+
+
 class ControlledUNet:
     """``unet(x, t, context, ...)`` with the active control units' residuals added: what the denoiser calls.
 
@@ -265,6 +292,7 @@ class ControlledUNet:
                 r = Residuals([d * s for d, s in zip(r.down, scales, strict=False)], r.mid * scales[-1])
             else:
                 r = r.scaled(unit.weight)
+            _report(self.units.index(unit), i, r)
             if skip:
                 r = Residuals([F.pad(d, (0, 0, 0, 0, 0, 0, skip, 0)) for d in r.down],
                               F.pad(r.mid, (0, 0, 0, 0, 0, 0, skip, 0)))  # zeros for the unconditional rows

@@ -17,7 +17,7 @@ import argparse
 import html
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -184,6 +184,7 @@ class Explanation:
     attention_layers: int
     unet_calls: int
     model_name: str
+    control: list = field(default_factory=list)  # ldmkit.controlnet_explain.ControlView per ControlNet
 
     @property
     def compression(self) -> float:
@@ -215,7 +216,9 @@ def explain(model: StableDiffusion, params: P.GenerationParams, init_image: Imag
             callback(info)
 
     f = model.cfg.vae.downscale
-    with CrossAttentionMaps(model.unet, (params.height // f, params.width // f)) as cap:
+    from ldmkit.controlnet import trace_residuals
+
+    with CrossAttentionMaps(model.unet, (params.height // f, params.width // f)) as cap, trace_residuals() as trace:
         job, latents = P.txt2img_latents(model, params, callback=record)
     noise = job.noise
     sampler_name, schedule_name = job.plan.infotext_names
@@ -242,7 +245,16 @@ def explain(model: StableDiffusion, params: P.GenerationParams, init_image: Imag
         noise_image=P.decode_latents(model, noise)[0], steps=steps, latent=latents[0].float().cpu(), image=image,
         forward=forward, forward_source=source, attention=cap.maps().cpu(), attention_layers=len(cap.layers),
         unet_calls=cap.count // max(1, len(cap.layers)), model_name=model.source_name,
+        control=_control_views(params, trace),
     )
+
+
+def _control_views(params: P.GenerationParams, trace: list) -> list:
+    if not params.controlnets:
+        return []
+    from ldmkit.controlnet_explain import control_views
+
+    return control_views(params.controlnets, trace, params.steps)
 
 
 # ---------------------------------------------------------------- images
@@ -414,9 +426,14 @@ def render_html(ex: Explanation, files: dict[str, str], tok_text: Callable[[int]
         "channel is shown stretched from its own minimum (black) to maximum (white).",
         f'<div class="row">{lat}{_fig(files["final"], f"decoded: {p.width}×{p.height}×3")}</div>'))
 
-    nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in [("parameters", "run"), ("tokens", "tokens"),
-                  ("noise", "noise"), ("steps", "steps"), ("forward", "forward"), ("attention", "attention"),
-                  ("latent", "latent")])
+    links = [("parameters", "run"), ("tokens", "tokens"), ("noise", "noise"), ("steps", "steps"),
+             ("forward", "forward"), ("attention", "attention"), ("latent", "latent")]
+    if ex.control:  # the map(s) and the residuals' strength per block and step
+        from ldmkit.controlnet_explain import render_section
+
+        sections.insert(3, render_section(ex.control, files))
+        links.insert(3, ("controlnet", "ControlNet"))
+    nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in links)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>ldmkit explain: '
             f"{html.escape(p.prompt)}</title><style>{_CSS}</style></head><body><h1>How this image was made</h1>"
             f"<p>“{html.escape(p.prompt)}”, one Stable Diffusion run followed from the words to the pixels.</p>"
@@ -435,6 +452,10 @@ def write_page(ex: Explanation, out_dir: str | Path, tokenizer: CLIPTokenizer) -
     images.update({f"step{s.i}": s.image for s in ex.steps})
     images.update({f"fwd{s.t}": s.image for s in ex.forward})
     images.update({f"attn{r.position}": img for r, img in heatmaps(ex)})
+    if ex.control:
+        from ldmkit.controlnet_explain import images as control_images
+
+        images.update(control_images(ex.control))
     files = {"final": save_png(ex.image, out / "final.png").name}
     for key, img in images.items():
         name = f"{key}.png"
@@ -480,8 +501,17 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from ldmkit import api
 
     params = _cli_params(args)  # a bad sampler name stops here, before anything is loaded
+    from ldmkit.controlnet import check_args
+
+    check_args(args)  # unpaired or bad --controlnet options: before anything is loaded
     init = P.open_image(args.init_image) if args.init_image else None
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device)
+    if args.controlnet:  # the map and the residuals per block get their own section
+        from ldmkit.controlnet import units_from_args
+
+        size = pipe.model.cfg.native_size
+        params = params.replace(controlnets=units_from_args(args, pipe.model, params.width or size,
+                                                            params.height or size))
     with tqdm(total=args.steps, desc="explain", unit="step", dynamic_ncols=True) as bar:
         ex = explain(pipe.model, params, init, callback=lambda info: bar.update(1))
     print(write_page(ex, args.output, pipe.model.tokenizer))
@@ -503,4 +533,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--init-image", default=None, help="image for the forward-diffusion strip (default: the result)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    from ldmkit.controlnet import add_controlnet_args
+
+    add_controlnet_args(p)  # --controlnet FILE --control-image MAP ...: the page shows the map and its pull
     p.set_defaults(func=cmd_explain)

@@ -1,0 +1,87 @@
+"""The explain page's ControlNet section: each unit's control map and how hard its residuals pushed on the U-Net,
+per block and step (root-mean-square of each residual, recorded by :func:`ldmkit.controlnet.trace_residuals`
+while ``explain`` runs the generation's own path)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ControlView:
+    index: int
+    name: str  # the ControlNet's name (and hash)
+    settings: str  # weight, window, mode, ...
+    map_image: Image.Image  # the map the ControlNet read
+    rms: np.ndarray  # (steps, blocks): mean RMS over the step's U-Net calls, NaN where the unit was off
+
+
+def control_views(units: Sequence[object], rows: Sequence[tuple[int, int, list[float]]], steps: int
+                  ) -> list[ControlView]:
+    """The views of ``units`` (ControlUnits; other kinds skipped) from the trace ``rows``."""
+    views = []
+    for k, unit in enumerate(units):
+        image = getattr(unit, "image", None)
+        if image is None or not hasattr(unit, "control_mode"):
+            continue
+        mine = [(i, rms) for u, i, rms in rows if u == k]
+        blocks = len(mine[0][1]) if mine else len(getattr(unit.model, "zero_convs", [])) + 1  # type: ignore[attr-defined]
+        table = np.full((steps, blocks), np.nan)
+        count = np.zeros(steps)
+        for i, rms in mine:
+            if i < steps:
+                table[i] = np.nan_to_num(table[i]) + np.asarray(rms)
+                count[i] += 1
+        table[count > 0] /= count[count > 0, None]
+        a = (image[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        s = getattr(unit, "settings", None) or {}
+        name = str(s.get("model") or getattr(unit.model, "source_name", f"ControlNet {k}"))  # type: ignore[attr-defined]
+        text = (f"weight {unit.weight:g}, steps {unit.start:g}–{unit.end:g} of the run, "  # type: ignore[attr-defined]
+                f"{unit.control_mode}"  # type: ignore[attr-defined]
+                + (f", preprocessor {s['module']}, {s['resize_mode']}" if s else ""))
+        views.append(ControlView(k, name, text, Image.fromarray(a), table))
+    return views
+
+
+def images(views: Sequence[ControlView]) -> dict[str, Image.Image]:
+    return {f"control{v.index}": v.map_image for v in views}
+
+
+def render_section(views: Sequence[ControlView], files: dict[str, str]) -> str:
+    """The HTML section (explain.py's helpers) for ``views``."""
+    from ldmkit.explain import _fig, _section, _table
+
+    body = []
+    for v in views:
+        steps, blocks = v.rms.shape
+        head = ["step"] + [f"skip {b + 1}" for b in range(blocks - 1)] + ["middle"]
+        peak = np.nanmax(v.rms) if np.isfinite(v.rms).any() else 1.0
+        rows = []
+        for i in range(steps):
+            cells = [str(i + 1)]
+            for x in v.rms[i]:
+                if np.isnan(x):
+                    cells.append('<span class="off">off</span>')
+                else:  # shaded by its share of the largest value on the table
+                    a = 0.08 + 0.6 * float(x) / float(peak or 1.0)
+                    cells.append(f'<span style="background:rgba(230,120,40,{a:.2f})">{x:.3g}</span>')
+            rows.append(cells)
+        body.append(f"<h3>ControlNet {v.index}: {html.escape(v.name)}</h3><p>{html.escape(v.settings)}</p>"
+                    f'<div class="row">{_fig(files[f"control{v.index}"], "the control map it read", "px")}'
+                    f"{_table(head, rows)}</div>")
+    return _section(
+        "controlnet", "ControlNet: a second network that follows the map",
+        "A ControlNet is a copy of the U-Net's encoder that also reads the control map. At every step it runs on "
+        "the same noisy latent and adds one residual to each of the U-Net's skip connections and to its middle "
+        "block. The table gives the root-mean-square of each residual (after its weight and control mode) per "
+        "step, averaged over the step's U-Net calls: large numbers are where the map pulls hardest on the "
+        "image; 'off' marks steps outside its start–end window. Skip 1 is the finest resolution (the first "
+        "encoder block), the middle the coarsest.", "".join(body))
+
+
+__all__ = ["ControlView", "control_views", "images", "render_section"]
