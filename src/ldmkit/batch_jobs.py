@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import hashlib
 import json
 import random
@@ -143,7 +144,9 @@ class JobReader:
                 raise JobError(line, f"{key!r} cannot be set in a job line: {NOT_IN_A_LINE[dest]}")
             action = self.actions.get(dest)
             if action is None:
-                raise JobError(line, f"unknown option {key!r}; a line takes ldmkit generate's options with "
+                close = difflib.get_close_matches(key, [*self._line_options(), *A1111_NAMES], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise JobError(line, f"unknown option {key!r}; {hint}a line takes ldmkit generate's options with "
                                      f"underscores: {', '.join(sorted(self._line_options()))}")
             if dest in options:
                 raise JobError(line, f"{key!r} gives {dest!r} a second time")
@@ -258,6 +261,8 @@ def read_jobs(path: str | Path, reader: JobReader) -> tuple[list[Job], list[JobE
         raise ValueError(f"{path}: no such job file") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a folder, no permission
+        raise ValueError(f"{path}: cannot read the job file ({e.strerror})") from None
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

@@ -68,8 +68,13 @@ def run_ray(jobs: list[Job], args: argparse.Namespace) -> Iterator[Result]:
     out = ds.map_batches(RayWorker, batch_size=1, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=args.workers), num_cpus=1,
                          num_gpus=args.gpus_per_worker or None)
-    for row in out.iter_rows():
-        yield Result(**{c: _plain(row[c]) for c in RESULT_COLUMNS})
+    try:
+        for row in out.iter_rows():
+            yield Result(**{c: _plain(row[c]) for c in RESULT_COLUMNS})
+    except ray.exceptions.RayError as e:  # a worker died (out of memory, a node lost): what is written stays
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the Ray run failed ({first}); the images written so far are kept: run the same "
+                         "command again to finish") from None
 
 
 def _plain(value: object) -> object:
