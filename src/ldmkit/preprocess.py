@@ -1,10 +1,12 @@
 """Control-map preprocessors that need no downloaded weights (issue 16, part 4).
 
-OpenCV is not a dependency of ldmkit (nor installed in its environment), so these are written with
-numpy and Pillow only. ``canny`` follows OpenCV's ``cv2.Canny(image, low, high)`` as the A1111 ControlNet
-extension calls it (low 100, high 200, no blur, 3x3 Sobel, L1 gradient magnitude, per-pixel maximum over
-the colour channels, non-maximum suppression in four directions, hysteresis with 8-connectivity); it is
-close to OpenCV's output, not bit-identical (tie-breaking of the direction sectors differs).
+Each takes a PIL image and returns a map of the same size (RGB). Where the A1111 ControlNet extension
+defines a preprocessor with OpenCV calls (canny, color, scribble_xdog, tile_resample, shuffle), ldmkit makes
+the same calls (``opencv-python-headless``), so the maps are the extension's. The classical stand-ins for the
+extension's neural preprocessors carry their method in their names: ``softedge_sobel`` is a blurred Sobel
+gradient magnitude (not HED/PiDiNet), ``lineart_adaptive`` an adaptive-threshold line drawing (not the
+lineart model), ``seg_palette`` a k-means colour quantisation (not a segmentation network, its colours are
+not ADE20K classes).
 """
 
 from __future__ import annotations
@@ -24,39 +26,12 @@ def _sobel(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def canny_edges(image: Image.Image, low: float = 100, high: float = 200) -> Image.Image:
-    """Canny edge map (white edges on black, RGB) of ``image``; thresholds on the 8-bit Sobel magnitude."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float64)  # (H, W, 3)
-    grads = [_sobel(a[..., c]) for c in range(3)]
-    mags = np.stack([np.abs(gx) + np.abs(gy) for gx, gy in grads])  # (3, H, W)
-    pick = mags.argmax(0)[None]
-    mag = np.take_along_axis(mags, pick, 0)[0]
-    gx = np.take_along_axis(np.stack([g[0] for g in grads]), pick, 0)[0]
-    gy = np.take_along_axis(np.stack([g[1] for g in grads]), pick, 0)[0]
-    # non-maximum suppression along the gradient direction, quantised to 0, 45, 90, 135 degrees
-    angle = (np.rad2deg(np.arctan2(gy, gx)) + 180.0) % 180.0
-    sector = ((angle + 22.5) // 45).astype(int) % 4
-    p = np.pad(mag, 1)
-    h, w = mag.shape
-    neighbours = {0: ((0, 1), (0, -1)), 1: ((1, 1), (-1, -1)), 2: ((1, 0), (-1, 0)), 3: ((1, -1), (-1, 1))}
-    keep = np.zeros_like(mag, dtype=bool)
-    for s, ((dy1, dx1), (dy2, dx2)) in neighbours.items():
-        n1 = p[1 + dy1:1 + dy1 + h, 1 + dx1:1 + dx1 + w]
-        n2 = p[1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
-        keep |= (sector == s) & (mag > n1) & (mag >= n2)
-    thin = np.where(keep, mag, 0.0)
-    # hysteresis: weak edges survive only when 8-connected to a strong one (grown until nothing changes)
-    weak, edges = thin > low, thin > high
-    while True:
-        p = np.pad(edges, 1)
-        near = np.zeros_like(edges)
-        for dy in range(3):
-            for dx in range(3):
-                near |= p[dy:dy + h, dx:dx + w]
-        grown = edges | (weak & near)
-        if np.array_equal(grown, edges):
-            break
-        edges = grown
-    return Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
+    """Canny edge map (white edges on black, RGB): ``cv2.Canny(image, low, high)`` on the RGB image, as the
+    A1111 extension calls it (no blur, 3x3 Sobel, L1 magnitude, the strongest channel per pixel)."""
+    import cv2
+
+    edges = cv2.Canny(np.ascontiguousarray(np.asarray(image.convert("RGB"))), float(low), float(high))
+    return Image.fromarray(edges).convert("RGB")
 
 
 def threshold(image: Image.Image, level: int = 127) -> Image.Image:
@@ -114,8 +89,132 @@ def foreground_mask(image: Image.Image, tolerance: int = BACKGROUND_TOLERANCE) -
 
 
 def silhouette(image: Image.Image) -> Image.Image:
-    """White foreground on black (:func:`foreground_mask`): the map of the emoji silhouette ControlNet."""
-    return Image.fromarray((foreground_mask(image) * 255).astype(np.uint8)).convert("RGB")
+    """White foreground on black (:func:`foreground_mask`): the map of the emoji silhouette ControlNet. An
+    image whose border is mostly dark is taken as a silhouette already (white shape on black) and thresholded
+    at 127, so a mask passes through unchanged."""
+    grey = np.asarray(image.convert("L"))
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    mask = grey > 127 if border.mean() < 128 else foreground_mask(image)
+    return Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
+
+
+def _grey(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def _rgb(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def softedge_sobel(image: Image.Image, sigma: float = 1.0) -> Image.Image:
+    """Soft edges by classical filters (a stand-in for the extension's HED/PiDiNet soft-edge maps, not them):
+    the grey image blurred (Gaussian, ``sigma``), then its 3x3 Sobel gradient magnitude sqrt(gx^2 + gy^2),
+    scaled so the strongest edge is white (a flat image gives black)."""
+    import cv2
+
+    grey = _grey(image)
+    if sigma > 0:
+        grey = cv2.GaussianBlur(grey, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
+    gx, gy = _sobel(grey)
+    mag = np.hypot(gx, gy)
+    return _rgb(mag * (255.0 / mag.max()) if mag.max() > 1e-6 else mag * 0)
+
+
+def lineart_adaptive(image: Image.Image, block: int = 9, offset: float = 8.0) -> Image.Image:
+    """Line art by classical means (not the extension's lineart models): white where a pixel is darker than
+    the mean of its ``block`` x ``block`` neighbourhood (edges replicated) by ``offset`` grey levels or more
+    (OpenCV's adaptive mean threshold, inverted to the white-on-black lines line-art ControlNets read)."""
+    if block < 3 or block % 2 == 0:
+        raise ValueError(f"lineart_adaptive block must be an odd number >= 3, got {block}")
+    grey = _grey(image)
+    r = block // 2
+    p = np.pad(grey, r, mode="edge")
+    c = np.pad(p.cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # integral image
+    h, w = grey.shape
+    total = c[block:block + h, block:block + w] - c[:h, block:block + w] - c[block:block + h, :w] + c[:h, :w]
+    mean = np.round(total / (block * block))
+    return _rgb((grey <= mean - offset) * 255.0)
+
+
+def scribble_xdog(image: Image.Image, level: float = 32.0) -> Image.Image:
+    """The extension's ``scribble_xdog``: difference of Gaussians (sigma 0.5 and 5) per colour channel, the
+    strongest darkening kept, white where twice it exceeds ``level`` (thick, scribble-like strokes)."""
+    import cv2
+
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    g1 = cv2.GaussianBlur(a, (0, 0), 0.5)
+    g2 = cv2.GaussianBlur(a, (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    out = np.zeros(a.shape[:2], np.uint8)
+    out[2 * (255 - dog.astype(np.int32)) > level] = 255
+    return Image.fromarray(out).convert("RGB")
+
+
+def color_grid(image: Image.Image) -> Image.Image:
+    """The extension's ``color`` (T2I-Adapter colour): the image shrunk 64x (bicubic), then blown back up with
+    nearest neighbour, a grid of flat colour cells (at least one cell per side for small images)."""
+    import cv2
+
+    a = np.asarray(image.convert("RGB"))
+    h, w = a.shape[:2]
+    small = cv2.resize(a, (max(1, w // 64), max(1, h // 64)), interpolation=cv2.INTER_CUBIC)
+    return Image.fromarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST))
+
+
+def seg_palette(image: Image.Image, colors: int = 8, iterations: int = 10) -> Image.Image:
+    """Flat-colour regions by k-means colour quantisation (not a segmentation network: the colours are the
+    image's, not ADE20K's classes). Deterministic: farthest-point initial centres (from the pixel nearest the
+    mean colour), then ``iterations`` Lloyd steps; each pixel takes its centre's colour."""
+    rgb = np.asarray(image.convert("RGB"))
+    a = rgb.reshape(-1, 3).astype(np.float64)
+    centres = [a[np.argmin(((a - a.mean(0)) ** 2).sum(1))]]
+    dist = ((a - centres[0]) ** 2).sum(1)
+    while len(centres) < colors and dist.max() > 0:
+        centres.append(a[dist.argmax()])
+        dist = np.minimum(dist, ((a - centres[-1]) ** 2).sum(1))
+    c = np.stack(centres)
+
+    def assign() -> np.ndarray:
+        return np.stack([((a - ck) ** 2).sum(1) for ck in c]).argmin(0)
+
+    for _ in range(iterations):
+        label = assign()
+        for k in range(len(c)):
+            if (label == k).any():
+                c[k] = a[label == k].mean(0)
+    return _rgb(c[assign()].reshape(rgb.shape))
+
+
+def tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
+    """The extension's ``tile_resample``: the image shrunk by ``rate`` (area averaging; rate < 1.1 leaves it
+    as it is), here scaled back to its size (bicubic) as the extension's resize to the output does."""
+    import cv2
+
+    a = np.asarray(image.convert("RGB"))
+    if rate < 1.1:
+        return Image.fromarray(a)
+    h, w = a.shape[:2]
+    small = cv2.resize(a, (max(1, int(w / rate)), max(1, int(h / rate))), interpolation=cv2.INTER_AREA)
+    return Image.fromarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC))
+
+
+def shuffle(image: Image.Image, seed: int = 0, f: int = 256) -> Image.Image:
+    """The extension's content ``shuffle``: the image remapped through a smooth random flow (noise on a grid
+    ``f`` pixels wide, bicubic), so colours and textures stay and the layout goes. Seeded: the same map each time."""
+    import cv2
+
+    a = np.asarray(image.convert("RGB"))
+    h, w = a.shape[:2]
+    rng = np.random.default_rng(seed)
+
+    def noise_disk() -> np.ndarray:
+        n = rng.uniform(0, 1, size=(h // f + 2, w // f + 2)).astype(np.float64)
+        n = cv2.resize(n, (w + 2 * f, h + 2 * f), interpolation=cv2.INTER_CUBIC)[f:f + h, f:f + w]
+        n = n - n.min()
+        return n / n.max() if n.max() > 0 else n
+
+    x, y = noise_disk() * (w - 1), noise_disk() * (h - 1)
+    return Image.fromarray(cv2.remap(a, x.astype(np.float32), y.astype(np.float32), cv2.INTER_LINEAR))
 
 
 def invert(image: Image.Image) -> Image.Image:
@@ -131,6 +230,13 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "binary": binary,
     "blur": blur,
     "silhouette": silhouette,
+    "softedge_sobel": softedge_sobel,
+    "lineart_adaptive": lineart_adaptive,
+    "scribble_xdog": scribble_xdog,
+    "color": color_grid,
+    "seg_palette": seg_palette,
+    "tile_resample": tile_resample,
+    "shuffle": shuffle,
 }
 
 
@@ -147,7 +253,7 @@ def preprocess(name: str, image: Image.Image) -> Image.Image:
 
 def register(add: Callable[..., object]) -> None:
     """``ldmkit preprocess NAME IMAGE -o MAP.png``: the control map a preprocessor makes, to look at or reuse."""
-    p = add("preprocess", "turn an image into a ControlNet control map (canny edges, invert, threshold)",
+    p = add("preprocess", "turn an image into a ControlNet control map (canny edges, soft edges, scribble, ...)",
             "example:\n  ldmkit preprocess canny photo.jpg -o edges.png")
     p.add_argument("name", help=f"preprocessor: {', '.join(PREPROCESSORS)}")  # type: ignore[attr-defined]
     p.add_argument("image", help="input image")  # type: ignore[attr-defined]
