@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,10 +207,14 @@ class Output:
             by_line.setdefault(row["line"], {})[row.get("index", 0)] = row  # the last row of an image wins
         done, keep = set(), []
         current = {job.line for job in jobs}
-        for job in jobs:
-            rows = [by_line.get(job.line, {}).get(i) for i in range(job.images)]
-            if all(r is not None and r.get("job") == job.digest and r.get("file") == job.file(i)
-                   and file_sha256(self.folder / job.file(i)) == r.get("sha256") for i, r in enumerate(rows)):
+        listed = [(job, [by_line.get(job.line, {}).get(i) for i in range(job.images)]) for job in jobs]
+        listed = [(job, rows) for job, rows in listed if all(
+            r is not None and r.get("job") == job.digest and r.get("file") == job.file(i) for i, r in enumerate(rows))]
+        files = [self.folder / r["file"] for _, rows in listed for r in rows]
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PNG decoding (zlib) runs outside the GIL
+            hashes = iter(pool.map(file_sha256, files, chunksize=16))
+        for job, rows in listed:
+            if all([next(hashes) == r["sha256"] for r in rows]):  # (a list: every hash consumed)
                 done.add(job.line)
                 keep += rows
         keep += [r for line, rs in by_line.items() if line not in current for r in rs.values()]
