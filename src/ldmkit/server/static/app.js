@@ -286,6 +286,8 @@ function requestBody() {
     body.denoising_strength = num("#denoising_strength");
     if (state.mode === "inpaint") body.mask = maskDataUrl();
   }
+  const unit = typeof controlnetUnit === "function" ? controlnetUnit() : null;  // static/controlnet.js
+  if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
   return body;
 }
 

@@ -1,0 +1,76 @@
+// ldmkit web page: the ControlNet unit (the A1111 extension's API: /controlnet/module_list, model_list, detect).
+// Loaded after app.js; app.js's requestBody() adds controlnetUnit() to alwayson_scripts.controlnet.
+"use strict";
+
+const cn = { image: null, size: null };
+
+async function loadControlNetLists() {
+  try {
+    const [modules, models] = await Promise.all([api("GET", "/controlnet/module_list"),
+      api("GET", "/controlnet/model_list")]);
+    const m = $("#cn-module");
+    m.innerHTML = "";
+    for (const name of modules.module_list) m.add(new Option(name, name));
+    const sel = $("#cn-model");
+    sel.innerHTML = "";
+    if (!models.model_list.length) sel.add(new Option("(none: start the server with --controlnet-dir)", "None"));
+    for (const name of models.model_list) sel.add(new Option(name, name));
+  } catch (e) { showError(`could not load the ControlNet lists: ${e.message}`); }
+}
+
+$("#cn-file").addEventListener("change", (ev) => {
+  const file = ev.target.files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      cn.image = reader.result;
+      cn.size = { w: img.naturalWidth, h: img.naturalHeight };
+      $("#cn-enabled").checked = true;
+      $("#controlnet-section").open = true;
+      $("#cn-map").hidden = true;
+      $("#cn-status").textContent = `${cn.size.w}×${cn.size.h}`;
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+});
+
+// the extension's pixel-perfect resolution: the preprocessor runs at the size the output needs
+function pixelPerfectRes() {
+  const W = Number($("#width").value), H = Number($("#height").value);
+  const k0 = H / cn.size.h, k1 = W / cn.size.w;
+  const k = $("#cn-resize-mode").value === "Resize and Fill" ? Math.min(k0, k1) : Math.max(k0, k1);
+  return Math.round(k * Math.min(cn.size.w, cn.size.h));
+}
+
+$("#cn-preview").addEventListener("click", async () => {
+  showError("");
+  if (!cn.image) { showError("choose a control image first"); return; }
+  const res = $("#cn-pixel-perfect").checked ? pixelPerfectRes() : 512;
+  $("#cn-status").textContent = "running the preprocessor...";
+  try {
+    const r = await api("POST", "/controlnet/detect", { controlnet_module: $("#cn-module").value,
+      controlnet_input_images: [cn.image], controlnet_processor_res: res });
+    const map = $("#cn-map");
+    map.src = `data:image/png;base64,${r.images[0]}`;
+    map.hidden = false;
+    $("#cn-status").textContent = `${$("#cn-module").value} at resolution ${res}`;
+  } catch (e) { showError(e.message); $("#cn-status").textContent = "failed"; }
+});
+
+// the unit for txt2img/img2img, or null when ControlNet is off
+function controlnetUnit() {
+  if (!$("#cn-enabled").checked) return null;
+  if (!cn.image && state.mode === "txt2img") throw new Error("ControlNet: choose a control image first");
+  const num = (id) => Number($(id).value);
+  const unit = { enabled: true, module: $("#cn-module").value, model: $("#cn-model").value,
+    weight: num("#cn-weight"), guidance_start: num("#cn-start"), guidance_end: num("#cn-end"),
+    control_mode: $("#cn-control-mode").value, resize_mode: $("#cn-resize-mode").value,
+    pixel_perfect: $("#cn-pixel-perfect").checked };
+  if (cn.image) unit.image = cn.image;  // img2img without one: the init image, as the extension does
+  return unit;
+}
+
+loadControlNetLists();
