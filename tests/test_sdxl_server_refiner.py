@@ -1,7 +1,7 @@
 """A1111's refiner_checkpoint / refiner_switch_at through /sdapi/v1/txt2img: the refiner is found as
 sd_model_checkpoint is, and the image and infotext are the CLI's (`--refiner --refiner-switch-at`), whose
 refiner path tests/test_sdxl_pipeline.py checks against diffusers; `--from-png` reads the refiner back.
-An unknown refiner, a refiner for a non-SDXL model or for img2img, and a bad switch point are 422s."""
+An unknown refiner, a refiner for a non-SDXL model or for inpainting, and a bad switch point are 422s."""
 
 from __future__ import annotations
 
@@ -85,9 +85,9 @@ def test_refiner_through_the_api_is_the_cli_image(tmp_path):
     assert code == 422 and "a refiner needs an SDXL base model; sd15 is sd1" in detail
     buf = io.BytesIO()
     Image.new("RGB", (32, 24)).save(buf, format="PNG")
-    code, detail = error({"refiner_checkpoint": "xl-refiner", "init_images": [base64.b64encode(buf.getvalue())
-                                                                             .decode()]}, "/sdapi/v1/img2img")
-    assert code == 422 and "txt2img only" in detail
+    png = base64.b64encode(buf.getvalue()).decode()
+    code, detail = error({"refiner_checkpoint": "xl-refiner", "init_images": [png], "mask": png}, "/sdapi/v1/img2img")
+    assert code == 422 and "a refiner with a mask (inpainting) is not supported" in detail
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd15"}).status_code == 200
     code, detail = error({"refiner_checkpoint": "xl-refiner"})  # checked before the job: base is SD1
     assert code == 422 and "a refiner needs an SDXL base model; sd15 is sd1" in detail

@@ -151,9 +151,13 @@ def _upscale_images(model: StableDiffusion, latents: torch.Tensor, upscaler, to:
 
 @per_generation  # params.tiling: circular padding for both passes
 def txt2img_hires(model: StableDiffusion, params: GenerationParams, hires: HiresParams, upscaler=None,
-                  callback: StepCallback | None = None) -> list[Image.Image]:
+                  callback: StepCallback | None = None, refiner: StableDiffusion | None = None,
+                  switch_at: float = 0.8) -> list[Image.Image]:
     """txt2img with a hires second pass. ``upscaler``: the loaded image upscaler for a non-latent
-    ``hires.upscaler`` (see :func:`resolve_upscaler`). ``callback`` sees both passes' steps."""
+    ``hires.upscaler`` (see :func:`resolve_upscaler`). ``callback`` sees both passes' steps.
+    ``refiner`` (SDXL): as A1111's default ``hires_fix_refiner_pass: second pass``, the first pass is the base's
+    alone and in the hires pass the refiner takes over where the noise level reaches ``switch_at``
+    (:func:`ldmkit.sdxl.switch_step`)."""
     from ldmkit import pipeline as P
 
     hires.check()
@@ -189,18 +193,31 @@ def txt2img_hires(model: StableDiffusion, params: GenerationParams, hires: Hires
         n = len(job.seeds)
         cond, uncond = core.encode_conditioning(model, [params.prompt] * n, [params.negative_prompt] * n,
                                                 params.replace(width=to_x, height=to_y), hires_steps=steps)
-    if model.cfg.is_inpainting:
-        blank = core.blank_inpaint_condition(model, noise)
-        cond, uncond = cond.replace(c_concat=blank), uncond.replace(c_concat=blank)
+    if (image := core.concat_condition(model, params, noise)) is not None:  # inpainting, depth: the new size's
+        cond, uncond = cond.replace(c_concat=image), uncond.replace(c_concat=image)
     first = len(job.plan.sigmas) - 1
 
     def second_pass(d: dict) -> None:  # steps counted on from the first pass's (progress bars, the server)
         callback({**d, "i": d["i"] + first})
 
-    latents = core.sample(model, plan, cond, uncond, noise, init_latent=latents.to(noise),
-                          callback=second_pass if callback else None)
+    refined = False
+    if refiner is None:
+        latents = core.sample(model, plan, cond, uncond, noise, init_latent=latents.to(noise),
+                              callback=second_pass if callback else None)
+    else:
+        from ldmkit.sdxl import sample_refined
+        from ldmkit.tiling import circular
+
+        with circular(refiner, params.tiling):
+            latents, refined = sample_refined(model, refiner, plan, cond, uncond, noise, params, switch_at,
+                                              init_latent=latents.to(noise), size=(to_x, to_y),
+                                              callback=second_pass if callback else None)
     name = upscaler.name if upscaler is not None and mode is None else hires.upscaler
     fields = dataclasses.replace(hires, upscaler=name).infotext_fields()
+    if refined:
+        from ldmkit.sdxl import refiner_fields
+
+        fields.update(refiner_fields(refiner, switch_at))  # type: ignore[arg-type]
     return P.finish(model, params, latents, job.seeds, job.plan, fields)
 
 

@@ -200,29 +200,99 @@ def txt2img_refined(base: StableDiffusionXL, refiner: StableDiffusionXL, params:
 
 def _txt2img_refined(base: StableDiffusionXL, refiner: StableDiffusionXL, params: GenerationParams,
                      switch_at: float, callback: Callable[[dict], None] | None) -> list[Image.Image]:
-    from ldmkit import core, pipeline
+    from ldmkit import pipeline
 
-    if not refiner.cfg.is_sdxl:
-        raise core.GenerationError(f"refiner {refiner.source_name} is not an SDXL model")
+    check_refiner(refiner)
     check_switch_at(switch_at)
     check_txt2img(base)
     job = pipeline._job(base, params)
-    steps = len(job.plan.sigmas) - 1
-    k = min(steps - 1, max(1, round(steps * switch_at)))  # base steps; at least one step for each expert
-    first = dataclasses.replace(job.plan, sigmas=job.plan.sigmas[: k + 1])
-    x = core.sample(base, first, job.cond, job.uncond, job.noise, callback=callback)
-    cond, uncond = encode_conditioning(refiner, [params.prompt] * len(job.seeds),
-                                       [params.negative_prompt] * len(job.seeds), params)
-    second = dataclasses.replace(job.plan, sigmas=job.plan.sigmas[k:])
+    x, used = sample_refined(base, refiner, job.plan, job.cond, job.uncond, job.noise, params, switch_at,
+                             callback=callback, base_steps=1)
+    return pipeline.finish(base, params, x, job.seeds, job.plan, refiner_fields(refiner, switch_at) if used else None)
+
+
+def img2img_refined(base: StableDiffusionXL, refiner: StableDiffusionXL, params: GenerationParams,
+                    init_image: Image.Image, switch_at: float = 0.8,
+                    callback: Callable[[dict], None] | None = None) -> list[Image.Image]:
+    """img2img with a refiner (A1111's img2img ``refiner_checkpoint``): the base denoises the image from
+    ``params.strength`` until the noise level of ``switch_at`` (:func:`switch_step`), the refiner the rest; at a
+    strength below 1 - switch_at the refiner does all of it (and the base's part is none)."""
+    from ldmkit import pipeline
+    from ldmkit.tiling import circular
+
+    check_refiner(refiner)
+    check_switch_at(switch_at)
+    with circular(base, params.tiling), circular(refiner, params.tiling):
+        job = pipeline._job(base, params)
+        init = pipeline.encode_pixels(base, pipeline.image_to_tensor(init_image, params.width, params.height))
+        x, used = sample_refined(base, refiner, job.plan.truncate(params.strength), job.cond, job.uncond, job.noise,
+                                 params, switch_at, init_latent=init, callback=callback)
+        extra: dict[str, object] = {"Denoising strength": params.strength}
+        return pipeline.finish(base, params, x, job.seeds, job.plan,
+                               {**extra, **(refiner_fields(refiner, switch_at) if used else {})})
+
+
+def switch_step(model: StableDiffusion, sigmas: Tensor, switch_at: float) -> int:
+    """The first step the refiner takes: A1111's rule (``sd_samplers_common.apply_refiner``; diffusers'
+    ``denoising_end`` is the same cut): a step's progress is ``(999 - t) / 1000`` with ``t`` the training
+    timestep whose sigma is nearest the step's, and the refiner takes over at the first step whose progress
+    reaches ``switch_at``. ``len(sigmas) - 1`` when no step reaches it (the refiner never runs)."""
+    from ldmkit.core import model_schedule
+
+    table = model_schedule(model).sigmas
+    t = (table[None, :] - sigmas[:-1, None].double().cpu()).abs().argmin(dim=1)
+    hits = torch.nonzero((len(table) - 1 - t) / len(table) >= switch_at)
+    return int(hits[0, 0]) if len(hits) else len(sigmas) - 1
+
+
+def sample_refined(base: StableDiffusion, refiner: StableDiffusion, plan, cond: Conditioning, uncond: Conditioning,
+                   noise: Tensor, params: GenerationParams, switch_at: float, *, init_latent: Tensor | None = None,
+                   callback: Callable[[dict], None] | None = None, base_steps: int = 0,
+                   size: tuple[int, int] | None = None) -> tuple[Tensor, bool]:
+    """``core.sample`` of ``plan`` with the refiner as second expert from :func:`switch_step` on, each part one
+    sampler run (a multistep sampler starts afresh at the switch, as in diffusers). ``base_steps``: the fewest
+    steps the base keeps (txt2img: 1, so neither expert's part is empty); ``size``: (width, height) of the
+    refiner's size conditioning (hires fix: the upscaled size; default the params'). Returns the latents and
+    whether the refiner ran."""
+    from ldmkit import core
+
+    steps = len(plan.sigmas) - 1
+    k = min(steps, max(base_steps, switch_step(base, plan.sigmas, switch_at)))
+    if base_steps and k == steps:
+        k = steps - 1  # txt2img: at least one step each
+    if k > 0:
+        x = core.sample(base, dataclasses.replace(plan, sigmas=plan.sigmas[: k + 1]), cond, uncond, noise,
+                        init_latent=init_latent, callback=callback)
+    elif init_latent is None:
+        x = noise * plan.spec.start_scale(plan.sigmas[0])
+    else:
+        x = init_latent.expand_as(noise) + noise * plan.sigmas[0]
+    if k == steps:
+        return x, False
+    n = noise.shape[0]
+    p = params if size is None else params.replace(width=size[0], height=size[1])
+    rcond, runcond = encode_conditioning(refiner, [params.prompt] * n, [params.negative_prompt] * n, p)
 
     def shifted(d: dict) -> None:  # step numbers go on from the base's
         if callback is not None:
             callback({**d, "i": d["i"] + k})
 
-    x = core.denoise(refiner, second, cond, uncond, x.to(refiner.device), callback=shifted)
+    x = core.denoise(refiner, dataclasses.replace(plan, sigmas=plan.sigmas[k:]), rcond, runcond,
+                     x.to(refiner.device), callback=shifted)
+    return x.to(noise.device), True
+
+
+def refiner_fields(refiner: StableDiffusion, switch_at: float) -> dict[str, object]:
+    """The infotext fields A1111 writes for a refiner: ``Refiner: name [hash]``, ``Refiner switch at``."""
     ref_hash = f" [{refiner.model_hash}]" if refiner.model_hash else ""
-    extra = {"Refiner": f"{refiner.source_name}{ref_hash}", "Refiner switch at": f"{switch_at:g}"}
-    return pipeline.finish(base, params, x, job.seeds, job.plan, extra)
+    return {"Refiner": f"{refiner.source_name}{ref_hash}", "Refiner switch at": f"{switch_at:g}"}
+
+
+def check_refiner(refiner: StableDiffusion) -> None:
+    if not refiner.cfg.is_sdxl:
+        from ldmkit.core import GenerationError
+
+        raise GenerationError(f"refiner {refiner.source_name} is not an SDXL model")
 
 
 def check_switch_at(switch_at: float) -> None:

@@ -121,7 +121,7 @@ class Generation:
     save: bool = False
     hires: Any = None  # ldmkit.hires.HiresParams: txt2img's hires fix (enable_hr)
     hires_upscaler: Callable[[], Any] | None = None  # loads its image upscaler (None: a latent mode)
-    refiner: CheckpointInfo | None = None  # refiner_checkpoint: SDXL's second expert (txt2img)
+    refiner: CheckpointInfo | None = None  # refiner_checkpoint: SDXL's second expert (txt2img, hires, img2img)
     refiner_switch_at: float = 0.8
 
     @property
@@ -279,18 +279,16 @@ def prepare(req: S.GenerationRequest, kind: str, model: StableDiffusion, options
 
 def check_refiner(req: S.GenerationRequest, kind: str, model: StableDiffusion, info: CheckpointInfo | None,
                   refiner: CheckpointInfo | None, hires: Any) -> tuple[CheckpointInfo | None, float]:
-    """refiner_checkpoint (already resolved to ``refiner``) and refiner_switch_at, checked: txt2img only,
-    without hires fix, with an SDXL base model (an override model is checked when it is loaded)."""
+    """refiner_checkpoint (already resolved to ``refiner``) and refiner_switch_at, checked: txt2img (with hires
+    fix: in its second pass, A1111's default), img2img, not inpainting; with an SDXL base model (an override
+    model is checked when it is loaded)."""
     switch_at = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
     if refiner is None:
         return None, switch_at
-    if kind != "txt2img":
-        raise field_error(("refiner_checkpoint",), "a refiner is supported for txt2img only in ldmkit; for "
-                                                   "img2img, send the image to the refiner model itself",
+    if kind == "inpaint":
+        raise field_error(("refiner_checkpoint",), "a refiner with a mask (inpainting) is not supported in "
+                                                   "ldmkit; inpaint with the base, then img2img with the refiner",
                           req.refiner_checkpoint)
-    if hires is not None:
-        raise field_error(("refiner_checkpoint",), "a refiner together with hires fix (enable_hr) is not "
-                                                   "supported; use one of them", req.refiner_checkpoint)
     if not 0.0 < switch_at < 1.0:
         raise field_error(("refiner_switch_at",), f"refiner_switch_at {switch_at:g} must be between 0 and 1 "
                                                   "(A1111's default: 0.8)", switch_at)
@@ -350,13 +348,18 @@ def _run_batches(ctx: JobContext, gen: Generation, model: StableDiffusion, image
                 from ldmkit.hires import txt2img_hires
 
                 upscaler = gen.hires_upscaler() if gen.hires_upscaler is not None else None
-                images += txt2img_hires(model, p, gen.hires, upscaler, callback=cb)
+                images += txt2img_hires(model, p, gen.hires, upscaler, callback=cb, refiner=refiner,
+                                        switch_at=gen.refiner_switch_at)
             elif gen.kind == "txt2img" and refiner is not None:
                 from ldmkit.sdxl import txt2img_refined
 
                 images += txt2img_refined(model, refiner, p, gen.refiner_switch_at, callback=cb)
             elif gen.kind == "txt2img":
                 images += P.txt2img(model, p, callback=cb)
+            elif gen.kind == "img2img" and refiner is not None:
+                from ldmkit.sdxl import img2img_refined
+
+                images += img2img_refined(model, refiner, p, gen.init, gen.refiner_switch_at, callback=cb)
             elif gen.kind == "img2img":
                 images += P.img2img(model, p, gen.init, callback=cb)
             else:
