@@ -137,6 +137,23 @@ def test_img2img_unit_without_image_uses_the_init_image(server, files):
     assert r2.json()["images"][0] == r.json()["images"][0]
 
 
+def test_explain_page_with_a_unit(server, files):
+    """POST /explain takes a txt2img request with its units: the page shows the map and residuals per block."""
+    buf = io.BytesIO()
+    Image.open(files / "shape.png").save(buf, format="PNG")
+    unit = {"module": "canny", "model": _title(files), "image": base64.b64encode(buf.getvalue()).decode(),
+            "guidance_start": 0.5}
+    r = requests.post(f"{server}/explain", json={"prompt": "a house", "steps": 2, "seed": 1, "width": 24,
+                                                 "height": 16, "sampler_name": "Euler",
+                                                 "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert r.status_code == 200 and "/explain/files/" in r.url, r.text
+    assert 'id="controlnet"' in r.text and "ControlNet 0" in r.text and ">off<" in r.text
+    bad = requests.post(f"{server}/explain", json={"prompt": "a house", "steps": 2, "width": 24, "height": 16,
+                                                   "alwayson_scripts": {"controlnet": {"args": [{**unit,
+                                                                                                  "model": "x"}]}}})
+    assert bad.status_code == 422 and "model" in bad.text
+
+
 @pytest.mark.parametrize("change,field,words", [
     ({"model": "nope"}, "model", "no ControlNet 'nope'"),
     ({"model": "None"}, "model", "no ControlNet model"),

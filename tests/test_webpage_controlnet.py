@@ -77,3 +77,11 @@ def test_upload_preview_and_generate(page, files):  # noqa: F811
     ref = P.txt2img(model, P.GenerationParams("", steps=3, sampler="Euler", seed=5, width=24, height=16,
                                               cfg_scale=5, controlnets=(unit,)))[0]
     assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(ref.convert("RGB")))
+    # the result's explain link sends the unit along (POST /explain): the page shows the map and its residuals
+    with page.context.expect_page() as new:
+        page.click("figure.result a.explain")
+    explained = new.value
+    explained.wait_for_url("**/explain/files/**")
+    explained.wait_for_selector("#controlnet")
+    assert "skip 1" in explained.text_content("#controlnet")
+    explained.close()

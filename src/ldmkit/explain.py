@@ -469,14 +469,16 @@ def write_page(ex: Explanation, out_dir: str | Path, tokenizer: CLIPTokenizer) -
 def build_explain_page(model: StableDiffusion, prompt: str, out_dir: str | Path, *, seed: int = 42, steps: int = 20,
                        sampler: str = "Euler", cfg_scale: float = 7.0, width: int | None = None,
                        height: int | None = None, negative_prompt: str = "", init_image: Image.Image | None = None,
-                       callback: P.StepCallback | None = None) -> Path:
+                       callback: P.StepCallback | None = None, controlnets: tuple = ()) -> Path:
     """Generate ``prompt`` once and write ``out_dir/index.html`` explaining it; returns that path.
 
     ``width``/``height`` default to the model's native size; ``init_image`` replaces the generated image
-    in the forward-diffusion strip; ``callback`` gets the sampler's per-step dict (for progress).
+    in the forward-diffusion strip; ``callback`` gets the sampler's per-step dict (for progress); ``controlnets``:
+    ControlNet units (made at ``width`` x ``height``), shown with their maps and residuals per block.
     """
     params = P.GenerationParams(prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg_scale=cfg_scale,
-                                sampler=sampler, seed=seed, width=width or 0, height=height or 0)
+                                sampler=sampler, seed=seed, width=width or 0, height=height or 0,
+                                controlnets=tuple(controlnets))
     return write_page(explain(model, params, init_image, callback), out_dir, model.tokenizer)
 
 

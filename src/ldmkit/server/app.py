@@ -517,9 +517,22 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
                                    height=height or native)
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from None
+        return await explain_page(req, build)
+
+    @app.post("/explain", tags=["ldmkit"])
+    async def explain_post(req: S.Txt2ImgRequest) -> Response:
+        """The explain page for a txt2img request's settings, its ControlNet units (alwayson_scripts) included:
+        the page then also shows each map and its residuals per block; redirects to the page."""
+        build = importlib.import_module("ldmkit.explain").build_explain_page
+        return await explain_page(req, build)
+
+    async def explain_page(req: S.Txt2ImgRequest, build: Any) -> Response:
         params = G.build_params(req, worker.model, options, limits)
+        units = await run_in_threadpool(CN.units_from_request, req, worker.model, controlnets, limits, params.width,
+                                        params.height)
         info = worker.checkpoint
-        key = hashlib.sha256(f"{info.filename}\0{info.sha256}\0{params!r}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{info.filename}\0{info.sha256}\0{params!r}\0{CN.units_key(units)}".encode()
+                             ).hexdigest()[:16]
         out_dir = explain_root() / key
         page = _explain_page(out_dir)
         if page is not None:
@@ -529,6 +542,8 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
             values = {"seed": params.seed, "out_dir": out_dir, "steps": params.steps, "sampler": params.sampler,
                       "cfg_scale": params.cfg_scale, "width": params.width, "height": params.height,
                       "negative_prompt": params.negative_prompt}
+            if units:
+                values["controlnets"] = units
 
             def build_page(ctx: JobContext) -> Any:
                 kwargs = {k: v for k, v in values.items() if k in accepted}

@@ -228,6 +228,17 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
     return tuple(units)
 
 
+def units_key(units: tuple) -> str:
+    """A digest of units' maps and settings (the server's explain-page cache key)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for u in units:
+        h.update(repr(sorted((u.settings or {}).items())).encode())
+        h.update(u.image.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16] if units else ""
+
+
 # ---------------------------------------------------------------- routes
 
 

@@ -357,6 +357,9 @@ function addResults(result, body) {
     const explain = Object.assign(document.createElement("a"),
       { href: explainUrl(body, seed, info.sampler_name), target: "_blank", rel: "noopener",
         textContent: "explain", className: "explain" });
+    if (body.alwayson_scripts && typeof explainControlNet === "function") {  // the units go along (controlnet.js)
+      explain.addEventListener("click", (ev) => { ev.preventDefault(); explainControlNet(body, seed); });
+    }
     const download = Object.assign(document.createElement("a"),
       { href: url, download: `ldmkit-${seed}.png`, textContent: "download" });
     const reuse = Object.assign(document.createElement("button"), { type: "button", textContent: "use as init image" });

@@ -73,4 +73,18 @@ function controlnetUnit() {
   return unit;
 }
 
+// the explain page of a result made with a unit: POST /explain with the request (the map is too large for a URL)
+async function explainControlNet(body, seed) {
+  const win = window.open("about:blank", "_blank");  // opened now, while the click still allows a new window
+  try {
+    const res = await fetch("/explain", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ...body, seed, batch_size: 1, n_iter: 1, force_task_id: null }) });
+    if (!res.ok) throw new Error(errorMessage(res.status, await res.json().catch(() => null)));
+    if (win) win.location = res.url; else window.location = res.url;
+  } catch (e) {
+    if (win) win.close();
+    showError(`explain: ${e.message}`);
+  }
+}
+
 loadControlNetLists();
