@@ -5,7 +5,8 @@ only in the second pass (A1111's default ``hires_fix_refiner_pass: second pass``
 
 img2img + refiner against diffusers' StableDiffusionXLImg2ImgPipeline (base with denoising_end, refiner with
 denoising_start, <= 2/255); a strength below 1 - switch_at leaves everything to the refiner (= diffusers'
-refiner img2img). Through /sdapi/v1/img2img and txt2img with enable_hr: the library's image and A1111's infotext.
+refiner img2img). Through /sdapi/v1/img2img and txt2img with enable_hr, and `ldmkit img2img --refiner` /
+`ldmkit generate --hires-scale 2 --refiner`: the library's image and A1111's infotext.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from reference import encode_to_posterior_mean, img2img_noise_as_diffusers
 from test_sdxl import _diffusers_sdxl_folder
 from test_sdxl_pipeline import PROMPT, H, W, _init_image, _pixels, _ref_pixels, _scheduler
 
-from ldmkit import checkpoint
+from ldmkit import checkpoint, cli
 from ldmkit.config import TINY_SDXL, TINY_SDXL_REFINER
 from ldmkit.pipeline import GenerationParams, img2img
 from ldmkit.sdxl import img2img_refined, switch_step
@@ -129,6 +130,13 @@ def test_img2img_and_hires_with_refiner_through_the_api(tmp_path):
                               width=32, height=24, strength=0.8)
     want = img2img_refined(base, refiner, params, init, switch_at=0.5)[0]
     assert np.array_equal(_pixels(got), _pixels(want))
+    common = ["--negative-prompt", "dark", "--steps", "4", "--width", "32", "--height", "24", "--seed", "11",
+              "--sampler", "Euler", "--cfg-scale", "5", "--model", str(tmp_path / "xl.safetensors"),
+              "--refiner", str(tmp_path / "xl-refiner.safetensors"), "--refiner-switch-at", "0.5"]
+    init.save(tmp_path / "init.png")
+    assert cli.main(["img2img", "an apple", *common, "--init-image", str(tmp_path / "init.png"), "--strength", "0.8",
+                     "-o", str(tmp_path / "cli-i2i.png")]) == 0
+    assert np.array_equal(_pixels(Image.open(tmp_path / "cli-i2i.png")), _pixels(got))
     info = json.loads(r.json()["info"])
     assert f"Refiner: xl-refiner [{ref_hash}], Refiner switch at: 0.5" in info["infotexts"][0]
     assert info["extra_generation_params"]["Refiner switch at"] == "0.5"
@@ -146,5 +154,8 @@ def test_img2img_and_hires_with_refiner_through_the_api(tmp_path):
     params = params.replace(strength=0.75)
     want = txt2img_hires(base, params, hires, refiner=refiner, switch_at=0.5)[0]
     assert np.array_equal(_pixels(got), _pixels(want))
+    assert cli.main(["generate", "an apple", *common, "--hires-scale", "2", "--hires-steps", "4", "--hires-denoise",
+                     "0.7", "-o", str(tmp_path / "cli-hr.png")]) == 0
+    assert np.array_equal(_pixels(Image.open(tmp_path / "cli-hr.png")), _pixels(got))
     plain = _decode(client.post("/sdapi/v1/txt2img", json=hr).json()["images"][0])
     assert np.abs(_pixels(plain) - _pixels(got)).max() > 4 and "Refiner" not in plain.info["parameters"]

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(i)
     i.add_argument("--init-image", required=True)
     i.add_argument("--strength", type=finite_float, default=0.75, help="0..1: how much to change the image")
+    importlib.import_module("ldmkit.sdxl").add_refiner_args(i)  # A1111's img2img refiner
     n = add("inpaint", "repaint the masked part of an image")
     _add_generation_args(n)
     n.add_argument("--init-image", required=True)
@@ -327,6 +328,10 @@ def prepare_generation(args: argparse.Namespace, pipe, note=_note) -> PreparedGe
 
         check_txt2img(pipe.model)  # before the progress bar: an SDXL refiner cannot start from noise
         refiner = refiner_from_args(args, pipe.model)
+    elif args.command == "img2img":
+        from ldmkit.sdxl import refiner_from_args
+
+        refiner = refiner_from_args(args, pipe.model)
     from ldmkit.prompt import unknown_words
 
     unknown = unknown_words(pipe.model, params.prompt)
@@ -349,7 +354,12 @@ def run_generation(args: argparse.Namespace, pipe, gen: PreparedGeneration, init
     if gen.hires is not None:
         from ldmkit.hires import txt2img_hires
 
-        return txt2img_hires(pipe.model, gen.params, gen.hires, gen.upscaler, callback=callback)
+        return txt2img_hires(pipe.model, gen.params, gen.hires, gen.upscaler, callback=callback, refiner=gen.refiner,
+                             switch_at=getattr(args, "refiner_switch_at", 0.8))  # the refiner: second pass (A1111)
+    if gen.refiner is not None and args.command == "img2img":
+        from ldmkit.sdxl import img2img_refined
+
+        return img2img_refined(pipe.model, gen.refiner, gen.params, init, args.refiner_switch_at, callback=callback)
     if gen.refiner is not None:
         from ldmkit.sdxl import txt2img_refined
 

@@ -305,9 +305,10 @@ def check_switch_at(switch_at: float) -> None:
 def add_refiner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", default=None, metavar="MODEL",
                    help="SDXL: a second model (the SDXL refiner) that finishes the image from --refiner-switch-at "
-                        "(A1111's Refiner)")
+                        "(A1111's Refiner; with hires fix, in the second pass)")
     p.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
-                   help="fraction of the steps the base model runs before the refiner takes over (default 0.8)")
+                   help="progress through the noise levels (A1111's: 1 - timestep/1000) at which the refiner takes "
+                        "over from the base model (default 0.8)")
 
 
 def refiner_from_args(args: argparse.Namespace, base: StableDiffusion) -> StableDiffusion | None:
@@ -317,9 +318,6 @@ def refiner_from_args(args: argparse.Namespace, base: StableDiffusion) -> Stable
     if not base.cfg.is_sdxl:
         raise ValueError(f"--refiner needs an SDXL base model; {base.source_name} is {base.cfg.family}")
     check_switch_at(args.refiner_switch_at)
-    if getattr(args, "hires_scale", None) or getattr(args, "hires_resize", None):
-        raise ValueError("--refiner together with hires fix (--hires-scale/--hires-resize) is not supported; "
-                         "use one of them")
     from ldmkit import api
 
     refiner = api.load(args.refiner, device=args.device, low_memory=args.low_memory).model
