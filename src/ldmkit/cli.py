@@ -112,6 +112,7 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
                         "A1111's 'Approx cheap' linear map (free, 1/8 of the image size)")
     importlib.import_module("ldmkit.controlnet").add_controlnet_args(p)  # --controlnet, --control-image, ...
     importlib.import_module("ldmkit.t2i_adapter").add_adapter_args(p)  # --adapter: a unit like --controlnet
+    importlib.import_module("ldmkit.depth").add_depth_args(p)  # --depth-map, --depth-model (512-depth-ema)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +322,11 @@ def prepare_generation(args: argparse.Namespace, pipe, note=_note) -> PreparedGe
         from ldmkit.controlnet import units_from_args
 
         params = params.replace(controlnets=units_from_args(args, pipe.model, params.width, params.height, log=note))
+    from ldmkit.depth import depth_from_args
+
+    depth = depth_from_args(args, pipe.model, params.width, params.height,
+                            log=lambda m: print(f"note: {m}", file=sys.stderr))
+    params = params.replace(depth_map=depth) if depth is not None else params
     P.validate(params, pipe.model)
     refiner = None
     if args.command == "generate":

@@ -51,7 +51,8 @@ SKIPPED_LDM_KEYS = frozenset({
     "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale", "logit_scale",
 })
 # EMA copy of the U-Net (flattened names, "model_ema.diffusion_modelinput_blocks00weight")
-SKIPPED_LDM_PREFIXES = ("model_ema.",)
+# 512-depth-ema also holds the MiDaS (DPT-hybrid) estimator it was trained with: ldmkit.depth reads a map instead
+SKIPPED_LDM_PREFIXES = ("model_ema.", "depth_model.")
 
 
 def is_skipped_ldm_key(key: str) -> bool:

@@ -71,6 +71,8 @@ class GenerationParams:
     # ControlNet units (ldmkit.controlnet.ControlUnit), their residuals summed at every step they are active,
     # and T2I-Adapter units (ldmkit.t2i_adapter.AdapterUnit), their features summed likewise
     controlnets: tuple = dataclasses.field(default=(), repr=False)
+    # depth-conditioned models (512-depth-ema): the depth map (PIL image or (H, W) tensor; ldmkit.depth)
+    depth_map: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "controlnets", tuple(self.controlnets))
@@ -118,6 +120,10 @@ def validate(params: GenerationParams, model: StableDiffusion) -> None:
         raise GenerationError(str(e)) from None
     if not 0.0 <= params.strength <= 1.0:  # 0: A1111 runs one step at the lowest noise level (the image back)
         raise GenerationError(f"strength must be in [0, 1], got {params.strength}")
+    from ldmkit.depth import check as depth_problem
+
+    if bad := depth_problem(model, params.depth_map):  # a depth model needs a map; other models take none
+        raise GenerationError(bad)
     if params.controlnets:
         from ldmkit.controlnet import control_problem
 
@@ -252,6 +258,18 @@ def blank_inpaint_condition(model: StableDiffusion, noise: Tensor) -> Tensor:
     return torch.cat([torch.ones(b, 1, h, w), torch.zeros(b, extra, h, w)], dim=1).to(noise)
 
 
+def concat_condition(model: StableDiffusion, params: GenerationParams, noise: Tensor) -> Tensor | None:
+    """The image channels a U-Net reads beside the latent ``noise`` (B, C, h, w), or None: an inpainting
+    model's everything-masked image (txt2img), a depth model's depth map at the latent size (ldmkit.depth)."""
+    if model.cfg.is_inpainting:
+        return blank_inpaint_condition(model, noise)
+    if params.depth_map is not None:
+        from ldmkit.depth import depth_condition
+
+        return depth_condition(params.depth_map, tuple(noise.shape[-2:])).to(noise).expand(noise.shape[0], -1, -1, -1)
+    return None
+
+
 @dataclass(frozen=True)
 class Job:
     """One generation, prepared: what :func:`sample` needs, plus the seeds for the infotext."""
@@ -280,9 +298,8 @@ def prepare(model: StableDiffusion, params: GenerationParams, prompts: list[str]
     p = plan(model, params, seed=seeds[0])
     cond, uncond = encode_conditioning(model, prompts, [params.negative_prompt] * n, params)
     noise = (noise_fn or initial_noise)(seeds, latent_shape(model, params.width, params.height), model.device)
-    if model.cfg.is_inpainting:
-        blank = blank_inpaint_condition(model, noise)
-        cond, uncond = cond.replace(c_concat=blank), uncond.replace(c_concat=blank)
+    if (image := concat_condition(model, params, noise)) is not None:
+        cond, uncond = cond.replace(c_concat=image), uncond.replace(c_concat=image)
     return Job(params, p, cond, uncond, seeds, noise)
 
 
