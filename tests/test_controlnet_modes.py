@@ -156,7 +156,7 @@ def test_pixel_perfect_map_is_made_at_the_output_size(nets):
     logs = []
     hint, res = A.control_image(img, 24, 16, "canny", "Resize and Fill", pixel_perfect=True, log=logs.append)
     assert res == 8 and hint.size == (24, 16)  # min(16/10, 24/30) x 10
-    assert logs == ["control image 24x8 resized to 24x16 (resize and fill)"]
+    assert logs == ["control image 30x10 resized to 24x16 (resize and fill; canny ran at 24x8)"]
 
 
 def test_infotext_line_as_the_extension_writes_it():

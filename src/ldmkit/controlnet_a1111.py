@@ -217,9 +217,10 @@ def control_image(image: Image.Image, width: int, height: int, module: str = "no
     if pixel_perfect:
         processor_res = pixel_perfect_resolution(image.size, width, height, resize_mode)
     detected = run_preprocessor(module, image, processor_res, threshold_a, threshold_b)
-    if detected.size != (width, height) and log is not None:
-        log(f"control image {detected.size[0]}x{detected.size[1]} resized to {width}x{height} "
-            f"({resize_mode.lower()})")
+    if (detected.size != (width, height) or image.size != (width, height)) and log is not None:
+        ran = f"; {module} ran at {detected.size[0]}x{detected.size[1]}" if detected.size != image.size else ""
+        log(f"control image {image.size[0]}x{image.size[1]} resized to {width}x{height} "
+            f"({resize_mode.lower()}{ran})")
     a = np.asarray(detected.convert("RGB"))
     return Image.fromarray(fit_map(a, width, height, resize_mode)), processor_res
 
