@@ -1,18 +1,16 @@
-"""Training data: folder and tar-shard datasets, deterministic augmentation, bad input, latent cache."""
+"""Training data: folder datasets, deterministic augmentation, bad input, latent cache (tar shards: test_shards)."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ldmkit.data import ImageCaptionDataset, LatentCacheDataset, TarShardDataset, Transform, split_holdout
+from ldmkit.data import ImageCaptionDataset, Transform, encode_in_batches, split_holdout
 from ldmkit.data.datasets import flip_allowed
 
 
@@ -167,101 +165,23 @@ def test_metadata_bad_line(tmp_path):
         ImageCaptionDataset(root, 8)
 
 
-# ---------------------------------------------------------------- tar shards
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _shards(root, n_shards: int, per_shard: int) -> dict[str, str]:
-    root.mkdir()
-    captions = {}
-    for s in range(n_shards):
-        with tarfile.open(root / f"shard-{s:03d}.tar", "w") as tar:
-            for j in range(per_shard):
-                key = f"s{s}_{j:03d}"
-                buf = io.BytesIO()
-                _image(s * 100 + j, 20, 20).save(buf, format="PNG" if j % 2 else "JPEG")
-                _add(tar, f"{key}.{'png' if j % 2 else 'jpg'}", buf.getvalue())
-                captions[key] = f"sample {s} {j}"
-                if j % 3:
-                    _add(tar, f"{key}.txt", captions[key].encode())
-                else:
-                    _add(tar, f"{key}.json", json.dumps({"text": captions[key], "w": 20}).encode())
-    return captions
-
-
-def test_tar_shards_read(tmp_path):
-    captions = _shards(tmp_path / "tars", 3, 5)
-    items = list(TarShardDataset(tmp_path / "tars", 16))
-    assert {it["key"]: it["caption"] for it in items} == captions
-    assert all(it["image"].shape == (3, 16, 16) for it in items)
-    same = list(TarShardDataset(str(tmp_path / "tars" / "shard-00[01].tar"), 16))
-    assert [it["key"] for it in same] == [it["key"] for it in items[:10]]
-    assert torch.equal(same[3]["image"], items[3]["image"])
-
-
-@pytest.mark.parametrize("world_size", [2, 3, 5])  # 3 shards: by shard for 2 and 3, by sample index for 5
-def test_tar_rank_sharding_partitions(tmp_path, world_size):
-    captions = _shards(tmp_path / "tars", 3, 4)
-    per_rank = [[it["key"] for it in TarShardDataset(tmp_path / "tars", 8, rank=r, world_size=world_size)]
-                for r in range(world_size)]
-    flat = [k for keys in per_rank for k in keys]
-    assert len(flat) == len(set(flat)) and set(flat) == set(captions)
-    assert all(per_rank)
-
-
-def test_tar_bad_member_skipped(tmp_path, caplog):
-    (tmp_path / "t").mkdir()
-    with tarfile.open(tmp_path / "t" / "a.tar", "w") as tar:
-        _add(tar, "good.txt", b"fine")
-        buf = io.BytesIO()
-        _image(0).save(buf, format="PNG")
-        _add(tar, "good.png", buf.getvalue())
-        _add(tar, "bad.png", b"nope")
-        _add(tar, "bad.txt", b"never")
-    with caplog.at_level(logging.WARNING):
-        keys = [it["key"] for it in TarShardDataset(tmp_path / "t", 8)]
-    assert keys == ["good"] and "bad.png cannot be decoded" in caplog.text
-
-
 # ---------------------------------------------------------------- latent cache
 
 
-class CountingEncoder:
-    def __init__(self):
-        self.calls = 0
+def test_latent_cache_encodes_mirror_images_exactly(folder):
+    """The trainers' latent cache (encode_in_batches): each batch once, mirrored images encoded themselves."""
+    ds = ImageCaptionDataset(folder, 16)
+    images = torch.stack([ds.plain(i)["image"] for i in range(len(ds))])
+    calls = []
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return torch.nn.functional.avg_pool2d(images, 4)  # (B, 3, H/4, W/4): flips like the image
+    def pool(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(len(x))
+        return {"mean": torch.nn.functional.avg_pool2d(x, 4), "first": x[:, :1, :2, :2].double()}
 
-
-def test_latent_cache_computes_once_and_reloads(folder):
-    ds = ImageCaptionDataset(folder, 16, flip=True, caption_dropout=0.25, seed=3)
-    enc = CountingEncoder()
-    cache = LatentCacheDataset(ds, enc, cache_dir=folder / "cache", encoder_id="pool4", batch_size=5)
-    assert enc.calls == 2 * 3  # 12 images in batches of 5, plain and mirrored
-    assert cache.path.is_file() and not list(cache.path.parent.glob(".*.tmp"))
-    again = LatentCacheDataset(ds, enc, cache_dir=folder / "cache", encoder_id="pool4")
-    assert enc.calls == 6 and torch.equal(again.latents, cache.latents)
-    for epoch in (0, 1):
-        ds.set_epoch(epoch)
-        again.set_epoch(epoch)
-        for i in range(len(ds)):
-            a, b = ds[i], again[i]
-            assert a["caption"] == b["caption"] and a["key"] == b["key"]
-            assert b["latent"].shape == (3, 4, 4)
-            ref = torch.nn.functional.avg_pool2d(a["image"], 4)
-            torch.testing.assert_close(b["latent"], ref)  # the same flip decision as the image dataset
-    LatentCacheDataset(ds, enc, cache_dir=folder / "cache", encoder_id="pool4-v2", batch_size=5)
-    assert enc.calls == 12 and len(list((folder / "cache").glob("*.safetensors"))) == 2
-
-
-def test_latent_cache_refuses_random_crop(folder):
-    with pytest.raises(ValueError, match="crop='center'"):
-        LatentCacheDataset(ImageCaptionDataset(folder, 8, crop="random"), CountingEncoder(),
-                           cache_dir=folder, encoder_id="x")
+    cache = encode_in_batches(lambda a, b: images[a:b], len(images), pool, flip=True, batch_size=5)
+    assert calls == [5, 5, 5, 5, 2, 2]  # 12 images in batches of 5, plain and mirrored
+    assert set(cache) == {"mean", "first", "mean_flip", "first_flip"} and cache["first"].dtype == torch.float32
+    torch.testing.assert_close(cache["mean"], torch.nn.functional.avg_pool2d(images, 4))
+    torch.testing.assert_close(cache["mean_flip"], torch.nn.functional.avg_pool2d(images.flip(-1), 4))
+    plain = encode_in_batches(lambda a, b: images[a:b], len(images), lambda x: x[:, :, ::4, ::4], batch_size=32)
+    assert list(plain) == ["latents"] and plain["latents"].shape == (12, 3, 4, 4)

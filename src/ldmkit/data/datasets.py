@@ -1,4 +1,4 @@
-"""Image-caption datasets for training: a folder, WebDataset tar shards, and a latent cache.
+"""Image-caption folders for training, their held-out split, and the latent cache (tar shards: ``ldmkit.data.shards``).
 
 Folder layouts (Hugging Face ``imagefolder`` and kohya conventions):
 
@@ -17,15 +17,13 @@ samples, whatever the worker count or the order items are read in.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import logging
 import os
 import re
-import tarfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,9 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
-from ldmkit.atomic import replacing
 from ldmkit.images import to_8bit
 
 log = logging.getLogger(__name__)
@@ -152,6 +149,13 @@ def to_tensor(img: Image.Image) -> Tensor:
     return x.float() / 127.5 - 1.0
 
 
+def load_image(source: str | Path | io.BytesIO, size: int) -> Tensor:
+    """(3, size, size) uint8: decoded as ``open_rgb``, shorter side resized, centre-cropped (how the trainers
+    keep images in memory: a 64-px image is 12 kB)."""
+    img = resize_crop(open_rgb(source, size), size)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def read_text(path: Path) -> str:
     """A caption file as text: UTF-8 (BOM allowed); anything else is decoded with replacement
     characters and a warning naming the file."""
@@ -168,7 +172,8 @@ def read_text(path: Path) -> str:
 
 
 def read_holdout(root: str | Path) -> set[str]:
-    """Keys listed in ``root/holdout.json`` (``{"keys": [...]}`` or a plain list); empty if absent."""
+    """Entries of ``root/holdout.json``: a list, or an object with one under ``keys`` (as ``ldmkit data emoji``
+    writes), ``files``, ``images`` or ``holdout``; empty if there is no such file."""
     path = Path(root) / "holdout.json"
     if not path.exists():
         return set()
@@ -176,16 +181,34 @@ def read_holdout(root: str | Path) -> set[str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); expected {{\"keys\": [...]}}") from None
-    keys = data.get("keys") if isinstance(data, dict) else data
-    if not isinstance(keys, list):
+    if isinstance(data, dict):
+        data = next((data[k] for k in ("keys", "files", "images", "holdout") if k in data), None)
+    if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of keys or {{\"keys\": [...]}}")
-    return {str(k) for k in keys}
+    return {str(k) for k in data}
 
 
 def split_holdout(keys: Sequence[str], holdout: Iterable[str]) -> tuple[list[int], list[int]]:
     """Indices of ``keys`` (train, held out) for the keys in ``holdout``."""
     held = set(holdout)
     return [i for i, k in enumerate(keys) if k not in held], [i for i, k in enumerate(keys) if k in held]
+
+
+def choose_holdout(keys: Sequence[str], root: str | Path, count: int) -> tuple[list[int], list[int]]:
+    """(train, held out) indices: the keys ``root/holdout.json`` lists (or file names, matched by stem),
+    else ``count`` keys picked by hashing them (stable when images are added), at most a tenth."""
+    names = read_holdout(root)
+    held = {i for i, k in enumerate(keys) if k in names}
+    if names and not held:  # entries given as file names rather than keys
+        stems = {Path(n).stem for n in names}
+        held = {i for i, k in enumerate(keys) if k in stems}
+    if names and not held:
+        log.warning("%s: none of its entries name an image of the dataset; holding out by hash instead",
+                    Path(root) / "holdout.json")
+    if not held:
+        count = min(count, len(keys) // 10)
+        held = set(sorted(range(len(keys)), key=lambda i: hashlib.sha1(keys[i].encode()).hexdigest())[:count])
+    return [i for i in range(len(keys)) if i not in held], sorted(held)
 
 
 # ---------------------------------------------------------------- image folder
@@ -351,204 +374,25 @@ class ImageCaptionDataset(Dataset):
         return h.hexdigest()
 
 
-# ---------------------------------------------------------------- tar shards
-
-
-def list_shards(pattern_or_dir: str | Path) -> list[Path]:
-    p = Path(pattern_or_dir)
-    shards = sorted(p.glob("*.tar")) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(p)))
-    if not shards:
-        raise ValueError(f"{pattern_or_dir}: no .tar shards found; expected a folder of WebDataset shards "
-                         "(key.png|jpg|webp + key.txt|json per sample) or a glob like 'data/shard-*.tar'")
-    return shards
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset naming: 'dir/abc.0001.png' -> ('dir/abc', '0001.png'): the key ends at the first
-    dot of the last path component."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample, members grouped by consecutive key."""
-    key, files = None, {}
-    try:
-        with tarfile.open(shard, "r|*") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                k, ext = _split_member(m.name)
-                if k != key and key is not None:
-                    yield key, files
-                    files = {}
-                key = k
-                files[ext] = tar.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("%s: unreadable tar shard (%s); the rest of this shard is skipped", shard, e)
-    if key is not None:
-        yield key, files
-
-
-def _tar_caption(shard: Path, key: str, files: dict[str, bytes]) -> str:
-    if "txt" in files:
-        try:
-            return files["txt"].decode("utf-8-sig").strip()
-        except UnicodeDecodeError:
-            log.warning("%s: %s.txt is not valid UTF-8; undecodable bytes replaced", shard, key)
-            return files["txt"].decode("utf-8", errors="replace").strip()
-    if "json" in files:
-        try:
-            meta = json.loads(files["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            log.warning("%s: %s.json is not valid JSON (%s); empty caption", shard, key, e)
-            return ""
-        if isinstance(meta, dict):
-            return str(next((meta[f] for f in TEXT_FIELDS if f in meta), "")).strip()
-    return ""
-
-
-class TarShardDataset(IterableDataset):
-    """WebDataset-style tar shards read with ``tarfile``; items as in ``ImageCaptionDataset``.
-
-    Ranks (and DataLoader workers within a rank) split the shards: reader r of R takes shards
-    r, r+R, ...; when there are fewer shards than readers every reader scans all shards and keeps
-    the samples whose running index is r mod R. Shard counts that do not divide evenly give ranks
-    unequal sample counts, as in WebDataset. With ``shuffle`` the shard order is permuted per epoch.
-    The randomness of a sample depends on (seed, epoch, shard index, position in shard).
-    """
-
-    def __init__(self, pattern_or_dir: str | Path, size: int, *, crop: Crop = "center", flip: bool = False,
-                 caption_dropout: float = 0.0, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = False):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.shards = list_shards(pattern_or_dir)
-        self.transform = Transform(size, crop, flip, caption_dropout, seed)
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _reader(self) -> tuple[int, int]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def __iter__(self) -> Iterator[dict]:
-        reader, readers = self._reader()
-        order = list(range(len(self.shards)))
-        if self.shuffle:
-            order = np.random.default_rng([self.transform.seed & 0xFFFFFFFF, self.epoch, 1]).permutation(order).tolist()
-        by_shard = len(order) >= readers
-        mine = order[reader::readers] if by_shard else order
-        n = 0
-        for s in mine:
-            shard = self.shards[s]
-            for pos, (key, files) in enumerate(_tar_samples(shard)):
-                if not by_shard:
-                    n += 1
-                    if (n - 1) % readers != reader:
-                        continue
-                item = self._item(shard, s, pos, key, files)
-                if item is not None:
-                    yield item
-
-    def _item(self, shard: Path, s: int, pos: int, key: str, files: dict[str, bytes]) -> dict | None:
-        ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in files), None)
-        if ext is None:
-            log.warning("%s: sample %r has no png/jpg/webp image (members: %s); skipped", shard, key, sorted(files))
-            return None
-        try:
-            img = open_rgb(io.BytesIO(files[ext]), self.transform.size)
-        except _DECODE_ERRORS as e:
-            log.warning("%s: %s.%s cannot be decoded (%s); skipped", shard, key, ext, e)
-            return None
-        caption = _tar_caption(shard, key, files)
-        aug = self.transform.augment(self.epoch, (s << 32) + pos, caption)
-        return {"image": self.transform.image(img, aug), "caption": self.transform.caption(caption, aug), "key": key}
-
-
 # ---------------------------------------------------------------- latent cache
 
 
-class LatentCacheDataset(Dataset):
-    """Latents of an ``ImageCaptionDataset`` computed once and stored in one ``.safetensors`` file.
+@torch.no_grad()
+def encode_in_batches(images: Callable[[int, int], Tensor], n: int,
+                      encode: Callable[[Tensor], Tensor | dict[str, Tensor]], *, flip: bool = False,
+                      batch_size: int = 32) -> dict[str, Tensor]:
+    """Encode ``n`` images once, ``batch_size`` at a time: the latent cache the trainers keep.
 
-    Items: ``{"latent": (C, h, w), "caption": str, "key": str}`` with the wrapped dataset's flip and
-    caption-dropout choices for the same (seed, epoch, index). When the dataset flips, the latent of
-    the mirrored image is cached too (exact; flipping the latent width axis instead is only an
-    approximation for a VAE). Random crops cannot be cached: use ``crop="center"``.
-
-    The file name is a hash of ``encoder_id`` and the dataset fingerprint (keys, image size, file
-    sizes and mtimes), so a changed dataset or encoder gets a new file; ``encoder_id`` must change
-    whenever the encoder's weights do (e.g. pass the checkpoint's hash).
+    ``images(start, stop)`` gives (B, 3, H, W) floats in [-1, 1]; ``encode`` returns a tensor (stored
+    as ``latents``) or named tensors (a VAE posterior: ``mean``, ``std``). With ``flip`` the mirror
+    image of each is encoded too (``NAME_flip``): exact, where flipping a latent's width axis is only
+    an approximation for a VAE. Everything is returned float32 on the CPU.
     """
-
-    def __init__(self, dataset: ImageCaptionDataset, encode: Callable[[Tensor], Tensor], *,
-                 cache_dir: str | Path, encoder_id: str, batch_size: int = 32):
-        if dataset.transform.crop != "center":
-            raise ValueError("LatentCacheDataset caches one crop per image; build the dataset with crop='center'")
-        self.dataset, self.transform = dataset, dataset.transform
-        self.keys, self.captions = dataset.keys, dataset.captions
-        self.epoch = 0
-        digest = hashlib.sha256(f"{encoder_id}\n{dataset.fingerprint()}\nflip={self.transform.flip}".encode())
-        self.path = Path(cache_dir) / f"latents-{digest.hexdigest()[:20]}.safetensors"
-        tensors = self._load()
-        if tensors is None:
-            tensors = self._compute(encode, batch_size)
-            self._save(tensors, encoder_id)
-        self.latents = tensors["latents"]
-        self.latents_flipped = tensors.get("latents_flipped")
-
-    def _load(self) -> dict[str, Tensor] | None:
-        from safetensors import SafetensorError, safe_open
-
-        if not self.path.is_file():
-            return None
-        try:
-            with safe_open(self.path, framework="pt") as f:
-                keys = json.loads((f.metadata() or {}).get("keys", "null"))
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            log.warning("%s: unreadable latent cache (%s); recomputing", self.path, e)
-            return None
-        if keys != self.keys or "latents" not in tensors:
-            log.warning("%s: latent cache does not match the dataset; recomputing", self.path)
-            return None
-        return tensors
-
-    @torch.no_grad()
-    def _compute(self, encode: Callable[[Tensor], Tensor], batch_size: int) -> dict[str, Tensor]:
-        plain, flipped = [], []
-        for start in range(0, len(self.dataset), batch_size):
-            images = torch.stack([self.dataset.plain(i)["image"]
-                                  for i in range(start, min(start + batch_size, len(self.dataset)))])
-            plain.append(encode(images).float().cpu())
-            if self.transform.flip:
-                flipped.append(encode(images.flip(-1)).float().cpu())
-        out = {"latents": torch.cat(plain)}
-        if flipped:
-            out["latents_flipped"] = torch.cat(flipped)
-        return out
-
-    def _save(self, tensors: dict[str, Tensor], encoder_id: str) -> None:
-        from safetensors.torch import save_file
-
-        meta = {"keys": json.dumps(self.keys), "encoder_id": encoder_id, "size": str(self.transform.size)}
-        with replacing(self.path) as tmp:  # readers never see a half-written cache
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int) -> dict:
-        caption = self.captions[index]
-        aug = self.transform.augment(self.epoch, index, caption)
-        latent = self.latents_flipped[index] if aug.flip else self.latents[index]
-        return {"latent": latent, "caption": self.transform.caption(caption, aug), "key": self.keys[index]}
+    out: dict[str, list[Tensor]] = {}
+    for start in range(0, n, batch_size):
+        x = images(start, min(start + batch_size, n))
+        for suffix, xs in [("", x)] + ([("_flip", x.flip(-1))] if flip else []):
+            enc = encode(xs)
+            for name, t in (enc if isinstance(enc, dict) else {"latents": enc}).items():
+                out.setdefault(name + suffix, []).append(t.float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}

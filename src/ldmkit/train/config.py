@@ -55,7 +55,8 @@ class TrainConfig:
     """
 
     kind: Kind = _help("what is trained: vae, unet, lora or lcm", "unet")
-    data: str = _help("dataset folder (images/ + metadata.jsonl, as `ldmkit data` writes)", "")
+    data: str = _help("dataset folder (images/ + metadata.jsonl, as `ldmkit data` writes); unet: also WebDataset tar "
+                      "shards, streamed: 'shards/{00000..00099}.tar' or a folder of .tar (`ldmkit data shards`)", "")
     model: str = _help(f"vae/unet: architecture preset: {', '.join(TRAIN_PRESETS)} (unet: unused with --init-from)",
                        "small")
     arch: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "architecture field overrides"})
@@ -80,6 +81,10 @@ class TrainConfig:
     size: int = _help("training image size in pixels (images are resized and centre-cropped)", 64)
     flip: bool = _help("random horizontal flips", True)
     holdout: int = _help("images held out for evaluation when the dataset has no holdout.json", 16)
+    data_workers: int = _help("unet: processes reading --data tar shards (DataLoader workers; 0: the training "
+                              "process itself)", 0)
+    shuffle_buffer: int = _help("unet: samples each tar-shard reader shuffles at a time (memory: one buffer per "
+                                "reader)", 1000)
     batch_size: int = _help("images per device per micro-batch", 16)
     grad_accum: int = _help("micro-batches per optimizer step", 1)
     total_steps: int = _help("optimizer steps in the whole run", 20000)
@@ -220,6 +225,20 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
          f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     need(cfg.rec_loss in ("l1", "l2"), f"rec_loss must be l1 or l2, got {cfg.rec_loss!r}")
+    need(cfg.data_workers >= 0, f"data_workers must not be negative, got {cfg.data_workers}")
+    need(cfg.shuffle_buffer >= 1, f"shuffle_buffer must be at least 1, got {cfg.shuffle_buffer}")
+    if cfg.data:
+        from ldmkit.data.shards import is_shard_source, list_shards
+
+        if is_shard_source(cfg.data):
+            try:
+                list_shards(cfg.data)  # every shard the pattern names is there
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+            need(cfg.kind == "unet", f"--data {cfg.data}: tar shards are streamed by `ldmkit train unet` only; "
+                 f"{cfg.kind} reads an image folder (pass the folder the shards were written from)")
+            need(cfg.vocab != "data", "vocab = data needs every caption before training; a shard stream is read "
+                 "as it goes: use vocab = full")
     for part, overrides in cfg.arch.items():
         need(part in ARCH_PARTS, f"[arch.{part}]: unknown part; use {', '.join(ARCH_PARTS)}")
         known = {f.name for f in dataclasses.fields(ARCH_PARTS[part])}

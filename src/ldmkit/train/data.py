@@ -1,44 +1,28 @@
-"""Training data as the trainers see it: images in memory, a held-out split, and a deterministic
-sharded sample order that a checkpoint can record as (epoch, index).
+"""Training data as the trainers see it, built on ``ldmkit.data`` (the one reader of folders, holdout
+lists and tar shards): a folder's images in memory with a held-out split and a deterministic sharded
+sample order (position: epoch, index), or tar shards as a positioned stream (``StreamOrder``).
 
-Images are read once through ``ldmkit.data.ImageCaptionDataset`` (centre crop, no augmentation)
-when that package is installed, else by the small folder reader below, which understands the
-same layout (``images/*.png`` + ``metadata.jsonl`` + optional ``holdout.json``). They are kept as
-uint8, so 10k 64-px images take 120 MB. Augmentation (flips) is applied by the trainers with
-per-step random generators, which is what makes ``--resume`` exact.
+A folder's images are read once (``ImageCaptionDataset``: centre crop, no augmentation) and kept as
+uint8, so 10k 64-px images take 120 MB. Augmentation (flips) is applied by the trainers with per-step
+random generators, which is what makes ``--resume`` exact.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from ldmkit.data.datasets import outside_folder
-from ldmkit.images import to_8bit
+from ldmkit.data.datasets import ImageCaptionDataset, choose_holdout, flip_allowed, load_image
 from ldmkit.train.config import TrainError
 
-try:
-    from ldmkit.data import flip_allowed
-except ImportError:  # the data package is optional here; the same rule
-    _NO_FLIP = re.compile(r"\b(left|right)(wards?)?\b", re.IGNORECASE)
-
-    def flip_allowed(caption: str) -> bool:
-        """Mirroring turns "left" into "right": images whose caption says either are never flipped."""
-        return not _NO_FLIP.search(caption)
-
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_FILE_KEYS = ("file_name", "file", "image", "path", "filename")
-_TEXT_KEYS = ("text", "caption", "prompt")
+__all__ = ["ImageSet", "ShardedOrder", "StreamOrder", "flip_allowed", "load_dataset", "save_grid", "split_holdout",
+           "to_pil"]
 
 
 @dataclass
@@ -61,82 +45,6 @@ class ImageSet:
         return x.float() / 127.5 - 1.0
 
 
-def load_image(path: Path, size: int) -> Tensor:
-    """(3, size, size) uint8: transparent pixels on white, shorter side resized, centre-cropped."""
-    img = to_8bit(Image.open(path))  # 16-bit greyscale by range, not clipped
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB")
-    w, h = img.size
-    if (w, h) != (size, size):
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.LANCZOS)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def _records(root: Path) -> list[tuple[Path, str]]:
-    meta = root / "metadata.jsonl"
-    if meta.exists():
-        out = []
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainError(f"{meta}:{n}: invalid JSON ({e})") from None
-            name = next((rec[k] for k in _FILE_KEYS if k in rec), None)
-            if name is None:
-                raise TrainError(f"{meta}:{n}: no image file field (expected one of {', '.join(_FILE_KEYS)})")
-            if not isinstance(name, str) or outside_folder(root, name):
-                raise TrainError(f"{meta}:{n}: {name!r} is outside the dataset folder {root}; metadata.jsonl may "
-                                 "only name files inside it (move or link them in)")
-            path = next((p for p in (root / name, root / "images" / name) if p.exists()), None)
-            if path is None:
-                raise TrainError(f"{meta}:{n}: image {name!r} not found in {root} or {root / 'images'}")
-            out.append((path, str(next((rec[k] for k in _TEXT_KEYS if k in rec), ""))))
-        return out
-    folder = root / "images" if (root / "images").is_dir() else root
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    # a caption per image in a .txt file beside it, else the empty caption
-    return [(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "") for p in files]
-
-
-def _read_folder(root: Path, size: int) -> ImageSet:
-    records = _records(root)
-    if not records:
-        raise TrainError(
-            f"{root}: no training images (looked for metadata.jsonl and {'/'.join(IMAGE_EXTS)} files in "
-            f"{root} and {root / 'images'}). Make a dataset with `ldmkit data emoji --out {root}`."
-        )
-    images = torch.stack([load_image(p, size) for p, _ in records])
-    return ImageSet(images, [c for _, c in records], [p.stem for p, _ in records])
-
-
-def _read_with_data_package(root: Path, size: int) -> ImageSet | None:
-    try:
-        from ldmkit.data import ImageCaptionDataset  # written alongside; optional here
-    except ImportError:
-        return None
-    try:
-        ds = ImageCaptionDataset(root, size, crop="center", flip=False, caption_dropout=0.0, seed=0)
-    except TypeError:  # a different constructor than the one this adapter was written against
-        return None
-    except ValueError as e:
-        hint = f" To make a dataset: `ldmkit data emoji --out {root}`." if "no training images" in str(e) else ""
-        raise TrainError(f"{e}{hint}") from None
-    items = [ds[i] for i in range(len(ds))]
-    if not items:
-        return None
-    images = torch.stack([((it["image"].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for it in items])
-    return ImageSet(images, [it["caption"] for it in items], [str(it["key"]) for it in items])
-
-
 def load_dataset(root: str | Path, size: int) -> ImageSet:
     """All images of a dataset folder at ``size`` x ``size``; a clear error when there are none."""
     p = Path(root)
@@ -144,37 +52,25 @@ def load_dataset(root: str | Path, size: int) -> ImageSet:
         raise TrainError("no dataset given: pass --data DIR (e.g. one written by `ldmkit data emoji --out DIR`)")
     if not p.is_dir():
         raise TrainError(f"{p}: dataset folder not found; pass --data DIR")
-    return _read_with_data_package(p, size) or _read_folder(p, size)
+    try:
+        ds = ImageCaptionDataset(p, size)
+    except ValueError as e:
+        hint = f" To make a dataset: `ldmkit data emoji --out {p}`." if "no training images" in str(e) else ""
+        raise TrainError(f"{e}{hint}") from None
+    images = torch.stack([load_image(r.path, size) for r in ds.records])
+    return ImageSet(images, ds.captions, ds.keys)
 
 
 def split_holdout(ds: ImageSet, root: str | Path, count: int) -> tuple[ImageSet, ImageSet]:
     """(train, held out): the keys in ``holdout.json`` if the dataset has one, else ``count`` images
     picked by hashing their keys (stable when images are added), at most a tenth of the data."""
-    path = Path(root) / "holdout.json"
-    held: set[int] = set()
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise TrainError(f"{path}: invalid JSON ({e})") from None
-        if isinstance(data, dict):
-            data = next((data[k] for k in ("keys", "files", "images", "holdout") if k in data), [])
-        names = {str(x) for x in data} if isinstance(data, list) else set()
-        held = {i for i, k in enumerate(ds.keys) if k in names}
-        if names and not held:  # entries given as file names rather than keys
-            stems = {Path(n).stem for n in names}
-            held = {i for i, k in enumerate(ds.keys) if k in stems}
-        if names and not held:
-            warnings.warn(f"{path}: none of its entries name an image of the dataset; holding out by hash instead",
-                          stacklevel=2)
-    if not held:
-        count = min(count, len(ds) // 10)
-        order = sorted(range(len(ds)), key=lambda i: hashlib.sha1(ds.keys[i].encode()).hexdigest())
-        held = set(order[:count])
-    train = [i for i in range(len(ds)) if i not in held]
+    try:
+        train, held = choose_holdout(ds.keys, root, count)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if not train:
         raise TrainError(f"{root}: every image is held out; nothing left to train on")
-    return ds.subset(train), ds.subset(sorted(held))
+    return ds.subset(train), ds.subset(held)
 
 
 class ShardedOrder:
@@ -222,6 +118,14 @@ class ShardedOrder:
                 self.epoch, self.index = self.epoch + 1, 0
         return torch.cat(out)
 
+    @property
+    def epochs(self) -> float:
+        """Epochs done, fractional."""
+        return self.epoch + self.index / self.per_rank
+
+    def close(self) -> None:
+        pass
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "n": self.n, "world_size": self.world_size}
 
@@ -234,6 +138,86 @@ class ShardedOrder:
             self.epoch, self.index = state["epoch"] + 1, 0
             return
         self.epoch, self.index = state["epoch"], state["index"]
+
+
+class StreamOrder:
+    """This rank's samples from tar shards (``ldmkit.data.shards.ShardStream``), read by ``workers``
+    DataLoader processes (0: in this process). ``take(k)`` returns k samples (dicts with a uint8 image).
+
+    The position is, per reader, the (epoch, k) of the next sample, and how many samples this rank has
+    taken (which worker a DataLoader visits next); restored, the stream continues with exactly the samples
+    an uninterrupted run would have seen. Memory: one shuffle buffer per reader, plus the prefetch.
+    """
+
+    def __init__(self, shards: list[Path], size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 0, buffer: int = 1000):
+        self.shards, self.size, self.seed, self.buffer = shards, size, seed, buffer
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.next: dict[int, tuple[int, int]] = {}
+        self.consumed = 0
+        self._it: Any = None
+        self._loader: Any = None
+
+    def _open(self) -> None:
+        from torch.utils.data import DataLoader
+
+        from ldmkit.data.shards import ShardStream
+
+        slots = max(self.workers, 1)
+        stream = ShardStream(self.shards, self.size, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                             workers=slots, buffer=self.buffer, start=self.next, phase=self.consumed % slots)
+        if self.workers == 0:
+            self._it = iter(stream)
+        else:
+            self._loader = DataLoader(stream, batch_size=None, num_workers=self.workers, prefetch_factor=2)
+            self._it = iter(self._loader)
+
+    def take(self, k: int) -> list[dict[str, Any]]:
+        if self._it is None:
+            self._open()
+        out = []
+        for _ in range(k):
+            item = next(self._it)
+            reader, epoch, pos = (int(x) for x in item.pop("pos"))
+            self.next[reader] = (epoch, pos + 1)
+            self.consumed += 1
+            out.append(item)
+        return out
+
+    @property
+    def epoch(self) -> int:
+        return min((e for e, _ in self.next.values()), default=0)
+
+    @property
+    def epochs(self) -> float:
+        return float(self.epoch)
+
+    def close(self) -> None:
+        self._it = self._loader = None  # a DataLoader's workers end with their iterator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": 1, "world_size": self.world_size, "workers": self.workers, "consumed": self.consumed,
+                "next": {str(r): list(p) for r, p in self.next.items()}}
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """``states``: every rank's ``state_dict`` as the checkpoint holds them."""
+        if not isinstance(states, list) or not states or "stream" not in states[0]:
+            raise TrainError("the checkpoint's data position is not a tar-shard stream's; resume with the --data "
+                             "the run was started with")
+        mine = states[self.rank] if len(states) > self.rank else states[0]
+        if len(states) == self.world_size and mine["workers"] == self.workers:
+            self.next = {int(r): (int(p[0]), int(p[1])) for r, p in mine["next"].items()}
+            self.consumed = int(mine["consumed"])
+        else:
+            epoch = 1 + max((p[0] for s in states for p in s["next"].values()), default=-1)
+            warnings.warn(
+                f"the checkpoint's shard stream was read by {len(states)} rank(s) x {mine['workers']} worker(s), now "
+                f"{self.world_size} x {self.workers}: the readers split the shards differently, so the stream "
+                f"continues from epoch {epoch} (the rest of the interrupted epoch is not seen)", stacklevel=2)
+            readers = self.world_size * max(self.workers, 1)
+            self.next = {r: (epoch, 0) for r in range(readers)}
+            self.consumed = 0
+        self.close()
 
 
 def save_grid(images: list[Image.Image], cols: int, path: str | Path) -> Path:

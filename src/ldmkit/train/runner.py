@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ldmkit.atomic import remove_leftovers, replacing
 from ldmkit.config import ModelConfig
 from ldmkit.train.config import TrainConfig, TrainError, arch_differences, to_toml, validate
-from ldmkit.train.data import ShardedOrder
+from ldmkit.train.data import ShardedOrder, StreamOrder
 from ldmkit.train.ema import EMA
 
 CHECKPOINT = "checkpoint.pt"
@@ -104,7 +104,7 @@ class Task(Protocol):
     net: nn.Module  # forward(**batch) -> (loss, logs); its trainable parameters are optimised
     train_size: int
 
-    def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]: ...
+    def make_batch(self, idx: Any, gen: torch.Generator, step: int) -> dict[str, Any]: ...
 
     def evaluate(self, eval_net: nn.Module, step: int) -> dict[str, float]: ...
 
@@ -291,7 +291,9 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
     amp_dtype = autocast_dtype(cfg, d.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     ema = EMA(net, cfg.ema_decay) if d.is_main else None
-    order = ShardedOrder(task.train_size, cfg.seed, d.rank, d.world_size)
+    # a folder's images: indices into the task's training set; tar shards: the samples themselves
+    stream = getattr(task, "stream_order", None)
+    order = stream(d) if stream is not None else ShardedOrder(task.train_size, cfg.seed, d.rank, d.world_size)
     step = 0
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
@@ -312,13 +314,15 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
 
     def save() -> None:
         rngs = d.gather(rng_state())
+        # a stream's position differs per rank (each reads its own shards); an index order's does not
+        data = d.gather(order.state_dict()) if isinstance(order, StreamOrder) else order.state_dict()
         if d.is_main:
             assert ema is not None
             atomic_torch_save({
                 "format": CHECKPOINT_FORMAT, "kind": cfg.kind, "model_config": task.model_cfg.to_json(),
                 "config": to_toml(cfg), "step": step, "net": net.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "data": order.state_dict(), "rng": rngs, "world_size": d.world_size, "task": task.state(),
+                "data": data, "rng": rngs, "world_size": d.world_size, "task": task.state(),
             }, run_dir / CHECKPOINT)
         d.barrier()
 
@@ -349,9 +353,13 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
         while step < end:
             micro_losses: list[Tensor] = []
             seen: list[Tensor] = []
+            keys: list[str] = []
             for micro in range(cfg.grad_accum):
                 idx = order.take(cfg.batch_size)
-                seen.append(idx)
+                if isinstance(idx, Tensor):
+                    seen.append(idx)
+                else:  # streamed samples
+                    keys += [sample["key"] for sample in idx]
                 batch = task.make_batch(idx, step_generator(cfg.seed, d.rank, step, micro), step)
                 batch = {k: v.to(d.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 last = micro == cfg.grad_accum - 1
@@ -377,7 +385,8 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
             loss_sum += step_loss
             logged_steps += 1
             if on_step is not None:
-                on_step(step, {"loss": step_loss, "indices": torch.cat(seen), "net": net})
+                on_step(step, {"loss": step_loss, "indices": torch.cat(seen) if seen else None, "keys": keys,
+                              "net": net})
             bar.update(1)
             will_save = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end
             if step % cfg.log_every == 0 or step == end or will_save:
@@ -388,7 +397,7 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
                 now = time.perf_counter()
                 images = logged_steps * cfg.batch_size * cfg.grad_accum * d.world_size
                 record = {"step": step, "loss": mean_loss, "lr": lr,
-                          "grad_norm": float(grad_norm), "epoch": order.epoch + order.index / order.per_rank,
+                          "grad_norm": float(grad_norm), "epoch": order.epochs,
                           "images_per_s": images / max(now - t_log, 1e-9)}
                 if part_sums:
                     names = sorted(part_sums)
@@ -408,6 +417,7 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.total_steps):
                 evaluate()
     finally:
+        order.close()
         bar.close()
         if tb is not None:
             tb.close()

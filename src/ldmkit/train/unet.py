@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldmkit.data.datasets import encode_in_batches
 from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.tokenizer import CLIPTokenizer
 from ldmkit.models.unet import UNetModel
@@ -34,6 +35,15 @@ from ldmkit.train.config import TrainConfig, TrainError, base_model_config
 from ldmkit.train.data import flip_allowed, load_dataset, save_grid, split_holdout
 from ldmkit.train.runner import CHECKPOINT, DistInfo, rng_unchanged
 from ldmkit.train.sources import load_init_model, load_model, load_vae_source
+from ldmkit.train.stream import (
+    STREAM_FILE,
+    is_streamed,
+    read_stream,
+    stream_batch,
+    stream_head,
+    stream_source,
+    write_stream_file,
+)
 
 VAE_FILE = "vae.safetensors"
 LATENTS_FILE = "latents.safetensors"
@@ -138,18 +148,16 @@ def read_text_file(run_dir: Path) -> tuple[TextEncoderConfig, dict[str, Tensor],
     return _config_from_json(TextEncoderConfig, meta[TEXT_KEY]), sd, meta
 
 
-@torch.no_grad()
 def build_latent_cache(vae: AutoencoderKL, images: Tensor, flip: bool, batch: int = 32) -> dict[str, Tensor]:
     """Posterior mean and std of every image (and of its mirror image when ``flip``), float32 on CPU."""
     device = next(vae.parameters()).device
-    out: dict[str, list[Tensor]] = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
-    for i in range(0, len(images), batch):
-        x = images[i: i + batch].float().div(127.5).sub(1.0).to(device)
-        for suffix, xs in [("", x)] + ([("_flip", x.flip(-1))] if flip else []):
-            mean, logvar = vae.encode(xs)
-            out["mean" + suffix].append(mean.float().cpu())
-            out["std" + suffix].append(torch.exp(0.5 * logvar).float().cpu())
-    return {k: torch.cat(v) for k, v in out.items() if v}
+
+    def posterior(x: Tensor) -> dict[str, Tensor]:
+        mean, logvar = vae.encode(x.to(device))
+        return {"mean": mean, "std": torch.exp(0.5 * logvar)}
+
+    return encode_in_batches(lambda a, b: images[a:b].float().div(127.5).sub(1.0), len(images), posterior,
+                             flip=flip, batch_size=batch)
 
 
 def measure_scale_factor(cache: dict[str, Tensor], seed: int) -> float:
@@ -180,20 +188,28 @@ def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: A
         if read_safetensors(run_dir / LATENTS_FILE)[1].get("source") != _cache_source(cfg):
             for name in (LATENTS_FILE, VAE_FILE, TEXT_FILE):
                 (run_dir / name).unlink(missing_ok=True)
+    if not (run_dir / CHECKPOINT).exists() and stream_source(run_dir) not in (None, _cache_source(cfg)):
+        for name in (STREAM_FILE, VAE_FILE, TEXT_FILE):
+            (run_dir / name).unlink(missing_ok=True)
     if cfg.text_encoder and not (run_dir / TEXT_FILE).exists():
         same = init is not None and cfg.text_encoder == cfg.init_from
         model = init if same else load_model(cfg.text_encoder, "--text-encoder")
         meta = {TEXT_KEY: _config_json(model.cfg.text), "clip_skip": str(model.cfg.clip_skip),
                 "pad_with_eos": json.dumps(model.cfg.pad_with_eos), "source": cfg.text_encoder}
         atomic_save_safetensors(model.text_encoder.state_dict(), run_dir / TEXT_FILE, meta)
-    if (run_dir / LATENTS_FILE).exists():
+    if (run_dir / LATENTS_FILE).exists() or (run_dir / STREAM_FILE).exists():
         return
     if init is not None and not cfg.vae:
         vae_cfg, vae_sd, fresh = init.cfg.vae, init.vae.state_dict(), False
     else:
         vae_cfg, vae_sd, fresh = load_vae_source(cfg.vae)
-    data = load_dataset(cfg.data, cfg.size)
-    train, held = split_holdout(data, cfg.data, cfg.holdout)
+    streamed = is_streamed(cfg)
+    if streamed:  # its first samples give the scale factor and sample prompts; batches are encoded as they come
+        train = stream_head(cfg)
+        held = train.subset([])
+    else:
+        data = load_dataset(cfg.data, cfg.size)
+        train, held = split_holdout(data, cfg.data, cfg.holdout)
     if cfg.size % vae_cfg.downscale:
         raise TrainError(f"size {cfg.size} is not a multiple of the VAE's downscale factor {vae_cfg.downscale}")
     vae = AutoencoderKL(vae_cfg)
@@ -204,6 +220,9 @@ def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: A
     if vae_file:
         atomic_save_safetensors(vae.state_dict(), run_dir / VAE_FILE, {VAE_KEY: _config_json(vae_cfg)})
     prompts = [c for c in dict.fromkeys(held.captions + train.captions) if c][:4] or [""]
+    if streamed:
+        write_stream_file(cfg, run_dir, prompts, _cache_source(cfg))
+        return
     meta = {"captions": json.dumps(train.captions), "keys": json.dumps(train.keys),
             "sample_prompts": json.dumps(prompts), "size": str(cfg.size), "source": _cache_source(cfg)}
     atomic_save_safetensors(cache, run_dir / LATENTS_FILE, meta)
@@ -299,6 +318,8 @@ class UNetTask:
         from ldmkit.checkpoint import read_safetensors
 
         cfg, run_dir = self.cfg, self.run_dir
+        if (run_dir / STREAM_FILE).exists():
+            return read_stream(self)
         self.cache, meta = read_safetensors(run_dir / LATENTS_FILE)
         self.captions: list[str] = json.loads(meta["captions"])
         self.sample_prompts = cfg.sample_prompts or json.loads(meta["sample_prompts"])
@@ -315,6 +336,9 @@ class UNetTask:
     def tokenize(self, tokenizer: CLIPTokenizer) -> None:
         """Token ids of every caption in every template: ``self.ids`` is (templates, captions, context)."""
         self.tokenizer = tokenizer
+        if not self.captions:  # streamed: captions are tokenized per batch
+            self.empty_ids = tokenizer([""])[0]
+            return
         templates = self.cfg.caption_templates or ["{caption}"]
         texts = [[apply_template(t, c) if c else "" for c in self.captions] for t in templates]
         longest = max(len(tokenizer.encode(x)) for row in texts for x in row) + 2  # + start/end
@@ -347,6 +371,8 @@ class UNetTask:
         return torch.where(drop[:, None], self.empty_ids, self.ids[pick, idx])
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int, flips: Tensor | None = None) -> dict[str, Any]:
+        if isinstance(idx, list):  # samples streamed from tar shards
+            return stream_batch(self, idx, gen)
         b = len(idx)
         latents = self.sample_latents(idx, gen, flips)
         t = torch.randint(0, self.model_cfg.num_train_timesteps, (b,), generator=gen)
