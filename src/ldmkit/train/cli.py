@@ -61,6 +61,11 @@ UNET_EXAMPLES = """examples:
   ldmkit train unet --init-from sd15.safetensors --text-encoder sd15.safetensors --data my_images \\
       --size 512 --out runs/ft-unet            # ... its U-Net only (its text encoder frozen)
   torchrun --nproc-per-node 2 -m ldmkit train unet --data data/emoji --vae runs/vae --out runs/ldm
+  ldmkit data shards my_images --out shards/ --shard-size 1000     # then stream them (memory stays flat):
+  ldmkit train unet --data "shards/{00000..00099}.tar" --data-workers 2 --vae runs/vae --out runs/big
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id run1 \\
+      -m ldmkit train unet --data "shards/{00000..00099}.tar" --vae runs/vae --out /shared/runs/big
+                                               # on each of two machines; run folder on a shared filesystem
   (a run folder's config.toml lists every setting; metrics.jsonl and samples/ show progress)
 """
 
