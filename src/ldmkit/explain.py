@@ -185,6 +185,8 @@ class Explanation:
     unet_calls: int
     model_name: str
     control: list = field(default_factory=list)  # ldmkit.controlnet_explain.ControlView per ControlNet
+    tokens2: list[TokenRow] = field(default_factory=list)  # SDXL base: the second (bigG) tokenizer's, same positions
+    added: dict = field(default_factory=dict)  # SDXL: the added conditioning (see added_conditioning)
 
     @property
     def compression(self) -> float:
@@ -239,14 +241,35 @@ def explain(model: StableDiffusion, params: P.GenerationParams, init_image: Imag
     xt = torch.cat([a**0.5 * x0 + (1 - a) ** 0.5 * noise for a in ab])
     forward = [ForwardStep(t, a, img) for t, a, img in zip(ts, ab, P.decode_latents(model, xt), strict=True)]
 
+    tokens2, added = [], {}
+    if model.cfg.is_sdxl:  # two encoders (the refiner: bigG alone), pooled vector and size ids
+        tokens2 = [row for tok in model.tokenizers[1:] for row in token_rows(tok, params.prompt)]
+        added = added_conditioning(model, job.cond, job.uncond)
     return Explanation(
         params=params, sampler_name=sampler_name, schedule_name=schedule_name,
         tokens=token_rows(model.tokenizer, params.prompt), noise=noise[0].cpu(),
         noise_image=P.decode_latents(model, noise)[0], steps=steps, latent=latents[0].float().cpu(), image=image,
         forward=forward, forward_source=source, attention=cap.maps().cpu(), attention_layers=len(cap.layers),
         unet_calls=cap.count // max(1, len(cap.layers)), model_name=model.source_name,
-        control=_control_views(params, trace),
+        control=_control_views(params, trace), tokens2=tokens2, added=added,
     )
+
+
+def added_conditioning(model: StableDiffusion, cond, uncond) -> dict:
+    """What SDXL adds to the timestep embedding, as the run built it: the size/crop ids (refiner: aesthetic
+    score) of the prompt and the negative prompt, the pooled bigG vector's size and length, the context width."""
+    names = ["original height", "original width", "crop top", "crop left"]
+    names += ["aesthetic score"] if model.cfg.family == "sdxl-refiner" else ["target height", "target width"]
+    ids, neg_ids = getattr(cond, "ids", None), getattr(uncond, "ids", None)
+    pooled, neg_pooled = getattr(cond, "pooled", None), getattr(uncond, "pooled", None)
+    if ids is None or pooled is None:  # prompt editing: a schedule of conditionings, not one
+        return {}
+    return {"names": names, "ids": [float(v) for v in ids[0]],
+            "neg_ids": [float(v) for v in neg_ids[0]] if neg_ids is not None else [],
+            "pooled_dim": int(pooled.shape[-1]), "pooled_norm": float(pooled[0].float().norm()),
+            "neg_pooled_norm": float(neg_pooled[0].float().norm()) if neg_pooled is not None else 0.0,
+            "adm": model.cfg.unet.adm_in_channels, "widths": [enc.cfg.width for enc in model.encoders],
+            "context": model.cfg.unet.context_dim}
 
 
 def _control_views(params: P.GenerationParams, trace: list) -> list:
@@ -313,21 +336,62 @@ def _token_table(ex: Explanation, tok_text: Callable[[int], str]) -> str:
     rows, classes = [], []
     show_w = any(r.weight != 1.0 for r in ex.tokens)
     toks = ex.tokens
+    second = ex.tokens2 if len(ex.tokens2) == len(toks) else []  # SDXL: bigG's id at each position
+
+    def same(a: int, b: int) -> bool:
+        return toks[a].id == toks[b].id and (not second or second[a].id == second[b].id)
+
     i = 0
     while i < len(toks):
         r = toks[i]
         j = i
-        while r.kind == "padding" and j + 1 < len(toks) and toks[j + 1].kind == "padding" and toks[j + 1].id == r.id:
+        while r.kind == "padding" and j + 1 < len(toks) and toks[j + 1].kind == "padding" and same(j + 1, i):
             j += 1  # a run of padding is one row
         pos = str(r.position) if j == i else f"{r.position}–{toks[j].position}"
         kind = r.kind if j == i else f"padding ×{j - i + 1}"
         share = sum(ex.token_share(toks[k].position) for k in range(i, j + 1))
-        cells = [pos, f"<code>{html.escape(r.token)}</code>", html.escape(tok_text(r.id)), str(r.id), kind]
-        rows.append(cells + ([f"{r.weight:g}"] if show_w else []) + [f"{share:.1%}"])
+        cells = [pos, f"<code>{html.escape(r.token)}</code>", html.escape(tok_text(r.id)), str(r.id)]
+        cells += [str(second[i].id)] if second else []
+        rows.append(cells + [kind] + ([f"{r.weight:g}"] if show_w else []) + [f"{share:.1%}"])
         classes.append(r.kind)
         i = j + 1
-    head = ["position", "token", "text", "id", "kind"] + (["weight"] if show_w else []) + ["share of attention"]
+    ids = ["CLIP-L id", "bigG id"] if second else ["id"]
+    head = ["position", "token", "text", *ids, "kind"] + (["weight"] if show_w else []) + ["share of attention"]
     return _table(head, rows, classes)
+
+
+def _sdxl_tokens_text(ex: Explanation) -> str:
+    a = ex.added
+    if not a:
+        return ""
+    widths = a["widths"]
+    if len(widths) == 1:  # the refiner
+        return (f" This SDXL refiner reads the prompt with one text encoder, OpenCLIP ViT-bigG ({widths[0]} numbers "
+                "per position, taken from its second-to-last layer).")
+    return (" SDXL reads the prompt with two text encoders, CLIP ViT-L and OpenCLIP ViT-bigG. They share the "
+            "vocabulary, so the tokens are the same; only the padding differs (CLIP-L pads with the end token, bigG "
+            f"with id 0, both columns above). Each encoder's second-to-last layer gives {widths[0]} and {widths[1]} "
+            f"numbers per position; side by side that is {sum(widths)} numbers per position, what cross-attention "
+            "reads.")
+
+
+def _added_section(ex: Explanation) -> str:
+    a = ex.added
+    rows = [[html.escape(n), f"{v:g}", f"{w:g}" if a["neg_ids"] else ""]
+            for n, v, w in zip(a["names"], a["ids"], a["neg_ids"] or a["ids"], strict=True)]
+    rows.append(["pooled text vector", f"{a['pooled_dim']} numbers, length {a['pooled_norm']:.3g}",
+                 f"length {a['neg_pooled_norm']:.3g}" + (" (zeros: empty negative prompt, as A1111)"
+                                                         if a["neg_pooled_norm"] == 0 else "")])
+    n = len(a["names"])
+    return _section(
+        "added", "1b. What SDXL adds: size, crop and a summary of the prompt",
+        "Besides the token vectors, SDXL's U-Net gets one more vector per image, added to its timestep embedding in "
+        "every residual block. It holds bigG's pooled output (the end token's state, projected) and the image's "
+        "micro-conditioning: during training SDXL was told each picture's original size and where it was cropped, so "
+        "at generation these numbers ask for an uncropped picture of this size (A1111's defaults: original size = "
+        "target size = the image's, crop 0, 0). Each number becomes 256 sine/cosine features, as the timestep does: "
+        f"{a['pooled_dim']} + {n} × 256 = {a['adm']} numbers.",
+        _table(["added conditioning", "prompt", "negative prompt"], rows))
 
 
 _CSS = """
@@ -370,8 +434,10 @@ def render_html(ex: Explanation, files: dict[str, str], tok_text: Callable[[int]
         f"number. A start token goes first and an end token last, and the sequence is padded to {ctx} positions "
         "because the text encoder always reads the same length. The text encoder turns each position into a vector "
         "that the image model can look at. The last column says how much of the image model's attention went to "
-        "each position; the start token usually takes most, a place to put attention that no word needs.",
-        _token_table(ex, tok_text)))
+        "each position; the start token usually takes most, a place to put attention that no word needs."
+        + _sdxl_tokens_text(ex), _token_table(ex, tok_text)))
+    if ex.added:
+        sections.append(_added_section(ex))
 
     chans = "".join(_fig(files[f"noise{k}"], f"channel {k}", "px") for k in range(c))
     sections.append(_section(
@@ -413,7 +479,10 @@ def render_html(ex: Explanation, files: dict[str, str], tok_text: Callable[[int]
         f"scaled to {h}×{w}) and all {ex.unet_calls} U-Net evaluations gives one heat map per token, bright where the "
         "model looked at that word while painting (the DAAM method, Tang et al. 2022, arXiv:2210.04885). Each map "
         "is stretched from its own minimum (dark purple) to its maximum (yellow); the percentage "
-        "is the token's share of all attention. Only the prompt's half of the guidance batch is used.",
+        "is the token's share of all attention. Only the prompt's half of the guidance batch is used."
+        + (f" In SDXL each position is {ex.added['context']} numbers (both encoders side by side), and the U-Net has "
+           "no attention at its highest resolution, so the maps come from the coarser levels."
+           if ex.added.get("context") and len(ex.added.get("widths", [])) > 1 else ""),
         f'<div class="row">{figs}</div>' if figs else "<p><i>The prompt has no tokens.</i></p>"))
 
     lat = "".join(_fig(files[f"latent{k}"], f"channel {k}", "px") for k in range(c))
@@ -426,13 +495,15 @@ def render_html(ex: Explanation, files: dict[str, str], tok_text: Callable[[int]
         "channel is shown stretched from its own minimum (black) to maximum (white).",
         f'<div class="row">{lat}{_fig(files["final"], f"decoded: {p.width}×{p.height}×3")}</div>'))
 
-    links = [("parameters", "run"), ("tokens", "tokens"), ("noise", "noise"), ("steps", "steps"),
-             ("forward", "forward"), ("attention", "attention"), ("latent", "latent")]
+    links = [("parameters", "run"), ("tokens", "tokens"), *([("added", "size & pooled")] if ex.added else []),
+             ("noise", "noise"), ("steps", "steps"), ("forward", "forward"), ("attention", "attention"),
+             ("latent", "latent")]
     if ex.control:  # the map(s) and the residuals' strength per block and step
         from ldmkit.controlnet_explain import render_section
 
-        sections.insert(3, render_section(ex.control, files))
-        links.insert(3, ("controlnet", "ControlNet"))
+        at = [sid for sid, _ in links].index("steps")  # sections and links in the same order
+        sections.insert(at, render_section(ex.control, files))
+        links.insert(at, ("controlnet", "ControlNet"))
     nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in links)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>ldmkit explain: '
             f"{html.escape(p.prompt)}</title><style>{_CSS}</style></head><body><h1>How this image was made</h1>"

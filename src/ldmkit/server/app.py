@@ -42,7 +42,7 @@ from ldmkit.checkpoint import CheckpointError
 from ldmkit.model import StableDiffusion
 from ldmkit.samplers import _ALIASES, SAMPLER_DISPLAY_NAMES, SCHEDULE_DISPLAY_NAMES, sampler_names, sampler_spec
 from ldmkit.server import controlnet_api as CN
-from ldmkit.server import explain_cache
+from ldmkit.server import explain_cache, model_info
 from ldmkit.server import generation as G
 from ldmkit.server import options as OPT
 from ldmkit.server import schemas as S
@@ -572,6 +572,7 @@ def create_app(model: StableDiffusion | str | os.PathLike | None = None, *, mode
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    model_info.register(app, worker, catalogue)  # GET /ldmkit/model: native size, refiners (the web page)
     add_offline_docs(app)  # /docs from the installed swagger-ui-bundle, not a CDN
     return app
 

@@ -47,7 +47,8 @@ async function loadChoices() {
     sc.innerHTML = "";
     for (const item of schedulers) sc.add(new Option(item.label, item.name));
   } catch (e) { showError(`could not load samplers: ${e.message}`); }
-  await Promise.all([loadModels(), loadVaes(), loadUpscalers(), loadLoras(), loadEmbeddings()]);
+  await Promise.all([loadModels(), loadVaes(), loadUpscalers(), loadLoras(), loadEmbeddings(),
+    typeof loadModelInfo === "function" ? loadModelInfo() : null]);  // static/sdxl.js: native size, refiner
 }
 
 // ------------------------------------------------------------------ LoRAs and embeddings (--lora-dir, --embeddings-dir)
@@ -175,7 +176,8 @@ $("#model").addEventListener("change", async (ev) => {
     await api("POST", "/sdapi/v1/options", { sd_model_checkpoint: ev.target.value });
     status.textContent = "";
   } catch (e) { status.textContent = ""; showError(e.message); }
-  await Promise.all([loadModels(), loadEmbeddings()]);  // which embeddings fit depends on the model
+  await Promise.all([loadModels(), loadEmbeddings(),  // which embeddings fit depends on the model
+    typeof loadModelInfo === "function" ? loadModelInfo() : null]);  // its native size and refiners
 });
 
 // ------------------------------------------------------------------ modes and the init image / mask canvas
@@ -286,6 +288,7 @@ function requestBody() {
     body.denoising_strength = num("#denoising_strength");
     if (state.mode === "inpaint") body.mask = maskDataUrl();
   }
+  if (typeof refinerFields === "function") Object.assign(body, refinerFields());  // static/sdxl.js
   const unit = typeof controlnetUnit === "function" ? controlnetUnit() : null;  // static/controlnet.js
   if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
   return body;
