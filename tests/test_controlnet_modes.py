@@ -234,3 +234,19 @@ def test_cli_unit_flag_errors_are_one_line(files, capsys, tmp_path, argv, expect
     lines = [ln for ln in cap.err.splitlines() if ln.startswith("ldmkit: error")]
     assert len(lines) == 1 and expect in lines[0], cap.err
     assert "Traceback" not in cap.err
+
+
+def test_cli_guess_mode_is_diffusers_guess_mode(files, capsys, tmp_path):  # noqa: F811
+    """--control-mode guess: diffusers' guess_mode (its parity with diffusers: test_controlnet_pipeline)."""
+    import ldmkit
+
+    out = tmp_path / "guess.png"
+    rc, cap = _run(capsys, "generate", "a stone house", "--model", str(files / "sd"), *SETTINGS, "--controlnet",
+                   str(files / "cn"), "--control-image", str(files / "map.png"), "--control-mode", "guess",
+                   "-o", str(out))
+    assert rc == 0, cap.err
+    pipe = ldmkit.load(str(files / "sd"))
+    unit = pipe.control_unit(files / "cn", Image.open(files / "map.png"), 24, 16, guess_mode=True)
+    api = pipe.txt2img("a stone house", steps=4, sampler="Euler", scheduler="uniform", seed=5, width=24, height=16,
+                       cfg_scale=5, controlnets=[unit])[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api.convert("RGB")))

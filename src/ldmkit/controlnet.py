@@ -400,7 +400,8 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
     settings = {"module": module, "model": title, "weight": float(weight), "resize_mode": resize_mode,
                 "processor_res": res if res is not None else -1, "threshold_a": float(sliders[0]),
                 "threshold_b": float(sliders[1]), "guidance_start": float(start), "guidance_end": float(end),
-                "pixel_perfect": bool(pixel_perfect), "control_mode": unit.control_mode}
+                "pixel_perfect": bool(pixel_perfect),
+                "control_mode": "diffusers guess mode" if guess_mode else unit.control_mode}
     return dataclasses.replace(unit, settings=settings)
 
 
@@ -410,6 +411,15 @@ _PER_UNIT = (("control_image", "--control-image"), ("control_weight", "--control
              ("resize_mode", "--resize-mode"), ("pixel_perfect", "--pixel-perfect"),
              ("processor_res", "--processor-res"), ("control_threshold_a", "--control-threshold-a"),
              ("control_threshold_b", "--control-threshold-b"))
+
+
+def _mode(value: object) -> tuple[str, bool]:
+    """--control-mode: (the A1111 extension's mode, whether diffusers' guess mode): "guess" is the latter."""
+    from ldmkit.controlnet_a1111 import control_mode_name
+
+    if isinstance(value, str) and value.strip().lower() in ("guess", "guess-mode", "guess_mode"):
+        return "Balanced", True
+    return control_mode_name(value), False
 
 
 def _on_off(value: str) -> bool:
@@ -445,7 +455,8 @@ def add_controlnet_args(p: object) -> None:
     add("--control-mode", action="append", default=[], metavar="MODE",
         help="A1111's control mode: balanced (default), prompt ('My prompt is more important': residuals "
              "scaled 0.825^k towards the first skip), controlnet ('ControlNet is more important': that, and "
-             "none for the negative prompt's half)")
+             "none for the negative prompt's half); or guess (diffusers' guess_mode: the conditional half only, "
+             "residuals scaled 0.1 .. 1)")
     add("--resize-mode", action="append", default=[], metavar="MODE",
         help="a control image of another size: just-resize (default), crop-and-resize, resize-and-fill "
              "(A1111's names work too)")
@@ -475,12 +486,12 @@ def check_args(args: object) -> None:
         if k not in (0, 1, n):
             raise ValueError(f"{flag} given {k} times for {n} ControlNets: give it once (for all) or once per "
                              "--controlnet")
-    from ldmkit.controlnet_a1111 import control_mode_name, module_name, resize_mode_name
+    from ldmkit.controlnet_a1111 import module_name, resize_mode_name
 
     for name in getattr(args, "preprocessor", []) or []:
         module_name(name)  # ldmkit's names or the A1111 extension's (blur_gaussian, ...)
     for mode in getattr(args, "control_mode", []) or []:
-        control_mode_name(mode)
+        _mode(mode)
     for mode in getattr(args, "resize_mode", []) or []:
         resize_mode_name(mode)
     for v in getattr(args, "pixel_perfect", []) or []:
@@ -510,7 +521,9 @@ def units_from_args(args: object, model: object, width: int, height: int,
             continue
         units.append(make_unit(model, path, open_image(image_path), width, height, nth("control_weight", i, 1.0),
                                nth("control_start", i, 0.0), nth("control_end", i, 1.0),
-                               nth("preprocessor", i, "none"), tell, control_mode=nth("control_mode", i, "Balanced"),
+                               nth("preprocessor", i, "none"), tell,
+                               control_mode=_mode(nth("control_mode", i, "Balanced"))[0],
+                               guess_mode=_mode(nth("control_mode", i, "Balanced"))[1],
                                resize_mode=nth("resize_mode", i, "Just Resize"),
                                pixel_perfect=_on_off(nth("pixel_perfect", i, "off")),
                                processor_res=nth("processor_res", i, None),
