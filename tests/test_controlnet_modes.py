@@ -68,6 +68,37 @@ def test_control_modes_match_the_extension(nets, mode):
         assert torch.allclose(ours[:2], plain[:2], atol=1e-6)
 
 
+def test_hires_options_and_forced_soft_injection(nets):
+    """hook.py in the hires fix's second pass: hr_option turns a unit off in one pass; canny/mlsd units get the
+    soft scales there whatever their mode (high_res_fix_forced_soft_injection)."""
+    import torch.nn.functional as F
+
+    unet, net = nets
+    g = torch.Generator().manual_seed(2)
+    hint = torch.rand(1, 3, 16, 24, generator=g)  # made at the first pass's size: latents 8x12
+    mark = torch.ones(4)[:, None, None, None]
+    for h, w in ((8, 12), (16, 24)):  # first pass, then a second pass at twice the size
+        x = torch.randn(4, 4, h, w, generator=g)
+        t = torch.full((4,), 300.0)
+        ctx = torch.randn(4, 7, TINY.unet.context_dim, generator=g)
+        big = F.interpolate(hint, size=[2 * h, 2 * w], mode="bilinear", align_corners=False) if h == 16 else hint
+        with torch.no_grad():
+            plain = unet(x, t, ctx)
+
+        def run(unit, x=x, t=t, ctx=ctx):
+            with torch.no_grad():
+                return ControlledUNet(unet, [unit], torch.tensor([999.0, 300.0]), uncond_rows=2)(x, t, ctx)
+
+        low = run(ControlUnit(net, hint, 0.9, hr_option="Low res only"))
+        high = run(ControlUnit(net, hint, 0.9, hr_option="High res only"))
+        balanced = _extension_call(unet, net, x, t, ctx, big, 0.9, "Balanced", mark)
+        assert torch.allclose(low if h == 8 else high, balanced, atol=1e-5)
+        assert torch.equal(high if h == 8 else low, plain)
+        canny = run(ControlUnit(net, hint, 0.9, settings={"module": "canny"}))
+        soft = _extension_call(unet, net, x, t, ctx, big, 0.9, "My prompt is more important", mark)
+        assert torch.allclose(canny, soft if h == 16 else balanced, atol=1e-5)
+
+
 def test_soft_scales_are_the_extensions_13():
     s = A.soft_scales(12)
     assert len(s) == 13 and s[-1] == 1.0 and s[0] == pytest.approx(0.825 ** 12)
@@ -222,6 +253,8 @@ def test_cli_a1111_unit_flags_equal_the_python_api(files, capsys, tmp_path):  # 
     (["--control-mode", "loud"], "unknown control mode 'loud'"),
     (["--resize-mode", "stretch"], "unknown resize mode 'stretch'"),
     (["--pixel-perfect", "maybe"], "--pixel-perfect takes on or off"),
+    (["--control-hr-option", "sometimes"], "unknown hires-fix option 'sometimes'"),
+    (["--control-hr-option", "low", "--hires-scale", "2", "--hires-upscaler", "Lanczos"], None),
     (["--preprocessor", "blur_gaussian", "--control-mode", "1", "--processor-res", "8"], None),
 ])
 def test_cli_unit_flag_errors_are_one_line(files, capsys, tmp_path, argv, expect):  # noqa: F811

@@ -178,6 +178,21 @@ def test_bad_units_are_422_naming_the_field(server, files, change, field, words)
     assert words in detail["msg"]
 
 
+def test_hr_option(server, files):
+    """hr_option counts only with the hires fix (as the extension); a bad one there is a 422."""
+    buf = io.BytesIO()
+    Image.open(files / "shape.png").save(buf, format="PNG")
+    unit = {"module": "none", "model": _title(files), "image": base64.b64encode(buf.getvalue()).decode()}
+    body = {"prompt": "x", "steps": 2, "seed": 4, "width": 24, "height": 16, "sampler_name": "Euler"}
+    images = [requests.post(f"{server}/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {
+        "args": [{**unit, "hr_option": o}]}}}).json()["images"][0] for o in ("Both", "High res only")]
+    assert images[0] == images[1]
+    r = requests.post(f"{server}/sdapi/v1/txt2img", json={**body, "enable_hr": True, "hr_scale": 2,
+                                                          "alwayson_scripts": {"controlnet": {"args": [{
+                                                              **unit, "hr_option": "Sometimes"}]}}})
+    assert r.status_code == 422 and "hr_option" in r.text and "Low res only" in r.text
+
+
 def test_bad_detect_requests(server):
     r = requests.post(f"{server}/controlnet/detect", json={"controlnet_module": "hed",
                                                            "controlnet_input_images": ["x"]})

@@ -26,7 +26,7 @@ from torch import Tensor
 from ldmkit import convert
 from ldmkit.checkpoint import CheckpointError, read_state_dict
 from ldmkit.config import UNetConfig
-from ldmkit.controlnet_a1111 import BALANCED, CONTROL, soft_scales
+from ldmkit.controlnet_a1111 import BALANCED, CONTROL, forced_soft, soft_scales
 from ldmkit.models.controlnet import ControlNet, ControlNetConfig, Residuals
 
 StateDict = dict[str, Tensor]
@@ -185,6 +185,8 @@ class ControlUnit:
     control_mode: str = "Balanced"
     # the extension's unit settings (module, model, resize mode, ...) for the infotext; None: none written
     settings: dict | None = None
+    # the extension's hires-fix option: "Both", "Low res only" (off in the second pass), "High res only"
+    hr_option: str = "Both"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.end <= 1.0:
@@ -192,6 +194,9 @@ class ControlUnit:
         from ldmkit.controlnet_a1111 import control_mode_name
 
         object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
+        from ldmkit.controlnet_a1111 import hr_option_name
+
+        object.__setattr__(self, "hr_option", hr_option_name(self.hr_option))
 
     def active(self, i: int, n: int) -> bool:
         return not (i / n < self.start or (i + 1) / n > self.end)
@@ -277,7 +282,10 @@ class ControlledUNet:
             dtype = next(net.parameters()).dtype
             hint = unit.image.to(x.device, dtype)
             size = [s * 2 ** (len(net.cfg.hint_channels) - 1) for s in x.shape[-2:]]
-            if list(hint.shape[-2:]) != size:  # a second pass at another size (hires fix): the map follows
+            in_hires = list(hint.shape[-2:]) != size  # the map is made at the first pass's size
+            if unit.hr_option == ("Low res only" if in_hires else "High res only"):
+                continue  # the extension's hires-fix option: this pass is not the unit's
+            if in_hires:  # a second pass at another size (hires fix): the map follows
                 hint = F.interpolate(hint, size=size, mode="bilinear", align_corners=False)
             hint = hint.expand(x.shape[0], -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(
                 x.shape[0] // hint.shape[0], 1, 1, 1)
@@ -287,7 +295,7 @@ class ControlledUNet:
             r = net(latent[skip:].to(dtype), hint[skip:], t[skip:] if t.ndim else t, context[skip:].to(dtype))
             if unit.guess_mode:
                 r = guess_scaled(r, unit.weight)
-            elif unit.control_mode != BALANCED:  # the extension's soft injection
+            elif unit.control_mode != BALANCED or (in_hires and forced_soft(unit.settings)):  # soft injection
                 scales = [s * unit.weight for s in soft_scales(len(r.down))]
                 r = Residuals([d * s for d, s in zip(r.down, scales, strict=False)], r.mid * scales[-1])
             else:
@@ -375,7 +383,8 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
               weight: float = 1.0, start: float = 0.0, end: float = 1.0, preprocessor: str = "none",
               log: Callable[[str], None] | None = None, guess_mode: bool = False, control_mode: str = "Balanced",
               resize_mode: str = "Just Resize", pixel_perfect: bool = False, processor_res: int | None = None,
-              threshold_a: float | None = None, threshold_b: float | None = None) -> ControlUnit:
+              threshold_a: float | None = None, threshold_b: float | None = None,
+              hr_option: str = "Both") -> ControlUnit:
     """A :class:`ControlUnit` for ``model`` (a StableDiffusion) from a ControlNet file/folder (or a loaded one)
     and a PIL image, preprocessed and brought to the output size ``width`` x ``height`` as the A1111 extension
     does (``controlnet_a1111.control_image``: pixel perfect, preprocessor resolution and sliders, resize mode)."""
@@ -393,7 +402,8 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
         title = model_title(controlnet)
     hint, res = control_image(image, width, height, module, resize_mode, pixel_perfect, processor_res,  # type: ignore[arg-type]
                               threshold_a, threshold_b, log)
-    unit = ControlUnit(net, map_tensor(hint), float(weight), float(start), float(end), guess_mode, control_mode)
+    unit = ControlUnit(net, map_tensor(hint), float(weight), float(start), float(end), guess_mode, control_mode,
+                       hr_option=hr_option)
     from ldmkit.controlnet_a1111 import slider_values
 
     sliders = list(slider_values(module, threshold_a, threshold_b).values()) + [-1, -1]
@@ -410,7 +420,7 @@ _PER_UNIT = (("control_image", "--control-image"), ("control_weight", "--control
              ("preprocessor", "--preprocessor"), ("control_mode", "--control-mode"),
              ("resize_mode", "--resize-mode"), ("pixel_perfect", "--pixel-perfect"),
              ("processor_res", "--processor-res"), ("control_threshold_a", "--control-threshold-a"),
-             ("control_threshold_b", "--control-threshold-b"))
+             ("control_threshold_b", "--control-threshold-b"), ("control_hr_option", "--control-hr-option"))
 
 
 def _mode(value: object) -> tuple[str, bool]:
@@ -469,6 +479,8 @@ def add_controlnet_args(p: object) -> None:
              "level (0 = Otsu), blur sigma (9)")
     add("--control-threshold-b", action="append", default=[], type=float, metavar="B",
         help="preprocessor slider 2 (A1111's threshold_b): canny high (200)")
+    add("--control-hr-option", action="append", default=[], metavar="WHEN",
+        help="with the hires fix: both (default), low (first pass only), high (second pass only)")
 
 
 def check_args(args: object) -> None:
@@ -496,6 +508,10 @@ def check_args(args: object) -> None:
         resize_mode_name(mode)
     for v in getattr(args, "pixel_perfect", []) or []:
         _on_off(v)
+    from ldmkit.controlnet_a1111 import hr_option_name
+
+    for v in getattr(args, "control_hr_option", []) or []:
+        hr_option_name(v)
 
 
 def units_from_args(args: object, model: object, width: int, height: int,
@@ -510,6 +526,7 @@ def units_from_args(args: object, model: object, width: int, height: int,
         v = getattr(args, attr, []) or []
         return default if not v else v[i] if len(v) > 1 else v[0]
 
+    hires = getattr(args, "hires_scale", None) is not None or getattr(args, "hires_resize", None) is not None
     units = []
     for i, (kind, path) in enumerate(t2i_adapter.unit_kinds(args)):  # ControlNets and T2I-Adapters, in order
         image_path = nth("control_image", i, None)
@@ -528,7 +545,8 @@ def units_from_args(args: object, model: object, width: int, height: int,
                                pixel_perfect=_on_off(nth("pixel_perfect", i, "off")),
                                processor_res=nth("processor_res", i, None),
                                threshold_a=nth("control_threshold_a", i, None),
-                               threshold_b=nth("control_threshold_b", i, None)))
+                               threshold_b=nth("control_threshold_b", i, None),
+                               hr_option=nth("control_hr_option", i, "Both") if hires else "Both"))
     return tuple(units)
 
 

@@ -12,6 +12,9 @@
   Interpolation as the extension's ``high_quality_resize`` picks it: nearest for maps of 3..199 colours,
   area when shrinking, bicubic when growing; two-colour (black/white) maps are thresholded again at Otsu's
   level. Not done: its one-pixel-edge thinning of binary maps (``nake_nms`` + ``lvmin_thin``).
+* Hires fix (``ControlParams.disabled_by_hr_option``, hook.py): hr_option "Low res only" / "High res only"
+  turns a unit off in the second / first pass; in the second pass canny and mlsd units get the soft
+  injection scales whatever their control mode.
 * Pixel perfect (``external_code.pixel_perfect_resolution``): the preprocessor resolution is
   round(k x min(H, W)) of the input image, k = min(h/H, w/W) for "Resize and Fill", else max.
 * Preprocessor resolution (``resize_image_with_pad``): the input is scaled so its short side is the
@@ -36,6 +39,7 @@ CONTROL_MODES = (BALANCED, PROMPT, CONTROL)
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = "Just Resize", "Crop and Resize", "Resize and Fill"
 RESIZE_MODES = (JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL)
 SOFT_BASE = 0.825  # the extension's soft-injection base
+HR_OPTIONS = ("Both", "Low res only", "High res only")  # the extension's HiResFixOption
 
 _CONTROL_ALIASES = {"balanced": BALANCED, "prompt": PROMPT, "controlnet": CONTROL, "control": CONTROL}
 _RESIZE_ALIASES = {  # the extension's resize_mode_aliases, and short names for the command line
@@ -96,6 +100,23 @@ def resize_mode_name(value: object) -> str:
             return resize_mode_name(int(key))
     raise ValueError(f"unknown resize mode {value!r}: use 0 {JUST_RESIZE!r}, 1 {CROP_AND_RESIZE!r} or 2 "
                      f"{RESIZE_AND_FILL!r}")
+
+
+def hr_option_name(value: object) -> str:
+    """The extension's hires-fix option for a name (or both / low / high)."""
+    if isinstance(value, str):
+        key = value.strip().lower()
+        for name in HR_OPTIONS:
+            if key in (name.lower(), name.split()[0].lower()):
+                return name
+    raise ValueError(f"unknown hires-fix option {value!r}: use 'Both', 'Low res only' or 'High res only' "
+                     "(or both, low, high)")
+
+
+def forced_soft(settings: Mapping[str, object] | None) -> bool:
+    """The extension forces soft injection in the hires fix's second pass for canny and mlsd modules."""
+    module = str((settings or {}).get("module", ""))
+    return "canny" in module or "mlsd" in module
 
 
 def module_name(value: str) -> str:

@@ -51,6 +51,7 @@ class UnitArgs(BaseModel):
     guidance_end: float = Field(1.0, ge=0.0, le=1.0)
     control_mode: str | int = "Balanced"
     pixel_perfect: bool = False
+    hr_option: str = "Both"  # with the hires fix: "Both", "Low res only", "High res only"
 
 
 class ControlNetFolder:
@@ -183,6 +184,10 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
             resize_mode = A.resize_mode_name(unit.resize_mode)
         except ValueError as e:
             raise field_error((*loc, "resize_mode"), str(e), unit.resize_mode) from None
+        try:  # the extension applies it only with the hires fix
+            hr_option = A.hr_option_name(unit.hr_option) if getattr(req, "enable_hr", False) else "Both"
+        except ValueError as e:
+            raise field_error((*loc, "hr_option"), str(e), unit.hr_option) from None
         try:
             module = A.module_name(unit.module)
         except ValueError as e:
@@ -219,7 +224,7 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
                              unit.guidance_end, module, log, control_mode=control_mode, resize_mode=resize_mode,
                              pixel_perfect=unit.pixel_perfect, processor_res=res,
                              threshold_a=None if unit.threshold_a < 0 else unit.threshold_a,
-                             threshold_b=None if unit.threshold_b < 0 else unit.threshold_b)
+                             threshold_b=None if unit.threshold_b < 0 else unit.threshold_b, hr_option=hr_option)
         except ControlNetError as e:
             raise field_error((*loc, "model"), str(e), unit.model) from None
         except ValueError as e:
