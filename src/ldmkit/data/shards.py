@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -153,10 +154,7 @@ def write_shards(folder: str | Path, out: str | Path, shard_size: int = 1000, *,
                 key = re.sub(r"[^\w/-]", "_", r.key)  # a dot would end the key early
                 if size:
                     buf = io.BytesIO()
-                    img = load_image(r.path, size).permute(1, 2, 0).numpy()
-                    from PIL import Image
-
-                    Image.fromarray(img).save(buf, format="PNG")
+                    Image.fromarray(load_image(r.path, size).permute(1, 2, 0).numpy()).save(buf, format="PNG")
                     data, ext = buf.getvalue(), "png"
                 else:
                     data, ext = r.path.read_bytes(), r.path.suffix.lower().lstrip(".")
