@@ -64,53 +64,43 @@ MODULE_ALIASES = {"blur_gaussian": "blur", "tile_resample": "blur", "invert (fro
 MODULE_LABELS = {"none": "none", "invert": "invert (from white bg & black line)", "blur": "blur_gaussian"}
 
 
-def control_mode_name(value: object) -> str:
-    """The extension's control mode name for a name, an alias (balanced, prompt, controlnet) or 0/1/2."""
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, int) and 0 <= value < len(CONTROL_MODES):
-        return CONTROL_MODES[value]
+def _choice(value: object, by_int: Sequence[str], aliases: Mapping[str, str]) -> str | None:
+    """The name ``value`` gives: an int indexing ``by_int`` (also as text), a name in any case, an alias."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool):
+        return by_int[value] if 0 <= value < len(by_int) else None
     if isinstance(value, str):
         key = value.strip().lower()
-        for name in CONTROL_MODES:
-            if key == name.lower():
-                return name
-        if key in _CONTROL_ALIASES:
-            return _CONTROL_ALIASES[key]
-        if key.isdigit():
-            return control_mode_name(int(key))
-    raise ValueError(f"unknown control mode {value!r}: use 0 {BALANCED!r}, 1 {PROMPT!r} or 2 {CONTROL!r} "
-                     "(or balanced, prompt, controlnet)")
+        return next((n for n in by_int if n.lower() == key), None) or aliases.get(key)
+    return None
+
+
+def control_mode_name(value: object) -> str:
+    """The extension's control mode name for a name, an alias (balanced, prompt, controlnet) or 0/1/2."""
+    name = _choice(value, CONTROL_MODES, _CONTROL_ALIASES)
+    if name is None:
+        raise ValueError(f"unknown control mode {value!r}: use 0 {BALANCED!r}, 1 {PROMPT!r} or 2 {CONTROL!r} "
+                         "(or balanced, prompt, controlnet)")
+    return name
 
 
 def resize_mode_name(value: object) -> str:
     """The extension's resize mode name for a name, one of its aliases or 0/1/2 (3: its latent Just Resize)."""
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, int) and 0 <= value <= 3:
-        return RESIZE_MODES[value] if value < 3 else JUST_RESIZE
-    if isinstance(value, str):
-        key = value.strip().lower()
-        for name in RESIZE_MODES:
-            if key == name.lower():
-                return name
-        if key in _RESIZE_ALIASES:
-            return _RESIZE_ALIASES[key]
-        if key.isdigit():
-            return resize_mode_name(int(key))
-    raise ValueError(f"unknown resize mode {value!r}: use 0 {JUST_RESIZE!r}, 1 {CROP_AND_RESIZE!r} or 2 "
-                     f"{RESIZE_AND_FILL!r}")
+    name = _choice(value, (*RESIZE_MODES, JUST_RESIZE), _RESIZE_ALIASES)
+    if name is None:
+        raise ValueError(f"unknown resize mode {value!r}: use 0 {JUST_RESIZE!r}, 1 {CROP_AND_RESIZE!r} or 2 "
+                         f"{RESIZE_AND_FILL!r}")
+    return name
 
 
 def hr_option_name(value: object) -> str:
     """The extension's hires-fix option for a name (or both / low / high)."""
-    if isinstance(value, str):
-        key = value.strip().lower()
-        for name in HR_OPTIONS:
-            if key in (name.lower(), name.split()[0].lower()):
-                return name
-    raise ValueError(f"unknown hires-fix option {value!r}: use 'Both', 'Low res only' or 'High res only' "
-                     "(or both, low, high)")
+    name = _choice(value, HR_OPTIONS, {n.split()[0].lower(): n for n in HR_OPTIONS}) if isinstance(value, str) else None
+    if name is None:
+        raise ValueError(f"unknown hires-fix option {value!r}: use 'Both', 'Low res only' or 'High res only' "
+                         "(or both, low, high)")
+    return name
 
 
 def forced_soft(settings: Mapping[str, object] | None) -> bool:
