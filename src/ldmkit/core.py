@@ -202,10 +202,11 @@ def start_scale(sampler: str | SamplerSpec, sigma: Tensor) -> Tensor:
 
 
 def encode_prompt(model: StableDiffusion, prompts: list[str], negatives: list[str],
-                  clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
-    """SD1/SD2: prompts and negative prompts -> text embeddings (B, 77*k, D) that cross-attention reads."""
+                  clip_skip: int | None = None, cond_only: bool = False) -> tuple[Tensor, Tensor]:
+    """SD1/SD2: prompts and negative prompts -> text embeddings (B, 77*k, D) that cross-attention reads
+    (``cond_only``: the negatives are not encoded, see :func:`ldmkit.prompt.encode_pair`)."""
     try:
-        return encode_pair(model, prompts, negatives, clip_skip or model.cfg.clip_skip)
+        return encode_pair(model, prompts, negatives, clip_skip or model.cfg.clip_skip, cond_only)
     finally:
         lowmem.release(model, "text_encoder")
 
@@ -218,17 +219,25 @@ def encode_conditioning(model: StableDiffusion, prompts: list[str], negatives: l
     embeddings, pooled vector and size/crop ids from ``params``. Prompt editing, alternation and AND
     (``ldmkit.prompt_schedule``) encode each distinct text once and schedule them per model call
     (``hires_steps``: over a hires fix's second pass)."""
-    return prompt_schedule.encode_scheduled(lambda p, n: _encode_family(model, p, n, params), list(prompts),
-                                            list(negatives), params.steps, params.sampler_spec.name, hires_steps)
+    return prompt_schedule.encode_scheduled(
+        lambda p, n, cond_only=False: _encode_family(model, p, n, params, cond_only), list(prompts),
+        list(negatives), params.steps, params.sampler_spec.name, hires_steps, cond_only=uncond_unused(model, params))
+
+
+def uncond_unused(model: StableDiffusion, params: GenerationParams) -> bool:
+    """True when guidance never reads the unconditional (negative prompt) half: CFG scale 1 (CFGDenoiser
+    skips it) or a guidance-embedded U-Net (full LCM models take the scale as an input)."""
+    return params.cfg_scale == 1 or bool(model.cfg.unet.time_cond_proj_dim)
 
 
 def _encode_family(model: StableDiffusion, prompts: list[str], negatives: list[str],
-                   params: GenerationParams) -> tuple[Conditioning, Conditioning]:
+                   params: GenerationParams, cond_only: bool = False) -> tuple[Conditioning, Conditioning]:
     if model.cfg.is_sdxl:
         from ldmkit import sdxl
 
         return sdxl.encode_conditioning(model, prompts, negatives, params)
-    cond, uncond = encode_prompt(model, prompts, negatives, params.clip_skip)
+    # cond_only (nothing reads the negatives' embeddings): one text-encoder pass fewer, as diffusers skips them
+    cond, uncond = encode_prompt(model, prompts, negatives, params.clip_skip, cond_only)
     return Conditioning(cond), Conditioning(uncond)
 
 

@@ -289,13 +289,18 @@ def pad_to(z: Tensor, length: int, empty: Tensor) -> Tensor:
 
 
 def encode_pair(model: StableDiffusion, prompts: list[str], negatives: list[str],
-                clip_skip: int) -> tuple[Tensor, Tensor]:
+                clip_skip: int, cond_only: bool = False) -> tuple[Tensor, Tensor]:
     """Conditional and unconditional embeddings of equal length, for one batched U-Net call.
 
     The LoRAs the first prompt names (``<lora:name:w>``) are put on the model first (``ldmkit.networks``),
-    and their tags taken out of the text."""
+    and their tags taken out of the text. ``cond_only``: nothing will read the unconditional half (CFG scale
+    1, a guidance-embedded U-Net), so the negative prompts are not run through the text encoder and the
+    conditional embeddings are returned in their place (the networks and the infotext's report still see them)."""
     from ldmkit.networks import apply_prompt_networks
 
     prompts, negatives, _ = apply_prompt_networks(model, list(prompts), list(negatives))
+    if cond_only:
+        z = encode_weighted(model, list(prompts), clip_skip)
+        return z, z
     z = encode_weighted(model, list(prompts) + list(negatives), clip_skip)
     return z[: len(prompts)], z[len(prompts):]

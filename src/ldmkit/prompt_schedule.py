@@ -265,16 +265,19 @@ def _distinct(texts: list[str]) -> dict[str, int]:
     return {t: i for i, t in enumerate(dict.fromkeys(texts))}
 
 
-Encoder = Callable[[list[str], list[str]], tuple[Conditioning, Conditioning]]
+Encoder = Callable[..., tuple[Conditioning, Conditioning]]  # (prompts, negatives[, cond_only=]) -> (cond, uncond)
 
 
 def encode_scheduled(encode: Encoder, prompts: list[str], negatives: list[str], steps: int,
-                     sampler: str, hires_steps: int | None = None) -> tuple[Conditioning, Conditioning]:
+                     sampler: str, hires_steps: int | None = None, *,
+                     cond_only: bool = False) -> tuple[Conditioning, Conditioning]:
     """(cond, uncond) for a batch whose prompts may use editing, alternation or AND.
 
     ``encode(prompts, negatives)`` is the model family's encoder (equal-length lists). Without any of the
     syntax this is ``encode(prompts, negatives)`` itself, bit for bit. ``hires_steps``: for a hires fix's
-    second pass (A1111 schedules it after the first pass's ``steps``)."""
+    second pass (A1111 schedules it after the first pass's ``steps``). ``cond_only``: guidance will not read
+    the unconditional half (CFG scale 1): without the syntax it is ``encode(prompts, negatives,
+    cond_only=True)``, which may skip encoding the negatives (AND still combines against them)."""
     n = total_steps(steps, sampler)
     hn = None if hires_steps is None else total_steps(hires_steps, sampler)
     parts = [[(text, w, prompt_schedule(text, n, hn)) for text, w in split_and(p)] for p in prompts]
@@ -282,7 +285,8 @@ def encode_scheduled(encode: Encoder, prompts: list[str], negatives: list[str], 
     if all(len(ps) == 1 and ps[0][1] == 1.0 and len(ps[0][2]) == 1 for ps in parts) and all(len(s) == 1 for s in neg):
         # one text each all along: the prompt itself where there is no syntax (so encoded as before), else
         # its one text (e.g. "[a:b:0]", "a cat:1", or a hires pass after the switch)
-        return encode([ps[0][2][0][1] for ps in parts], [s[0][1] for s in neg])
+        texts, negs = [ps[0][2][0][1] for ps in parts], [s[0][1] for s in neg]
+        return encode(texts, negs, cond_only=True) if cond_only else encode(texts, negs)
     pos_rows = _distinct([t for ps in parts for _, _, s in ps for _, t in s])
     neg_rows = _distinct([t for s in neg for _, t in s])
     pos, negs = list(pos_rows), list(neg_rows)

@@ -1,0 +1,37 @@
+"""First-image shortcuts (issue 12, speed): each must leave results unchanged.
+
+- With CFG scale 1 the negative prompt is not run through the text encoder; the image is the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldmkit import core
+from ldmkit import pipeline as P
+
+
+@pytest.mark.parametrize("model_name", ["emoji", "emoji-lcm"])
+def test_cfg_one_skips_negative_encoding_same_image(model_name):
+    from ldmkit import api
+
+    model = api.load(model_name).model
+    params = P.GenerationParams(prompt="red heart", negative_prompt="blue", steps=2, cfg_scale=1.0, seed=5,
+                                width=64, height=64, sampler="Euler")
+    assert core.uncond_unused(model, params)
+    calls = []
+    enc = model.text_encoder
+    hook = enc.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        job = core.prepare(model, params)
+    finally:
+        hook.remove()
+    assert calls == [1]  # one row: the prompt; the negative prompt was not encoded
+    full_cond, _ = core.encode_prompt(model, ["red heart"], ["blue"])
+    assert torch.equal(job.cond.context, full_cond)
+    fast = core.sample(model, job.plan, job.cond, job.uncond, job.noise)
+    uncond = core.Conditioning(core.encode_prompt(model, ["red heart"], ["blue"])[1])
+    assert torch.equal(fast, core.sample(model, job.plan, job.cond, uncond, job.noise))
+    # with guidance the negative prompt is encoded as before
+    assert not core.uncond_unused(model, params.replace(cfg_scale=7.0)) or model.cfg.unet.time_cond_proj_dim
