@@ -1,5 +1,7 @@
 """First-image shortcuts (issue 12, speed): each must leave results unchanged.
 
+- Models built on the meta device skip nn.init (nothing to initialise there); nn.init is restored after,
+  and real tensors are still initialised from the global RNG as before.
 - With CFG scale 1 the negative prompt is not run through the text encoder; the image is the same.
 """
 
@@ -7,9 +9,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from ldmkit import core
+from ldmkit import checkpoint, core
 from ldmkit import pipeline as P
+
+
+def test_meta_build_skips_init_and_restores_it():
+    originals = {name: getattr(nn.init, name) for name in checkpoint._INIT_FUNCTIONS}
+    with checkpoint._on_meta():
+        assert nn.init.kaiming_uniform_ is not originals["kaiming_uniform_"]
+        layer = nn.Linear(64, 32)
+        assert layer.weight.is_meta
+        torch.manual_seed(0)
+        real = nn.init.normal_(torch.empty(5, device="cpu"))  # off the meta device: initialised as before
+    torch.manual_seed(0)
+    assert torch.equal(real, torch.empty(5).normal_())
+    assert {name: getattr(nn.init, name) for name in checkpoint._INIT_FUNCTIONS} == originals
 
 
 @pytest.mark.parametrize("model_name", ["emoji", "emoji-lcm"])
