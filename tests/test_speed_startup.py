@@ -1,5 +1,6 @@
 """First-image shortcuts (issue 12, speed): each must leave results unchanged.
 
+- The model hash is cached per file (path, size, mtime): read back it must equal hashlib's SHA-256 of the file.
 - Models built on the meta device skip nn.init (nothing to initialise there); nn.init is restored after,
   and real tensors are still initialised from the global RNG as before.
 - With CFG scale 1 the negative prompt is not run through the text encoder; the image is the same.
@@ -7,12 +8,30 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from ldmkit import checkpoint, core
 from ldmkit import pipeline as P
+
+
+def test_model_hash_cached_equals_sha256(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(os.urandom(3 << 20))
+    want = hashlib.sha256(f.read_bytes()).hexdigest()[:10]
+    assert checkpoint.model_hash(f) == want  # hashed, then cached
+    cached = list((tmp_path / "cache").glob("sha256-*.txt"))
+    assert len(cached) == 1 and cached[0].read_text() == want
+    assert checkpoint.model_hash(f) == want  # read back
+    cached[0].write_text("not a hash")  # a damaged cache falls back to the file
+    assert checkpoint.model_hash(f) == want
+    f.write_bytes(os.urandom(1 << 20))  # another file at the same path: another key (size, mtime)
+    assert checkpoint.model_hash(f) == hashlib.sha256(f.read_bytes()).hexdigest()[:10]
 
 
 def test_meta_build_skips_init_and_restores_it():

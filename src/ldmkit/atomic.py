@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,3 +46,12 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def cache_file(prefix: str, key: str, suffix: str) -> Path:
+    """A file in the user's cache folder (``LDMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ldmkit`` or
+    ``~/.cache/ldmkit``) named by a hash of ``key``: put into the key whatever invalidates the content
+    (a source file's path, size and modification time)."""
+    root = os.environ.get("LDMKIT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    sub = "" if os.environ.get("LDMKIT_CACHE_DIR") else "ldmkit"
+    return Path(root) / sub / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}{suffix}"

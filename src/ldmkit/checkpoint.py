@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ldmkit import convert, convert_sdxl
-from ldmkit.atomic import replacing
+from ldmkit.atomic import cache_file, replacing
 from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
 from ldmkit.models.tokenizer import CLIPTokenizer
@@ -100,12 +100,31 @@ def read_state_dict(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
 
 
 def model_hash(path: str | os.PathLike) -> str:
-    """A1111's short model hash: the first 10 hex digits of the file's SHA-256."""
+    """A1111's short model hash: the first 10 hex digits of the file's SHA-256.
+
+    Hashing reads the whole file (seconds for a 2-7 GB checkpoint, 0.03 s for the built-in model) in
+    every new process's first image, so the result is kept in the user's cache folder, keyed by the
+    file's path, size and modification time (A1111 keeps its cache.json the same way)."""
+    p = Path(path)
+    st = p.stat()
+    cache = cache_file("sha256", f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}", ".txt")
+    try:
+        cached = cache.read_text()
+        if len(cached) == 10 and all(c in "0123456789abcdef" for c in cached):
+            return cached
+    except (OSError, UnicodeDecodeError):
+        pass  # not hashed yet, or an unreadable cache: hash the file
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:10]
+    short = h.hexdigest()[:10]
+    try:
+        with replacing(cache) as tmp:
+            Path(tmp).write_text(short)
+    except OSError:
+        pass  # a read-only home: hash every time
+    return short
 
 
 # ---------------------------------------------------------------- strict loading

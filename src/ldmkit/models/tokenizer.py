@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import html
 import itertools
 import json
@@ -34,7 +33,7 @@ from typing import Literal
 import regex
 import torch
 
-from ldmkit.atomic import replacing
+from ldmkit.atomic import cache_file, replacing
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -127,11 +126,8 @@ def load_bpe_gz(path: str | os.PathLike) -> tuple[dict[str, int], tuple[tuple[st
 
 def _bpe_cache_file(path: Path) -> Path:
     """Where the parse of ``path`` is cached: keyed by the file's identity and the marshal format (Python's)."""
-    root = os.environ.get("LDMKIT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sys.version}|{NUM_MERGES}"
-    sub = "" if os.environ.get("LDMKIT_CACHE_DIR") else "ldmkit"
-    return Path(root) / sub / f"bpe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.marshal"
+    return cache_file("bpe", f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sys.version}|{NUM_MERGES}", ".marshal")
 
 
 def _parse_bpe_gz(path: Path) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
