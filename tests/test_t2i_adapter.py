@@ -150,15 +150,17 @@ def sd(request, tmp_path_factory):
     return folder, pipe, adapters
 
 
-def test_unet_with_features_matches_diffusers(sd):
-    """The U-Net adds the features where diffusers' down_intrablock_additional_residuals go."""
+@pytest.mark.parametrize("h,w", [(8, 12), (7, 10)], ids=["even", "odd"])
+def test_unet_with_features_matches_diffusers(sd, h, w):
+    """The U-Net adds the features where diffusers' down_intrablock_additional_residuals go (also at an odd
+    latent size, where the adapter's pooling and the U-Net's downsampling both round up)."""
     folder, pipe, adapters = sd
     model = checkpoint.load(folder / "sd")
     g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)
+    x, ctx = torch.randn(2, 4, h, w, generator=g), torch.randn(2, 77, 32, generator=g)
     t = torch.tensor([500.0, 20.0])
     with torch.no_grad():
-        feats = [f * 0.7 for f in adapters["full"](torch.rand(1, 3, 16, 24, generator=g))]
+        feats = [f * 0.7 for f in adapters["full"](torch.rand(1, 3, 2 * h, 2 * w, generator=g))]
         want = pipe.unet(x, t, ctx, down_intrablock_additional_residuals=[f.clone() for f in feats]).sample
         plain = pipe.unet(x, t, ctx).sample
         got = model.unet(x, t, ctx, adapter=feats)

@@ -275,7 +275,7 @@ def adapter_problem(unit: AdapterUnit, model: object) -> str | None:
         check_fits(unit.model.cfg, model.cfg, getattr(unit.model, "source_name", "given"))  # type: ignore[attr-defined]
     except AdapterError as e:
         return str(e)
-    f = unit.model.cfg.total_downscale_factor
+    f = unit.model.cfg.downscale_factor  # the pixel unshuffle's (odd sizes further down round up, as the U-Net's)
     h, w = unit.image.shape[-2:]
     if h % f or w % f:
         return (f"a T2I-Adapter ({unit.model.cfg.adapter_type}) needs an image size that is a multiple of {f}: "

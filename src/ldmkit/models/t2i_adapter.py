@@ -125,10 +125,10 @@ class T2IAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Control map (B, in_channels, H, W) in [0, 1] -> one feature map per level, largest first."""
-        f = self.cfg.total_downscale_factor
-        if x.shape[-2] % self.cfg.downscale_factor or x.shape[-1] % self.cfg.downscale_factor:
-            raise ValueError(f"T2I-Adapter input {tuple(x.shape[-2:])} is not a multiple of "
-                             f"{self.cfg.downscale_factor}: use an image size that is a multiple of {f}")
+        f = self.cfg.downscale_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"T2I-Adapter input {tuple(x.shape[-2:])} is not a multiple of {f} (its pixel "
+                             f"unshuffle): use an image size that is a multiple of {f}")
         h = self.unshuffle(x)  # (B, in * d^2, H / d, W / d)
         if self.conv_in is not None:
             h = self.conv_in(h)
