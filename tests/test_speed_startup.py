@@ -3,6 +3,7 @@
 - The model hash is cached per file (path, size, mtime): read back it must equal hashlib's SHA-256 of the file.
 - Models built on the meta device skip nn.init (nothing to initialise there); nn.init is restored after,
   and real tensors are still initialised from the global RNG as before.
+- ``ldmkit generate`` parses its line without importing the feature modules; the result is the full parser's.
 - With CFG scale 1 the negative prompt is not run through the text encoder; the image is the same.
 """
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldmkit import checkpoint, core
+from ldmkit import checkpoint, cli, core
 from ldmkit import pipeline as P
 
 
@@ -45,6 +46,13 @@ def test_meta_build_skips_init_and_restores_it():
     torch.manual_seed(0)
     assert torch.equal(real, torch.empty(5).normal_())
     assert {name: getattr(nn.init, name) for name in checkpoint._INIT_FUNCTIONS} == originals
+
+
+def test_generate_line_parses_without_feature_modules():
+    line = ["generate", "a red apple", "--model", "emoji-lcm", "--steps", "4", "--seed", "3", "-o", "x.png"]
+    fast = cli.build_parser("generate")
+    assert "train" not in fast._subparsers._group_actions[0].choices  # the feature modules were left out
+    assert vars(fast.parse_args(line)) == vars(cli.build_parser().parse_args(line))
 
 
 @pytest.mark.parametrize("model_name", ["emoji", "emoji-lcm"])

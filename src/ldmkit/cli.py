@@ -115,7 +115,10 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
     importlib.import_module("ldmkit.depth").add_depth_args(p)  # --depth-map, --depth-model (512-depth-ema)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``command``: the command the line names, when known. For one of the built-in
+    commands (generate, img2img, ...) the feature modules' subcommands are left out: importing them (training,
+    server, data, ...) was ~0.1 s of every first image."""
     parser = argparse.ArgumentParser(prog="ldmkit", description="Stable Diffusion from the model up.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner", "sdxl-inpainting", "sdxl-turbo"])
     f = add("info", "show an image's generation parameters or a model's architecture")
     f.add_argument("path")
-    for module in PLUGIN_MODULES:
+    for module in PLUGIN_MODULES if command not in COMMANDS else []:
         # each feature package adds its own subcommands: register(add) -> None, where
         # add(name, help, examples) returns an ArgumentParser; it sets `func=handler(args)`
         importlib.import_module(module).register(
@@ -488,11 +491,13 @@ def _parse_args_without_gc(argv: list[str] | None) -> argparse.Namespace:
     stays off while they are made, and gc.freeze() exempts them from later scans; the objects a
     command makes afterwards are collected as usual. Done once per process (tests call main often)."""
     global _startup_frozen
+    words = sys.argv[1:] if argv is None else argv
+    command = words[0] if words else None  # a built-in command needs no feature modules (build_parser)
     if _startup_frozen or not gc.isenabled():
-        return build_parser().parse_args(argv)
+        return build_parser(command).parse_args(argv)
     gc.disable()
     try:
-        return build_parser().parse_args(argv)
+        return build_parser(command).parse_args(argv)
     finally:
         gc.freeze()
         gc.enable()
