@@ -94,7 +94,7 @@ def generate_parser() -> argparse.ArgumentParser:
     """``ldmkit generate``'s own argument parser."""
     from ldmkit.cli import build_parser
 
-    for action in build_parser()._actions:
+    for action in build_parser("generate")._actions:  # (without the feature modules' subcommands)
         if isinstance(action, argparse._SubParsersAction):
             return action.choices["generate"]
     raise RuntimeError("ldmkit's parser has no generate command")
