@@ -14,6 +14,13 @@ written as a diffusers folder (``ldmkit convert``) with the same recipe (DPMSolv
 with Karras sigmas, 20 steps, CFG 7 for the emoji model; LCMScheduler 4 steps, guidance 1 for an
 LCM model). ``python -c "import torch"`` is timed too: the floor any PyTorch program pays.
 
+Threads and load: ``--busy N`` keeps N other processes busy (a pure-Python spin loop each) during the
+timed runs, a machine that is not idle, reproducibly. ``ldmkit generate`` sets ``OMP_WAIT_POLICY=PASSIVE``
+before torch is imported unless the variable is set (OpenMP threads sleep at barriers instead of
+spinning); ``--wait-policy`` adds "ldmkit, OpenMP default wait": the same command with torch imported
+before the CLI, so that libgomp keeps its default (spin, then sleep). ``--env NAME=VALUE`` sets a
+variable in every run. The table gives the median and the best wall time of the runs.
+
 Byte code: these sessions run with PYTHONDONTWRITEBYTECODE=1 and ldmkit is an editable install, so
 every process would compile ldmkit's sources again, which an installed package never does (pip
 compiles on install; diffusers' and torch's .pyc files exist). The runs therefore drop that
@@ -70,6 +77,13 @@ def commands(model: str, folder: Path, out: Path, size: int, lcm: bool, vae: str
     }
 
 
+# `ldmkit generate` with torch imported first: libgomp reads OMP_WAIT_POLICY when torch loads it, so the CLI's
+# PASSIVE default (set when ldmkit.cli is imported) does not apply: OpenMP's default wait policy
+DEFAULT_WAIT = "import sys, torch; from ldmkit.cli import main; sys.argv[0] = 'ldmkit'; sys.exit(main(sys.argv[1:]))"
+
+BUSY = "while True: pass"
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and CPU seconds (user + system) of one run of ``cmd``.
 
@@ -98,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", action="append", choices=["import torch", "ldmkit", "diffusers"])
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also time `ldmkit generate` from another copy of ldmkit's src/ (e.g. before a change)")
+    ap.add_argument("--wait-policy", action="store_true",
+                    help="also time ldmkit with OpenMP's default wait policy (torch imported before the CLI)")
+    ap.add_argument("--busy", type=int, default=0, help="keep N other processes busy during the timed runs")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set in every run")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = ap.parse_args(argv)
 
@@ -121,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_pyc:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(args.cache / "pycache")
+    env.update(kv.split("=", 1) for kv in args.env)
     size = checkpoint.load(path).cfg.native_size
     all_cmds = commands(args.model, folder, out, size, lcm, args.vae)
     if args.lcm:
@@ -131,9 +150,12 @@ def main(argv: list[str] | None = None) -> None:
                 "runpy.run_module('ldmkit', run_name='__main__')")
         rest = [str(out / "baseline.png") if a.endswith("ldmkit.png") else a for a in all_cmds["ldmkit"][3:]]
         all_cmds["ldmkit (baseline src)"] = [sys.executable, "-c", code, *rest]
-    cmds = {k: v for k, v in all_cmds.items() if not args.only or k in args.only}
+    if args.wait_policy:
+        all_cmds["ldmkit, OpenMP default wait"] = [sys.executable, "-c", DEFAULT_WAIT, *all_cmds["ldmkit"][3:]]
+    cmds = {k: v for k, v in all_cmds.items() if not args.only or k in args.only or k.startswith("ldmkit,")}
     for cmd in cmds.values():
         timed(cmd, env)  # untimed: byte code, page cache, vocabulary cache
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.busy)]
     times: dict[str, list[float]] = {k: [] for k in cmds}
     cpu: dict[str, list[float]] = {k: [] for k in cmds}
     loads = []
@@ -143,17 +165,21 @@ def main(argv: list[str] | None = None) -> None:
             wall, used = timed(cmds[name], env)
             times[name].append(wall)
             cpu[name].append(used)
+    for p in busy:
+        p.kill()
+        p.wait()
 
     cmd = "python bench/bench_first_image.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     recipe = "LCM 4 steps, CFG 1" if lcm else "DPM++ 2M Karras 20 steps, CFG 7"
     if args.vae:
         recipe += f", ldmkit decodes with {args.vae!r}"
-    print(f"\n`{cmd}`  (built-in {args.model!r}, {recipe}, OMP_NUM_THREADS={args.threads or 'unset'}, "
+    extra = "".join(f", {kv}" for kv in args.env) + (f", {args.busy} busy process(es) beside" if args.busy else "")
+    print(f"\n`{cmd}`  (built-in {args.model!r}, {recipe}, OMP_NUM_THREADS={args.threads or 'unset'}{extra}, "
           f"{'no byte code' if args.no_pyc else 'byte code kept'}; medians of {args.runs} new processes)\n")
-    print("| command | first image, wall (median) | CPU time (median) | wall of each run |")
-    print("|---|--:|--:|---|")
+    print("| command | first image, wall (median) | best | CPU time (median) | wall of each run |")
+    print("|---|--:|--:|--:|---|")
     for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.2f} s | {statistics.median(cpu[name]):.2f} s | "
+        print(f"| {name} | {statistics.median(ts):.2f} s | {min(ts):.2f} s | {statistics.median(cpu[name]):.2f} s | "
               f"{', '.join(f'{t:.2f}' for t in ts)} |")
     if "ldmkit" in times and "diffusers" in times:
         ratio = statistics.median(times["ldmkit"]) / statistics.median(times["diffusers"])
