@@ -56,7 +56,7 @@ def test_upload_preview_and_generate(page, files):  # noqa: F811
         page.fill(sel, value)
     page.select_option("#sampler_name", "Euler")
     page.set_input_files("#cn-file", str(files / "map.png"))
-    assert page.is_checked("#cn-enabled")
+    page.wait_for_function("document.querySelector('#cn-enabled').checked")  # the file is read asynchronously
     page.select_option("#cn-module", "canny")
     page.select_option("#cn-model", title)
     page.fill("#cn-weight", "0.8")
