@@ -78,3 +78,19 @@ def test_cfg_one_skips_negative_encoding_same_image(model_name):
     assert torch.equal(fast, core.sample(model, job.plan, job.cond, uncond, job.noise))
     # with guidance the negative prompt is encoded as before
     assert not core.uncond_unused(model, params.replace(cfg_scale=7.0)) or model.cfg.unet.time_cond_proj_dim
+
+
+def test_cli_sleeps_openmp_threads_unless_told_otherwise():
+    """libgomp reads OMP_WAIT_POLICY when torch loads it: the CLI sets PASSIVE before torch is imported, and
+    keeps a value the user set."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import ldmkit.cli; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "ACTIVE"

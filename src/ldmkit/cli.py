@@ -8,12 +8,19 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ldmkit.guards import finite_float
+
+# OpenMP threads sleep at barriers instead of spinning. libgomp reads this once, when torch loads it, so it is
+# set here, before the CLI imports torch (unless the user set it). With any other busy process on the cores,
+# spinning threads waited for descheduled partners at each of thousands of barriers: the built-in model's
+# first image took 7-69 s instead of ~2 s (docs/benchmarks.md, "The built-in model's first image").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EXAMPLES = {
     "generate": """examples:
