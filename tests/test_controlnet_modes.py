@@ -161,6 +161,20 @@ def test_binary_map_stays_binary_when_resized():
     assert set(np.unique(out)) == {0, 255}
 
 
+def test_one_pixel_edges_stay_one_pixel_wide():
+    """A one-pixel outline (Canny-like) upscaled 2x: thinned back to one pixel, as the extension's lvmin_thin."""
+    a = np.zeros((16, 16, 3), dtype=np.uint8)
+    a[4, 4:12] = a[11, 4:12] = a[4:12, 4] = a[4:12, 11] = 255  # a square outline
+    out = A.fit_map(a, 32, 32, "Just Resize")[..., 0] > 0
+    assert set(np.unique(A.fit_map(a, 32, 32, "Just Resize"))) == {0, 255}
+    for r in range(12, 20):  # rows through the middle cross the outline twice, one pixel each side
+        cols = np.nonzero(out[r])[0]
+        assert len(cols) == 2 and cols[0] < 12 and cols[1] > 20, (r, cols)
+    wide = np.zeros((16, 16, 3), dtype=np.uint8)
+    wide[4:12, 4:12] = 255  # a filled square is not an edge map: no thinning, just Otsu
+    assert (A.fit_map(wide, 32, 32, "Just Resize")[10:22, 10:22] == 255).all()
+
+
 @pytest.mark.parametrize("size,target,mode,expect", [
     ((48, 32), (24, 16), "Crop and Resize", 16),
     ((30, 20), (64, 64), "Crop and Resize", 64),  # max(64/20, 64/30) x 20

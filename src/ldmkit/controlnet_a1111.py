@@ -9,16 +9,18 @@
 * Resize modes (``Script.detectmap_proc``): "Just Resize" stretches the map to the output size; "Crop and
   Resize" scales it by max(h/H, w/W) and crops the centre; "Resize and Fill" scales it by min(h/H, w/W) and
   centres it on the median colour of its border. Ints 0, 1, 2 (3, A1111's latent "Just Resize", is 0).
-  Interpolation as the extension's ``high_quality_resize`` picks it: nearest for maps of 3..199 colours,
-  area when shrinking, bicubic when growing; two-colour (black/white) maps are thresholded again at Otsu's
-  level. Not done: its one-pixel-edge thinning of binary maps (``nake_nms`` + ``lvmin_thin``).
+  Interpolation as the extension's ``high_quality_resize`` picks it (OpenCV, as it): nearest for maps of 3..199
+  colours, area when shrinking, bicubic when growing; two-colour (black/white) maps are thresholded again at
+  Otsu's level, and one-pixel edge maps are first thinned back to one pixel (its ``nake_nms`` and
+  ``lvmin_thin``: hit-or-miss thinning, spurs pruned when growing).
 * Hires fix (``ControlParams.disabled_by_hr_option``, hook.py): hr_option "Low res only" / "High res only"
   turns a unit off in the second / first pass; in the second pass canny and mlsd units get the soft
   injection scales whatever their control mode.
 * Pixel perfect (``external_code.pixel_perfect_resolution``): the preprocessor resolution is
   round(k x min(H, W)) of the input image, k = min(h/H, w/W) for "Resize and Fill", else max.
 * Preprocessor resolution (``resize_image_with_pad``): the input is scaled so its short side is the
-  resolution (bicubic when growing, area when shrinking) before the preprocessor runs.
+  resolution (bicubic when growing, area when shrinking) and edge-padded to multiples of 64 before the
+  preprocessor runs; the map is cropped back.
 * Infotext (``scripts/infotext.py``): ``ControlNet N: "Module: canny, Model: name [hash], Weight: 1.0, ..."``;
   model names are ``stem [hash]`` with A1111's old 8-digit file hash (``sd_models.model_hash``).
 """
@@ -138,27 +140,81 @@ def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, res
     return int(np.round(k * min(raw_h, raw_w)))
 
 
-def _resize(a: np.ndarray, width: int, height: int, resample: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(a).resize((width, height), resample))
+# hit-or-miss kernels of the extension's edge thinning (lvmin_thin: 1 = set, -1 = clear, 0 = either), each also
+# turned by 90, 180 and 270 degrees; removal runs kernel by kernel in that order
+_THIN = (((-1, -1, -1), (0, 1, 0), (1, 1, 1)), ((0, -1, -1), (1, 1, -1), (0, 1, 0)))
+_PRUNE = (((-1, -1, -1), (-1, 1, -1), (0, 0, -1)), ((-1, -1, -1), (-1, 1, -1), (-1, 0, 0)))
+
+
+def _turned(raw: tuple) -> list[np.ndarray]:
+    return [np.rot90(np.array(k, dtype=np.int32), r) for r in range(4) for k in raw]
+
+
+def _remove_hits(y: np.ndarray, kernels: list[np.ndarray]) -> bool:
+    import cv2
+
+    changed = False
+    for k in kernels:
+        hits = cv2.morphologyEx(y, cv2.MORPH_HITMISS, k) > 127
+        if hits.any():
+            y[hits] = 0
+            changed = True
+    return changed
+
+
+def thin_edges(y: np.ndarray, prune: bool) -> np.ndarray:
+    """A binary (H, W) uint8 edge map thinned to one pixel (up to 32 rounds), then spurs pruned once."""
+    y = y.copy()
+    for _ in range(32):
+        if not _remove_hits(y, _turned(_THIN)):
+            break
+    if prune:
+        _remove_hits(y, _turned(_PRUNE))
+    return y
+
+
+def edge_nms(x: np.ndarray) -> np.ndarray:
+    """Keep a pixel where it is the largest along one of the four line directions through it (3 pixels)."""
+    import cv2
+
+    lines = (((0, 0, 0), (1, 1, 1), (0, 0, 0)), ((0, 1, 0), (0, 1, 0), (0, 1, 0)),
+             ((1, 0, 0), (0, 1, 0), (0, 0, 1)), ((0, 0, 1), (0, 1, 0), (1, 0, 0)))
+    y = np.zeros_like(x)
+    for f in lines:
+        keep = cv2.dilate(x, np.array(f, dtype=np.uint8)) == x
+        y[keep] = x[keep]
+    return y
 
 
 def high_quality_resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
-    """An (H, W, 3) uint8 map resized as the extension's ``high_quality_resize`` chooses (see the module doc)."""
-    from ldmkit.preprocess import otsu_level
+    """An (H, W, 3) uint8 map resized as the extension's ``high_quality_resize`` does (see the module doc)."""
+    import cv2
 
     if a.shape[:2] == (height, width):
         return a
     smaller = width * height < a.shape[0] * a.shape[1]
+    bigger = width * height > a.shape[0] * a.shape[1]
     colours = len(np.unique(a.reshape(-1, a.shape[2]), axis=0))
     binary = colours == 2 and a.min() < 16 and a.max() > 240
+    one_pixel_edge = False
+    if binary:  # edges one pixel wide vanish under an opening: most of the white goes
+        box = np.ones((3, 3), dtype=np.uint8)
+        opened = cv2.dilate(cv2.erode(a, box, iterations=1), box, iterations=1)
+        one_pixel_edge = int((opened < a).sum()) * 2 > int((a > 127).sum())
     if 2 < colours < 200:
-        resample = Image.NEAREST
+        interpolation = cv2.INTER_NEAREST
     else:
-        resample = Image.BOX if smaller else Image.BICUBIC
-    y = _resize(a, width, height, resample)
+        interpolation = cv2.INTER_AREA if smaller else cv2.INTER_CUBIC
+    y = cv2.resize(np.ascontiguousarray(a), (width, height), interpolation=interpolation)
     if binary:
-        grey = y.astype(np.float32).mean(axis=2).clip(0, 255).astype(np.uint8)
-        y = np.repeat(((grey > otsu_level(grey)) * 255).astype(np.uint8)[..., None], 3, axis=2)
+        grey = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
+        if one_pixel_edge:
+            grey = edge_nms(grey)
+            _, grey = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+            grey = thin_edges(grey, prune=bigger)
+        else:
+            _, grey = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        y = np.stack([grey] * 3, axis=2)
     return y
 
 
@@ -205,17 +261,30 @@ def run_preprocessor(module: str, image: Image.Image, processor_res: int | None 
 
     name = module_name(module)
     rgb = image.convert("RGB")
+    crop = None
     if processor_res is not None and processor_res > 0 and name not in RESOLUTION_FREE:
-        k = processor_res / min(rgb.size)
-        size = (int(np.round(rgb.size[0] * k)), int(np.round(rgb.size[1] * k)))
-        if size != rgb.size:
-            rgb = rgb.resize(size, Image.BICUBIC if k > 1 else Image.BOX)
+        rgb, crop = _scaled_padded(rgb, processor_res)
     kwargs = slider_values(name, threshold_a, threshold_b)
     if not kwargs:
-        return preprocess(name, rgb)
-    if name == "binary":
-        return binary(rgb) if kwargs["level"] <= 0 else PREPROCESSORS["threshold"](rgb, kwargs["level"])
-    return PREPROCESSORS[name](rgb, **kwargs)
+        out = preprocess(name, rgb)
+    elif name == "binary":
+        out = binary(rgb) if kwargs["level"] <= 0 else PREPROCESSORS["threshold"](rgb, kwargs["level"])
+    else:
+        out = PREPROCESSORS[name](rgb, **kwargs)
+    return out if crop is None else out.crop((0, 0, *crop))
+
+
+def _scaled_padded(rgb: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
+    """The extension's ``resize_image_with_pad``: short side to ``resolution`` (cubic growing, area shrinking),
+    then edge-padded to multiples of 64; returns it and the (W, H) to crop the map back to."""
+    import cv2
+
+    a = np.asarray(rgb)
+    k = resolution / min(a.shape[:2])
+    h, w = int(np.round(a.shape[0] * k)), int(np.round(a.shape[1] * k))
+    a = cv2.resize(a, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    a = np.pad(a, [[0, -h % 64], [0, -w % 64], [0, 0]], mode="edge")
+    return Image.fromarray(a), (w, h)
 
 
 def control_image(image: Image.Image, width: int, height: int, module: str = "none",
