@@ -25,13 +25,14 @@ from ldmkit.config import TINY
 from ldmkit.controlnet import diffusers_to_original, load_controlnet
 from ldmkit.model import StableDiffusion
 from ldmkit.models.unet import UNetModel
-from ldmkit.train import TrainError, defaults, train
+from ldmkit.train import TrainError, defaults, export_run, train
 from ldmkit.train.controlnet import CONDITIONS_FILE, controlnet_from_unet
 from ldmkit.train.runner import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16
+MIN_STAR_IOU = 0.6  # the shipped model, one seed (docs/models/emoji-silhouette.md: the mean over many)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,21 @@ def test_silhouette_maps_are_the_images_alpha(data: Path, sd1_file: Path, tmp_pa
     for key, m in zip(keys, torch.cat([maps["train"], maps["held"]]), strict=True):
         alpha = np.asarray(Image.open(data / "images" / f"{key}.png"))[..., 3] > 0
         assert np.array_equal(m[0].numpy() > 127, alpha), key
+
+
+def test_edge_maps_are_opencvs_canny(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from ldmkit.train.data import load_dataset
+
+    train(cn_cfg(data, sd1_file, total_steps=1, condition="edges"), tmp_path / "run")
+    maps, meta = read_safetensors(tmp_path / "run" / CONDITIONS_FILE)
+    assert meta["condition"] == "canny"
+    _, latents_meta = read_safetensors(tmp_path / "run" / "latents.safetensors")
+    images = dict(zip((ds := load_dataset(data, SIZE)).keys, ds.images, strict=True))
+    for key, m in zip(json.loads(latents_meta["keys"]), maps["train"], strict=True):
+        rgb = np.ascontiguousarray(images[key].permute(1, 2, 0).numpy())
+        assert np.array_equal(m[0].numpy(), cv2.Canny(rgb, 100, 200)), key
 
 
 # ---------------------------------------------------------------- resume and data parallel
@@ -182,6 +198,15 @@ def test_export_is_the_original_layout_with_the_ema_weights(data: Path, sd1_file
         assert torch.equal(sd["control_model." + k.removeprefix("controlnet.")], v.half()), k
     net = load_controlnet(tmp_path / "cn.safetensors", TINY.unet)
     assert net.cfg.hint_channels == (16, 32)
+    # --scale S bakes --control-weight S into the zero convolutions: every residual S times the unscaled one
+    one = load_controlnet(export_run(run, tmp_path / "one.safetensors"), TINY.unet)
+    two = load_controlnet(export_run(run, tmp_path / "two.safetensors", scale=2.5), TINY.unet)
+    g = torch.Generator().manual_seed(0)
+    x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, SIZE, SIZE, generator=g)
+    t, ctx = torch.tensor([10, 700]), torch.randn(2, 7, TINY.unet.context_dim, generator=g)
+    r1, r2 = one(x, hint, t, ctx), two(x, hint, t, ctx)
+    for a, b in zip([*r1.down, r1.mid], [*r2.down, r2.mid], strict=True):
+        assert torch.allclose(b, 2.5 * a, rtol=1e-5, atol=1e-7) and a.abs().max() > 0
 
     Image.new("L", (SIZE, SIZE), 0).save(tmp_path / "map.png")
     args = ["generate", "a red circle", "--model", str(sd1_file), "--controlnet", str(tmp_path / "cn.safetensors"),
@@ -214,3 +239,32 @@ def test_resume_with_another_condition_is_refused(data: Path, sd1_file: Path, tm
     train(cn_cfg(data, sd1_file, total_steps=1), tmp_path / "run")
     with pytest.raises(TrainError, match="trains a silhouette ControlNet"):
         train(cn_cfg(data, sd1_file, total_steps=2, condition="canny"), tmp_path / "run", resume=True)
+
+
+# ---------------------------------------------------------------- the shipped emoji-silhouette
+
+
+def test_builtin_emoji_silhouette_draws_in_the_given_shape(tmp_path: Path, capsys) -> None:
+    """`ldmkit generate "red heart" --controlnet emoji-silhouette --control-image star.png`, offline: the
+    output's foreground (the dataset's definition) follows the star far better than without the ControlNet."""
+    from PIL import ImageDraw
+
+    from ldmkit.api import builtin_controlnet_path
+    from ldmkit.preprocess import foreground_mask
+    from ldmkit.train.controlnet import iou
+
+    if builtin_controlnet_path("emoji-silhouette") is None:
+        pytest.skip("the built-in emoji-silhouette ControlNet is not installed")
+    star = Image.new("L", (64, 64), 0)
+    radii = [23 if k % 2 == 0 else 10 for k in range(10)]
+    pts = [(32 + r * np.sin(k * np.pi / 5), 32 - r * np.cos(k * np.pi / 5)) for k, r in enumerate(radii)]
+    ImageDraw.Draw(star).polygon(pts, fill=255)
+    star.save(tmp_path / "star_shape.png")
+    base = ["generate", "red heart", "--model", "emoji", "--seed", "3", "--steps", "12"]
+    assert cli.main([*base, "-o", str(tmp_path / "plain.png")]) in (0, None)
+    assert cli.main([*base, "--controlnet", "emoji-silhouette", "--control-image", str(tmp_path / "star_shape.png"),
+                     "-o", str(tmp_path / "star.png")]) in (0, None)
+    target = np.asarray(star) > 127
+    with_cn = iou(foreground_mask(Image.open(tmp_path / "star.png")), target)
+    without = iou(foreground_mask(Image.open(tmp_path / "plain.png")), target)
+    assert with_cn >= MIN_STAR_IOU and with_cn > without + 0.1, (with_cn, without)

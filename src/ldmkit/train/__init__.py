@@ -102,16 +102,19 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False, vae: str = "",
-               layout: str = "kohya") -> Path:
+               layout: str = "kohya", scale: float = 1.0) -> Path:
     """A U-Net run as a model file, a VAE run as a VAE file, a LoRA run as a LoRA file (EMA weights).
 
     ``vae``: a decoder fine-tune of a U-Net run's VAE to ship in its place. ``run_dir`` may also be a
     model (file, diffusers folder or built-in name): it is rewritten, with ``vae``'s decoder if given.
     ``layout``: LoRA runs (``train lora``, ``train lcm --lora-rank R``) write the kohya/A1111 layout or
-    the diffusers/PEFT one (``peft``)."""
+    the diffusers/PEFT one (``peft``). ``scale``: ControlNet runs: residuals multiplied by it (as
+    ``--control-weight``), baked into the zero convolutions."""
     if layout not in ("kohya", "peft"):
         raise TrainError(f"--layout must be kohya or peft, got {layout!r}")
     kind = load_run_config(run_dir).kind if (Path(run_dir) / "config.toml").exists() else None
+    if scale != 1.0 and kind != "controlnet":
+        raise TrainError("--scale applies to ControlNet runs (train controlnet)")
     if layout != "kohya" and kind not in ("lora", "lcm"):
         raise TrainError("--layout applies to LoRA runs (train lora, train lcm --lora-rank R)")
     if kind == "lcm" and layout != "kohya":
@@ -143,7 +146,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = 
             raise TrainError("--vae applies to U-Net runs; a ControlNet file holds no autoencoder")
         from ldmkit.train.controlnet import export_controlnet
 
-        return export_controlnet(run_dir, out, half)
+        return export_controlnet(run_dir, out, half, scale)
     if kind == "lcm":
         if vae:
             raise TrainError("--vae applies to U-Net runs; an LCM run exports its teacher's autoencoder")

@@ -268,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from ldmkit.train import export_run
 
-    print(export_run(args.run_dir, args.output, half=args.half, vae=args.vae, layout=args.layout))
+    print(export_run(args.run_dir, args.output, half=args.half, vae=args.vae, layout=args.layout, scale=args.scale))
 
 
 # `ldmkit train KIND`; a new trainer (e.g. LoRA) adds an entry here
@@ -306,5 +306,8 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="U-Net runs: ship this decoder fine-tune of the run's VAE (train vae --freeze-encoder)")
     e.add_argument("--layout", choices=("kohya", "peft"), default="kohya",
                    help="LoRA runs: kohya/A1111 keys (lora_unet_...) or diffusers/PEFT keys (unet....lora_A)")
+    e.add_argument("--scale", type=finite_float, default=1.0, metavar="S",
+                   help="ControlNet runs: multiply its residuals by S (its zero convolutions), as --control-weight S "
+                        "would at generation; a file's weight 1 is then the run's S")
     e.set_defaults(func=cmd_export)
 

@@ -218,9 +218,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def export_controlnet(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False) -> Path:
+def export_controlnet(run_dir: str | os.PathLike, out: str | os.PathLike, half: bool = False,
+                      scale: float = 1.0) -> Path:
     """A ControlNet run's EMA weights (the trained ones when EMA is off) in the original single-file layout
-    (``control_model.*``), with the model and condition it was trained for in the metadata."""
+    (``control_model.*``), with the model and condition it was trained for in the metadata. ``scale``
+    multiplies the zero convolutions (weights and biases), hence every residual: the file at weight 1 acts
+    as the run at ``--control-weight scale``."""
     from ldmkit.checkpoint import atomic_save_safetensors
     from ldmkit.train.export import ema_weights, safetensors_path
 
@@ -229,10 +232,13 @@ def export_controlnet(run_dir: str | os.PathLike, out: str | os.PathLike, half: 
     if ckpt["kind"] != "controlnet":
         raise TrainError(f"{run_dir} is a {ckpt['kind']} run, not a ControlNet run")
     sd = ema_weights(ckpt, "controlnet.")
+    if scale != 1.0:
+        sd = {k: v * scale if k.startswith(("zero_convs.", "middle_block_out.")) else v for k, v in sd.items()}
     dtype = torch.float16 if half else torch.float32
     sd = {"control_model." + k: v.to(dtype).contiguous() for k, v in sd.items()}
     record = ckpt["task"]["controlnet"]
     meta = {METADATA_KEY: json.dumps({"base_model": Path(record["init_from"]).name, "condition": record["condition"],
-                                      "preprocessor": PREPROCESSOR[record["condition"]], "steps": ckpt["step"]})}
+                                      "preprocessor": PREPROCESSOR[record["condition"]], "steps": ckpt["step"],
+                                      "scale": scale})}
     atomic_save_safetensors(sd, out, meta)
     return out
