@@ -122,12 +122,49 @@ def test_released_sd15_layout():
                "body.4.in_conv.weight": (1280, 640, 1, 1), "body.4.in_conv.bias": (1280,)}
     from ldmkit.t2i_adapter import _original_full, config_from_weights
 
-    sd = _original_full({k: torch.empty(s, device="meta") for k, s in shapes.items()}, 4)
+    sd = _original_full({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     cfg = config_from_weights(sd)
     assert cfg == AdapterConfig(1, (320, 640, 1280, 1280), 2, 8, "full_adapter")
     with torch.device("meta"):
         ours = T2IAdapter(cfg).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_released_light_layout():
+    """t2iadapter_color_sd14v1: 4 extractors body.N (1x1 in_conv to a quarter width, 4 blocks of two 3x3 convs,
+    1x1 out_conv), widths 320, 640, 1280, 1280, RGB input."""
+    from ldmkit.t2i_adapter import _original_light, config_from_weights
+
+    shapes = {}
+    for i, (c_in, c) in enumerate([(192, 320), (320, 640), (640, 1280), (1280, 1280)]):
+        shapes |= {f"body.{i}.in_conv.weight": (c // 4, c_in, 1, 1), f"body.{i}.in_conv.bias": (c // 4,),
+                   f"body.{i}.out_conv.weight": (c, c // 4, 1, 1), f"body.{i}.out_conv.bias": (c,)}
+        for j in range(4):
+            for b in ("block1", "block2"):
+                name = f"body.{i}.body.{j}.{b}"
+                shapes |= {f"{name}.weight": (c // 4, c // 4, 3, 3), f"{name}.bias": (c // 4,)}
+    sd = _original_light({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    cfg = config_from_weights(sd)
+    assert cfg == AdapterConfig(3, (320, 640, 1280), 4, 8, "light_adapter")
+    with torch.device("meta"):
+        ours = T2IAdapter(cfg).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_nested_pth_and_unreadable_variants(tmp_path):
+    """A .pth holding {"adapter": weights} loads; the original variants diffusers cannot hold (convolutional
+    downsampling, 3x3 second convolutions) are refused by name."""
+    ref = diffusers_adapter("full", 1, seed=4)
+    original = _to_original(ref.state_dict(), light=False)
+    torch.save({"adapter": original}, tmp_path / "nested.pth")
+    assert load_adapter(tmp_path / "nested.pth", TINY3).cfg.in_channels == 1
+    save_file({**original, "body.2.down_opt.op.weight": torch.zeros(64, 32, 3, 3)}, tmp_path / "conv.safetensors")
+    with pytest.raises(AdapterError, match="convolutional downsampling"):
+        load_adapter(tmp_path / "conv.safetensors", TINY3)
+    wide = {**original, "body.0.block2.weight": torch.zeros(32, 32, 3, 3)}
+    save_file(wide, tmp_path / "k3.safetensors")
+    with pytest.raises(AdapterError, match="ksize=3"):
+        load_adapter(tmp_path / "k3.safetensors", TINY3)
 
 
 # ---------------------------------------------------------------- the U-Net and whole images

@@ -38,18 +38,27 @@ class AdapterError(CheckpointError):
 # ---------------------------------------------------------------- layouts
 
 
-def _original_full(sd: Mapping[str, Tensor], levels: int) -> StateDict:
-    """TencentARC's ``Adapter`` (``body.{level * n + j}``, ``in_conv`` on a level's first block) -> ours."""
-    n_body = _count(sd, r"body\.(\d+)\.block1\.weight")
-    if n_body % levels:
-        raise AdapterError(f"{n_body} residual blocks do not split into {levels} levels")
-    n = n_body // levels
+ORIGINAL_BLOCKS_PER_LEVEL = 2  # every released full adapter (TencentARC's and ComfyUI's loaders assume it too)
+
+
+def _original_full(sd: Mapping[str, Tensor]) -> StateDict:
+    """TencentARC's ``Adapter`` (``body.{level * 2 + j}``, ``in_conv`` on a level's first block) -> ours.
+    Its variants that diffusers' T2IAdapter cannot hold are refused: convolutional downsampling
+    (``use_conv``: ``down_opt.op``), 3x3 second convolutions (``ksize=3``), separate skip convolutions."""
+    n = ORIGINAL_BLOCKS_PER_LEVEL
+    if any(".down_opt." in k for k in sd):
+        raise AdapterError("convolutional downsampling (down_opt, use_conv=True) is a variant ldmkit does not read")
+    if "body.0.block2.weight" in sd and sd["body.0.block2.weight"].shape[-1] != 1:
+        raise AdapterError("3x3 second convolutions (ksize=3) are a variant ldmkit does not read")
+    if _count(sd, r"body\.(\d+)\.block1\.weight") % n:
+        raise AdapterError(f"its residual blocks do not pair into levels of {n}")
     out = {k: v for k, v in sd.items() if k.startswith("conv_in.")}
     for k, v in sd.items():
         m = re.fullmatch(r"body\.(\d+)\.(block1|block2|in_conv)\.(weight|bias)", k)
         if m is None:
             if not k.startswith("conv_in."):
-                raise AdapterError(f"unexpected key {k!r} in a TencentARC adapter")
+                raise AdapterError(f"unexpected key {k!r} (e.g. a skip convolution, sk=False) in a TencentARC "
+                                   "adapter")
             continue
         level, j = divmod(int(m[1]), n)
         if m[2] == "in_conv":
@@ -82,12 +91,21 @@ def _read(path: Path) -> tuple[StateDict, dict | None]:
                     cfg = None
                 return read_state_dict(path / name)[0], cfg
         raise AdapterError(f"{path}: a folder without {' or '.join(_DIFFUSERS_FILES)}: not a diffusers T2IAdapter")
-    return read_state_dict(path)[0], None
+    if path.suffix.lower() in (".pth", ".pt") and path.exists():
+        try:  # some .pth files nest the weights under "adapter" (ComfyUI and the A1111 extension unwrap it)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - read_state_dict below says why, in its words
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("adapter"), dict):
+            obj = obj["adapter"]
+        if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return obj, None
+    return read_state_dict(path)[0], None  # anything else: its error message
 
 
-def read_adapter(path: str | os.PathLike, levels: int = 4) -> tuple[StateDict, dict | None]:
+def read_adapter(path: str | os.PathLike) -> tuple[StateDict, dict | None]:
     """(our weight names, diffusers config or None) of an adapter file/folder in any layout; refuses others by
-    name. ``levels``: the U-Net's, which splits an original full adapter's flat block list."""
+    name."""
     path = Path(path)
     sd, cfg = _read(path)
     if cfg is not None and cfg.get("_class_name") == "ControlNetModel":
@@ -100,7 +118,7 @@ def read_adapter(path: str | os.PathLike, levels: int = 4) -> tuple[StateDict, d
         return _original_light(sd), None
     if "conv_in.weight" in sd and "body.0.block1.weight" in sd:
         try:
-            return _original_full(sd, levels), None
+            return _original_full(sd), None
         except AdapterError as e:
             raise AdapterError(f"{path}: {e}: not a T2I-Adapter layout ldmkit reads") from None
     if any(k.startswith(("control_model.", "input_hint_block.", "controlnet_cond_embedding.")) for k in sd):
@@ -146,8 +164,7 @@ def config_from_weights(sd: Mapping[str, Tensor], diffusers_cfg: dict | None = N
 def load_adapter(path: str | os.PathLike, base: object | None = None, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> T2IAdapter:
     """A T2I-Adapter from ``path``, checked against ``base`` (a ModelConfig: the model it is used with)."""
-    unet = getattr(base, "unet", None)
-    sd, dcfg = read_adapter(path, len(unet.channel_mult) if unet is not None else 4)
+    sd, dcfg = read_adapter(path)
     try:
         cfg = config_from_weights(sd, dcfg, sdxl=bool(getattr(base, "is_sdxl", False)),
                                   vae_downscale=base.vae.downscale if base is not None else 8)  # type: ignore
