@@ -133,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                     "and <!-- MARKER:end --> (e.g. eval-lcm for the distilled model)")
     ap.add_argument("--size", type=int, default=None, help="image size (default: the model's native size)")
     ap.add_argument("--quick", action="store_true", help="small numbers, for a smoke run")
+    ap.add_argument("--balanced", type=int, default=None, metavar="N",
+                    help="only the category-balanced metric: N bare names from each of Unicode's nine emoji groups, "
+                    "seeds 0-3, the settings `ldmkit generate` uses for the model (its recommended ones, else the "
+                    "CLI's defaults); writes emoji-balanced.json (and the card's <!-- balanced --> section)")
+    ap.add_argument("--emoji-test", default=None, help="Unicode's emoji-test.txt (default: Debian unicode-data's)")
     args = ap.parse_args(argv)
+    if args.balanced is not None:
+        return balanced_main(args)
     if args.quick:
         args.captions, args.sweep_captions, args.steps = 16, 8, 4
     torch.set_num_threads(1)  # on a shared 2-core machine one thread is faster than two fighting
@@ -228,6 +235,77 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(card, body)
     atomic_write_text(outputs / "emoji-eval.json", json.dumps(
         {**results, "cfg_sweep": {str(k): v for k, v in sweep.items()}, "args": vars(args)}, indent=2))
+    return 0
+
+
+def default_settings(model) -> tuple[str, int, float]:
+    """(sampler, steps, CFG scale) that `ldmkit generate` uses for ``model`` when none is given."""
+    from ldmkit.recommended import apply_recommended
+
+    chosen = apply_recommended(dict(sampler=None, scheduler=None, steps=None, cfg_scale=None),
+                               getattr(model, "recommended", None))
+    params = P.GenerationParams("x", **{k: v for k, v in chosen.items() if v is not None})
+    return params.sampler, params.steps, params.cfg_scale
+
+
+def balanced_main(args: argparse.Namespace) -> int:
+    """Goal 1 of issue 17: top-1/top-5 retrieval per Unicode emoji group, the same number of bare
+    names from each (non-variant, not held out), each generated with seeds 0-3."""
+    from ldmkit.data.emoji_groups import GROUPS, balanced_captions, load_emoji_groups
+
+    if args.balanced < 1:
+        raise SystemExit("--balanced N: N captions per group, at least 1")
+    torch.set_num_threads(1)
+    t0 = time.time()
+    groups = load_emoji_groups(args.emoji_test)
+    model = api.load(args.model).model
+    size = args.size or model.cfg.native_size
+    sampler, steps, cfg = default_settings(model)
+    rows, holdout = load_dataset(Path(args.data))
+    index = {r["key"]: i for i, r in enumerate(rows)}
+    data_feats = features([Image.open(Path(args.data) / r["file_name"]).convert("RGB") for r in rows])
+    chosen = balanced_captions(rows, groups, args.balanced, seed=0, exclude=holdout)
+    seeds = [0, 1, 2, 3]
+    per: dict[str, tuple[float, float]] = {}
+    sheet, sheet_caps = [], []
+    prompts = [r["text"] for g in GROUPS for r in chosen[g] for _ in seeds]  # one list: full batches
+    images = generate(model, prompts, seeds * (len(prompts) // len(seeds)), steps, cfg, size, sampler)
+    n = len(seeds) * args.balanced
+    for gi, g in enumerate(GROUPS):
+        sel, gen = chosen[g], images[gi * n:(gi + 1) * n]
+        per[g] = retrieval(features(gen), data_feats, [index[r["key"]] for r in sel for _ in seeds])
+        sheet += gen[0:len(gen):len(seeds)][:8]  # seed 0 of the first 8 names: one row per group
+        sheet_caps += [r["text"] for r in sel[:8]]
+        print(f"{g}: top-1 {per[g][0]:.1%} top-5 {per[g][1]:.1%} ({time.time() - t0:.0f} s)", flush=True)
+    overall = (float(np.mean([v[0] for v in per.values()])), float(np.mean([v[1] for v in per.values()])))
+    outputs = Path(args.outputs)
+    stem = f"emoji-balanced-{args.model}" if args.model != "emoji" else "emoji-balanced"
+    contact_sheet(sheet, sheet_caps, outputs / f"{stem}.png")
+    elapsed = time.time() - t0
+    table = ["| group | top-1 | top-5 | target |", "|---|---|---|---|",
+             *[f"| {g} | {a:.1%} | {b:.1%} | ≥ 60% |" for g, (a, b) in per.items()],
+             f"| **overall** (mean of the groups) | {overall[0]:.1%} | {overall[1]:.1%} | ≥ 70% |", "",
+             f"{args.balanced} bare names per group (non-variant emoji, holdout excluded, drawn with seed 0), "
+             f"seeds 0-3 each: {args.balanced * 4} images per group; {sampler}, {steps} steps, CFG {cfg:g}, "
+             f"{size}x{size} (`ldmkit generate`'s settings for {args.model}); retrieval among all {len(rows)} "
+             f"dataset images, {FEATURE_SIZE}x{FEATURE_SIZE} area-downsampled RGB, Euclidean; groups from "
+             f"Unicode's emoji-test.txt. Took {elapsed / 60:.1f} min on one thread.", "",
+             f"Command: `python bench/eval_emoji.py --model {args.model} --data {args.data} "
+             f"--balanced {args.balanced}`"]
+    text = "\n".join(table)
+    print(text)
+    card = Path(args.card)
+    begin, end = BEGIN.replace("eval", f"balanced-{args.model}"), END.replace("eval", f"balanced-{args.model}")
+    if card.exists() and begin in card.read_text():
+        body = re.sub(re.escape(begin) + ".*?" + re.escape(end), begin + "\n" + text + "\n" + end,
+                      card.read_text(), flags=re.S)
+        atomic_write_text(card, body)
+    atomic_write_text(outputs / f"{stem}.json", json.dumps(
+        {"groups": {g: {"top1": a, "top5": b} for g, (a, b) in per.items()},
+         "overall": {"top1": overall[0], "top5": overall[1]},
+         "captions": {g: [r["text"] for r in chosen[g]] for g in GROUPS},
+         "settings": {"sampler": sampler, "steps": steps, "cfg_scale": cfg, "size": size, "seeds": seeds},
+         "per_group": args.balanced, "model": args.model, "seconds": elapsed}, indent=2, ensure_ascii=False))
     return 0
 
 
