@@ -43,6 +43,13 @@ def _family(context_dim: int) -> str:
     return _FAMILY.get(context_dim, f"context dim {context_dim}")
 
 
+def _family_of(u: UNetConfig) -> str:
+    """SDXL (a U-Net with the vector conditioning) or SD1.x / SD2.x by the text context width."""
+    if u.adm_in_channels:
+        return "SDXL" if u.context_dim == 2048 else f"SDXL-like (context {u.context_dim}, vector {u.adm_in_channels})"
+    return _family(u.context_dim)
+
+
 # ---------------------------------------------------------------- layouts
 
 
@@ -70,8 +77,11 @@ def _diffusers_blocks(sd: Mapping[str, Tensor]) -> list[convert._Block]:
     count = convert._count
     levels, n_res = count(sd, r"down_blocks\.(\d+)\."), count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")
     attn = tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(levels))
-    shape = UNetConfig(channel_mult=(1,) * levels, num_res_blocks=n_res, attention_levels=attn)  # names only
-    blocks = [b for b in convert._unet_blocks(shape) if b.ldm.startswith(("time_embed", "input_blocks", "middle_"))]
+    adm = sd["add_embedding.linear_1.weight"].shape[1] if "add_embedding.linear_1.weight" in sd else None  # SDXL
+    shape = UNetConfig(channel_mult=(1,) * levels, num_res_blocks=n_res, attention_levels=attn,  # names only
+                       adm_in_channels=adm)
+    blocks = [b for b in convert._unet_blocks(shape) if b.ldm.startswith(("time_embed", "input_blocks", "middle_",
+                                                                              "label_emb"))]
     n_hint = count(sd, r"controlnet_cond_embedding\.blocks\.(\d+)\.")
     hint = ["controlnet_cond_embedding.conv_in"] + [f"controlnet_cond_embedding.blocks.{j}" for j in range(n_hint)]
     hint.append("controlnet_cond_embedding.conv_out")
@@ -89,15 +99,21 @@ def diffusers_to_original(sd: Mapping[str, Tensor]) -> StateDict:
 def config_from_weights(sd: Mapping[str, Tensor], base: UNetConfig | None = None) -> ControlNetConfig:
     """The architecture of cldm.py-named weights; heads and GroupNorm groups (not in the weights) from ``base``
     (the model it is used with), else by the family convention of its context width (1024: SD2's 64-wide
-    heads; otherwise SD1's 8 heads; 32 groups)."""
+    heads; otherwise SD1's 8 heads; 32 groups). SDXL (``label_emb.*``, the vector conditioning): 64-wide heads
+    and a transformer depth per level, as the SDXL U-Net."""
     try:
         ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
         in_ch = sd["input_blocks.0.0.weight"].shape[1]
     except KeyError as e:
-        raise ControlNetError(f"ControlNet weights lack {e.args[0]!r}: not an SD1/SD2 ControlNet") from None
+        raise ControlNetError(f"ControlNet weights lack {e.args[0]!r}: not an SD1/SD2/SDXL ControlNet") from None
     # convert's U-Net detector wants the output conv, which a ControlNet lacks: its width is irrelevant here
+    sdxl = "label_emb.0.0.weight" in sd
     unet = convert._unet_config_from_weights({**sd, "out.2.weight": torch.empty(in_ch, 0)},
-                                             "sd2" if ctx == 1024 else "sd1")
+                                             "sd2" if ctx == 1024 or sdxl else "sd1")
+    if sdxl:
+        from ldmkit.convert_sdxl import _sdxl_unet_fields
+
+        unet = dataclasses.replace(unet, **_sdxl_unet_fields(sd, unet.attention_levels))
     if base is not None:
         unet = dataclasses.replace(unet, num_heads=base.num_heads, head_dim=base.head_dim, norm_groups=base.norm_groups)
     convs = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
@@ -152,10 +168,10 @@ def load_controlnet(path: str | os.PathLike, base: UNetConfig | None = None, *, 
 def check_fits(cfg: ControlNetConfig, base: UNetConfig, name: str) -> None:
     """Refuse a ControlNet whose residuals cannot be added to ``base``'s skips, naming both families."""
     u = cfg.unet
-    if u.context_dim != base.context_dim:
+    if u.context_dim != base.context_dim or u.adm_in_channels != base.adm_in_channels:
         raise ControlNetError(
-            f"ControlNet {name} is for {_family(u.context_dim)} (text context {u.context_dim}) but the model is "
-            f"{_family(base.context_dim)} (context {base.context_dim}): use a ControlNet made for that model")
+            f"ControlNet {name} is for {_family_of(u)} (text context {u.context_dim}) but the model is "
+            f"{_family_of(base)} (context {base.context_dim}): use a ControlNet made for that model")
     mine = (u.model_channels, u.channel_mult, u.num_res_blocks)
     theirs = (base.model_channels, base.channel_mult, base.num_res_blocks)
     if mine != theirs:
@@ -272,7 +288,9 @@ class ControlledUNet:
         later = (self.step_t.to(t.device) >= t.float().max() - 1e-3).nonzero()
         return int(later[-1]) if len(later) else 0
 
-    def residuals(self, x: Tensor, t: Tensor, context: Tensor) -> Residuals | None:
+    def residuals(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Residuals | None:
+        """The summed residuals of the units active at ``t``'s step (None when none is); ``y``: SDXL's vector
+        conditioning, which an SDXL ControlNet reads as its U-Net does."""
         i, n = self.step_index(t), len(self.step_t)
         total = None
         for unit in self.units:
@@ -292,7 +310,8 @@ class ControlledUNet:
             latent = x[:, :net.cfg.unet.in_channels]  # an inpainting U-Net's input also holds mask + masked image
             # guess mode and the extension's "ControlNet is more important": the conditional rows only
             skip = self.uncond_rows if unit.guess_mode or unit.control_mode == CONTROL else 0
-            r = net(latent[skip:].to(dtype), hint[skip:], t[skip:] if t.ndim else t, context[skip:].to(dtype))
+            r = net(latent[skip:].to(dtype), hint[skip:], t[skip:] if t.ndim else t, context[skip:].to(dtype),
+                    None if y is None or net.cfg.unet.adm_in_channels is None else y[skip:].to(dtype))
             if unit.guess_mode:
                 r = guess_scaled(r, unit.weight)
             elif unit.control_mode != BALANCED or (in_hires and forced_soft(unit.settings)):  # soft injection
@@ -308,7 +327,7 @@ class ControlledUNet:
         return total
 
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, **kwargs) -> Tensor:
-        control = self.residuals(x, timesteps, context)
+        control = self.residuals(x, timesteps, context, kwargs.get("y"))
         if control is None:
             return self.unet(x, timesteps, context, **kwargs)
         return self.unet(x, timesteps, context, control=control, **kwargs)
@@ -372,7 +391,7 @@ def describe_file(path: str | os.PathLike) -> str | None:
     u = cfg.unet
     n = sum(t.numel() for t in sd.values())
     dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in sd.values()}))
-    return (f"ControlNet for {_family(u.context_dim)}: model channels {u.model_channels}, levels {u.channel_mult}, "
+    return (f"ControlNet for {_family_of(u)}: model channels {u.model_channels}, levels {u.channel_mult}, "
             f"{len(cfg.hint_channels) - 1} hint downsamplings, {n / 1e6:.1f}M parameters ({dtypes})")
 
 

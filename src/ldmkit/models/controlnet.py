@@ -67,22 +67,33 @@ class ControlNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         u = cfg.unet
-        if u.adm_in_channels or u.time_cond_proj_dim:
-            raise ValueError("ControlNets for SDXL or guidance-embedded U-Nets are not supported")
+        if u.time_cond_proj_dim:
+            raise ValueError("ControlNets for guidance-embedded U-Nets are not supported")
         emb_dim = u.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(u.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if u.adm_in_channels:  # SDXL: the vector conditioning y, as in the U-Net (sgm's label_emb.0.0 / 0.2)
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(u.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
         self.input_hint_block = hint_block(cfg)
         self.input_blocks, self.middle_block, skip_chans = encoder(u)
         # cldm.py wraps each 1x1 conv in a TimestepEmbedSequential: hence the ".0" in zero_convs.N.0
         self.zero_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1)) for c in skip_chans)
         self.middle_block_out = nn.Sequential(nn.Conv2d(skip_chans[-1], skip_chans[-1], 1))
 
-    def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor) -> Residuals:
+    def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None
+                ) -> Residuals:
         """Residuals for the U-Net given its input ``x`` (B, 4, h, w), the control map ``hint`` (B, 3, H, W)
-        in [0, 1] at pixel resolution, ``timesteps`` (B,) and the text ``context`` (B, T, D)."""
+        in [0, 1] at pixel resolution, ``timesteps`` (B,) and the text ``context`` (B, T, D); an SDXL
+        ControlNet also reads the U-Net's vector conditioning ``y`` (``models.unet.sdxl_vector``: diffusers'
+        added_cond_kwargs text_embeds + time_ids)."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.unet.model_channels).to(x.dtype))
+        if (y is None) != (self.cfg.unet.adm_in_channels is None):
+            raise ValueError("an SDXL ControlNet needs the vector conditioning y (pooled text + size ids)"
+                             if y is None else "y given, but this ControlNet has no label_emb (not an SDXL one)")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
         guided = self.input_hint_block(hint.to(x.dtype))  # (B, mc, h, w)
         if guided.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"control map {tuple(hint.shape[-2:])} does not give the latent size "
