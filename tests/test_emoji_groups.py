@@ -130,3 +130,30 @@ def test_system_emoji_test_has_the_nine_groups():
     g = load_emoji_groups()
     assert set(GROUPS) <= set(g.values())
     assert g["🍎"] == "Food & Drink" and g["⚽"] == "Activities" and g["🇯🇵"] == "Flags"
+
+
+def test_alias_captions_from_the_emoji_package():
+    from ldmkit.data.emoji import alias_captions
+
+    assert alias_captions("🍎") == ["apple"]
+    assert alias_captions("🇯🇵") == ["flag for Japan"]  # ':jp:' is a code, not a caption
+    assert "car" in alias_captions("🚗")
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").is_file(),
+                    reason="fonts-noto-color-emoji is not installed")
+def test_emoji_dataset_writes_groups_captions_and_weights(tmp_path):
+    import json
+
+    from ldmkit.data.emoji import build_emoji_dataset
+
+    test_file = tmp_path / "emoji-test.txt"
+    test_file.write_text(EXCERPT, encoding="utf-8")
+    names = ["red apple", "pear", "rocket", "soccer ball", "light bulb", "grinning face"]
+    build_emoji_dataset(tmp_path / "ds", 16, names=names, holdout=0, augment=True, balance=True, emoji_test=test_file)
+    rows = {r["text"]: r for r in map(json.loads, (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines())}
+    assert rows["red apple"]["captions"] == ["red apple", "apple", "red apple, food & drink"]
+    assert rows["rocket"]["group"] == "Travel & Places"
+    # five groups, Food & Drink has two images: each group's weights sum to 6 / 5
+    assert rows["red apple"]["weight"] == rows["pear"]["weight"] == pytest.approx(0.6, abs=1e-6)
+    assert rows["rocket"]["weight"] == pytest.approx(1.2, abs=1e-6)

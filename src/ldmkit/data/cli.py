@@ -10,6 +10,7 @@ EXAMPLES = """examples:
   ldmkit data emoji --out data/emoji                 # ~3,770 emoji at 64 px, captions, holdout.json
   ldmkit data emoji --out data/emoji32 --size 32 --font ~/fonts/NotoColorEmoji.ttf
   ldmkit data emoji --out /tmp/few --limit 50        # a quick subset (holdout chosen within it)
+  ldmkit data emoji --out data/emoji128 --size 128 --augment-captions --balance   # aliases, groups, weights
   ldmkit data shards data/my_images --out shards/ --shard-size 1000   # WebDataset tar shards, for streaming
   ldmkit train unet --data "shards/{00000..00009}.tar" --vae runs/vae --out runs/ldm
 needs: pip install emoji; sudo apt-get install fonts-noto-color-emoji"""
@@ -20,7 +21,8 @@ def _emoji(args: argparse.Namespace) -> None:
 
     try:
         b = build_emoji_dataset(args.out, args.size, args.font, limit=args.limit, holdout=args.holdout,
-                                seed=args.seed)
+                                seed=args.seed, augment=args.augment_captions, balance=args.balance,
+                                emoji_test=args.emoji_test)
     except ImportError as e:  # the `emoji` package: a setup problem, not a bug
         print(f"ldmkit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -54,6 +56,13 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     e.add_argument("--holdout", type=int, default=128, help="how many variants to hold out (default 128)")
     e.add_argument("--seed", type=int, default=0, help="seed of the holdout choice (default 0)")
     e.add_argument("--limit", type=int, default=None, help="only the first N emoji, for a quick test")
+    e.add_argument("--augment-captions", action="store_true",
+                   help="also write each emoji's Unicode group and a 'captions' list: its name, the emoji "
+                        "package's aliases ('apple') and the name with its group ('red apple, food & drink')")
+    e.add_argument("--balance", action="store_true",
+                   help="also write class-balanced sampling weights ('weight': each Unicode group the same total)")
+    e.add_argument("--emoji-test", default=None, help="Unicode's emoji-test.txt for the groups (default "
+                   "/usr/share/unicode/emoji/emoji-test.txt: apt-get install unicode-data)")
     e.set_defaults(func=_emoji)
     s = sub.add_parser("shards", help="pack an image-caption folder into WebDataset tar shards (streamed training)",
                        description="Write FOLDER's images and captions (any layout `ldmkit train` reads) as "

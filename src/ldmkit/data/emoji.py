@@ -257,11 +257,31 @@ def _write_atomic(path: Path, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+def alias_captions(e: str) -> list[str]:
+    """The `emoji` package's aliases of ``e`` as captions, without codes of two letters or fewer and
+    without the name itself: 🍎 -> ['apple'], 🇯🇵 -> ['flag for Japan'] (':jp:' dropped)."""
+    d = _emoji_data()[e]
+    name = caption_of(d["en"])
+    out = []
+    for a in d.get("alias", []):
+        c = caption_of(a)
+        if len(c) > 2 and re.search(r"[A-Za-z]{3}", c) and c != name and c not in out:
+            out.append(c)
+    return out
+
+
 def build_emoji_dataset(out: str | Path, size: int = 64, font: str | Path | None = None, *,
                         names: Iterable[str] | None = None, limit: int | None = None,
-                        holdout: int = HOLDOUT_COUNT, seed: int = 0) -> EmojiBuild:
+                        holdout: int = HOLDOUT_COUNT, seed: int = 0, augment: bool = False,
+                        balance: bool = False, emoji_test: str | Path | None = None) -> EmojiBuild:
     """Render the emoji dataset into ``out``. ``names`` (emoji or captions) or ``limit`` (the first n
-    in code point order) build a subset; the holdout is then chosen within the subset."""
+    in code point order) build a subset; the holdout is then chosen within the subset.
+
+    ``augment``: each metadata line also gets ``group`` (Unicode's emoji group) and ``captions``: the
+    name, the `emoji` package's aliases, and the name with its group ('red apple, food & drink').
+    ``balance``: each line gets ``group`` and ``weight``, class-balanced sampling weights that give each
+    group the same total (mean 1). Groups come from Unicode's emoji-test.txt (``emoji_test``; default
+    Debian unicode-data's)."""
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     t0 = time.perf_counter()
@@ -273,6 +293,15 @@ def build_emoji_dataset(out: str | Path, size: int = 64, font: str | Path | None
         raise ValueError(f"the font draws none of the {len(candidates)} emoji asked for as one glyph")
     entries = link_bases([e for e, _ in rendered])
     held = set(select_holdout(entries, holdout, seed))
+    groups = weights = None
+    if augment or balance:
+        from ldmkit.data.emoji_groups import balanced_weights, group_of, load_emoji_groups
+
+        table = load_emoji_groups(emoji_test)
+        groups = [group_of(en.emoji, table) or "" for en in entries]
+        # weights over the training images only: held-out images are never sampled
+        train_w = iter(balanced_weights([en.emoji for en in entries if en.emoji not in held], table))
+        weights = [0.0 if en.emoji in held else next(train_w) for en in entries] if balance else None
 
     out = Path(out)
     images = out / "images"
@@ -284,10 +313,18 @@ def build_emoji_dataset(out: str | Path, size: int = 64, font: str | Path | None
         if re.fullmatch(r"\d+", stale.stem) and stale.stem not in keep:
             stale.unlink()
     lines = []
-    for key, (e, im), en in zip(keys, rendered, entries, strict=True):
+    for i, (key, (e, im), en) in enumerate(zip(keys, rendered, entries, strict=True)):
         renderer.square(im, size).save(images / f"{key}.png", optimize=False)
-        lines.append(json.dumps({"file_name": f"images/{key}.png", "text": en.caption, "emoji": e,
-                                 "base": en.base_caption, "variant": en.variant}, ensure_ascii=False))
+        row = {"file_name": f"images/{key}.png", "text": en.caption, "emoji": e, "base": en.base_caption,
+               "variant": en.variant}
+        if groups is not None:
+            row["group"] = groups[i]
+        if augment:
+            extra = [f"{en.caption}, {groups[i].lower()}"] if groups[i] else []
+            row["captions"] = [en.caption, *alias_captions(e), *extra]
+        if weights is not None:
+            row["weight"] = round(weights[i], 6)
+        lines.append(json.dumps(row, ensure_ascii=False))
     _write_atomic(out / "metadata.jsonl", "\n".join(lines) + "\n")
     held_idx = [i for i, en in enumerate(entries) if en.emoji in held]
     _write_atomic(out / "holdout.json", json.dumps({
