@@ -233,6 +233,8 @@ class AdapterUnit:
     start: float = 0.0
     end: float = 1.0
     _cache: dict = field(default_factory=dict, repr=False)
+    # the A1111 extension's unit settings for the infotext (the server's alwayson_scripts units); None: none written
+    settings: dict | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.end <= 1.0:
@@ -366,27 +368,31 @@ def unit_kinds(args: object) -> list[tuple[str, str]]:
     return out
 
 
-def describe_file(path: str | os.PathLike) -> str | None:
-    """One line on a T2I-Adapter file or folder (``ldmkit info``); None when it is not one."""
+def looks_like_adapter(path: str | os.PathLike) -> bool:
+    """From names alone (a folder's config.json, a .safetensors header): is this a T2I-Adapter? .pth/.pt: maybe."""
     p = Path(path)
     if p.is_dir():
         try:
-            if json.loads((p / "config.json").read_text()).get("_class_name") != "T2IAdapter":
-                return None
+            return json.loads((p / "config.json").read_text()).get("_class_name") == "T2IAdapter"
         except (OSError, ValueError):
-            return None
-    elif p.suffix.lower() == ".safetensors":
+            return False
+    if p.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(p), framework="pt") as f:
                 keys = list(f.keys())
         except Exception:  # noqa: BLE001 - unreadable: the caller's loader says why
-            return None
+            return False
         original = {"conv_in.weight", "body.0.block1.weight"} <= set(keys) or "body.0.body.0.block1.weight" in keys
-        if not original and not any(k.startswith("adapter.") for k in keys):
-            return None
-    elif p.suffix.lower() not in (".pth", ".pt"):
+        return original or any(k.startswith("adapter.") for k in keys)
+    return p.suffix.lower() in (".pth", ".pt")
+
+
+def describe_file(path: str | os.PathLike) -> str | None:
+    """One line on a T2I-Adapter file or folder (``ldmkit info``); None when it is not one."""
+    p = Path(path)
+    if not looks_like_adapter(p):
         return None
     try:
         sd, dcfg = read_adapter(p)

@@ -4,8 +4,10 @@ txt2img and img2img, and ``/controlnet/version``, ``/model_list``, ``/module_lis
 ``/settings``.
 
 Models are the ControlNet files and diffusers ``ControlNetModel`` folders in the server's ``--controlnet-dir``,
-named as the extension names them (``stem [hash]``, A1111's 8-digit short hash); a unit may give that title,
-or the stem alone. A bad unit is a 422 naming its field (``alwayson_scripts.controlnet.args.N.field``).
+and the T2I-Adapters there (TencentARC files, diffusers ``T2IAdapter`` folders), named as the extension names
+them (``stem [hash]``, A1111's 8-digit short hash); a unit may give that title, or the stem alone. A unit whose
+model is an adapter runs it (``ldmkit.t2i_adapter``), as ``--adapter`` does. A bad unit is a 422 naming its
+field (``alwayson_scripts.controlnet.args.N.field``).
 """
 
 from __future__ import annotations
@@ -65,22 +67,41 @@ class ControlNetFolder:
         self._titles: dict[str, Path] = {}
         self._scanned: tuple | None = None
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._kinds: dict[tuple, str | None] = {}
         self._lock = threading.Lock()
 
-    def _candidates(self) -> list[Path]:
+    def kind(self, path: Path) -> str | None:
+        """"controlnet", "adapter" (a T2I-Adapter) or None, kept per file version: folders and .safetensors by
+        their names (config.json, header); a .pth/.pt file is an adapter when its name says "adapter"
+        (TencentARC's t2iadapter_*.pth) and ``t2i_adapter.describe_file`` reads it as one (reading the weights
+        of every .pth would load each ControlNet .pth in the folder)."""
+        from ldmkit import t2i_adapter
         from ldmkit.controlnet import _looks_like_controlnet
 
+        key = (str(path), path.stat().st_mtime_ns)
+        if key in self._kinds:
+            return self._kinds[key]
+        if path.is_dir() or path.suffix.lower() == ".safetensors":
+            kind = ("adapter" if t2i_adapter.looks_like_adapter(path) else
+                    "controlnet" if _looks_like_controlnet(path) else None)
+        elif "adapter" in path.name.lower():
+            kind = "adapter" if t2i_adapter.describe_file(path) is not None else None
+        else:
+            kind = "controlnet" if _looks_like_controlnet(path) else None
+        self._kinds[key] = kind
+        return kind
+
+    def _candidates(self) -> list[Path]:
         if self.folder is None:
             return []
         found = []
         for root, dirs, files in os.walk(self.folder):
             here = Path(root)
-            if (here / "config.json").exists() and _looks_like_controlnet(here):
+            if (here / "config.json").exists() and self.kind(here):
                 found.append(here)
                 dirs[:] = []
                 continue
-            found += [here / f for f in files if f.lower().endswith(_SUFFIXES)
-                      and _looks_like_controlnet(here / f)]
+            found += [here / f for f in files if f.lower().endswith(_SUFFIXES) and self.kind(here / f)]
         return sorted(found)
 
     def models(self) -> dict[str, Path]:
@@ -104,7 +125,9 @@ class ControlNetFolder:
         return None
 
     def load(self, path: Path, model: Any) -> Any:
+        """The ControlNet (or T2I-Adapter) at ``path`` for ``model``."""
         from ldmkit.controlnet import load_controlnet
+        from ldmkit.t2i_adapter import load_adapter
 
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", None)
         key = (str(path), path.stat().st_mtime_ns, model.cfg.unet, str(dtype), str(model.device))
@@ -113,7 +136,10 @@ class ControlNetFolder:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        net = load_controlnet(path, model.cfg.unet, device=model.device, **kwargs)
+        if self.kind(path) == "adapter":
+            net = load_adapter(path, model.cfg, device=model.device, **kwargs)
+        else:
+            net = load_controlnet(path, model.cfg.unet, device=model.device, **kwargs)
         with self._lock:
             self._cache[key] = net
             while len(self._cache) > 2:
@@ -149,7 +175,9 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
     """The enabled units of a request as :class:`~ldmkit.controlnet.ControlUnit`; 422 naming the bad field."""
     import dataclasses
 
-    from ldmkit.controlnet import ControlNetError, make_unit
+    from ldmkit import t2i_adapter
+    from ldmkit.checkpoint import CheckpointError
+    from ldmkit.controlnet import make_unit
 
     found = script_args(req)
     if found is None:
@@ -215,17 +243,38 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
             image = decode_image(data, (*loc, "image"), limits)
         else:
             raise field_error((*loc, "image"), 'image is a base64 string or {"image": base64, "mask": base64}', None)
+        adapter = folder.kind(path) == "adapter"
+        if adapter and control_mode != A.BALANCED:
+            raise field_error((*loc, "control_mode"), f"{A.model_title(path)} is a T2I-Adapter, which ldmkit runs "
+                                                      "in the Balanced control mode only", unit.control_mode)
+        if adapter and hr_option != "Both":
+            raise field_error((*loc, "hr_option"), f"{A.model_title(path)} is a T2I-Adapter, which ldmkit runs in "
+                                                   "both hires-fix passes only (hr_option Both)", unit.hr_option)
         try:
             net = folder.load(path, model)
             res = None if unit.processor_res < 1 else unit.processor_res
             if res is None and module not in A.RESOLUTION_FREE:
                 res = 512  # the extension's default preprocessor resolution
-            made = make_unit(model, net, image, width, height, unit.weight, unit.guidance_start,
-                             unit.guidance_end, module, log, control_mode=control_mode, resize_mode=resize_mode,
-                             pixel_perfect=unit.pixel_perfect, processor_res=res,
-                             threshold_a=None if unit.threshold_a < 0 else unit.threshold_a,
-                             threshold_b=None if unit.threshold_b < 0 else unit.threshold_b, hr_option=hr_option)
-        except ControlNetError as e:
+            ta = None if unit.threshold_a < 0 else unit.threshold_a
+            tb = None if unit.threshold_b < 0 else unit.threshold_b
+            if adapter:  # the map made as for a ControlNet (module, pixel perfect, resize mode), then the adapter's
+                hint, res = A.control_image(image, width, height, module, resize_mode, unit.pixel_perfect, res,
+                                            ta, tb, log)
+                made = t2i_adapter.make_unit(model, net, hint, width, height, unit.weight, unit.guidance_start,
+                                             unit.guidance_end)
+                sliders = [*A.slider_values(module, ta, tb).values(), -1, -1]
+                made = dataclasses.replace(made, settings={
+                    "module": module, "weight": float(unit.weight), "resize_mode": resize_mode,
+                    "processor_res": res if res is not None else -1, "threshold_a": float(sliders[0]),
+                    "threshold_b": float(sliders[1]), "guidance_start": float(unit.guidance_start),
+                    "guidance_end": float(unit.guidance_end), "pixel_perfect": bool(unit.pixel_perfect),
+                    "control_mode": control_mode})
+            else:
+                made = make_unit(model, net, image, width, height, unit.weight, unit.guidance_start,
+                                 unit.guidance_end, module, log, control_mode=control_mode, resize_mode=resize_mode,
+                                 pixel_perfect=unit.pixel_perfect, processor_res=res, threshold_a=ta,
+                                 threshold_b=tb, hr_option=hr_option)
+        except CheckpointError as e:  # ControlNetError, AdapterError: a file for another model, unreadable
             raise field_error((*loc, "model"), str(e), unit.model) from None
         except ValueError as e:
             raise field_error(loc, str(e), None) from None
@@ -286,7 +335,7 @@ def add_controlnet_routes(app: FastAPI, folder: ControlNetFolder, limits: Limits
 
     @app.get("/controlnet/model_list", tags=["controlnet"])
     def model_list(update: bool = True) -> dict:
-        """ControlNets in --controlnet-dir, as the extension names them: "stem [hash]"."""
+        """ControlNets and T2I-Adapters in --controlnet-dir, as the extension names them: "stem [hash]"."""
         return {"model_list": list(folder.models())}
 
     @app.get("/controlnet/module_list", tags=["controlnet"])
