@@ -74,6 +74,29 @@ def test_sdxl_residuals_match_diffusers(saved):
     assert rel_err(r16.mid, mid) <= 5e-3  # fp16 weights
 
 
+@pytest.mark.parametrize("depths", [[0, 0, 0], [0, 1, 1]], ids=["small", "mid"])
+def test_sdxl_small_and_mid_variants(depths, tmp_path):
+    """diffusers' -small / -mid SDXL ControlNets: fewer transformer blocks than the U-Net (small: none, so no
+    cross-attention and no text width in the weights: the model's)."""
+    from diffusers import ControlNetModel
+    from reference import _perturb_norms
+    from test_controlnet import diffusers_controlnet_config
+
+    torch.manual_seed(1)
+    ref = ControlNetModel(**diffusers_controlnet_config(TINY_SDXL.unet) | {"transformer_layers_per_block": depths})
+    _perturb_norms(ref.eval())
+    for name, p in ref.named_parameters():
+        if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+            p.data.normal_(0, 0.2)
+    ref.save_pretrained(tmp_path / "cn")
+    x, hint, t, ctx, pooled, ids = _inputs()
+    with torch.no_grad():
+        down, mid = ref(x, t, encoder_hidden_states=ctx, controlnet_cond=hint,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)
+        r = load_controlnet(tmp_path / "cn", TINY_SDXL.unet)(x, hint, t, ctx, sdxl_vector(pooled, ids))
+    assert max(rel_err(a, b) for a, b in zip(r.down, down, strict=True)) <= 1e-4 and rel_err(r.mid, mid) <= 1e-4
+
+
 def test_family_check_both_ways(saved, tmp_path):
     folder, _ = saved
     with pytest.raises(ControlNetError, match="is for SDXL"):

@@ -101,14 +101,20 @@ def config_from_weights(sd: Mapping[str, Tensor], base: UNetConfig | None = None
     (the model it is used with), else by the family convention of its context width (1024: SD2's 64-wide
     heads; otherwise SD1's 8 heads; 32 groups). SDXL (``label_emb.*``, the vector conditioning): 64-wide heads
     and a transformer depth per level, as the SDXL U-Net."""
+    sdxl = "label_emb.0.0.weight" in sd
+    to_k = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    extra = {}
+    if sdxl and to_k not in sd and "middle_block.1.proj_in.weight" in sd:
+        # SDXL "small" ControlNets (transformer_layers_per_block [0, 0, 0]): no cross-attention, so no text width
+        # in the weights: the model's (SDXL's 2048 without one); the detector below reads it from this stand-in
+        extra[to_k] = torch.empty(0, base.context_dim if base is not None else 2048)
     try:
-        ctx = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        ctx = {**sd, **extra}[to_k].shape[1]
         in_ch = sd["input_blocks.0.0.weight"].shape[1]
     except KeyError as e:
         raise ControlNetError(f"ControlNet weights lack {e.args[0]!r}: not an SD1/SD2/SDXL ControlNet") from None
     # convert's U-Net detector wants the output conv, which a ControlNet lacks: its width is irrelevant here
-    sdxl = "label_emb.0.0.weight" in sd
-    unet = convert._unet_config_from_weights({**sd, "out.2.weight": torch.empty(in_ch, 0)},
+    unet = convert._unet_config_from_weights({**sd, **extra, "out.2.weight": torch.empty(in_ch, 0)},
                                              "sd2" if ctx == 1024 or sdxl else "sd1")
     if sdxl:
         from ldmkit.convert_sdxl import _sdxl_unet_fields
