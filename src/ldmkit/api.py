@@ -20,6 +20,8 @@ from ldmkit.recommended import apply_recommended, file_recommended
 BUILTIN_MODELS = {"emoji": "emoji.safetensors", "emoji-lcm": "emoji-lcm.safetensors"}
 # autoencoders that ship inside the package, selectable by name with --vae / load(vae=...)
 BUILTIN_VAES = {"emoji-taesd": "emoji-taesd.safetensors"}
+# ControlNets that ship inside the package, selectable by name with --controlnet (docs/models/emoji-silhouette.md)
+BUILTIN_CONTROLNETS = {"emoji-silhouette": "emoji-silhouette.safetensors"}
 # the tiny autoencoder that previews each built-in model (emoji-lcm keeps the teacher's KL autoencoder)
 BUILTIN_PREVIEW_VAES = {"emoji": "emoji-taesd", "emoji-lcm": "emoji-taesd"}
 
@@ -30,6 +32,15 @@ class NoModelError(CheckpointError):
 
 def builtin_model_path(name: str) -> Path | None:
     fname = BUILTIN_MODELS.get(name)
+    if fname is None:
+        return None
+    p = Path(str(resources.files("ldmkit") / "assets" / fname))
+    return p if p.exists() else None
+
+
+def builtin_controlnet_path(name: str) -> Path | None:
+    """The file of a built-in ControlNet name (None for any other string or a missing asset)."""
+    fname = BUILTIN_CONTROLNETS.get(name)
     if fname is None:
         return None
     p = Path(str(resources.files("ldmkit") / "assets" / fname))

@@ -132,8 +132,11 @@ def config_from_weights(sd: Mapping[str, Tensor], base: UNetConfig | None = None
 
 
 def read_controlnet(path: str | os.PathLike) -> StateDict:
-    """The cldm.py-named weights of a ControlNet file or folder in any layout; refuses other files by name."""
-    path = Path(path)
+    """The cldm.py-named weights of a ControlNet file or folder in any layout (or a built-in ControlNet's name,
+    e.g. ``emoji-silhouette``); refuses other files by name."""
+    from ldmkit.api import builtin_controlnet_path
+
+    path = builtin_controlnet_path(str(path)) or Path(path)
     sd = _read(path)
     if "difference" in sd:  # the A1111 extension's "diff" files: weights to add to the base model's U-Net
         raise ControlNetError(f"{path} is a 'difference' ControlNet (weights relative to a base U-Net), which ldmkit "
@@ -424,7 +427,9 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
     else:
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", torch.float32)
         net = load_controlnet(controlnet, model.cfg.unet, dtype=dtype, device=model.device)  # type: ignore[attr-defined]
-        title = model_title(controlnet)
+        from ldmkit.api import builtin_controlnet_path
+
+        title = model_title(builtin_controlnet_path(str(controlnet)) or controlnet)  # a built-in: its file
     hint, res = control_image(image, width, height, module, resize_mode, pixel_perfect, processor_res,  # type: ignore[arg-type]
                               threshold_a, threshold_b, log)
     unit = ControlUnit(net, map_tensor(hint), float(weight), float(start), float(end), guess_mode, control_mode,
