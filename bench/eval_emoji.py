@@ -79,7 +79,9 @@ def plan_schedule(sampler: str) -> str:
 
 
 def retrieval(gen_feats: np.ndarray, data_feats: np.ndarray, true_idx: list[int]) -> tuple[float, float]:
-    d = ((gen_feats[:, None, :] - data_feats[None, :, :]) ** 2).sum(-1)
+    # 16 rows at a time: the whole (captions x images x features) difference is 11.6 GB at 1000 captions
+    d = np.concatenate([((gen_feats[i:i + 16, None, :] - data_feats[None, :, :]) ** 2).sum(-1)
+                        for i in range(0, len(gen_feats), 16)])
     ranks = [(d[i] < d[i, t]).sum() for i, t in enumerate(true_idx)]
     return float(np.mean([r < 1 for r in ranks])), float(np.mean([r < 5 for r in ranks]))
 
