@@ -168,3 +168,40 @@ def test_cli_controlnet_with_sdxl_model(pipe, capsys, tmp_path):
                    "-o", str(tmp_path / "bad.png"))
     assert rc != 0 and "Traceback" not in cap.err
     assert "but the model is SDXL" in cap.err and len(cap.err.strip().splitlines()) == 1, cap.err
+
+
+def test_a1111_unit_with_an_sdxl_model(pipe, capsys, tmp_path):
+    """An SDXL model on the server: an alwayson_scripts unit naming an SDXL ControlNet gives the CLI's image."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import create_app
+
+    folder, _, _, _ = pipe
+    (tmp_path / "cn").mkdir()
+    shutil.copytree(folder / "cn", tmp_path / "cn" / "controlnet-tiny-sdxl")
+    app = create_app(folder / "model", controlnet_dir=tmp_path / "cn", preview_interval=None, device="cpu")
+    client = TestClient(app, raise_server_exceptions=False)
+    try:
+        buf = io.BytesIO()
+        Image.open(folder / "map.png").save(buf, format="PNG")
+        unit = {"module": "none", "model": "controlnet-tiny-sdxl", "image": base64.b64encode(buf.getvalue()).decode(),
+                "weight": 0.8, "guidance_end": 0.5, "resize_mode": "Just Resize"}
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 4, "seed": 5, "width": 24, "height": 16,
+                                                   "cfg_scale": 5, "sampler_name": "Euler",
+                                                   "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    finally:
+        app.state.worker.stop()
+    out = tmp_path / "cli.png"
+    rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), "--steps", "4", "--sampler",
+                   "Euler", "--seed", "5", "--width", "24", "--height", "16", "--cfg-scale", "5", "--controlnet",
+                   str(folder / "cn"), "--control-image", str(folder / "map.png"), "--control-weight", "0.8",
+                   "--control-end", "0.5", "-o", str(out))
+    assert rc == 0, cap.err
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
