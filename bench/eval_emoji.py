@@ -281,7 +281,7 @@ def balanced_main(args: argparse.Namespace) -> int:
         print(f"{g}: top-1 {per[g][0]:.1%} top-5 {per[g][1]:.1%} ({time.time() - t0:.0f} s)", flush=True)
     overall = (float(np.mean([v[0] for v in per.values()])), float(np.mean([v[1] for v in per.values()])))
     outputs = Path(args.outputs)
-    stem = f"emoji-balanced-{args.model}" if args.model != "emoji" else "emoji-balanced"
+    stem = f"emoji-balanced-{Path(args.model).stem}" if args.model != "emoji" else "emoji-balanced"
     contact_sheet(sheet, sheet_caps, outputs / f"{stem}.png")
     elapsed = time.time() - t0
     table = ["| group | top-1 | top-5 | target |", "|---|---|---|---|",
