@@ -205,3 +205,22 @@ def test_a1111_unit_with_an_sdxl_model(pipe, capsys, tmp_path):
                    "--control-end", "0.5", "-o", str(out))
     assert rc == 0, cap.err
     assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
+
+
+def test_refiner_runs_without_the_base_units():
+    """--refiner with a ControlNet: the units act in the base's part; the refiner (another U-Net) runs without."""
+    from ldmkit.config import TINY_SDXL_REFINER
+    from ldmkit.models.controlnet import ControlNet, ControlNetConfig
+    from ldmkit.sdxl import StableDiffusionXL, txt2img_refined
+
+    torch.manual_seed(0)
+    base, refiner = StableDiffusionXL(TINY_SDXL), StableDiffusionXL(TINY_SDXL_REFINER)
+    net = ControlNet(ControlNetConfig(TINY_SDXL.unet, hint_channels=(8, 16))).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    unit = ControlUnit(net, torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(1)))
+    params = GenerationParams("a house", steps=4, sampler="Euler", width=24, height=16, seed=1)
+    plain = np.asarray(txt2img_refined(base, refiner, params, 0.5)[0]).astype(np.int16)
+    with_unit = np.asarray(txt2img_refined(base, refiner, params.replace(controlnets=(unit,)), 0.5)[0])
+    assert np.abs(with_unit.astype(np.int16) - plain).max() > 0

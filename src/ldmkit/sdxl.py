@@ -277,7 +277,8 @@ def sample_refined(base: StableDiffusion, refiner: StableDiffusion, plan, cond: 
         if callback is not None:
             callback({**d, "i": d["i"] + k})
 
-    x = core.denoise(refiner, dataclasses.replace(plan, sigmas=plan.sigmas[k:]), rcond, runcond,
+    # control units (ControlNets, T2I-Adapters) are made for the base model: the refiner's part runs without them
+    x = core.denoise(refiner, dataclasses.replace(plan, sigmas=plan.sigmas[k:], controlnets=()), rcond, runcond,
                      x.to(refiner.device), callback=shifted)
     return x.to(noise.device), True
 
