@@ -224,3 +224,20 @@ def test_refiner_runs_without_the_base_units():
     plain = np.asarray(txt2img_refined(base, refiner, params, 0.5)[0]).astype(np.int16)
     with_unit = np.asarray(txt2img_refined(base, refiner, params.replace(controlnets=(unit,)), 0.5)[0])
     assert np.abs(with_unit.astype(np.int16) - plain).max() > 0
+
+
+def test_explain_with_an_sdxl_controlnet(pipe, tmp_path):
+    """The explain page's ControlNet section on SDXL: residual strength per block (9 skips + middle) and step."""
+    from ldmkit.explain import explain, write_page
+
+    folder, _, _, cmap = pipe
+    model = checkpoint.load(folder / "model")
+    unit = ControlUnit(load_controlnet(folder / "cn", model.cfg.unet), control_map(cmap, *SIZE), 1.0, 0.5, 1.0)
+    params = GenerationParams(PROMPT, steps=4, sampler="Euler", seed=5, width=24, height=16, cfg_scale=5,
+                              controlnets=(unit,))
+    ex = explain(model, params)
+    rms = ex.control[0].rms
+    assert rms.shape == (4, len(unit.model.zero_convs) + 1)
+    assert np.isnan(rms[:2]).all() and (rms[2:] > 0).all()  # off before start = 0.5
+    assert np.array_equal(np.asarray(ex.image), np.asarray(txt2img(model, params)[0]))
+    assert "ControlNet 0" in write_page(ex, tmp_path / "page", model.tokenizer).read_text()
