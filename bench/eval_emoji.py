@@ -57,13 +57,17 @@ def load_dataset(root: Path) -> tuple[list[dict], set[str]]:
 
 
 def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale: float, size: int,
-             sampler: str = "DPM++ 2M", deepcache: int = 1, batch: int = 32) -> list[Image.Image]:
-    """Many different prompts, one seed each, batched through the generation core (ldmkit.core)."""
+             sampler: str = "DPM++ 2M", deepcache: int = 1, batch: int = 32, control=None) -> list[Image.Image]:
+    """Many different prompts, one seed each, batched through the generation core (ldmkit.core).
+    ``control``: (a loaded ControlNet, its maps (N, 3, size, size) in [0, 1]), one map per prompt."""
+    from ldmkit.controlnet import ControlUnit
+
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i:i + batch], seeds[i:i + batch]
+        units = () if control is None else (ControlUnit(control[0], control[1][i:i + batch]),)
         params = P.GenerationParams(ps[0], steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
-                                    height=size, seed=ss[0], deepcache=deepcache)
+                                    height=size, seed=ss[0], deepcache=deepcache, controlnets=units)
         job = P.prepare(model, params, prompts=ps, seeds=ss)
         out.extend(P.decode_latents(model, P.sample(model, job.plan, job.cond, job.uncond, job.noise)))
     return out
