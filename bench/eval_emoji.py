@@ -286,7 +286,7 @@ def balanced_main(args: argparse.Namespace) -> int:
     overall = (float(np.mean([v[0] for v in per.values()])), float(np.mean([v[1] for v in per.values()])))
     outputs = Path(args.outputs)
     stem = f"emoji-balanced-{Path(args.model).stem}" if args.model != "emoji" else "emoji-balanced"
-    contact_sheet(sheet, sheet_caps, outputs / f"{stem}.png")
+    contact_sheet(sheet, sheet_caps, outputs / f"{stem}.png", cols=min(8, args.balanced))  # a row per group
     elapsed = time.time() - t0
     table = ["| group | top-1 | top-5 | target |", "|---|---|---|---|",
              *[f"| {g} | {a:.1%} | {b:.1%} | ≥ 60% |" for g, (a, b) in per.items()],
