@@ -13,8 +13,7 @@ from PIL import Image
 
 from ldmkit import images
 from ldmkit import pipeline as P
-from ldmkit.data.datasets import open_rgb
-from ldmkit.data.datasets import load_image  # the one image reader of training (issue 18)
+from ldmkit.data.datasets import load_image, open_rgb  # load_image: the one image reader of training (issue 18)
 
 RAMP16 = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
 WANT8 = np.rint(RAMP16 / 257.0)
