@@ -33,6 +33,7 @@ from ldmkit.pages import file_backed_ranges, is_file_backed, page_out
 from ldmkit.recommended import RECOMMENDED_METADATA_KEY, implied_recommended, read_recommended
 
 StateDict = dict[str, Tensor]
+M = typing.TypeVar("M", bound=nn.Module)
 CONFIG_METADATA_KEY = "ldmkit.config"
 # training-only parts of standalone VAE files (LPIPS and discriminator) and EMA shadows
 _VAE_TRAINING_PREFIXES = ("loss.", "model_ema.")
@@ -225,6 +226,16 @@ def _on_meta() -> Iterator[None]:
             if _init_users == 0:
                 for name, fn in _init_originals.items():
                     setattr(nn.init, name, fn)
+
+
+def build_strict(build: typing.Callable[[], M], sd: StateDict, what: str, dtype: torch.dtype = torch.float32) -> M:
+    """``build()`` on the meta device (its random initialisation skipped), then ``sd`` loaded into it strictly in
+    ``dtype`` (every key, shape, dtype kind and finite value checked; a memory-mapped file's pages given back as
+    they are converted): how every network read from a file is made."""
+    with _on_meta():
+        module = build()
+    load_strict(module, sd, what, dtype)
+    return module
 
 
 def build_model(cfg: ModelConfig, parts: dict[str, StateDict], tokenizer: CLIPTokenizer | None = None,

@@ -164,14 +164,11 @@ def load_controlnet(path: str | os.PathLike, base: UNetConfig | None = None, *, 
     cfg = config_from_weights(sd, base)
     if base is not None:
         check_fits(cfg, base, str(path))
-    from ldmkit.checkpoint import load_strict
+    from ldmkit.checkpoint import build_strict
 
-    with torch.device("meta"):
-        net = ControlNet(cfg)
-    net = net.to_empty(device="cpu")
-    load_strict(net, {k: v.float() for k, v in sd.items()}, f"ControlNet {path}")
+    net = build_strict(lambda: ControlNet(cfg), sd, f"ControlNet {path}", dtype)
     net.source_name = Path(path).stem  # type: ignore[assignment]
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return net.to(device=device).eval().requires_grad_(False)
 
 
 def check_fits(cfg: ControlNetConfig, base: UNetConfig, name: str) -> None:

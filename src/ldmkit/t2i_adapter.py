@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldmkit.checkpoint import CheckpointError, load_strict, read_state_dict
+from ldmkit.checkpoint import CheckpointError, build_strict, read_state_dict
 from ldmkit.controlnet import ControlledUNet, control_map
 from ldmkit.models.t2i_adapter import ADAPTER_TYPES, AdapterConfig, T2IAdapter
 
@@ -175,12 +175,9 @@ def load_adapter(path: str | os.PathLike, base: object | None = None, *, dtype: 
                            f"{cfg.channels}")
     if base is not None:
         check_fits(cfg, base, str(path))
-    with torch.device("meta"):
-        net = T2IAdapter(cfg)
-    net = net.to_empty(device="cpu")
-    load_strict(net, {k: v.float() for k, v in sd.items()}, f"T2I-Adapter {path}")
+    net = build_strict(lambda: T2IAdapter(cfg), sd, f"T2I-Adapter {path}", dtype)
     net.source_name = Path(path).stem  # type: ignore[assignment]
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return net.to(device=device).eval().requires_grad_(False)
 
 
 def feature_shapes(cfg: AdapterConfig) -> list[tuple[int, int]]:

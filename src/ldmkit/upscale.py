@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ldmkit.checkpoint import CheckpointError, load_strict, read_safetensors
+from ldmkit.checkpoint import CheckpointError, build_strict, read_safetensors
 from ldmkit.images import to_8bit
 from ldmkit.models.esrgan import UpscalerArch, UpscalerFormatError, detect
 
@@ -108,10 +108,8 @@ def load_upscaler(path: str | os.PathLike, device: str | torch.device | None = N
         arch, sd = detect(sd)
     except UpscalerFormatError as e:
         raise CheckpointError(f"{p}: {e}") from None
-    with torch.device("meta"):
-        module = arch.build()
     try:
-        load_strict(module, sd, f"upscaler {p.name} ({arch.describe()})")
+        module = build_strict(arch.build, sd, f"upscaler {p.name} ({arch.describe()})")
     except CheckpointError as e:  # load_strict's hint is about SD checkpoints
         raise CheckpointError(str(e).replace("; pass the right --model-type.", "; ldmkit does not read this "
                                              "variant.")) from None
