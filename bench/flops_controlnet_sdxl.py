@@ -15,18 +15,11 @@ import argparse
 import dataclasses
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops_maps import flops  # the FLOP counter of the maps benchmark (bench/ is on sys.path when run)
 
 from ldmkit.config import SD15, SDXL_BASE
 from ldmkit.models.controlnet import ControlNet, ControlNetConfig
 from ldmkit.models.unet import UNetModel
-
-
-def flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops()
 
 
 def main() -> None:

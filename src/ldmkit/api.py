@@ -30,30 +30,27 @@ class NoModelError(CheckpointError):
     pass
 
 
-def builtin_model_path(name: str) -> Path | None:
-    fname = BUILTIN_MODELS.get(name)
+def _builtin_asset(table: dict[str, str], name: str) -> Path | None:
+    """The packaged file ``table`` names for ``name`` (None for any other string or a missing asset)."""
+    fname = table.get(name)
     if fname is None:
         return None
     p = Path(str(resources.files("ldmkit") / "assets" / fname))
     return p if p.exists() else None
+
+
+def builtin_model_path(name: str) -> Path | None:
+    return _builtin_asset(BUILTIN_MODELS, name)
 
 
 def builtin_controlnet_path(name: str) -> Path | None:
     """The file of a built-in ControlNet name (None for any other string or a missing asset)."""
-    fname = BUILTIN_CONTROLNETS.get(name)
-    if fname is None:
-        return None
-    p = Path(str(resources.files("ldmkit") / "assets" / fname))
-    return p if p.exists() else None
+    return _builtin_asset(BUILTIN_CONTROLNETS, name)
 
 
 def builtin_vae_path(name: str) -> Path | None:
     """The file of a built-in autoencoder name (None for any other string or a missing asset)."""
-    fname = BUILTIN_VAES.get(name)
-    if fname is None:
-        return None
-    p = Path(str(resources.files("ldmkit") / "assets" / fname))
-    return p if p.exists() else None
+    return _builtin_asset(BUILTIN_VAES, name)
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
