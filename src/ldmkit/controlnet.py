@@ -362,32 +362,13 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
     return None
 
 
-def _looks_like_controlnet(path: Path) -> bool:
-    """From names alone (a .safetensors header, a folder's config.json): is this a ControlNet? .pth/.pt: maybe."""
-    import json
-
-    from safetensors import safe_open
-
-    if path.is_dir():
-        try:
-            return json.loads((path / "config.json").read_text()).get("_class_name") == "ControlNetModel"
-        except (OSError, ValueError):
-            return False
-    if path.suffix.lower() == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return any(k.startswith((ORIGINAL_PREFIX, "input_hint_block.", "controlnet_cond_embedding."))
-                           for k in f.keys())
-        except Exception:  # noqa: BLE001 - unreadable: the caller's loader says why
-            return False
-    return path.suffix.lower() in (".pth", ".pt")
-
-
 def describe_file(path: str | os.PathLike) -> str | None:
     """One line on a ControlNet file or folder (``ldmkit info``); None when it is not one (a .safetensors
     checkpoint is told apart from its header alone, so a large SD file is not read twice)."""
+    from ldmkit import file_kind
+
     p = Path(path)
-    if not _looks_like_controlnet(p):
+    if not file_kind.may_be(p, file_kind.CONTROLNET):
         return None
     try:
         sd = read_controlnet(p)

@@ -365,31 +365,12 @@ def unit_kinds(args: object) -> list[tuple[str, str]]:
     return out
 
 
-def looks_like_adapter(path: str | os.PathLike) -> bool:
-    """From names alone (a folder's config.json, a .safetensors header): is this a T2I-Adapter? .pth/.pt: maybe."""
-    p = Path(path)
-    if p.is_dir():
-        try:
-            return json.loads((p / "config.json").read_text()).get("_class_name") == "T2IAdapter"
-        except (OSError, ValueError):
-            return False
-    if p.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception:  # noqa: BLE001 - unreadable: the caller's loader says why
-            return False
-        original = {"conv_in.weight", "body.0.block1.weight"} <= set(keys) or "body.0.body.0.block1.weight" in keys
-        return original or any(k.startswith("adapter.") for k in keys)
-    return p.suffix.lower() in (".pth", ".pt")
-
-
 def describe_file(path: str | os.PathLike) -> str | None:
     """One line on a T2I-Adapter file or folder (``ldmkit info``); None when it is not one."""
+    from ldmkit import file_kind
+
     p = Path(path)
-    if not looks_like_adapter(p):
+    if not file_kind.may_be(p, file_kind.ADAPTER):
         return None
     try:
         sd, dcfg = read_adapter(p)

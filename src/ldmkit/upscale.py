@@ -120,18 +120,12 @@ def load_upscaler(path: str | os.PathLike, device: str | torch.device | None = N
 def describe_file(path: str | os.PathLike) -> str | None:
     """One line on an upscaler file (``ldmkit info``); None when the file is not one (keys checked first,
     from the header alone for .safetensors, so a large checkpoint is not read)."""
-    from safetensors import safe_open
-
+    from ldmkit import file_kind
     from ldmkit.models.esrgan import layout_of
 
     p = Path(path)
     if p.suffix.lower() == ".safetensors":
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                keys = set(f.keys())
-        except Exception:  # noqa: BLE001 - not readable as safetensors: let the caller's loader say why
-            return None
-        if not keys & {"model.0.weight", "conv_first.weight", "body.0.weight"}:
+        if not file_kind.UPSCALER_KEYS & set(file_kind.header_keys(p) or ()):
             return None
     elif p.suffix.lower() not in (".pth", ".pt"):
         return None

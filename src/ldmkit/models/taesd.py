@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldmkit.file_kind import TAESD_KEY, folder_class, header_keys
+
 
 @dataclass(frozen=True)
 class TAESDConfig:
@@ -172,8 +174,7 @@ StateDict = dict[str, Tensor]
 CONFIG_METADATA_KEY = "ldmkit.taesd"
 _DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-# a TAESD key: optional part prefix, optional diffusers `layers.`, then a Sequential index
-_KEY = re.compile(r"^(?:(?:taesd_)?(encoder|decoder)\.)?(layers\.)?(\d+)\.(.+)$")
+_KEY = TAESD_KEY  # a TAESD key: optional part prefix, optional diffusers `layers.`, then a Sequential index
 
 
 def _error(msg: str) -> ValueError:
@@ -193,13 +194,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 
 def _is_diffusers_folder(p: Path) -> bool:
-    cfg = p / "config.json"
-    if not cfg.exists():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("_class_name") == "AutoencoderTiny"
-    except (json.JSONDecodeError, OSError):
-        return False
+    return folder_class(p) == "AutoencoderTiny"
 
 
 def _original_files(folder: Path) -> dict[str, Path]:
@@ -215,13 +210,7 @@ def _original_files(folder: Path) -> dict[str, Path]:
 
 def _file_keys(p: Path) -> list[str]:
     if p.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                return list(f.keys())
-        except Exception:  # noqa: BLE001 - unreadable: not ours to judge here, the VAE loader reports it
-            return []
+        return header_keys(p) or []  # unreadable: not ours to judge here, the VAE loader reports it
     from ldmkit.checkpoint import read_state_dict
 
     try:

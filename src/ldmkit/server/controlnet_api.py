@@ -75,19 +75,17 @@ class ControlNetFolder:
         their names (config.json, header); a .pth/.pt file is an adapter when its name says "adapter"
         (TencentARC's t2iadapter_*.pth) and ``t2i_adapter.describe_file`` reads it as one (reading the weights
         of every .pth would load each ControlNet .pth in the folder)."""
-        from ldmkit import t2i_adapter
-        from ldmkit.controlnet import _looks_like_controlnet
+        from ldmkit import file_kind, t2i_adapter
 
         key = (str(path), path.stat().st_mtime_ns)
         if key in self._kinds:
             return self._kinds[key]
         if path.is_dir() or path.suffix.lower() == ".safetensors":
-            kind = ("adapter" if t2i_adapter.looks_like_adapter(path) else
-                    "controlnet" if _looks_like_controlnet(path) else None)
+            kind = {file_kind.ADAPTER: "adapter", file_kind.CONTROLNET: "controlnet"}.get(file_kind.kind_of(path))
         elif "adapter" in path.name.lower():
             kind = "adapter" if t2i_adapter.describe_file(path) is not None else None
         else:
-            kind = "controlnet" if _looks_like_controlnet(path) else None
+            kind = "controlnet" if file_kind.may_be(path, file_kind.CONTROLNET) else None
         self._kinds[key] = kind
         return kind
 

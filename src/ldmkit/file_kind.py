@@ -1,0 +1,112 @@
+"""What a model file or folder holds, from names alone: a ``.safetensors`` header's keys or a diffusers folder's
+``config.json``. No tensor is read, so a scan of a folder of multi-GB checkpoints stays cheap.
+
+The one place that tells ControlNets, T2I-Adapters, upscalers, TAESD, full checkpoints, LoRAs and VAEs apart: the
+loaders, the server's ``--controlnet-dir`` scan and ``ldmkit info`` ask it. A pickled ``.pth``/``.pt`` file has no
+header, so only loading it tells (:func:`kind_of` says None, :func:`may_be` says maybe). To teach ldmkit a new kind,
+add a name below, a rule to :func:`kind_of_keys` (before any rule its keys would also match) and, for diffusers
+folders, its ``_class_name`` to ``FOLDER_CLASSES``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+CONTROLNET = "controlnet"
+ADAPTER = "t2i-adapter"
+UPSCALER = "upscaler"
+TAESD = "taesd"
+SDXL = "sdxl"  # a full SDXL checkpoint (sgm layout)
+SD = "sd"  # a full SD1/SD2 checkpoint (LDM layout)
+LORA = "lora"
+VAE = "vae"
+
+FOLDER_CLASSES = {"ControlNetModel": CONTROLNET, "T2IAdapter": ADAPTER, "AutoencoderTiny": TAESD}
+
+CONTROLNET_PREFIXES = ("control_model.", "input_hint_block.", "controlnet_cond_embedding.")
+# ESRGAN (old and new names) and Real-ESRGAN's compact SRVGG: see models/esrgan.py
+UPSCALER_KEYS = frozenset({"model.0.weight", "conv_first.weight", "body.0.weight"})
+# a TAESD key: optional part prefix, optional diffusers `layers.`, then a Sequential index
+TAESD_KEY = re.compile(r"^(?:(?:taesd_)?(encoder|decoder)\.)?(layers\.)?(\d+)\.(.+)$")
+
+
+def header_keys(path: str | os.PathLike) -> list[str] | None:
+    """The tensor names in a ``.safetensors`` file's header; None when it cannot be read (the loader says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # noqa: BLE001 - unreadable: the caller's loader reports it
+        return None
+
+
+def folder_class(path: str | os.PathLike) -> str | None:
+    """The ``_class_name`` in a diffusers folder's ``config.json``; None when there is none or it is unreadable."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("_class_name") if isinstance(cfg, dict) else None
+
+
+def kind_of_keys(keys: Iterable[str]) -> str | None:
+    """The kind of a state dict from its key names (one of this module's names), or None when none fits."""
+    keys = list(keys)
+    names = set(keys)
+    if not keys:
+        return None
+    if ({"conv_in.weight", "body.0.block1.weight"} <= names or "body.0.body.0.block1.weight" in names
+            or any(k.startswith("adapter.") for k in keys)):  # TencentARC full / light, diffusers
+        return ADAPTER
+    if any(k.startswith(CONTROLNET_PREFIXES) for k in keys):
+        return CONTROLNET
+    if names & UPSCALER_KEYS:
+        return UPSCALER
+    if all(TAESD_KEY.match(k) for k in keys):
+        return TAESD
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return SDXL
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return SD
+    from ldmkit.lora_formats import detect_lora_format
+
+    try:
+        detect_lora_format(keys)
+        return LORA
+    except ValueError:
+        pass
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("first_stage_model.") or (has("encoder.conv_in.") and has("decoder.conv_in.")):
+        return VAE
+    return None
+
+
+def kind_of(path: str | os.PathLike) -> str | None:
+    """The kind of a diffusers folder (by its config.json) or a ``.safetensors`` file (by its header); None for
+    anything else, including pickled files, whose keys only loading shows."""
+    p = Path(path)
+    if p.is_dir():
+        return FOLDER_CLASSES.get(folder_class(p) or "")
+    if p.suffix.lower() == ".safetensors":
+        keys = header_keys(p)
+        return kind_of_keys(keys) if keys else None
+    return None
+
+
+def may_be(path: str | os.PathLike, kind: str) -> bool:
+    """Whether ``path`` may hold ``kind``: its names say so, or it is a ``.pth``/``.pt`` file only loading can tell."""
+    p = Path(path)
+    if p.is_dir() or p.suffix.lower() == ".safetensors":
+        return kind_of(p) == kind
+    return p.suffix.lower() in (".pth", ".pt")
+
+
+__all__ = ["ADAPTER", "CONTROLNET", "FOLDER_CLASSES", "LORA", "SD", "SDXL", "TAESD", "UPSCALER", "VAE",
+           "folder_class", "header_keys", "kind_of", "kind_of_keys", "may_be"]

@@ -1,0 +1,90 @@
+"""file_kind names a file's kind from its key names alone; the files here are written by diffusers/peft (the
+reference layouts) and by ldmkit's own savers, and the kind comes from the header or config.json only."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldmkit import file_kind as K
+
+
+def _save(tmp_path, name, sd):
+    p = tmp_path / name
+    save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(p))
+    return p
+
+
+def _diffusers_modules():
+    from diffusers import AutoencoderKL, AutoencoderTiny, ControlNetModel, T2IAdapter
+
+    small = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8)
+    return {
+        K.CONTROLNET: ControlNetModel(**small, cross_attention_dim=8, attention_head_dim=2,
+                                      conditioning_embedding_out_channels=(4, 8),
+                                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")),
+        K.ADAPTER: T2IAdapter(in_channels=3, channels=(8, 16), num_res_blocks=1, downscale_factor=8,
+                              adapter_type="full_adapter"),
+        K.TAESD: AutoencoderTiny(encoder_block_out_channels=(4, 4), decoder_block_out_channels=(4, 4),
+                                 num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)),
+        K.VAE: AutoencoderKL(**small, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2),
+    }
+
+
+def test_diffusers_files_and_folders(tmp_path):
+    for kind, module in _diffusers_modules().items():
+        assert K.kind_of(_save(tmp_path, f"{kind}.safetensors", module.state_dict())) == kind
+        folder = tmp_path / f"{kind}-folder"
+        module.save_pretrained(folder)
+        expect = kind if kind in K.FOLDER_CLASSES.values() else None  # a VAE folder is read by the model loaders
+        assert K.kind_of(folder) == expect
+        assert K.may_be(folder, kind) == (expect is not None)
+
+
+def test_original_layouts(tmp_path):
+    t = torch.zeros(1)
+    cases = {
+        K.CONTROLNET: {"control_model.input_hint_block.0.weight": t, "control_model.zero_convs.0.0.weight": t},
+        K.ADAPTER: {"conv_in.weight": t, "body.0.block1.weight": t},  # TencentARC full
+        "light": {"body.0.in_conv.weight": t, "body.0.body.0.block1.weight": t},  # TencentARC light (colour)
+        K.UPSCALER: {"conv_first.weight": t, "body.0.rdb1.conv1.weight": t},
+        "taesd-original": {"0.conv.weight": t, "1.conv.0.weight": t},
+        K.SDXL: {"conditioner.embedders.0.transformer.x": t, "model.diffusion_model.input_blocks.0.0.weight": t},
+        K.SD: {"model.diffusion_model.input_blocks.0.0.weight": t, "first_stage_model.encoder.conv_in.weight": t},
+        K.LORA: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t,
+                 "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": t},
+        "vae-ldm": {"first_stage_model.decoder.conv_in.weight": t},
+        "unknown": {"something.weight": t},
+    }
+    expect = {"light": K.ADAPTER, "taesd-original": K.TAESD, "vae-ldm": K.VAE, "unknown": None}
+    for name, sd in cases.items():
+        assert K.kind_of_keys(sd) == expect.get(name, name), name
+        assert K.kind_of(_save(tmp_path, f"{name}.safetensors", sd)) == expect.get(name, name), name
+
+
+def test_peft_lora_keys():
+    peft = pytest.importorskip("peft")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                                cross_attention_dim=8, attention_head_dim=2, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q", "to_k"]))
+    sd = {f"unet.{k}": v for k, v in peft.get_peft_model_state_dict(unet).items()}
+    assert K.kind_of_keys(sd) == K.LORA
+
+
+def test_unreadable_and_pickled(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    assert K.header_keys(bad) is None and K.kind_of(bad) is None and not K.may_be(bad, K.CONTROLNET)
+    pth = tmp_path / "net.pth"
+    torch.save({"x": torch.zeros(1)}, pth)
+    assert K.kind_of(pth) is None and K.may_be(pth, K.CONTROLNET) and K.may_be(pth, K.ADAPTER)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps([1, 2]))
+    assert K.folder_class(odd) is None and K.kind_of(odd) is None
