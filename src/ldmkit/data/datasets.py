@@ -17,6 +17,7 @@ samples, whatever the worker count or the order items are read in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -219,6 +220,21 @@ class Record:
     path: Path
     caption: str
     key: str
+    captions: tuple[str, ...] = ()  # metadata.jsonl's "captions" list (other phrasings), if any
+    weight: float | None = None  # metadata.jsonl's sampling "weight", if any
+
+
+def _extras(rec: dict, meta: Path, n: int) -> tuple[tuple[str, ...], float | None]:
+    """A metadata line's optional ``captions`` (a list of strings) and ``weight`` (a number >= 0)."""
+    caps = rec.get("captions", [])
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise ValueError(f'{meta}, line {n}: "captions" must be a list of strings, got {caps!r:.80}')
+    weight = rec.get("weight")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ValueError(f'{meta}, line {n}: "weight" must be a finite number >= 0, got {weight!r}')
+        weight = float(weight)
+    return tuple(c.strip() for c in caps), weight
 
 
 def _records_from_metadata(root: Path, meta: Path) -> list[Record]:
@@ -246,7 +262,7 @@ def _records_from_metadata(root: Path, meta: Path) -> list[Record]:
         if not path.is_file():
             raise ValueError(f"{meta}, line {n}: image {rec['file_name']!r} not found in {root}")
         caption = next((rec[f] for f in TEXT_FIELDS if f in rec), "")
-        out.append(Record(path, str(caption).strip(), ""))
+        out.append(Record(path, str(caption).strip(), "", *_extras(rec, meta, n)))
     return out
 
 
@@ -275,7 +291,7 @@ def _with_keys(root: Path, records: list[Record]) -> list[Record]:
             dup = next(k for k in keys if keys.count(k) > 1)
             raise ValueError(f"{root}: two images map to the key {dup!r} (same name, different extension); "
                              "rename one")
-    return [Record(r.path, r.caption, k) for r, k in zip(records, keys, strict=True)]
+    return [dataclasses.replace(r, key=k) for r, k in zip(records, keys, strict=True)]
 
 
 def _decodes(path: Path, size: int) -> bool:
@@ -338,6 +354,26 @@ class ImageCaptionDataset(Dataset):
     @property
     def captions(self) -> list[str]:
         return [r.caption for r in self.records]
+
+    @property
+    def caption_lists(self) -> list[list[str]] | None:
+        """Every image's captions (metadata.jsonl's "captions", else its one caption); None when no line has
+        a "captions" list."""
+        if not any(r.captions for r in self.records):
+            return None
+        return [list(r.captions) or [r.caption] for r in self.records]
+
+    @property
+    def weights(self) -> list[float] | None:
+        """metadata.jsonl's per-image sampling "weight"s; None when no line has one."""
+        given = [r.weight for r in self.records]
+        if all(w is None for w in given):
+            return None
+        missing = [r.key for r, w in zip(self.records, given, strict=True) if w is None]
+        if missing:
+            raise ValueError(f'{self.root}: {len(missing)} images have no "weight" in metadata.jsonl (e.g. '
+                             f'{missing[0]!r}) while others do; give every line one')
+        return [float(w) for w in given]  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

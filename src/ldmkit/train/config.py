@@ -105,6 +105,14 @@ class TrainConfig:
                 "sample, into one of these, e.g. "
                 "'{caption}' '{a} {caption}' 'an emoji of {a} {caption}' ({a}: 'a' or 'an' to suit the caption), "
                 "so the model learns prompts phrased as people type them, not only bare captions (default: bare)"})
+    balanced: bool = _help(
+        "vae/unet/lcm: class-balanced sampling: each epoch draws as many samples as the training set has, with "
+        "replacement, in proportion to metadata.jsonl's per-image \"weight\" (as `ldmkit data emoji --balance` "
+        "writes; 0: never drawn), from the epoch's seeded generator; off: every image once per epoch", False)
+    caption_choice: Literal["first", "random"] = _help(
+        "unet/lcm: which caption of an image trains: first (metadata.jsonl's \"text\") or random (one of the "
+        "line's \"captions\" list, drawn per sample per step, as `ldmkit data emoji --augment-captions` writes)",
+        "first")
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", False)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast dtype on CUDA; auto = bf16 where supported. CPU always trains in fp32", "auto")
@@ -225,6 +233,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
          f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     need(cfg.rec_loss in ("l1", "l2"), f"rec_loss must be l1 or l2, got {cfg.rec_loss!r}")
+    need(cfg.caption_choice in ("first", "random"), f"caption_choice must be first or random, got "
+         f"{cfg.caption_choice!r}")
     need(cfg.data_workers >= 0, f"data_workers must not be negative, got {cfg.data_workers}")
     need(cfg.shuffle_buffer >= 1, f"shuffle_buffer must be at least 1, got {cfg.shuffle_buffer}")
     if cfg.data:
@@ -239,6 +249,8 @@ def validate(cfg: TrainConfig) -> None:
                  f"{cfg.kind} reads an image folder (pass the folder the shards were written from)")
             need(cfg.vocab != "data", "vocab = data needs every caption before training; a shard stream is read "
                  "as it goes: use vocab = full")
+            need(not cfg.balanced and cfg.caption_choice == "first", "balanced and caption_choice = random read "
+                 "metadata.jsonl's weights and caption lists; a shard stream has neither: train on the folder")
     for part, overrides in cfg.arch.items():
         need(part in ARCH_PARTS, f"[arch.{part}]: unknown part; use {', '.join(ARCH_PARTS)}")
         known = {f.name for f in dataclasses.fields(ARCH_PARTS[part])}

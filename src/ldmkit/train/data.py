@@ -9,6 +9,7 @@ random generators, which is what makes ``--resume`` exact.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +28,23 @@ __all__ = ["ImageSet", "ShardedOrder", "StreamOrder", "flip_allowed", "load_data
 
 @dataclass
 class ImageSet:
-    """Images (N, 3, H, W) uint8 with their captions and keys (file stems)."""
+    """Images (N, 3, H, W) uint8 with their captions and keys (file stems); where metadata.jsonl gives
+    them, each image's caption list and sampling weight (``ldmkit data emoji --augment-captions --balance``)."""
 
     images: Tensor
     captions: list[str]
     keys: list[str]
+    caption_lists: list[list[str]] | None = None
+    weights: Tensor | None = None  # (N,) float64
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def subset(self, idx: list[int]) -> ImageSet:
-        return ImageSet(self.images[idx], [self.captions[i] for i in idx], [self.keys[i] for i in idx])
+        lists = None if self.caption_lists is None else [self.caption_lists[i] for i in idx]
+        weights = None if self.weights is None else self.weights[idx]
+        return ImageSet(self.images[idx], [self.captions[i] for i in idx], [self.keys[i] for i in idx], lists,
+                        weights)
 
     def as_float(self, idx: Tensor | list[int] | None = None) -> Tensor:
         """Images in [-1, 1] as float32."""
@@ -58,7 +65,12 @@ def load_dataset(root: str | Path, size: int) -> ImageSet:
         hint = f" To make a dataset: `ldmkit data emoji --out {p}`." if "no training images" in str(e) else ""
         raise TrainError(f"{e}{hint}") from None
     images = torch.stack([load_image(r.path, size) for r in ds.records])
-    return ImageSet(images, ds.captions, ds.keys)
+    try:
+        weights = ds.weights
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    return ImageSet(images, ds.captions, ds.keys, ds.caption_lists,
+                    None if weights is None else torch.tensor(weights, dtype=torch.float64))
 
 
 def split_holdout(ds: ImageSet, root: str | Path, count: int) -> tuple[ImageSet, ImageSet]:
@@ -77,12 +89,26 @@ class ShardedOrder:
     """An endless stream of sample indices: a fresh permutation per epoch (a pure function of
     seed and epoch), split across ranks as ``DistributedSampler`` does (padded by wrapping around,
     rank r takes every world-th index from r). Batches may span an epoch boundary, so no data is
-    dropped and any batch size works with any dataset size. The position is (epoch, index)."""
+    dropped and any batch size works with any dataset size. The position is (epoch, index).
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    With ``weights`` (class-balanced sampling) an epoch is instead ``n`` draws with replacement, index i
+    with probability weights[i] / sum (``torch.multinomial`` from the same per-epoch generator), split
+    across ranks the same way: each rank takes its own places in the one shared draw, and a resumed
+    run continues mid-epoch exactly as the draw is again a pure function of (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 weights: Tensor | None = None):
         if n < 1:
             raise TrainError("the training set is empty")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+            if weights.shape != (n,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+                raise TrainError(f"sampling weights must be {n} finite numbers >= 0 (one per training image)")
+            if not float(weights.sum()) > 0:
+                raise TrainError("every training image has sampling weight 0; give some a positive \"weight\" "
+                                 "in metadata.jsonl, or train without balanced")
         self.n, self.seed, self.rank, self.world_size, self.shuffle = n, seed, rank, world_size, shuffle
+        self.weights = weights
         self.epoch, self.index = 0, 0
         self._cache: tuple[int, Tensor] | None = None
 
@@ -94,8 +120,11 @@ class ShardedOrder:
         """This rank's indices for ``epoch``, in order."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        if self.shuffle:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if self.weights is not None:
+            perm = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
+        elif self.shuffle:
+            perm = torch.randperm(self.n, generator=gen)
         else:
             perm = torch.arange(self.n)
         total = self.per_rank * self.world_size
@@ -126,10 +155,23 @@ class ShardedOrder:
     def close(self) -> None:
         pass
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "n": self.n, "world_size": self.world_size}
+    def _weights_digest(self) -> str:
+        return hashlib.sha256(self.weights.numpy().tobytes()).hexdigest()[:16] if self.weights is not None else ""
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "index": self.index, "n": self.n, "world_size": self.world_size}
+        if self.weights is not None:  # (an unweighted order's state is what it always was)
+            state["weights"] = self._weights_digest()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("weights", "") != self._weights_digest():
+            warnings.warn(
+                "the checkpoint's data order was drawn with other sampling weights (balanced on/off, or the "
+                f"dataset's weights changed): continuing from epoch {state['epoch'] + 1} with a fresh order",
+                stacklevel=2)
+            self.epoch, self.index = state["epoch"] + 1, 0
+            return
         if state["n"] != self.n or state["world_size"] != self.world_size:
             warnings.warn(
                 f"the checkpoint's data order was for {state['n']} samples on {state['world_size']} ranks, now "

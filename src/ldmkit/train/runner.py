@@ -248,6 +248,17 @@ def _tensorboard(run_dir: Path) -> Any:
 StepHook = Callable[[int, dict[str, Any]], None]
 
 
+def sample_weights(task: Task, cfg: TrainConfig) -> Tensor | None:
+    """The training images' sampling weights when ``cfg.balanced`` (None: each image once per epoch)."""
+    if not cfg.balanced:
+        return None
+    weights = getattr(task, "sample_weights", None)
+    if weights is None:
+        raise TrainError(f"balanced = true needs a sampling \"weight\" per image in {cfg.data or 'the data'}/"
+                         "metadata.jsonl (`ldmkit data emoji --balance` writes them); add them, or drop --balanced")
+    return weights
+
+
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, d: DistInfo) -> None:
     validate(cfg)
     has_ckpt = (run_dir / CHECKPOINT).exists()
@@ -293,7 +304,8 @@ def run(cfg: TrainConfig, run_dir: Path, task_factory: Callable[[TrainConfig, Pa
     ema = EMA(net, cfg.ema_decay) if d.is_main else None
     # a folder's images: indices into the task's training set; tar shards: the samples themselves
     stream = getattr(task, "stream_order", None)
-    order = stream(d) if stream is not None else ShardedOrder(task.train_size, cfg.seed, d.rank, d.world_size)
+    order = stream(d) if stream is not None else ShardedOrder(task.train_size, cfg.seed, d.rank, d.world_size,
+                                                              weights=sample_weights(task, cfg))
     step = 0
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])

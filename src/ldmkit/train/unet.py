@@ -225,6 +225,10 @@ def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: A
         return
     meta = {"captions": json.dumps(train.captions), "keys": json.dumps(train.keys),
             "sample_prompts": json.dumps(prompts), "size": str(cfg.size), "source": _cache_source(cfg)}
+    if train.caption_lists is not None:  # metadata.jsonl's "captions", for caption_choice = random
+        meta["caption_lists"] = json.dumps(train.caption_lists)
+    if train.weights is not None:  # its "weight"s, for balanced sampling
+        meta["weights"] = json.dumps(train.weights.tolist())
     atomic_save_safetensors(cache, run_dir / LATENTS_FILE, meta)
 
 
@@ -327,20 +331,41 @@ class UNetTask:
             raise TrainError(f"{run_dir}: its latents were encoded at size {meta['size']}, not {cfg.size}; "
                              "start a new run to train at another size")
         self.train_size = len(self.captions)
-        self.flippable = torch.tensor([flip_allowed(c) for c in self.captions])
+        self.caption_lists: list[list[str]] | None = json.loads(meta["caption_lists"]) if "caption_lists" in meta \
+            else None
+        self.sample_weights = torch.tensor(json.loads(meta["weights"]), dtype=torch.float64) if "weights" in meta \
+            else None
+        if cfg.caption_choice == "random":
+            if self.caption_lists is None:
+                raise TrainError(f"{run_dir}: caption_choice = random needs a \"captions\" list per image in "
+                                 "metadata.jsonl (`ldmkit data emoji --augment-captions` writes them), and a run "
+                                 "started on such data; or use caption_choice = first")
+            # no image is mirrored when any of its captions says left or right
+            self.flippable = torch.tensor([all(flip_allowed(c) for c in cs) for cs in self.caption_lists])
+        else:
+            self.flippable = torch.tensor([flip_allowed(c) for c in self.captions])
         self.flip = cfg.flip and "mean_flip" in self.cache
         if cfg.flip and not self.flip:
             warnings.warn(f"{run_dir}: its latents were cached without mirror images; training without flips",
                           stacklevel=2)
 
     def tokenize(self, tokenizer: CLIPTokenizer) -> None:
-        """Token ids of every caption in every template: ``self.ids`` is (templates, captions, context)."""
+        """Token ids of every caption in every template: ``self.ids`` is (templates, captions, context).
+        With caption_choice = random, every caption of every image's list, image i's at rows
+        ``caption_start[i]`` to ``caption_start[i] + caption_count[i] - 1``."""
         self.tokenizer = tokenizer
+        self.caption_start = self.caption_count = None
         if not self.captions:  # streamed: captions are tokenized per batch
             self.empty_ids = tokenizer([""])[0]
             return
+        captions = self.captions
+        if self.cfg.caption_choice == "random" and getattr(self, "caption_lists", None) is not None:
+            lists = self.caption_lists
+            self.caption_count = torch.tensor([len(cs) for cs in lists])
+            self.caption_start = torch.cumsum(self.caption_count, 0) - self.caption_count
+            captions = [c for cs in lists for c in cs]
         templates = self.cfg.caption_templates or ["{caption}"]
-        texts = [[apply_template(t, c) if c else "" for c in self.captions] for t in templates]
+        texts = [[apply_template(t, c) if c else "" for c in captions] for t in templates]
         longest = max(len(tokenizer.encode(x)) for row in texts for x in row) + 2  # + start/end
         if longest > tokenizer.context_length:
             warnings.warn(f"the longest templated caption has {longest} tokens; the text encoder's context "
@@ -363,12 +388,22 @@ class UNetTask:
             std = torch.where(flip, self.cache["std_flip"][idx], std)
         return (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
 
+    def caption_rows(self, idx: Tensor, gen: torch.Generator) -> Tensor:
+        """Which caption of each image of ``idx`` trains (rows of ``self.ids``): its own (caption_choice =
+        first, no draw) or one of its list, uniformly, drawn from the step's generator (random)."""
+        if getattr(self, "caption_count", None) is None:  # (a subclass with its own tokenize has none)
+            return idx
+        count = self.caption_count[idx]
+        pick = (torch.rand(len(idx), generator=gen, dtype=torch.float64) * count).long().clamp_max(count - 1)
+        return self.caption_start[idx] + pick
+
     def caption_ids(self, idx: Tensor, gen: torch.Generator, drop: Tensor) -> Tensor:
         """Token ids of the captions of ``idx``, each in a random template; the empty caption where ``drop``."""
+        rows = self.caption_rows(idx, gen)
         # one template per sample; no draw without templates, so such runs resume on the same random stream
         many = len(self.ids) > 1
         pick = torch.randint(0, len(self.ids), (len(idx),), generator=gen) if many else torch.zeros_like(idx)
-        return torch.where(drop[:, None], self.empty_ids, self.ids[pick, idx])
+        return torch.where(drop[:, None], self.empty_ids, self.ids[pick, rows])
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int, flips: Tensor | None = None) -> dict[str, Any]:
         if isinstance(idx, list):  # samples streamed from tar shards

@@ -87,6 +87,7 @@ class VAETask:
             vae.quant_conv.requires_grad_(False)
         self.net = VAENet(vae, cfg, disc)
         self.train_size = len(self.train)
+        self.sample_weights = self.train.weights  # metadata.jsonl's "weight"s, for balanced sampling
         self._latent_shape = (self.model_cfg.vae.z_channels, cfg.size // f, cfg.size // f)
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
