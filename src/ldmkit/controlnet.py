@@ -100,7 +100,16 @@ def config_from_weights(sd: Mapping[str, Tensor], base: UNetConfig | None = None
     """The architecture of cldm.py-named weights; heads and GroupNorm groups (not in the weights) from ``base``
     (the model it is used with), else by the family convention of its context width (1024: SD2's 64-wide
     heads; otherwise SD1's 8 heads; 32 groups). SDXL (``label_emb.*``, the vector conditioning): 64-wide heads
-    and a transformer depth per level, as the SDXL U-Net."""
+    and a transformer depth per level, as the SDXL U-Net. A ControlNet Union's: a ``UnionConfig``."""
+    from ldmkit import controlnet_files
+
+    if controlnet_files.is_union(sd):
+        from ldmkit.models.controlnet_union import UnionConfig
+
+        net, extras = controlnet_files.split_union(sd)
+        plain = config_from_weights(net, base)
+        return UnionConfig(plain.unet, plain.hint_in_channels, plain.hint_channels,
+                           **controlnet_files.union_fields(extras))
     sdxl = "label_emb.0.0.weight" in sd
     to_k = "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     extra = {}
@@ -122,13 +131,18 @@ def config_from_weights(sd: Mapping[str, Tensor], base: UNetConfig | None = None
         unet = dataclasses.replace(unet, **_sdxl_unet_fields(sd, unet.attention_levels))
     if base is not None:
         unet = dataclasses.replace(unet, num_heads=base.num_heads, head_dim=base.head_dim, norm_groups=base.norm_groups)
+    return ControlNetConfig(unet, *hint_config(sd))
+
+
+def hint_config(sd: Mapping[str, Tensor]) -> tuple[int, tuple[int, ...]]:
+    """The hint encoder's (input channels, per-stage widths) from its cldm.py-named weights."""
     convs = sorted(int(m[1]) for k in sd if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
     if len(convs) < 2 or convs != list(range(0, 2 * len(convs), 2)):
         raise ControlNetError(f"ControlNet hint encoder convolutions at {convs}: expected 0, 2, 4, ...")
     stages = len(convs) // 2
     hint = (sd["input_hint_block.0.weight"].shape[0],
             *(sd[f"input_hint_block.{4 + 4 * s}.weight"].shape[0] for s in range(stages - 1)))
-    return ControlNetConfig(unet, sd["input_hint_block.0.weight"].shape[1], hint)
+    return sd["input_hint_block.0.weight"].shape[1], hint
 
 
 def read_controlnet(path: str | os.PathLike) -> StateDict:
@@ -141,11 +155,18 @@ def read_controlnet(path: str | os.PathLike) -> StateDict:
     if "difference" in sd:  # the A1111 extension's "diff" files: weights to add to the base model's U-Net
         raise ControlNetError(f"{path} is a 'difference' ControlNet (weights relative to a base U-Net), which ldmkit "
                               "does not read: use the full ControlNet file (e.g. control_v11p_sd15_*.pth)")
+    from ldmkit import controlnet_files
+
+    if controlnet_files.is_control_lora(sd):  # built over the base model by load_controlnet
+        return dict(sd)
     original = _original_keys(sd)
     if original is not None:
         return original
     if "controlnet_cond_embedding.conv_in.weight" in sd:
         try:
+            if controlnet_files.is_union(sd):  # the U-Net part converted, the union's extras as they are
+                net, extras = controlnet_files.split_union(sd)
+                return {**diffusers_to_original(net), **extras}
             return diffusers_to_original(sd)
         except ValueError as e:
             raise ControlNetError(f"{path}: {e}") from None
@@ -158,15 +179,28 @@ def read_controlnet(path: str | os.PathLike) -> StateDict:
 
 
 def load_controlnet(path: str | os.PathLike, base: UNetConfig | None = None, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> ControlNet:
-    """A ControlNet from ``path``, checked against ``base`` (the U-Net it will control) when given."""
+                    device: str | torch.device = "cpu", base_weights: Mapping[str, Tensor] | None = None) -> ControlNet:
+    """A ControlNet from ``path``, checked against ``base`` (the U-Net it will control) when given. A Control-LoRA
+    is built over ``base_weights`` (that U-Net's state dict), a ControlNet Union as a ``UnionControlNet``."""
+    from ldmkit import controlnet_files
+    from ldmkit.checkpoint import build_strict
+    from ldmkit.models.controlnet_union import UnionConfig, UnionControlNet
+
     sd = read_controlnet(path)
-    cfg = config_from_weights(sd, base)
+    if controlnet_files.is_control_lora(sd):
+        if base is None or base_weights is None:
+            raise ControlNetError(f"{path} is a Control-LoRA (deltas over the base model's U-Net): load it with the "
+                                  "model it is for (--model)")
+        cfg = ControlNetConfig(base, *hint_config(sd))
+        with torch.device("meta"):
+            expected = ControlNet(cfg).state_dict()
+        sd = controlnet_files.control_lora_weights(sd, expected, base_weights, Path(path).name, _family_of(base))
+    else:
+        cfg = config_from_weights(sd, base)
     if base is not None:
         check_fits(cfg, base, str(path))
-    from ldmkit.checkpoint import build_strict
-
-    net = build_strict(lambda: ControlNet(cfg), sd, f"ControlNet {path}", dtype)
+    net = build_strict(lambda: (UnionControlNet(cfg) if isinstance(cfg, UnionConfig) else ControlNet(cfg)), sd,
+                       f"ControlNet {path}", dtype)
     net.source_name = Path(path).stem  # type: ignore[assignment]
     return net.to(device=device).eval().requires_grad_(False)
 
@@ -209,6 +243,8 @@ class ControlUnit:
     settings: dict | None = None
     # the extension's hires-fix option: "Both", "Low res only" (off in the second pass), "High res only"
     hr_option: str = "Both"
+    # a ControlNet Union's control type of each map (``image`` then holds the maps side by side in its channels)
+    control_types: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start < self.end <= 1.0:
@@ -316,15 +352,19 @@ class ControlledUNet:
             latent = x[:, :net.cfg.unet.in_channels]  # an inpainting U-Net's input also holds mask + masked image
             # guess mode and the extension's "ControlNet is more important": the conditional rows only
             skip = self.uncond_rows if unit.guess_mode or unit.control_mode == CONTROL else 0
+            weight, union = unit.weight, {}
+            if unit.control_types:  # a ControlNet Union: with several maps the weight acts inside it (diffusers)
+                union = {"types": unit.control_types, "weight": weight}
+                weight = 1.0 if len(unit.control_types) > 1 else weight
             r = net(latent[skip:].to(dtype), hint[skip:], t[skip:] if t.ndim else t, context[skip:].to(dtype),
-                    None if y is None or net.cfg.unet.adm_in_channels is None else y[skip:].to(dtype))
+                    None if y is None or net.cfg.unet.adm_in_channels is None else y[skip:].to(dtype), **union)
             if unit.guess_mode:
-                r = guess_scaled(r, unit.weight)
+                r = guess_scaled(r, weight)
             elif unit.control_mode != BALANCED or (in_hires and forced_soft(unit.settings)):  # soft injection
-                scales = [s * unit.weight for s in soft_scales(len(r.down))]
+                scales = [s * weight for s in soft_scales(len(r.down))]
                 r = Residuals([d * s for d, s in zip(r.down, scales, strict=False)], r.mid * scales[-1])
             else:
-                r = r.scaled(unit.weight)
+                r = r.scaled(weight)
             _report(self.units.index(unit), i, r)
             if skip:
                 r = Residuals([F.pad(d, (0, 0, 0, 0, 0, 0, skip, 0)) for d in r.down],
@@ -365,6 +405,10 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
 def describe_file(path: str | os.PathLike) -> str | None:
     """One line on a ControlNet file or folder (``ldmkit info``); None when it is not one (a .safetensors
     checkpoint is told apart from its header alone, so a large SD file is not read twice)."""
+    from ldmkit import controlnet_files
+
+    if (special := controlnet_files.describe_file(path)) is not None:  # ControlNet Union, Control-LoRA
+        return special
     from ldmkit import file_kind
 
     p = Path(path)
@@ -390,10 +434,12 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
               log: Callable[[str], None] | None = None, guess_mode: bool = False, control_mode: str = "Balanced",
               resize_mode: str = "Just Resize", pixel_perfect: bool = False, processor_res: int | None = None,
               threshold_a: float | None = None, threshold_b: float | None = None,
-              hr_option: str = "Both") -> ControlUnit:
+              hr_option: str = "Both", control_type: object = None) -> ControlUnit:
     """A :class:`ControlUnit` for ``model`` (a StableDiffusion) from a ControlNet file/folder (or a loaded one)
     and a PIL image, preprocessed and brought to the output size ``width`` x ``height`` as the A1111 extension
-    does (``controlnet_a1111.control_image``: pixel perfect, preprocessor resolution and sliders, resize mode)."""
+    does (``controlnet_a1111.control_image``: pixel perfect, preprocessor resolution and sliders, resize mode).
+    A ControlNet Union needs ``control_type`` (a name or number, or several joined by + with as many images in a
+    list); a Control-LoRA is built over ``model``'s U-Net."""
     from ldmkit.controlnet_a1111 import control_image, model_title, module_name, resize_mode_name
 
     module = module_name(preprocessor)
@@ -404,14 +450,21 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
         title = getattr(net, "source_name", "given")
     else:
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", torch.float32)
-        net = load_controlnet(controlnet, model.cfg.unet, dtype=dtype, device=model.device)  # type: ignore[attr-defined]
+        net = load_controlnet(controlnet, model.cfg.unet, dtype=dtype, device=model.device,  # type: ignore[attr-defined]
+                              base_weights=_LazyWeights(model.unet))  # type: ignore[attr-defined]
         from ldmkit.api import builtin_controlnet_path
 
         title = model_title(builtin_controlnet_path(str(controlnet)) or controlnet)  # a built-in: its file
-    hint, res = control_image(image, width, height, module, resize_mode, pixel_perfect, processor_res,  # type: ignore[arg-type]
-                              threshold_a, threshold_b, log)
-    unit = ControlUnit(net, map_tensor(hint), float(weight), float(start), float(end), guess_mode, control_mode,
-                       hr_option=hr_option)
+    from ldmkit.controlnet_files import union_types
+
+    types = union_types(net, control_type, title, image)
+    maps = []
+    for one in image if isinstance(image, (list, tuple)) else [image]:
+        hint, res = control_image(one, width, height, module, resize_mode, pixel_perfect, processor_res,
+                                  threshold_a, threshold_b, log)
+        maps.append(map_tensor(hint))
+    unit = ControlUnit(net, torch.cat(maps, dim=1), float(weight), float(start), float(end), guess_mode, control_mode,
+                       hr_option=hr_option, control_types=types)
     from ldmkit.controlnet_a1111 import slider_values
 
     sliders = list(slider_values(module, threshold_a, threshold_b).values()) + [-1, -1]
@@ -423,12 +476,34 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
     return dataclasses.replace(unit, settings=settings)
 
 
+class _LazyWeights(Mapping):
+    """A module's state dict, read only when a Control-LoRA asks for it (float32, on the CPU)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self._sd = module, None
+
+    def _get(self) -> dict[str, Tensor]:
+        if self._sd is None:
+            self._sd = self.module.state_dict()
+        return self._sd
+
+    def __getitem__(self, k: str) -> Tensor:
+        return self._get()[k].detach().float().cpu()
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 _PER_UNIT = (("control_image", "--control-image"), ("control_weight", "--control-weight"),
              ("control_start", "--control-start"), ("control_end", "--control-end"),
              ("preprocessor", "--preprocessor"), ("control_mode", "--control-mode"),
              ("resize_mode", "--resize-mode"), ("pixel_perfect", "--pixel-perfect"),
              ("processor_res", "--processor-res"), ("control_threshold_a", "--control-threshold-a"),
-             ("control_threshold_b", "--control-threshold-b"), ("control_hr_option", "--control-hr-option"))
+             ("control_threshold_b", "--control-threshold-b"), ("control_hr_option", "--control-hr-option"),
+             ("control_type", "--control-type"))
 
 
 def _mode(value: object) -> tuple[str, bool]:
@@ -487,6 +562,12 @@ def add_controlnet_args(p: object) -> None:
              "level (0 = Otsu), blur sigma (9)")
     add("--control-threshold-b", action="append", default=[], type=float, metavar="B",
         help="preprocessor slider 2 (A1111's threshold_b): canny high (200)")
+    from ldmkit.controlnet_files import type_names
+
+    add("--control-type", action="append", default=[], metavar="NAME",
+        help=f"a ControlNet Union's control type for the map: {type_names()} (also canny, lineart, scribble, "
+             "seg, inpaint...; the A1111 extension's names work too); several maps in one unit: "
+             "depth+openpose with --control-image d.png+p.png")
     add("--control-hr-option", action="append", default=[], metavar="WHEN",
         help="with the hires fix: both (default), low (first pass only), high (second pass only)")
 
@@ -544,7 +625,10 @@ def units_from_args(args: object, model: object, width: int, height: int,
                                                nth("control_weight", i, 1.0), nth("control_start", i, 0.0),
                                                nth("control_end", i, 1.0), nth("preprocessor", i, "none"), tell))
             continue
-        units.append(make_unit(model, path, open_image(image_path), width, height, nth("control_weight", i, 1.0),
+        ctype = nth("control_type", i, None)
+        several = ctype is not None and "+" in str(ctype) and not Path(image_path).exists()  # maps of one unit
+        image = [open_image(f) for f in str(image_path).split("+")] if several else open_image(image_path)
+        units.append(make_unit(model, path, image, width, height, nth("control_weight", i, 1.0),
                                nth("control_start", i, 0.0), nth("control_end", i, 1.0),
                                nth("preprocessor", i, "none"), tell,
                                control_mode=_mode(nth("control_mode", i, "Balanced"))[0],
@@ -554,7 +638,8 @@ def units_from_args(args: object, model: object, width: int, height: int,
                                processor_res=nth("processor_res", i, None),
                                threshold_a=nth("control_threshold_a", i, None),
                                threshold_b=nth("control_threshold_b", i, None),
-                               hr_option=nth("control_hr_option", i, "Both") if hires else "Both"))
+                               hr_option=nth("control_hr_option", i, "Both") if hires else "Both",
+                               control_type=ctype))
     return tuple(units)
 
 

@@ -25,7 +25,8 @@ SD = "sd"  # a full SD1/SD2 checkpoint (LDM layout)
 LORA = "lora"
 VAE = "vae"
 
-FOLDER_CLASSES = {"ControlNetModel": CONTROLNET, "T2IAdapter": ADAPTER, "AutoencoderTiny": TAESD}
+FOLDER_CLASSES = {"ControlNetModel": CONTROLNET, "ControlNetUnionModel": CONTROLNET, "T2IAdapter": ADAPTER,
+                  "AutoencoderTiny": TAESD}
 
 CONTROLNET_PREFIXES = ("control_model.", "input_hint_block.", "controlnet_cond_embedding.")
 # ESRGAN (old and new names) and Real-ESRGAN's compact SRVGG: see models/esrgan.py

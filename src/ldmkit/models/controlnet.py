@@ -12,6 +12,7 @@ Attribute names are the original checkpoint keys (lllyasviel's ``cldm.py``): ``t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -86,6 +87,13 @@ class ControlNet(nn.Module):
         in [0, 1] at pixel resolution, ``timesteps`` (B,) and the text ``context`` (B, T, D); an SDXL
         ControlNet also reads the U-Net's vector conditioning ``y`` (``models.unet.sdxl_vector``: diffusers'
         added_cond_kwargs text_embeds + time_ids)."""
+        emb = self.embed(x, timesteps, y)
+        guided = self.input_hint_block(hint.to(x.dtype))  # (B, mc, h, w)
+        self._check_size(guided, hint, x)
+        return self.encode(x, emb, context, lambda h: h + guided)  # the map enters after the first convolution
+
+    def embed(self, x: Tensor, timesteps: Tensor, y: Tensor | None) -> Tensor:
+        """The time embedding (plus SDXL's vector conditioning ``y``), as the U-Net's."""
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.unet.model_channels).to(x.dtype))
@@ -94,16 +102,22 @@ class ControlNet(nn.Module):
                              if y is None else "y given, but this ControlNet has no label_emb (not an SDXL one)")
         if y is not None:
             emb = emb + self.label_emb(y.to(x.dtype))
-        guided = self.input_hint_block(hint.to(x.dtype))  # (B, mc, h, w)
+        return emb
+
+    @staticmethod
+    def _check_size(guided: Tensor, hint: Tensor, x: Tensor) -> None:
         if guided.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"control map {tuple(hint.shape[-2:])} does not give the latent size "
                              f"{tuple(x.shape[-2:])}: resize it to the image size")
+
+    def encode(self, x: Tensor, emb: Tensor, context: Tensor, fuse: Callable[[Tensor], Tensor]) -> Residuals:
+        """The encoder copy and zero convolutions; ``fuse`` adds the encoded map to the first block's output."""
         outs = []
         h = x
         for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
             h = block(h, emb, context)
             if i == 0:
-                h = h + guided  # the map enters after the first convolution
+                h = fuse(h)
             outs.append(zero(h))
         h = self.middle_block(h, emb, context)
         return Residuals(outs, self.middle_block_out(h))

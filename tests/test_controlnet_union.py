@@ -1,0 +1,180 @@
+"""ControlNet Union (xinsir's controlnet-union-sdxl-1.0 / ProMax) against diffusers on a random tiny SDXL config:
+residuals against ``diffusers.ControlNetUnionModel`` (one map, two maps in one call; folder and lone file;
+relative error <= 1e-4), whole images against ``StableDiffusionXLControlNetUnionPipeline`` (<= 2/255), control
+types by name, ``--control-type`` on the command line, ``ldmkit info`` and the one-line errors.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference import _perturb_norms, rel_err
+from test_controlnet import diffusers_controlnet_config
+from test_controlnet_cli import SETTINGS, _run
+from test_controlnet_sdxl import NEGATIVE, PROMPT, SIZE, _inputs
+
+from ldmkit import checkpoint
+from ldmkit.config import TINY, TINY_SDXL
+from ldmkit.controlnet import ControlNetError, ControlUnit, control_map, describe_file, load_controlnet
+from ldmkit.controlnet_files import control_type, control_types
+from ldmkit.models.controlnet_union import UnionControlNet
+from ldmkit.models.unet import sdxl_vector
+from ldmkit.pipeline import GenerationParams, txt2img
+
+HINT = (8, 16)
+
+
+def diffusers_union(unet_cfg, seed=0, types=8):
+    from diffusers import ControlNetUnionModel
+
+    accepted = set(inspect.signature(ControlNetUnionModel.__init__).parameters)
+    c = {k: v for k, v in diffusers_controlnet_config(unet_cfg, HINT).items() if k in accepted}
+    mc = unet_cfg.model_channels
+    torch.manual_seed(seed)
+    net = ControlNetUnionModel(**c, num_control_type=types, num_trans_channel=mc, num_trans_head=8,
+                               num_trans_layer=2, num_proj_channel=mc).eval()
+    _perturb_norms(net)
+    g = torch.Generator().manual_seed(seed + 5)
+    for name, p in net.named_parameters():
+        if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out",
+                            "spatial_ch_projs", "transformer_layes")):
+            p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return net
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("union")
+    net = diffusers_union(TINY_SDXL.unet, seed=2)
+    net.save_pretrained(folder / "union")
+    return folder, net
+
+
+def _ref(net, x, t, ctx, pooled, ids, maps, types, scale):
+    onehot = torch.zeros(x.shape[0], net.config.num_control_type)
+    onehot[:, types] = 1
+    with torch.no_grad():
+        return net(x, t, encoder_hidden_states=ctx, controlnet_cond=maps, control_type=onehot,
+                   control_type_idx=list(types), conditioning_scale=scale,
+                   added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, return_dict=False)
+
+
+@pytest.mark.parametrize("types, scale", [([3], 0.7), ([1, 0], 0.6)], ids=["one-map", "two-maps"])
+def test_union_residuals_match_diffusers(saved, types, scale):
+    folder, ref = saved
+    x, hint, t, ctx, pooled, ids = _inputs()
+    hint = hint[..., :16, :24]  # hint encoder (8, 16): one halving
+    maps = [hint, hint.flip(-1)][: len(types)]
+    down, mid = _ref(ref, x, t, ctx, pooled, ids, maps, types, scale if len(types) == 1 else [scale] * len(types))
+    for path in (folder / "union", folder / "union" / "diffusion_pytorch_model.safetensors"):
+        ours = load_controlnet(path, TINY_SDXL.unet)
+        assert isinstance(ours, UnionControlNet) and ours.cfg.num_types == 8 and ours.cfg.trans_layers == 2
+        with torch.no_grad():
+            r = ours(x, torch.cat(maps, dim=1), t, ctx, sdxl_vector(pooled, ids), types=types, weight=scale)
+        if len(types) == 1:
+            r = r.scaled(scale)  # one map: the unit scales the residuals (ControlledUNet)
+        assert len(r.down) == len(down)
+        assert max(rel_err(a, b) for a, b in zip(r.down, down, strict=True)) <= 1e-4
+        assert rel_err(r.mid, mid) <= 1e-4
+    # the type matters: another type, other residuals
+    with torch.no_grad():
+        other = ours(x, torch.cat(maps, dim=1), t, ctx, sdxl_vector(pooled, ids), types=[5] * len(types))
+    assert rel_err(other.mid, mid) > 1e-2
+
+
+def test_control_type_names():
+    assert control_type("openpose") == 0 and control_type("Depth") == 1 and control_type("scribble") == 2
+    assert control_type("canny") == 3 == control_type("Hard Edge") == control_type("lineart") == control_type("3")
+    assert control_type("Normal Map") == 4 and control_type("seg") == 5 and control_type("tile") == 6
+    assert control_type("inpaint") == 7 and control_types("depth+openpose") == (1, 0)
+    with pytest.raises(ValueError, match="unknown ControlNet Union control type 'sparkles'"):
+        control_type("sparkles")
+    with pytest.raises(ValueError, match="not one of this ControlNet Union's 6"):
+        control_type("tile", 6)  # the first release has 6 types; tile and repaint came with ProMax
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, saved):
+    import diffusers
+    from test_sdxl import _diffusers_sdxl_folder
+
+    folder = tmp_path_factory.mktemp("union-pipe")
+    p = _diffusers_sdxl_folder(TINY_SDXL, folder)
+    p.scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                   timestep_spacing="linspace")
+    rng = np.random.default_rng(0)
+    maps = [Image.fromarray(rng.integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8)) for _ in range(2)]
+    for i, m in enumerate(maps):
+        m.save(folder / f"map{i}.png")
+    return folder, p, saved[1], maps
+
+
+STEPS, CFG, SEED = 6, 6.0, 77
+
+
+@pytest.mark.parametrize("types, scale", [([3], 0.8), ([1, 0], 0.7)], ids=["one-map", "two-maps"])
+def test_union_image_matches_diffusers_pipeline(pipe, saved, types, scale):
+    from diffusers import StableDiffusionXLControlNetUnionPipeline
+
+    folder, p, net, maps = pipe
+    maps = maps[: len(types)]
+    comps = {k: v for k, v in p.components.items()
+             if k in inspect.signature(StableDiffusionXLControlNetUnionPipeline.__init__).parameters}
+    ref_pipe = StableDiffusionXLControlNetUnionPipeline(**comps, controlnet=net)
+    out = ref_pipe(PROMPT, control_image=maps, control_mode=types, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                   guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), width=SIZE[0], height=SIZE[1],
+                   controlnet_conditioning_scale=scale, output_type="np")
+    ref = (out.images[0] * 255).round().astype(np.int16)
+    model = checkpoint.load(folder / "model")
+    cn = load_controlnet(saved[0] / "union", model.cfg.unet)
+    hint = torch.cat([control_map(m, *SIZE) for m in maps], dim=1)
+    unit = ControlUnit(cn, hint, scale, control_types=tuple(types))
+    params = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler",
+                  scheduler="uniform", seed=SEED, width=SIZE[0], height=SIZE[1])
+    ours = np.asarray(txt2img(model, GenerationParams(**params, controlnets=(unit,)))[0]).astype(np.int16)
+    diff = np.abs(ours - ref).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    plain = np.asarray(txt2img(model, GenerationParams(**params))[0]).astype(np.int16)
+    assert np.abs(plain - ref).max() > 6 and ref.std() > 5  # the ControlNet changed the image
+
+
+def test_cli_control_type_and_errors(pipe, saved, capsys, tmp_path):
+    folder, _, _, maps = pipe
+    union = str(saved[0] / "union")
+    out = tmp_path / "cli.png"
+    m0, m1 = str(folder / "map0.png"), str(folder / "map1.png")
+    rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *SETTINGS, "--controlnet", union,
+                   "--control-image", f"{m0}+{m1}", "--control-type", "depth+openpose", "--control-weight", "0.8",
+                   "-o", str(out))
+    assert rc == 0, cap.err
+    model = checkpoint.load(folder / "model")
+    hint = torch.cat([control_map(m, *SIZE) for m in maps], dim=1)
+    unit = ControlUnit(load_controlnet(union, model.cfg.unet), hint, 0.8, control_types=(1, 0))
+    api = txt2img(model, GenerationParams(PROMPT, steps=4, sampler="Euler", scheduler="uniform", seed=5, width=24,
+                                          height=16, cfg_scale=5, controlnets=(unit,)))[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api.convert("RGB")))
+    bad = [
+        (["--controlnet", union, "--control-image", m0], "is a ControlNet Union: name the map's control type"),
+        (["--controlnet", union, "--control-image", m0, "--control-type", "sparkles"], "unknown ControlNet Union"),
+        (["--controlnet", union, "--control-image", m0, "--control-type", "depth+canny"], "names 2 map(s) but 1"),
+    ]
+    for extra, msg in bad:
+        rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *SETTINGS, *extra,
+                       "-o", str(tmp_path / "bad.png"))
+        assert rc != 0 and msg in cap.err and len(cap.err.strip().splitlines()) == 1, cap.err
+
+
+def test_union_family_error_and_info(saved, capsys):
+    folder, _ = saved
+    with pytest.raises(ControlNetError, match="is for SDXL-like .* but the model is .*: use a") as e:
+        load_controlnet(folder / "union", TINY.unet)
+    assert "\n" not in str(e.value)
+    for path in (folder / "union", folder / "union" / "diffusion_pytorch_model.safetensors"):
+        line = describe_file(path)
+        assert line.startswith("ControlNet Union (8 control types: openpose, depth,") and "for SDXL" in line
+        rc, cap = _run(capsys, "info", str(path))
+        assert rc == 0 and "ControlNet Union (8 control types" in cap.out, cap
