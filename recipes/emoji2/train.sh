@@ -7,7 +7,9 @@
 #   SIZE=128 bash recipes/emoji2/train.sh        # native 128x128, f=8 autoencoder (emoji2-128.toml)
 #   DEVICE=cuda bash recipes/emoji2/train.sh     # on a GPU (the stages one after another; same steps)
 #
-# Every stage checkpoints every 250 steps and resumes where it stopped: rerun the same command.
+# Every stage checkpoints every 100 steps (at most ~6 min apart on a busy core) and resumes exactly
+# where it stopped: rerun the same command. VAE_RUN=DIR uses an autoencoder run trained elsewhere
+# (e.g. the comparison runs in runs/emoji2-ae/) instead of training $R-vae.
 # Estimated time on one idle CPU core per job (docs/models/emoji2-plan.md: step costs measured by
 # bench/emoji2_cost.py as ratios to the shipped model's 0.85 s (U-Net) and 1.36 s (VAE) per step):
 #   64 px:  VAE 3000 x 1.2 s = 1 h; U-Net 8000 x 1.8 s = 4 h, beside the decoder (4000 steps, ~1.3 h);
@@ -31,29 +33,34 @@ EXPORT=${EXPORT:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$SIZE" = 128 ]; then CFG=recipes/emoji2/emoji2-128.toml; DATA=data/emoji2-128; R=runs/emoji2-128
 else CFG=recipes/emoji2/emoji2.toml; DATA=data/emoji2; R=runs/emoji2; fi
+VAE_RUN=${VAE_RUN:-$R-vae}
 
 # Data: Noto Color Emoji at SIZE, with Unicode groups, alias captions and class-balanced weights.
-# NOTE (2026-12-06): `ldmkit train` does not read metadata.jsonl's "weight" and "captions" yet (its
-# sampler is a uniform permutation, ldmkit.train.data.ShardedOrder); wiring them in is the next step
-# of issue 17 goal 5 (emoji2-plan.md). Until then this data trains exactly like `ldmkit data emoji`'s.
+# The U-Net and LCM stages train on them: --balanced draws each epoch by metadata.jsonl's "weight"
+# (every Unicode group the same share; held-out images never), --caption-choice random trains one of
+# each emoji's "captions" (name, the emoji package's aliases, "name, group") per step. The autoencoder
+# stages keep the uniform order (every image once per epoch): they must reconstruct all of them, and
+# held-out PSNR was measured that way (emoji2-plan.md).
 # (needs: apt-get install fonts-noto-color-emoji unicode-data)
 [ -f "$DATA/metadata.jsonl" ] || "$LDMKIT" data emoji --out "$DATA" --size "$SIZE" --augment-captions --balance
 
-if [ -f "$R-vae/checkpoint.pt" ]; then "$LDMKIT" train vae --resume "$R-vae" --total-steps "$VAE_STEPS"
-else "$LDMKIT" train vae --config "$CFG" --data "$DATA" --out "$R-vae" --device "$DEVICE" --batch-size 16 \
-        --total-steps "$VAE_STEPS" --lr 2e-4 --warmup-steps 50 --sample-every 250; fi
+if [ -f "$VAE_RUN/checkpoint.pt" ]; then "$LDMKIT" train vae --resume "$VAE_RUN" --total-steps "$VAE_STEPS"
+else "$LDMKIT" train vae --config "$CFG" --data "$DATA" --out "$VAE_RUN" --device "$DEVICE" --batch-size 16 \
+        --total-steps "$VAE_STEPS" --lr 2e-4 --warmup-steps 50 --sample-every 250 --checkpoint-every 100; fi
 
 unet() {
     if [ -f "$R-ldm/checkpoint.pt" ]; then "$LDMKIT" train unet --resume "$R-ldm" --total-steps "$UNET_STEPS"
-    else "$LDMKIT" train unet --config "$CFG" --data "$DATA" --vae "$R-vae" --out "$R-ldm" --device "$DEVICE" \
+    else "$LDMKIT" train unet --config "$CFG" --data "$DATA" --vae "$VAE_RUN" --out "$R-ldm" --device "$DEVICE" \
             --vocab data --batch-size 32 --total-steps "$UNET_STEPS" --lr 3e-4 --warmup-steps 100 \
-            --ema-decay 0.999 --caption-dropout 0.1 --sample-every 1000; fi
+            --ema-decay 0.999 --caption-dropout 0.1 --sample-every 1000 --checkpoint-every 100 \
+            --balanced --caption-choice random; fi
 }
 decoder() {  # SD's ft-MSE recipe in small: decoder only, encoder frozen so the U-Net's latents stay valid
     if [ -f "$R-vae-decoder/checkpoint.pt" ]; then "$LDMKIT" train vae --resume "$R-vae-decoder" --total-steps "$DECODER_STEPS"
-    else "$LDMKIT" train vae --init-from "$R-vae" --freeze-encoder --data "$DATA" --size "$SIZE" --no-flip \
+    else "$LDMKIT" train vae --init-from "$VAE_RUN" --freeze-encoder --data "$DATA" --size "$SIZE" --no-flip \
             --out "$R-vae-decoder" --device "$DEVICE" --batch-size 16 --total-steps "$DECODER_STEPS" --lr 1e-4 \
-            --warmup-steps 50 --rec-loss l2 --perceptual-weight 0.1 --ema-decay 0.999 --sample-every 250; fi
+            --warmup-steps 50 --rec-loss l2 --perceptual-weight 0.1 --ema-decay 0.999 --sample-every 250 \
+            --checkpoint-every 100; fi
 }
 if [ "$DEVICE" = cuda ]; then unet; decoder; else unet & U=$!; decoder & D=$!; wait "$U"; wait "$D"; fi
 
@@ -67,6 +74,7 @@ if [ -f "$R-lcm/checkpoint.pt" ]; then "$LDMKIT" train lcm --resume "$R-lcm" --t
 else "$LDMKIT" train lcm --model "$MODEL" --data "$DATA" --out "$R-lcm" --size "$SIZE" --device "$DEVICE" \
         --batch-size 32 --total-steps "$LCM_STEPS" --warmup-steps 50 --lr 3e-5 --ema-decay 0.995 --w-min 4 \
         --w-max 4 --target-decay 0.95 --checkpoint-every 100 --log-every 10 --sample-every 0 \
+        --balanced --caption-choice random \
         --caption-templates "{caption}" "{a} {caption}" "{caption} emoji" "{a} {caption} emoji" "an emoji of {a} {caption}"; fi
 "$LDMKIT" export "$R-lcm" "$R-lcm.safetensors" --half
 "$PY" bench/eval_emoji.py --model "$R-lcm.safetensors" --data "$DATA" --balanced 20 --outputs "$R-eval"
