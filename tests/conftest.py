@@ -19,3 +19,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def open_page():
+    """``open_page(url, ready=None, timeout_ms=30_000)``: the web page at ``url`` in a headless chromium
+    (tests/browser.py; one browser per module), once the JavaScript ``ready`` is true. Page errors, console
+    errors and dialogs (dismissed) go to ``page.errors``; the module fails at teardown if any page has some."""
+    from browser import launch, require_browser
+
+    sync_api = require_browser()
+    pages = []
+    with sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+
+        def open_(url: str, ready: str | None = None, timeout_ms: int = 30_000):
+            page = browser.new_page()
+            page.set_default_timeout(timeout_ms)
+            page.errors = []
+            page.on("pageerror", lambda e: page.errors.append(str(e)))
+            page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+            page.on("dialog", lambda d: (page.errors.append(f"dialog: {d.message}"), d.dismiss()))
+            page.goto(url)
+            if ready:
+                page.wait_for_function(ready)
+            pages.append(page)
+            return page
+
+        yield open_
+        browser.close()
+    assert [e for p in pages for e in p.errors] == []
+

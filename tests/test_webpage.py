@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from browser import launch, require_browser
+from browser import require_browser
 from PIL import Image
 
-sync_api = require_browser()
+require_browser()
 
 from ldmkit import pipeline as P  # noqa: E402
 from ldmkit.config import TINY  # noqa: E402
@@ -27,30 +27,16 @@ TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
-def server():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def server(one_thread):
     torch.manual_seed(0)
     app = create_app(StableDiffusion(TINY).eval(), preview_interval=0)
     with BackgroundServer(app) as url:
         yield url
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    with sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(server)
-        page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 5")
-        yield page
-        browser.close()
-        assert errors == []
+def page(server, open_page):
+    return open_page(server, "document.querySelectorAll('#sampler_name option').length > 5", TIMEOUT_MS)
 
 
 @pytest.fixture

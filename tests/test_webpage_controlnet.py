@@ -10,10 +10,9 @@ import io
 
 import numpy as np
 import pytest
-import torch
-from browser import launch, require_browser
+from browser import require_browser
 
-sync_api = require_browser()
+require_browser()
 
 from PIL import Image  # noqa: E402
 from test_controlnet_cli import files  # noqa: E402, F401 - the tiny SD + ControlNet files
@@ -26,23 +25,12 @@ from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def page(files):  # noqa: F811
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def page(files, one_thread, open_page):  # noqa: F811
     app = create_app(files / "sd", controlnet_dir=files, preview_interval=None, device="cpu")
-    with BackgroundServer(app) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page()
-        page.set_default_timeout(60_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#cn-model option').length >= 2")
+    with BackgroundServer(app) as url:
+        page = open_page(url, "document.querySelectorAll('#cn-model option').length >= 2", 60_000)
         yield page
-        browser.close()
-        assert errors == []
-    torch.set_num_threads(n)
+        page.close()
 
 
 def _data_url_image(src: str) -> Image.Image:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from browser import launch, require_browser
+from browser import require_browser
 
-sync_api = require_browser()
+require_browser()
 
 from test_upscale import _save, basicsr_params  # noqa: E402
 
@@ -18,26 +18,15 @@ from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def page(tmp_path_factory, one_thread, open_page):
     d = tmp_path_factory.mktemp("upscalers")
     _save(basicsr_params(nf=8, nb=1, gc=4, scale=2, seed=1), d / "RealESRGAN_x2plus.pth", "params_ema")
     torch.manual_seed(0)
     app = create_app(StableDiffusion(TINY).eval(), upscaler_dir=d, preview_interval=None)
-    with BackgroundServer(app) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page()
-        page.set_default_timeout(30_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#hr_upscaler option').length > 6")
+    with BackgroundServer(app) as url:
+        page = open_page(url, "document.querySelectorAll('#hr_upscaler option').length > 6")
         yield page
-        browser.close()
-        assert errors == []
-    torch.set_num_threads(n)
+        page.close()
 
 
 def test_hires_section(page):

@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
-from browser import launch, require_browser
+from browser import require_browser
 
-sync_api = require_browser()
+require_browser()
 
 from safetensors.torch import save_file  # noqa: E402
 
@@ -49,26 +49,14 @@ def dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(dirs):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def page(dirs, one_thread, open_page):
     loras, emb = dirs
     app = create_app("emoji", lora_dir=loras, embeddings_dir=emb, preview_interval=None)
-    with BackgroundServer(app) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page()
-        page.set_default_timeout(30_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
-        page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#embedding-list button').length > 1")
-        page.wait_for_function("document.querySelectorAll('#lora-list button').length > 1")
+    with BackgroundServer(app) as url:
+        page = open_page(url, "document.querySelectorAll('#embedding-list button').length > 1 && "
+                              "document.querySelectorAll('#lora-list button').length > 1")
         yield page
-        browser.close()
-        assert errors == []
-    torch.set_num_threads(n)
+        page.close()
 
 
 def _names(page, list_id: str) -> list[str]:

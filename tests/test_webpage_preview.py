@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
-from browser import launch, require_browser
+from browser import require_browser
 from PIL import Image
 from safetensors.torch import save_file
 
-sync_api = require_browser()
+require_browser()
 requests = pytest.importorskip("requests")
 
 from ldmkit import pipeline as P  # noqa: E402
@@ -39,9 +39,7 @@ WATCH = """() => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def server(tmp_path_factory, one_thread):
     torch.manual_seed(0)
     vaes = tmp_path_factory.mktemp("vaes")
     save_file({k: v.contiguous() for k, v in AutoencoderKL(TINY.vae).state_dict().items()},
@@ -49,7 +47,6 @@ def server(tmp_path_factory):
     app = create_app(StableDiffusion(TINY).eval(), preview_interval=0, vae_dir=vaes)
     with BackgroundServer(app) as url:
         yield url
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -74,30 +71,22 @@ def slow_steps(monkeypatch):
     ("Approx cheap", "jpeg", "image/jpeg", (16, 12)),  # one pixel per latent (this model's f = 2)
     ("Full", "png", "image/png", (32, 24)),
 ])
-def test_preview_changes_during_one_generation(server, slow_steps, kind, fmt, mime, size):
+def test_preview_changes_during_one_generation(server, open_page, slow_steps, kind, fmt, mime, size):
     r = requests.post(f"{server}/sdapi/v1/options", timeout=30,
                       json={"show_progress_type": kind, "live_previews_image_format": fmt})
     assert r.ok, r.text
-    with sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.goto(server)
-        page.wait_for_function("document.querySelectorAll('#sampler_name option').length > 5")
-        page.evaluate(WATCH)
-        page.fill("#prompt", "a red apple")
-        for name, value in {"steps": STEPS, "width": 32, "height": 24, "seed": 7}.items():
-            page.fill(f"#{name}", str(value))
-        page.select_option("#sampler_name", "Euler")
-        page.click("#generate")
-        page.wait_for_selector("#gallery figure.result")
-        log = page.evaluate("window.previewLog")
-        shown = page.eval_on_selector("#preview", "img => [img.naturalWidth, img.naturalHeight, img.hidden]")
-        browser.close()
-    assert errors == [] and len(slow_steps) == STEPS
+    page = open_page(server, "document.querySelectorAll('#sampler_name option').length > 5", TIMEOUT_MS)
+    page.evaluate(WATCH)
+    page.fill("#prompt", "a red apple")
+    for name, value in {"steps": STEPS, "width": 32, "height": 24, "seed": 7}.items():
+        page.fill(f"#{name}", str(value))
+    page.select_option("#sampler_name", "Euler")
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure.result")
+    log = page.evaluate("window.previewLog")
+    shown = page.eval_on_selector("#preview", "img => [img.naturalWidth, img.naturalHeight, img.hidden]")
+    page.close()
+    assert page.errors == [] and len(slow_steps) == STEPS
     during = [e for e in log if e["results"] == 0 and e["text"].startswith("step ")]
     assert len(during) == len(log) >= 3  # every change came while this one generation ran ...
     assert len({e["src"] for e in during}) >= 3  # ... and the picture changed at least twice
@@ -106,28 +95,23 @@ def test_preview_changes_during_one_generation(server, slow_steps, kind, fmt, mi
     assert last.size == size and shown == [*size, False]
 
 
-def test_vae_and_preview_choices_set_the_server_options(server):
+def test_vae_and_preview_choices_set_the_server_options(server, open_page):
     options = lambda: requests.get(f"{server}/sdapi/v1/options", timeout=30).json()  # noqa: E731
-    with sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(server)
-        page.wait_for_function("document.querySelectorAll('#sd_vae option').length === 2")
-        assert page.eval_on_selector_all("#sd_vae option", "os => os.map((o) => o.value)") == [
-            "Automatic", "other-vae.safetensors"]
-        page.select_option("#sd_vae", "other-vae.safetensors")
-        page.wait_for_function("document.querySelector('#sd_vae').value === 'other-vae.safetensors'")
-        deadline = time.monotonic() + 30
-        while options()["sd_vae"] != "other-vae.safetensors":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        page.select_option("#show_progress_type", "Approx cheap")
-        while options()["show_progress_type"] != "Approx cheap":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        page.select_option("#sd_vae", "Automatic")
-        while options()["sd_vae"] != "Automatic":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        browser.close()
+    page = open_page(server, "document.querySelectorAll('#sd_vae option').length === 2", TIMEOUT_MS)
+    assert page.eval_on_selector_all("#sd_vae option", "os => os.map((o) => o.value)") == [
+        "Automatic", "other-vae.safetensors"]
+    page.select_option("#sd_vae", "other-vae.safetensors")
+    page.wait_for_function("document.querySelector('#sd_vae').value === 'other-vae.safetensors'")
+    deadline = time.monotonic() + 30
+    while options()["sd_vae"] != "other-vae.safetensors":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    page.select_option("#show_progress_type", "Approx cheap")
+    while options()["show_progress_type"] != "Approx cheap":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    page.select_option("#sd_vae", "Automatic")
+    while options()["sd_vae"] != "Automatic":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    page.close()

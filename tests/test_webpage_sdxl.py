@@ -5,10 +5,9 @@ refiner section hides and a size the user typed stays."""
 
 from __future__ import annotations
 
-import torch
-from browser import launch, require_browser
+from browser import require_browser
 
-sync_api = require_browser()
+require_browser()
 
 from fastapi.testclient import TestClient  # noqa: E402
 from test_sdxl_server import write_models  # noqa: E402
@@ -28,19 +27,11 @@ def test_model_info_route(tmp_path):
     assert (info["family"], info["native_size"], info["refiners"]) == ("sdxl", 1024, [ref])
 
 
-def test_sdxl_model_on_the_page(tmp_path):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def test_sdxl_model_on_the_page(tmp_path, one_thread, open_page):
     write_models(tmp_path)
     app = create_app(tmp_path / "sd15.safetensors", models_dir=tmp_path, preview_interval=None)
-    with BackgroundServer(app) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page()
-        page.set_default_timeout(60_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#model option').length == 3")
+    with BackgroundServer(app) as url:
+        page = open_page(url, "document.querySelectorAll('#model option').length == 3", 60_000)
         assert page.is_hidden("#refiner-section") and page.input_value("#width") == "512"
         titles = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
         xl = next(t for t in titles if t.startswith("xl.safetensors"))
@@ -61,6 +52,5 @@ def test_sdxl_model_on_the_page(tmp_path):
         page.select_option("#model", sd15)
         page.wait_for_function("document.querySelector('#refiner-section').hidden")
         assert page.input_value("#width") == "32"  # typed by the user: kept
-        browser.close()
-    torch.set_num_threads(n)
-    assert errors == []
+        page.close()
+    assert page.errors == []
