@@ -168,6 +168,13 @@ class TrainConfig:
         "controlnet: the control map made from each training image: silhouette (its foreground on the white "
         "background, white on black: ldmkit.preprocess.foreground_mask) or canny / edges (Canny edges, 100/200)",
         "silhouette")
+    shape_augment: float = _help(
+        "controlnet (silhouette): share of training images moved (random scale/shift) and cut by a random blob or "
+        "irregular polygon on white, the map being the result's silhouette, so the map and not the caption gives "
+        "the shape (ldmkit.train.shape_augment); 0 = off", 0.0)
+    init_controlnet: str = _help(
+        "controlnet: start the ControlNet from this ControlNet run folder (its EMA weights) or file (e.g. an "
+        "exported .safetensors) instead of the model's U-Net copy; --resume continues a run exactly", "")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -289,6 +296,9 @@ def validate(cfg: TrainConfig) -> None:
              "text_encoder")
         need(cfg.condition in ("silhouette", "canny", "edges"),
              f"condition must be silhouette, canny or edges, got {cfg.condition!r}")
+        need(0.0 <= cfg.shape_augment <= 1.0, f"shape_augment is a probability, got {cfg.shape_augment}")
+        need(cfg.shape_augment == 0.0 or cfg.condition == "silhouette",
+             "shape_augment cuts images into random shapes for silhouette maps; drop it for canny/edges")
     if cfg.kind == "taesd":
         need(bool(cfg.init_from), "a tiny autoencoder is distilled from a model's VAE: pass --model, "
              "e.g. --model emoji")

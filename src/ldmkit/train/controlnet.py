@@ -88,8 +88,10 @@ def prepare_conditions(cfg: TrainConfig, run_dir: Path) -> None:
     from ldmkit.checkpoint import atomic_save_safetensors, read_safetensors
 
     path = run_dir / CONDITIONS_FILE
-    if path.exists() and read_safetensors(path)[1].get("condition") == cfg.condition:
-        return
+    if path.exists():
+        sd, meta = read_safetensors(path)
+        if meta.get("condition") == cfg.condition and (not cfg.shape_augment or "train_images" in sd):
+            return
     train, held = split_holdout(load_dataset(cfg.data, cfg.size), cfg.data, cfg.holdout)
     _, meta = read_safetensors(run_dir / "latents.safetensors")
     if json.loads(meta["keys"]) != train.keys:
@@ -97,6 +99,8 @@ def prepare_conditions(cfg: TrainConfig, run_dir: Path) -> None:
     held_n = min(EVAL_IMAGES, len(held))
     maps = {"train": condition_maps(train.images, cfg.condition),
             "held": condition_maps(held.images[:held_n], cfg.condition)}
+    if cfg.shape_augment:  # the augmentation cuts the images themselves; a resumed run needs no dataset
+        maps["train_images"] = train.images.contiguous()
     meta = {"condition": cfg.condition, "held_captions": json.dumps(held.captions[:held_n]),
             "held_keys": json.dumps(held.keys[:held_n])}
     atomic_save_safetensors(maps, path, meta)
@@ -166,11 +170,14 @@ class ControlNetTask(UNetTask):
         self.model_cfg = model.cfg.replace(name=run_dir.name, extra={"image_size": cfg.size})
         maps, meta = read_safetensors(run_dir / CONDITIONS_FILE)
         self.maps, self.held_maps = maps["train"], maps["held"]
+        self.images = maps.get("train_images")
         self.held_captions: list[str] = json.loads(meta["held_captions"])
         self.condition = condition
         self.record = record
 
         controlnet = controlnet_from_unet(model.unet, model.cfg.vae.downscale)
+        if cfg.init_controlnet and not (run_dir / CHECKPOINT).exists():  # a resumed run has its own weights
+            controlnet.load_state_dict(init_weights(cfg.init_controlnet, controlnet))
         self.net = ControlNetNet(controlnet, model.to(d.device), objective)
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int, flips: Tensor | None = None) -> dict[str, Any]:
@@ -179,7 +186,33 @@ class ControlNetTask(UNetTask):
         maps = self.maps[idx]
         if flips is not None:
             maps = torch.where(flips[:, None, None, None], maps.flip(-1), maps)
+        if self.cfg.shape_augment:  # drawn after everything above: p = 0 leaves the random stream as it was
+            batch["latents"], maps = self.shape_augment(idx, gen, flips, batch["latents"], maps)
         return {**batch, "hint": maps.float().div(255.0).expand(-1, 3, -1, -1).contiguous()}
+
+    def shape_augment(self, idx: Tensor, gen: torch.Generator, flips: Tensor | None, latents: Tensor,
+                      maps: Tensor) -> tuple[Tensor, Tensor]:
+        """``shape_augment``: each image with that probability moved and cut into a random shape
+        (:mod:`ldmkit.train.shape_augment`), re-encoded by the model's VAE (a posterior sample, as the
+        cache's), its map the result's silhouette."""
+        from ldmkit.train.shape_augment import augment
+
+        assert self.images is not None
+        pick = torch.rand(len(idx), generator=gen) < self.cfg.shape_augment
+        if not pick.any():
+            return latents, maps
+        images = self.images[idx[pick]]
+        if flips is not None:
+            images = torch.where(flips[pick][:, None, None, None], images.flip(-1), images)
+        images, new_maps = augment(images, gen)
+        vae = self.net.base.module.vae
+        with torch.no_grad():
+            mean, logvar = vae.encode(images.float().div(127.5).sub(1.0).to(self.device))
+        mean, std = mean.float().cpu(), torch.exp(0.5 * logvar).float().cpu()
+        z = (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
+        latents, maps = latents.clone(), maps.clone()
+        latents[pick], maps[pick] = z.to(latents.dtype), new_maps
+        return latents, maps
 
     def evaluate(self, eval_net: nn.Module, step: int) -> dict[str, float]:
         """Held-out captions drawn by the EMA ControlNet, each in another held-out image's map: ``samples/``
@@ -210,6 +243,34 @@ class ControlNetTask(UNetTask):
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "controlnet": self.record}
+
+
+def init_weights(source: str, controlnet: ControlNet) -> dict[str, Tensor]:
+    """``init_controlnet``: the weights of a ControlNet run folder (EMA) or file, float32, checked against
+    ``controlnet``'s layout."""
+    from ldmkit.checkpoint import read_safetensors
+    from ldmkit.train.export import ema_weights
+
+    path = Path(source)
+    if path.is_dir():
+        ckpt = read_checkpoint(path)
+        if ckpt["kind"] != "controlnet":
+            raise TrainError(f"--init-controlnet {source}: a {ckpt['kind']} run, not a ControlNet run")
+        sd = ema_weights(ckpt, "controlnet.")
+    elif path.is_file():
+        raw, meta = read_safetensors(path)
+        if json.loads(meta.get(METADATA_KEY, "{}")).get("scale", 1.0) != 1.0:
+            raise TrainError(f"--init-controlnet {source}: exported with --scale; start from its run or a file "
+                             "exported at scale 1")
+        sd = {k.removeprefix("control_model."): v for k, v in raw.items()}
+    else:
+        raise TrainError(f"--init-controlnet {source}: no such run folder or file")
+    own = controlnet.state_dict()
+    wrong = sorted(set(own) ^ set(sd)) or [k for k in own if own[k].shape != sd[k].shape]
+    if wrong:
+        raise TrainError(f"--init-controlnet {source}: another ControlNet layout than --model's ({wrong[0]!r} "
+                         "differs); start from a ControlNet trained for this model")
+    return {k: v.float() for k, v in sd.items()}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
