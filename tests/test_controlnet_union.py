@@ -178,3 +178,57 @@ def test_union_family_error_and_info(saved, capsys):
         assert line.startswith("ControlNet Union (8 control types: openpose, depth,") and "for SDXL" in line
         rc, cap = _run(capsys, "info", str(path))
         assert rc == 0 and "ControlNet Union (8 control types" in cap.out, cap
+
+
+def test_a1111_units_union_and_control_lora(pipe, saved, capsys, tmp_path):
+    """The A1111 API: a unit naming a ControlNet Union with the extension's union_control_type, and one naming a
+    Control-LoRA (built over the server's model), give the CLI's images; a Union without a type is a 422."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from test_control_lora import _make
+    from test_controlnet import diffusers_controlnet
+
+    from ldmkit.controlnet import read_controlnet
+    from ldmkit.server.app import create_app
+
+    folder, _, _, _ = pipe
+    (tmp_path / "cn").mkdir()
+    shutil.copytree(saved[0] / "union", tmp_path / "cn" / "union-tiny")
+    diffusers_controlnet(TINY_SDXL.unet, hint=HINT, seed=9).save_pretrained(tmp_path / "known")
+    model = checkpoint.load(folder / "model")
+    _make({k: v.clone() for k, v in model.unet.state_dict().items()}, read_controlnet(tmp_path / "known"),
+          tmp_path / "cn" / "control-lora-tiny.safetensors", rank=4)
+    app = create_app(folder / "model", controlnet_dir=tmp_path / "cn", preview_interval=None, device="cpu")
+    client = TestClient(app, raise_server_exceptions=False)
+    buf = io.BytesIO()
+    Image.open(folder / "map0.png").save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    common = {"prompt": PROMPT, "steps": 4, "seed": 5, "width": 24, "height": 16, "cfg_scale": 5,
+              "sampler_name": "Euler"}
+    try:
+        titles = client.get("/controlnet/model_list").json()["model_list"]
+        assert {t.split(" [")[0] for t in titles} >= {"union-tiny", "control-lora-tiny"}
+        got = {}
+        for name, extra in (("union-tiny", {"union_control_type": "Depth"}), ("control-lora-tiny", {})):
+            unit = {"module": "none", "model": name, "image": b64, "weight": 0.8, "resize_mode": "Just Resize", **extra}
+            r = client.post("/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+            assert r.status_code == 200, r.text
+            got[name] = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        unit = {"module": "none", "model": "union-tiny", "image": b64}
+        r = client.post("/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 422 and "union_control_type" in r.text, r.text
+    finally:
+        app.state.worker.stop()
+    settings = ["--steps", "4", "--sampler", "Euler", "--seed", "5", "--width", "24", "--height", "16",
+                "--cfg-scale", "5", "--control-image", str(folder / "map0.png"), "--control-weight", "0.8"]
+    for name, extra in (("union-tiny", ["--control-type", "depth"]), ("control-lora-tiny.safetensors", [])):
+        out = tmp_path / f"{name}.png"
+        rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *settings, "--controlnet",
+                       str(tmp_path / "cn" / name), *extra, "-o", str(out))
+        assert rc == 0, cap.err
+        ref = got[name.removesuffix(".safetensors")]
+        assert np.array_equal(np.asarray(ref.convert("RGB")), np.asarray(Image.open(out).convert("RGB"))), name

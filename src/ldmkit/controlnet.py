@@ -451,7 +451,7 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
     else:
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", torch.float32)
         net = load_controlnet(controlnet, model.cfg.unet, dtype=dtype, device=model.device,  # type: ignore[attr-defined]
-                              base_weights=_LazyWeights(model.unet))  # type: ignore[attr-defined]
+                              base_weights=LazyStateDict(model.unet))  # type: ignore[attr-defined]
         from ldmkit.api import builtin_controlnet_path
 
         title = model_title(builtin_controlnet_path(str(controlnet)) or controlnet)  # a built-in: its file
@@ -476,7 +476,7 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
     return dataclasses.replace(unit, settings=settings)
 
 
-class _LazyWeights(Mapping):
+class LazyStateDict(Mapping):
     """A module's state dict, read only when a Control-LoRA asks for it (float32, on the CPU)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -645,4 +645,4 @@ def units_from_args(args: object, model: object, width: int, height: int,
 
 __all__ = ["ControlNetError", "ControlUnit", "ControlledUNet", "check_fits", "config_from_weights", "control_map",
            "control_problem", "describe_file", "diffusers_to_original", "load_controlnet", "make_unit", "map_tensor",
-           "read_controlnet", "units_from_args"]
+           "read_controlnet", "units_from_args", "LazyStateDict"]

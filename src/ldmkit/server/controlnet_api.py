@@ -54,6 +54,7 @@ class UnitArgs(BaseModel):
     control_mode: str | int = "Balanced"
     pixel_perfect: bool = False
     hr_option: str = "Both"  # with the hires fix: "Both", "Low res only", "High res only"
+    union_control_type: str | int = "Unknown"  # a ControlNet Union's map type ("Depth", "Hard Edge", ...)
 
 
 class ControlNetFolder:
@@ -137,7 +138,10 @@ class ControlNetFolder:
         if self.kind(path) == "adapter":
             net = load_adapter(path, model.cfg, device=model.device, **kwargs)
         else:
-            net = load_controlnet(path, model.cfg.unet, device=model.device, **kwargs)
+            from ldmkit.controlnet import LazyStateDict
+
+            net = load_controlnet(path, model.cfg.unet, device=model.device, base_weights=LazyStateDict(model.unet),
+                                  **kwargs)  # a Control-LoRA is built over the model's U-Net
         with self._lock:
             self._cache[key] = net
             while len(self._cache) > 2:
@@ -268,16 +272,35 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
                     "guidance_end": float(unit.guidance_end), "pixel_perfect": bool(unit.pixel_perfect),
                     "control_mode": control_mode})
             else:
+                ctype = _union_type(net, unit.union_control_type, (*loc, "union_control_type"), A.model_title(path))
                 made = make_unit(model, net, image, width, height, unit.weight, unit.guidance_start,
                                  unit.guidance_end, module, log, control_mode=control_mode, resize_mode=resize_mode,
                                  pixel_perfect=unit.pixel_perfect, processor_res=res, threshold_a=ta,
-                                 threshold_b=tb, hr_option=hr_option)
+                                 threshold_b=tb, hr_option=hr_option, control_type=ctype)
         except CheckpointError as e:  # ControlNetError, AdapterError: a file for another model, unreadable
             raise field_error((*loc, "model"), str(e), unit.model) from None
         except ValueError as e:
             raise field_error(loc, str(e), None) from None
         units.append(dataclasses.replace(made, settings={**(made.settings or {}), "model": A.model_title(path)}))
     return tuple(units)
+
+
+def _union_type(net: Any, value: str | int, loc: tuple, title: str) -> int | None:
+    """A ControlNet Union unit's control type (the extension's union_control_type, or ldmkit's names); None for
+    other ControlNets, where the field is ignored as the extension does. 422 when a Union lacks one."""
+    from ldmkit.controlnet_files import control_type, type_names
+    from ldmkit.models.controlnet_union import UnionConfig
+
+    if not isinstance(getattr(net, "cfg", None), UnionConfig):
+        return None
+    if str(value).strip().lower() in ("", "unknown", "none"):
+        raise field_error(loc, f"{title} is a ControlNet Union: set union_control_type ({type_names()}; the "
+                               "extension's OpenPose, Depth, Soft Edge, Hard Edge, Normal Map, Segmentation, Tile, "
+                               "Inpaint)", value)
+    try:
+        return control_type(value, net.cfg.num_types)
+    except ValueError as e:
+        raise field_error(loc, str(e), value) from None
 
 
 def units_key(units: tuple) -> str:
