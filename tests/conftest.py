@@ -50,3 +50,10 @@ def open_page():
         browser.close()
     assert [e for p in pages for e in p.errors] == []
 
+
+@pytest.fixture(scope="module")
+def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny SD1 model (config.TINY, seed 0) as one .safetensors file: what the trainers start from."""
+    from train_runs import tiny_model_file
+
+    return tiny_model_file(tmp_path_factory.mktemp("models") / "tiny.safetensors")

@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from reference import diffusers_unet
 from shapes import write_shapes
+from train_runs import assert_same_weights, crash_and_resume
 
 from ldmkit import cli, convert
-from ldmkit.checkpoint import read_safetensors, save_single_file
+from ldmkit.checkpoint import read_safetensors
 from ldmkit.config import TINY
 from ldmkit.controlnet import diffusers_to_original, load_controlnet
-from ldmkit.model import StableDiffusion
 from ldmkit.models.unet import UNetModel
 from ldmkit.train import TrainError, defaults, export_run, train
 from ldmkit.train.controlnet import CONDITIONS_FILE, controlnet_from_unet
@@ -40,23 +40,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
 
 
-@pytest.fixture(scope="module")
-def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
-    save_single_file(StableDiffusion(TINY), path)
-    return path
-
-
 def cn_cfg(data: Path, model: Path, **kw):
     base = dict(data=str(data), init_from=str(model), size=SIZE, batch_size=3, total_steps=4, warmup_steps=1,
                 lr=1e-3, log_every=1, sample_every=0, checkpoint_every=2, device="cpu", ema_decay=0.9, holdout=2)
     return defaults("controlnet").replace(**{**base, **kw})
-
-
-def losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
 # ---------------------------------------------------------------- the start
@@ -111,30 +98,10 @@ def test_edge_maps_are_opencvs_canny(data: Path, sd1_file: Path, tmp_path: Path)
 
 
 def test_resumed_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_path: Path) -> None:
-    cfg = cn_cfg(data, sd1_file, total_steps=5)
-    train(cfg, tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int, info: dict) -> None:
-        if step == 3:
-            raise Crash
-
-    with pytest.raises(Crash):  # after step 3's update, before a checkpoint: the last one is step 2
-        train(cfg, tmp_path / "b", on_step=crash_at_3)
-    assert read_checkpoint(tmp_path / "b")["step"] == 2
-    train(cfg, tmp_path / "b", resume=True)
-
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5]
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
-    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
-    assert ca["net"].keys() == cb["net"].keys() and all(k.startswith("controlnet.") for k in ca["net"])
-    for k, v in ca["net"].items():
-        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
-    for k, v in ca["ema"]["shadow"].items():
-        assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
+    # stopped after step 3's update, before a checkpoint: the last one is step 2
+    ca, cb, _ = crash_and_resume(cn_cfg(data, sd1_file, total_steps=5), tmp_path / "a", tmp_path / "b", 3, 2)
+    assert_same_weights(ca, cb)
+    assert all(k.startswith("controlnet.") for k in ca["net"])
     assert ca["net"]["controlnet.zero_convs.0.0.weight"].abs().max() > 0  # the zero convolutions learnt
 
 

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from reference import rel_err
 from shapes import write_shapes
+from train_runs import assert_same_weights, crash_and_resume, tiny_model_file
 
 from ldmkit import cli
 from ldmkit.checkpoint import load, read_safetensors, save_single_file
 from ldmkit.config import TINY, TINY_SD2
 from ldmkit.lora import apply_lora
-from ldmkit.model import StableDiffusion
 from ldmkit.train import defaults, export_run, train
 from ldmkit.train.lcm import LCM_LORA_FILE, LCMTask
 from ldmkit.train.runner import DistInfo, read_checkpoint
@@ -36,20 +36,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("data"), 8, SIZE)
 
 
-def _save(cfg, path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    save_single_file(StableDiffusion(cfg), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(TINY, tmp_path_factory.mktemp("models") / "tiny.safetensors", 0)
-
-
 @pytest.fixture(scope="module")
 def sd2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(TINY_SD2, tmp_path_factory.mktemp("models") / "tiny-sd2.safetensors", 1)
+    return tiny_model_file(tmp_path_factory.mktemp("models") / "tiny-sd2.safetensors", TINY_SD2, 1)
 
 
 def lcm_cfg(data: Path, model: Path, **kw):
@@ -57,11 +46,6 @@ def lcm_cfg(data: Path, model: Path, **kw):
                 lr=1e-3, log_every=1, sample_every=0, checkpoint_every=2, device="cpu", w_min=2.0, w_max=6.0,
                 num_ddim_timesteps=10, target_decay=0.5, ema_decay=0.9)
     return defaults("lcm").replace(**{**base, **kw})
-
-
-def losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
 # ---------------------------------------------------------------- the target, in closed form
@@ -144,30 +128,10 @@ def test_boundary_condition_at_t0() -> None:
 
 
 def test_resumed_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_path: Path) -> None:
-    cfg = lcm_cfg(data, sd1_file, total_steps=5)
-    train(cfg, tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int, info: dict) -> None:
-        if step == 3:
-            raise Crash
-
-    with pytest.raises(Crash):  # after step 3's update, before a checkpoint: the last one is step 2
-        train(cfg, tmp_path / "b", on_step=crash_at_3)
-    assert read_checkpoint(tmp_path / "b")["step"] == 2
-    train(cfg, tmp_path / "b", resume=True)
-
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5]
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
-    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
-    assert ca["net"].keys() == cb["net"].keys() and int(ca["net"]["target_step"]) == 4
-    for k, v in ca["net"].items():
-        assert (v.float() - cb["net"][k].float()).abs().max() <= 1e-6, k
-    for k, v in ca["ema"]["shadow"].items():
-        assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
+    # stopped after step 3's update, before a checkpoint: the last one is step 2
+    ca, cb, _ = crash_and_resume(lcm_cfg(data, sd1_file, total_steps=5), tmp_path / "a", tmp_path / "b", 3, 2)
+    assert_same_weights(ca, cb)
+    assert int(ca["net"]["target_step"]) == 4
     # the target network is an EMA of the online one: it moved, and lags behind
     teacher = load(sd1_file).unet.state_dict()
     key = "out.2.weight"
@@ -194,7 +158,7 @@ def test_init_student_continues_from_an_exported_model(data: Path, sd1_file: Pat
     assert cli.main(["train", "lcm", "--model", str(sd1_file), "--init-student", str(tmp_path / "other"),
                      "--data", str(data), "--out", str(tmp_path / "r"), "--size", str(SIZE), "--device", "cpu"]) == 2
     assert "--init-student" in capsys.readouterr().err
-    sd2 = _save(TINY_SD2, tmp_path / "sd2.safetensors", 1)
+    sd2 = tiny_model_file(tmp_path / "sd2.safetensors", TINY_SD2, 1)
     assert cli.main(["train", "lcm", "--model", str(sd1_file), "--init-student", str(sd2), "--data", str(data),
                      "--out", str(tmp_path / "r2"), "--size", str(SIZE), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()

@@ -226,40 +226,17 @@ def taesd_cfg(teacher, **kw):
     return defaults("taesd").replace(**{**base, **kw})
 
 
-def _losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
-
-
 @pytest.mark.parametrize("cached", [True, False], ids=["teacher-cache", "teacher-each-step"])
 def test_resumed_taesd_run_matches_uninterrupted(teacher, tmp_path, cached, monkeypatch):
+    from train_runs import assert_same_weights, crash_and_resume
+
     from ldmkit.train import taesd as T
-    from ldmkit.train import train
-    from ldmkit.train.runner import read_checkpoint
 
     if not cached:
         monkeypatch.setattr(T, "CACHE_BYTES", 0)
-    cfg = taesd_cfg(teacher)
-    train(cfg, tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(step: int, info: dict) -> None:
-        if step == 4:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "b", on_step=crash_at_4)
-    assert read_checkpoint(tmp_path / "b")["step"] == 2
-    train(cfg, tmp_path / "b", resume=True)
-    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5]
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
-    assert len(set(a.values())) == 5
-    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
-    for k, v in ca["net"].items():
-        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
+    ca, cb, a = crash_and_resume(taesd_cfg(teacher), tmp_path / "a", tmp_path / "b", 4, 2)
+    assert len(set(a.values())) == 5 and list(a) == [1, 2, 3, 4, 5]
+    assert_same_weights(ca, cb, ema=False)
     assert not any(k.startswith("teacher") for k in ca["net"])  # the frozen teacher is not saved
 
 
