@@ -232,3 +232,22 @@ def test_a1111_units_union_and_control_lora(pipe, saved, capsys, tmp_path):
         assert rc == 0, cap.err
         ref = got[name.removesuffix(".safetensors")]
         assert np.array_equal(np.asarray(ref.convert("RGB")), np.asarray(Image.open(out).convert("RGB"))), name
+
+
+def test_explain_shows_a_union_units_maps(pipe, saved, tmp_path):
+    """The explain page with a two-map Union unit: both maps side by side, the types named, residual RMS per block."""
+    from ldmkit.explain import explain, write_page
+
+    folder, _, _, maps = pipe
+    model = checkpoint.load(folder / "model")
+    hint = torch.cat([control_map(m, *SIZE) for m in maps], dim=1)
+    unit = ControlUnit(load_controlnet(saved[0] / "union", model.cfg.unet), hint, 0.7, control_types=(1, 0))
+    params = GenerationParams(PROMPT, steps=3, sampler="Euler", seed=5, width=24, height=16, cfg_scale=5,
+                              controlnets=(unit,))
+    ex = explain(model, params)
+    view = ex.control[0]
+    assert view.map_image.size == (2 * SIZE[0], SIZE[1])
+    assert np.array_equal(np.asarray(view.map_image)[:, SIZE[0]:], np.asarray(maps[1].convert("RGB")))
+    assert view.rms.shape == (3, len(unit.model.zero_convs) + 1) and (view.rms > 0).all()
+    page = write_page(ex, tmp_path / "page", model.tokenizer).read_text()
+    assert "ControlNet Union: depth + openpose" in page

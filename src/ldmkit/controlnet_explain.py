@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 
@@ -38,14 +39,25 @@ def control_views(units: Sequence[object], rows: Sequence[tuple[int, int, list[f
                 table[i] = np.nan_to_num(table[i]) + np.asarray(rms)
                 count[i] += 1
         table[count > 0] /= count[count > 0, None]
-        a = (image[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        maps = torch.cat(image[0].split(3), dim=2)  # a ControlNet Union's several maps: side by side
+        a = (maps.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
         s = getattr(unit, "settings", None) or {}
         name = str(s.get("model") or getattr(unit.model, "source_name", f"ControlNet {k}"))  # type: ignore[attr-defined]
         text = (f"weight {unit.weight:g}, steps {unit.start:g}–{unit.end:g} of the run, "  # type: ignore[attr-defined]
                 f"{unit.control_mode}"  # type: ignore[attr-defined]
-                + (f", preprocessor {s['module']}, {s['resize_mode']}" if s else ""))
+                + (f", preprocessor {s['module']}, {s['resize_mode']}" if s else "")
+                + _union_text(unit))
         views.append(ControlView(k, name, text, Image.fromarray(a), table))
     return views
+
+
+def _union_text(unit: object) -> str:
+    types = getattr(unit, "control_types", ())
+    if not types:
+        return ""
+    from ldmkit.models.controlnet_union import UNION_TYPES
+
+    return ", ControlNet Union: " + " + ".join(UNION_TYPES[t] if t < len(UNION_TYPES) else str(t) for t in types)
 
 
 def images(views: Sequence[ControlView]) -> dict[str, Image.Image]:
