@@ -251,3 +251,29 @@ def test_explain_shows_a_union_units_maps(pipe, saved, tmp_path):
     assert view.rms.shape == (3, len(unit.model.zero_convs) + 1) and (view.rms > 0).all()
     page = write_page(ex, tmp_path / "page", model.tokenizer).read_text()
     assert "ControlNet Union: depth + openpose" in page
+
+
+@pytest.mark.parametrize("types", [6, 8], ids=["union", "promax"])
+def test_full_size_union_layout(types):
+    """The released architecture (xinsir's config.json: the SDXL ControlNet plus num_control_type 6 / 8, 320-wide
+    tokens, 1 transformer layer), on the meta device: every converted name and shape is a parameter of ldmkit's
+    UnionControlNet built for the SDXL base U-Net."""
+    from diffusers import ControlNetUnionModel
+
+    from ldmkit.config import SDXL_BASE
+    from ldmkit.controlnet import config_from_weights, diffusers_to_original
+    from ldmkit.controlnet_files import split_union
+
+    accepted = set(inspect.signature(ControlNetUnionModel.__init__).parameters)
+    c = {k: v for k, v in diffusers_controlnet_config(SDXL_BASE.unet).items() if k in accepted}
+    with torch.device("meta"):
+        ref = ControlNetUnionModel(**c, num_control_type=types).state_dict()
+    net, extras = split_union(ref)
+    sd = {**diffusers_to_original(net), **extras}
+    cfg = config_from_weights(sd, SDXL_BASE.unet)
+    assert (cfg.num_types, cfg.trans_channels, cfg.trans_layers, cfg.proj_channels, cfg.type_embed_dim) == (
+        types, 320, 1, 320, 256)
+    assert cfg.unet.transformer_depth == SDXL_BASE.unet.transformer_depth and cfg.hint_channels == (16, 32, 96, 256)
+    with torch.device("meta"):
+        ours = UnionControlNet(cfg).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in sd.items()}
