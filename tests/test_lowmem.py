@@ -50,10 +50,8 @@ def files(tmp_path_factory):
 
 
 def _latents(model: StableDiffusion, params: P.GenerationParams = PARAMS) -> torch.Tensor:
-    """The pipeline's stages up to the final latent (txt2img)."""
-    p, cond, uncond, seeds, noise = P._prepare(model, params)
-    return P.run_sampler(model, params, noise * P.start_scale(p.sampler, p.sigmas[0]), p.sigmas, p.fn, cond, uncond,
-                         seeds)
+    """txt2img up to the final latent (the generation core: prepare and sample)."""
+    return P.txt2img_latents(model, params)[1]
 
 
 def _decoded(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:

@@ -39,25 +39,12 @@ from ldmkit.core import (  # noqa: F401  (re-exported: the pipeline's public nam
     start_scale,
     validate,
 )
-from ldmkit.denoisers import Conditioning, as_conditioning
 from ldmkit.images import convert as convert_image
 from ldmkit.model import StableDiffusion
 from ldmkit.networks import last_report
 from ldmkit.tiling import per_generation
 from ldmkit.vae_tiling import decode as vae_decode
 from ldmkit.vae_tiling import encode as vae_encode
-
-
-def run_sampler(model: StableDiffusion, params: GenerationParams, x: Tensor, sigmas: Tensor, sampler_fn: object,
-                cond: Tensor | Conditioning, uncond: Tensor | Conditioning, seeds: list[int], *,
-                c_concat: Tensor | None = None, mask: Tensor | None = None, init_latent: Tensor | None = None,
-                callback: StepCallback | None = None) -> Tensor:
-    """The stage API from before :mod:`ldmkit.core` (kept for its callers): :func:`core.denoise` from a
-    start ``x`` at ``sigmas[0]``."""
-    p = plan(model, params, seed=seeds[0])
-    p = dataclasses.replace(p, spec=dataclasses.replace(p.spec, fn=sampler_fn), sigmas=sigmas)
-    return denoise(model, p, as_conditioning(cond, c_concat), as_conditioning(uncond, c_concat), x,
-                   init_latent=init_latent, mask=mask, callback=callback)
 
 
 def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]:
@@ -157,12 +144,6 @@ def infotext(model: StableDiffusion, params: GenerationParams, seed: int, sample
 def _job(model: StableDiffusion, params: GenerationParams) -> Job:
     # this module's initial_noise, looked up at call time: the parity tests give it diffusers' draw order
     return prepare(model, params, noise_fn=initial_noise)
-
-
-def _prepare(model: StableDiffusion, params: GenerationParams) -> tuple:
-    """The stage API from before :mod:`ldmkit.core` (kept for its callers): (plan, cond, uncond, seeds, noise)."""
-    job = _job(model, params)
-    return job.plan, job.cond.context, job.uncond.context, job.seeds, job.noise
 
 
 def finish(model: StableDiffusion, params: GenerationParams, latents: Tensor, seeds: list[int], p: Plan,
