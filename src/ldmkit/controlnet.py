@@ -291,11 +291,12 @@ _TRACES = threading.local()
 
 
 @contextmanager
-def trace_residuals() -> Iterator[list[tuple[int, int, list[float]]]]:
+def trace_residuals() -> Iterator[list[tuple[object, int, list[float]]]]:
     """Record, in this thread, the root-mean-square of every residual each ControlNet adds (after its weight
-    and control mode): a list of (unit index, step index, [RMS of skip 1, ..., skip K, middle]) per call.
+    and control mode), and of every feature a T2I-Adapter adds (after its weight): a list of (the unit, step
+    index, [RMS of skip 1, ..., skip K, middle] or [RMS of level 1, ..., level L]) per call.
     ``ldmkit explain`` shows it per block and step."""
-    rows: list[tuple[int, int, list[float]]] = []
+    rows: list[tuple[object, int, list[float]]] = []
     stack = list(getattr(_TRACES, "stack", []))
     _TRACES.stack = [*stack, rows]
     try:
@@ -304,12 +305,13 @@ def trace_residuals() -> Iterator[list[tuple[int, int, list[float]]]]:
         _TRACES.stack = stack
 
 
-def _report(k: int, i: int, r: Residuals) -> None:
+def report_rms(unit: object, i: int, tensors: Sequence[Tensor]) -> None:
+    """Tell :func:`trace_residuals` (when one records) what ``unit`` added at step ``i``."""
     stack = getattr(_TRACES, "stack", None)
     if stack:
-        rms = [float(t.float().pow(2).mean().sqrt()) for t in (*r.down, r.mid)]
+        rms = [float(t.float().pow(2).mean().sqrt()) for t in tensors]
         for rows in stack:
-            rows.append((k, i, rms))
+            rows.append((unit, i, rms))
 
 
 class ControlledUNet:
@@ -365,7 +367,7 @@ class ControlledUNet:
                 r = Residuals([d * s for d, s in zip(r.down, scales, strict=False)], r.mid * scales[-1])
             else:
                 r = r.scaled(weight)
-            _report(self.units.index(unit), i, r)
+            report_rms(unit, i, [*r.down, r.mid])
             if skip:
                 r = Residuals([F.pad(d, (0, 0, 0, 0, 0, 0, skip, 0)) for d in r.down],
                               F.pad(r.mid, (0, 0, 0, 0, 0, 0, skip, 0)))  # zeros for the unconditional rows

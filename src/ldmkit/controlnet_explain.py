@@ -20,18 +20,23 @@ class ControlView:
     settings: str  # weight, window, mode, ...
     map_image: Image.Image  # the map the ControlNet read
     rms: np.ndarray  # (steps, blocks): mean RMS over the step's U-Net calls, NaN where the unit was off
+    kind: str = "controlnet"  # or "adapter": a T2I-Adapter, whose blocks are its feature levels
 
 
-def control_views(units: Sequence[object], rows: Sequence[tuple[int, int, list[float]]], steps: int
+def control_views(units: Sequence[object], rows: Sequence[tuple[object, int, list[float]]], steps: int
                   ) -> list[ControlView]:
-    """The views of ``units`` (ControlUnits; other kinds skipped) from the trace ``rows``."""
+    """The views of ``units`` (ControlUnits and T2I-Adapter AdapterUnits) from the trace ``rows``."""
+    from ldmkit.t2i_adapter import AdapterUnit, feature_shapes
+
     views = []
     for k, unit in enumerate(units):
         image = getattr(unit, "image", None)
-        if image is None or not hasattr(unit, "control_mode"):
+        adapter = isinstance(unit, AdapterUnit)
+        if image is None or not (adapter or hasattr(unit, "control_mode")):
             continue
-        mine = [(i, rms) for u, i, rms in rows if u == k]
-        blocks = len(mine[0][1]) if mine else len(getattr(unit.model, "zero_convs", [])) + 1  # type: ignore[attr-defined]
+        mine = [(i, rms) for u, i, rms in rows if u is unit]
+        blocks = (len(mine[0][1]) if mine else len(feature_shapes(unit.model.cfg)) if adapter  # type: ignore[attr-defined]
+                  else len(getattr(unit.model, "zero_convs", [])) + 1)  # type: ignore[attr-defined]
         table = np.full((steps, blocks), np.nan)
         count = np.zeros(steps)
         for i, rms in mine:
@@ -40,14 +45,18 @@ def control_views(units: Sequence[object], rows: Sequence[tuple[int, int, list[f
                 count[i] += 1
         table[count > 0] /= count[count > 0, None]
         maps = torch.cat(image[0].split(3), dim=2)  # a ControlNet Union's several maps: side by side
+        if maps.shape[0] == 1:  # a grey map (sketch adapters)
+            maps = maps.expand(3, -1, -1)
         a = (maps.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
         s = getattr(unit, "settings", None) or {}
         name = str(s.get("model") or getattr(unit.model, "source_name", f"ControlNet {k}"))  # type: ignore[attr-defined]
+        mode = (f"T2I-Adapter ({unit.model.cfg.adapter_type})" if adapter  # type: ignore[attr-defined]
+                else unit.control_mode)  # type: ignore[attr-defined]
         text = (f"weight {unit.weight:g}, steps {unit.start:g}–{unit.end:g} of the run, "  # type: ignore[attr-defined]
-                f"{unit.control_mode}"  # type: ignore[attr-defined]
+                f"{mode}"
                 + (f", preprocessor {s['module']}, {s['resize_mode']}" if s else "")
                 + _union_text(unit))
-        views.append(ControlView(k, name, text, Image.fromarray(a), table))
+        views.append(ControlView(k, name, text, Image.fromarray(a), table, "adapter" if adapter else "controlnet"))
     return views
 
 
@@ -71,7 +80,10 @@ def render_section(views: Sequence[ControlView], files: dict[str, str]) -> str:
     body = []
     for v in views:
         steps, blocks = v.rms.shape
-        head = ["step"] + [f"skip {b + 1}" for b in range(blocks - 1)] + ["middle"]
+        if v.kind == "adapter":
+            head = ["step"] + [f"level {b + 1}" for b in range(blocks)]
+        else:
+            head = ["step"] + [f"skip {b + 1}" for b in range(blocks - 1)] + ["middle"]
         peak = np.nanmax(v.rms) if np.isfinite(v.rms).any() else 1.0
         rows = []
         for i in range(steps):
@@ -83,7 +95,8 @@ def render_section(views: Sequence[ControlView], files: dict[str, str]) -> str:
                     a = 0.08 + 0.6 * float(x) / float(peak or 1.0)
                     cells.append(f'<span style="background:rgba(230,120,40,{a:.2f})">{x:.3g}</span>')
             rows.append(cells)
-        body.append(f"<h3>ControlNet {v.index}: {html.escape(v.name)}</h3><p>{html.escape(v.settings)}</p>"
+        what = "T2I-Adapter" if v.kind == "adapter" else "ControlNet"
+        body.append(f"<h3>{what} {v.index}: {html.escape(v.name)}</h3><p>{html.escape(v.settings)}</p>"
                     f'<div class="row">{_fig(files[f"control{v.index}"], "the control map it read", "px")}'
                     f"{_table(head, rows)}</div>")
     return _section(
@@ -93,7 +106,9 @@ def render_section(views: Sequence[ControlView], files: dict[str, str]) -> str:
         "block. The table gives the root-mean-square of each residual (after its weight and control mode) per "
         "step, averaged over the step's U-Net calls: large numbers are where the map pulls hardest on the "
         "image; 'off' marks steps outside its start–end window. Skip 1 is the finest resolution (the first "
-        "encoder block), the middle the coarsest.", "".join(body))
+        "encoder block), the middle the coarsest. A T2I-Adapter instead encodes the map once into one feature "
+        "per U-Net level, added to the encoder's output there at every active step: its table gives each "
+        "level's feature RMS (after its weight), level 1 the finest.", "".join(body))
 
 
 __all__ = ["ControlView", "control_views", "images", "render_section"]

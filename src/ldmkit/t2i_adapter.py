@@ -261,6 +261,8 @@ class AdaptedUNet(ControlledUNet):
         self.downscale = downscale  # the VAE's: latent size -> the map's pixel size
 
     def features(self, x: Tensor, t: Tensor) -> list[Tensor] | None:
+        from ldmkit.controlnet import report_rms
+
         i, n = self.step_index(t), len(self.step_t)
         total = None
         size = (x.shape[-2] * self.downscale, x.shape[-1] * self.downscale)
@@ -268,6 +270,7 @@ class AdaptedUNet(ControlledUNet):
             if not unit.active(i, n) or unit.weight == 0:
                 continue
             f = [v * unit.weight for v in unit.features(size, x.device)]
+            report_rms(unit, i, f)  # the explain page's strength per level
             total = f if total is None else [a + b for a, b in zip(total, f, strict=True)]
         return total
 
