@@ -359,6 +359,27 @@ def probe_v_prediction(unet: nn.Module, cfg: ModelConfig) -> bool:
     return bool(cos < 0.5)
 
 
+@contextmanager
+def errors_naming(path: Path) -> Iterator[None]:
+    """A ValueError raised inside (a key, config or metadata problem) becomes a CheckpointError that names
+    ``path``; a CheckpointError already says what is wrong and passes as it is."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def from_single_file(model: M, path: Path, metadata: dict[str, str]) -> M:
+    """``model`` (just built from the file ``path``) with the file's name and the settings its header
+    recommends."""
+    model.source_name, model.source_path = path.stem, str(path)  # type: ignore[attr-defined]
+    with errors_naming(path):
+        model.recommended = read_recommended(metadata)  # type: ignore[attr-defined]
+    return model
+
+
 def load_single_file(path: str | os.PathLike, model_type: str | None = None,
                      dtype: torch.dtype = torch.float32) -> StableDiffusion:
     p = Path(path)
@@ -367,25 +388,15 @@ def load_single_file(path: str | os.PathLike, model_type: str | None = None,
         from ldmkit.checkpoint_sdxl import load_sdxl_single_file
 
         return load_sdxl_single_file(p, sd, metadata, model_type, dtype)  # type: ignore[return-value]
-    try:
+    with errors_naming(p):
         cfg = config_from_ldm(sd, metadata, p.stem, model_type)
         unet, vae, text, _layout = convert.split_ldm_checkpoint(sd)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{p}: {e}") from None
     del sd
     model = build_model(cfg, {"unet": unet, "vae": vae, "text_encoder": text}, dtype=dtype)
     if (model_type is None and CONFIG_METADATA_KEY not in metadata and cfg.family == "sd2"
             and cfg.prediction == "eps" and probe_v_prediction(model.unet, cfg)):
         model.cfg = cfg.replace(prediction="v")
-    model.source_name = p.stem
-    model.source_path = str(p)
-    try:
-        model.recommended = read_recommended(metadata)
-    except ValueError as e:
-        raise CheckpointError(f"{p}: {e}") from None
-    return model
+    return from_single_file(model, p, metadata)
 
 
 def save_single_file(model: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None,

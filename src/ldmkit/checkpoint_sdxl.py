@@ -22,11 +22,13 @@ from ldmkit.checkpoint import (
     _read_part,
     atomic_save_safetensors,
     atomic_write_text,
+    errors_naming,
+    from_single_file,
     load_strict,
 )
 from ldmkit.config import ModelConfig, TextEncoderConfig
 from ldmkit.models.tokenizer import CLIPTokenizer
-from ldmkit.recommended import RECOMMENDED_METADATA_KEY, Recommended, read_recommended
+from ldmkit.recommended import RECOMMENDED_METADATA_KEY, Recommended
 from ldmkit.sdxl import StableDiffusionXL
 
 StateDict = dict[str, torch.Tensor]
@@ -79,21 +81,13 @@ def describe(cfg: ModelConfig) -> str:
 def load_sdxl_single_file(path: str | os.PathLike, sd: StateDict, metadata: dict[str, str],
                           model_type: str | None = None, dtype: torch.dtype = torch.float32) -> StableDiffusionXL:
     p = Path(path)
-    try:
+    with errors_naming(p):
         cfg = sdxl_config(sd, metadata, p.stem, model_type)
         unet, vae, texts, _ = convert_sdxl.split_sdxl_checkpoint(sd)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{p}: {e}") from None
     del sd
     names = ["text_encoder", "text_encoder_2"][: len(texts)]
     model = build_sdxl(cfg, {"unet": unet, "vae": vae, **dict(zip(names, texts, strict=True))}, dtype=dtype)
-    model.source_name, model.source_path = p.stem, str(p)
-    try:
-        model.recommended = read_recommended(metadata)
-    except ValueError as e:
-        raise CheckpointError(f"{p}: {e}") from None
+    from_single_file(model, p, metadata)
     if model_type == "sdxl-turbo" and model.recommended is None:
         model.recommended = TURBO_RECOMMENDED
     return model
