@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from ldmkit.models.unet import UNetModel, guidance_embedding
 from ldmkit.schedules import lcm_boundary_scalings, sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
 from ldmkit.train.lora import LoRAWeights, fingerprint
+from ldmkit.train.run_record import check_same_model, keep_record
 from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
 from ldmkit.train.sources import load_model
 from ldmkit.train.unet import UNetTask, _Shared, check_size, prepare_files
@@ -263,9 +263,7 @@ class LoRADistiller(ConsistencyLoss):
 
 
 def _check_record(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
-    if old["fingerprint"] != new["fingerprint"]:
-        raise TrainError(f"--model {new['init_from']} has other weights than the teacher {run_dir} was started "
-                         f"with ({old['init_from']}); resume with that model")
+    check_same_model(old, new, f"the teacher {run_dir} was started with")
     base = TrainConfig()  # a setting added since the run started has its default there
     diffs = [f"{k}: {old.get(k, getattr(base, k))!r} in the run, {new[k]!r} now" for k in _RECORDED
              if old.get(k, getattr(base, k)) != new[k]]
@@ -281,8 +279,6 @@ class LCMTask(UNetTask):
     arch_parts = ("unet", "text", "vae")  # the teacher's: resuming on another model fails early
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: DistInfo):
-        from ldmkit.checkpoint import atomic_write_text
-
         self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
         model = load_model(cfg.init_from, "--model")
         if model.cfg.is_inpainting:
@@ -295,12 +291,8 @@ class LCMTask(UNetTask):
         check_size(cfg.size, model.cfg.vae, model.cfg.unet)
         record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model),
                   **{k: getattr(cfg, k) for k in _RECORDED}}
-        if (run_dir / CHECKPOINT).exists():
-            if not (run_dir / RUN_FILE).exists():
-                raise TrainError(f"{run_dir}: no {RUN_FILE}; is it a `ldmkit train lcm` run folder?")
-            _check_record(json.loads((run_dir / RUN_FILE).read_text()), record, run_dir)
+        keep_record(run_dir, RUN_FILE, record, "lcm", _check_record, d.is_main)
         if d.is_main:
-            atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1) + "\n")
             prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the teacher's VAE encodes the data
         d.barrier()
         self.read_latents()

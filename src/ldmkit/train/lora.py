@@ -30,7 +30,8 @@ from ldmkit.lora_formats import Layout
 from ldmkit.model import StableDiffusion
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
-from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
+from ldmkit.train.run_record import check_same_model, keep_record
+from ldmkit.train.runner import DistInfo, read_checkpoint
 from ldmkit.train.sources import load_model
 from ldmkit.train.unet import LatentDiffusionNet, UNetTask, check_size, prepare_files, resolve_objective
 
@@ -113,9 +114,7 @@ def fingerprint(model: StableDiffusion) -> str:
 
 
 def _check_record(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
-    if old["fingerprint"] != new["fingerprint"]:
-        raise TrainError(f"--model {new['init_from']} has other weights than the model {run_dir} was started on "
-                         f"({old['init_from']}); resume with that model")
+    check_same_model(old, new, f"the model {run_dir} was started on")
     diffs = [f"{k}: {old[k]!r} in the run, {new[k]!r} now" for k in _RECORDED if old[k] != new[k]]
     if diffs:
         raise TrainError(f"{run_dir} trains LoRA modules of another shape: " + "; ".join(diffs)
@@ -128,8 +127,6 @@ class LoRATask(UNetTask):
     arch_parts = ("unet", "text", "vae")  # the model's: resuming on another architecture fails early
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: DistInfo):
-        from ldmkit.checkpoint import atomic_write_text
-
         self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
         model = load_model(cfg.init_from, "--model")
         if model.cfg.is_inpainting:
@@ -145,12 +142,8 @@ class LoRATask(UNetTask):
         check_size(cfg.size, model.cfg.vae, model.cfg.unet)
         record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model),
                   **{k: getattr(cfg, k) for k in _RECORDED}}
-        if (run_dir / CHECKPOINT).exists():
-            if not (run_dir / RUN_FILE).exists():
-                raise TrainError(f"{run_dir}: no {RUN_FILE}; is it a `ldmkit train lora` run folder?")
-            _check_record(json.loads((run_dir / RUN_FILE).read_text()), record, run_dir)
+        keep_record(run_dir, RUN_FILE, record, "lora", _check_record, d.is_main)
         if d.is_main:
-            atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1) + "\n")
             prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the model's VAE encodes the data
         d.barrier()
         self.read_latents()

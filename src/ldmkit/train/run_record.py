@@ -1,0 +1,36 @@
+"""The record a trainer that starts from a model keeps beside its checkpoint (``<kind>_run.json``: the model's
+path and weight fingerprint, and the settings that shape the trained weights), checked when the run resumes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ldmkit.train.config import TrainError
+from ldmkit.train.runner import CHECKPOINT
+
+Record = dict[str, Any]
+
+
+def keep_record(run_dir: Path, run_file: str, record: Record, command: str,
+                check: Callable[[Record, Record, Path], None], is_main: bool) -> None:
+    """A resumed run (a checkpoint in ``run_dir``) must hold a ``run_file`` that ``check(old, record, run_dir)``
+    accepts (it raises TrainError otherwise); then the main rank writes ``record`` there."""
+    from ldmkit.checkpoint import atomic_write_text
+
+    if (run_dir / CHECKPOINT).exists():
+        if not (run_dir / run_file).exists():
+            raise TrainError(f"{run_dir}: no {run_file}; is it a `ldmkit train {command}` run folder?")
+        check(json.loads((run_dir / run_file).read_text()), record, run_dir)
+    if is_main:
+        atomic_write_text(run_dir / run_file, json.dumps(record, indent=1) + "\n")
+
+
+def check_same_model(old: Record, new: Record, started: str) -> None:
+    """The model a run resumes with has the weights it started from (``started``: "the model RUN was started
+    on"), or a TrainError naming both."""
+    if old["fingerprint"] != new["fingerprint"]:
+        raise TrainError(f"--model {new['init_from']} has other weights than {started} ({old['init_from']}); "
+                         "resume with that model")
