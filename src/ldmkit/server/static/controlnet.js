@@ -68,7 +68,7 @@ function controlnetUnit() {
   const unit = { enabled: true, module: $("#cn-module").value, model: $("#cn-model").value,
     weight: num("#cn-weight"), guidance_start: num("#cn-start"), guidance_end: num("#cn-end"),
     control_mode: $("#cn-control-mode").value, resize_mode: $("#cn-resize-mode").value,
-    pixel_perfect: $("#cn-pixel-perfect").checked };
+    pixel_perfect: $("#cn-pixel-perfect").checked, union_control_type: $("#cn-union-type").value };
   if (cn.image) unit.image = cn.image;  // img2img without one: the init image, as the extension does
   return unit;
 }
