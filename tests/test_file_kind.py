@@ -88,3 +88,31 @@ def test_unreadable_and_pickled(tmp_path):
     odd.mkdir()
     (odd / "config.json").write_text(json.dumps([1, 2]))
     assert K.folder_class(odd) is None and K.kind_of(odd) is None
+
+
+def test_info_names_lora_and_autoencoder_files(tmp_path, capsys):
+    """`ldmkit info` on a file that is no model on its own says what it is and which option takes it, where it
+    used to fail loading it as a checkpoint."""
+    from ldmkit.cli import main
+
+    modules = _diffusers_modules()
+    t = torch.zeros(4, 8)
+    files = {
+        "style.safetensors": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t,
+                               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": t.T},
+                              "LoRA (kohya layout, 2 tensors): merge it with --lora"),
+        "xl_style.safetensors": ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": t,
+                                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": t.T},
+                                 "for SDXL"),
+        "vae.safetensors": (modules[K.VAE].state_dict(), "autoencoder (VAE) weights, not a whole model: use them "
+                                                         "with --vae"),
+        "taesd.safetensors": (modules[K.TAESD].state_dict(), "tiny autoencoder (TAESD), not a whole model"),
+    }
+    for name, (sd, says) in files.items():
+        path = _save(tmp_path, name, sd)
+        assert main(["info", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert says in out and len(out.strip().splitlines()) == 1, out
+    modules[K.TAESD].save_pretrained(tmp_path / "taesd-folder")
+    assert main(["info", str(tmp_path / "taesd-folder")]) == 0
+    assert "--preview-vae" in capsys.readouterr().out

@@ -467,6 +467,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     if controlnet:
         print(controlnet)
         return
+    from ldmkit.file_kind import usage
+
+    if line := usage(path):  # a LoRA or autoencoder file: what it is and the option that takes it
+        print(line)
+        return
     from ldmkit.checkpoint import load
 
     model = load(path)

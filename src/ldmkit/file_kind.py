@@ -109,5 +109,29 @@ def may_be(path: str | os.PathLike, kind: str) -> bool:
     return p.suffix.lower() in (".pth", ".pt")
 
 
+def usage(path: str | os.PathLike) -> str | None:
+    """``ldmkit info``'s line for a file that is no model on its own (a LoRA, a VAE, a tiny autoencoder): what
+    it is and the option that uses it; None for anything else."""
+    p = Path(path)
+    kind = kind_of(p)
+    if kind == LORA:
+        from ldmkit.lora_formats import SDXL_PREFIXES, detect_lora_format, foreign_family
+
+        keys = header_keys(p) or []
+        notes = [f"{detect_lora_format(keys)} layout", f"{len(keys)} tensors"]
+        if family := foreign_family(keys):
+            notes.append(f"for {family}, which ldmkit does not run")
+        elif any(k.startswith(SDXL_PREFIXES) for k in keys):
+            notes.append("for SDXL")
+        return (f"LoRA ({', '.join(notes)}): merge it with --lora {p}[:WEIGHT], or put it in a --lora-dir and "
+                f"write <lora:{p.stem}:1> in the prompt")
+    if kind == VAE:
+        return f"autoencoder (VAE) weights, not a whole model: use them with --vae {p}"
+    if kind == TAESD:
+        return (f"tiny autoencoder (TAESD), not a whole model: use it with --vae {p} (fast decoding) or "
+                f"--preview-vae {p}")
+    return None
+
+
 __all__ = ["ADAPTER", "CONTROLNET", "FOLDER_CLASSES", "LORA", "SD", "SDXL", "TAESD", "UPSCALER", "VAE",
-           "folder_class", "header_keys", "kind_of", "kind_of_keys", "may_be"]
+           "folder_class", "header_keys", "kind_of", "kind_of_keys", "may_be", "usage"]
