@@ -140,7 +140,13 @@ def test_sdxl_image_matches_diffusers_pipeline(pipe, scale, start, end):
     model = checkpoint.load(folder / "model")
     cn = load_controlnet(folder / "cn", model.cfg.unet)
     unit = ControlUnit(cn, control_map(cmap, *SIZE), scale, start, end)
-    params = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler",
+    assert_matches_reference(model, unit, ref, STEPS)
+
+
+def assert_matches_reference(model, unit, ref, steps):
+    """ldmkit's image with ``unit`` (the reference pipeline's prompt, seed, Euler) is within 2/255 of ``ref``, and
+    the unit changed the image."""
+    params = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, cfg_scale=CFG, sampler="Euler",
                   scheduler="uniform", seed=SEED, width=SIZE[0], height=SIZE[1])
     ours = np.asarray(txt2img(model, GenerationParams(**params, controlnets=(unit,)))[0]).astype(np.int16)
     diff = np.abs(ours - ref).max()

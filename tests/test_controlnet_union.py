@@ -15,7 +15,7 @@ from PIL import Image
 from reference import _perturb_norms, rel_err
 from test_controlnet import diffusers_controlnet_config
 from test_controlnet_cli import SETTINGS, _run
-from test_controlnet_sdxl import NEGATIVE, PROMPT, SIZE, _inputs
+from test_controlnet_sdxl import CFG, NEGATIVE, PROMPT, SEED, SIZE, _inputs, assert_matches_reference
 
 from ldmkit import checkpoint
 from ldmkit.config import TINY, TINY_SDXL
@@ -113,7 +113,7 @@ def pipe(tmp_path_factory, saved):
     return folder, p, saved[1], maps
 
 
-STEPS, CFG, SEED = 6, 6.0, 77
+STEPS = 6
 
 
 @pytest.mark.parametrize("types, scale", [([3], 0.8), ([1, 0], 0.7)], ids=["one-map", "two-maps"])
@@ -133,13 +133,7 @@ def test_union_image_matches_diffusers_pipeline(pipe, saved, types, scale):
     cn = load_controlnet(saved[0] / "union", model.cfg.unet)
     hint = torch.cat([control_map(m, *SIZE) for m in maps], dim=1)
     unit = ControlUnit(cn, hint, scale, control_types=tuple(types))
-    params = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler",
-                  scheduler="uniform", seed=SEED, width=SIZE[0], height=SIZE[1])
-    ours = np.asarray(txt2img(model, GenerationParams(**params, controlnets=(unit,)))[0]).astype(np.int16)
-    diff = np.abs(ours - ref).max()
-    assert diff <= 2, f"max pixel difference {diff}/255"
-    plain = np.asarray(txt2img(model, GenerationParams(**params))[0]).astype(np.int16)
-    assert np.abs(plain - ref).max() > 6 and ref.std() > 5  # the ControlNet changed the image
+    assert_matches_reference(model, unit, ref, STEPS)
 
 
 def test_cli_control_type_and_errors(pipe, saved, capsys, tmp_path):
