@@ -123,3 +123,25 @@ def test_cli_builds_it_over_the_model(files, capsys, tmp_path):
     assert rc != 0 and "use a Control-LoRA made for that model" in cap.err, cap.err
     assert len(cap.err.strip().splitlines()) == 1, cap.err
     assert describe_file(tmp_path / "cl.safetensors").startswith("Control-LoRA for context dim 80")
+
+
+def test_server_cache_builds_it_over_each_model(files):
+    """The server's ControlNet cache: a Control-LoRA loaded for two models of the same shape is built over each one's
+    U-Net (not the first one's weights again); a plain ControlNet is shared."""
+    from ldmkit.sdxl import StableDiffusionXL
+    from ldmkit.server.controlnet_api import ControlNetFolder
+
+    folder = files[0]
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(StableDiffusionXL(TINY_SDXL).eval())
+    cache = ControlNetFolder(folder)
+    path = folder / "control-lora-tiny.safetensors"
+    a, again, b = cache.load(path, models[0]), cache.load(path, models[0]), cache.load(path, models[1])
+    assert a is again and b is not a
+    key = "input_blocks.1.0.in_layers.2.weight"  # base + delta: differs with the base
+    assert not torch.equal(a.state_dict()[key], b.state_dict()[key])
+    delta = a.state_dict()[key] - models[0].unet.state_dict()[key]
+    torch.testing.assert_close(b.state_dict()[key] - models[1].unet.state_dict()[key], delta, atol=1e-5, rtol=0)
+    assert cache.load(folder / "known", models[0]) is cache.load(folder / "known", models[1])

@@ -231,7 +231,7 @@ def union_types(net: object, control_type: object, title: str, image: object) ->
     return types
 
 
-def _header_kind(path: Path) -> str | None:
+def header_kind(path: Path) -> str | None:
     """"union" / "control-lora" from a folder's config.json or a .safetensors header alone; None otherwise."""
     import json
 
@@ -260,7 +260,7 @@ def describe_file(path: object) -> str | None:
     from ldmkit.controlnet import _family_of, config_from_weights, read_controlnet
 
     p = Path(str(path))
-    kind = _header_kind(p)
+    kind = header_kind(p)
     if kind is None:
         return None
     sd = read_controlnet(p)

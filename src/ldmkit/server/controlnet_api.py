@@ -129,7 +129,11 @@ class ControlNetFolder:
         from ldmkit.t2i_adapter import load_adapter
 
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", None)
-        key = (str(path), path.stat().st_mtime_ns, model.cfg.unet, str(dtype), str(model.device))
+        from ldmkit.controlnet_files import header_kind
+
+        # a Control-LoRA is built over this model's U-Net weights: another checkpoint of the same shape needs its own
+        own = id(model.unet) if header_kind(path) == "control-lora" else None
+        key = (str(path), path.stat().st_mtime_ns, model.cfg.unet, str(dtype), str(model.device), own)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
