@@ -361,6 +361,12 @@ def _unknown(files, tmp_path):
     return path
 
 
+def _cn_file(files, tmp_path):
+    path = tmp_path / "control_sd15_canny.safetensors"  # original layout, by its key names alone
+    save_file({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, path)
+    return path
+
+
 def _style(files, tmp_path):
     path = tmp_path / "t2iadapter_style.safetensors"
     save_file({"style_embedding": torch.zeros(1, 8, 4), "transformer_layes.0.attn.in_proj_weight": torch.zeros(4)},
@@ -371,6 +377,7 @@ def _style(files, tmp_path):
 BAD = {
     "sdxl-adapter-on-sd1": (lambda f, t: f / "ad-xl", "for another model family"),
     "controlnet-as-adapter": (lambda f, t: f / "cn", "is a ControlNet, not a T2I-Adapter: pass it as --controlnet"),
+    "controlnet-file-as-adapter": (_cn_file, "is a ControlNet, not a T2I-Adapter: pass it as --controlnet"),
     "checkpoint-as-adapter": (_sd_file, "not a T2I-Adapter: pass it as --model"),
     "unknown-layout": (_unknown, "is not a T2I-Adapter ldmkit reads"),
     "style-adapter": (_style, "style adapter"),

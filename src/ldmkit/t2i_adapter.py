@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldmkit import file_kind
 from ldmkit.checkpoint import CheckpointError, build_strict, read_state_dict
 from ldmkit.controlnet import ControlledUNet, control_map
 from ldmkit.models.t2i_adapter import ADAPTER_TYPES, AdapterConfig, T2IAdapter
@@ -121,7 +122,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[StateDict, dict | None]:
             return _original_full(sd), None
         except AdapterError as e:
             raise AdapterError(f"{path}: {e}: not a T2I-Adapter layout ldmkit reads") from None
-    if any(k.startswith(("control_model.", "input_hint_block.", "controlnet_cond_embedding.")) for k in sd):
+    if file_kind.kind_of_keys(sd) == file_kind.CONTROLNET:
         raise AdapterError(f"{path} is a ControlNet, not a T2I-Adapter: pass it as --controlnet")
     if any(k.startswith(("model.diffusion_model.", "down_blocks.")) for k in sd) or "conv_in.weight" in sd:
         raise AdapterError(f"{path} is a Stable Diffusion checkpoint or U-Net, not a T2I-Adapter: pass it as "
@@ -370,8 +371,6 @@ def unit_kinds(args: object) -> list[tuple[str, str]]:
 
 def describe_file(path: str | os.PathLike) -> str | None:
     """One line on a T2I-Adapter file or folder (``ldmkit info``); None when it is not one."""
-    from ldmkit import file_kind
-
     p = Path(path)
     if not file_kind.may_be(p, file_kind.ADAPTER):
         return None
