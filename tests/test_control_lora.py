@@ -145,3 +145,31 @@ def test_server_cache_builds_it_over_each_model(files):
     delta = a.state_dict()[key] - models[0].unet.state_dict()[key]
     torch.testing.assert_close(b.state_dict()[key] - models[1].unet.state_dict()[key], delta, atol=1e-5, rtol=0)
     assert cache.load(folder / "known", models[0]) is cache.load(folder / "known", models[1])
+
+
+def test_full_size_sdxl_layout_and_family():
+    """At SDXL's real size (meta device): a Control-LoRA with rank-128 deltas on every encoder weight the ControlNet
+    shares with the SDXL U-Net and the hint encoder / zero convolutions whole gives every weight of the SDXL
+    ControlNet with its shape; the same file over SD1.5 is the one-line family error naming both families."""
+    from ldmkit.config import SD15, SDXL_BASE
+    from ldmkit.controlnet_files import control_lora_weights
+    from ldmkit.models.controlnet import ControlNet, ControlNetConfig
+
+    with torch.device("meta"):
+        base = UNetModel(SDXL_BASE.unet).state_dict()
+        cn = ControlNet(ControlNetConfig(SDXL_BASE.unet)).state_dict()
+        sd1_base = UNetModel(SD15.unet).state_dict()
+        sd1_cn = ControlNet(ControlNetConfig(SD15.unet)).state_dict()
+        file = {CONTROL_LORA_KEY: torch.empty(0)}
+        for k, v in cn.items():
+            if k in base and v.ndim >= 2:
+                file[k.removesuffix(".weight") + ".up"] = torch.empty(v.shape[0], 128, *[1] * (v.ndim - 2))
+                file[k.removesuffix(".weight") + ".down"] = torch.empty(128, *v.shape[1:])
+            elif k not in base:
+                file[k] = torch.empty(v.shape)
+    out = control_lora_weights(file, cn, base, "sai_xl_canny_128lora.safetensors", "SDXL")
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in cn.items()}
+    with pytest.raises(ControlNetError) as e:
+        control_lora_weights(file, sd1_cn, sd1_base, "sai_xl_canny_128lora.safetensors", "SD1.x")
+    assert str(e.value).startswith("Control-LoRA sai_xl_canny_128lora.safetensors is for SDXL (text context 2048) "
+                                   "but the model is SD1.x")
