@@ -116,8 +116,11 @@ def pipe(tmp_path_factory, saved):
 STEPS = 6
 
 
-@pytest.mark.parametrize("types, scale", [([3], 0.8), ([1, 0], 0.7)], ids=["one-map", "two-maps"])
-def test_union_image_matches_diffusers_pipeline(pipe, saved, types, scale):
+@pytest.mark.parametrize("types, scale, start, end", [([3], 0.8, 0.0, 1.0), ([3], 1.0, 0.25, 0.75),
+                                                     ([1, 0], 0.7, 0.0, 1.0)], ids=["one-map", "window", "two-maps"])
+def test_union_image_matches_diffusers_pipeline(pipe, saved, types, scale, start, end):
+    """(With several maps only the whole window: outside it diffusers still runs the union network with the maps'
+    contributions zeroed, ldmkit leaves the unit out, as the A1111 extension and ComfyUI do.)"""
     from diffusers import StableDiffusionXLControlNetUnionPipeline
 
     folder, p, net, maps = pipe
@@ -127,12 +130,13 @@ def test_union_image_matches_diffusers_pipeline(pipe, saved, types, scale):
     ref_pipe = StableDiffusionXLControlNetUnionPipeline(**comps, controlnet=net)
     out = ref_pipe(PROMPT, control_image=maps, control_mode=types, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
                    guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), width=SIZE[0], height=SIZE[1],
-                   controlnet_conditioning_scale=scale, output_type="np")
+                   controlnet_conditioning_scale=scale, control_guidance_start=start,
+                   control_guidance_end=end, output_type="np")
     ref = (out.images[0] * 255).round().astype(np.int16)
     model = checkpoint.load(folder / "model")
     cn = load_controlnet(saved[0] / "union", model.cfg.unet)
     hint = torch.cat([control_map(m, *SIZE) for m in maps], dim=1)
-    unit = ControlUnit(cn, hint, scale, control_types=tuple(types))
+    unit = ControlUnit(cn, hint, scale, start, end, control_types=tuple(types))
     assert_matches_reference(model, unit, ref, STEPS)
 
 
