@@ -275,3 +275,28 @@ def test_full_size_union_layout(types):
     with torch.device("meta"):
         ours = UnionControlNet(cfg).state_dict()
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_cli_union_beside_a_plain_controlnet(pipe, saved, capsys, tmp_path):
+    """--control-type per unit: a Union's type, and none for the plain SDXL ControlNet beside it (same image as the
+    Python API's two units); a type on the plain one alone is a one-line error."""
+    from test_controlnet import diffusers_controlnet
+
+    folder, _, _, maps = pipe
+    diffusers_controlnet(TINY_SDXL.unet, hint=HINT, seed=8).save_pretrained(tmp_path / "plain")
+    union, plain, m0, m1 = str(saved[0] / "union"), str(tmp_path / "plain"), folder / "map0.png", folder / "map1.png"
+    out = tmp_path / "two.png"
+    rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *SETTINGS, "--controlnet", union,
+                   "--control-image", str(m0), "--control-type", "seg", "--controlnet", plain, "--control-image",
+                   str(m1), "--control-type", "none", "-o", str(out))
+    assert rc == 0, cap.err
+    model = checkpoint.load(folder / "model")
+    units = (ControlUnit(load_controlnet(union, model.cfg.unet), control_map(maps[0], *SIZE), control_types=(5,)),
+             ControlUnit(load_controlnet(plain, model.cfg.unet), control_map(maps[1], *SIZE)))
+    api = txt2img(model, GenerationParams(PROMPT, steps=4, sampler="Euler", scheduler="uniform", seed=5, width=24,
+                                          height=16, cfg_scale=5, controlnets=units))[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api.convert("RGB")))
+    rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *SETTINGS, "--controlnet", plain,
+                   "--control-image", str(m1), "--control-type", "depth", "-o", str(tmp_path / "bad.png"))
+    assert rc != 0 and "is a plain ControlNet: drop --control-type" in cap.err
+    assert len(cap.err.strip().splitlines()) == 1, cap.err

@@ -569,7 +569,7 @@ def add_controlnet_args(p: object) -> None:
     add("--control-type", action="append", default=[], metavar="NAME",
         help=f"a ControlNet Union's control type for the map: {type_names()} (also canny, lineart, scribble, "
              "seg, inpaint...; the A1111 extension's names work too); several maps in one unit: "
-             "depth+openpose with --control-image d.png+p.png")
+             "depth+openpose with --control-image d.png+p.png; none for a plain ControlNet's unit beside a Union")
     add("--control-hr-option", action="append", default=[], metavar="WHEN",
         help="with the hires fix: both (default), low (first pass only), high (second pass only)")
 
@@ -628,6 +628,8 @@ def units_from_args(args: object, model: object, width: int, height: int,
                                                nth("control_end", i, 1.0), nth("preprocessor", i, "none"), tell))
             continue
         ctype = nth("control_type", i, None)
+        if ctype is not None and str(ctype).strip().lower() in ("", "none", "-"):  # a plain ControlNet's unit
+            ctype = None
         several = ctype is not None and "+" in str(ctype) and not Path(image_path).exists()  # maps of one unit
         image = [open_image(f) for f in str(image_path).split("+")] if several else open_image(image_path)
         units.append(make_unit(model, path, image, width, height, nth("control_weight", i, 1.0),
