@@ -5,11 +5,7 @@ layout read back by the loader, and bad input. Tiny SD1 model, 16-px images, a f
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ import torch
 from PIL import Image
 from reference import diffusers_unet
 from shapes import write_shapes
-from train_runs import assert_same_weights, crash_and_resume
+from train_runs import assert_same_weights, crash_and_resume, two_ranks, weights_hash
 
 from ldmkit import cli, convert
 from ldmkit.checkpoint import read_safetensors
@@ -105,44 +101,18 @@ def test_resumed_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_path:
     assert ca["net"]["controlnet.zero_convs.0.0.weight"].abs().max() > 0  # the zero convolutions learnt
 
 
-WORKER = """
-import hashlib, json, os, sys
-from ldmkit.train import defaults, train
-
+SETUP = """
 data, model, run, out = sys.argv[1:5]
 cfg = defaults("controlnet").replace(size=16, data=data, init_from=model, batch_size=2, total_steps=3, holdout=0,
                                      warmup_steps=1, lr=1e-3, log_every=1, sample_every=0, checkpoint_every=3,
                                      device="cpu")
-seen, final = [], {}
-
-def hook(step, info):
-    seen.append(info["indices"].tolist())
-    sd = info["net"].state_dict()
-    final["hash"] = hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest()
-    final["loss"] = float(info["loss"])
-
-train(cfg, run, on_step=hook)
-with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
-    json.dump({"seen": seen, **final}, f)
 """
 
 
 @pytest.mark.slow  # two processes, each loading torch
 def test_two_ranks_keep_identical_weights_on_disjoint_shards(data: Path, sd1_file: Path, tmp_path: Path) -> None:
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(tmp_path / "worker.py"), str(data), str(sd1_file), str(tmp_path / "run"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["hash"] == r1["hash"]
-    assert r0["loss"] != r1["loss"]  # each rank saw its own data and noise
-    s0, s1 = (sum(r["seen"], []) for r in (r0, r1))
-    assert len(s0) == len(s1) == 6 and not set(s0) & set(s1)
-    assert sorted(s0 + s1) == list(range(12))
-    sd = read_checkpoint(tmp_path / "run")["net"]
-    assert hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest() == r0["hash"]
+    r0, _ = two_ranks(tmp_path, SETUP, data, sd1_file, tmp_path / "run")
+    assert weights_hash(read_checkpoint(tmp_path / "run")["net"]) == r0["hash"]
 
 
 # ---------------------------------------------------------------- export and generate

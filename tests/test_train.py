@@ -5,11 +5,7 @@ Everything runs on the tiny preset with 16-px images and a handful of steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from shapes import COLORS, write_shapes
+from train_runs import two_ranks, weights_hash
 
 from ldmkit import cli
 from ldmkit.train import TrainConfig, TrainError, defaults, export_run, load_run_config, train
@@ -123,45 +120,18 @@ def test_config_toml_roundtrip(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- data parallel
 
-WORKER = """
-import hashlib, json, os, sys
-import torch
-from ldmkit.train import defaults, train
-
+SETUP = """
 data, vae, run, out = sys.argv[1:5]
 cfg = defaults("unet").replace(model="tiny", size=16, data=data, vae=vae, batch_size=2, total_steps=3, holdout=0,
                                warmup_steps=1, lr=1e-3, log_every=1, sample_every=0, checkpoint_every=3,
                                ema_decay=0.9, device="cpu")
-seen, final = [], {}
-
-def hook(step, info):
-    seen.append(info["indices"].tolist())
-    sd = info["net"].state_dict()
-    final["hash"] = hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest()
-    final["loss"] = float(info["loss"])
-
-train(cfg, run, on_step=hook)
-with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
-    json.dump({"seen": seen, **final}, f)
 """
 
 
 def test_two_ranks_keep_identical_weights_on_disjoint_shards(data: Path, vae_run: Path, tmp_path: Path) -> None:
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(tmp_path / "worker.py"), str(data), str(vae_run), str(tmp_path / "run"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["hash"] == r1["hash"]
-    assert r0["loss"] != r1["loss"]  # each rank saw its own data and noise
-    s0, s1 = (sum(r["seen"], []) for r in (r0, r1))
-    assert len(s0) == len(s1) == 6 and not set(s0) & set(s1)
-    assert sorted(s0 + s1) == list(range(12))  # one epoch, every image exactly once
+    r0, _ = two_ranks(tmp_path, SETUP, data, vae_run, tmp_path / "run")
     ckpt = read_checkpoint(tmp_path / "run")
-    sd = ckpt["net"]
-    assert hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest() == r0["hash"]
+    assert weights_hash(ckpt["net"]) == r0["hash"]
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 

@@ -4,7 +4,11 @@ uninterrupted run)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,46 @@ def assert_same_weights(ca: dict, cb: dict, ema: bool = True) -> None:
     if ema:
         for k, v in ca["ema"]["shadow"].items():
             assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
+
+
+WORKER = """
+import hashlib, json, os, sys
+from ldmkit.train import defaults, train
+
+{setup}
+seen, final = [], {{}}
+
+def hook(step, info):
+    seen.append(info["indices"].tolist())
+    sd = info["net"].state_dict()
+    final["hash"] = hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest()
+    final["loss"] = float(info["loss"])
+
+train(cfg, run, on_step=hook)
+with open(os.path.join(out, f"rank{{os.environ['RANK']}}.json"), "w") as f:
+    json.dump({{"seen": seen, **final}}, f)
+"""
+
+
+def weights_hash(sd: dict) -> str:
+    """sha256 of a state dict's tensors in key order (what each rank's worker reports)."""
+    return hashlib.sha256(b"".join(sd[k].numpy().tobytes() for k in sorted(sd))).hexdigest()
+
+
+def two_ranks(tmp_path: Path, setup: str, *args: object, images: int = 12) -> tuple[dict, dict]:
+    """Train on two local ranks (torch.distributed.run): ``setup`` is Python that reads ``sys.argv[1:]`` (``args``
+    then ``tmp_path``) and sets ``cfg``, ``run`` and ``out``. Both ranks end with the same weights after each saw
+    its own half of the ``images`` (one epoch, every image once) with its own noise; returns their reports."""
+    (tmp_path / "worker.py").write_text(WORKER.format(setup=setup))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "worker.py"), *map(str, args), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["hash"] == r1["hash"]
+    assert r0["loss"] != r1["loss"]  # each rank saw its own data and noise
+    s0, s1 = (sum(r["seen"], []) for r in (r0, r1))
+    assert len(s0) == len(s1) == images // 2 and not set(s0) & set(s1)
+    assert sorted(s0 + s1) == list(range(images))
+    return r0, r1
