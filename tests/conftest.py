@@ -57,3 +57,13 @@ def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from train_runs import tiny_model_file
 
     return tiny_model_file(tmp_path_factory.mktemp("models") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sd2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny SD2 model (config.TINY_SD2, seed 1) as one .safetensors file."""
+    from train_runs import tiny_model_file
+
+    from ldmkit.config import TINY_SD2
+
+    return tiny_model_file(tmp_path_factory.mktemp("models") / "tiny-sd2.safetensors", TINY_SD2, 1)

@@ -19,10 +19,9 @@ from reference import rel_err
 from shapes import assert_merge_delta, write_shapes
 
 from ldmkit import cli
-from ldmkit.checkpoint import load, read_safetensors, save_single_file
+from ldmkit.checkpoint import load, read_safetensors
 from ldmkit.config import TINY, TINY_SD2
 from ldmkit.lora import apply_lora, lora_names, read_lora
-from ldmkit.model import StableDiffusion
 from ldmkit.train import defaults, export_run, train
 from ldmkit.train.lora import LORA_FILE
 from ldmkit.train.runner import DistInfo, read_checkpoint
@@ -37,22 +36,6 @@ SIZE = 16
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 coloured squares and circles with captions."""
     return write_shapes(tmp_path_factory.mktemp("data"), 8, SIZE)
-
-
-def _save(cfg, path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    save_single_file(StableDiffusion(cfg), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(TINY, tmp_path_factory.mktemp("models") / "tiny.safetensors", 0)
-
-
-@pytest.fixture(scope="module")
-def sd2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(TINY_SD2, tmp_path_factory.mktemp("models") / "tiny-sd2.safetensors", 1)
 
 
 def lora_cfg(data: Path, model: Path, **kw):

@@ -36,11 +36,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("data"), 8, SIZE)
 
 
-@pytest.fixture(scope="module")
-def sd2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_model_file(tmp_path_factory.mktemp("models") / "tiny-sd2.safetensors", TINY_SD2, 1)
-
-
 def lcm_cfg(data: Path, model: Path, **kw):
     base = dict(data=str(data), init_from=str(model), size=SIZE, batch_size=3, total_steps=4, warmup_steps=1,
                 lr=1e-3, log_every=1, sample_every=0, checkpoint_every=2, device="cpu", w_min=2.0, w_max=6.0,
