@@ -59,20 +59,24 @@ def kind_of_keys(keys: Iterable[str]) -> str | None:
     """The kind of a state dict from its key names (one of this module's names), or None when none fits."""
     keys = list(keys)
     names = set(keys)
+
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
     if not keys:
         return None
     if ({"conv_in.weight", "body.0.block1.weight"} <= names or "body.0.body.0.block1.weight" in names
-            or any(k.startswith("adapter.") for k in keys)):  # TencentARC full / light, diffusers
+            or has("adapter.")):  # TencentARC full / light, diffusers
         return ADAPTER
-    if any(k.startswith(CONTROLNET_PREFIXES) for k in keys):
+    if has(*CONTROLNET_PREFIXES):
         return CONTROLNET
     if names & UPSCALER_KEYS:
         return UPSCALER
     if all(TAESD_KEY.match(k) for k in keys):
         return TAESD
-    if any(k.startswith("conditioner.embedders.") for k in keys):
+    if has("conditioner.embedders."):
         return SDXL
-    if any(k.startswith("model.diffusion_model.") for k in keys):
+    if has("model.diffusion_model."):
         return SD
     from ldmkit.lora_formats import detect_lora_format
 
@@ -81,9 +85,6 @@ def kind_of_keys(keys: Iterable[str]) -> str | None:
         return LORA
     except ValueError:
         pass
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
     if has("first_stage_model.") or (has("encoder.conv_in.") and has("decoder.conv_in.")):
         return VAE
     return None
