@@ -26,7 +26,7 @@ from torch import Tensor
 from ldmkit import convert
 from ldmkit.checkpoint import CheckpointError, read_state_dict
 from ldmkit.config import UNetConfig
-from ldmkit.controlnet_a1111 import BALANCED, CONTROL, forced_soft, soft_scales
+from ldmkit.controlnet_a1111 import BALANCED, CONTROL, control_mode_name, forced_soft, soft_scales
 from ldmkit.models.controlnet import ControlNet, ControlNetConfig, Residuals
 
 StateDict = dict[str, Tensor]
@@ -155,10 +155,13 @@ def read_controlnet(path: str | os.PathLike) -> StateDict:
     if "difference" in sd:  # the A1111 extension's "diff" files: weights to add to the base model's U-Net
         raise ControlNetError(f"{path} is a 'difference' ControlNet (weights relative to a base U-Net), which ldmkit "
                               "does not read: use the full ControlNet file (e.g. control_v11p_sd15_*.pth)")
-    from ldmkit import controlnet_files
+    from ldmkit import controlnet_files, controlnet_lllite
 
     if controlnet_files.is_control_lora(sd):  # built over the base model by load_controlnet
         return dict(sd)
+    if controlnet_lllite.is_lllite(sd):
+        raise ControlNetError(f"{path} is a ControlNet-LLLite, which acts inside the model's U-Net: use it as a "
+                              "control unit (--controlnet FILE --control-image MAP, or ldmkit.controlnet_lllite)")
     original = _original_keys(sd)
     if original is not None:
         return original
@@ -388,11 +391,16 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
     if deepcache > 1:
         return ("DeepCache reuses the U-Net's deep features between steps, which would drop the ControlNet's "
                 "residuals there: drop --deepcache (or the ControlNet)")
+    from ldmkit.controlnet_lllite import LLLiteUnit, lllite_problem
     from ldmkit.t2i_adapter import AdapterUnit, adapter_problem
 
     for n, unit in enumerate(units, 1):
         if isinstance(unit, AdapterUnit):
             if bad := adapter_problem(unit, model):
+                return bad
+            continue
+        if isinstance(unit, LLLiteUnit):
+            if bad := lllite_problem(unit, model):
                 return bad
             continue
         if not isinstance(unit, ControlUnit):
@@ -407,10 +415,12 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
 def describe_file(path: str | os.PathLike) -> str | None:
     """One line on a ControlNet file or folder (``ldmkit info``); None when it is not one (a .safetensors
     checkpoint is told apart from its header alone, so a large SD file is not read twice)."""
-    from ldmkit import controlnet_files
+    from ldmkit import controlnet_files, controlnet_lllite
 
     if (special := controlnet_files.describe_file(path)) is not None:  # ControlNet Union, Control-LoRA
         return special
+    if (lllite := controlnet_lllite.describe_file(path)) is not None:
+        return lllite
     from ldmkit import file_kind
 
     p = Path(path)
@@ -442,6 +452,15 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
     does (``controlnet_a1111.control_image``: pixel perfect, preprocessor resolution and sliders, resize mode).
     A ControlNet Union needs ``control_type`` (a name or number, or several joined by + with as many images in a
     list); a Control-LoRA is built over ``model``'s U-Net."""
+    from ldmkit import controlnet_lllite
+
+    if isinstance(controlnet, controlnet_lllite.LLLite) or controlnet_lllite.is_lllite_path(controlnet):
+        if control_type is not None or guess_mode or control_mode_name(control_mode) != BALANCED:
+            raise ValueError(f"{controlnet}: a ControlNet-LLLite takes no control type or control mode (it acts in "
+                             "both halves of the CFG batch, as sd-scripts): drop --control-type / --control-mode")
+        return controlnet_lllite.make_unit(model, controlnet, image, width, height, weight, start, end,  # type: ignore
+                                           preprocessor, log, resize_mode, pixel_perfect, processor_res,
+                                           threshold_a, threshold_b)
     from ldmkit.controlnet_a1111 import control_image, model_title, module_name, resize_mode_name
 
     module = module_name(preprocessor)

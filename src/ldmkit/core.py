@@ -323,14 +323,16 @@ def make_denoiser(model: StableDiffusion, params: GenerationParams | Plan | None
     if params is not None and params.deepcache > 1:
         net = DeepCacheUNet(model.unet, params.deepcache, params.deepcache_branch)
     if isinstance(params, Plan) and params.controlnets:  # (validate refuses DeepCache with a ControlNet)
-        from ldmkit import t2i_adapter
+        from ldmkit import controlnet_lllite, t2i_adapter
         from ldmkit.controlnet import ControlledUNet
 
         step_t = model_schedule(model).sigma_to_t(params.sigmas[:-1])
-        nets = [u for u in params.controlnets if not isinstance(u, t2i_adapter.AdapterUnit)]
+        nets = [u for u in params.controlnets
+                if not isinstance(u, (t2i_adapter.AdapterUnit, controlnet_lllite.LLLiteUnit))]
         if nets:  # the first rows of a CFG call are unconditional (guess mode skips them)
             net = ControlledUNet(net, nets, step_t, uncond_rows)
         net = t2i_adapter.wrap(net, params.controlnets, step_t, model)  # T2I-Adapter units among them
+        net = controlnet_lllite.wrap(net, params.controlnets, step_t, model)  # ControlNet-LLLite units: in the U-Net
     return DiscreteDenoiser(net, model_schedule(model), prediction=model.cfg.prediction,
                             dtype=getattr(model, "dtype", None))
 

@@ -1,11 +1,11 @@
 """What a model file or folder holds, from names alone: a ``.safetensors`` header's keys or a diffusers folder's
 ``config.json``. No tensor is read, so a scan of a folder of multi-GB checkpoints stays cheap.
 
-The one place that tells ControlNets, T2I-Adapters, upscalers, TAESD, full checkpoints, LoRAs and VAEs apart: the
-loaders, the server's ``--controlnet-dir`` scan and ``ldmkit info`` ask it. A pickled ``.pth``/``.pt`` file has no
-header, so only loading it tells (:func:`kind_of` says None, :func:`may_be` says maybe). To teach ldmkit a new kind,
-add a name below, a rule to :func:`kind_of_keys` (before any rule its keys would also match) and, for diffusers
-folders, its ``_class_name`` to ``FOLDER_CLASSES``.
+The one place that tells ControlNets (and ControlNet-LLLites), T2I-Adapters, upscalers, TAESD, full checkpoints,
+LoRAs and VAEs apart: the loaders, the server's ``--controlnet-dir`` scan and ``ldmkit info`` ask it. A pickled
+``.pth``/``.pt`` file has no header, so only loading it tells (:func:`kind_of` says None, :func:`may_be` says maybe).
+To teach ldmkit a new kind, add a name below, a rule to :func:`kind_of_keys` (before any rule its keys would also
+match) and, for diffusers folders, its ``_class_name`` to ``FOLDER_CLASSES``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ SDXL = "sdxl"  # a full SDXL checkpoint (sgm layout)
 SD = "sd"  # a full SD1/SD2 checkpoint (LDM layout)
 LORA = "lora"
 VAE = "vae"
+LLLITE = "controlnet-lllite"  # kohya's ControlNet-LLLite (controlnet_lllite.py): lllite_unet_<layer>.* modules
 
 FOLDER_CLASSES = {"ControlNetModel": CONTROLNET, "ControlNetUnionModel": CONTROLNET, "T2IAdapter": ADAPTER,
                   "AutoencoderTiny": TAESD}
@@ -68,6 +69,8 @@ def kind_of_keys(keys: Iterable[str]) -> str | None:
     if ({"conv_in.weight", "body.0.block1.weight"} <= names or "body.0.body.0.block1.weight" in names
             or has("adapter.")):  # TencentARC full / light, diffusers
         return ADAPTER
+    if has("lllite_unet_"):
+        return LLLITE
     if has(*CONTROLNET_PREFIXES):
         return CONTROLNET
     if names & UPSCALER_KEYS:
@@ -134,5 +137,5 @@ def usage(path: str | os.PathLike) -> str | None:
     return None
 
 
-__all__ = ["ADAPTER", "CONTROLNET", "FOLDER_CLASSES", "LORA", "SD", "SDXL", "TAESD", "UPSCALER", "VAE",
+__all__ = ["ADAPTER", "CONTROLNET", "FOLDER_CLASSES", "LLLITE", "LORA", "SD", "SDXL", "TAESD", "UPSCALER", "VAE",
            "folder_class", "header_keys", "kind_of", "kind_of_keys", "may_be", "usage"]
