@@ -269,34 +269,32 @@ def _items(sd: StateDict) -> list[tuple[int, str, Tensor]]:
     return out
 
 
-def _encoder_shape(sd: StateDict) -> dict:
+def _levels(sd: StateDict, part: str) -> tuple[Tensor, Tensor, tuple[int, ...], tuple[int, ...]]:
+    """(first conv weight, last conv weight, widths, blocks per level) of an encoder or decoder: a convolution
+    between blocks (stride-2 downsampling, or after 2x upsampling) starts a new level."""
     items = _items(sd)
     if len(items) < 2 or items[0][1] != "conv" or items[-1][1] != "conv":
-        raise ValueError("the encoder must start and end with a convolution")
+        raise ValueError(f"the {part} must start and end with a convolution")
     widths, blocks = [items[0][2].shape[0]], [0]
     for _, kind, w in items[1:-1]:
-        if kind == "conv":  # stride-2 downsampling: a new level
+        if kind == "conv":
             widths.append(w.shape[0])
             blocks.append(0)
         else:
             blocks[-1] += 1
-    return {"image_channels": items[0][2].shape[1], "latent_channels": items[-1][2].shape[0],
-            "encoder_widths": tuple(widths), "encoder_blocks": tuple(blocks)}
+    return items[0][2], items[-1][2], tuple(widths), tuple(blocks)
+
+
+def _encoder_shape(sd: StateDict) -> dict:
+    first, last, widths, blocks = _levels(sd, "encoder")
+    return {"image_channels": first.shape[1], "latent_channels": last.shape[0],
+            "encoder_widths": widths, "encoder_blocks": blocks}
 
 
 def _decoder_shape(sd: StateDict) -> dict:
-    items = _items(sd)
-    if len(items) < 2 or items[0][1] != "conv" or items[-1][1] != "conv":
-        raise ValueError("the decoder must start and end with a convolution")
-    widths, blocks = [items[0][2].shape[0]], [0]
-    for _, kind, w in items[1:-1]:
-        if kind == "conv":  # after 2x upsampling: a new level
-            widths.append(w.shape[0])
-            blocks.append(0)
-        else:
-            blocks[-1] += 1
-    return {"image_channels": items[-1][2].shape[0], "latent_channels": items[0][2].shape[1],
-            "decoder_widths": tuple(widths), "decoder_blocks": tuple(blocks)}
+    first, last, widths, blocks = _levels(sd, "decoder")
+    return {"image_channels": last.shape[0], "latent_channels": first.shape[1],
+            "decoder_widths": widths, "decoder_blocks": blocks}
 
 
 def config_from_weights(parts: dict[str, StateDict], base: TAESDConfig | None = None) -> TAESDConfig:
