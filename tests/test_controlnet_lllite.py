@@ -258,3 +258,44 @@ def _tiny_sd1():
 
     torch.manual_seed(0)
     return StableDiffusion(TINY).eval()
+
+
+def test_a1111_unit_from_the_controlnet_dir(files, capsys, tmp_path):
+    """An LLLite file in --controlnet-dir: listed, and an alwayson_scripts unit naming it gives the CLI's image
+    (weight 0.8, end 0.5) with its infotext line; a control mode it lacks is a 422."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import create_app
+
+    (tmp_path / "cn").mkdir()
+    shutil.copy(files / "lllite.safetensors", tmp_path / "cn" / "lllite-tiny.safetensors")
+    app = create_app(files / "xl.safetensors", controlnet_dir=tmp_path / "cn", preview_interval=None, device="cpu")
+    client = TestClient(app, raise_server_exceptions=False)
+    buf = io.BytesIO()
+    Image.open(files / "map.png").save(buf, format="PNG")
+    unit = {"module": "none", "model": "lllite-tiny", "image": base64.b64encode(buf.getvalue()).decode(),
+            "weight": 0.8, "guidance_end": 0.5, "resize_mode": "Just Resize"}
+    body = {"prompt": "a stone house", "steps": 4, "seed": 5, "width": SIZE[0], "height": SIZE[1], "cfg_scale": 5,
+            "sampler_name": "Euler", "scheduler": "Uniform", "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    try:
+        listed = client.get("/controlnet/model_list").json()["model_list"]
+        assert any(m.startswith("lllite-tiny") for m in listed), listed
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert "ControlNet 0" in r.json()["info"]
+        bad = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"controlnet": {"args": [
+            unit | {"control_mode": "ControlNet is more important"}]}}})
+        assert bad.status_code == 422 and "LLLite" in bad.text, bad.text
+    finally:
+        app.state.worker.stop()
+    rc, cap = _run(capsys, "generate", "a stone house", "--model", str(files / "xl.safetensors"), *GEN,
+                   "--controlnet", str(files / "lllite.safetensors"), "--control-image", str(files / "map.png"),
+                   "--control-weight", "0.8", "--control-end", "0.5", "-o", str(tmp_path / "cli.png"))
+    assert rc == 0, cap.err
+    assert np.array_equal(np.asarray(got.convert("RGB")), _image(tmp_path / "cli.png"))

@@ -359,10 +359,14 @@ def make_unit(model: object, path: str | os.PathLike | LLLite, image: object, wi
     module, resize_mode = module_name(preprocessor), resize_mode_name(resize_mode)
     hint, res = control_image(image, width, height, module, resize_mode, pixel_perfect, processor_res,
                               threshold_a, threshold_b, log)
+    from ldmkit.controlnet_a1111 import slider_values
+
     title = getattr(net, "source_name", "given") if isinstance(path, LLLite) else model_title(path)
+    sliders = [*slider_values(module, threshold_a, threshold_b).values(), -1, -1]
     settings = {"module": module, "model": title, "weight": float(weight), "resize_mode": resize_mode,
-                "processor_res": res if res is not None else -1, "guidance_start": float(start),
-                "guidance_end": float(end), "pixel_perfect": bool(pixel_perfect)}
+                "processor_res": res if res is not None else -1, "threshold_a": float(sliders[0]),
+                "threshold_b": float(sliders[1]), "guidance_start": float(start), "guidance_end": float(end),
+                "pixel_perfect": bool(pixel_perfect), "control_mode": "Balanced"}
     return LLLiteUnit(net, map_tensor(hint), float(weight), float(start), float(end), settings)
 
 

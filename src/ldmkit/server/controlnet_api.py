@@ -82,7 +82,8 @@ class ControlNetFolder:
         if key in self._kinds:
             return self._kinds[key]
         if path.is_dir() or path.suffix.lower() == ".safetensors":
-            kind = {file_kind.ADAPTER: "adapter", file_kind.CONTROLNET: "controlnet"}.get(file_kind.kind_of(path))
+            kind = {file_kind.ADAPTER: "adapter", file_kind.CONTROLNET: "controlnet",
+                    file_kind.LLLITE: "controlnet"}.get(file_kind.kind_of(path))  # an LLLite: a ControlNet's unit
         elif "adapter" in path.name.lower():
             kind = "adapter" if t2i_adapter.describe_file(path) is not None else None
         else:
@@ -139,8 +140,12 @@ class ControlNetFolder:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        from ldmkit import controlnet_lllite
+
         if self.kind(path) == "adapter":
             net = load_adapter(path, model.cfg, device=model.device, **kwargs)
+        elif controlnet_lllite.is_lllite_path(path):  # kohya's ControlNet-LLLite: modules for the model's U-Net
+            net = controlnet_lllite.load_lllite(path, model, device=model.device, **kwargs)
         else:
             from ldmkit.controlnet import LazyStateDict
 
