@@ -224,8 +224,13 @@ def is_lllite_path(path: object) -> bool:
     """Whether a --controlnet path names a ControlNet-LLLite file (by its header; a .pth/.pt by loading it)."""
     from ldmkit import file_kind
 
-    p = Path(str(path))
-    if not p.is_file():
+    if not isinstance(path, (str, os.PathLike)):  # a loaded network
+        return False
+    p = Path(path)
+    try:
+        if not p.is_file():
+            return False
+    except OSError:  # e.g. a name too long for a path
         return False
     if p.suffix.lower() == ".safetensors":
         return file_kind.kind_of(p) == file_kind.LLLITE
