@@ -299,3 +299,28 @@ def test_a1111_unit_from_the_controlnet_dir(files, capsys, tmp_path):
                    "--control-weight", "0.8", "--control-end", "0.5", "-o", str(tmp_path / "cli.png"))
     assert rc == 0, cap.err
     assert np.array_equal(np.asarray(got.convert("RGB")), _image(tmp_path / "cli.png"))
+
+
+def test_hires_fix_and_explain_with_an_lllite(files, capsys, tmp_path):
+    """The hires fix's larger second pass: the map is embedded again at that size (and with a zero-up file the
+    image equals the plain hires image); the explain page runs with an LLLite unit and gives the generated image."""
+    hires = ["--hires-scale", "2", "--hires-upscaler", "Lanczos"]
+    base = ["generate", "a stone house", "--model", str(files / "xl.safetensors"), *GEN, *hires]
+    for name, extra in (("plain", []), ("zero", ["--controlnet", str(files / "zero.safetensors")]),
+                        ("lllite", ["--controlnet", str(files / "lllite.safetensors")])):
+        img = ["--control-image", str(files / "map.png")] if extra else []
+        rc, cap = _run(capsys, *base, *extra, *img, "-o", str(tmp_path / f"{name}.png"))
+        assert rc == 0, cap.err
+    assert Image.open(tmp_path / "lllite.png").size == (2 * SIZE[0], 2 * SIZE[1])
+    assert np.array_equal(_image(tmp_path / "plain.png"), _image(tmp_path / "zero.png"))
+    assert not np.array_equal(_image(tmp_path / "plain.png"), _image(tmp_path / "lllite.png"))
+
+    from ldmkit.explain import explain
+    from ldmkit.pipeline import GenerationParams, txt2img
+
+    model = checkpoint.load(files / "xl.safetensors")
+    unit = LLLiteUnit(load_lllite(files / "lllite.safetensors", model),
+                      torch.rand(1, 3, SIZE[1], SIZE[0], generator=torch.Generator().manual_seed(0)), 0.9)
+    params = GenerationParams("a house", steps=3, sampler="Euler", seed=2, width=SIZE[0], height=SIZE[1],
+                              cfg_scale=4, controlnets=(unit,))
+    assert np.array_equal(np.asarray(explain(model, params).image), np.asarray(txt2img(model, params)[0]))
