@@ -324,3 +324,17 @@ def test_hires_fix_and_explain_with_an_lllite(files, capsys, tmp_path):
     params = GenerationParams("a house", steps=3, sampler="Euler", seed=2, width=SIZE[0], height=SIZE[1],
                               cfg_scale=4, controlnets=(unit,))
     assert np.array_equal(np.asarray(explain(model, params).image), np.asarray(txt2img(model, params)[0]))
+
+
+def test_pth_files_by_name(files, tmp_path):
+    """A pickled LLLite is probed only when its name says lllite (other .pth ControlNets are not read twice)."""
+    from safetensors.torch import load_file
+
+    from ldmkit.controlnet_lllite import is_lllite_path
+
+    sd = load_file(files / "lllite.safetensors")
+    torch.save(sd, tmp_path / "canny_lllite.pth")
+    torch.save(sd, tmp_path / "canny.pth")
+    assert is_lllite_path(tmp_path / "canny_lllite.pth") and not is_lllite_path(tmp_path / "canny.pth")
+    assert is_lllite_path(files / "lllite.safetensors") and not is_lllite_path(files / "xl.safetensors")
+    assert not is_lllite_path(object()) and not is_lllite_path("x" * 5000)

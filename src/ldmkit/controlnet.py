@@ -161,7 +161,8 @@ def read_controlnet(path: str | os.PathLike) -> StateDict:
         return dict(sd)
     if controlnet_lllite.is_lllite(sd):
         raise ControlNetError(f"{path} is a ControlNet-LLLite, which acts inside the model's U-Net: use it as a "
-                              "control unit (--controlnet FILE --control-image MAP, or ldmkit.controlnet_lllite)")
+                              "control unit (--controlnet FILE --control-image MAP, or ldmkit.controlnet_lllite); "
+                              "a .pth LLLite is recognised by 'lllite' in its name (or save it as .safetensors)")
     original = _original_keys(sd)
     if original is not None:
         return original

@@ -221,7 +221,8 @@ def load_lllite(path: str | os.PathLike, model: object, *, dtype: torch.dtype | 
 
 
 def is_lllite_path(path: object) -> bool:
-    """Whether a --controlnet path names a ControlNet-LLLite file (by its header; a .pth/.pt by loading it)."""
+    """Whether a --controlnet path names a ControlNet-LLLite file (by its header; a .pth/.pt with "lllite" in its name
+    by loading it)."""
     from ldmkit import file_kind
 
     if not isinstance(path, (str, os.PathLike)):  # a loaded network
@@ -234,7 +235,8 @@ def is_lllite_path(path: object) -> bool:
         return False
     if p.suffix.lower() == ".safetensors":
         return file_kind.kind_of(p) == file_kind.LLLITE
-    if p.suffix.lower() in (".pth", ".pt") and p.stat().st_size < 2**30:  # LLLite files are tens of MB
+    # a pickle shows its keys only when loaded: probe only a .pth/.pt named so (ControlNet .pth files stay read once)
+    if p.suffix.lower() in (".pth", ".pt") and "lllite" in p.name.lower():
         try:
             return is_lllite(read_state_dict(p)[0])
         except Exception:  # noqa: BLE001 - the ControlNet loader reports what is wrong with it
