@@ -226,6 +226,27 @@ def check_fits(cfg: ControlNetConfig, base: UNetConfig, name: str) -> None:
 # ---------------------------------------------------------------- units: a ControlNet, its map, when and how much
 
 
+def check_window(start: float, end: float) -> None:
+    """A unit's step window, as fractions of the run: 0 <= start < end <= 1, or a ValueError saying so."""
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"control start {start:g} and end {end:g} must satisfy 0 <= start < end <= 1")
+
+
+def in_window(start: float, end: float, i: int, n: int) -> bool:
+    """Whether step ``i`` of ``n`` lies in a unit's window: start <= i/n and (i+1)/n <= end (diffusers'
+    control_guidance_start/end, A1111's guidance start/end)."""
+    return not (i / n < start or (i + 1) / n > end)
+
+
+def map_at(image: Tensor, size: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A unit's map (made at the output size) for a pass at pixel ``size`` (H, W): resized bilinearly when the
+    pass has another size (the hires fix's second pass)."""
+    x = image.to(device, dtype)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x
+
+
 @dataclass(frozen=True, eq=False)
 class ControlUnit:
     """One ControlNet applied with a control map: ``weight`` scales its residuals (diffusers'
@@ -251,8 +272,7 @@ class ControlUnit:
     control_types: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.start < self.end <= 1.0:
-            raise ValueError(f"control start {self.start:g} and end {self.end:g} must satisfy 0 <= start < end <= 1")
+        check_window(self.start, self.end)
         from ldmkit.controlnet_a1111 import control_mode_name
 
         object.__setattr__(self, "control_mode", control_mode_name(self.control_mode))
@@ -261,7 +281,7 @@ class ControlUnit:
         object.__setattr__(self, "hr_option", hr_option_name(self.hr_option))
 
     def active(self, i: int, n: int) -> bool:
-        return not (i / n < self.start or (i + 1) / n > self.end)
+        return in_window(self.start, self.end, i, n)
 
 
 def control_map(image: object, width: int, height: int, log: Callable[[str], None] | None = None,
@@ -346,13 +366,11 @@ class ControlledUNet:
                 continue
             net = unit.model
             dtype = next(net.parameters()).dtype
-            hint = unit.image.to(x.device, dtype)
             size = [s * 2 ** (len(net.cfg.hint_channels) - 1) for s in x.shape[-2:]]
-            in_hires = list(hint.shape[-2:]) != size  # the map is made at the first pass's size
+            in_hires = list(unit.image.shape[-2:]) != size  # the map is made at the first pass's size
             if unit.hr_option == ("Low res only" if in_hires else "High res only"):
                 continue  # the extension's hires-fix option: this pass is not the unit's
-            if in_hires:  # a second pass at another size (hires fix): the map follows
-                hint = F.interpolate(hint, size=size, mode="bilinear", align_corners=False)
+            hint = map_at(unit.image, size, x.device, dtype)  # a second pass at another size: the map follows
             hint = hint.expand(x.shape[0], -1, -1, -1) if hint.shape[0] == 1 else hint.repeat(
                 x.shape[0] // hint.shape[0], 1, 1, 1)
             latent = x[:, :net.cfg.unet.in_channels]  # an inpainting U-Net's input also holds mask + masked image

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ldmkit import file_kind
 from ldmkit.checkpoint import CheckpointError, build_strict, read_state_dict
-from ldmkit.controlnet import ControlledUNet, control_map
+from ldmkit.controlnet import ControlledUNet, check_window, control_map, in_window, map_at
 from ldmkit.models.t2i_adapter import ADAPTER_TYPES, AdapterConfig, T2IAdapter
 
 StateDict = dict[str, Tensor]
@@ -235,20 +234,16 @@ class AdapterUnit:
     settings: dict | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.start < self.end <= 1.0:
-            raise ValueError(f"control start {self.start:g} and end {self.end:g} must satisfy 0 <= start < end <= 1")
+        check_window(self.start, self.end)
 
     def active(self, i: int, n: int) -> bool:
-        return not (i / n < self.start or (i + 1) / n > self.end)
+        return in_window(self.start, self.end, i, n)
 
     def features(self, size: tuple[int, int], device: torch.device) -> list[Tensor]:
         """The adapter's features for a pass at pixel ``size`` (H, W), computed once per size (the hires fix's
         second pass reads the map resized)."""
         if size not in self._cache:
-            dtype = next(self.model.parameters()).dtype
-            x = self.image.to(device, dtype)
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = map_at(self.image, size, device, next(self.model.parameters()).dtype)
             with torch.inference_mode():
                 self._cache[size] = self.model(x)
         return self._cache[size]
