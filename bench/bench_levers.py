@@ -8,6 +8,10 @@
 Levers (each in its own worker process, the plain path measured beside it in ABBA order):
 
 - ``channels_last``: the U-Net's weights and input in NHWC memory format.
+- ``channels_last_txt2img``: a whole generation (text encoder, ``--steps`` sampler steps, decoder) of
+  ``ldmkit.load(...)`` (channels_last, the default) against ``ldmkit.load(..., channels_last=False)``, wall
+  and CPU time (``--recipe lcm``: LCM 4 steps CFG 1; ``dpm``: DPM++ 2M Karras CFG 7; ``--vae`` e.g.
+  emoji-taesd); ``channels_last_vae``: the autoencoder's decode alone (``--vae`` for a tiny one).
 - ``int8``: ``torch.ao.quantization.quantize_dynamic`` of every ``nn.Linear`` (weights int8,
   activations quantised per call); the output change is printed as well as the time.
 - ``threads``: ``torch.set_num_threads(1)`` against 2, toggled between calls of one process, on
@@ -39,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import DEFAULT_CACHE, RESULT_TAG, alternate, ensure_weights, machine, rel_err  # noqa: E402
 
-LEVERS = ("channels_last", "int8", "threads", "builtin_threads", "interop", "compile")
+LEVERS = ("channels_last", "channels_last_txt2img", "channels_last_vae", "int8", "threads", "builtin_threads",
+          "interop", "compile")
 
 
 # ---------------------------------------------------------------- workers (each runs in its own process)
@@ -176,7 +181,80 @@ def work_emoji_threads(spec: dict[str, Any]) -> dict[str, Any]:
     return {"max_pixel_diff": int(np.abs(a - b).max()), "times": times}
 
 
-WORKERS = {"lever": work_lever, "interop": work_interop, "compile": work_compile, "emoji_threads": work_emoji_threads}
+def _alternate_cpu(fns: dict[str, Any], repeats: int, warmup: int) -> tuple[dict, dict]:
+    """Wall and CPU (process) seconds of each function, ABBA order after ``warmup`` untimed calls each."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(repeats):
+        for k in names if i % 2 == 0 else names[::-1]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[k]()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def _load_pair(spec: dict[str, Any]):
+    """The same model loaded twice by ldmkit.load: channels_last (the default) and NCHW (the opt-out)."""
+    from ldmkit import api
+
+    name = None if spec["model"] == "emoji" else spec.get("model_name") or spec["folder"]
+    kw = {"vae": spec.get("vae")}
+    return {"plain": api.load(name, channels_last=False, **kw), "lever": api.load(name, channels_last=True, **kw)}
+
+
+def work_cl_txt2img(spec: dict[str, Any]) -> dict[str, Any]:
+    """Whole txt2img: ldmkit.load's channels_last default against the opt-out, same seed, ABBA in one process."""
+    import numpy as np
+
+    pipes = _load_pair(spec)
+    kw: dict[str, Any] = {"seed": 1}
+    if spec["steps"] or spec["recipe"] != "default":
+        kw["steps"] = spec["steps"] or (4 if spec["recipe"] == "lcm" else 20)
+    if spec["recipe"] == "lcm":
+        kw.update(sampler="LCM", cfg_scale=1.0)
+    elif spec["recipe"] == "dpm":
+        kw.update(sampler="DPM++ 2M", scheduler="karras", cfg_scale=7.0)
+    if spec["size"]:
+        kw.update(width=spec["size"], height=spec["size"])
+
+    def gen(side: str):
+        return lambda: pipes[side].txt2img("a photograph of an astronaut riding a horse", **kw)[0]
+
+    t0 = time.perf_counter()
+    first = {k: np.asarray(gen(k)(), dtype=np.int16) for k in ("plain", "lever")}  # the lever's includes converting
+    first_s = time.perf_counter() - t0
+    wall, cpu = _alternate_cpu({k: gen(k) for k in ("plain", "lever")}, spec["repeats"], spec["warmup"])
+    return {"times": wall, "cpu": cpu, "first_pair_s": first_s,
+            "max_pixel_diff": int(np.abs(first["plain"] - first["lever"]).max())}
+
+
+def work_cl_vae(spec: dict[str, Any]) -> dict[str, Any]:
+    """The autoencoder's decode alone (one latent of the size), channels_last against NCHW."""
+    from ldmkit import channels_last
+
+    pipes = _load_pair(spec)
+    lever = pipes["lever"].model
+    channels_last.prepare(lever, "vae")
+    f = lever.cfg.vae.downscale
+    lat = (spec["size"] or 64 * f) // f
+    z = torch.randn(1, lever.cfg.unet.out_channels, lat, lat, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fns = {k: (lambda m=pipes[k].model: m.vae.decode(z)) for k in ("plain", "lever")}
+        ref, out = fns["plain"](), fns["lever"]()
+        n = _calls_per_sample(fns["plain"])
+        wall, cpu = _alternate_cpu({k: _repeat(fn, n) for k, fn in fns.items()}, spec["repeats"], spec["warmup"])
+    return {"rel_err": rel_err(out, ref), "calls_per_sample": n,
+            "times": {k: [v / n for v in vs] for k, vs in wall.items()},
+            "cpu": {k: [v / n for v in vs] for k, vs in cpu.items()}}
+
+
+WORKERS = {"cl_txt2img": work_cl_txt2img, "cl_vae": work_cl_vae, "lever": work_lever, "interop": work_interop,
+           "compile": work_compile, "emoji_threads": work_emoji_threads}
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -226,6 +304,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --compile-sd15: compile only the SD1.5 U-Net (the emoji row is in docs/benchmarks.md)")
     ap.add_argument("--compile-budget", type=float, default=1800,
                     help="seconds before a compile worker is abandoned (contended 2-core machine: emoji took > 600)")
+    ap.add_argument("--recipe", choices=["lcm", "dpm", "default"], default="lcm",
+                    help="channels_last_txt2img: LCM 4 steps CFG 1, DPM++ 2M Karras CFG 7, or the model's own")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="channels_last_txt2img: sampler steps (default: 4 for lcm, 20 for dpm, the model's own)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="channels_last_txt2img/_vae: image size (default: --size for SD1.5, native for emoji)")
+    ap.add_argument("--model-name", default=None, help="channels_last_*: a built-in name (emoji-lcm) or path instead")
+    ap.add_argument("--vae", default=None, help="channels_last_*: autoencoder for ldmkit.load, e.g. emoji-taesd")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the random weights are written")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -256,6 +342,31 @@ def main(argv: list[str] | None = None) -> None:
                 if lever == "int8":
                     notes.append(f"int8: quantize_dynamic took {r['quantize_s']:.1f} s; Linear weights are "
                                  f"{r['linear_params'] / r['all_params']:.0%} of the U-Net's parameters")
+    size = args.image_size or (None if config == "emoji" else args.size)
+    cl_spec = {**common, "recipe": args.recipe, "steps": args.steps, "size": size, "vae": args.vae,
+               "model_name": args.model_name}
+    if args.model_name:
+        cl_spec["model"] = "named"
+    where = f"{args.model_name or config}{' + ' + args.vae if args.vae else ''}, {size or 'native'}²"
+
+    def cpu_note(lever: str, r: dict[str, Any]) -> None:
+        p, q = statistics.median(r["cpu"]["plain"]), statistics.median(r["cpu"]["lever"])
+        notes.append(f"{lever}: CPU plain {fmt(r['cpu']['plain'])} s, lever {fmt(r['cpu']['lever'])} s "
+                     f"(CPU ratio of medians {q / p:.2f})")
+
+    if "channels_last_txt2img" in only:
+        r = run_worker({**cl_spec, "kind": "cl_txt2img"})
+        if r:
+            add("channels_last, whole txt2img", f"{where}, {args.recipe} {args.steps or ''} steps", r,
+                f"max pixel diff {r['max_pixel_diff']}/255")
+            cpu_note("channels_last_txt2img", r)
+            notes.append(f"channels_last_txt2img: first generation of each (lever's includes converting) "
+                         f"{r['first_pair_s']:.1f} s together")
+    if "channels_last_vae" in only:
+        r = run_worker({**cl_spec, "kind": "cl_vae"})
+        if r:
+            add("channels_last, decoder", f"{where} decode", r, f"rel. err {r['rel_err']:.1e}")
+            cpu_note("channels_last_vae", r)
     if "threads" in only:
         r = run_worker({**common, "kind": "lever", "lever": "threads"})
         if r:

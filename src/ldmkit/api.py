@@ -130,7 +130,7 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
          model_type: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
          loras: list[tuple[str, float]] | None = None, low_memory: bool = False,
          vae_tiling: bool = False, lora_dir: str | os.PathLike | None = None,
-         embeddings_dir: str | os.PathLike | None = None) -> Pipeline:
+         embeddings_dir: str | os.PathLike | None = None, channels_last: bool | None = None) -> Pipeline:
     """Load a checkpoint file, a diffusers folder, or a built-in model by name (default: ``emoji``).
 
     ``loras``: (LoRA file or PEFT folder, multiplier) pairs merged into the weights; any layout
@@ -144,6 +144,8 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
     large sizes.
     ``lora_dir``: where ``<lora:NAME:W>`` in a prompt looks NAME up (applied for that generation only);
     ``embeddings_dir``: textual-inversion embeddings whose file names are words of the prompt.
+    ``channels_last`` (CPU, not low-memory): run the U-Net and VAE with NHWC weights, faster and the same image
+    to ~1e-5 (ldmkit.channels_last); default on unless the environment sets ``LDMKIT_CHANNELS_LAST=0``.
     """
     device = device or ("cpu" if low_memory else default_device())
     if low_memory and (str(device) != "cpu" or dtype not in (None, torch.float32)):
@@ -173,6 +175,9 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
 
             upcast_vae(sd_model, vae)
     sd_model.vae_tiling = vae_tiling
+    from ldmkit import channels_last as nhwc
+
+    sd_model.channels_last = nhwc.default() if channels_last is None else channels_last  # applied on first use
     attach_folders(sd_model, lora_dir, embeddings_dir)
     return Pipeline(sd_model)
 

@@ -625,5 +625,8 @@ def load(path: str | os.PathLike, *, vae: str | os.PathLike | None = None, model
         model.recommended = implied_recommended(bool(model.cfg.unet.time_cond_proj_dim))
     if vae is not None:
         swap_vae(model, vae)
+    from ldmkit import channels_last  # inference default: NHWC weights on first use (the trainers opt out)
+
+    model.channels_last = channels_last.default()
     return model.to(device)
 

@@ -107,6 +107,11 @@ def _add_generation_args(p: argparse.ArgumentParser, prompt_required: bool = Tru
                         "one layer at a time; idle networks are paged out. Same image, under half the memory "
                         "(SD1.5 at 512²: 2.4 GB peak vs 5.4 GB), ~8%% slower per step: use it when RAM is short, "
                         "otherwise leave it off (the default is the faster one)")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="CPU: keep the U-Net's and VAE's weights in PyTorch's default NCHW layout instead of "
+                        "channels_last (NHWC, the default: 6-8%% less time per SD1.5 U-Net step, 20-40%% per "
+                        "decode, the same image to 1/255; docs/benchmarks.md); LDMKIT_CHANNELS_LAST=0 in the "
+                        "environment does the same for every command and the server")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode the image in tiles: the same image (no seams), far less memory for large "
                         "images; slightly slower, so worth it above ~768x768 or with --low-memory")
@@ -314,7 +319,8 @@ def load_pipeline(args: argparse.Namespace):
     loras = [parse_lora_arg(spec) for spec in args.lora]
     pipe = api.load(args.model, vae=args.vae, model_type=args.model_type, device=args.device, loras=loras,
                     low_memory=args.low_memory, vae_tiling=args.vae_tiling, lora_dir=args.lora_dir,
-                    embeddings_dir=args.embeddings_dir)
+                    embeddings_dir=args.embeddings_dir,
+                    channels_last=False if getattr(args, "no_channels_last", False) else None)
     pipe.model.lora_strict = args.lora_strict
     return pipe
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldmkit import lowmem, memory, prompt_schedule
+from ldmkit import channels_last, lowmem, memory, prompt_schedule
 from ldmkit.deepcache import DeepCacheUNet
 from ldmkit.deepcache import check_settings as check_deepcache
 from ldmkit.denoisers import CFGDenoiser, Conditioning, DiscreteDenoiser
@@ -390,6 +390,8 @@ def denoise(model: StableDiffusion, plan: Plan, cond: Conditioning, uncond: Cond
             callback: StepCallback | None = None) -> Tensor:
     """:func:`sample` from a start ``x`` already at ``plan.sigmas[0]``: the one sampling loop."""
     spec, sigmas = plan.spec, plan.sigmas
+    channels_last.prepare(model, "unet")  # NHWC weights on CPU unless opted out (ldmkit.channels_last)
+    channels_last.prepare_controlnets(model, plan.controlnets)
     den: Callable[[Tensor, Tensor], Tensor] = guided_denoiser(model, plan, cond, uncond, x.shape[0])
     if mask is not None and init_latent is not None:
         den = MaskedDenoiser(den, mask, init_latent)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ldmkit import __version__, lowmem
+from ldmkit import __version__, channels_last, lowmem
 from ldmkit.core import (  # noqa: F401  (re-exported: the pipeline's public names since before the core)
     MAX_SEED,
     GenerationError,
@@ -51,6 +51,7 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
     """Latents (B, 4, h, w) -> RGB images; the KL decoder works on latent / scale_factor, a tiny
     autoencoder (TAESD, ``scaled_latents``) on the latent itself."""
     images = []
+    channels_last.prepare(model, "vae")
     scale = 1.0 if getattr(model.vae, "scaled_latents", False) else model.cfg.vae.scale_factor
     # tiled when asked, or when the image is large (vae_tiling.should_tile): bounded memory at 2048^2
     decode = functools.partial(vae_decode, model.vae, tiling=model.vae_tiling)
@@ -65,6 +66,7 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
 
 def encode_pixels(model: StableDiffusion, x: Tensor) -> Tensor:
     """Pixels (B, 3, H, W) in [-1, 1] -> scaled latent (B, 4, H/8, W/8): posterior mean x scale factor."""
+    channels_last.prepare(model, "vae")
     with torch.inference_mode():
         if getattr(model.vae, "scaled_latents", False):  # a tiny autoencoder returns the scaled latent
             return model.vae.encode(x.to(model.device, model.dtype)).float()

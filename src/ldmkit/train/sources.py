@@ -46,7 +46,9 @@ def load_model(source: str, flag: str) -> Any:
     path = resolve_model_path(source)
     if not path.exists():
         raise TrainError(f"{flag} {source}: no such run folder, model file or built-in model")
-    return load(path)
+    model = load(path)
+    model.channels_last = False  # trained networks and their frozen parts keep one layout (exact resumes)
+    return model
 
 
 def load_init_model(cfg: TrainConfig, run_dir: Path) -> Any:
