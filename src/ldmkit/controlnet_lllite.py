@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmkit.checkpoint import read_state_dict
-from ldmkit.controlnet import ControlledUNet, ControlNetError
+from ldmkit.controlnet import ControlledUNet, ControlNetError, check_window, in_window, map_at
 
 StateDict = dict[str, Tensor]
 PREFIX = "lllite_unet_"
@@ -261,20 +260,16 @@ class LLLiteUnit:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.start < self.end <= 1.0:
-            raise ValueError(f"control start {self.start:g} and end {self.end:g} must satisfy 0 <= start < end <= 1")
+        check_window(self.start, self.end)
 
     def active(self, i: int, n: int) -> bool:
-        return not (i / n < self.start or (i + 1) / n > self.end)
+        return in_window(self.start, self.end, i, n)
 
     def embeddings(self, size: tuple[int, int], device: torch.device) -> dict[str, Tensor]:
         """Each module's condition for a pass at pixel ``size`` (H, W), computed once per size (the map resized for
         another pass, e.g. the hires fix's second)."""
         if size not in self._cache:
-            dtype = next(self.model.parameters()).dtype
-            x = self.image.to(device, dtype)
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = map_at(self.image, size, device, next(self.model.parameters()).dtype)
             with torch.inference_mode():
                 self._cache[size] = {n: m.embed(x * 2 - 1) for n, m in self.model.items()}
         return self._cache[size]
