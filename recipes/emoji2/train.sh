@@ -7,7 +7,7 @@
 #   SIZE=128 bash recipes/emoji2/train.sh        # native 128x128, f=8 autoencoder (emoji2-128.toml)
 #   DEVICE=cuda bash recipes/emoji2/train.sh     # on a GPU (the stages one after another; same steps)
 #
-# Every stage checkpoints every 100 steps (at most ~6 min apart on a busy core) and resumes exactly
+# Every stage checkpoints every CKPT=50 steps (minutes apart on a busy core) and resumes exactly
 # where it stopped: rerun the same command. VAE_RUN=DIR uses an autoencoder run trained elsewhere
 # (e.g. the comparison runs in runs/emoji2-ae/) instead of training $R-vae.
 # Estimated time on one idle CPU core per job (docs/models/emoji2-plan.md: step costs measured by
@@ -30,6 +30,7 @@ DECODER_STEPS=${DECODER_STEPS:-4000}
 LCM_STEPS=${LCM_STEPS:-1300}
 TAESD_STEPS=${TAESD_STEPS:-3000}
 EXPORT=${EXPORT:-0}
+CKPT=${CKPT:-50}  # steps between checkpoints: ~5 min apart for a U-Net step of ~6 s on a busy core
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$SIZE" = 128 ]; then CFG=recipes/emoji2/emoji2-128.toml; DATA=data/emoji2-128; R=runs/emoji2-128
 else CFG=recipes/emoji2/emoji2.toml; DATA=data/emoji2; R=runs/emoji2; fi
@@ -46,13 +47,13 @@ VAE_RUN=${VAE_RUN:-$R-vae}
 
 if [ -f "$VAE_RUN/checkpoint.pt" ]; then "$LDMKIT" train vae --resume "$VAE_RUN" --total-steps "$VAE_STEPS"
 else "$LDMKIT" train vae --config "$CFG" --data "$DATA" --out "$VAE_RUN" --device "$DEVICE" --batch-size 16 \
-        --total-steps "$VAE_STEPS" --lr 2e-4 --warmup-steps 50 --sample-every 250 --checkpoint-every 100; fi
+        --total-steps "$VAE_STEPS" --lr 2e-4 --warmup-steps 50 --sample-every 250 --checkpoint-every "$CKPT"; fi
 
 unet() {
     if [ -f "$R-ldm/checkpoint.pt" ]; then "$LDMKIT" train unet --resume "$R-ldm" --total-steps "$UNET_STEPS"
     else "$LDMKIT" train unet --config "$CFG" --data "$DATA" --vae "$VAE_RUN" --out "$R-ldm" --device "$DEVICE" \
             --vocab data --batch-size 32 --total-steps "$UNET_STEPS" --lr 3e-4 --warmup-steps 100 \
-            --ema-decay 0.999 --caption-dropout 0.1 --sample-every 1000 --checkpoint-every 100 \
+            --ema-decay 0.999 --caption-dropout 0.1 --sample-every 1000 --checkpoint-every "$CKPT" \
             --balanced --caption-choice random; fi
 }
 decoder() {  # SD's ft-MSE recipe in small: decoder only, encoder frozen so the U-Net's latents stay valid
@@ -60,7 +61,7 @@ decoder() {  # SD's ft-MSE recipe in small: decoder only, encoder frozen so the 
     else "$LDMKIT" train vae --init-from "$VAE_RUN" --freeze-encoder --data "$DATA" --size "$SIZE" --no-flip \
             --out "$R-vae-decoder" --device "$DEVICE" --batch-size 16 --total-steps "$DECODER_STEPS" --lr 1e-4 \
             --warmup-steps 50 --rec-loss l2 --perceptual-weight 0.1 --ema-decay 0.999 --sample-every 250 \
-            --checkpoint-every 100; fi
+            --checkpoint-every "$CKPT"; fi
 }
 if [ "$DEVICE" = cuda ]; then unet; decoder; else unet & U=$!; decoder & D=$!; wait "$U"; wait "$D"; fi
 
@@ -73,7 +74,7 @@ MODEL=$R.safetensors
 if [ -f "$R-lcm/checkpoint.pt" ]; then "$LDMKIT" train lcm --resume "$R-lcm" --total-steps "$LCM_STEPS"
 else "$LDMKIT" train lcm --model "$MODEL" --data "$DATA" --out "$R-lcm" --size "$SIZE" --device "$DEVICE" \
         --batch-size 32 --total-steps "$LCM_STEPS" --warmup-steps 50 --lr 3e-5 --ema-decay 0.995 --w-min 4 \
-        --w-max 4 --target-decay 0.95 --checkpoint-every 100 --log-every 10 --sample-every 0 \
+        --w-max 4 --target-decay 0.95 --checkpoint-every "$CKPT" --log-every 10 --sample-every 0 \
         --balanced --caption-choice random \
         --caption-templates "{caption}" "{a} {caption}" "{caption} emoji" "{a} {caption} emoji" "an emoji of {a} {caption}"; fi
 "$LDMKIT" export "$R-lcm" "$R-lcm.safetensors" --half
@@ -82,7 +83,8 @@ else "$LDMKIT" train lcm --model "$MODEL" --data "$DATA" --out "$R-lcm" --size "
 # Tiny decoder (TAESD architecture, width 32, decoder only) distilled from the model's KL decoder
 if [ -f "$R-taesd/checkpoint.pt" ]; then "$LDMKIT" train taesd --resume "$R-taesd" --total-steps "$TAESD_STEPS"
 else "$LDMKIT" train taesd --model "$MODEL" --data "$DATA" --out "$R-taesd" --size "$SIZE" --device "$DEVICE" \
-        --batch-size 16 --total-steps "$TAESD_STEPS" --width 32 --taesd-parts decoder --rec-loss l2; fi
+        --batch-size 16 --total-steps "$TAESD_STEPS" --width 32 --taesd-parts decoder --rec-loss l2 \
+        --checkpoint-every "$CKPT"; fi
 "$LDMKIT" export "$R-taesd" "$R-taesd.safetensors" --half
 
 if [ "$EXPORT" = 1 ]; then  # ship: replaces the built-in model files (check the card's numbers first)
