@@ -116,3 +116,31 @@ def test_info_names_lora_and_autoencoder_files(tmp_path, capsys):
     modules[K.TAESD].save_pretrained(tmp_path / "taesd-folder")
     assert main(["info", str(tmp_path / "taesd-folder")]) == 0
     assert "--preview-vae" in capsys.readouterr().out
+
+
+def test_header_read_once_per_file_version(tmp_path, monkeypatch):
+    """`ldmkit info`, the loaders and the server ask several questions of one file (Control-LoRA? LLLite?
+    ControlNet?): its header is read once, and again when the file is replaced or rewritten."""
+    import os
+
+    import safetensors
+
+    from ldmkit import controlnet_files
+
+    reads = []
+    real = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    t = torch.zeros(1)
+    path = _save(tmp_path, "cl.safetensors", {"input_hint_block.0.weight": t, "lora_controlnet": t})
+    old = 1_000_000_000  # settled: a file changed just now is read afresh each time (its mtime may not change)
+    assert K.kind_of(path) == K.CONTROLNET and K.kind_of(path) == K.CONTROLNET and len(reads) == 2
+    os.utime(path, (old, old))
+    assert K.kind_of(path) == K.CONTROLNET and controlnet_files.header_kind(path) == "control-lora"
+    assert K.may_be(path, K.CONTROLNET) and K.header_keys(path) == ["input_hint_block.0.weight", "lora_controlnet"]
+    assert len(reads) == 3
+    os.replace(_save(tmp_path, "new.safetensors", {"task_embedding": t, "controlnet_cond_embedding.x": t}), path)
+    os.utime(path, (old, old))
+    assert controlnet_files.header_kind(path) == "union" and K.kind_of(path) == K.CONTROLNET and len(reads) == 4
+    _save(tmp_path, "cl.safetensors", {"input_hint_block.0.weight": t, "lora_controlnet": t})  # rewritten in place
+    os.utime(path, (old + 1, old + 1))
+    assert controlnet_files.header_kind(path) == "control-lora" and len(reads) == 5

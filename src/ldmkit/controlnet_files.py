@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ldmkit import file_kind
 from ldmkit.controlnet import ControlNetError
 from ldmkit.models.controlnet_union import UNION_TYPES
 
@@ -232,27 +233,16 @@ def union_types(net: object, control_type: object, title: str, image: object) ->
 
 
 def header_kind(path: Path) -> str | None:
-    """"union" / "control-lora" from a folder's config.json or a .safetensors header alone; None otherwise."""
-    import json
-
+    """"union" / "control-lora" from a folder's config.json or a .safetensors header alone (as file_kind reads
+    them); None otherwise."""
     if path.is_dir():
-        try:
-            return "union" if json.loads((path / "config.json").read_text()).get(
-                "_class_name") == "ControlNetUnionModel" else None
-        except (OSError, ValueError, AttributeError):
-            return None
+        return "union" if file_kind.folder_class(path) == "ControlNetUnionModel" else None
     if path.suffix.lower() != ".safetensors":
         return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-    except Exception:  # noqa: BLE001 - unreadable: the loader says why
-        return None
-    if CONTROL_LORA_KEY in keys:
+    names = dict.fromkeys(file_kind.header_keys(path) or ())
+    if is_control_lora(names):  # type: ignore[arg-type]
         return "control-lora"
-    return "union" if is_union(dict.fromkeys(keys)) else None  # type: ignore[arg-type]
+    return "union" if is_union(names) else None  # type: ignore[arg-type]
 
 
 def describe_file(path: object) -> str | None:

@@ -10,9 +10,11 @@ match) and, for diffusers folders, its ``_class_name`` to ``FOLDER_CLASSES``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,12 +39,30 @@ TAESD_KEY = re.compile(r"^(?:(?:taesd_)?(encoder|decoder)\.)?(layers\.)?(\d+)\.(
 
 
 def header_keys(path: str | os.PathLike) -> list[str] | None:
-    """The tensor names in a ``.safetensors`` file's header; None when it cannot be read (the loader says why)."""
+    """The tensor names in a ``.safetensors`` file's header; None when it cannot be read (the loader says why).
+    Read once per version of the file (inode, size, mtime): ``ldmkit info``, the loaders and the server ask
+    several questions of one file (upscaler? ControlNet Union / Control-LoRA? LLLite? ControlNet?)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # a file changed within the clock's granularity of now may change again with the same mtime ("racy git"):
+    # read it afresh until it is older
+    read = _read_keys.__wrapped__ if time.time_ns() - st.st_mtime_ns < _SETTLED_NS else _read_keys
+    keys = read(os.path.abspath(path), (st.st_ino, st.st_size, st.st_mtime_ns))
+    return None if keys is None else list(keys)
+
+
+_SETTLED_NS = 2_000_000_000
+
+
+@functools.lru_cache(maxsize=32)
+def _read_keys(path: str, version: tuple[int, int, int]) -> tuple[str, ...] | None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.keys())
     except Exception:  # noqa: BLE001 - unreadable: the caller's loader reports it
         return None
 
