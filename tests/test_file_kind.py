@@ -118,6 +118,41 @@ def test_info_names_lora_and_autoencoder_files(tmp_path, capsys):
     assert "--preview-vae" in capsys.readouterr().out
 
 
+def test_what_a_non_lora_file_holds():
+    """A LoRA error names what the file holds from file_kind's rules (one list): files written by diffusers and
+    transformers, original layouts, and textual-inversion embeddings."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldmkit.lora_formats import detect_lora_format
+
+    t = torch.zeros(1)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                                cross_attention_dim=8, attention_head_dim=2, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=50))
+    modules = _diffusers_modules()
+    cases = [
+        (unet.state_dict(), K.UNET, "a diffusers U-Net (full weights), not a LoRA"),
+        (text.state_dict(), K.TEXT_ENCODER, "a text encoder (full weights), not a LoRA"),
+        ({f"clip_l.transformer.{k}": v for k, v in text.state_dict().items()}, K.TEXT_ENCODER, "a text encoder"),
+        (modules[K.CONTROLNET].state_dict(), K.CONTROLNET, "a ControlNet, not a LoRA"),
+        (modules[K.VAE].state_dict(), K.VAE, "an autoencoder (VAE) file, not a LoRA: pass it as --vae"),
+        ({"model.diffusion_model.input_blocks.0.0.weight": t}, K.SD, "full Stable Diffusion checkpoint"),
+        ({"conditioner.embedders.0.x": t, "model.diffusion_model.x": t}, K.SDXL, "full Stable Diffusion checkpoint"),
+        ({"emb_params": t}, K.EMBEDDING, "a textual-inversion embedding, not a LoRA"),
+        ({"clip_l": t, "clip_g": t}, K.EMBEDDING, "a textual-inversion embedding, not a LoRA"),
+        ({"lllite_unet_x.down.0.weight": t}, K.LLLITE, "no LoRA keys"),
+        ({"lora_unet_x.oft_blocks": t}, None, "LyCORIS OFT/BOFT"),
+    ]
+    for sd, kind, says in cases:
+        assert K.kind_of_keys(sd) == kind, says
+        with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)")):
+            detect_lora_format(sd)
+
+
 def test_header_read_once_per_file_version(tmp_path, monkeypatch):
     """`ldmkit info`, the loaders and the server ask several questions of one file (Control-LoRA? LLLite?
     ControlNet?): its header is read once, and again when the file is replaced or rewritten."""

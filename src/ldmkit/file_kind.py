@@ -2,7 +2,8 @@
 ``config.json``. No tensor is read, so a scan of a folder of multi-GB checkpoints stays cheap.
 
 The one place that tells ControlNets (and ControlNet-LLLites), T2I-Adapters, upscalers, TAESD, full checkpoints,
-LoRAs and VAEs apart: the loaders, the server's ``--controlnet-dir`` scan and ``ldmkit info`` ask it. A pickled
+LoRAs and VAEs apart (and textual-inversion embeddings, bare U-Net and text-encoder weights, which a LoRA error
+names): the loaders, the server's ``--controlnet-dir`` scan, ``ldmkit info`` and ``lora_formats`` ask it. A pickled
 ``.pth``/``.pt`` file has no header, so only loading it tells (:func:`kind_of` says None, :func:`may_be` says maybe).
 To teach ldmkit a new kind, add a name below, a rule to :func:`kind_of_keys` (before any rule its keys would also
 match) and, for diffusers folders, its ``_class_name`` to ``FOLDER_CLASSES``.
@@ -27,6 +28,9 @@ SD = "sd"  # a full SD1/SD2 checkpoint (LDM layout)
 LORA = "lora"
 VAE = "vae"
 LLLITE = "controlnet-lllite"  # kohya's ControlNet-LLLite (controlnet_lllite.py): lllite_unet_<layer>.* modules
+EMBEDDING = "embedding"  # a textual-inversion embedding (A1111's emb_params / string_to_param, SDXL's clip_l/clip_g)
+UNET = "unet"  # a diffusers U-Net's full weights, without the rest of a model
+TEXT_ENCODER = "text-encoder"  # a CLIP text encoder's full weights
 
 FOLDER_CLASSES = {"ControlNetModel": CONTROLNET, "ControlNetUnionModel": CONTROLNET, "T2IAdapter": ADAPTER,
                   "AutoencoderTiny": TAESD}
@@ -84,6 +88,9 @@ def kind_of_keys(keys: Iterable[str]) -> str | None:
     def has(*prefixes: str) -> bool:
         return any(k.startswith(prefixes) for k in keys)
 
+    def contains(*parts: str) -> bool:  # parts that come under assorted prefixes (clip_l.transformer.text_model...)
+        return any(p in k for k in keys for p in parts)
+
     if not keys:
         return None
     if ({"conv_in.weight", "body.0.block1.weight"} <= names or "body.0.body.0.block1.weight" in names
@@ -101,15 +108,18 @@ def kind_of_keys(keys: Iterable[str]) -> str | None:
         return SDXL
     if has("model.diffusion_model."):
         return SD
-    from ldmkit.lora_formats import detect_lora_format
+    from ldmkit.lora_formats import lora_layout  # LoRA layouts are lora_formats' to tell (and its import is heavy)
 
-    try:
-        detect_lora_format(keys)
+    if lora_layout(keys):
         return LORA
-    except ValueError:
-        pass
     if has("first_stage_model.") or (has("encoder.conv_in.") and has("decoder.conv_in.")):
         return VAE
+    if contains("emb_params", "string_to_param") or names <= {"clip_l", "clip_g"}:
+        return EMBEDDING
+    if contains("down_blocks.") and contains("up_blocks.") and contains("conv_in.weight"):  # a ControlNet has no up
+        return UNET
+    if contains("text_model.embeddings.", "token_embedding"):
+        return TEXT_ENCODER
     return None
 
 
@@ -157,5 +167,6 @@ def usage(path: str | os.PathLike) -> str | None:
     return None
 
 
-__all__ = ["ADAPTER", "CONTROLNET", "FOLDER_CLASSES", "LLLITE", "LORA", "SD", "SDXL", "TAESD", "UPSCALER", "VAE",
-           "folder_class", "header_keys", "kind_of", "kind_of_keys", "may_be", "usage"]
+__all__ = ["ADAPTER", "CONTROLNET", "EMBEDDING", "FOLDER_CLASSES", "LLLITE", "LORA", "SD", "SDXL", "TAESD",
+           "TEXT_ENCODER", "UNET", "UPSCALER", "VAE", "folder_class", "header_keys", "kind_of", "kind_of_keys",
+           "may_be", "usage"]

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ldmkit import lycoris
+from ldmkit import file_kind, lycoris
 from ldmkit.checkpoint import CheckpointError, atomic_save_safetensors, read_state_dict
 from ldmkit.lycoris import LycoModule
 
@@ -113,8 +113,8 @@ class LoRAFile:
 # ---------------------------------------------------------------- telling layouts apart
 
 
-def _what_else(keys: list[str]) -> str:
-    """What a file that is not a LoRA seems to hold, from its keys."""
+def _unsupported(keys: list[str]) -> str | None:
+    """Why a file of LoRA-like networks ldmkit does not merge is refused; None for any other file."""
     def has(*parts: str) -> bool:
         return any(p in k for k in keys for p in parts)
 
@@ -124,36 +124,53 @@ def _what_else(keys: list[str]) -> str:
         return "a LyCORIS GLoRA network (a1/a2/b1/b2 keys), which ldmkit does not merge"
     if has("lora_embedding_A"):
         return "a PEFT LoRA of embedding layers (lora_embedding_A keys), which ldmkit does not merge"
-    if has("model.diffusion_model."):
-        return "a full Stable Diffusion checkpoint (model.diffusion_model.* keys), not a LoRA: pass it as --model"
-    if has("first_stage_model.") or (has("encoder.conv_in.") and has("decoder.conv_in.")):
-        return "an autoencoder (VAE) file, not a LoRA: pass it as --vae"
-    if has("emb_params", "string_to_param") or set(keys) <= {"clip_l", "clip_g"}:
-        return "a textual-inversion embedding, not a LoRA"
-    if has("controlnet_cond_embedding", "input_hint_block"):
-        return "a ControlNet, not a LoRA"
-    if has("down_blocks.") and has("conv_in.weight"):
-        return "a diffusers U-Net (full weights), not a LoRA"
-    if has("text_model.embeddings.", "token_embedding"):
-        return "a text encoder (full weights), not a LoRA"
+    return None
+
+
+# what a file that is no LoRA holds, by its file_kind (the one place that names a file's kind from its keys)
+_NOT_A_LORA = {
+    file_kind.SD: "a full Stable Diffusion checkpoint (model.diffusion_model.* keys), not a LoRA: pass it as --model",
+    file_kind.VAE: "an autoencoder (VAE) file, not a LoRA: pass it as --vae",
+    file_kind.EMBEDDING: "a textual-inversion embedding, not a LoRA",
+    file_kind.CONTROLNET: "a ControlNet, not a LoRA",
+    file_kind.UNET: "a diffusers U-Net (full weights), not a LoRA",
+    file_kind.TEXT_ENCODER: "a text encoder (full weights), not a LoRA",
+}
+_NOT_A_LORA[file_kind.SDXL] = _NOT_A_LORA[file_kind.SD]
+
+
+def _what_else(keys: list[str]) -> str:
+    """What a file that is not a LoRA seems to hold, from its keys."""
+    if why := _unsupported(keys):
+        return why
+    if why := _NOT_A_LORA.get(file_kind.kind_of_keys(keys) or ""):
+        return why
     return f"no LoRA keys (lora_down/lora_up or lora_A/lora_B); first keys: {', '.join(keys[:3])}"
 
 
-def detect_lora_format(keys: Iterable[str]) -> str:
-    """The layout of a LoRA state dict: "kohya", "peft" or "diffusers-old"; ValueError naming what it is otherwise."""
+def lora_layout(keys: Iterable[str]) -> str | None:
+    """The layout of a LoRA state dict: "kohya", "peft" or "diffusers-old"; None for anything else (including
+    LoRA-like networks ldmkit does not merge)."""
     keys = list(keys)
-    if not keys:
-        raise ValueError("the file holds no tensors")
-    lycoris = _what_else(keys)
-    if lycoris.startswith(("a LyCORIS", "a PEFT LoRA of embedding")):
-        raise ValueError(lycoris)
+    if not keys or _unsupported(keys):
+        return None
     if all(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
         return "kohya"
     if any(_PEFT_KEY.fullmatch(k) and ".lora_" in k for k in keys):
         return "peft"
     if any(_OLD_ATTN.fullmatch(k) or _OLD_LINEAR.fullmatch(k) for k in keys):
         return "diffusers-old"
-    raise ValueError(lycoris)
+    return None
+
+
+def detect_lora_format(keys: Iterable[str]) -> str:
+    """The layout of a LoRA state dict (:func:`lora_layout`); ValueError naming what it is otherwise."""
+    keys = list(keys)
+    if not keys:
+        raise ValueError("the file holds no tensors")
+    if layout := lora_layout(keys):
+        return layout
+    raise ValueError(_what_else(keys))
 
 
 def foreign_family(keys: Iterable[str]) -> str | None:
