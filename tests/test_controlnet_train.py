@@ -28,7 +28,9 @@ from ldmkit.train.runner import read_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16
-MIN_STAR_IOU = 0.5  # the shipped model at --control-weight 3, one seed (the card has means over many)
+# the shipped model at the default weight 1, seed 3: 0.788 (seeds 0-7: 0.746-0.793; without it 0.33); the card
+# has means over many
+MIN_STAR_IOU = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +184,7 @@ def test_resume_with_another_condition_is_refused(data: Path, sd1_file: Path, tm
 
 
 def test_builtin_emoji_silhouette_draws_in_the_given_shape(tmp_path: Path, capsys) -> None:
-    """`ldmkit generate "red heart" --controlnet emoji-silhouette --control-image star.png --control-weight 3`,
+    """`ldmkit generate "red heart" --controlnet emoji-silhouette --control-image star.png` (weight 1),
     offline: the output's foreground (the dataset's definition) follows the star far better than without."""
     from PIL import ImageDraw
 
@@ -200,8 +202,8 @@ def test_builtin_emoji_silhouette_draws_in_the_given_shape(tmp_path: Path, capsy
     base = ["generate", "red heart", "--model", "emoji", "--seed", "3", "--steps", "12"]
     assert cli.main([*base, "-o", str(tmp_path / "plain.png")]) in (0, None)
     assert cli.main([*base, "--controlnet", "emoji-silhouette", "--control-image", str(tmp_path / "star_shape.png"),
-                     "--control-weight", "3", "-o", str(tmp_path / "star.png")]) in (0, None)
+                     "-o", str(tmp_path / "star.png")]) in (0, None)
     target = np.asarray(star) > 127
     with_cn = iou(foreground_mask(Image.open(tmp_path / "star.png")), target)
     without = iou(foreground_mask(Image.open(tmp_path / "plain.png")), target)
-    assert with_cn >= MIN_STAR_IOU and with_cn > without + 0.15, (with_cn, without)
+    assert with_cn >= MIN_STAR_IOU and with_cn > without + 0.3, (with_cn, without)

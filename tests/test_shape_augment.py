@@ -7,7 +7,6 @@ ControlNet starts with exactly its EMA weights. Tiny SD1 model, 16-px images, a 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 from shapes import write_shapes
+from train_runs import assert_same_weights, crash_and_resume
 
 from ldmkit.checkpoint import atomic_save_safetensors
-from ldmkit.config import TINY
-from ldmkit.model import StableDiffusion
 from ldmkit.preprocess import foreground_mask
 from ldmkit.train import TrainError, defaults, export_run, train
 from ldmkit.train.controlnet import ControlNetTask
@@ -36,25 +34,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
 
 
-@pytest.fixture(scope="module")
-def sd1_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ldmkit.checkpoint import save_single_file
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
-    save_single_file(StableDiffusion(TINY), path)
-    return path
-
-
 def cn_cfg(data: Path, model: Path, **kw):
     base = dict(data=str(data), init_from=str(model), size=SIZE, batch_size=4, total_steps=4, warmup_steps=1,
                 lr=1e-3, log_every=1, sample_every=0, checkpoint_every=2, device="cpu", ema_decay=0.9, holdout=2)
     return defaults("controlnet").replace(**{**base, **kw})
-
-
-def losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
 def random_emojis(n: int, size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -163,28 +146,10 @@ def test_p0_is_the_old_batch_and_p_replaces_only_the_drawn_images(data: Path, sd
 
 
 def test_resumed_run_matches_uninterrupted_with_shape_augment(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+    # stopped after step 3's update, before a checkpoint: the last one is step 2
     cfg = cn_cfg(data, sd1_file, total_steps=4, shape_augment=0.5)
-    train(cfg, tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int, info: dict) -> None:
-        if step == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "b", on_step=crash_at_3)
-    assert read_checkpoint(tmp_path / "b")["step"] == 2
-    train(cfg, tmp_path / "b", resume=True)
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4]
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
-    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
-    for k, v in ca["net"].items():
-        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
-    for k, v in ca["ema"]["shadow"].items():
-        assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
+    ca, cb, _ = crash_and_resume(cfg, tmp_path / "a", tmp_path / "b", 3, 2)
+    assert_same_weights(ca, cb)
 
 
 # ---------------------------------------------------------------- init_controlnet
