@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     if "channels_last_txt2img" in only:
         r = run_worker({**cl_spec, "kind": "cl_txt2img"})
         if r:
-            add("channels_last, whole txt2img", f"{where}, {args.recipe} {args.steps or ''} steps", r,
+            n_steps = args.steps or {"lcm": 4, "dpm": 20}.get(args.recipe, "its")
+            add("channels_last, whole txt2img", f"{where}, {args.recipe} recipe, {n_steps} steps", r,
                 f"max pixel diff {r['max_pixel_diff']}/255")
             cpu_note("channels_last_txt2img", r)
             notes.append(f"channels_last_txt2img: first generation of each (lever's includes converting) "
