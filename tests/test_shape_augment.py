@@ -21,7 +21,7 @@ from ldmkit.preprocess import foreground_mask
 from ldmkit.train import TrainError, defaults, export_run, train
 from ldmkit.train.controlnet import ControlNetTask
 from ldmkit.train.runner import DistInfo, read_checkpoint, step_generator
-from ldmkit.train.shape_augment import augment, blob_mask, cut, move, polygon_mask, silhouettes
+from ldmkit.train.shape_augment import augment, blob_mask, cut, move, polygon_mask, silhouette_mask, silhouettes
 from ldmkit.train.unet import UNetTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +111,27 @@ def test_augment_is_a_function_of_the_generator() -> None:
     assert torch.equal(a[1], silhouettes(a[0]))  # the map is the result's silhouette
 
 
+def test_silhouette_masks_are_moved_training_silhouettes() -> None:
+    """With ``maps`` (shape_augment_silhouettes) a mask is one of them zoomed 0.8-1.2x and shifted <= 10%: a
+    20-px square map gives a filled square of 16-24 px (+-1 for the resampling) near the centre."""
+    square = torch.zeros(1, 1, 64, 64, dtype=torch.uint8)
+    square[..., 22:42, 22:42] = 255
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        m = silhouette_mask(g, square)
+        ys, xs = np.nonzero(m)
+        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].mean() > 0.97  # a filled rectangle (corners resampled)
+        assert 15 <= h <= 25 and abs(h - w) <= 1, (h, w)
+        assert abs((ys.min() + ys.max()) / 2 - 31.5) <= 0.1 * 64 + 1
+    # drawn among blobs and polygons by augment: some masks are the map's square
+    images, _ = random_emojis(12, 64, seed=4)
+    full = torch.full((1, 1, 64, 64), 255, dtype=torch.uint8)  # a silhouette mask of the whole image
+    a = augment(images, torch.Generator().manual_seed(1), full)
+    b = augment(images, torch.Generator().manual_seed(1))
+    assert not torch.equal(a[1], b[1])
+
+
 # ---------------------------------------------------------------- in the trainer
 
 
@@ -145,9 +166,11 @@ def test_p0_is_the_old_batch_and_p_replaces_only_the_drawn_images(data: Path, sd
         assert set(bp["hint"].unique().tolist()) <= {0.0, 1.0}
 
 
-def test_resumed_run_matches_uninterrupted_with_shape_augment(data: Path, sd1_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("outlines", [False, True])
+def test_resumed_run_matches_uninterrupted_with_shape_augment(outlines: bool, data: Path, sd1_file: Path,
+                                                              tmp_path: Path) -> None:
     # stopped after step 3's update, before a checkpoint: the last one is step 2
-    cfg = cn_cfg(data, sd1_file, total_steps=4, shape_augment=0.5)
+    cfg = cn_cfg(data, sd1_file, total_steps=4, shape_augment=0.5, shape_augment_silhouettes=outlines)
     ca, cb, _ = crash_and_resume(cfg, tmp_path / "a", tmp_path / "b", 3, 2)
     assert_same_weights(ca, cb)
 

@@ -172,6 +172,9 @@ class TrainConfig:
         "controlnet (silhouette): share of training images moved (random scale/shift) and cut by a random blob or "
         "irregular polygon on white, the map being the result's silhouette, so the map and not the caption gives "
         "the shape (ldmkit.train.shape_augment); 0 = off", 0.0)
+    shape_augment_silhouettes: bool = _help(
+        "controlnet: shape_augment also cuts by other training images' silhouettes (moved; a third of the "
+        "masks), teaching detailed outlines as well as blobs and polygons", False)
     init_controlnet: str = _help(
         "controlnet: start the ControlNet from this ControlNet run folder (its EMA weights) or file (e.g. an "
         "exported .safetensors) instead of the model's U-Net copy; --resume continues a run exactly", "")

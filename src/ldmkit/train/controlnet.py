@@ -204,7 +204,7 @@ class ControlNetTask(UNetTask):
         images = self.images[idx[pick]]
         if flips is not None:
             images = torch.where(flips[pick][:, None, None, None], images.flip(-1), images)
-        images, new_maps = augment(images, gen)
+        images, new_maps = augment(images, gen, self.maps if self.cfg.shape_augment_silhouettes else None)
         vae = self.net.base.module.vae
         with torch.no_grad():
             mean, logvar = vae.encode(images.float().div(127.5).sub(1.0).to(self.device))

@@ -8,9 +8,10 @@ foreground is then the given map whatever the caption says. The map is the silho
 emoji is uncovered by the cut, that is ``mask AND the moved emoji's foreground``.
 
 The masks are random smoothed-noise blobs and irregular (non-convex, 5-12 vertices, random radii)
-polygons; no circles, squares, triangles or stars are drawn as such (the evaluation's shapes), nor other
-emojis' silhouettes. Every random number comes from the batch's generator in a fixed order, so a resumed
-run draws the same augmentations as an uninterrupted one.
+polygons; no circles, squares, triangles or stars are drawn as such (the evaluation's shapes). With
+``shape_augment_silhouettes`` a third of the masks are other *training* images' silhouettes, moved (never the
+held-out images', whose silhouettes the evaluation uses). Every random number comes from the batch's
+generator in a fixed order, so a resumed run draws the same augmentations as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -69,9 +70,22 @@ def polygon_mask(gen: torch.Generator, size: int) -> np.ndarray:
     return mask > 0
 
 
-def shape_mask(gen: torch.Generator, size: int) -> np.ndarray:
-    """(size, size) bool: a blob or an irregular polygon, half and half."""
-    return blob_mask(gen, size) if float(torch.rand(1, generator=gen)) < 0.5 else polygon_mask(gen, size)
+def silhouette_mask(gen: torch.Generator, maps: Tensor) -> np.ndarray:
+    """One of ``maps`` ((M, 1, H, W) uint8 silhouettes: the training images', never the held-out ones), picked at
+    random, zoomed 0.8-1.2x and shifted up to 10% of the size."""
+    j = int(torch.randint(0, len(maps), (1,), generator=gen))
+    scale, shift = _uniform(gen, 0.8, 1.2), _uniform(gen, -0.1, 0.1, 2).view(1, 2)
+    inverted = (255 - maps[j : j + 1]).expand(-1, 3, -1, -1)  # black shape on white: move() pads white
+    return (move(inverted, scale, shift)[0, 0] < 128).numpy()
+
+
+def shape_mask(gen: torch.Generator, size: int, maps: Tensor | None = None) -> np.ndarray:
+    """(size, size) bool: a blob or an irregular polygon, half and half; with ``maps``, a third each of those
+    and of :func:`silhouette_mask`."""
+    if maps is None:
+        return blob_mask(gen, size) if float(torch.rand(1, generator=gen)) < 0.5 else polygon_mask(gen, size)
+    kind = int(torch.randint(0, 3, (1,), generator=gen))
+    return (blob_mask, polygon_mask)[kind](gen, size) if kind < 2 else silhouette_mask(gen, maps)
 
 
 def cut(images: Tensor, masks: np.ndarray) -> Tensor:
@@ -90,9 +104,10 @@ def silhouettes(images: Tensor) -> Tensor:
     return torch.from_numpy(np.stack(out).astype(np.uint8) * 255)[:, None]
 
 
-def augment(images: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Each (N, 3, H, W) uint8 image moved and, with probability ``CUT``, cut by a random shape; returns the
-    new images and their silhouette maps (N, 1, H, W). Draws from ``gen`` in a fixed order per image."""
+def augment(images: Tensor, gen: torch.Generator, maps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each (N, 3, H, W) uint8 image moved and, with probability ``CUT``, cut by a random shape (with
+    ``maps``, also by other images' silhouettes); returns the new images and their silhouette maps
+    (N, 1, H, W). Draws from ``gen`` in a fixed order per image."""
     n, size = len(images), images.shape[-1]
     scale = _uniform(gen, *SCALE, n)
     shift = _uniform(gen, -SHIFT, SHIFT, 2 * n).view(n, 2)
@@ -100,6 +115,6 @@ def augment(images: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     masks = np.ones((n, size, size), bool)
     for i in range(n):
         if float(torch.rand(1, generator=gen)) < CUT:
-            masks[i] = shape_mask(gen, size)
+            masks[i] = shape_mask(gen, size, maps)
     out = cut(out, masks)
     return out, silhouettes(out)
