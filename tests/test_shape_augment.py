@@ -211,3 +211,5 @@ def test_init_controlnet_bad_sources_are_one_line_errors(data: Path, sd1_file: P
         train(cn_cfg(data, sd1_file, condition="canny", shape_augment=0.5), tmp_path / "r3")
     with pytest.raises(TrainError, match="probability"):
         train(cn_cfg(data, sd1_file, shape_augment=1.5), tmp_path / "r4")
+    with pytest.raises(TrainError, match="set shape_augment too"):
+        train(cn_cfg(data, sd1_file, shape_augment_silhouettes=True), tmp_path / "r5")

@@ -300,6 +300,8 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.condition in ("silhouette", "canny", "edges"),
              f"condition must be silhouette, canny or edges, got {cfg.condition!r}")
         need(0.0 <= cfg.shape_augment <= 1.0, f"shape_augment is a probability, got {cfg.shape_augment}")
+        need(cfg.shape_augment > 0 or not cfg.shape_augment_silhouettes,
+             "shape_augment_silhouettes chooses masks for shape_augment; set shape_augment too, e.g. 0.6")
         need(cfg.shape_augment == 0.0 or cfg.condition == "silhouette",
              "shape_augment cuts images into random shapes for silhouette maps; drop it for canny/edges")
     if cfg.kind == "taesd":
