@@ -114,7 +114,8 @@ CONTROLNET_EXAMPLES = """examples:
   ldmkit train controlnet --model emoji --data data/emoji --condition canny --out runs/cn-canny
   ldmkit train controlnet --resume runs/cn                 # continue exactly where it stopped
   ldmkit train controlnet --config recipes/emoji/controlnet_shapes.toml --out runs/cn-shapes  # from runs/cn,
-      # images cut into random shapes (--init-controlnet runs/cn --shape-augment 0.6): the shipped emoji-silhouette
+      # images cut into random shapes (--init-controlnet runs/cn --shape-augment 0.6); then
+      # recipes/emoji/controlnet_outlines.toml (--shape-augment-silhouettes): the shipped emoji-silhouette
   torchrun --nproc-per-node 2 -m ldmkit train controlnet --model emoji --data data/emoji --out runs/cn
   ldmkit export runs/cn emoji-silhouette.safetensors --half   # the original ControlNet layout (control_model.*)
   ldmkit generate "red heart" --model emoji --controlnet emoji-silhouette.safetensors --control-image star.png
