@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 from shapes import write_shapes
+from test_controlnet_train import SIZE, cn_cfg  # the ControlNet trainer tests' image size and settings
 from train_runs import assert_same_weights, crash_and_resume
 
 from ldmkit.checkpoint import atomic_save_safetensors
 from ldmkit.preprocess import foreground_mask
-from ldmkit.train import TrainError, defaults, export_run, train
+from ldmkit.train import TrainError, export_run, train
 from ldmkit.train.controlnet import ControlNetTask
 from ldmkit.train.runner import DistInfo, read_checkpoint, step_generator
 from ldmkit.train.shape_augment import augment, blob_mask, cut, move, polygon_mask, silhouette_mask, silhouettes
@@ -26,18 +27,11 @@ from ldmkit.train.unet import UNetTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZE = 16
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
 
-
-def cn_cfg(data: Path, model: Path, **kw):
-    base = dict(data=str(data), init_from=str(model), size=SIZE, batch_size=4, total_steps=4, warmup_steps=1,
-                lr=1e-3, log_every=1, sample_every=0, checkpoint_every=2, device="cpu", ema_decay=0.9, holdout=2)
-    return defaults("controlnet").replace(**{**base, **kw})
 
 
 def random_emojis(n: int, size: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
