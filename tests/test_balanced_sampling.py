@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from shapes import write_shapes
+from train_runs import assert_same_weights, crash_and_resume, losses
 
 from ldmkit.data.datasets import ImageCaptionDataset
 from ldmkit.models.tokenizer import CLIPTokenizer
@@ -68,11 +69,6 @@ def vae_run(plain: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "vae"
     train(tiny("vae", data=str(plain), total_steps=2), run)
     return run
-
-
-def _losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
 # ---------------------------------------------------------------- the weighted order
@@ -174,26 +170,11 @@ def unet_cfg(data: Path, vae_run: Path, **kw):
 def test_balanced_random_caption_run_resumes_exactly(rich: Path, vae_run: Path, tmp_path: Path) -> None:
     cfg = unet_cfg(rich, vae_run, balanced=True, caption_choice="random")
     seen: list[int] = []
-    train(cfg, tmp_path / "a", on_step=lambda s, info: seen.extend(info["indices"].tolist()))
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(step: int, info: dict) -> None:
-        if step == 4:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "b", on_step=crash_at_4)
-    assert read_checkpoint(tmp_path / "b")["step"] == 2  # 6 of 11 draws: mid-epoch
-    train(load_run_config(tmp_path / "b"), tmp_path / "b", resume=True)
-    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5]
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
-    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
+    # b stops after step 4, its last checkpoint at step 2 (6 of 11 draws: mid-epoch)
+    ca, cb, _ = crash_and_resume(cfg, tmp_path / "a", tmp_path / "b", 4, 2,
+                                 on_step=lambda s, info: seen.extend(info["indices"].tolist()))
     assert ca["data"] == cb["data"] and "weights" in ca["data"]
-    for k, v in ca["net"].items():
-        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
+    assert_same_weights(ca, cb, ema=False)
 
     # the training set is the 11 images outside holdout.json; images 4 and 8 (weight 0) never come
     task = UNetTask(load_run_config(tmp_path / "a"), tmp_path / "a", DistInfo(0, 1, torch.device("cpu")))
@@ -219,7 +200,7 @@ def test_options_off_train_exactly_as_before_on_the_richer_data(plain: Path, ric
     # the same images and first captions; only weight/captions differ, and both options are off
     train(unet_cfg(tmp_path / "p", vae_run, total_steps=3), tmp_path / "a")
     train(unet_cfg(rich, vae_run, total_steps=3), tmp_path / "b")
-    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert a == b
     ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
     assert ca["data"] == cb["data"] and "weights" not in ca["data"]

@@ -38,11 +38,12 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
-def crash_and_resume(cfg, a: Path, b: Path, at: int, checkpoint: int) -> tuple[dict, dict, dict[int, float]]:
-    """Train ``cfg`` into ``a``; into ``b`` stopped after step ``at``'s update (its last checkpoint: step
-    ``checkpoint``), then resumed. Both runs log every step with losses within 1e-6; returns their final
-    checkpoints and ``a``'s losses."""
-    train(cfg, a)
+def crash_and_resume(cfg, a: Path, b: Path, at: int, checkpoint: int,
+                     on_step=None) -> tuple[dict, dict, dict[int, float]]:
+    """Train ``cfg`` into ``a`` (calling ``on_step``, if given); into ``b`` stopped after step ``at``'s update (its
+    last checkpoint: step ``checkpoint``), then resumed. Both runs log every step with losses within 1e-6; returns
+    their final checkpoints and ``a``'s losses."""
+    train(cfg, a, on_step=on_step)
 
     def crash(step: int, info: dict) -> None:
         if step == at:
