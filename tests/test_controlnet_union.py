@@ -20,7 +20,9 @@ from test_controlnet_sdxl import CFG, NEGATIVE, PROMPT, SEED, SIZE, _inputs, ass
 from ldmkit import checkpoint
 from ldmkit.config import TINY, TINY_SDXL
 from ldmkit.controlnet import ControlNetError, ControlUnit, control_map, describe_file, load_controlnet
+from ldmkit.controlnet_a1111 import model_title
 from ldmkit.controlnet_files import control_type, control_types
+from ldmkit.infotext import parse_infotext, read_parameters
 from ldmkit.models.controlnet_union import UnionControlNet
 from ldmkit.models.unet import sdxl_vector
 from ldmkit.pipeline import GenerationParams, txt2img
@@ -155,6 +157,10 @@ def test_cli_control_type_and_errors(pipe, saved, capsys, tmp_path):
     api = txt2img(model, GenerationParams(PROMPT, steps=4, sampler="Euler", scheduler="uniform", seed=5, width=24,
                                           height=16, cfg_scale=5, controlnets=(unit,)))[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api.convert("RGB")))
+    # two maps in one unit: the extension's type names joined with "+", read back by --control-type
+    line = parse_infotext(read_parameters(out))["ControlNet 0"]
+    assert line.endswith(", Union Control Type: Depth+OpenPose"), line
+    assert control_types(line.rsplit(": ", 1)[1]) == (1, 0)
     bad = [
         (["--controlnet", union, "--control-image", m0], "is a ControlNet Union: name the map's control type"),
         (["--controlnet", union, "--control-image", m0, "--control-type", "sparkles"], "unknown ControlNet Union"),
@@ -216,6 +222,8 @@ def test_a1111_units_union_and_control_lora(pipe, saved, capsys, tmp_path):
             r = client.post("/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
             assert r.status_code == 200, r.text
             got[name] = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+            info = r.json()["info"]
+            assert ("Union Control Type: Depth" in info) == (name == "union-tiny"), info
         unit = {"module": "none", "model": "union-tiny", "image": b64}
         r = client.post("/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
         assert r.status_code == 422 and "union_control_type" in r.text, r.text
@@ -296,6 +304,26 @@ def test_cli_union_beside_a_plain_controlnet(pipe, saved, capsys, tmp_path):
     api = txt2img(model, GenerationParams(PROMPT, steps=4, sampler="Euler", scheduler="uniform", seed=5, width=24,
                                           height=16, cfg_scale=5, controlnets=units))[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api.convert("RGB")))
+    # infotext: the Union unit's type as the extension's union_control_type ("Segmentation" for type 5), named as
+    # its field_to_displaytext names fields; the plain unit's line as the extension writes it, with no such field
+    text = read_parameters(out)
+    fields = parse_infotext(text)
+    union_line, plain_line = fields["ControlNet 0"], fields["ControlNet 1"]
+    assert union_line.endswith(", Control Mode: Balanced, Union Control Type: Segmentation"), union_line
+    assert plain_line == (f"Module: none, Model: {model_title(plain)}, Weight: 1.0, Resize Mode: Just Resize, "
+                          "Processor Res: -1, Threshold A: -1.0, Threshold B: -1.0, Guidance Start: 0.0, "
+                          "Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"), plain_line
+    # round trip: the unit read back as the extension's ControlNetUnit.parse reads it, its type given back to
+    # --control-type, draws the same image
+    unit0 = dict(item.strip().split(": ") for item in union_line.split(","))
+    assert unit0["Union Control Type"] == "Segmentation" and unit0["Model"] == model_title(union)
+    again = tmp_path / "again.png"
+    rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *SETTINGS, "--controlnet", union,
+                   "--control-image", str(m0), "--control-type", unit0["Union Control Type"], "--controlnet", plain,
+                   "--control-image", str(m1), "--control-type", "none", "-o", str(again))
+    assert rc == 0, cap.err
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(Image.open(out).convert("RGB")))
+    assert read_parameters(again) == text
     rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *SETTINGS, "--controlnet", plain,
                    "--control-image", str(m1), "--control-type", "depth", "-o", str(tmp_path / "bad.png"))
     assert rc != 0 and "is a plain ControlNet: drop --control-type" in cap.err

@@ -513,6 +513,10 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
                 "threshold_b": float(sliders[1]), "guidance_start": float(start), "guidance_end": float(end),
                 "pixel_perfect": bool(pixel_perfect),
                 "control_mode": "diffusers guess mode" if guess_mode else unit.control_mode}
+    if types:  # a ControlNet Union: its type in the infotext, as the extension's union_control_type
+        from ldmkit.controlnet_a1111 import union_control_type
+
+        settings["union_control_type"] = union_control_type(types)
     return dataclasses.replace(unit, settings=settings)
 
 

@@ -23,6 +23,10 @@
   preprocessor runs; the map is cropped back.
 * Infotext (``scripts/infotext.py``): ``ControlNet N: "Module: canny, Model: name [hash], Weight: 1.0, ..."``;
   model names are ``stem [hash]`` with A1111's old 8-digit file hash (``sd_models.model_hash``).
+  ControlNet Union units add ``Union Control Type: Hard Edge``: the unit's ``union_control_type`` field named as
+  the extension names fields (``field_to_displaytext``) and valued as its ``ControlNetUnionControlType`` enum.
+  The extension's own code (2024-07) leaves that field out of its infotext; its ``ControlNetUnit.parse`` reads such
+  a line (and ignores the field on paste). Several maps in one unit (not in the extension) join types with "+".
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ CONTROL_MODES = (BALANCED, PROMPT, CONTROL)
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = "Just Resize", "Crop and Resize", "Resize and Fill"
 RESIZE_MODES = (JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL)
 SOFT_BASE = 0.825  # the extension's soft-injection base
+# the extension's ControlNetUnionControlType values, by control type number (the union model's order)
+UNION_CONTROL_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
 HR_OPTIONS = ("Both", "Low res only", "High res only")  # the extension's HiResFixOption
 
 _CONTROL_ALIASES = {"balanced": BALANCED, "prompt": PROMPT, "controlnet": CONTROL, "control": CONTROL}
@@ -340,8 +346,16 @@ def unit_infotext(settings: Mapping[str, object]) -> str:
              ("Processor Res", "processor_res"), ("Threshold A", "threshold_a"), ("Threshold B", "threshold_b"),
              ("Guidance Start", "guidance_start"), ("Guidance End", "guidance_end"),
              ("Pixel Perfect", "pixel_perfect"), ("Control Mode", "control_mode"))
+    if settings.get("union_control_type"):  # ControlNet Union units only: plain units' lines stay as they were
+        order += (("Union Control Type", "union_control_type"),)
     text = ", ".join(f"{label}: {settings.get(key)}" for label, key in order)
     return json.dumps(text)  # A1111 quotes values holding commas or colons
+
+
+def union_control_type(types: Sequence[int]) -> str:
+    """A Union unit's control types as the extension's ``union_control_type`` values: (3,) -> "Hard Edge"; several
+    maps in one unit (which the extension cannot express) -> "Depth+OpenPose", as ``--control-type`` reads them."""
+    return "+".join(UNION_CONTROL_TYPES[t] for t in types)
 
 
 def infotext_fields(units: Sequence[object]) -> dict[str, str]:
@@ -356,5 +370,5 @@ def infotext_fields(units: Sequence[object]) -> dict[str, str]:
 
 __all__ = ["BALANCED", "CONTROL", "CONTROL_MODES", "CROP_AND_RESIZE", "JUST_RESIZE", "PROMPT", "RESIZE_AND_FILL",
            "RESIZE_MODES", "a1111_model_hash", "control_image", "control_mode_name", "fit_map",
-           "high_quality_resize", "infotext_fields", "model_title", "module_name", "pixel_perfect_resolution",
-           "resize_mode_name", "run_preprocessor", "soft_scales"]
+           "UNION_CONTROL_TYPES", "high_quality_resize", "infotext_fields", "model_title", "module_name",
+           "pixel_perfect_resolution", "resize_mode_name", "run_preprocessor", "soft_scales", "union_control_type"]
