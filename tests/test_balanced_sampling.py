@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from shapes import write_shapes
-from train_runs import assert_same_weights, crash_and_resume, losses
+from train_runs import assert_same_weights, crash_and_resume, losses, tiny
 
 from ldmkit.data.datasets import ImageCaptionDataset
 from ldmkit.models.tokenizer import CLIPTokenizer
-from ldmkit.train import TrainError, defaults, load_run_config, train
+from ldmkit.train import TrainError, load_run_config, train
 from ldmkit.train.data import ShardedOrder
 from ldmkit.train.runner import DistInfo, read_checkpoint
 from ldmkit.train.unet import UNetTask, apply_template
@@ -56,12 +56,6 @@ def rich(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "metadata.jsonl").write_text("".join(json.dumps({**r, **_extras(i)}) + "\n" for i, r in enumerate(lines)))
     (root / "holdout.json").write_text(json.dumps({"keys": ["011"]}))
     return root
-
-
-def tiny(kind: str, **kw) -> object:
-    base = dict(model="tiny", size=SIZE, batch_size=3, total_steps=4, warmup_steps=1, lr=1e-3, log_every=1,
-                sample_every=0, checkpoint_every=2, device="cpu")
-    return defaults(kind).replace(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")

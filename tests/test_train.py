@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from shapes import COLORS, write_shapes
-from train_runs import two_ranks, weights_hash
+from train_runs import tiny, two_ranks, weights_hash
 
 from ldmkit import cli
 from ldmkit.train import TrainConfig, TrainError, defaults, export_run, load_run_config, train
@@ -33,12 +33,6 @@ SIZE = 16
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 transparent-background squares and circles in three colours, with captions."""
     return write_shapes(tmp_path_factory.mktemp("data"), 12, SIZE, transparent=True)
-
-
-def tiny(kind: str, **kw) -> TrainConfig:
-    base = dict(model="tiny", size=SIZE, batch_size=3, total_steps=4, warmup_steps=1, lr=1e-3, log_every=1,
-                sample_every=0, checkpoint_every=2, device="cpu")
-    return defaults(kind).replace(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,19 @@ import torch
 from ldmkit.checkpoint import save_single_file
 from ldmkit.config import TINY
 from ldmkit.model import StableDiffusion
-from ldmkit.train import train
+from ldmkit.train import TrainConfig, defaults, train
 from ldmkit.train.runner import read_checkpoint
 
 
 class Crash(Exception):
     """A run killed after some step's update (see :func:`crash_and_resume`)."""
+
+
+def tiny(kind: str, size: int = 16, **kw) -> TrainConfig:
+    """A ``kind`` run of the tiny model: images of ``size``, batch 3, 4 steps, checkpoints every 2, on CPU."""
+    base = dict(model="tiny", size=size, batch_size=3, total_steps=4, warmup_steps=1, lr=1e-3, log_every=1,
+                sample_every=0, checkpoint_every=2, device="cpu")
+    return defaults(kind).replace(**{**base, **kw})
 
 
 def tiny_model_file(path: Path, cfg=TINY, seed: int = 0) -> Path:
