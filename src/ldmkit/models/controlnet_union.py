@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ldmkit.models.clip import quick_gelu
 from ldmkit.models.controlnet import ControlNet, ControlNetConfig, Residuals
 from ldmkit.models.unet import timestep_embedding
 
@@ -44,18 +45,13 @@ class UnionConfig(ControlNetConfig):
     type_embed_dim: int = 256  # each control-type entry's sinusoidal width (diffusers' addition_time_embed_dim)
 
 
-class _QuickGELU(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
 class _Mlp(nn.Module):
     def __init__(self, d: int):
         super().__init__()
-        self.c_fc, self.gelu, self.c_proj = nn.Linear(d, 4 * d), _QuickGELU(), nn.Linear(4 * d, d)
+        self.c_fc, self.c_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(quick_gelu(self.c_fc(x)))
 
 
 class _Block(nn.Module):
