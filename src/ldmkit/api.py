@@ -175,9 +175,8 @@ def load(model: str | os.PathLike | None = None, *, vae: str | os.PathLike | Non
 
             upcast_vae(sd_model, vae)
     sd_model.vae_tiling = vae_tiling
-    from ldmkit import channels_last as nhwc
-
-    sd_model.channels_last = nhwc.default() if channels_last is None else channels_last  # applied on first use
+    if channels_last is not None:  # (checkpoint.load set the default; applied on first use)
+        sd_model.channels_last = channels_last
     attach_folders(sd_model, lora_dir, embeddings_dir)
     return Pipeline(sd_model)
 
