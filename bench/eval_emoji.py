@@ -13,6 +13,14 @@ Metrics (the "default model" issue):
 3. autoencoder reconstruction PSNR on held-out images;
 4. a contact sheet of 64 prompts, and the effect of the CFG scale on metric 1.
 
+    python bench/eval_emoji.py --model emoji --data data/emoji --balanced 20    # issue 17's metric
+    python bench/eval_emoji.py --model emoji --data data/emoji --contact-sheet sheet.png
+
+--balanced N: top-1/top-5 per Unicode emoji group, N bare names per group, seeds 0-3, the settings
+`ldmkit generate` uses for the model. --contact-sheet PATH: one row per group (group name on the left),
+--sheet-names K names each (the same seeded draw of bare names), each drawn as `ldmkit generate NAME
+--seed 0` draws it (the model's default settings and native size); with --balanced, its seed-0 images.
+
 Feature space (fixed, model-independent): the image downsampled to 16x16 by area averaging, RGB in
 [0, 1], compared by Euclidean distance.
 """
@@ -121,6 +129,55 @@ def contact_sheet(images: list[Image.Image], captions: list[str], path: Path, co
     sheet.save(path)
 
 
+def group_sheet(rows: list[tuple[str, list[Image.Image], list[str]]], path: Path, label_width: int = 116,
+                colors: int = 0) -> None:
+    """A contact sheet with one row per (label, images, captions): the label (a group's name) on the left,
+    each image with its caption under it; ``colors``: quantised to that many colours (0: full colour)."""
+    from PIL import ImageDraw
+
+    s = rows[0][1][0].size[0]
+    cell_w, cell_h = s + 8, s + 24
+    cols = max(len(images) for _, images, _ in rows)
+    sheet = Image.new("RGB", (label_width + cols * cell_w, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images, captions) in enumerate(rows):
+        y = r * cell_h
+        draw.text((4, y + s // 2 - 6), label, fill=(0, 0, 0))  # Pillow's default font: ~6 px a character
+        for i, (im, cap) in enumerate(zip(images, captions, strict=True)):
+            x = label_width + i * cell_w
+            sheet.paste(im.convert("RGB"), (x + 4, y))
+            draw.text((x + 2, y + s + 2), cap[:14], fill=(0, 0, 0))
+    if colors:
+        sheet = sheet.quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, optimize=True)
+
+
+def sheet_main(args: argparse.Namespace) -> int:
+    """--contact-sheet PATH alone: one row per Unicode group, --sheet-names bare names each (balanced_captions'
+    seeded draw, holdout excluded), seed 0, the settings and size `ldmkit generate` uses for the model."""
+    from ldmkit.data.emoji_groups import GROUPS, balanced_captions, load_emoji_groups
+
+    if args.sheet_names < 1:
+        raise SystemExit("--sheet-names K: names per group, at least 1")
+    torch.set_num_threads(1)
+    t0 = time.time()
+    groups = load_emoji_groups(args.emoji_test)
+    model = api.load(args.model).model
+    size = args.size or model.cfg.native_size
+    sampler, steps, cfg = default_settings(model)
+    rows, holdout = load_dataset(Path(args.data))
+    chosen = balanced_captions(rows, groups, args.sheet_names, seed=0, exclude=holdout)
+    prompts = [r["text"] for g in GROUPS for r in chosen[g]]
+    images = generate(model, prompts, [0] * len(prompts), steps, cfg, size, sampler)
+    k = args.sheet_names
+    group_sheet([(g, images[i * k:(i + 1) * k], prompts[i * k:(i + 1) * k]) for i, g in enumerate(GROUPS)],
+                Path(args.contact_sheet), colors=args.sheet_colors)
+    print(f"{args.contact_sheet}: {len(GROUPS)} groups x {k} names, seed 0, {sampler}, {steps} steps, CFG {cfg:g}, "
+          f"{size}x{size} ({time.time() - t0:.0f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="emoji")
@@ -144,9 +201,18 @@ def main(argv: list[str] | None = None) -> int:
                     "seeds 0-3, the settings `ldmkit generate` uses for the model (its recommended ones, else the "
                     "CLI's defaults); writes emoji-balanced.json (and the card's <!-- balanced --> section)")
     ap.add_argument("--emoji-test", default=None, help="Unicode's emoji-test.txt (default: Debian unicode-data's)")
+    ap.add_argument("--contact-sheet", default=None, metavar="PATH",
+                    help="a PNG with one row per Unicode group: --sheet-names bare names each, seed 0, the model's "
+                    "default settings and native size (only this, unless --balanced: then its seed-0 images)")
+    ap.add_argument("--sheet-names", type=int, default=8, metavar="K", help="names per group on the contact sheet")
+    ap.add_argument("--sheet-colors", type=int, default=0, metavar="N",
+                    help="quantise the contact sheet to N colours (256 keeps a 9x8 sheet under 200 KB for docs/; "
+                    "default: full colour)")
     args = ap.parse_args(argv)
     if args.balanced is not None:
         return balanced_main(args)
+    if args.contact_sheet is not None:
+        return sheet_main(args)
     if args.quick:
         args.captions, args.sweep_captions, args.steps = 16, 8, 4
     torch.set_num_threads(1)  # on a shared 2-core machine one thread is faster than two fighting
@@ -273,20 +339,21 @@ def balanced_main(args: argparse.Namespace) -> int:
     chosen = balanced_captions(rows, groups, args.balanced, seed=0, exclude=holdout)
     seeds = [0, 1, 2, 3]
     per: dict[str, tuple[float, float]] = {}
-    sheet, sheet_caps = [], []
+    sheet = []
     prompts = [r["text"] for g in GROUPS for r in chosen[g] for _ in seeds]  # one list: full batches
     images = generate(model, prompts, seeds * (len(prompts) // len(seeds)), steps, cfg, size, sampler)
     n = len(seeds) * args.balanced
     for gi, g in enumerate(GROUPS):
         sel, gen = chosen[g], images[gi * n:(gi + 1) * n]
         per[g] = retrieval(features(gen), data_feats, [index[r["key"]] for r in sel for _ in seeds])
-        sheet += gen[0:len(gen):len(seeds)][:8]  # seed 0 of the first 8 names: one row per group
-        sheet_caps += [r["text"] for r in sel[:8]]
+        k = min(args.sheet_names, args.balanced)  # seed 0 of the first K names: one row per group
+        sheet.append((g, gen[0:len(gen):len(seeds)][:k], [r["text"] for r in sel[:k]]))
         print(f"{g}: top-1 {per[g][0]:.1%} top-5 {per[g][1]:.1%} ({time.time() - t0:.0f} s)", flush=True)
     overall = (float(np.mean([v[0] for v in per.values()])), float(np.mean([v[1] for v in per.values()])))
     outputs = Path(args.outputs)
     stem = f"emoji-balanced-{Path(args.model).stem}" if args.model != "emoji" else "emoji-balanced"
-    contact_sheet(sheet, sheet_caps, outputs / f"{stem}.png", cols=min(8, args.balanced))  # a row per group
+    group_sheet(sheet, Path(args.contact_sheet) if args.contact_sheet else outputs / f"{stem}.png",
+                colors=args.sheet_colors)
     elapsed = time.time() - t0
     table = ["| group | top-1 | top-5 | target |", "|---|---|---|---|",
              *[f"| {g} | {a:.1%} | {b:.1%} | ≥ 60% |" for g, (a, b) in per.items()],
