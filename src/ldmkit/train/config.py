@@ -175,6 +175,12 @@ class TrainConfig:
     shape_augment_silhouettes: bool = _help(
         "controlnet: shape_augment also cuts by other training images' silhouettes (moved; a third of the "
         "masks), teaching detailed outlines as well as blobs and polygons", False)
+    shape_mix: float = _help(
+        "controlnet (silhouette): share of training images moved INTO a random shape (a blob, an irregular polygon "
+        "or, with shape_augment_silhouettes, another training image's silhouette): the emoji's bounding box scaled "
+        "onto the shape's, the rest of the shape filled with its nearest colour, caption kept, so the caption "
+        "gives the content and the map the shape (ldmkit.train.shape_mix; drawn before shape_augment, which "
+        "then applies to the rest); 0 = off", 0.0)
     init_controlnet: str = _help(
         "controlnet: start the ControlNet from this ControlNet run folder (its EMA weights) or file (e.g. an "
         "exported .safetensors) instead of the model's U-Net copy; --resume continues a run exactly", "")
@@ -300,10 +306,13 @@ def validate(cfg: TrainConfig) -> None:
         need(cfg.condition in ("silhouette", "canny", "edges"),
              f"condition must be silhouette, canny or edges, got {cfg.condition!r}")
         need(0.0 <= cfg.shape_augment <= 1.0, f"shape_augment is a probability, got {cfg.shape_augment}")
-        need(cfg.shape_augment > 0 or not cfg.shape_augment_silhouettes,
+        need(0.0 <= cfg.shape_mix <= 1.0, f"shape_mix is a probability, got {cfg.shape_mix}")
+        need(cfg.shape_augment > 0 or cfg.shape_mix > 0 or not cfg.shape_augment_silhouettes,
              "shape_augment_silhouettes chooses masks for shape_augment; set shape_augment too, e.g. 0.6")
         need(cfg.shape_augment == 0.0 or cfg.condition == "silhouette",
              "shape_augment cuts images into random shapes for silhouette maps; drop it for canny/edges")
+        need(cfg.shape_mix == 0.0 or cfg.condition == "silhouette",
+             "shape_mix moves images into random shapes for silhouette maps; drop it for canny/edges")
     if cfg.kind == "taesd":
         need(bool(cfg.init_from), "a tiny autoencoder is distilled from a model's VAE: pass --model, "
              "e.g. --model emoji")

@@ -90,7 +90,8 @@ def prepare_conditions(cfg: TrainConfig, run_dir: Path) -> None:
     path = run_dir / CONDITIONS_FILE
     if path.exists():
         sd, meta = read_safetensors(path)
-        if meta.get("condition") == cfg.condition and (not cfg.shape_augment or "train_images" in sd):
+        uses_images = cfg.shape_augment or cfg.shape_mix
+        if meta.get("condition") == cfg.condition and (not uses_images or "train_images" in sd):
             return
     train, held = split_holdout(load_dataset(cfg.data, cfg.size), cfg.data, cfg.holdout)
     _, meta = read_safetensors(run_dir / "latents.safetensors")
@@ -99,7 +100,7 @@ def prepare_conditions(cfg: TrainConfig, run_dir: Path) -> None:
     held_n = min(EVAL_IMAGES, len(held))
     maps = {"train": condition_maps(train.images, cfg.condition),
             "held": condition_maps(held.images[:held_n], cfg.condition)}
-    if cfg.shape_augment:  # the augmentation cuts the images themselves; a resumed run needs no dataset
+    if cfg.shape_augment or cfg.shape_mix:  # the augmentations use the images; a resumed run needs no dataset
         maps["train_images"] = train.images.contiguous()
     meta = {"condition": cfg.condition, "held_captions": json.dumps(held.captions[:held_n]),
             "held_keys": json.dumps(held.keys[:held_n])}
@@ -186,32 +187,44 @@ class ControlNetTask(UNetTask):
         maps = self.maps[idx]
         if flips is not None:
             maps = torch.where(flips[:, None, None, None], maps.flip(-1), maps)
-        if self.cfg.shape_augment:  # drawn after everything above: p = 0 leaves the random stream as it was
+        if self.cfg.shape_augment or self.cfg.shape_mix:  # drawn after everything above: p = 0 leaves the stream
             batch["latents"], maps = self.shape_augment(idx, gen, flips, batch["latents"], maps)
         return {**batch, "hint": maps.float().div(255.0).expand(-1, 3, -1, -1).contiguous()}
 
     def shape_augment(self, idx: Tensor, gen: torch.Generator, flips: Tensor | None, latents: Tensor,
                       maps: Tensor) -> tuple[Tensor, Tensor]:
-        """``shape_augment``: each image with that probability moved and cut into a random shape
-        (:mod:`ldmkit.train.shape_augment`), re-encoded by the model's VAE (a posterior sample, as the
-        cache's), its map the result's silhouette."""
+        """``shape_mix``: each image with that probability moved into a random shape, caption kept
+        (:mod:`ldmkit.train.shape_mix`); ``shape_augment``: each other image with that probability moved and
+        cut into a random shape (:mod:`ldmkit.train.shape_augment`). The changed images are re-encoded by the
+        model's VAE (a posterior sample, as the cache's), their maps the results' silhouettes."""
         from ldmkit.train.shape_augment import augment
+        from ldmkit.train.shape_mix import mix
 
         assert self.images is not None
-        pick = torch.rand(len(idx), generator=gen) < self.cfg.shape_augment
-        if not pick.any():
+        none = torch.zeros(len(idx), dtype=torch.bool)  # shape_mix = 0 draws nothing: the stream before the option
+        mixed = torch.rand(len(idx), generator=gen) < self.cfg.shape_mix if self.cfg.shape_mix else none
+        pick = torch.rand(len(idx), generator=gen) < self.cfg.shape_augment if self.cfg.shape_augment else none
+        pick = pick & ~mixed
+        changed = pick | mixed
+        if not changed.any():
             return latents, maps
-        images = self.images[idx[pick]]
+        images = self.images[idx]
         if flips is not None:
-            images = torch.where(flips[pick][:, None, None, None], images.flip(-1), images)
-        images, new_maps = augment(images, gen, self.maps if self.cfg.shape_augment_silhouettes else None)
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        outlines = self.maps if self.cfg.shape_augment_silhouettes else None
+        new_images, new_maps = images.clone(), maps.clone()
+        if pick.any():
+            new_images[pick], new_maps[pick] = augment(images[pick], gen, outlines)
+        if mixed.any():  # maps are the images' own silhouettes (flipped alike): their foregrounds
+            new_images[mixed], new_maps[mixed] = mix(images[mixed], maps[mixed], gen, outlines)
+        images, new_maps = new_images[changed], new_maps[changed]
         vae = self.net.base.module.vae
         with torch.no_grad():
             mean, logvar = vae.encode(images.float().div(127.5).sub(1.0).to(self.device))
         mean, std = mean.float().cpu(), torch.exp(0.5 * logvar).float().cpu()
         z = (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
         latents, maps = latents.clone(), maps.clone()
-        latents[pick], maps[pick] = z.to(latents.dtype), new_maps
+        latents[changed], maps[changed] = z.to(latents.dtype), new_maps
         return latents, maps
 
     def evaluate(self, eval_net: nn.Module, step: int) -> dict[str, float]:
