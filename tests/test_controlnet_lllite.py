@@ -262,7 +262,8 @@ def _tiny_sd1():
 
 def test_a1111_unit_from_the_controlnet_dir(files, capsys, tmp_path):
     """An LLLite file in --controlnet-dir: listed, and an alwayson_scripts unit naming it gives the CLI's image
-    (weight 0.8, end 0.5) with its infotext line; a control mode it lacks is a 422."""
+    (weight 0.8, end 0.5) with its infotext line; another control mode gives the same image (the A1111
+    extension ignores control modes for LLLite)."""
     pytest.importorskip("fastapi")
     import base64
     import io
@@ -289,9 +290,12 @@ def test_a1111_unit_from_the_controlnet_dir(files, capsys, tmp_path):
         assert r.status_code == 200, r.text
         got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
         assert "ControlNet 0" in r.json()["info"]
-        bad = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"controlnet": {"args": [
+        # another control mode: the extension's LLLite patch ignores it (same image), the infotext keeps it
+        soft = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"controlnet": {"args": [
             unit | {"control_mode": "ControlNet is more important"}]}}})
-        assert bad.status_code == 422 and "LLLite" in bad.text, bad.text
+        assert soft.status_code == 200 and "Control Mode: ControlNet is more important" in soft.json()["info"]
+        assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(Image.open(io.BytesIO(base64.b64decode(
+            soft.json()["images"][0]))).convert("RGB")))
     finally:
         app.state.worker.stop()
     rc, cap = _run(capsys, "generate", "a stone house", "--model", str(files / "xl.safetensors"), *GEN,

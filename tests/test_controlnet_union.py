@@ -186,7 +186,8 @@ def test_union_family_error_and_info(saved, capsys):
 
 def test_a1111_units_union_and_control_lora(pipe, saved, capsys, tmp_path):
     """The A1111 API: a unit naming a ControlNet Union with the extension's union_control_type, and one naming a
-    Control-LoRA (built over the server's model), give the CLI's images; a Union without a type is a 422."""
+    Control-LoRA (built over the server's model), give the CLI's images; a Union without a type runs as
+    --control-type auto (the extension's Unknown); an unknown type is a 422."""
     pytest.importorskip("fastapi")
     import base64
     import io
@@ -224,19 +225,26 @@ def test_a1111_units_union_and_control_lora(pipe, saved, capsys, tmp_path):
             got[name] = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
             info = r.json()["info"]
             assert ("Union Control Type: Depth" in info) == (name == "union-tiny"), info
-        unit = {"module": "none", "model": "union-tiny", "image": b64}
+        # no union_control_type (the extension's default "Unknown"): auto, no control type, as the extension runs it
+        unit = {"module": "none", "model": "union-tiny", "image": b64, "weight": 0.8, "resize_mode": "Just Resize"}
+        r = client.post("/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 200 and "Union Control Type: Unknown" in r.json()["info"], r.text
+        got["union-auto"] = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        unit |= {"union_control_type": "Sparkles"}
         r = client.post("/sdapi/v1/txt2img", json={**common, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
         assert r.status_code == 422 and "union_control_type" in r.text, r.text
     finally:
         app.state.worker.stop()
     settings = ["--steps", "4", "--sampler", "Euler", "--seed", "5", "--width", "24", "--height", "16",
                 "--cfg-scale", "5", "--control-image", str(folder / "map0.png"), "--control-weight", "0.8"]
-    for name, extra in (("union-tiny", ["--control-type", "depth"]), ("control-lora-tiny.safetensors", [])):
-        out = tmp_path / f"{name}.png"
+    for key, name, extra in (("union-tiny", "union-tiny", ["--control-type", "depth"]),
+                             ("union-auto", "union-tiny", ["--control-type", "auto"]),
+                             ("control-lora-tiny", "control-lora-tiny.safetensors", [])):
+        out = tmp_path / f"{key}.png"
         rc, cap = _run(capsys, "generate", PROMPT, "--model", str(folder / "model"), *settings, "--controlnet",
                        str(tmp_path / "cn" / name), *extra, "-o", str(out))
         assert rc == 0, cap.err
-        ref = got[name.removesuffix(".safetensors")]
+        ref = got[key]
         assert np.array_equal(np.asarray(ref.convert("RGB")), np.asarray(Image.open(out).convert("RGB"))), name
 
 

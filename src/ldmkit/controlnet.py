@@ -26,7 +26,7 @@ from torch import Tensor
 from ldmkit import convert
 from ldmkit.checkpoint import CheckpointError, read_state_dict
 from ldmkit.config import UNetConfig
-from ldmkit.controlnet_a1111 import BALANCED, CONTROL, control_mode_name, forced_soft, soft_scales
+from ldmkit.controlnet_a1111 import BALANCED, CONTROL, forced_soft, soft_scales
 from ldmkit.models.controlnet import ControlNet, ControlNetConfig, Residuals
 
 StateDict = dict[str, Tensor]
@@ -270,6 +270,10 @@ class ControlUnit:
     hr_option: str = "Both"
     # a ControlNet Union's control type of each map (``image`` then holds the maps side by side in its channels)
     control_types: tuple[int, ...] = ()
+    # a Union unit with several maps: each map's weight and (start, end) window (diffusers' per-map
+    # controlnet_conditioning_scale and control_guidance_start/end for one ControlNetUnionModel); () = the unit's
+    map_weights: tuple[float, ...] = ()
+    map_windows: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         check_window(self.start, self.end)
@@ -279,6 +283,14 @@ class ControlUnit:
         from ldmkit.controlnet_a1111 import hr_option_name
 
         object.__setattr__(self, "hr_option", hr_option_name(self.hr_option))
+        if self.map_weights or self.map_windows:
+            k = len(self.control_types)
+            if k < 2 or len(self.map_weights) != k or len(self.map_windows) != k:
+                raise ValueError(f"per-map weights and windows are for a ControlNet Union unit with several maps: "
+                                 f"{len(self.map_weights)} weight(s), {len(self.map_windows)} window(s) for {k} "
+                                 "map(s)")
+            for s, e in self.map_windows:
+                check_window(s, e)
 
     def active(self, i: int, n: int) -> bool:
         return in_window(self.start, self.end, i, n)
@@ -379,6 +391,11 @@ class ControlledUNet:
             weight, union = unit.weight, {}
             if unit.control_types:  # a ControlNet Union: with several maps the weight acts inside it (diffusers)
                 union = {"types": unit.control_types, "weight": weight}
+                if unit.map_weights:  # each map's weight, 0 outside its own window (diffusers' controlnet_keep)
+                    union["weight"] = [w if in_window(s, e, i, n) else 0.0
+                                       for w, (s, e) in zip(unit.map_weights, unit.map_windows, strict=True)]
+                    if not any(union["weight"]):
+                        continue  # no map active: the unit is off (diffusers would still run it with none)
                 weight = 1.0 if len(unit.control_types) > 1 else weight
             r = net(latent[skip:].to(dtype), hint[skip:], t[skip:] if t.ndim else t, context[skip:].to(dtype),
                     None if y is None or net.cfg.unet.adm_in_channels is None else y[skip:].to(dtype), **union)
@@ -461,25 +478,32 @@ def describe_file(path: str | os.PathLike) -> str | None:
 
 
 def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: object, width: int, height: int,
-              weight: float = 1.0, start: float = 0.0, end: float = 1.0, preprocessor: str = "none",
+              weight: float | Sequence[float] = 1.0, start: float | Sequence[float] = 0.0,
+              end: float | Sequence[float] = 1.0, preprocessor: str = "none",
               log: Callable[[str], None] | None = None, guess_mode: bool = False, control_mode: str = "Balanced",
               resize_mode: str = "Just Resize", pixel_perfect: bool = False, processor_res: int | None = None,
               threshold_a: float | None = None, threshold_b: float | None = None,
-              hr_option: str = "Both", control_type: object = None) -> ControlUnit:
+              hr_option: str = "Both", control_type: object = None, lllite_batch: str = "both") -> ControlUnit:
     """A :class:`ControlUnit` for ``model`` (a StableDiffusion) from a ControlNet file/folder (or a loaded one)
     and a PIL image, preprocessed and brought to the output size ``width`` x ``height`` as the A1111 extension
     does (``controlnet_a1111.control_image``: pixel perfect, preprocessor resolution and sliders, resize mode).
     A ControlNet Union needs ``control_type`` (a name or number, or several joined by + with as many images in a
-    list); a Control-LoRA is built over ``model``'s U-Net."""
+    list; ``auto``: none, one map); with several maps ``weight``, ``start`` and ``end`` may each be one per map.
+    A Control-LoRA is built over ``model``'s U-Net. ``lllite_batch``: a ControlNet-LLLite's CFG rows
+    (:data:`ldmkit.controlnet_lllite.BATCH_MODES`)."""
     from ldmkit import controlnet_lllite
 
     if isinstance(controlnet, controlnet_lllite.LLLite) or controlnet_lllite.is_lllite_path(controlnet):
-        if control_type is not None or guess_mode or control_mode_name(control_mode) != BALANCED:
-            raise ValueError(f"{controlnet}: a ControlNet-LLLite takes no control type or control mode (it acts in "
-                             "both halves of the CFG batch, as sd-scripts): drop --control-type / --control-mode")
+        if control_type is not None or guess_mode:
+            raise ValueError(f"{controlnet}: a ControlNet-LLLite takes no control type or guess mode: drop "
+                             "--control-type / --control-mode guess")
+        _single(controlnet, weight, start, end)
         return controlnet_lllite.make_unit(model, controlnet, image, width, height, weight, start, end,  # type: ignore
                                            preprocessor, log, resize_mode, pixel_perfect, processor_res,
-                                           threshold_a, threshold_b)
+                                           threshold_a, threshold_b, hr_option=hr_option,
+                                           control_mode=control_mode, batch=lllite_batch)
+    if lllite_batch != "both":
+        raise ValueError(f"--lllite-batch is for ControlNet-LLLite files, and {controlnet} is not one: drop it")
     from ldmkit.controlnet_a1111 import control_image, model_title, module_name, resize_mode_name
 
     module = module_name(preprocessor)
@@ -498,13 +522,14 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
     from ldmkit.controlnet_files import union_types
 
     types = union_types(net, control_type, title, image)
+    weight, start, end, per_map = _per_map(types, weight, start, end, title)
     maps = []
     for one in image if isinstance(image, (list, tuple)) else [image]:
         hint, res = control_image(one, width, height, module, resize_mode, pixel_perfect, processor_res,
                                   threshold_a, threshold_b, log)
         maps.append(map_tensor(hint))
     unit = ControlUnit(net, torch.cat(maps, dim=1), float(weight), float(start), float(end), guess_mode, control_mode,
-                       hr_option=hr_option, control_types=types)
+                       hr_option=hr_option, control_types=types, **per_map)
     from ldmkit.controlnet_a1111 import slider_values
 
     sliders = list(slider_values(module, threshold_a, threshold_b).values()) + [-1, -1]
@@ -517,7 +542,40 @@ def make_unit(model: object, controlnet: str | os.PathLike | ControlNet, image: 
         from ldmkit.controlnet_a1111 import union_control_type
 
         settings["union_control_type"] = union_control_type(types)
+    if per_map:  # one value per map, joined with + as --control-weight 0.8+0.5 reads them
+        settings["weight"] = "+".join(f"{w:g}" for w in unit.map_weights)
+        settings["guidance_start"] = "+".join(f"{s:g}" for s, _ in unit.map_windows)
+        settings["guidance_end"] = "+".join(f"{e:g}" for _, e in unit.map_windows)
     return dataclasses.replace(unit, settings=settings)
+
+
+def _single(title: object, *values: object) -> None:
+    """One-line error when a unit that reads one map is given per-map values (0.8+0.5)."""
+    if any(isinstance(v, (list, tuple)) for v in values):
+        raise ValueError(f"{title}: per-map weights/windows (a+b) are for a ControlNet Union unit with several maps "
+                         "(--control-type depth+openpose): give one number")
+
+
+def _per_map(types: Sequence[int], weight: object, start: object, end: object, title: str
+             ) -> tuple[float, float, float, dict]:
+    """(unit weight, start, end, ControlUnit's map_weights/map_windows or {}) from values that may be one per map
+    (a Union unit with several maps: diffusers' per-map controlnet_conditioning_scale, control_guidance_start/end)."""
+    if not any(isinstance(v, (list, tuple)) for v in (weight, start, end)):
+        return float(weight), float(start), float(end), {}  # type: ignore[arg-type]
+    if len(types) < 2:
+        _single(title, weight, start, end)
+    k = len(types)
+    per = []
+    for name, v in (("--control-weight", weight), ("--control-start", start), ("--control-end", end)):
+        vs = [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * k  # type: ignore[arg-type]
+        if len(vs) != k:
+            raise ValueError(f"{name} {'+'.join(f'{x:g}' for x in vs)} gives {len(vs)} values for {k} maps: one per "
+                             "map (joined with +), or one for all")
+        per.append(vs)
+    ws, ss, es = per
+    for s_, e_ in zip(ss, es, strict=True):
+        check_window(s_, e_)
+    return (max(ws), min(ss), max(es), {"map_weights": tuple(ws), "map_windows": tuple(zip(ss, es, strict=True))})
 
 
 class LazyStateDict(Mapping):
@@ -547,7 +605,7 @@ _PER_UNIT = (("control_image", "--control-image"), ("control_weight", "--control
              ("resize_mode", "--resize-mode"), ("pixel_perfect", "--pixel-perfect"),
              ("processor_res", "--processor-res"), ("control_threshold_a", "--control-threshold-a"),
              ("control_threshold_b", "--control-threshold-b"), ("control_hr_option", "--control-hr-option"),
-             ("control_type", "--control-type"))
+             ("control_type", "--control-type"), ("lllite_batch", "--lllite-batch"))
 
 
 def _mode(value: object) -> tuple[str, bool]:
@@ -581,12 +639,13 @@ def add_controlnet_args(p: object) -> None:
              "repeat for several, each paired in order with the options below")
     add("--control-image", action="append", default=[], metavar="IMAGE",
         help="the control map (edges, depth...) of the matching --controlnet; resized to the output size")
-    add("--control-weight", action="append", default=[], type=float, metavar="W",
-        help="strength of the ControlNet's residuals (default 1; one value applies to all)")
-    add("--control-start", action="append", default=[], type=float, metavar="S",
-        help="fraction of the steps where it starts acting (default 0)")
-    add("--control-end", action="append", default=[], type=float, metavar="E",
-        help="fraction of the steps where it stops (default 1)")
+    add("--control-weight", action="append", default=[], metavar="W",
+        help="strength of the ControlNet's residuals (default 1; one value applies to all); a ControlNet Union "
+             "unit with several maps takes one per map: 0.8+0.5")
+    add("--control-start", action="append", default=[], metavar="S",
+        help="fraction of the steps where it starts acting (default 0; per map as --control-weight)")
+    add("--control-end", action="append", default=[], metavar="E",
+        help="fraction of the steps where it stops (default 1; per map as --control-weight)")
     add("--preprocessor", action="append", default=[], metavar="NAME",
         help=f"turn the control image into a map first: {', '.join(PREPROCESSORS)} (default none)")
     add("--control-mode", action="append", default=[], metavar="MODE",
@@ -614,6 +673,23 @@ def add_controlnet_args(p: object) -> None:
              "depth+openpose with --control-image d.png+p.png; none for a plain ControlNet's unit beside a Union")
     add("--control-hr-option", action="append", default=[], metavar="WHEN",
         help="with the hires fix: both (default), low (first pass only), high (second pass only)")
+    add("--lllite-batch", action="append", default=[], metavar="ROWS",
+        help="a ControlNet-LLLite's rows of the CFG batch (sd-scripts' set_batch_cond_only): both (default), "
+             "cond-only (batch_cond_only: the prompt's rows only), zeros-uncond (use_zeros_for_batch_uncond: the "
+             "negative prompt's rows get an all-zero condition)")
+
+
+def per_map_number(value: object, flag: str = "--control-weight") -> float | tuple[float, ...]:
+    """--control-weight/start/end: a number, or one per map of a Union unit joined with + (0.8+0.5)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        parts = [float(p) for p in text.split("+")] if "+" in text.lstrip("+") else [float(text)]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a number (or numbers joined with +, one per map of a ControlNet "
+                         "Union unit)") from None
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def check_args(args: object) -> None:
@@ -645,6 +721,13 @@ def check_args(args: object) -> None:
 
     for v in getattr(args, "control_hr_option", []) or []:
         hr_option_name(v)
+    from ldmkit.controlnet_lllite import batch_mode
+
+    for v in getattr(args, "lllite_batch", []) or []:
+        batch_mode(v)
+    for attr in ("control_weight", "control_start", "control_end"):
+        for v in getattr(args, attr, []) or []:
+            per_map_number(v, "--" + attr.replace("_", "-"))
 
 
 def units_from_args(args: object, model: object, width: int, height: int,
@@ -657,7 +740,8 @@ def units_from_args(args: object, model: object, width: int, height: int,
 
     def nth(attr: str, i: int, default: object) -> object:
         v = getattr(args, attr, []) or []
-        return default if not v else v[i] if len(v) > 1 else v[0]
+        v = default if not v else v[i] if len(v) > 1 else v[0]
+        return per_map_number(v) if attr in ("control_weight", "control_start", "control_end") else v
 
     hires = getattr(args, "hires_scale", None) is not None or getattr(args, "hires_resize", None) is not None
     units = []
@@ -665,11 +749,20 @@ def units_from_args(args: object, model: object, width: int, height: int,
         image_path = nth("control_image", i, None)
         tell = None if log is None else (lambda msg, f=image_path: log(f"{f}: {msg}"))
         if kind == "adapter":
+            _single(path, *(nth(a, i, 0.0) for a in ("control_weight", "control_start", "control_end")))
             units.append(t2i_adapter.make_unit(model, path, open_image(image_path), width, height,
                                                nth("control_weight", i, 1.0), nth("control_start", i, 0.0),
                                                nth("control_end", i, 1.0), nth("preprocessor", i, "none"), tell))
             continue
         ctype = nth("control_type", i, None)
+        mode = _mode(nth("control_mode", i, "Balanced"))
+        if mode[0] != BALANCED and not isinstance(path, ControlNet):
+            from ldmkit.controlnet_lllite import is_lllite_path
+
+            if is_lllite_path(path):  # the server takes it, as the extension does (where it changes nothing)
+                raise ValueError(f"{path}: --control-mode {nth('control_mode', i, '')} has no effect on a "
+                                 "ControlNet-LLLite (the A1111 extension ignores it there too): drop it, or use "
+                                 "--lllite-batch cond-only to leave the negative prompt's rows alone")
         if ctype is not None and str(ctype).strip().lower() in ("", "none", "-"):  # a plain ControlNet's unit
             ctype = None
         several = ctype is not None and "+" in str(ctype) and not Path(image_path).exists()  # maps of one unit
@@ -677,15 +770,14 @@ def units_from_args(args: object, model: object, width: int, height: int,
         units.append(make_unit(model, path, image, width, height, nth("control_weight", i, 1.0),
                                nth("control_start", i, 0.0), nth("control_end", i, 1.0),
                                nth("preprocessor", i, "none"), tell,
-                               control_mode=_mode(nth("control_mode", i, "Balanced"))[0],
-                               guess_mode=_mode(nth("control_mode", i, "Balanced"))[1],
+                               control_mode=mode[0], guess_mode=mode[1],
                                resize_mode=nth("resize_mode", i, "Just Resize"),
                                pixel_perfect=_on_off(nth("pixel_perfect", i, "off")),
                                processor_res=nth("processor_res", i, None),
                                threshold_a=nth("control_threshold_a", i, None),
                                threshold_b=nth("control_threshold_b", i, None),
                                hr_option=nth("control_hr_option", i, "Both") if hires else "Both",
-                               control_type=ctype))
+                               control_type=ctype, lllite_batch=nth("lllite_batch", i, "both")))
     return tuple(units)
 
 

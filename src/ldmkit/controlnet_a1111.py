@@ -355,7 +355,7 @@ def unit_infotext(settings: Mapping[str, object]) -> str:
 def union_control_type(types: Sequence[int]) -> str:
     """A Union unit's control types as the extension's ``union_control_type`` values: (3,) -> "Hard Edge"; several
     maps in one unit (which the extension cannot express) -> "Depth+OpenPose", as ``--control-type`` reads them."""
-    return "+".join(UNION_CONTROL_TYPES[t] for t in types)
+    return "+".join("Unknown" if t < 0 else UNION_CONTROL_TYPES[t] for t in types)  # auto: the extension's Unknown
 
 
 def infotext_fields(units: Sequence[object]) -> dict[str, str]:

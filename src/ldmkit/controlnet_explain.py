@@ -20,22 +20,27 @@ class ControlView:
     settings: str  # weight, window, mode, ...
     map_image: Image.Image  # the map the ControlNet read
     rms: np.ndarray  # (steps, blocks): mean RMS over the step's U-Net calls, NaN where the unit was off
-    kind: str = "controlnet"  # or "adapter": a T2I-Adapter, whose blocks are its feature levels
+    kind: str = "controlnet"  # or "adapter": a T2I-Adapter, whose blocks are its feature levels; or "lllite"
+    blocks: tuple[str, ...] = ()  # a ControlNet-LLLite's: the U-Net blocks its modules act in ("input 4", ...)
 
 
 def control_views(units: Sequence[object], rows: Sequence[tuple[object, int, list[float]]], steps: int
                   ) -> list[ControlView]:
-    """The views of ``units`` (ControlUnits and T2I-Adapter AdapterUnits) from the trace ``rows``."""
+    """The views of ``units`` (ControlUnits, T2I-Adapter AdapterUnits, LLLiteUnits) from the trace ``rows``."""
+    from ldmkit.controlnet_lllite import LLLiteUnit
+    from ldmkit.controlnet_lllite import blocks as lllite_blocks
     from ldmkit.t2i_adapter import AdapterUnit, feature_shapes
 
     views = []
     for k, unit in enumerate(units):
         image = getattr(unit, "image", None)
-        adapter = isinstance(unit, AdapterUnit)
-        if image is None or not (adapter or hasattr(unit, "control_mode")):
+        adapter, lllite = isinstance(unit, AdapterUnit), isinstance(unit, LLLiteUnit)
+        if image is None or not (adapter or lllite or hasattr(unit, "control_mode")):
             continue
         mine = [(i, rms) for u, i, rms in rows if u is unit]
-        blocks = (len(mine[0][1]) if mine else len(feature_shapes(unit.model.cfg)) if adapter  # type: ignore[attr-defined]
+        names = tuple(lllite_blocks(unit.model)) if lllite else ()  # type: ignore[attr-defined]
+        blocks = (len(mine[0][1]) if mine else len(names) if lllite
+                  else len(feature_shapes(unit.model.cfg)) if adapter  # type: ignore[attr-defined]
                   else len(getattr(unit.model, "zero_convs", [])) + 1)  # type: ignore[attr-defined]
         table = np.full((steps, blocks), np.nan)
         count = np.zeros(steps)
@@ -51,12 +56,14 @@ def control_views(units: Sequence[object], rows: Sequence[tuple[object, int, lis
         s = getattr(unit, "settings", None) or {}
         name = str(s.get("model") or getattr(unit.model, "source_name", f"ControlNet {k}"))  # type: ignore[attr-defined]
         mode = (f"T2I-Adapter ({unit.model.cfg.adapter_type})" if adapter  # type: ignore[attr-defined]
+                else f"ControlNet-LLLite, CFG rows: {unit.batch}" if lllite  # type: ignore[attr-defined]
                 else unit.control_mode)  # type: ignore[attr-defined]
         text = (f"weight {unit.weight:g}, steps {unit.start:g}–{unit.end:g} of the run, "  # type: ignore[attr-defined]
                 f"{mode}"
                 + (f", preprocessor {s['module']}, {s['resize_mode']}" if s else "")
                 + _union_text(unit))
-        views.append(ControlView(k, name, text, Image.fromarray(a), table, "adapter" if adapter else "controlnet"))
+        views.append(ControlView(k, name, text, Image.fromarray(a), table,
+                                 "adapter" if adapter else "lllite" if lllite else "controlnet", names))
     return views
 
 
@@ -66,7 +73,8 @@ def _union_text(unit: object) -> str:
         return ""
     from ldmkit.models.controlnet_union import UNION_TYPES
 
-    return ", ControlNet Union: " + " + ".join(UNION_TYPES[t] if t < len(UNION_TYPES) else str(t) for t in types)
+    return ", ControlNet Union: " + " + ".join("auto (no type)" if t < 0 else UNION_TYPES[t] if t < len(UNION_TYPES)
+                                               else str(t) for t in types)
 
 
 def images(views: Sequence[ControlView]) -> dict[str, Image.Image]:
@@ -82,6 +90,8 @@ def render_section(views: Sequence[ControlView], files: dict[str, str]) -> str:
         steps, blocks = v.rms.shape
         if v.kind == "adapter":
             head = ["step"] + [f"level {b + 1}" for b in range(blocks)]
+        elif v.kind == "lllite":
+            head = ["step"] + [f"{b} block" for b in v.blocks]
         else:
             head = ["step"] + [f"skip {b + 1}" for b in range(blocks - 1)] + ["middle"]
         peak = np.nanmax(v.rms) if np.isfinite(v.rms).any() else 1.0
@@ -95,7 +105,7 @@ def render_section(views: Sequence[ControlView], files: dict[str, str]) -> str:
                     a = 0.08 + 0.6 * float(x) / float(peak or 1.0)
                     cells.append(f'<span style="background:rgba(230,120,40,{a:.2f})">{x:.3g}</span>')
             rows.append(cells)
-        what = "T2I-Adapter" if v.kind == "adapter" else "ControlNet"
+        what = {"adapter": "T2I-Adapter", "lllite": "ControlNet-LLLite"}.get(v.kind, "ControlNet")
         body.append(f"<h3>{what} {v.index}: {html.escape(v.name)}</h3><p>{html.escape(v.settings)}</p>"
                     f'<div class="row">{_fig(files[f"control{v.index}"], "the control map it read", "px")}'
                     f"{_table(head, rows)}</div>")
@@ -108,7 +118,10 @@ def render_section(views: Sequence[ControlView], files: dict[str, str]) -> str:
         "image; 'off' marks steps outside its start–end window. Skip 1 is the finest resolution (the first "
         "encoder block), the middle the coarsest. A T2I-Adapter instead encodes the map once into one feature "
         "per U-Net level, added to the encoder's output there at every active step: its table gives each "
-        "level's feature RMS (after its weight), level 1 the finest.", "".join(body))
+        "level's feature RMS (after its weight), level 1 the finest. A ControlNet-LLLite adds a small module's "
+        "output to the input of attention layers inside the U-Net's blocks: its table gives the RMS of what its "
+        "modules added in each block (after its weight), over all their layers and the call's rows.",
+        "".join(body))
 
 
 __all__ = ["ControlView", "control_views", "images", "render_section"]

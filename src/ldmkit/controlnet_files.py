@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ldmkit import file_kind
 from ldmkit.controlnet import ControlNetError
-from ldmkit.models.controlnet_union import UNION_TYPES
+from ldmkit.models.controlnet_union import AUTO, UNION_TYPES
 
 StateDict = dict[str, Tensor]
 UNION_PREFIXES = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
@@ -46,6 +46,9 @@ _TYPE_NAMES = {
 }
 
 
+AUTO_NAMES = ("auto", "unknown")  # ComfyUI's SetUnionControlNetType "auto" (its number: -1), the extension's Unknown
+
+
 class ControlFileError(ControlNetError):
     """A Union or Control-LoRA file that cannot be used as asked; the message says why and what to do."""
 
@@ -60,8 +63,11 @@ def type_names() -> str:
 
 
 def control_type(value: object, num_types: int = len(UNION_TYPES)) -> int:
-    """A control type's number from a number or any of its names (``canny``, ``Hard Edge``, ``3``...)."""
+    """A control type's number from a number or any of its names (``canny``, ``Hard Edge``, ``3``...); ``auto`` (the
+    A1111 extension's ``Unknown``, ComfyUI's -1): :data:`~ldmkit.models.controlnet_union.AUTO`, no type."""
     text = str(value).strip()
+    if _norm(text) in AUTO_NAMES or text == "-1":
+        return AUTO
     if text.lstrip("-").isdigit():
         n = int(text)
     else:
@@ -221,7 +227,7 @@ def union_types(net: object, control_type: object, title: str, image: object) ->
         return ()
     if control_type is None:
         raise ControlFileError(f"ControlNet {title} is a ControlNet Union: name the map's control type with "
-                               f"--control-type ({type_names()})")
+                               f"--control-type ({type_names()}; or auto for none)")
     try:
         types = control_types(control_type, cfg.num_types)
     except ValueError as e:
@@ -229,6 +235,9 @@ def union_types(net: object, control_type: object, title: str, image: object) ->
     if len(types) != n_maps:
         raise ControlFileError(f"--control-type {control_type} names {len(types)} map(s) but {n_maps} control "
                                "image(s) were given: join as many images with + in --control-image")
+    if AUTO in types and len(types) > 1:
+        raise ControlFileError(f"--control-type {control_type}: auto (no control type) reads one map alone; name "
+                               "each map's type to give several")
     return types
 
 

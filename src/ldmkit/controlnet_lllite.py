@@ -12,8 +12,16 @@ dots as underscores (``lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_t
 At every step the module adds ``weight * up(mid(cat[cond_emb, down(x)]))`` to the *input* ``x`` of its layer
 (sd-scripts ``networks/control_net_lllite.py``: ``org_forward(x + cx)``); the released files target the
 self-attention's q/k/v and the cross-attention's q of the input and middle blocks' transformers. Both halves of a
-CFG batch get it (sd-scripts' and ComfyUI's default). Several LLLite units on one layer chain in unit order (each
-reads the input the previous one made), as sd-scripts and ComfyUI chain their patches.
+CFG batch get it (sd-scripts' and ComfyUI's default); sd-scripts' ``set_batch_cond_only(cond_only, zeros)`` is the
+unit's ``batch``: "cond-only" (the module reads and changes the conditional rows only) or "zeros-uncond" (the
+unconditional rows get an all-zero condition embedding; the module still acts there). Several LLLite units on one
+layer chain in unit order (each reads the input the previous one made), as sd-scripts and ComfyUI chain their
+patches.
+
+The A1111 extension (``scripts/controlnet_lllite.py``) ignores a unit's control mode for LLLite (its patch reads
+only weight, start and end) and skips LLLite in the hires fix's second pass whatever ``hr_option``; ldmkit keeps
+the control mode in the infotext only and follows ``hr_option`` as for a ControlNet ("Low res only" is the
+extension's behaviour).
 """
 
 from __future__ import annotations
@@ -34,11 +42,24 @@ from ldmkit.controlnet import ControlledUNet, ControlNetError, check_window, in_
 
 StateDict = dict[str, Tensor]
 PREFIX = "lllite_unet_"
+# sd-scripts' set_batch_cond_only(cond_only, zeros): (False, False), (True, -), (False, True)
+BATCH_MODES = ("both", "cond-only", "zeros-uncond")
 _PART = re.compile(r"^(conditioning1\.\d+|down\.0|mid\.0|up\.0)\.(weight|bias)$")
 
 
 class LLLiteError(ControlNetError):
     """A file that is not a ControlNet-LLLite, a broken one, or one made for another model; the message says which."""
+
+
+def batch_mode(value: object) -> str:
+    """A unit's CFG rows: "both", "cond-only" (sd-scripts' batch_cond_only), "zeros-uncond"
+    (use_zeros_for_batch_uncond); a ValueError names them."""
+    v = str(value).strip().lower().replace("_", "-")
+    v = {"cond": "cond-only", "batch-cond-only": "cond-only", "zeros": "zeros-uncond",
+         "use-zeros-for-batch-uncond": "zeros-uncond"}.get(v, v)
+    if v not in BATCH_MODES:
+        raise ValueError(f"--lllite-batch {value!r}: use one of {', '.join(BATCH_MODES)}")
+    return v
 
 
 def is_lllite(keys: object) -> bool:
@@ -258,9 +279,15 @@ class LLLiteUnit:
     end: float = 1.0
     settings: dict | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+    batch: str = "both"  # BATCH_MODES: which rows of a CFG call the modules act on
+    hr_option: str = "Both"  # the hires fix: "Both", "Low res only" (first pass), "High res only" (second)
 
     def __post_init__(self) -> None:
         check_window(self.start, self.end)
+        from ldmkit.controlnet_a1111 import hr_option_name
+
+        object.__setattr__(self, "batch", batch_mode(self.batch))
+        object.__setattr__(self, "hr_option", hr_option_name(self.hr_option))
 
     def active(self, i: int, n: int) -> bool:
         return in_window(self.start, self.end, i, n)
@@ -276,27 +303,41 @@ class LLLiteUnit:
 
 
 @contextmanager
-def applied(root: nn.Module, plan: Sequence[tuple[LLLite, dict[str, Tensor], float]]):
-    """Within the block, in this thread only, each (LLLite, {module: condition}, weight) of ``plan`` adds its
-    modules' output x weight to the input of its layer of ``root`` (in plan order when several share a layer)."""
+def applied(root: nn.Module, plan: Sequence[tuple], uncond_rows: int = 0,
+            record: Callable[[int, str, Tensor], None] | None = None):
+    """Within the block, in this thread only, each (LLLite, {module: condition}, weight[, batch]) of ``plan`` adds
+    its modules' output x weight to the input of its layer of ``root`` (in plan order when several share a layer).
+    ``batch`` (BATCH_MODES) with ``uncond_rows`` leading unconditional rows: "cond-only" acts on the other rows
+    only, "zeros-uncond" gives those rows a zero condition. ``record(plan index, layer, added)``: told each addition
+    (the explain page's strength table)."""
     where = dict(root.named_modules())
-    per_layer: dict[str, list[tuple[LLLiteModule, Tensor, float]]] = {}
-    for net, embs, w in plan:
+    per_layer: dict[str, list[tuple]] = {}
+    for k, (net, embs, w, *rest) in enumerate(plan):
         for name, m in net.items():
-            per_layer.setdefault(net.targets[name], []).append((m, embs[name], w))
+            per_layer.setdefault(net.targets[name], []).append((m, embs[name], w, rest[0] if rest else "both", k))
     me = threading.get_ident()
 
-    def hook(chain):
+    def hook(layer, chain):
         def pre(_mod: nn.Module, args: tuple) -> tuple | None:
             if threading.get_ident() != me:
                 return None
             x = args[0]
-            for m, emb, w in chain:
-                x = x + m.delta(x, emb) * w
+            for m, emb, w, batch, k in chain:
+                u = uncond_rows if 0 < uncond_rows < x.shape[0] else 0
+                if batch == "cond-only" and u:  # sd-scripts' batch_cond_only: the conditional rows alone
+                    d = torch.cat([torch.zeros_like(x[:u]), m.delta(x[u:], emb) * w])
+                elif batch == "zeros-uncond" and u:  # use_zeros_for_batch_uncond: a zero condition there
+                    e = emb.expand(x.shape[0] - u, *emb.shape[1:]) if emb.shape[0] == 1 else emb
+                    d = m.delta(x, torch.cat([torch.zeros((u, *e.shape[1:]), dtype=e.dtype, device=e.device), e])) * w
+                else:
+                    d = m.delta(x, emb) * w
+                if record is not None:
+                    record(k, layer, d)
+                x = x + d
             return (x, *args[1:])
         return pre
 
-    handles = [where[layer].register_forward_pre_hook(hook(chain)) for layer, chain in per_layer.items()]
+    handles = [where[layer].register_forward_pre_hook(hook(layer, chain)) for layer, chain in per_layer.items()]
     try:
         yield
     finally:
@@ -304,30 +345,64 @@ def applied(root: nn.Module, plan: Sequence[tuple[LLLite, dict[str, Tensor], flo
             h.remove()
 
 
+def block_of(layer: str) -> str:
+    """The U-Net block of a layer's dotted sgm name: "input 4", "middle", "output 2"."""
+    parts = layer.split(".")
+    if parts[0] == "middle_block":
+        return "middle"
+    return f"{parts[0].removesuffix('_blocks')} {parts[1]}"
+
+
+def blocks(net: LLLite) -> list[str]:
+    """The U-Net blocks an LLLite's modules act in, in the U-Net's order."""
+    order = {"input": 0, "middle": 1, "output": 2}
+    names = {block_of(t) for t in net.targets.values()}
+    return sorted(names, key=lambda b: (order[b.split()[0]], int(b.split()[1]) if " " in b else 0))
+
+
 class LLLiteUNet(ControlledUNet):
     """``unet(x, t, context, ...)`` with the active LLLite units' modules on ``root``'s layers during the call."""
 
-    def __init__(self, unet: Callable[..., Tensor], units, step_timesteps: Tensor, root: nn.Module, downscale: int):
-        super().__init__(unet, units, step_timesteps)
+    def __init__(self, unet: Callable[..., Tensor], units, step_timesteps: Tensor, root: nn.Module, downscale: int,
+                 uncond_rows: int = 0):
+        super().__init__(unet, units, step_timesteps, uncond_rows)
         self.root, self.downscale = root, downscale
 
     def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor, **kwargs) -> Tensor:
         i, n = self.step_index(timesteps), len(self.step_t)
         size = (x.shape[-2] * self.downscale, x.shape[-1] * self.downscale)
-        plan = [(u.model, u.embeddings(size, x.device), u.weight) for u in self.units
-                if u.active(i, n) and u.weight != 0]
+        units = [u for u in self.units if u.active(i, n) and u.weight != 0
+                 and u.hr_option != ("Low res only" if tuple(u.image.shape[-2:]) != size else "High res only")]
+        plan = [(u.model, u.embeddings(size, x.device), u.weight, u.batch) for u in units]
         if not plan:
             return self.unet(x, timesteps, context, **kwargs)
-        with applied(self.root, plan):
-            return self.unet(x, timesteps, context, **kwargs)
+        from ldmkit import controlnet
+
+        tracing = bool(getattr(controlnet._TRACES, "stack", None))  # the explain page records the strengths
+        sums: dict[tuple[int, str], list[float]] = {}
+
+        def record(k: int, layer: str, d: Tensor) -> None:
+            acc = sums.setdefault((k, block_of(layer)), [0.0, 0.0])
+            acc[0] += float(d.float().pow(2).sum())
+            acc[1] += d.numel()
+
+        with applied(self.root, plan, self.uncond_rows, record if tracing else None):
+            out = self.unet(x, timesteps, context, **kwargs)
+        for k, u in enumerate(units if tracing else ()):  # RMS of what each unit added, per U-Net block
+            controlnet.report_rms(u, i, [torch.tensor((sums[k, b][0] / max(sums[k, b][1], 1)) ** 0.5)
+                                         if (k, b) in sums else torch.zeros(()) for b in blocks(u.model)])
+        return out
 
 
-def wrap(net: Callable[..., Tensor], units, step_timesteps: Tensor, model: object) -> Callable[..., Tensor]:
-    """``net`` with the :class:`LLLiteUnit` among ``units`` applied to ``model``'s U-Net (``net`` when none)."""
+def wrap(net: Callable[..., Tensor], units, step_timesteps: Tensor, model: object,
+         uncond_rows: int = 0) -> Callable[..., Tensor]:
+    """``net`` with the :class:`LLLiteUnit` among ``units`` applied to ``model``'s U-Net (``net`` when none);
+    ``uncond_rows``: under CFG, how many leading rows of a call are unconditional (for a unit's ``batch``)."""
     mine = [u for u in units if isinstance(u, LLLiteUnit)]
     if not mine:
         return net
-    return LLLiteUNet(net, mine, step_timesteps, model.unet, model.cfg.vae.downscale)  # type: ignore[attr-defined]
+    return LLLiteUNet(net, mine, step_timesteps, model.unet, model.cfg.vae.downscale,  # type: ignore[attr-defined]
+                      uncond_rows)
 
 
 def lllite_problem(unit: LLLiteUnit, model: object) -> str | None:
@@ -351,9 +426,16 @@ def make_unit(model: object, path: str | os.PathLike | LLLite, image: object, wi
               weight: float = 1.0, start: float = 0.0, end: float = 1.0, preprocessor: str = "none",
               log: Callable[[str], None] | None = None, resize_mode: str = "Just Resize",
               pixel_perfect: bool = False, processor_res: int | None = None, threshold_a: float | None = None,
-              threshold_b: float | None = None, **_: object) -> LLLiteUnit:
+              threshold_b: float | None = None, hr_option: str = "Both", control_mode: str = "Balanced",
+              batch: str = "both", **_: object) -> LLLiteUnit:
     """An :class:`LLLiteUnit` for ``model`` from an LLLite file (or a loaded one) and a PIL image, preprocessed and
-    brought to the output size as a ControlNet unit's map."""
+    brought to the output size as a ControlNet unit's map. ``batch``: :data:`BATCH_MODES`; ``control_mode`` (the
+    A1111 extension's) is only written to the infotext: the extension ignores it for LLLite, and ``log`` says so."""
+    from ldmkit.controlnet_a1111 import BALANCED, control_mode_name
+
+    control_mode = control_mode_name(control_mode)
+    if control_mode != BALANCED and log is not None:
+        log(f"control mode {control_mode!r} has no effect on a ControlNet-LLLite (as in the A1111 extension)")
     from ldmkit.controlnet import map_tensor
     from ldmkit.controlnet_a1111 import control_image, model_title, module_name, resize_mode_name
 
@@ -368,8 +450,9 @@ def make_unit(model: object, path: str | os.PathLike | LLLite, image: object, wi
     settings = {"module": module, "model": title, "weight": float(weight), "resize_mode": resize_mode,
                 "processor_res": res if res is not None else -1, "threshold_a": float(sliders[0]),
                 "threshold_b": float(sliders[1]), "guidance_start": float(start), "guidance_end": float(end),
-                "pixel_perfect": bool(pixel_perfect), "control_mode": "Balanced"}
-    return LLLiteUnit(net, map_tensor(hint), float(weight), float(start), float(end), settings)
+                "pixel_perfect": bool(pixel_perfect), "control_mode": control_mode}
+    return LLLiteUnit(net, map_tensor(hint), float(weight), float(start), float(end), settings, batch=batch,
+                      hr_option=hr_option)
 
 
 def describe_file(path: str | os.PathLike) -> str | None:
@@ -396,5 +479,6 @@ def describe_file(path: str | os.PathLike) -> str | None:
 
 
 __all__ = ["LLLite", "LLLiteError", "LLLiteModule", "LLLiteUNet", "LLLiteUnit", "applied", "build", "describe_file",
-           "is_lllite", "is_lllite_path", "layer_names", "lllite_problem", "load_lllite", "make_unit", "read_lllite",
+           "is_lllite", "is_lllite_path", "BATCH_MODES", "batch_mode", "block_of", "blocks",
+           "layer_names", "lllite_problem", "load_lllite", "make_unit", "read_lllite",
            "split_modules", "wrap"]

@@ -332,7 +332,7 @@ def make_denoiser(model: StableDiffusion, params: GenerationParams | Plan | None
         if nets:  # the first rows of a CFG call are unconditional (guess mode skips them)
             net = ControlledUNet(net, nets, step_t, uncond_rows)
         net = t2i_adapter.wrap(net, params.controlnets, step_t, model)  # T2I-Adapter units among them
-        net = controlnet_lllite.wrap(net, params.controlnets, step_t, model)  # ControlNet-LLLite units: in the U-Net
+        net = controlnet_lllite.wrap(net, params.controlnets, step_t, model, uncond_rows)  # LLLite: in the U-Net
     return DiscreteDenoiser(net, model_schedule(model), prediction=model.cfg.prediction,
                             dtype=getattr(model, "dtype", None))
 

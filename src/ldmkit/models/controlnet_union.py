@@ -13,6 +13,11 @@ As in the original and in diffusers, the transformer's ``nn.MultiheadAttention``
 input is (B, k + 1, C): attention runs across the batch rows, per token. Kept, so the residuals are the files'
 (an image's result depends on what else is in its batch, e.g. the negative prompt's half under CFG).
 
+"auto" (:data:`AUTO`): no control type, as ComfyUI's SetUnionControlNetType "auto" and the A1111 extension's
+union_control_type "Unknown" run it (``control_type=[]`` in their cldm.py): the all-zero type vector is still
+embedded and added to the time embedding, and the one map takes the plain ControlNet path (hint encoder output
+added to the first block's), with no task embedding and no transformer.
+
 Weights: diffusers' names for these extras, cldm.py names for the rest (see ``controlnet_files``).
 """
 
@@ -31,6 +36,7 @@ from ldmkit.models.unet import timestep_embedding
 # the control types as the model card and diffusers number them (ProMax: all 8; the first release: 0-5)
 UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd", "normal",
                "segment", "tile", "repaint")
+AUTO = -1  # types=(AUTO,): no control type (ComfyUI's "auto", the A1111 extension's "Unknown"); one map
 
 
 @dataclass(frozen=True)
@@ -87,38 +93,49 @@ class UnionControlNet(ControlNet):
         self.control_add_embedding = _Embedding(cfg.type_embed_dim * cfg.num_types, cfg.unet.model_channels * 4)
 
     def forward(self, x: Tensor, hint: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None,
-                types: Sequence[int] = (), weight: float = 1.0) -> Residuals:
+                types: Sequence[int] = (), weight: float | Sequence[float] = 1.0) -> Residuals:
         """Residuals for the maps in ``hint`` (B, 3k, H, W): k maps side by side in the channels, the i-th of
-        control type ``types[i]``. With several maps ``weight`` scales each map's contribution inside (as diffusers
-        does for one union model given several maps: the residuals are then not scaled); with one map the caller
-        scales the residuals (``weight`` is ignored here)."""
+        control type ``types[i]`` (``(AUTO,)``: one map, no type). With several maps ``weight`` scales each map's
+        contribution inside (diffusers' ``conditioning_scale`` for one union model given several maps: one number
+        for all, or one per map; the residuals are then not scaled); with one map the caller scales the residuals
+        (``weight`` is ignored here)."""
         cfg = self.cfg
         assert isinstance(cfg, UnionConfig)
         k = len(types)
+        auto = tuple(types) == (AUTO,)
         if k == 0 or hint.shape[1] != k * cfg.hint_in_channels:
             raise ValueError(f"a ControlNet Union needs one control type per map: {k} type(s) for "
-                             f"{hint.shape[1] // cfg.hint_in_channels} map(s)")
-        if bad := [t for t in types if not 0 <= t < cfg.num_types]:
-            raise ValueError(f"control type {bad[0]} is not one of this ControlNet Union's {cfg.num_types}")
+                             f"{hint.shape[1] // cfg.hint_in_channels} map(s)" + (" (auto reads one map)" if
+                                                                                  AUTO in types else ""))
+        if not auto and (bad := [t for t in types if not 0 <= t < cfg.num_types]):
+            raise ValueError(f"control type {bad[0]} is not one of this ControlNet Union's {cfg.num_types}"
+                             + (": auto reads one map alone" if bad[0] == AUTO else ""))
+        weights = [float(w) for w in weight] if isinstance(weight, Sequence) else [float(weight)] * k
+        if len(weights) != k:
+            raise ValueError(f"{len(weights)} weights for {k} map(s): give one weight per map, or one for all")
         onehot = torch.zeros(x.shape[0], cfg.num_types, device=x.device)
-        onehot[:, list(types)] = 1.0  # (B, types)
+        if not auto:
+            onehot[:, list(types)] = 1.0  # (B, types)
         typ = timestep_embedding(onehot.flatten(), cfg.type_embed_dim).reshape(x.shape[0], -1)  # (B, types*256)
         emb = self.embed(x, timesteps, y) + self.control_add_embedding(typ.to(x.dtype))
-        inner = weight if k > 1 else 1.0
+        inner = weights if k > 1 else [1.0]
         maps = [self.input_hint_block(m.to(x.dtype)) for m in hint.split(cfg.hint_in_channels, dim=1)]  # (B, C, h, w)
         self._check_size(maps[0], hint, x)
+        if auto:  # ComfyUI / the extension with control_type []: the plain ControlNet path
+            return self.encode(x, emb, context, lambda h: h + maps[0])
 
         def fuse(h: Tensor) -> Tensor:
-            tokens = [(r.mean(dim=(2, 3)) + self.task_embedding[t]) * inner for r, t in zip(maps, types, strict=True)]
+            tokens = [(r.mean(dim=(2, 3)) + self.task_embedding[t]) * w
+                      for r, t, w in zip(maps, types, inner, strict=True)]
             seq = torch.stack([*tokens, h.mean(dim=(2, 3))], dim=1)  # (B, k + 1, C)
             for layer in self.transformer_layes:
                 seq = layer(seq)
             out = h * 0.0
-            for i, m in enumerate(maps):
-                out = out + (m + self.spatial_ch_projs(seq[:, i])[..., None, None]) * inner
+            for i, (m, w) in enumerate(zip(maps, inner, strict=True)):
+                out = out + (m + self.spatial_ch_projs(seq[:, i])[..., None, None]) * w
             return h + out
 
         return self.encode(x, emb, context, fuse)
 
 
-__all__ = ["UNION_TYPES", "UnionConfig", "UnionControlNet"]
+__all__ = ["AUTO", "UNION_TYPES", "UnionConfig", "UnionControlNet"]

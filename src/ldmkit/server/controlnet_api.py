@@ -54,7 +54,8 @@ class UnitArgs(BaseModel):
     control_mode: str | int = "Balanced"
     pixel_perfect: bool = False
     hr_option: str = "Both"  # with the hires fix: "Both", "Low res only", "High res only"
-    union_control_type: str | int = "Unknown"  # a ControlNet Union's map type ("Depth", "Hard Edge", ...)
+    union_control_type: str | int = "Unknown"  # a ControlNet Union's map type ("Depth", ...; Unknown: auto, no type)
+    lllite_batch: str = "both"  # ldmkit's: a ControlNet-LLLite's CFG rows (both, cond-only, zeros-uncond)
 
 
 class ControlNetFolder:
@@ -255,6 +256,12 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
         else:
             raise field_error((*loc, "image"), 'image is a base64 string or {"image": base64, "mask": base64}', None)
         adapter = folder.kind(path) == "adapter"
+        from ldmkit.controlnet_lllite import batch_mode
+
+        try:
+            lllite_batch = batch_mode(unit.lllite_batch)
+        except ValueError as e:
+            raise field_error((*loc, "lllite_batch"), str(e), unit.lllite_batch) from None
         if adapter and control_mode != A.BALANCED:
             raise field_error((*loc, "control_mode"), f"{A.model_title(path)} is a T2I-Adapter, which ldmkit runs "
                                                       "in the Balanced control mode only", unit.control_mode)
@@ -281,11 +288,13 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
                     "guidance_end": float(unit.guidance_end), "pixel_perfect": bool(unit.pixel_perfect),
                     "control_mode": control_mode})
             else:
-                ctype = _union_type(net, unit.union_control_type, (*loc, "union_control_type"), A.model_title(path))
+                ctype = _union_type(net, unit.union_control_type, (*loc, "union_control_type"), A.model_title(path),
+                                    log)
                 made = make_unit(model, net, image, width, height, unit.weight, unit.guidance_start,
                                  unit.guidance_end, module, log, control_mode=control_mode, resize_mode=resize_mode,
                                  pixel_perfect=unit.pixel_perfect, processor_res=res, threshold_a=ta,
-                                 threshold_b=tb, hr_option=hr_option, control_type=ctype)
+                                 threshold_b=tb, hr_option=hr_option, control_type=ctype,
+                                 lllite_batch=lllite_batch)
         except CheckpointError as e:  # ControlNetError, AdapterError: a file for another model, unreadable
             raise field_error((*loc, "model"), str(e), unit.model) from None
         except ValueError as e:
@@ -294,18 +303,19 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
     return tuple(units)
 
 
-def _union_type(net: Any, value: str | int, loc: tuple, title: str) -> int | None:
+def _union_type(net: Any, value: str | int, loc: tuple, title: str, log: Any = None) -> int | None:
     """A ControlNet Union unit's control type (the extension's union_control_type, or ldmkit's names); None for
-    other ControlNets, where the field is ignored as the extension does. 422 when a Union lacks one."""
-    from ldmkit.controlnet_files import control_type, type_names
-    from ldmkit.models.controlnet_union import UnionConfig
+    other ControlNets, where the field is ignored as the extension does. "Unknown" (the extension's default) or
+    none: auto, no control type, as the extension then runs the Union (``control_type=[]``)."""
+    from ldmkit.controlnet_files import control_type
+    from ldmkit.models.controlnet_union import AUTO, UnionConfig
 
     if not isinstance(getattr(net, "cfg", None), UnionConfig):
         return None
-    if str(value).strip().lower() in ("", "unknown", "none"):
-        raise field_error(loc, f"{title} is a ControlNet Union: set union_control_type ({type_names()}; the "
-                               "extension's OpenPose, Depth, Soft Edge, Hard Edge, Normal Map, Segmentation, Tile, "
-                               "Inpaint)", value)
+    if str(value).strip().lower() in ("", "unknown", "none", "auto"):
+        if log is not None:
+            log(f"{title}: no union_control_type, so no control type (auto), as the A1111 extension runs it")
+        return AUTO
     try:
         return control_type(value, net.cfg.num_types)
     except ValueError as e:
