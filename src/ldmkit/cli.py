@@ -460,22 +460,22 @@ def cmd_info(args: argparse.Namespace) -> None:
         text = read_parameters(path)
         print(text or f"{path}: no generation parameters in this image")
         return
+    from ldmkit.file_kind import read_header, usage
     from ldmkit.upscale import describe_file
 
-    upscaler = describe_file(path)  # ESRGAN-family files (ldmkit upscale) say what they are
+    header = read_header(path)  # read once; each question below asks it, not the file
+    upscaler = describe_file(header)  # ESRGAN-family files (ldmkit upscale) say what they are
     if upscaler:
         print(upscaler)
         return
     from ldmkit.controlnet import describe_file as describe_controlnet
     from ldmkit.t2i_adapter import describe_file as describe_adapter
 
-    controlnet = describe_controlnet(path) or describe_adapter(path)  # --controlnet/--adapter files and folders
+    controlnet = describe_controlnet(header) or describe_adapter(header)  # --controlnet/--adapter files and folders
     if controlnet:
         print(controlnet)
         return
-    from ldmkit.file_kind import usage
-
-    if line := usage(path):  # a LoRA or autoencoder file: what it is and the option that takes it
+    if line := usage(header):  # a LoRA or autoencoder file: what it is and the option that takes it
         print(line)
         return
     from ldmkit.checkpoint import load

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldmkit import convert
+from ldmkit import convert, file_kind
 from ldmkit.checkpoint import CheckpointError, read_state_dict
 from ldmkit.config import UNetConfig
 from ldmkit.controlnet_a1111 import BALANCED, CONTROL, forced_soft, soft_scales
@@ -448,22 +448,20 @@ def control_problem(units: Sequence[ControlUnit], model: object, deepcache: int 
     return None
 
 
-def describe_file(path: str | os.PathLike) -> str | None:
+def describe_file(path: str | os.PathLike | file_kind.Header) -> str | None:
     """One line on a ControlNet file or folder (``ldmkit info``); None when it is not one (a .safetensors
     checkpoint is told apart from its header alone, so a large SD file is not read twice)."""
     from ldmkit import controlnet_files, controlnet_lllite
 
-    if (special := controlnet_files.describe_file(path)) is not None:  # ControlNet Union, Control-LoRA
+    header = file_kind.read_header(path)
+    if (special := controlnet_files.describe_file(header)) is not None:  # ControlNet Union, Control-LoRA
         return special
-    if (lllite := controlnet_lllite.describe_file(path)) is not None:
+    if (lllite := controlnet_lllite.describe_file(header)) is not None:
         return lllite
-    from ldmkit import file_kind
-
-    p = Path(path)
-    if not file_kind.may_be(p, file_kind.CONTROLNET):
+    if not file_kind.may_be(header, file_kind.CONTROLNET):
         return None
     try:
-        sd = read_controlnet(p)
+        sd = read_controlnet(header.path)
         cfg = config_from_weights(sd)
     except CheckpointError:
         return None

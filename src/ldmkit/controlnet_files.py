@@ -15,6 +15,7 @@ without a prefix, as ComfyUI's ControlLora reads them. So the network is built f
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -241,28 +242,27 @@ def union_types(net: object, control_type: object, title: str, image: object) ->
     return types
 
 
-def header_kind(path: Path) -> str | None:
+def header_kind(path: Path | file_kind.Header) -> str | None:
     """"union" / "control-lora" from a folder's config.json or a .safetensors header alone (as file_kind reads
     them); None otherwise."""
-    if path.is_dir():
-        return "union" if file_kind.folder_class(path) == "ControlNetUnionModel" else None
-    if path.suffix.lower() != ".safetensors":
-        return None
-    names = dict.fromkeys(file_kind.header_keys(path) or ())
+    header = file_kind.read_header(path)
+    if header.folder_class is not None:
+        return "union" if header.folder_class == "ControlNetUnionModel" else None
+    names = dict.fromkeys(header.keys or ())
     if is_control_lora(names):  # type: ignore[arg-type]
         return "control-lora"
     return "union" if is_union(names) else None  # type: ignore[arg-type]
 
 
-def describe_file(path: object) -> str | None:
+def describe_file(path: str | os.PathLike | file_kind.Header) -> str | None:
     """``ldmkit info``'s line for a ControlNet Union or Control-LoRA file/folder; None for anything else."""
     from ldmkit.controlnet import _family_of, config_from_weights, read_controlnet
 
-    p = Path(str(path))
-    kind = header_kind(p)
+    header = file_kind.read_header(path)
+    kind = header_kind(header)
     if kind is None:
         return None
-    sd = read_controlnet(p)
+    sd = read_controlnet(header.path)
     if kind == "control-lora":
         return describe_control_lora(sd)
     u = config_from_weights(sd).unet

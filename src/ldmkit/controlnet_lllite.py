@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldmkit import file_kind
 from ldmkit.checkpoint import read_state_dict
 from ldmkit.controlnet import ControlledUNet, ControlNetError, check_window, in_window, map_at
 
@@ -241,20 +242,18 @@ def load_lllite(path: str | os.PathLike, model: object, *, dtype: torch.dtype | 
 
 
 def is_lllite_path(path: object) -> bool:
-    """Whether a --controlnet path names a ControlNet-LLLite file (by its header; a .pth/.pt with "lllite" in its name
-    by loading it)."""
-    from ldmkit import file_kind
-
-    if not isinstance(path, (str, os.PathLike)):  # a loaded network
+    """Whether a --controlnet path (or its file_kind.Header) names a ControlNet-LLLite file (by its header; a .pth/.pt
+    with "lllite" in its name by loading it)."""
+    if not isinstance(path, (str, os.PathLike, file_kind.Header)):  # a loaded network
         return False
-    p = Path(path)
+    p = path.path if isinstance(path, file_kind.Header) else Path(path)
     try:
         if not p.is_file():
             return False
     except OSError:  # e.g. a name too long for a path
         return False
     if p.suffix.lower() == ".safetensors":
-        return file_kind.kind_of(p) == file_kind.LLLITE
+        return file_kind.kind_of(path) == file_kind.LLLITE
     # a pickle shows its keys only when loaded: probe only a .pth/.pt named so (ControlNet .pth files stay read once)
     if p.suffix.lower() in (".pth", ".pt") and "lllite" in p.name.lower():
         try:
@@ -455,12 +454,11 @@ def make_unit(model: object, path: str | os.PathLike | LLLite, image: object, wi
                       hr_option=hr_option)
 
 
-def describe_file(path: str | os.PathLike) -> str | None:
+def describe_file(path: str | os.PathLike | file_kind.Header) -> str | None:
     """One line on a ControlNet-LLLite file (``ldmkit info``); None when it is not one."""
-    from ldmkit import file_kind
-
-    p = Path(path)
-    if p.is_dir() or file_kind.kind_of(p) != file_kind.LLLITE:
+    header = file_kind.read_header(path)
+    p = header.path
+    if p.is_dir() or header.kind != file_kind.LLLITE:
         return None
     try:
         split = split_modules(read_lllite(p), str(p))

@@ -15,8 +15,8 @@ import functools
 import json
 import os
 import re
-import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 CONTROLNET = "controlnet"
@@ -42,42 +42,62 @@ UPSCALER_KEYS = frozenset({"model.0.weight", "conv_first.weight", "body.0.weight
 TAESD_KEY = re.compile(r"^(?:(?:taesd_)?(encoder|decoder)\.)?(layers\.)?(\d+)\.(.+)$")
 
 
-def header_keys(path: str | os.PathLike) -> list[str] | None:
-    """The tensor names in a ``.safetensors`` file's header; None when it cannot be read (the loader says why).
-    Read once per version of the file (inode, size, mtime): ``ldmkit info``, the loaders and the server ask
-    several questions of one file (upscaler? ControlNet Union / Control-LoRA? LLLite? ControlNet?)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    # a file changed within the clock's granularity of now may change again with the same mtime ("racy git"):
-    # read it afresh until it is older
-    read = _read_keys.__wrapped__ if time.time_ns() - st.st_mtime_ns < _SETTLED_NS else _read_keys
-    keys = read(os.path.abspath(path), (st.st_ino, st.st_size, st.st_mtime_ns))
-    return None if keys is None else list(keys)
+@dataclass(frozen=True)
+class Header:
+    """What a path's names say, read once at the edge: a ``.safetensors`` file's tensor names or a folder's
+    ``config.json`` class. Pass it on instead of the path where one command asks several questions of one file
+    (``ldmkit info``: upscaler? Union / Control-LoRA? LLLite? ControlNet? adapter? LoRA?); every function here and
+    the ``describe_file``/``header_kind`` helpers take either."""
+
+    path: Path
+    keys: tuple[str, ...] | None  # a .safetensors header's names; None for anything else or an unreadable one
+    folder_class: str | None  # a folder's config.json _class_name; None for anything else
+
+    @functools.cached_property
+    def kind(self) -> str | None:
+        """The kind its names show (one of this module's names), or None; a pickled file's only loading shows."""
+        if self.folder_class is not None:
+            return FOLDER_CLASSES.get(self.folder_class)
+        return kind_of_keys(self.keys) if self.keys else None
 
 
-_SETTLED_NS = 2_000_000_000
+def read_header(path: str | os.PathLike | Header) -> Header:
+    """``path``'s :class:`Header` (one read of the header or config.json); a Header is returned as it is."""
+    if isinstance(path, Header):
+        return path
+    p = Path(path)
+    if p.is_dir():
+        return Header(p, None, _folder_class(p))
+    return Header(p, _read_keys(p) if p.suffix.lower() == ".safetensors" else None, None)
 
 
-@functools.lru_cache(maxsize=32)
-def _read_keys(path: str, version: tuple[int, int, int]) -> tuple[str, ...] | None:
+def _read_keys(path: Path) -> tuple[str, ...] | None:
     from safetensors import safe_open
 
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             return tuple(f.keys())
     except Exception:  # noqa: BLE001 - unreadable: the caller's loader reports it
         return None
 
 
-def folder_class(path: str | os.PathLike) -> str | None:
-    """The ``_class_name`` in a diffusers folder's ``config.json``; None when there is none or it is unreadable."""
+def _folder_class(path: Path) -> str | None:
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
     return cfg.get("_class_name") if isinstance(cfg, dict) else None
+
+
+def header_keys(path: str | os.PathLike | Header) -> list[str] | None:
+    """The tensor names in a ``.safetensors`` file's header; None when it cannot be read (the loader says why)."""
+    keys = read_header(path).keys
+    return None if keys is None else list(keys)
+
+
+def folder_class(path: str | os.PathLike | Header) -> str | None:
+    """The ``_class_name`` in a diffusers folder's ``config.json``; None when there is none or it is unreadable."""
+    return read_header(path).folder_class
 
 
 def kind_of_keys(keys: Iterable[str]) -> str | None:
@@ -123,35 +143,29 @@ def kind_of_keys(keys: Iterable[str]) -> str | None:
     return None
 
 
-def kind_of(path: str | os.PathLike) -> str | None:
+def kind_of(path: str | os.PathLike | Header) -> str | None:
     """The kind of a diffusers folder (by its config.json) or a ``.safetensors`` file (by its header); None for
     anything else, including pickled files, whose keys only loading shows."""
-    p = Path(path)
-    if p.is_dir():
-        return FOLDER_CLASSES.get(folder_class(p) or "")
-    if p.suffix.lower() == ".safetensors":
-        keys = header_keys(p)
-        return kind_of_keys(keys) if keys else None
-    return None
+    return read_header(path).kind
 
 
-def may_be(path: str | os.PathLike, kind: str) -> bool:
+def may_be(path: str | os.PathLike | Header, kind: str) -> bool:
     """Whether ``path`` may hold ``kind``: its names say so, or it is a ``.pth``/``.pt`` file only loading can tell."""
-    p = Path(path)
-    if p.is_dir() or p.suffix.lower() == ".safetensors":
-        return kind_of(p) == kind
-    return p.suffix.lower() in (".pth", ".pt")
+    h = read_header(path)
+    if h.path.is_dir() or h.path.suffix.lower() == ".safetensors":
+        return h.kind == kind
+    return h.path.suffix.lower() in (".pth", ".pt")
 
 
-def usage(path: str | os.PathLike) -> str | None:
+def usage(path: str | os.PathLike | Header) -> str | None:
     """``ldmkit info``'s line for a file that is no model on its own (a LoRA, a VAE, a tiny autoencoder): what
     it is and the option that uses it; None for anything else."""
-    p = Path(path)
-    kind = kind_of(p)
+    h = read_header(path)
+    p, kind = h.path, h.kind
     if kind == LORA:
         from ldmkit.lora_formats import SDXL_PREFIXES, detect_lora_format, foreign_family
 
-        keys = header_keys(p) or []
+        keys = list(h.keys or ())
         notes = [f"{detect_lora_format(keys)} layout", f"{len(keys)} tensors"]
         if family := foreign_family(keys):
             notes.append(f"for {family}, which ldmkit does not run")
@@ -168,5 +182,5 @@ def usage(path: str | os.PathLike) -> str | None:
 
 
 __all__ = ["ADAPTER", "CONTROLNET", "EMBEDDING", "FOLDER_CLASSES", "LLLITE", "LORA", "SD", "SDXL", "TAESD",
-           "TEXT_ENCODER", "UNET", "UPSCALER", "VAE", "folder_class", "header_keys", "kind_of", "kind_of_keys",
-           "may_be", "usage"]
+           "TEXT_ENCODER", "UNET", "UPSCALER", "VAE", "Header", "folder_class", "header_keys", "kind_of",
+           "kind_of_keys", "may_be", "read_header", "usage"]

@@ -364,13 +364,13 @@ def unit_kinds(args: object) -> list[tuple[str, str]]:
     return out
 
 
-def describe_file(path: str | os.PathLike) -> str | None:
+def describe_file(path: str | os.PathLike | file_kind.Header) -> str | None:
     """One line on a T2I-Adapter file or folder (``ldmkit info``); None when it is not one."""
-    p = Path(path)
-    if not file_kind.may_be(p, file_kind.ADAPTER):
+    header = file_kind.read_header(path)
+    if not file_kind.may_be(header, file_kind.ADAPTER):
         return None
     try:
-        sd, dcfg = read_adapter(p)
+        sd, dcfg = read_adapter(header.path)
         cfg = config_from_weights(sd, dcfg)
     except (CheckpointError, KeyError):
         return None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ldmkit import file_kind
 from ldmkit.checkpoint import CheckpointError, build_strict, read_safetensors
 from ldmkit.images import to_8bit
 from ldmkit.models.esrgan import UpscalerArch, UpscalerFormatError, detect
@@ -117,15 +118,15 @@ def load_upscaler(path: str | os.PathLike, device: str | torch.device | None = N
     return Upscaler(name or p.stem, float(arch.scale), str(p), arch, module)
 
 
-def describe_file(path: str | os.PathLike) -> str | None:
+def describe_file(path: str | os.PathLike | file_kind.Header) -> str | None:
     """One line on an upscaler file (``ldmkit info``); None when the file is not one (keys checked first,
     from the header alone for .safetensors, so a large checkpoint is not read)."""
-    from ldmkit import file_kind
     from ldmkit.models.esrgan import layout_of
 
-    p = Path(path)
+    header = file_kind.read_header(path)
+    p = header.path
     if p.suffix.lower() == ".safetensors":
-        if not file_kind.UPSCALER_KEYS & set(file_kind.header_keys(p) or ()):
+        if not file_kind.UPSCALER_KEYS & set(header.keys or ()):
             return None
     elif p.suffix.lower() not in (".pth", ".pt"):
         return None

@@ -131,10 +131,12 @@ class ControlNetFolder:
         from ldmkit.t2i_adapter import load_adapter
 
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", None)
+        from ldmkit import file_kind
         from ldmkit.controlnet_files import header_kind
 
+        header = file_kind.read_header(path)  # read once per request: Control-LoRA? LLLite?
         # a Control-LoRA is built over this model's U-Net weights: another checkpoint of the same shape needs its own
-        own = id(model.unet) if header_kind(path) == "control-lora" else None
+        own = id(model.unet) if header_kind(header) == "control-lora" else None
         key = (str(path), path.stat().st_mtime_ns, model.cfg.unet, str(dtype), str(model.device), own)
         with self._lock:
             if key in self._cache:
@@ -145,7 +147,7 @@ class ControlNetFolder:
 
         if self.kind(path) == "adapter":
             net = load_adapter(path, model.cfg, device=model.device, **kwargs)
-        elif controlnet_lllite.is_lllite_path(path):  # kohya's ControlNet-LLLite: modules for the model's U-Net
+        elif controlnet_lllite.is_lllite_path(header):  # kohya's ControlNet-LLLite: modules for the model's U-Net
             net = controlnet_lllite.load_lllite(path, model, device=model.device, **kwargs)
         else:
             from ldmkit.controlnet import LazyStateDict
