@@ -88,6 +88,11 @@ def test_cli_lllite_batch_and_errors(files, capsys, tmp_path):  # noqa: F811
         assert rc == 0, cap.err
         got[batch] = _image(tmp_path / f"{batch}.png")
     assert not np.array_equal(got["both"], got["cond-only"]) and not np.array_equal(got["both"], got["zeros-uncond"])
+    from ldmkit.infotext import parse_infotext, read_parameters
+
+    line = parse_infotext(read_parameters(tmp_path / "cond-only.png"))["ControlNet 0"]
+    assert line.endswith(", Control Mode: Balanced, LLLite Batch: cond-only"), line
+    assert "LLLite Batch" not in parse_infotext(read_parameters(tmp_path / "both.png"))["ControlNet 0"]
     pipe = ldmkit.load(str(files / "xl.safetensors"))
     unit = pipe.control_unit(files / "lllite.safetensors", Image.open(files / "map.png"), *SIZE,
                              lllite_batch="cond-only")

@@ -348,6 +348,8 @@ def unit_infotext(settings: Mapping[str, object]) -> str:
              ("Pixel Perfect", "pixel_perfect"), ("Control Mode", "control_mode"))
     if settings.get("union_control_type"):  # ControlNet Union units only: plain units' lines stay as they were
         order += (("Union Control Type", "union_control_type"),)
+    if settings.get("lllite_batch"):  # ldmkit's: a ControlNet-LLLite unit's CFG rows other than both
+        order += (("LLLite Batch", "lllite_batch"),)
     text = ", ".join(f"{label}: {settings.get(key)}" for label, key in order)
     return json.dumps(text)  # A1111 quotes values holding commas or colons
 

@@ -450,6 +450,8 @@ def make_unit(model: object, path: str | os.PathLike | LLLite, image: object, wi
                 "processor_res": res if res is not None else -1, "threshold_a": float(sliders[0]),
                 "threshold_b": float(sliders[1]), "guidance_start": float(start), "guidance_end": float(end),
                 "pixel_perfect": bool(pixel_perfect), "control_mode": control_mode}
+    if batch_mode(batch) != "both":  # in the infotext, so the PNG says how it was made
+        settings["lllite_batch"] = batch_mode(batch)
     return LLLiteUnit(net, map_tensor(hint), float(weight), float(start), float(end), settings, batch=batch,
                       hr_option=hr_option)
 
