@@ -85,7 +85,9 @@ def reference_delta(sd: dict, k: str, x: torch.Tensor, cmap: torch.Tensor, weigh
     return F.linear(h, sd[f"{k}.up.0.weight"], sd[f"{k}.up.0.bias"]) * weight
 
 
-def test_one_module_on_one_linear_matches_the_formula():
+def one_linear():
+    """(generator, a root with one Linear "proj" 6 -> 5, its module name, an LLLite state dict for it: condition
+    8 wide, embedded 8x smaller, module width 3)."""
     g = torch.Generator().manual_seed(1)
     root = torch.nn.ModuleDict({"proj": torch.nn.Linear(6, 5)})
     k = "lllite_unet_proj"
@@ -96,6 +98,11 @@ def test_one_module_on_one_linear_matches_the_formula():
           f"{k}.down.0.weight": torch.randn(3, 6, generator=g), f"{k}.down.0.bias": torch.randn(3, generator=g),
           f"{k}.mid.0.weight": torch.randn(3, 11, generator=g), f"{k}.mid.0.bias": torch.randn(3, generator=g),
           f"{k}.up.0.weight": torch.randn(6, 3, generator=g), f"{k}.up.0.bias": torch.randn(6, generator=g)}
+    return g, root, k, sd
+
+
+def test_one_module_on_one_linear_matches_the_formula():
+    g, root, k, sd = one_linear()
     net = build(sd, root, 8)
     assert net.targets == {k: "proj"}
     cmap = torch.rand(1, 3, 16, 24, generator=g)  # 8x smaller: 2 x 3 = 6 tokens

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from test_controlnet_cli import _run
-from test_controlnet_lllite import GEN, SIZE, _image, files, lllite_file, reference_delta  # noqa: F401 - fixture
+from test_controlnet_lllite import GEN, SIZE, _image, files, lllite_file, one_linear, reference_delta  # noqa: F401
 
 from ldmkit import checkpoint
 from ldmkit.controlnet import trace_residuals
@@ -52,16 +52,7 @@ def _sd_scripts_forward(sd, k, x, cmap, weight, cond_only, zeros):
 
 @pytest.mark.parametrize("batch", ["both", "cond-only", "zeros-uncond"])
 def test_batch_modes_match_sd_scripts(batch):
-    g = torch.Generator().manual_seed(1)
-    root = torch.nn.ModuleDict({"proj": torch.nn.Linear(6, 5)})
-    k = "lllite_unet_proj"
-    sd = {f"{k}.conditioning1.0.weight": torch.randn(4, 3, 4, 4, generator=g),
-          f"{k}.conditioning1.0.bias": torch.randn(4, generator=g),
-          f"{k}.conditioning1.2.weight": torch.randn(8, 4, 2, 2, generator=g),
-          f"{k}.conditioning1.2.bias": torch.randn(8, generator=g),
-          f"{k}.down.0.weight": torch.randn(3, 6, generator=g), f"{k}.down.0.bias": torch.randn(3, generator=g),
-          f"{k}.mid.0.weight": torch.randn(3, 11, generator=g), f"{k}.mid.0.bias": torch.randn(3, generator=g),
-          f"{k}.up.0.weight": torch.randn(6, 3, generator=g), f"{k}.up.0.bias": torch.randn(6, generator=g)}
+    g, root, k, sd = one_linear()
     net = build(sd, root, 8)
     cmap = torch.rand(1, 3, 16, 24, generator=g)
     x = torch.randn(2, 6, 6, generator=g)  # [negative, prompt]: uncond_rows 1
