@@ -4,12 +4,12 @@ equals an uninterrupted one step for step. Tiny model, 16-px images, a few steps
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from shapes import write_shapes
+from train_runs import assert_same_losses, stop_and_resume
 
 from ldmkit import cli
 from ldmkit.checkpoint import load, read_safetensors, save_single_file
@@ -78,17 +78,11 @@ def test_embedding_training_learns_only_the_vectors(data, model_file, tmp_path):
 def test_resumed_embedding_run_matches_uninterrupted(data, model_file, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli.main(_argv(data, model_file, a)) == 0
-    assert cli.main([*_argv(data, model_file, b), "--stop-after", "2"]) == 0
-    assert read_checkpoint(b)["step"] == 2
-    assert cli.main(["train", "embedding", "--resume", str(b), "--vectors", "2"]) == 2
-    assert "vectors: 3 in the run, 2 now" in capsys.readouterr().err
-    assert cli.main(["train", "embedding", "--resume", str(b)]) == 0
+    stop_and_resume(_argv(data, model_file, b), b, 2, ["--vectors", "2"], "vectors: 3 in the run, 2 now", capsys)
     fa, _ = read_safetensors(a / "myshape.safetensors")
     fb, meta = read_safetensors(b / "myshape.safetensors")
     assert torch.equal(fa["emb_params"], fb["emb_params"]) and meta["name"] == "myshape"
-    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert la == lb and len(la) == 4
+    assert_same_losses(a, b, 4, tol=0)
 
 
 def test_bad_settings_are_one_line(data, model_file, tmp_path, capsys):

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from reference import rel_err
 from shapes import assert_merge_delta, write_shapes
+from train_runs import assert_same_losses, losses, stop_and_resume
 
 from ldmkit import cli
 from ldmkit.checkpoint import load, read_safetensors
@@ -44,10 +45,6 @@ def lora_cfg(data: Path, model: Path, **kw):
     return defaults("lora").replace(**{**base, **kw})
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 # ---------------------------------------------------------------- LoRA
 
 
@@ -63,7 +60,7 @@ def test_lora_trains_only_lora_weights_and_its_file_merges_exactly(data: Path, s
 
     train(lora_cfg(data, sd1_file, sample_every=3, sample_steps=2, sample_prompts=["a red circle"]), run,
           on_step=keep_last)
-    assert all(math.isfinite(x) for x in losses(run)) and len(losses(run)) == 3
+    assert list(losses(run)) == [1, 2, 3] and all(math.isfinite(x) for x in losses(run).values())
     assert Image.open(run / "samples" / "step_0000003.png").size == (SIZE, SIZE)  # sampled with the LoRA
 
     base = load(sd1_file)
@@ -134,11 +131,7 @@ def test_resumed_lora_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_
             "--batch-size", "3", "--total-steps", "4", "--warmup-steps", "1", "--lr", "1e-2", "--log-every", "1",
             "--sample-every", "0", "--checkpoint-every", "2", "--device", "cpu", "--rank", "4", "--alpha", "2",
             "--ema-decay", "0.5", "--no-text-encoder-lora", "--conv-lora"]
-    assert cli.main([*argv, "--stop-after", "2"]) == 0
-    assert read_checkpoint(Path(b))["step"] == 2
-    assert cli.main(["train", "lora", "--resume", b, "--rank", "8"]) == 2
-    assert "lora_rank: 4 in the run, 8 now" in capsys.readouterr().err
-    assert cli.main(["train", "lora", "--resume", b]) == 0
+    stop_and_resume(argv, Path(b), 2, ["--rank", "8"], "lora_rank: 4 in the run, 8 now", capsys)
 
     fa, _ = read_safetensors(tmp_path / "a" / LORA_FILE)
     fb, _ = read_safetensors(Path(b) / LORA_FILE)
@@ -151,7 +144,7 @@ def test_resumed_lora_run_matches_uninterrupted(data: Path, sd1_file: Path, tmp_
     key = next(k for k in fa if k.endswith("lora_up.weight"))
     assert torch.equal(fa[key], ckpt["ema"]["shadow"]["lora." + key])
     assert not torch.equal(fa[key], ckpt["net"]["lora." + key])
-    assert losses(tmp_path / "a") == pytest.approx(losses(Path(b)), abs=1e-6)
+    assert_same_losses(tmp_path / "a", Path(b), 4)
     half, _ = read_safetensors(export_run(tmp_path / "a", tmp_path / "half.safetensors", half=True))
     assert half.keys() == fa.keys() and torch.equal(half[key], fa[key].half())
 

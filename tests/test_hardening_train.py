@@ -10,7 +10,8 @@ import pytest
 from shapes import write_shapes
 
 # the training tests' tiny dataset, configs and VAE run
-from test_train import SIZE, data, losses, tiny, vae_run  # noqa: E402, F401
+from test_train import SIZE, data, vae_run  # noqa: E402, F401
+from train_runs import assert_same_losses, assert_same_weights, crash_run, tiny
 
 from ldmkit.data.datasets import ImageCaptionDataset
 from ldmkit.train import TrainError, train
@@ -21,29 +22,16 @@ from ldmkit.train.unet import LATENTS_FILE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Crash(Exception):
-    pass
-
-
 def test_restart_after_cache_written_matches_uninterrupted(data: Path, vae_run: Path, tmp_path: Path) -> None:  # noqa: F811
     """Item 11: killed after writing latents.safetensors but before the first checkpoint, then started again
     with the same seed: the second start reuses the cache and must reproduce the uninterrupted run exactly."""
     cfg = tiny("unet", data=str(data), vae=str(vae_run), total_steps=5, checkpoint_every=5, ema_decay=0.9)
     train(cfg, tmp_path / "a")
-
-    def crash(step: int, info: dict) -> None:
-        raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "b", on_step=crash)
+    crash_run(cfg, tmp_path / "b", 1)
     assert (tmp_path / "b" / LATENTS_FILE).exists() and not (tmp_path / "b" / CHECKPOINT).exists()
     train(cfg, tmp_path / "b")
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5]
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
-    ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
-    for k, v in ca["net"].items():
-        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
+    assert_same_losses(tmp_path / "a", tmp_path / "b", 5)
+    assert_same_weights(read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b"), ema=False)
 
 
 def test_partial_checkpoint_temporaries_removed_on_resume(data: Path, tmp_path: Path) -> None:  # noqa: F811

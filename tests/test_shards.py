@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from shapes import write_shapes
 
-# the training tests' tiny dataset, configs and VAE run
-from test_train import _cli, data, losses, tiny, vae_run  # noqa: E402, F401
+# the training tests' tiny dataset and VAE run
+from test_train import _cli, data, vae_run  # noqa: E402, F401
+from train_runs import assert_same_losses, assert_same_weights, crash_run, tiny
 
 from ldmkit.data.datasets import load_image
 from ldmkit.data.shards import ShardStream, expand_braces, list_shards, write_shards
@@ -242,33 +243,24 @@ def test_streamed_unet_run_resumes_exactly(data: Path, vae_run: Path, tmp_path: 
                ema_decay=0.9, caption_dropout=0.3, shuffle_buffer=5)
     seen: dict[str, dict[int, list[str]]] = {"a": {}, "b": {}}
 
-    class Crash(Exception):
-        pass
-
-    def record(name: str, crash_at: int | None = None):
+    def record(name: str):
         def hook(step: int, info: dict) -> None:
             seen[name][step] = info["keys"]
-            if step == crash_at:
-                raise Crash
 
         return hook
 
     train(cfg, tmp_path / "a", on_step=record("a"))
     assert (tmp_path / "a" / "stream.json").exists() and not (tmp_path / "a" / "latents.safetensors").exists()
-    with pytest.raises(Crash):  # killed after step 4's update, before its checkpoint (step 2's is kept)
-        train(cfg, tmp_path / "b", on_step=record("b", crash_at=4))
+    crash_run(cfg, tmp_path / "b", 4, on_step=record("b"))  # killed after step 4's update (step 2's checkpoint kept)
     train(load_run_config(tmp_path / "b"), tmp_path / "b", resume=True, on_step=record("b"))
 
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5]
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
+    assert_same_losses(tmp_path / "a", tmp_path / "b", 5)
     assert seen["a"] == seen["b"]  # after the resume, the samples the uninterrupted run saw, step by step
     keys = [k for s in sorted(seen["a"]) for k in seen["a"][s]]
     assert len(keys) == 30 and sorted(keys[:12]) == sorted(f"{i:03d}" for i in range(12))  # an epoch: each once
     ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
     assert ca["data"] == cb["data"] and ca["data"][0]["next"]
-    for k, v in ca["net"].items():
-        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
+    assert_same_weights(ca, cb, ema=False)
 
 
 def test_shards_are_for_train_unet(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811

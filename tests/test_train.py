@@ -5,7 +5,6 @@ Everything runs on the tiny preset with 16-px images and a handful of steps.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from shapes import COLORS, write_shapes
-from train_runs import tiny, two_ranks, weights_hash
+from train_runs import assert_same_losses, assert_same_weights, crash_run, losses, tiny, two_ranks, weights_hash
 
 from ldmkit import cli
 from ldmkit.train import TrainConfig, TrainError, defaults, export_run, load_run_config, train
@@ -48,44 +47,25 @@ def unet_cfg(data: Path, vae_run: Path, **kw) -> TrainConfig:
     return tiny("unet", **{**base, **kw})
 
 
-def losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
-
-
 # ---------------------------------------------------------------- resume
 
 
 def test_resumed_unet_run_matches_uninterrupted(data: Path, vae_run: Path, tmp_path: Path) -> None:
     cfg = unet_cfg(data, vae_run, total_steps=5, checkpoint_every=2)
     train(cfg, tmp_path / "a")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(step: int, info: dict) -> None:
-        if step == 4:
-            raise Crash
-
     # killed after step 4's update but before its checkpoint; the last checkpoint is step 2
-    with pytest.raises(Crash):
-        train(cfg, tmp_path / "b", on_step=crash_at_4)
+    crash_run(cfg, tmp_path / "b", 4)
     assert read_checkpoint(tmp_path / "b")["step"] == 2
     assert max(losses(tmp_path / "b")) == 3
     # resumed with gradient checkpointing on: recomputing activations must not change the numbers
     resumed = load_run_config(tmp_path / "b").replace(gradient_checkpointing=True)
     train(resumed, tmp_path / "b", resume=True)
 
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5]  # the crashed run's stale lines were dropped
-    assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, (a, b)
+    a = assert_same_losses(tmp_path / "a", tmp_path / "b", 5)  # the crashed run's stale lines were dropped
     assert len(set(a.values())) == 5  # the losses do change: shuffling, noise, updates
     ca, cb = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")
     assert ca["data"] == cb["data"] and ca["data"]["epoch"] >= 1  # several epochs, reshuffled
-    for k, v in ca["net"].items():
-        assert (v - cb["net"][k]).abs().max() <= 1e-6, k
-    for k, v in ca["ema"]["shadow"].items():
-        assert (v - cb["ema"]["shadow"][k]).abs().max() <= 1e-6, k
+    assert_same_weights(ca, cb)
     assert not torch.equal(ca["ema"]["shadow"]["unet.out.2.weight"], ca["net"]["unet.out.2.weight"])
 
 

@@ -45,25 +45,53 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
+def crash_run(cfg, run: Path, at: int, on_step=None) -> None:
+    """Train ``cfg`` into ``run``, killed by an exception right after step ``at``'s update (before its log line
+    and checkpoint); ``on_step``, if given, sees every step up to it."""
+
+    def crash(step: int, info: dict) -> None:
+        if on_step is not None:
+            on_step(step, info)
+        if step == at:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, run, on_step=crash)
+
+
+def assert_same_losses(a: Path, b: Path, steps: int, tol: float = 1e-6) -> dict[int, float]:
+    """Runs ``a`` and ``b`` both logged a loss for each step 1..``steps`` (a crashed run's stale lines dropped),
+    equal within ``tol``; returns ``a``'s."""
+    la, lb = losses(a), losses(b)
+    assert list(la) == list(lb) == list(range(1, steps + 1)), (la, lb)
+    assert max(abs(la[s] - lb[s]) for s in la) <= tol, (la, lb)
+    return la
+
+
 def crash_and_resume(cfg, a: Path, b: Path, at: int, checkpoint: int,
                      on_step=None) -> tuple[dict, dict, dict[int, float]]:
     """Train ``cfg`` into ``a`` (calling ``on_step``, if given); into ``b`` stopped after step ``at``'s update (its
     last checkpoint: step ``checkpoint``), then resumed. Both runs log every step with losses within 1e-6; returns
     their final checkpoints and ``a``'s losses."""
     train(cfg, a, on_step=on_step)
-
-    def crash(step: int, info: dict) -> None:
-        if step == at:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(cfg, b, on_step=crash)
+    crash_run(cfg, b, at)
     assert read_checkpoint(b)["step"] == checkpoint
     train(cfg, b, resume=True)
-    la, lb = losses(a), losses(b)
-    assert list(la) == list(lb) == list(range(1, cfg.total_steps + 1))
-    assert max(abs(la[s] - lb[s]) for s in la) <= 1e-6, (la, lb)
+    la = assert_same_losses(a, b, cfg.total_steps)
     return read_checkpoint(a), read_checkpoint(b), la
+
+
+def stop_and_resume(argv: list[str], run: Path, stop: int, changed: list[str], says: str, capsys) -> None:
+    """``ldmkit train KIND ...`` (``argv``, writing ``run``) stopped by ``--stop-after stop``; its ``--resume``
+    with a setting ``changed`` is refused (exit 2, stderr ``says`` which); then resumed to the end."""
+    from ldmkit import cli
+
+    assert cli.main([*argv, "--stop-after", str(stop)]) == 0
+    assert read_checkpoint(run)["step"] == stop
+    capsys.readouterr()
+    assert cli.main([*argv[:2], "--resume", str(run), *changed]) == 2
+    assert says in capsys.readouterr().err
+    assert cli.main([*argv[:2], "--resume", str(run)]) == 0
 
 
 def assert_same_weights(ca: dict, cb: dict, ema: bool = True) -> None:
