@@ -147,3 +147,20 @@ def test_cli_auto_and_per_map_values(pipe, saved, capsys, tmp_path):  # noqa: F8
         rc, cap = _run(capsys, *base, *extra, "-o", str(tmp_path / "bad.png"))
         assert rc != 0 and msg in cap.err and "Traceback" not in cap.err, (extra, cap.err)
         assert len(cap.err.strip().splitlines()) == 1, cap.err
+
+
+def test_explain_names_auto_and_per_map_values(pipe, saved, tmp_path):  # noqa: F811
+    from ldmkit.explain import explain, write_page
+
+    folder, _, _, maps = pipe
+    model = checkpoint.load(folder / "model")
+    cn = load_controlnet(saved[0] / "union", model.cfg.unet)
+    hint = torch.cat([control_map(m, *SIZE) for m in maps], dim=1)
+    units = (ControlUnit(cn, hint, 0.8, control_types=(1, 0), map_weights=(0.8, 0.5),
+                         map_windows=((0.0, 1.0), (0.5, 1.0))),
+             ControlUnit(cn, hint[:, :3], 0.6, control_types=(AUTO,)))
+    ex = explain(model, GenerationParams(PROMPT, steps=2, sampler="Euler", seed=5, width=24, height=16, cfg_scale=5,
+                                         controlnets=units))
+    page = write_page(ex, tmp_path / "page", model.tokenizer).read_text()
+    assert "per map: weight 0.8 in 0–1 + weight 0.5 in 0.5–1" in page and "ControlNet Union: auto (no type)" in page
+    assert all(np.isfinite(v.rms).all() and (v.rms > 0).all() for v in ex.control)

@@ -73,8 +73,13 @@ def _union_text(unit: object) -> str:
         return ""
     from ldmkit.models.controlnet_union import UNION_TYPES
 
-    return ", ControlNet Union: " + " + ".join("auto (no type)" if t < 0 else UNION_TYPES[t] if t < len(UNION_TYPES)
+    text = ", ControlNet Union: " + " + ".join("auto (no type)" if t < 0 else UNION_TYPES[t] if t < len(UNION_TYPES)
                                                else str(t) for t in types)
+    weights, windows = getattr(unit, "map_weights", ()), getattr(unit, "map_windows", ())
+    if weights:  # each map's own weight and window
+        text += ", per map: " + " + ".join(f"weight {w:g} in {s:g}–{e:g}" for w, (s, e) in zip(weights, windows,
+                                                                                              strict=True))
+    return text
 
 
 def images(views: Sequence[ControlView]) -> dict[str, Image.Image]:
