@@ -683,7 +683,11 @@ def per_map_number(value: object, flag: str = "--control-weight") -> float | tup
         return float(value)
     text = str(value).strip()
     try:
-        parts = [float(p) for p in text.split("+")] if "+" in text.lstrip("+") else [float(text)]
+        return float(text)  # also 1e+2
+    except ValueError:
+        pass
+    try:
+        parts = [float(p) for p in text.split("+")]
     except ValueError:
         raise ValueError(f"{flag} {text!r} is not a number (or numbers joined with +, one per map of a ControlNet "
                          "Union unit)") from None
