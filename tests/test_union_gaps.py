@@ -117,9 +117,6 @@ def test_cli_auto_and_per_map_values(pipe, saved, capsys, tmp_path):  # noqa: F8
     assert np.array_equal(auto, np.asarray(api.convert("RGB")))
     line = parse_infotext(read_parameters(tmp_path / "auto.png"))["ControlNet 0"]
     assert line.endswith(", Union Control Type: Unknown"), line
-    typed = ControlUnit(cn, control_map(maps[0], *SIZE), 0.7, control_types=(1,))
-    assert not np.array_equal(auto, np.asarray(txt2img(model, GenerationParams(PROMPT, **gen,
-                                                                              controlnets=(typed,)))[0].convert("RGB")))
 
     rc, cap = _run(capsys, *base, "--control-image", f"{m0}+{m1}", "--control-type", "depth+openpose",
                    "--control-weight", "0.8+0.5", "--control-start", "0+0.25", "--control-end", "1+0.75",
@@ -139,7 +136,7 @@ def test_cli_auto_and_per_map_values(pipe, saved, capsys, tmp_path):  # noqa: F8
         (["--control-image", m0, "--control-type", "depth", "--control-weight", "0.8+0.5"],
          "per-map weights/windows (a+b) are for a ControlNet Union unit with several maps"),
         (["--control-image", f"{m0}+{m1}", "--control-type", "auto+depth"], "auto (no control type) reads one map"),
-        (["--control-image", m0, "--control-type", "depth", "--control-weight", "lots"], "is not a number"),
+        (["--control-image", m0, "--control-type", "depth", "--control-weight", "lots"], "'lots' is not a number"),
         (["--control-image", f"{m0}+{m1}", "--control-type", "depth+openpose", "--control-start", "0.5+0.9",
           "--control-end", "0.4+1"], "must satisfy 0 <= start < end <= 1"),
     ]
