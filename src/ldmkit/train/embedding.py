@@ -14,9 +14,6 @@ The run folder holds ``<token>.safetensors`` (A1111's ``emb_params`` layout: cop
 
 from __future__ import annotations
 
-import copy
-import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +28,22 @@ from ldmkit.prompt import tokenize_chunks
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
 from ldmkit.train.data import save_grid
-from ldmkit.train.lora import fingerprint
-from ldmkit.train.runner import CHECKPOINT, DistInfo
+from ldmkit.train.runner import DistInfo
 from ldmkit.train.sources import load_model
-from ldmkit.train.unet import UNetTask, apply_template, check_size, prepare_files, resolve_objective
+from ldmkit.train.unet import UNetTask, apply_template, copy_sharing_frozen, resolve_objective
 
 RUN_FILE = "embedding_run.json"
 # A1111's subject templates, shortened: the word alone and in a few framings
 DEFAULT_TEMPLATES = ["a photo of {caption}", "a rendering of {caption}", "a picture of {caption}",
                      "a close-up photo of {caption}", "{caption}"]
 _RECORDED = ("token", "vectors")
+
+
+def _check_record(old: dict, new: dict, run_dir: Path) -> None:
+    diffs = [f"{k}: {old.get(k)!r} in the run, {new[k]!r} now" for k in ("fingerprint", *_RECORDED)
+             if old.get(k) != new[k]]
+    if diffs:
+        raise TrainError(f"{run_dir} was started on another model or word: " + "; ".join(diffs))
 
 
 class _Frozen:
@@ -78,14 +81,7 @@ class EmbeddingNet(nn.Module):
 
     def __deepcopy__(self, memo: dict) -> EmbeddingNet:
         """A copy with its own vectors that shares the frozen model (the runner's EMA copy)."""
-        model = self.frozen.model
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            memo[id(t)] = t
-        memo[id(model.tokenizer)] = model.tokenizer
-        new = EmbeddingNet.__new__(EmbeddingNet)
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
+        return copy_sharing_frozen(self, self.frozen.model, memo)
 
 
 class _OneEmbedding:
@@ -112,7 +108,6 @@ class EmbeddingTask(UNetTask):
     arch_parts = ("unet", "text", "vae")
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: DistInfo):
-        from ldmkit.checkpoint import atomic_write_text
         from ldmkit.networks import check_name
 
         self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
@@ -124,20 +119,8 @@ class EmbeddingTask(UNetTask):
         if model.cfg.is_sdxl or model.cfg.is_inpainting:
             raise TrainError(f"--model {cfg.init_from}: ldmkit trains embeddings for SD1/SD2 base models only")
         objective = resolve_objective(cfg, model.cfg)
-        check_size(cfg.size, model.cfg.vae, model.cfg.unet)
-        record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model),
-                  **{k: getattr(cfg, k) for k in _RECORDED}}
-        if (run_dir / CHECKPOINT).exists():
-            old = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
-            diffs = [f"{k}: {old.get(k)!r} in the run, {record[k]!r} now" for k in ("fingerprint", *_RECORDED)
-                     if old.get(k) != record[k]]
-            if diffs:
-                raise TrainError(f"{run_dir} was started on another model or word: " + "; ".join(diffs))
-        if d.is_main:
-            atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1) + "\n")
-            prepare_files(cfg, run_dir, d.device, model, vae_file=False)
-        d.barrier()
-        self.read_latents()
+        self.start_from_model(model, d, RUN_FILE, "embedding", {k: getattr(cfg, k) for k in _RECORDED},
+                              _check_record)
         self.captions = [cfg.token] * self.train_size  # every image is the new word
         self.model_cfg = model.cfg.replace(name=run_dir.name, extra={"image_size": cfg.size})
         self.width = model.text_encoder.cfg.width

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -44,11 +43,11 @@ from ldmkit.models.clip import CLIPTextModel
 from ldmkit.models.unet import UNetModel, guidance_embedding
 from ldmkit.schedules import lcm_boundary_scalings, sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
-from ldmkit.train.lora import LoRAWeights, fingerprint
-from ldmkit.train.run_record import check_same_model, keep_record
+from ldmkit.train.lora import LoRAWeights
+from ldmkit.train.run_record import check_same_model
 from ldmkit.train.runner import CHECKPOINT, DistInfo, read_checkpoint
 from ldmkit.train.sources import load_model
-from ldmkit.train.unet import UNetTask, _Shared, check_size, prepare_files
+from ldmkit.train.unet import UNetTask, _Shared, copy_sharing_frozen
 
 LCM_LORA_FILE = "lcm_lora.safetensors"
 RUN_FILE = "lcm_run.json"
@@ -248,15 +247,7 @@ class LoRADistiller(ConsistencyLoss):
 
     def __deepcopy__(self, memo: dict) -> LoRADistiller:
         """A copy with its own LoRA weights that shares the frozen model's (for the runner's EMA copy)."""
-        model = self.frozen.module
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            if not t.requires_grad:
-                memo[id(t)] = t
-        memo[id(model.tokenizer)] = model.tokenizer
-        new = LoRADistiller.__new__(LoRADistiller)
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
+        return copy_sharing_frozen(self, self.frozen.module, memo)
 
 
 # ---------------------------------------------------------------- the task
@@ -288,14 +279,7 @@ class LCMTask(UNetTask):
         if model.cfg.num_train_timesteps % cfg.num_ddim_timesteps:
             raise TrainError(f"num_ddim_timesteps {cfg.num_ddim_timesteps} must divide the model's "
                              f"{model.cfg.num_train_timesteps} training timesteps, e.g. 50")
-        check_size(cfg.size, model.cfg.vae, model.cfg.unet)
-        record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model),
-                  **{k: getattr(cfg, k) for k in _RECORDED}}
-        keep_record(run_dir, RUN_FILE, record, "lcm", _check_record, d.is_main)
-        if d.is_main:
-            prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the teacher's VAE encodes the data
-        d.barrier()
-        self.read_latents()
+        self.start_from_model(model, d, RUN_FILE, "lcm", {k: getattr(cfg, k) for k in _RECORDED}, _check_record)
         self.tokenize(model.tokenizer)
         self.model_cfg = model.cfg.replace(name=run_dir.name, extra={"image_size": cfg.size})
         if cfg.w_embedding and not model.cfg.unet.time_cond_proj_dim:

@@ -14,9 +14,6 @@ LoRA shape the run was started with, checked on resume.
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import itertools
 import json
 import os
 from pathlib import Path
@@ -30,10 +27,10 @@ from ldmkit.lora_formats import Layout
 from ldmkit.model import StableDiffusion
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError
-from ldmkit.train.run_record import check_same_model, keep_record
+from ldmkit.train.run_record import check_same_model, fingerprint  # noqa: F401 - train/controlnet.py imports it here
 from ldmkit.train.runner import DistInfo, read_checkpoint
 from ldmkit.train.sources import load_model
-from ldmkit.train.unet import LatentDiffusionNet, UNetTask, check_size, prepare_files, resolve_objective
+from ldmkit.train.unet import LatentDiffusionNet, UNetTask, copy_sharing_frozen, resolve_objective
 
 LORA_FILE = "lora.safetensors"
 RUN_FILE = "lora_run.json"
@@ -89,28 +86,8 @@ class LoRANet(nn.Module):
         return self
 
     def __deepcopy__(self, memo: dict) -> LoRANet:
-        """A copy with its own LoRA weights that shares the frozen ones: the runner's EMA copy
-        would otherwise duplicate the whole model."""
-        model = self.frozen.model
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            if not t.requires_grad:
-                memo[id(t)] = t
-        for tok in getattr(model, "tokenizers", [model.tokenizer]):
-            memo[id(tok)] = tok
-        new = LoRANet.__new__(LoRANet)
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
-
-
-def fingerprint(model: StableDiffusion) -> str:
-    """An identity of the model's weights from a few whole tensors (hashing a 4 GB file is slow)."""
-    h = hashlib.sha256()
-    for part in (model.unet, model.text_encoder):
-        params = list(part.parameters())
-        for p in (params[0], params[-1]):
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        """A copy with its own LoRA weights that shares the frozen ones (the runner's EMA copy)."""
+        return copy_sharing_frozen(self, self.frozen.model, memo)
 
 
 def _check_record(old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
@@ -139,14 +116,7 @@ class LoRATask(UNetTask):
         if objective != model.cfg.prediction:
             raise TrainError(f"--model {cfg.init_from} predicts {model.cfg.prediction}, so its LoRA must too; "
                              f"drop --objective {cfg.objective}")
-        check_size(cfg.size, model.cfg.vae, model.cfg.unet)
-        record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model),
-                  **{k: getattr(cfg, k) for k in _RECORDED}}
-        keep_record(run_dir, RUN_FILE, record, "lora", _check_record, d.is_main)
-        if d.is_main:
-            prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the model's VAE encodes the data
-        d.barrier()
-        self.read_latents()
+        self.start_from_model(model, d, RUN_FILE, "lora", {k: getattr(cfg, k) for k in _RECORDED}, _check_record)
         if model.cfg.is_sdxl:  # each caption through both tokenizers, the two rows side by side
             from ldmkit.train import lora_sdxl
 

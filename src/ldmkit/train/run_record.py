@@ -3,6 +3,7 @@ path and weight fingerprint, and the settings that shape the trained weights), c
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,16 @@ from ldmkit.train.config import TrainError
 from ldmkit.train.runner import CHECKPOINT
 
 Record = dict[str, Any]
+
+
+def fingerprint(model: Any) -> str:
+    """An identity of the model's weights from a few whole tensors (hashing a 4 GB file is slow)."""
+    h = hashlib.sha256()
+    for part in (model.unet, model.text_encoder):
+        params = list(part.parameters())
+        for p in (params[0], params[-1]):
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def keep_record(run_dir: Path, run_file: str, record: Record, command: str,

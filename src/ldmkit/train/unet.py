@@ -14,9 +14,12 @@ Stable Diffusion model instead of a preset and random weights. Its config is kep
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from ldmkit.models.vae import AutoencoderKL
 from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train.config import TrainConfig, TrainError, base_model_config
 from ldmkit.train.data import flip_allowed, load_dataset, save_grid, split_holdout
+from ldmkit.train.run_record import fingerprint, keep_record
 from ldmkit.train.runner import CHECKPOINT, DistInfo, rng_unchanged
 from ldmkit.train.sources import load_init_model, load_model, load_vae_source
 from ldmkit.train.stream import (
@@ -60,6 +64,21 @@ class _Shared:
 
     def __deepcopy__(self, memo: dict) -> _Shared:
         return self
+
+
+def copy_sharing_frozen(net: nn.Module, model: nn.Module, memo: dict) -> Any:
+    """``copy.deepcopy(net)`` for a trainer's net around the frozen ``model`` (LoRA, LCM-LoRA, embedding): the copy
+    shares the model's frozen tensors and tokenizer(s) and copies only what trains, or the runner's EMA copy would
+    duplicate the whole model."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if not t.requires_grad:
+            memo[id(t)] = t
+    for tok in getattr(model, "tokenizers", [model.tokenizer]):
+        memo[id(tok)] = tok
+    new = type(net).__new__(type(net))
+    memo[id(net)] = new
+    new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in net.__dict__.items()})
+    return new
 
 
 class LatentDiffusionNet(nn.Module):
@@ -316,6 +335,21 @@ class UNetTask:
         ac = sd_alphas_cumprod(self.model_cfg.num_train_timesteps, self.model_cfg.beta_start, self.model_cfg.beta_end)
         self.net = LatentDiffusionNet(unet, text.requires_grad_(train_text), train_text, clip_skip, ac, objective)
         self._viewer: Any = None
+
+    def start_from_model(self, model: Any, d: DistInfo, run_file: str, command: str, settings: dict[str, Any],
+                         check: Callable[[dict, dict, Path], None]) -> None:
+        """The start of a trainer on a model's frozen weights (LoRA, LCM, embedding): the image size checked
+        against the model, the run record kept (:func:`~ldmkit.train.run_record.keep_record`: the model's path
+        and weight fingerprint, then ``settings``, which ``check`` compares on resume), the training images
+        encoded once by the model's own VAE (main rank), then read by every rank."""
+        cfg, run_dir = self.cfg, self.run_dir
+        check_size(cfg.size, model.cfg.vae, model.cfg.unet)
+        record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model), **settings}
+        keep_record(run_dir, run_file, record, command, check, d.is_main)
+        if d.is_main:
+            prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the model's VAE encodes the data
+        d.barrier()
+        self.read_latents()
 
     def read_latents(self) -> None:
         """The encoded training set (``latents.safetensors``), its captions and sample prompts."""
