@@ -65,9 +65,12 @@ def load_dataset(root: Path) -> tuple[list[dict], set[str]]:
 
 
 def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale: float, size: int,
-             sampler: str = "DPM++ 2M", deepcache: int = 1, batch: int = 32, control=None) -> list[Image.Image]:
+             sampler: str = "DPM++ 2M", deepcache: int = 1, batch: int = 32, control=None,
+             start: torch.Tensor | None = None) -> list[Image.Image]:
     """Many different prompts, one seed each, batched through the generation core (ldmkit.core).
-    ``control``: (a loaded ControlNet, its maps (N, 3, size, size) in [0, 1]), one map per prompt."""
+    ``control``: (a loaded ControlNet, its maps (N, 3, size, size) in [0, 1]), one map per prompt.
+    ``start``: a latent (1, C, 1, 1) the first noise is centred on (img2img from it at strength 1; see
+    :func:`latent_mean`) instead of 0."""
     from ldmkit.controlnet import ControlUnit
 
     out: list[Image.Image] = []
@@ -77,8 +80,25 @@ def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale:
         params = P.GenerationParams(ps[0], steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
                                     height=size, seed=ss[0], deepcache=deepcache, controlnets=units)
         job = P.prepare(model, params, prompts=ps, seeds=ss)
-        out.extend(P.decode_latents(model, P.sample(model, job.plan, job.cond, job.uncond, job.noise)))
+        init = None if start is None else start.to(job.noise)
+        out.extend(P.decode_latents(model, P.sample(model, job.plan, job.cond, job.uncond, job.noise,
+                                                    init_latent=init)))
     return out
+
+
+def latent_mean(model, data: Path, n: int = 512) -> torch.Tensor:
+    """The mean (1, C, 1, 1) of the U-Net's (scaled) latents: the posterior means of ``n`` training images,
+    evenly spaced. A U-Net trained on latents far from zero mean under SD's schedule (whose last noise
+    level still keeps 6.8% of the signal) learns to read that offset from its input and draws from
+    zero-mean noise as if the image were that far off; starting from noise centred on the mean fixes it."""
+    rows, holdout = load_dataset(data)
+    rows = [r for r in rows if r["key"] not in holdout]
+    rows = rows[:: max(1, len(rows) // n)][:n]
+    size = model.cfg.native_size
+    x = torch.cat([P.image_to_tensor(Image.open(data / r["file_name"]), size, size) for r in rows])
+    with torch.inference_mode():
+        means = [model.vae.encode(c.to(model.device, model.dtype))[0].float() for c in x.split(64)]
+    return torch.cat(means).mean((0, 2, 3), keepdim=True) * model.cfg.vae.scale_factor
 
 
 def plan_schedule(sampler: str) -> str:
@@ -169,7 +189,8 @@ def sheet_main(args: argparse.Namespace) -> int:
     rows, holdout = load_dataset(Path(args.data))
     chosen = balanced_captions(rows, groups, args.sheet_names, seed=0, exclude=holdout)
     prompts = [r["text"] for g in GROUPS for r in chosen[g]]
-    images = generate(model, prompts, [0] * len(prompts), steps, cfg, size, sampler)
+    start = latent_mean(model, Path(args.data)) if args.start_mean else None
+    images = generate(model, prompts, [0] * len(prompts), steps, cfg, size, sampler, start=start)
     k = args.sheet_names
     group_sheet([(g, images[i * k:(i + 1) * k], prompts[i * k:(i + 1) * k]) for i, g in enumerate(GROUPS)],
                 Path(args.contact_sheet), colors=args.sheet_colors)
@@ -205,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a PNG with one row per Unicode group: --sheet-names bare names each, seed 0, the model's "
                     "default settings and native size (only this, unless --balanced: then its seed-0 images)")
     ap.add_argument("--sheet-names", type=int, default=8, metavar="K", help="names per group on the contact sheet")
+    ap.add_argument("--start-mean", action="store_true",
+                    help="--balanced/--contact-sheet: start from noise centred on the mean training latent instead of "
+                    "0 (see latent_mean; not what `ldmkit generate` does today)")
     ap.add_argument("--sheet-colors", type=int, default=0, metavar="N",
                     help="quantise the contact sheet to N colours (256 keeps a 9x8 sheet under 200 KB for docs/; "
                     "default: full colour)")
@@ -341,7 +365,8 @@ def balanced_main(args: argparse.Namespace) -> int:
     per: dict[str, tuple[float, float]] = {}
     sheet = []
     prompts = [r["text"] for g in GROUPS for r in chosen[g] for _ in seeds]  # one list: full batches
-    images = generate(model, prompts, seeds * (len(prompts) // len(seeds)), steps, cfg, size, sampler)
+    start = latent_mean(model, Path(args.data)) if args.start_mean else None
+    images = generate(model, prompts, seeds * (len(prompts) // len(seeds)), steps, cfg, size, sampler, start=start)
     n = len(seeds) * args.balanced
     for gi, g in enumerate(GROUPS):
         sel, gen = chosen[g], images[gi * n:(gi + 1) * n]
@@ -352,6 +377,7 @@ def balanced_main(args: argparse.Namespace) -> int:
     overall = (float(np.mean([v[0] for v in per.values()])), float(np.mean([v[1] for v in per.values()])))
     outputs = Path(args.outputs)
     stem = f"emoji-balanced-{Path(args.model).stem}" if args.model != "emoji" else "emoji-balanced"
+    stem += "-start-mean" if args.start_mean else ""
     group_sheet(sheet, Path(args.contact_sheet) if args.contact_sheet else outputs / f"{stem}.png",
                 colors=args.sheet_colors)
     elapsed = time.time() - t0
@@ -362,9 +388,10 @@ def balanced_main(args: argparse.Namespace) -> int:
              f"seeds 0-3 each: {args.balanced * 4} images per group; {sampler}, {steps} steps, CFG {cfg:g}, "
              f"{size}x{size} (`ldmkit generate`'s settings for {args.model}); retrieval among all {len(rows)} "
              f"dataset images, {FEATURE_SIZE}x{FEATURE_SIZE} area-downsampled RGB, Euclidean; groups from "
-             f"Unicode's emoji-test.txt. Took {elapsed / 60:.1f} min on one thread.", "",
-             f"Command: `python bench/eval_emoji.py --model {args.model} --data {args.data} "
-             f"--balanced {args.balanced}`"]
+             f"Unicode's emoji-test.txt. Took {elapsed / 60:.1f} min on one thread."
+             + (" Started from noise centred on the mean training latent (--start-mean)." if args.start_mean else ""),
+             "", f"Command: `python bench/eval_emoji.py --model {args.model} --data {args.data} "
+             f"--balanced {args.balanced}" + (" --start-mean`" if args.start_mean else "`")]
     text = "\n".join(table)
     print(text)
     card = Path(args.card)
@@ -377,7 +404,8 @@ def balanced_main(args: argparse.Namespace) -> int:
         {"groups": {g: {"top1": a, "top5": b} for g, (a, b) in per.items()},
          "overall": {"top1": overall[0], "top5": overall[1]},
          "captions": {g: [r["text"] for r in chosen[g]] for g in GROUPS},
-         "settings": {"sampler": sampler, "steps": steps, "cfg_scale": cfg, "size": size, "seeds": seeds},
+         "settings": {"sampler": sampler, "steps": steps, "cfg_scale": cfg, "size": size, "seeds": seeds,
+                      "start_mean": None if start is None else start.flatten().tolist()},
          "per_group": args.balanced, "model": args.model, "seconds": elapsed}, indent=2, ensure_ascii=False))
     return 0
 
