@@ -41,8 +41,11 @@ def threshold(image: Image.Image, level: int = 127) -> Image.Image:
 
 
 def otsu_level(grey: np.ndarray) -> int:
-    """Otsu's threshold (1979): the grey level that maximises the between-class variance of the histogram."""
+    """Otsu's threshold (1979): the grey level that maximises the between-class variance of the histogram.
+    A flat image (one grey level, nothing to split) gives 0, as ``cv2.threshold(..., THRESH_OTSU)`` does."""
     hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    if np.count_nonzero(hist) < 2:
+        return 0
     w0 = np.cumsum(hist)  # pixels at or below each level
     m0 = np.cumsum(hist * np.arange(256))
     w1, total = w0[-1] - w0, m0[-1]
