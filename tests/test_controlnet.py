@@ -175,5 +175,5 @@ def test_difference_controlnet_and_adapter_are_refused(saved, tmp_path):
     with pytest.raises(ControlNetError, match="'difference' ControlNet"):
         load_controlnet(tmp_path / "diff_control.safetensors", cfg.unet)
     save_file({"adapter.body.0.block1.weight": torch.zeros(1)}, tmp_path / "t2iadapter.safetensors")
-    with pytest.raises(ControlNetError, match="is not a ControlNet"):
+    with pytest.raises(ControlNetError, match="a T2I-Adapter, not a ControlNet: pass it as --adapter"):
         load_controlnet(tmp_path / "t2iadapter.safetensors", cfg.unet)

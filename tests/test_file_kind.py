@@ -144,7 +144,7 @@ def test_what_a_non_lora_file_holds():
         ({"conditioner.embedders.0.x": t, "model.diffusion_model.x": t}, K.SDXL, "full Stable Diffusion checkpoint"),
         ({"emb_params": t}, K.EMBEDDING, "a textual-inversion embedding, not a LoRA"),
         ({"clip_l": t, "clip_g": t}, K.EMBEDDING, "a textual-inversion embedding, not a LoRA"),
-        ({"lllite_unet_x.down.0.weight": t}, K.LLLITE, "no LoRA keys"),
+        ({"lllite_unet_x.down.0.weight": t}, K.LLLITE, "a ControlNet-LLLite, not a LoRA: pass it as --controlnet"),
         ({"lora_unet_x.oft_blocks": t}, None, "LyCORIS OFT/BOFT"),
     ]
     for sd, kind, says in cases:

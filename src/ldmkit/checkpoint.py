@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ldmkit import convert, convert_sdxl
+from ldmkit import convert, convert_sdxl, file_kind
 from ldmkit.atomic import cache_file, replacing
 from ldmkit.config import ModelConfig, VAEConfig
 from ldmkit.model import StableDiffusion
@@ -556,6 +556,9 @@ def load_vae_file(path: str | os.PathLike, cfg: VAEConfig) -> StateDict:
     if Path(path).is_dir():
         return _vae_folder(Path(path), cfg)
     sd, _ = read_state_dict(path)
+    if not any(k.startswith(("decoder.", "first_stage_model.decoder.")) for k in sd):  # say what it is instead
+        if why := file_kind.misplaced(file_kind.kind_of_keys(sd), "a VAE", (file_kind.VAE, file_kind.TAESD)):
+            raise CheckpointError(f"{path}: {why}")  # a LoRA, ControlNet, upscaler, ... file
     sd = {k: v for k, v in sd.items() if not k.startswith(_VAE_TRAINING_PREFIXES)}
     if any(k.startswith("first_stage_model.") for k in sd):
         sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items() if k.startswith("first_stage_model.")}

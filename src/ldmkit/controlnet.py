@@ -178,6 +178,8 @@ def read_controlnet(path: str | os.PathLike) -> StateDict:
         raise ControlNetError(f"{path} is a Stable Diffusion checkpoint, not a ControlNet: pass it as --model, "
                               "and a ControlNet file (control_*.safetensors or a diffusers ControlNetModel) "
                               "as --controlnet")
+    if why := file_kind.misplaced(file_kind.kind_of_keys(sd), "a ControlNet", (file_kind.CONTROLNET, file_kind.LLLITE)):
+        raise ControlNetError(f"{path}: {why}")
     raise ControlNetError(f"{path} is not a ControlNet: no control_model.*, input_hint_block.* or "
                           "controlnet_cond_embedding.* weights")
 

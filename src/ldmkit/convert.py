@@ -451,7 +451,19 @@ def join_ldm_checkpoint(
     return out
 
 
+_VAE_FILE_PREFIXES = ("first_stage_model.", "encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
 def _not_sd(sd: Mapping[str, Any]) -> ValueError:
+    from ldmkit import file_kind
+
+    kind = file_kind.kind_of_keys(sd)  # a LoRA, ControlNet, upscaler, ... file says what it is
+    if kind == file_kind.VAE and not all(k.startswith(_VAE_FILE_PREFIXES) for k in sd):
+        kind = None  # VAE weights beside others: a checkpoint without its U-Net
+    # a checkpoint's own kinds, and diffusers parts (the hint below), are not misplaced
+    own = (file_kind.SD, file_kind.SDXL, file_kind.UNET, file_kind.TEXT_ENCODER)
+    if why := file_kind.misplaced(kind, "a Stable Diffusion checkpoint", own):
+        return ValueError(why)
     sample = ", ".join(list(sd)[:5])
     return ValueError(
         "this state dict does not look like a Stable Diffusion checkpoint: no model.diffusion_model.* keys "

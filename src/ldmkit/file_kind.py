@@ -157,6 +157,34 @@ def may_be(path: str | os.PathLike | Header, kind: str) -> bool:
     return h.path.suffix.lower() in (".pth", ".pt")
 
 
+# each kind in words, and the option that takes it (None: no option takes it alone): what an error says of a file
+# given to the wrong option (a ControlNet as --lora, a LoRA as --controlnet / --vae / --model)
+ROLES: dict[str, tuple[str, str | None]] = {
+    SD: ("a full Stable Diffusion checkpoint (model.diffusion_model.* keys)", "pass it as --model"),
+    SDXL: ("a full Stable Diffusion checkpoint (SDXL, conditioner.* keys)", "pass it as --model"),
+    CONTROLNET: ("a ControlNet", "pass it as --controlnet with a --control-image"),
+    LLLITE: ("a ControlNet-LLLite", "pass it as --controlnet with a --control-image and an SDXL --model"),
+    ADAPTER: ("a T2I-Adapter", "pass it as --adapter with a --control-image"),
+    UPSCALER: ("an image upscaler (ESRGAN family)", "use it with ldmkit upscale --upscaler or --hires-upscaler"),
+    TAESD: ("a tiny autoencoder (TAESD)", "pass it as --vae or --preview-vae"),
+    VAE: ("an autoencoder (VAE) file", "pass it as --vae"),
+    LORA: ("a LoRA", "merge it with --lora FILE[:WEIGHT], or put it in a --lora-dir and write <lora:NAME:1> in "
+                     "the prompt"),
+    EMBEDDING: ("a textual-inversion embedding", "put it in an --embeddings-dir and write its name in the prompt"),
+    UNET: ("a diffusers U-Net (full weights)", None),
+    TEXT_ENCODER: ("a text encoder (full weights)", None),
+}
+
+
+def misplaced(kind: str | None, wanted: str, accepted: Iterable[str] = ()) -> str | None:
+    """"<what kind is>, not <wanted>: <the option that takes it>" (wanted: "a LoRA", "a ControlNet", ...);
+    None for an unknown kind or one of the ``accepted`` kinds (the option's own, which its loader reports on)."""
+    if kind not in ROLES or kind in accepted:
+        return None
+    what, option = ROLES[kind]
+    return f"{what}, not {wanted}" + (f": {option}" if option else "")
+
+
 def usage(path: str | os.PathLike | Header) -> str | None:
     """``ldmkit info``'s line for a file that is no model on its own (a LoRA, a VAE, a tiny autoencoder): what
     it is and the option that uses it; None for anything else."""
@@ -182,5 +210,5 @@ def usage(path: str | os.PathLike | Header) -> str | None:
 
 
 __all__ = ["ADAPTER", "CONTROLNET", "EMBEDDING", "FOLDER_CLASSES", "LLLITE", "LORA", "SD", "SDXL", "TAESD",
-           "TEXT_ENCODER", "UNET", "UPSCALER", "VAE", "Header", "folder_class", "header_keys", "kind_of",
-           "kind_of_keys", "may_be", "read_header", "usage"]
+           "TEXT_ENCODER", "UNET", "UPSCALER", "VAE", "Header", "ROLES", "folder_class", "header_keys",
+           "kind_of", "kind_of_keys", "may_be", "misplaced", "read_header", "usage"]

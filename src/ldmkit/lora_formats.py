@@ -127,23 +127,12 @@ def _unsupported(keys: list[str]) -> str | None:
     return None
 
 
-# what a file that is no LoRA holds, by its file_kind (the one place that names a file's kind from its keys)
-_NOT_A_LORA = {
-    file_kind.SD: "a full Stable Diffusion checkpoint (model.diffusion_model.* keys), not a LoRA: pass it as --model",
-    file_kind.VAE: "an autoencoder (VAE) file, not a LoRA: pass it as --vae",
-    file_kind.EMBEDDING: "a textual-inversion embedding, not a LoRA",
-    file_kind.CONTROLNET: "a ControlNet, not a LoRA",
-    file_kind.UNET: "a diffusers U-Net (full weights), not a LoRA",
-    file_kind.TEXT_ENCODER: "a text encoder (full weights), not a LoRA",
-}
-_NOT_A_LORA[file_kind.SDXL] = _NOT_A_LORA[file_kind.SD]
-
-
 def _what_else(keys: list[str]) -> str:
-    """What a file that is not a LoRA seems to hold, from its keys."""
+    """What a file that is not a LoRA seems to hold, from its keys (file_kind: the one place that names a file's
+    kind), and the option that takes it."""
     if why := _unsupported(keys):
         return why
-    if why := _NOT_A_LORA.get(file_kind.kind_of_keys(keys) or ""):
+    if why := file_kind.misplaced(file_kind.kind_of_keys(keys), "a LoRA", (file_kind.LORA,)):
         return why
     return f"no LoRA keys (lora_down/lora_up or lora_A/lora_B); first keys: {', '.join(keys[:3])}"
 
