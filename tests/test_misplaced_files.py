@@ -1,8 +1,9 @@
 """A file given to the wrong option says what it is and which option takes it, in one line: a ControlNet,
 ControlNet-LLLite, T2I-Adapter, upscaler, TAESD, VAE or checkpoint as a LoRA (--lora FILE, <lora:NAME:1> in the
-prompt, the A1111 API), and a LoRA (or other file) as --controlnet, --vae or --model. The files are written in their
-real layouts: diffusers' ControlNetModel / T2IAdapter / AutoencoderTiny / AutoencoderKL, PEFT's LoRA keys, basicsr's
-RRDBNet (test_upscale's reference parameters), sd-scripts' LLLite names (test_controlnet_lllite's writer)."""
+prompt, the A1111 API), and a LoRA (or other file) as --controlnet, --adapter, --vae, --model or ldmkit upscale's
+--upscaler. The files are written in their real layouts: diffusers' ControlNetModel / T2IAdapter / AutoencoderTiny /
+AutoencoderKL, PEFT's LoRA keys, basicsr's RRDBNet (test_upscale's reference parameters), sd-scripts' LLLite names
+(test_controlnet_lllite's writer)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_lora_option_names_what_the_file_is(files, sd1_file, tmp_path, capsys, k
 
 def test_prompt_tag_and_api_name_what_the_file_is(files, sd1_file, tmp_path, capsys):
     """<lora:NAME:1> on a file of another kind: a warning naming it, as A1111 goes on without the LoRA (the CLI
-    and the A1111 API's infotext); --lora-strict makes it the one-line error."""
+    and the A1111 API's infotext); --lora-strict makes it the one-line error. A LoRA as the API's sd_vae: 400."""
     import base64
     import io
     import json
@@ -112,13 +113,19 @@ def test_prompt_tag_and_api_name_what_the_file_is(files, sd1_file, tmp_path, cap
     assert main(argv) == 0
     assert AS_LORA["controlnet"] in capsys.readouterr().err
     assert AS_LORA["controlnet"] in _error(capsys, *argv, "--lora-strict")
-    app = create_app(checkpoint.load(sd1_file), lora_dir=loras, preview_interval=None, device="cpu")
+    vaes = tmp_path / "vaes"
+    vaes.mkdir()
+    (vaes / "style.safetensors").write_bytes((files / "lora.safetensors").read_bytes())
+    app = create_app(checkpoint.load(sd1_file), lora_dir=loras, vae_dir=vaes, preview_interval=None, device="cpu")
     with TestClient(app) as c:
-        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a house <lora:upscaler:1>", "steps": 1, "width": 16,
-                                               "height": 16, "seed": 1})
+        req = {"prompt": "a house <lora:upscaler:1>", "steps": 1, "width": 16, "height": 16, "seed": 1}
+        r = c.post("/sdapi/v1/txt2img", json=req)
         assert r.status_code == 200, r.text
         assert AS_LORA["upscaler"] in json.loads(r.json()["info"])["infotexts"][0]
         Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))  # generated without the file
+        # a LoRA picked as the decoder (A1111's sd_vae): 400 saying what it is
+        r = c.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"sd_vae": "style.safetensors"}})
+        assert r.status_code == 400 and "a LoRA, not a VAE: merge it with --lora" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize("option,kind,says", [
@@ -135,18 +142,26 @@ def test_prompt_tag_and_api_name_what_the_file_is(files, sd1_file, tmp_path, cap
     ("--model", "vae", "an autoencoder (VAE) file, not a Stable Diffusion checkpoint: pass it as --vae"),
     ("--model", "taesd", "a tiny autoencoder (TAESD), not a Stable Diffusion checkpoint: pass it as --vae or "
                          "--preview-vae"),
+    ("--adapter", "lora", "a LoRA, not a T2I-Adapter: merge it with --lora"),
+    ("--adapter", "upscaler", "an image upscaler (ESRGAN family), not a T2I-Adapter: use it with ldmkit upscale"),
+    ("--adapter", "controlnet", "a ControlNet, not a T2I-Adapter: pass it as --controlnet"),
+    ("upscale", "lora", "a LoRA, not an upscaler: merge it with --lora"),
+    ("upscale", "controlnet", "a ControlNet, not an upscaler: pass it as --controlnet"),
+    ("upscale", "taesd", "a tiny autoencoder (TAESD), not an upscaler: pass it as --vae or --preview-vae"),
 ])
 def test_other_options_name_what_the_file_is(files, sd1_file, tmp_path, capsys, option, kind, says):
     path = files / f"{kind}.safetensors"
     argv = ["generate", "x", *GEN, "-o", str(tmp_path / "x.png")]
-    if option == "--model":
+    if option == "upscale":
+        argv = ["upscale", str(files / "map.png"), "--upscaler", str(path), "-o", str(tmp_path / "x.png")]
+    elif option == "--model":
         argv += ["--model", str(path)]
     else:
         argv += ["--model", str(sd1_file), option, str(path)]
-        if option == "--controlnet":
+        if option in ("--controlnet", "--adapter"):
             argv += ["--control-image", str(files / "map.png")]
     err = _error(capsys, *argv)
-    assert err.startswith(f"ldmkit: error: {path}: {says}"), err
+    assert err.startswith(f"ldmkit: error: {path}") and says in err, err
 
 
 def test_an_option_own_kind_is_not_misplaced(tmp_path):

@@ -121,8 +121,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[StateDict, dict | None]:
             return _original_full(sd), None
         except AdapterError as e:
             raise AdapterError(f"{path}: {e}: not a T2I-Adapter layout ldmkit reads") from None
-    if file_kind.kind_of_keys(sd) == file_kind.CONTROLNET:
-        raise AdapterError(f"{path} is a ControlNet, not a T2I-Adapter: pass it as --controlnet")
+    # a ControlNet, LoRA, upscaler, ... file says what it is (checkpoints and U-Nets: below)
+    kind = file_kind.kind_of_keys(sd)
+    if why := file_kind.misplaced(kind, "a T2I-Adapter", (file_kind.ADAPTER, file_kind.SD, file_kind.SDXL,
+                                                          file_kind.UNET)):
+        raise AdapterError(f"{path} is {why}")
     if any(k.startswith(("model.diffusion_model.", "down_blocks.")) for k in sd) or "conv_in.weight" in sd:
         raise AdapterError(f"{path} is a Stable Diffusion checkpoint or U-Net, not a T2I-Adapter: pass it as "
                            "--model, and a T2I-Adapter (t2iadapter_*.pth or a diffusers T2IAdapter) as --adapter")

@@ -238,6 +238,10 @@ def _not_an_upscaler(sd: StateDict) -> str:
     if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner."))
            for k in keys):
         return "this is a Stable Diffusion checkpoint, not an upscaler; pass it as --model"
+    from ldmkit import file_kind  # a LoRA, ControlNet, VAE, ... file says what it is and the option that takes it
+
+    if why := file_kind.misplaced(file_kind.kind_of_keys(keys), "an upscaler", (file_kind.UPSCALER,)):
+        return f"this is {why}"
     if any(k.startswith("lora_") or ".lora_" in k for k in keys):
         return "this is a LoRA, not an upscaler"
     if any(".conv1x1." in k for k in keys):
