@@ -263,10 +263,10 @@ def run_preprocessor(module: str, image: Image.Image, processor_res: int | None 
                      threshold_a: float | None = None, threshold_b: float | None = None) -> Image.Image:
     """The map ``module`` makes from ``image``: the input first scaled so its short side is ``processor_res``
     (None or < 1: as it is), the extension's sliders applied (defaults where not given)."""
-    from ldmkit.preprocess import PREPROCESSORS, binary, preprocess
+    from ldmkit.preprocess import PREPROCESSORS, as_rgb, binary, preprocess
 
     name = module_name(module)
-    rgb = image.convert("RGB")
+    rgb = as_rgb(image)  # 16-bit by range, transparency over white, as the extension's HWC3
     crop = None
     if processor_res is not None and processor_res > 0 and name not in RESOLUTION_FREE:
         rgb, crop = _scaled_padded(rgb, processor_res)

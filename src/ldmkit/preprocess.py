@@ -248,10 +248,24 @@ def check_name(name: str) -> None:
         raise ValueError(f"unknown preprocessor {name!r}: choose one of {', '.join(PREPROCESSORS)}")
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The RGB image a preprocessor reads, as the A1111 extension's ``HWC3`` reads one: 16-bit and float greyscale
+    by their range (``images.to_8bit``, not clipped to white), transparent pixels over white
+    (colour x alpha + 255 x (1 - alpha)), so a line drawing on a transparent background is not a black image."""
+    from ldmkit.images import to_8bit
+
+    image = to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        a = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        alpha = a[..., 3:] / 255.0
+        return Image.fromarray((a[..., :3] * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def preprocess(name: str, image: Image.Image) -> Image.Image:
-    """The control map the preprocessor ``name`` makes from ``image`` (same size, RGB)."""
+    """The control map the preprocessor ``name`` makes from ``image`` (same size, RGB; read by :func:`as_rgb`)."""
     check_name(name)
-    return PREPROCESSORS[name](image)
+    return PREPROCESSORS[name](as_rgb(image))
 
 
 def register(add: Callable[..., object]) -> None:
