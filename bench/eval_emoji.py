@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldmkit import api
+from ldmkit import api, latent_norm
 from ldmkit import pipeline as P
 from ldmkit.checkpoint import atomic_write_text
 from ldmkit.train.unet import apply_template
@@ -98,7 +98,7 @@ def latent_mean(model, data: Path, n: int = 512) -> torch.Tensor:
     x = torch.cat([P.image_to_tensor(Image.open(data / r["file_name"]), size, size) for r in rows])
     with torch.inference_mode():
         means = [model.vae.encode(c.to(model.device, model.dtype))[0].float() for c in x.split(64)]
-    return torch.cat(means).mean((0, 2, 3), keepdim=True) * model.cfg.vae.scale_factor
+    return latent_norm.to_unet(model.cfg.vae, torch.cat(means).mean((0, 2, 3), keepdim=True))
 
 
 def plan_schedule(sampler: str) -> str:

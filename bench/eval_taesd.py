@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit import api
+from ldmkit import api, latent_norm
 from ldmkit import pipeline as P
 from ldmkit.models import taesd
 from ldmkit.train.data import load_dataset, split_holdout
@@ -51,14 +51,15 @@ def generated_latents(model, captions: list[str], steps: int) -> torch.Tensor:
     try:
         for i, c in enumerate(captions):
             P.txt2img(model, P.GenerationParams(c, steps=steps, seed=i, width=size, height=size))
-        return torch.cat(model.vae.seen) * model.cfg.vae.scale_factor
+        return latent_norm.to_unet(model.cfg.vae, torch.cat(model.vae.seen))
     finally:
         model.vae = kl
 
 
 @torch.no_grad()
 def quality(model, tiny, latents: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, float]:
-    kl_out = torch.cat([model.vae.decode(z / model.cfg.vae.scale_factor) for z in latents.split(16)]).clamp(-1, 1)
+    kl_out = torch.cat([model.vae.decode(latent_norm.from_unet(model.cfg.vae, z))
+                        for z in latents.split(16)]).clamp(-1, 1)
     tiny_out = torch.cat([tiny.decode(z) for z in latents.split(16)]).clamp(-1, 1)
     out = {"psnr_tiny_vs_kl": float(psnr(tiny_out, kl_out).mean())}
     if images is not None:
@@ -69,7 +70,8 @@ def quality(model, tiny, latents: torch.Tensor, images: torch.Tensor | None = No
 
 @torch.no_grad()
 def decode_times(model, tiny, latent: torch.Tensor, repeats: int) -> dict[str, float]:
-    fns = {"kl": lambda: model.vae.decode(latent / model.cfg.vae.scale_factor), "tiny": lambda: tiny.decode(latent)}
+    fns = {"kl": lambda: model.vae.decode(latent_norm.from_unet(model.cfg.vae, latent)),
+           "tiny": lambda: tiny.decode(latent)}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, held = split_holdout(data, args.data, 16)
     images = held.as_float()
     with torch.no_grad():
-        latents = torch.cat([model.vae.encode(x)[0] for x in images.split(16)]) * model.cfg.vae.scale_factor
+        latents = latent_norm.to_unet(model.cfg.vae, torch.cat([model.vae.encode(x)[0] for x in images.split(16)]))
     res: dict = {"model": args.model, "vae": str(args.vae), "held_out_images": len(held), "size": size,
                  "tiny_decoder_params": sum(p.numel() for p in tiny.decoder.parameters()),
                  "kl_decoder_params": sum(p.numel() for p in model.vae.decoder.parameters())

@@ -44,6 +44,18 @@ class VAEConfig:
     z_channels: int = 4
     norm_groups: int = 32
     scale_factor: float = 0.18215
+    # per-channel latent statistics (diffusers' AutoencoderKL latents_mean / latents_std, the Playground v2.5
+    # convention): the U-Net sees (z - mean) * scale_factor / std; None: z * scale_factor (SD1/SD2/SDXL).
+    # ldmkit.latent_norm maps between the two spaces.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        from ldmkit.latent_norm import checked_stats
+
+        mean, std = checked_stats(self.latents_mean, self.latents_std, self.z_channels)
+        object.__setattr__(self, "latents_mean", mean)
+        object.__setattr__(self, "latents_std", std)
 
     @property
     def downscale(self) -> int:

@@ -704,6 +704,9 @@ def diffusers_vae_config(cfg: VAEConfig, sample_size: int = 512) -> dict[str, An
         "latent_channels": cfg.z_channels,
         "norm_num_groups": cfg.norm_groups,
         "scaling_factor": cfg.scale_factor,
+        # per-channel normalisation (latent_norm): null, as diffusers writes it, when the model has none
+        "latents_mean": list(cfg.latents_mean) if cfg.latents_mean is not None else None,
+        "latents_std": list(cfg.latents_std) if cfg.latents_std is not None else None,
     }
 
 
@@ -715,8 +718,7 @@ def vae_config_from_diffusers(d: Mapping[str, Any]) -> VAEConfig:
     up = list(d.get("up_block_types", ["UpDecoderBlock2D"]))
     if down != ["DownEncoderBlock2D"] * n or up != ["UpDecoderBlock2D"] * n:
         raise ValueError(f"VAE block types {down} / {up} are not an SD AutoencoderKL")
-    odd = {k: d[k] for k in ("latents_mean", "latents_std") if d.get(k) is not None}
-    odd |= {k: d[k] for k in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+    odd = {k: d[k] for k in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
             if d.get(k, True) is not True}
     if d.get("act_fn", "silu") != "silu":
         odd["act_fn"] = d["act_fn"]
@@ -728,6 +730,7 @@ def vae_config_from_diffusers(d: Mapping[str, Any]) -> VAEConfig:
         ch_mult=tuple(c // ch for c in block_out), num_res_blocks=d.get("layers_per_block", 1),
         z_channels=d.get("latent_channels", 4), norm_groups=d.get("norm_num_groups", 32),
         scale_factor=d.get("scaling_factor", 0.18215),
+        latents_mean=d.get("latents_mean"), latents_std=d.get("latents_std"),  # checked by VAEConfig
     )
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ldmkit import __version__, channels_last, lowmem
+from ldmkit import __version__, channels_last, latent_norm, lowmem
 from ldmkit.core import (  # noqa: F401  (re-exported: the pipeline's public names since before the core)
     MAX_SEED,
     GenerationError,
@@ -48,16 +48,18 @@ from ldmkit.vae_tiling import encode as vae_encode
 
 
 def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]:
-    """Latents (B, 4, h, w) -> RGB images; the KL decoder works on latent / scale_factor, a tiny
-    autoencoder (TAESD, ``scaled_latents``) on the latent itself."""
+    """Latents (B, 4, h, w) -> RGB images; the KL decoder works on latent_norm.from_unet(latent) (latent /
+    scale_factor, or per channel with latents_mean/std), a tiny autoencoder (TAESD, ``scaled_latents``) on the
+    latent itself."""
     images = []
     channels_last.prepare(model, "vae")
-    scale = 1.0 if getattr(model.vae, "scaled_latents", False) else model.cfg.vae.scale_factor
+    scaled = getattr(model.vae, "scaled_latents", False)
     # tiled when asked, or when the image is large (vae_tiling.should_tile): bounded memory at 2048^2
     decode = functools.partial(vae_decode, model.vae, tiling=model.vae_tiling)
     with torch.inference_mode():
         for z in latents.split(1):  # one at a time keeps peak memory flat for batches
-            x = decode(z.to(getattr(model, "vae_dtype", model.dtype)) / scale).float()  # SDXL fp16: fp32 VAE
+            z = z.to(getattr(model, "vae_dtype", model.dtype))  # SDXL fp16: fp32 VAE
+            x = decode(z if scaled else latent_norm.from_unet(model.cfg.vae, z)).float()
             x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(Image.fromarray(x[0].permute(1, 2, 0).cpu().numpy()))
     lowmem.release(model, "vae")
@@ -65,14 +67,14 @@ def decode_latents(model: StableDiffusion, latents: Tensor) -> list[Image.Image]
 
 
 def encode_pixels(model: StableDiffusion, x: Tensor) -> Tensor:
-    """Pixels (B, 3, H, W) in [-1, 1] -> scaled latent (B, 4, H/8, W/8): posterior mean x scale factor."""
+    """Pixels (B, 3, H, W) in [-1, 1] -> U-Net latent (B, 4, H/8, W/8): latent_norm.to_unet(posterior mean)."""
     channels_last.prepare(model, "vae")
     with torch.inference_mode():
         if getattr(model.vae, "scaled_latents", False):  # a tiny autoencoder returns the scaled latent
             return model.vae.encode(x.to(model.device, model.dtype)).float()
         dtype = getattr(model, "vae_dtype", model.dtype)  # an fp16 SDXL model's VAE runs in fp32 (sdxl.upcast_vae)
         mean, _ = vae_encode(model.vae, x.to(model.device, dtype), tiling=model.vae_tiling)
-    return mean.float() * model.cfg.vae.scale_factor
+    return latent_norm.to_unet(model.cfg.vae, mean.float())
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

@@ -72,7 +72,8 @@ def cheap_map(model: StableDiffusion) -> tuple[Tensor, Tensor | None]:
     least squares latent -> RGB with a bias; done once per autoencoder.
     """
     c = model.cfg.vae
-    if c.z_channels == APPROX_CHEAP_SD.shape[0] and abs(c.scale_factor - SD_SCALE_FACTOR) < 1e-6:
+    if (c.z_channels == APPROX_CHEAP_SD.shape[0] and abs(c.scale_factor - SD_SCALE_FACTOR) < 1e-6
+            and c.latents_mean is None):
         return APPROX_CHEAP_SD, None
     if model.vae not in _FITTED:
         from ldmkit.pipeline import encode_pixels

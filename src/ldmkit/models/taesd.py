@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldmkit import latent_norm
+from ldmkit.config import VAEConfig
 from ldmkit.file_kind import TAESD_KEY, folder_class, header_keys
 
 
@@ -433,12 +435,12 @@ class DecoderOnly(nn.Module):
 
     scaled_latents = True
 
-    def __init__(self, tiny: TinyAutoencoder, kl: nn.Module, scale_factor: float):
+    def __init__(self, tiny: TinyAutoencoder, kl: nn.Module, vae_cfg: VAEConfig):
         super().__init__()
-        self.tiny, self.kl, self.scale_factor = tiny, kl, scale_factor
+        self.tiny, self.kl, self.vae_cfg = tiny, kl, vae_cfg
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.kl.encode(x)[0] * self.scale_factor  # posterior mean, scaled
+        return latent_norm.to_unet(self.vae_cfg, self.kl.encode(x)[0])  # posterior mean, as the U-Net sees it
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.tiny.decode(latents)
@@ -452,7 +454,7 @@ def as_vae(ae: TinyAutoencoder, model: nn.Module, where: str = "") -> nn.Module:
                      "pass the taesd_decoder file")
     if ae.cfg.has_encoder:
         return ae
-    return DecoderOnly(ae, model.vae, model.cfg.vae.scale_factor)
+    return DecoderOnly(ae, model.vae, model.cfg.vae)
 
 
 def use_taesd(model: nn.Module, path: str | os.PathLike) -> None:

@@ -99,6 +99,11 @@ class TrainConfig:
     objective: Literal["auto", "eps", "v"] = _help(
         "unet/lora: predict the noise (eps) or v (Salimans & Ho 2022); auto: what --init-from's model predicts, "
         "else eps", "auto")
+    latent_norm: Literal["scale", "channel"] = _help(
+        "unet: how the U-Net's latents are normalised, measured from the posterior samples of the latent cache "
+        "when --vae is a VAE run: scale (one scale_factor = 1/std, as SD's 0.18215) or channel (per-channel "
+        "latents_mean / latents_std, diffusers' convention, scale_factor 1: zero mean, unit variance per channel; "
+        "for autoencoders whose latents are far from zero mean)", "scale")
     caption_dropout: float = _help("unet/lora/controlnet: probability of training on the empty caption (for CFG)", 0.1)
     caption_templates: list[str] = field(default_factory=list, metadata={
         "help": "unet/lcm/embedding/controlnet: each training caption (embedding: the word) is put, at random per "
@@ -246,6 +251,7 @@ def validate(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     need(0.0 <= cfg.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
     need(cfg.objective in ("auto", "eps", "v"), f"objective must be auto, eps or v, got {cfg.objective!r}")
+    need(cfg.latent_norm in ("scale", "channel"), f"latent_norm must be scale or channel, got {cfg.latent_norm!r}")
     need(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
          f"precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     need(cfg.rec_loss in ("l1", "l2"), f"rec_loss must be l1 or l2, got {cfg.rec_loss!r}")
@@ -358,7 +364,7 @@ def arch_differences(old: ModelConfig, new: ModelConfig, parts: typing.Iterable[
     for part in parts:
         a, b = dataclasses.asdict(getattr(old, part)), dataclasses.asdict(getattr(new, part))
         for k in a:
-            if k == "scale_factor":  # measured from the data, not architecture
+            if k in ("scale_factor", "latents_mean", "latents_std"):  # measured from the data, not architecture
                 continue
             if a[k] != b.get(k):
                 diffs.append(f"{part}.{k}: {a[k]!r} in the run, {b.get(k)!r} now")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ldmkit import latent_norm
 from ldmkit.model import StableDiffusion
 from ldmkit.models.controlnet import HINT_CHANNELS, ControlNet, ControlNetConfig
 from ldmkit.models.unet import UNetModel
@@ -222,7 +223,7 @@ class ControlNetTask(UNetTask):
         with torch.no_grad():
             mean, logvar = vae.encode(images.float().div(127.5).sub(1.0).to(self.device))
         mean, std = mean.float().cpu(), torch.exp(0.5 * logvar).float().cpu()
-        z = (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
+        z = latent_norm.to_unet(self.model_cfg.vae, mean + std * torch.randn(mean.shape, generator=gen))
         latents, maps = latents.clone(), maps.clone()
         latents[changed], maps[changed] = z.to(latents.dtype), new_maps
         return latents, maps

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldmkit import latent_norm
 from ldmkit.data.datasets import flip_allowed
 from ldmkit.train.config import TrainConfig, TrainError
 from ldmkit.train.data import ImageSet, StreamOrder
@@ -99,7 +100,7 @@ def stream_batch(task: Any, samples: list[dict[str, Any]], gen: torch.Generator)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     mean, logvar = task.stream_vae.encode(x.to(task.device))
     mean, std = mean.float().cpu(), torch.exp(0.5 * logvar).float().cpu()
-    latents = (mean + std * torch.randn(mean.shape, generator=gen)) * task.model_cfg.vae.scale_factor
+    latents = latent_norm.to_unet(task.model_cfg.vae, mean + std * torch.randn(mean.shape, generator=gen))
     t = torch.randint(0, task.model_cfg.num_train_timesteps, (b,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
     drop = torch.rand(b, generator=gen) < task.cfg.caption_dropout

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmkit import latent_norm
 from ldmkit.models.taesd import TAESDConfig, TinyAutoencoder
 from ldmkit.models.vae import AutoencoderKL
 from ldmkit.train.config import TrainConfig, TrainError, base_model_config
@@ -123,12 +124,13 @@ class TAESDTask:
     @torch.no_grad()
     def _teacher(self, x: Tensor, gen: torch.Generator | None) -> dict[str, Tensor]:
         """Scaled posterior mean, a scaled posterior sample (the mean when ``gen`` is None), its KL decode."""
-        sf = self.model_cfg.vae.scale_factor
         mean, logvar = self.teacher.encode(x.to(self.device))
         z = mean
         if gen is not None:
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(mean.device)
-        return {"mean": mean * sf, "latents": z * sf, "decoded": self.teacher.decode(z).clamp(-1, 1)}
+        vae_cfg = self.model_cfg.vae
+        return {"mean": latent_norm.to_unet(vae_cfg, mean), "latents": latent_norm.to_unet(vae_cfg, z),
+                "decoded": self.teacher.decode(z).clamp(-1, 1)}
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int) -> dict[str, Any]:
         x = self.train.as_float(idx)

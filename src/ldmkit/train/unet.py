@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmkit import latent_norm
 from ldmkit.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ldmkit.data.datasets import encode_in_batches
 from ldmkit.models.clip import CLIPTextModel
@@ -179,16 +180,32 @@ def build_latent_cache(vae: AutoencoderKL, images: Tensor, flip: bool, batch: in
                              flip=flip, batch_size=batch)
 
 
+def _posterior_samples(cache: dict[str, Tensor], seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)
+
+
 def measure_scale_factor(cache: dict[str, Tensor], seed: int) -> float:
     """1 / std of posterior samples, as SD chose 0.18215, so the U-Net sees unit-variance latents."""
-    g = torch.Generator().manual_seed(seed)
-    z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)
-    return float(1.0 / z.double().std())
+    return float(1.0 / _posterior_samples(cache, seed).double().std())
+
+
+def measure_latent_norm(cache: dict[str, Tensor], seed: int, how: str) -> dict[str, Any]:
+    """The VAEConfig fields that normalise the U-Net's latents, measured on the same seeded posterior draw:
+    ``scale``: scale_factor = 1 / std; ``channel``: per-channel latents_mean / latents_std (unbiased, as
+    torch.std) with scale_factor 1, so the U-Net sees every channel at zero mean and unit variance."""
+    if how == "scale":
+        return {"scale_factor": measure_scale_factor(cache, seed)}
+    z = _posterior_samples(cache, seed).double().transpose(0, 1).flatten(1)  # (C, N*h*w)
+    return {"scale_factor": 1.0, "latents_mean": tuple(z.mean(1).tolist()), "latents_std": tuple(z.std(1).tolist())}
 
 
 def _cache_source(cfg: TrainConfig) -> str:
     """What the cached files were made from; a fresh run reuses them only when this matches."""
     keys = ("data", "vae", "text_encoder", "init_from", "size", "flip", "holdout", "seed")
+    # latent_norm: the VAE file keeps the measured normalisation (named only when not the default, so
+    # files made before the option still match)
+    keys += ("latent_norm",) if cfg.latent_norm != "scale" else ()
     return json.dumps({k: getattr(cfg, k) for k in keys})
 
 
@@ -234,8 +251,8 @@ def prepare_files(cfg: TrainConfig, run_dir: Path, device: torch.device, init: A
     vae = AutoencoderKL(vae_cfg)
     vae.load_state_dict(vae_sd)
     cache = build_latent_cache(vae.to(device).eval(), train.images, cfg.flip)
-    if fresh:
-        vae_cfg = dataclasses.replace(vae_cfg, scale_factor=measure_scale_factor(cache, cfg.seed))
+    if fresh or (cfg.latent_norm == "channel" and init is None):  # a trained model's own normalisation is kept
+        vae_cfg = dataclasses.replace(vae_cfg, **measure_latent_norm(cache, cfg.seed, cfg.latent_norm))
     if vae_file:
         atomic_save_safetensors(vae.state_dict(), run_dir / VAE_FILE, {VAE_KEY: _config_json(vae_cfg)})
     prompts = [c for c in dict.fromkeys(held.captions + train.captions) if c][:4] or [""]
@@ -420,7 +437,7 @@ class UNetTask:
             flip = (self.draw_flips(idx, gen) if flips is None else flips)[:, None, None, None]
             mean = torch.where(flip, self.cache["mean_flip"][idx], mean)
             std = torch.where(flip, self.cache["std_flip"][idx], std)
-        return (mean + std * torch.randn(mean.shape, generator=gen)) * self.model_cfg.vae.scale_factor
+        return latent_norm.to_unet(self.model_cfg.vae, mean + std * torch.randn(mean.shape, generator=gen))
 
     def caption_rows(self, idx: Tensor, gen: torch.Generator) -> Tensor:
         """Which caption of each image of ``idx`` trains (rows of ``self.ids``): its own (caption_choice =
@@ -480,4 +497,6 @@ class UNetTask:
         return {}
 
     def state(self) -> dict[str, Any]:
-        return {"scale_factor": self.model_cfg.vae.scale_factor}
+        vae = self.model_cfg.vae
+        norm = {"latents_mean": vae.latents_mean, "latents_std": vae.latents_std} if vae.latents_mean else {}
+        return {"scale_factor": vae.scale_factor, **norm}
