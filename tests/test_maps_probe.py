@@ -72,3 +72,76 @@ def test_preprocessors_read_16_bit_by_range_and_transparency_over_white(capsys, 
     la = Image.fromarray(sketch, "RGBA").convert("LA")
     assert np.array_equal(np.asarray(preprocess("none", la)), _hwc3(np.asarray(la.convert("RGBA"))))
 
+
+# ---------------------------------------------------------------- server: sliders, long thin images
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from reference import save_diffusers_pipeline
+    from test_controlnet import diffusers_controlnet
+
+    from ldmkit.config import TINY
+
+    d = tmp_path_factory.mktemp("maps-probe")
+    save_diffusers_pipeline(TINY, d / "sd")
+    (d / "cn").mkdir()
+    diffusers_controlnet(TINY.unet, hint=(8, 16), seed=3).save_pretrained(d / "cn" / "control_tiny")
+    Image.new("RGB", (1, 300), (10, 10, 10)).save(d / "thin.png")  # 1x300: tiny file, long and thin
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(d / "map.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def client(files):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import create_app
+
+    app = create_app(files / "sd", controlnet_dir=files / "cn", preview_interval=None, device="cpu")
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def _b64(path) -> str:
+    import base64
+
+    return base64.b64encode(open(path, "rb").read()).decode()
+
+
+def test_sliders_out_of_range_are_422_and_one_line(client, files, capsys):
+    """A blur sigma of 1e300 overflowed PIL's radius (a 500 from /controlnet/detect); NaN reached it from the CLI."""
+    r = client.post("/controlnet/detect", json={"controlnet_module": "blur", "controlnet_threshold_a": 1e300,
+                                                "controlnet_input_images": [_b64(files / "map.png")]})
+    assert r.status_code == 422 and "threshold_a" in r.text and "0 to 10000" in r.text, r.text
+    unit = {"model": "control_tiny", "module": "blur_gaussian", "threshold_a": 1e300,
+            "image": _b64(files / "map.png")}
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a house", "steps": 2, "width": 24, "height": 16,
+                                               "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert r.status_code == 422 and "threshold_a" in r.text, r.text
+    rc, cap = _run(capsys, "generate", "a house", "--model", str(files / "sd"), "--steps", "2", "--width", "24",
+                   "--height", "16", "--controlnet", str(files / "cn" / "control_tiny"), "--control-image",
+                   str(files / "map.png"), "--preprocessor", "blur", "--control-threshold-a", "nan")
+    assert rc == 2 and cap.err.count("\n") == 1 and "--control-threshold-a) nan" in cap.err, cap.err
+
+
+def test_long_thin_image_at_a_resolution_is_refused_not_allocated(client, files, capsys):
+    """A 1x300 image (a few hundred bytes) at preprocessor resolution 512 was scaled to 512x153600 (79 MP) and
+    took minutes; at 2048 it asked OpenCV for gigabytes. Now a 422 / one line naming the fix, before any work."""
+    from ldmkit.controlnet_a1111 import MAX_MAP_PIXELS, control_image
+
+    r = client.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_processor_res": 2048,
+                                                "controlnet_input_images": [_b64(files / "thin.png")]})
+    assert r.status_code == 422 and "preprocessor resolution" in r.text, r.text
+    unit = {"model": "control_tiny", "module": "canny", "image": _b64(files / "thin.png")}  # default res 512
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a house", "steps": 2, "width": 24, "height": 16,
+                                               "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert r.status_code == 422 and "beyond" in r.text, r.text
+    with pytest.raises(ValueError, match="crop and resize"):  # covering a large output also grows without bound
+        control_image(Image.new("RGB", (1, 20000)), 1024, 1024, "none", "Crop and Resize")
+    ok, _ = control_image(Image.new("RGB", (30, 300)), 24, 16, "canny", "Crop and Resize", processor_res=64)
+    assert ok.size == (24, 16) and 64 * 640 <= MAX_MAP_PIXELS  # ordinary shapes still work
+    rc, cap = _run(capsys, "generate", "a house", "--model", str(files / "sd"), "--steps", "2", "--width", "24",
+                   "--height", "16", "--controlnet", str(files / "cn" / "control_tiny"), "--control-image",
+                   str(files / "thin.png"), "--preprocessor", "canny", "--processor-res", "100000")
+    assert rc == 2 and cap.err.count("\n") == 1 and "lower preprocessor resolution" in cap.err, cap.err

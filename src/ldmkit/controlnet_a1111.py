@@ -66,6 +66,8 @@ SLIDERS: dict[str, tuple[tuple[str, float], ...]] = {
     "binary": (("level", 0.0),),  # 0: Otsu's level
     "blur": (("radius", 9.0),),  # blur_gaussian's sigma
 }
+MAX_SLIDER = 10000.0  # a preprocessor slider's largest value (the extension's sliders stop at 255, sigma at 64)
+MAX_MAP_PIXELS = 4096 * 4096  # an intermediate control map's largest size (the server's largest upload)
 # the extension's module names (and UI labels) for ldmkit's preprocessors
 MODULE_ALIASES = {"blur_gaussian": "blur", "tile_resample": "blur", "invert (from white bg & black line)": "invert",
                   "canny": "canny", "threshold": "threshold", "binary": "binary", "none": "none"}
@@ -240,6 +242,8 @@ def fit_map(a: np.ndarray, width: int, height: int, resize_mode: str) -> np.ndar
         background[pad_h:pad_h + new_h, pad_w:pad_w + new_w] = m
         return background
     k = max(k0, k1)  # Crop and Resize
+    check_work_size(int(np.round(old_w * k)), int(np.round(old_h * k)),
+                    f"the {int(old_w)}x{int(old_h)} map scaled to cover {width}x{height} (crop and resize)")
     m = high_quality_resize(a, int(np.round(old_w * k)), int(np.round(old_h * k)))
     new_h, new_w = m.shape[:2]
     pad_h, pad_w = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
@@ -252,7 +256,10 @@ def fit_map(a: np.ndarray, width: int, height: int, resize_mode: str) -> np.ndar
 def slider_values(module: str, threshold_a: float | None = None, threshold_b: float | None = None) -> dict:
     """The preprocessor's keyword arguments for the extension's threshold_a/b (None or negative: its default)."""
     out = {}
-    for (arg, default), v in zip(SLIDERS.get(module, ()), (threshold_a, threshold_b), strict=False):
+    for (arg, default), v, field in zip(SLIDERS.get(module, ()), (threshold_a, threshold_b), "ab", strict=False):
+        if v is not None and not (abs(float(v)) <= MAX_SLIDER):  # NaN too: it overflowed blur's radius (a 500)
+            raise ValueError(f"threshold_{field} (--control-threshold-{field}) {v} is not a {module} {arg}: give a "
+                             f"number from 0 to {MAX_SLIDER:g}, or -1 for the default {default:g}")
         out[arg] = default if v is None or v < 0 else float(v)
     if module in ("threshold", "binary"):
         out["level"] = int(out["level"])
@@ -267,10 +274,10 @@ def run_preprocessor(module: str, image: Image.Image, processor_res: int | None 
 
     name = module_name(module)
     rgb = as_rgb(image)  # 16-bit by range, transparency over white, as the extension's HWC3
+    kwargs = slider_values(name, threshold_a, threshold_b)  # checked before any work
     crop = None
     if processor_res is not None and processor_res > 0 and name not in RESOLUTION_FREE:
         rgb, crop = _scaled_padded(rgb, processor_res)
-    kwargs = slider_values(name, threshold_a, threshold_b)
     if not kwargs:
         out = preprocess(name, rgb)
     elif name == "binary":
@@ -278,6 +285,16 @@ def run_preprocessor(module: str, image: Image.Image, processor_res: int | None 
     else:
         out = PREPROCESSORS[name](rgb, **kwargs)
     return out if crop is None else out.crop((0, 0, *crop))
+
+
+def check_work_size(w: int, h: int, what: str) -> None:
+    """A ValueError when an intermediate map of w x h would pass :data:`MAX_MAP_PIXELS`: a long thin control
+    image (1 x 300) scaled so its short side is the preprocessor resolution, or to cover the output, grows
+    without bound (the extension allocates it; a tiny upload asked for gigabytes and minutes of CPU)."""
+    if w * h > MAX_MAP_PIXELS:
+        raise ValueError(f"{what} would be {w}x{h} ({w * h / 1e6:.0f} MP), beyond {MAX_MAP_PIXELS / 1e6:.1f} MP: "
+                         "use a lower preprocessor resolution, another resize mode, or crop the control image "
+                         "closer to the output's shape")
 
 
 def _scaled_padded(rgb: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int]]:
@@ -288,6 +305,7 @@ def _scaled_padded(rgb: Image.Image, resolution: int) -> tuple[Image.Image, tupl
     a = np.asarray(rgb)
     k = resolution / min(a.shape[:2])
     h, w = int(np.round(a.shape[0] * k)), int(np.round(a.shape[1] * k))
+    check_work_size(w, h, f"the control image {a.shape[1]}x{a.shape[0]} at preprocessor resolution {resolution}")
     a = cv2.resize(a, (w, h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     a = np.pad(a, [[0, -h % 64], [0, -w % 64], [0, 0]], mode="edge")
     return Image.fromarray(a), (w, h)

@@ -419,9 +419,12 @@ def add_controlnet_routes(app: FastAPI, folder: ControlNetFolder, limits: Limits
         out = []
         for i, data in enumerate(images):
             img = decode_image(data, (field, i), limits)
-            out.append(_b64_png(A.run_preprocessor(
-                module, img, res, None if controlnet_threshold_a < 0 else controlnet_threshold_a,
-                None if controlnet_threshold_b < 0 else controlnet_threshold_b)))
+            try:
+                out.append(_b64_png(A.run_preprocessor(
+                    module, img, res, None if controlnet_threshold_a < 0 else controlnet_threshold_a,
+                    None if controlnet_threshold_b < 0 else controlnet_threshold_b)))
+            except ValueError as e:  # a slider out of range, a map too large at this resolution: a 422, not a 500
+                raise field_error((field, i), str(e), None) from None
         return {"images": out, "info": "Success"}
 
 
