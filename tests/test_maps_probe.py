@@ -145,3 +145,38 @@ def test_long_thin_image_at_a_resolution_is_refused_not_allocated(client, files,
                    "--height", "16", "--controlnet", str(files / "cn" / "control_tiny"), "--control-image",
                    str(files / "thin.png"), "--preprocessor", "canny", "--processor-res", "100000")
     assert rc == 2 and cap.err.count("\n") == 1 and "lower preprocessor resolution" in cap.err, cap.err
+
+
+# ---------------------------------------------------------------- train controlnet: resuming a damaged run
+
+
+@pytest.fixture(scope="module")
+def cn_run(tmp_path_factory, sd1_file):
+    from shapes import write_shapes
+    from test_controlnet_train import cn_cfg
+
+    from ldmkit.train import train
+
+    d = tmp_path_factory.mktemp("cn-run")
+    (d / "data").mkdir()
+    data = write_shapes(d / "data", 12, 16, transparent=True)
+    train(cn_cfg(data, sd1_file, total_steps=2), d / "run")
+    return d / "run"
+
+
+@pytest.mark.parametrize("name, damage, says", [
+    ("checkpoint.pt", b"garbage" * 40, "cannot read the checkpoint"),  # torch's message spans several lines
+    ("checkpoint.pt", b"", "an empty file"),
+    ("controlnet_run.json", b"{not json", "damaged run record"),  # was the bare JSON error, no file named
+    ("controlnet_run.json", b"[1, 2]", "damaged run record"),  # was a TypeError traceback
+    ("controlnet_run.json", b'{"init_from": "x"}', "damaged run record"),  # was a KeyError traceback
+])
+def test_resume_from_a_damaged_run_is_one_line(cn_run, tmp_path, capsys, name, damage, says):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cn_run, run)
+    (run / name).write_bytes(damage)
+    rc, cap = _run(capsys, "train", "controlnet", "--resume", str(run))
+    assert rc == 2 and cap.err.count("\n") == 1, cap.err
+    assert says in cap.err and str(run / name) in cap.err and "another --out" in cap.err, cap.err

@@ -144,7 +144,8 @@ class ControlNetTask(UNetTask):
     arch_parts = ("unet", "text", "vae")  # the model's: resuming on another architecture fails early
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, d: DistInfo):
-        from ldmkit.checkpoint import atomic_write_text, read_safetensors
+        from ldmkit.checkpoint import read_safetensors
+        from ldmkit.train.run_record import keep_record
 
         self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
         model = load_model(cfg.init_from, "--model")
@@ -158,12 +159,8 @@ class ControlNetTask(UNetTask):
         check_size(cfg.size, model.cfg.vae, model.cfg.unet)
         condition = "canny" if cfg.condition == "edges" else cfg.condition
         record = {"init_from": cfg.init_from, "fingerprint": fingerprint(model), "condition": condition}
-        if (run_dir / CHECKPOINT).exists():
-            if not (run_dir / RUN_FILE).exists():
-                raise TrainError(f"{run_dir}: no {RUN_FILE}; is it a `ldmkit train controlnet` run folder?")
-            _check_record(json.loads((run_dir / RUN_FILE).read_text()), record, run_dir)
+        keep_record(run_dir, RUN_FILE, record, "controlnet", _check_record, d.is_main)  # checked on resume
         if d.is_main:
-            atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1) + "\n")
             prepare_files(cfg, run_dir, d.device, model, vae_file=False)  # the model's VAE encodes the data
             prepare_conditions(cfg.replace(condition=condition), run_dir)
         d.barrier()

@@ -34,9 +34,23 @@ def keep_record(run_dir: Path, run_file: str, record: Record, command: str,
     if (run_dir / CHECKPOINT).exists():
         if not (run_dir / run_file).exists():
             raise TrainError(f"{run_dir}: no {run_file}; is it a `ldmkit train {command}` run folder?")
-        check(json.loads((run_dir / run_file).read_text()), record, run_dir)
+        check(read_record(run_dir / run_file), record, run_dir)
     if is_main:
         atomic_write_text(run_dir / run_file, json.dumps(record, indent=1) + "\n")
+
+
+def read_record(path: Path) -> Record:
+    """A run record as written by :func:`keep_record`, or a TrainError naming the file (damaged JSON, another
+    kind of content) instead of a JSON or TypeError traceback on resume."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        old, why = None, " ".join(str(e).split())
+    else:
+        why = "not the JSON object ldmkit writes, with init_from and fingerprint"
+    if not isinstance(old, dict) or not {"init_from", "fingerprint"} <= old.keys():
+        raise TrainError(f"{path}: damaged run record ({why}); restore it, or start a new run with another --out")
+    return old
 
 
 def check_same_model(old: Record, new: Record, started: str) -> None:

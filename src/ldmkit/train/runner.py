@@ -203,7 +203,9 @@ def read_checkpoint(run_dir: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise TrainError(f"{path}: cannot read the checkpoint ({e})") from None
+        why = " ".join(str(e).split())[:200] or ("an empty file" if path.stat().st_size == 0 else type(e).__name__)
+        raise TrainError(f"{path}: cannot read the checkpoint ({why}); it is damaged (a copy cut short?): restore "
+                         "it, or start a new run with another --out") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path}: not an ldmkit training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
