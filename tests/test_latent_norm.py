@@ -186,3 +186,24 @@ def test_channel_norm_run_resumes_exactly(runs, tmp_path):
                                  checkpoint=2)
     assert_same_weights(ca, cb)
     assert ca["task"]["latents_mean"] == cb["task"]["latents_mean"] is not None
+
+
+def test_bad_statistics_in_ldmkit_single_file_are_one_line_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ldmkit.checkpoint import CONFIG_METADATA_KEY, read_safetensors, save_single_file
+    from ldmkit.config import TINY
+    from ldmkit.model import StableDiffusion
+
+    cfg = TINY.replace(vae=dataclasses.replace(TINY.vae, latents_mean=MEAN, latents_std=STD, scale_factor=1.0))
+    good = tmp_path / "good.safetensors"
+    save_single_file(StableDiffusion(cfg), good)
+    assert checkpoint.load(good).cfg.vae == cfg.vae
+    _, meta = read_safetensors(good)
+    d = json.loads(meta[CONFIG_METADATA_KEY])
+    d["vae"]["latents_std"] = [1.0, -0.5, 1.0, 1.0]
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(good), bad, {**meta, CONFIG_METADATA_KEY: json.dumps(d)})
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(bad)
+    assert "latents_std[1] is -0.5, expected a number > 0" in str(e.value) and "\n" not in str(e.value)
