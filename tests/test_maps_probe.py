@@ -180,3 +180,36 @@ def test_resume_from_a_damaged_run_is_one_line(cn_run, tmp_path, capsys, name, d
     rc, cap = _run(capsys, "train", "controlnet", "--resume", str(run))
     assert rc == 2 and cap.err.count("\n") == 1, cap.err
     assert says in cap.err and str(run / name) in cap.err and "another --out" in cap.err, cap.err
+
+
+# ---------------------------------------------------------------- ldmkit preprocess: where the map goes
+
+
+def test_preprocess_output_paths(tmp_path, capsys, monkeypatch):
+    """-o FOLDER writes the default name inside it; a name without an image extension, a path under a file and
+    a failed write are one line; the write is atomic (a failure leaves the previous map whole, no temporary);
+    an image argument that is a folder is named as such (was "PosixPath('.') has an empty name")."""
+    src = tmp_path / "photo.png"
+    Image.new("RGB", (16, 12), "white").save(src)
+    (tmp_path / "maps").mkdir()
+    rc, cap = _run(capsys, "preprocess", "canny", str(src), "-o", str(tmp_path / "maps"))
+    assert rc == 0 and (tmp_path / "maps" / "photo_canny.png").is_file(), cap.err
+    rc, cap = _run(capsys, "preprocess", "canny", str(src), "-o", str(tmp_path / "maps" / "edges.jpg"))
+    assert rc == 0 and Image.open(tmp_path / "maps" / "edges.jpg").format == "JPEG", cap.err
+    for bad, says in ((tmp_path / "maps" / "edges", "no extension"), (tmp_path / "e.xyz", "'.xyz'"),
+                      (src / "e.png", "cannot write the map")):
+        rc, cap = _run(capsys, "preprocess", "canny", str(src), "-o", str(bad))
+        assert rc == 2 and cap.err.count("\n") == 1 and says in cap.err, cap.err
+    rc, cap = _run(capsys, "preprocess", "canny", str(tmp_path))
+    assert rc == 2 and "Is a directory" in cap.err and cap.err.count("\n") == 1, cap.err
+
+    before = (tmp_path / "maps" / "photo_canny.png").read_bytes()
+
+    def full_disk(self, fp, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    rc, cap = _run(capsys, "preprocess", "invert", str(src), "-o", str(tmp_path / "maps" / "photo_canny.png"))
+    assert rc == 2 and "No space left on device" in cap.err and cap.err.count("\n") == 1, cap.err
+    assert (tmp_path / "maps" / "photo_canny.png").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["edges.jpg", "photo_canny.png"]

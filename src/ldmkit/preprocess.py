@@ -282,10 +282,23 @@ def register(add: Callable[..., object]) -> None:
 def cmd_preprocess(args: object) -> None:
     from pathlib import Path
 
+    from ldmkit.atomic import replacing
     from ldmkit.pipeline import open_image
 
     check_name(args.name)  # type: ignore[attr-defined]
     src = Path(args.image)  # type: ignore[attr-defined]
+    image = open_image(src)  # a missing, foreign or huge file: one line before anything is written
     out = Path(args.output or src.with_name(f"{src.stem}_{args.name}.png"))  # type: ignore[attr-defined]
-    preprocess(args.name, open_image(src)).save(out)  # type: ignore[attr-defined]
+    if out.is_dir():  # -o FOLDER: the default name inside it
+        out = out / f"{src.stem}_{args.name}.png"  # type: ignore[attr-defined]
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"-o {out}: {repr(out.suffix) if out.suffix else 'no extension'}, not an image format "
+                         "ldmkit can write; name the map .png (or .jpg, .webp)")
+    result = preprocess(args.name, image)  # type: ignore[attr-defined]
+    try:
+        with replacing(out) as tmp:  # atomic: an existing map is never left half-written
+            result.save(tmp, format=fmt)
+    except OSError as e:  # a read-only folder, a full disk, a file where a folder should be
+        raise ValueError(f"-o {out}: cannot write the map ({e.strerror or e}); choose another output path") from None
     print(out)
