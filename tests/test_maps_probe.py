@@ -213,3 +213,20 @@ def test_preprocess_output_paths(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "No space left on device" in cap.err and cap.err.count("\n") == 1, cap.err
     assert (tmp_path / "maps" / "photo_canny.png").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["edges.jpg", "photo_canny.png"]
+
+
+def test_colour_count_is_numpys_unique():
+    """The resize's colour count (nearest for 3-199 colours, Otsu for 2) is np.unique's, without its 80 s
+    sort of a 16 MP photo's rows (every control map of another size goes through it)."""
+    from ldmkit.controlnet_a1111 import colour_count
+
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 150, 199, 200, 5000):
+        palette = rng.integers(0, 256, (k, 3), dtype=np.uint8)
+        a = palette[rng.integers(0, k, (37, 53))]
+        assert colour_count(a) == len(np.unique(a.reshape(-1, 3), axis=0))
+    noise = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    assert colour_count(noise) == len(np.unique(noise.reshape(-1, 3), axis=0))
+    grey = rng.integers(0, 256, (9, 7, 1), dtype=np.uint8)  # another channel count: numpy's own path
+    assert colour_count(grey) == len(np.unique(grey.reshape(-1, 1), axis=0))
+
