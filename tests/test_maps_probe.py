@@ -230,3 +230,11 @@ def test_colour_count_is_numpys_unique():
     grey = rng.integers(0, 256, (9, 7, 1), dtype=np.uint8)  # another channel count: numpy's own path
     assert colour_count(grey) == len(np.unique(grey.reshape(-1, 1), axis=0))
 
+
+@pytest.mark.parametrize("flag, value", [("--control-weight", "nan"), ("--control-weight", "inf"),
+                                         ("--control-weight", "0.5+nan"), ("--control-start", "nan")])
+def test_non_finite_unit_numbers_are_one_line_before_loading(files, capsys, flag, value):
+    """--control-weight nan ran the model and ended in "NaN ... try a lower CFG scale", not naming the flag."""
+    rc, cap = _run(capsys, "generate", "a house", "--model", str(files / "missing-model"), "--controlnet",
+                   str(files / "cn" / "control_tiny"), "--control-image", str(files / "map.png"), flag, value)
+    assert rc == 2 and cap.err.count("\n") == 1 and f"{flag} {value}: not a finite number" in cap.err, cap.err

@@ -731,7 +731,10 @@ def check_args(args: object) -> None:
         batch_mode(v)
     for attr in ("control_weight", "control_start", "control_end"):
         for v in getattr(args, attr, []) or []:
-            per_map_number(v, "--" + attr.replace("_", "-"))
+            got = per_map_number(v, "--" + attr.replace("_", "-"))
+            if not all(abs(x) < float("inf") for x in (got if isinstance(got, tuple) else (got,))):  # nan, inf
+                raise ValueError(f"--{attr.replace('_', '-')} {v}: not a finite number; give e.g. 0.8 (a weight) "
+                                 "or a fraction of the steps from 0 to 1 (start, end)")
 
 
 def units_from_args(args: object, model: object, width: int, height: int,
