@@ -22,9 +22,19 @@ $("#cn-file").addEventListener("change", (ev) => {
   const file = ev.target.files[0];
   if (!file) return;
   const reader = new FileReader();
+  const unreadable = () => {  // a text file named .png, a format the browser cannot show: say so, keep no image
+    cn.image = null;
+    $("#cn-enabled").checked = false;
+    $("#cn-map").hidden = true;
+    $("#cn-status").textContent = "no control image";
+    showError(`ControlNet: ${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file`);
+  };
+  reader.onerror = unreadable;
   reader.onload = () => {
     const img = new Image();
+    img.onerror = unreadable;
     img.onload = () => {
+      showError("");
       cn.image = reader.result;
       cn.size = { w: img.naturalWidth, h: img.naturalHeight };
       $("#cn-enabled").checked = true;
