@@ -238,3 +238,18 @@ def test_non_finite_unit_numbers_are_one_line_before_loading(files, capsys, flag
     rc, cap = _run(capsys, "generate", "a house", "--model", str(files / "missing-model"), "--controlnet",
                    str(files / "cn" / "control_tiny"), "--control-image", str(files / "map.png"), flag, value)
     assert rc == 2 and cap.err.count("\n") == 1 and f"{flag} {value}: not a finite number" in cap.err, cap.err
+
+
+@pytest.mark.parametrize("flag, name, says", [
+    ("--controlnet", "emoji-silhuette", "(built-in ControlNets: emoji-silhouette); check the path"),  # a typo
+    ("--controlnet", "emoji", "emoji is the built-in model: give it as --model emoji"),
+    ("--controlnet", "emoji-taesd", "emoji-taesd is the built-in autoencoder: give it as --vae emoji-taesd"),
+    ("--adapter", "emoji-silhouette", "emoji-silhouette is the built-in ControlNet: give it as --controlnet"),
+    ("--adapter", "nope.pth", "(built-in T2I-Adapters: none); check the path"),
+])
+def test_a_wrong_name_says_what_the_built_in_names_are(files, capsys, flag, name, says):
+    """Each was "NAME: no such file", though the issue's own command names a built-in (emoji-silhouette)."""
+    rc, cap = _run(capsys, "generate", "a house", "--model", str(files / "sd"), "--steps", "1", "--width", "24",
+                   "--height", "16", flag, name, "--control-image", str(files / "map.png"))
+    assert rc == 2 and cap.err.count("\n") == 1 and f"{name}: no such file or folder" in cap.err, cap.err
+    assert says in cap.err, cap.err

@@ -48,6 +48,19 @@ def builtin_controlnet_path(name: str) -> Path | None:
     return _builtin_asset(BUILTIN_CONTROLNETS, name)
 
 
+def missing_name(name: str, flag: str) -> str:
+    """The one-line error for ``flag NAME`` (--controlnet, --adapter) when NAME is no file or folder: the
+    built-in ControlNets, and what NAME is if it names another kind of built-in (emoji is a model)."""
+    tables = {"--model": ("model", BUILTIN_MODELS), "--controlnet": ("ControlNet", BUILTIN_CONTROLNETS),
+              "--vae": ("autoencoder", BUILTIN_VAES)}
+    for other, (what, table) in tables.items():
+        if name in table and other != flag:
+            return f"{name}: no such file or folder; {name} is the built-in {what}: give it as {other} {name}"
+    kinds = {"--controlnet": "ControlNets", "--adapter": "T2I-Adapters"}
+    builtin = ", ".join(BUILTIN_CONTROLNETS) if flag == "--controlnet" else "none"
+    return f"{name}: no such file or folder (built-in {kinds.get(flag, flag)}: {builtin}); check the path"
+
+
 def builtin_vae_path(name: str) -> Path | None:
     """The file of a built-in autoencoder name (None for any other string or a missing asset)."""
     return _builtin_asset(BUILTIN_VAES, name)

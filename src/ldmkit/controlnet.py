@@ -148,9 +148,11 @@ def hint_config(sd: Mapping[str, Tensor]) -> tuple[int, tuple[int, ...]]:
 def read_controlnet(path: str | os.PathLike) -> StateDict:
     """The cldm.py-named weights of a ControlNet file or folder in any layout (or a built-in ControlNet's name,
     e.g. ``emoji-silhouette``); refuses other files by name."""
-    from ldmkit.api import builtin_controlnet_path
+    from ldmkit.api import builtin_controlnet_path, missing_name
 
     path = builtin_controlnet_path(str(path)) or Path(path)
+    if not path.exists():  # a typo, or a built-in model's name: say what the built-in names are
+        raise ControlNetError(missing_name(str(path), "--controlnet"))
     sd = _read(path)
     if "difference" in sd:  # the A1111 extension's "diff" files: weights to add to the base model's U-Net
         raise ControlNetError(f"{path} is a 'difference' ControlNet (weights relative to a base U-Net), which ldmkit "

@@ -107,6 +107,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[StateDict, dict | None]:
     """(our weight names, diffusers config or None) of an adapter file/folder in any layout; refuses others by
     name."""
     path = Path(path)
+    if not path.exists():  # emoji-silhouette is a built-in ControlNet, emoji a model: say so
+        from ldmkit.api import missing_name
+
+        raise AdapterError(missing_name(str(path), "--adapter"))
     sd, cfg = _read(path)
     if cfg is not None and cfg.get("_class_name") == "ControlNetModel":
         raise AdapterError(f"{path} is a ControlNet, not a T2I-Adapter: pass it as --controlnet")
