@@ -253,3 +253,20 @@ def test_a_wrong_name_says_what_the_built_in_names_are(files, capsys, flag, name
                    "--height", "16", flag, name, "--control-image", str(files / "map.png"))
     assert rc == 2 and cap.err.count("\n") == 1 and f"{name}: no such file or folder" in cap.err, cap.err
     assert says in cap.err, cap.err
+
+
+def test_python_api_takes_a_path_or_an_array_as_the_control_image(files):
+    """pipe.control_unit("cn", "map.png", ...) was AttributeError: 'str' object has no attribute 'mode'."""
+    import torch
+
+    import ldmkit
+
+    pipe = ldmkit.load(str(files / "sd"))
+    cn = files / "cn" / "control_tiny"
+    want = pipe.control_unit(cn, Image.open(files / "map.png"), 24, 16).image
+    for image in (str(files / "map.png"), files / "map.png", np.asarray(Image.open(files / "map.png"))):
+        assert torch.equal(pipe.control_unit(cn, image, 24, 16).image, want)
+    with pytest.raises(TypeError, match="the control image is a NoneType: give a PIL image, an image file's path"):
+        pipe.control_unit(cn, None, 24, 16)
+    with pytest.raises(ValueError, match="no such image file"):
+        pipe.control_unit(cn, str(files / "missing.png"), 24, 16)

@@ -116,8 +116,8 @@ class Pipeline:
         extension's unit settings (control_mode, resize_mode, pixel_perfect, processor_res, threshold_a/b)."""
         from ldmkit.controlnet import make_unit
 
-        return make_unit(self.model, controlnet, image, width, height, weight, start, end, preprocessor,
-                         guess_mode=guess_mode, **a1111)
+        return make_unit(self.model, controlnet, _control_image(image), width, height, weight, start, end,
+                         preprocessor, guess_mode=guess_mode, **a1111)
 
     def adapter_unit(self, adapter, image: Image.Image, width: int, height: int, weight: float = 1.0,
                      start: float = 0.0, end: float = 1.0, preprocessor: str = "none"):
@@ -126,13 +126,32 @@ class Pipeline:
         adapter_conditioning_factor."""
         from ldmkit.t2i_adapter import make_unit
 
-        return make_unit(self.model, adapter, image, width, height, weight, start, end, preprocessor)
+        return make_unit(self.model, adapter, _control_image(image), width, height, weight, start, end, preprocessor)
 
     def img2img(self, prompt: str, init_image: Image.Image, **kw) -> list[Image.Image]:
         return P.img2img(self.model, self._params(prompt, kw), init_image, callback=kw.get("callback"))
 
     def inpaint(self, prompt: str, init_image: Image.Image, mask: Image.Image, **kw) -> list[Image.Image]:
         return P.inpaint(self.model, self._params(prompt, kw), init_image, mask, callback=kw.get("callback"))
+
+
+def _control_image(image: object) -> object:
+    """A control unit's image as a PIL image: a PIL image as it is, a file path opened (``P.open_image``: a
+    one-line error for a missing or foreign file), a uint8 numpy array (H, W[, C]) wrapped; a list or tuple (the
+    maps of a ControlNet Union unit) each so. Anything else is a TypeError saying what is taken, instead of an
+    AttributeError from deep inside the preprocessor."""
+    import numpy as np
+
+    if isinstance(image, (list, tuple)):
+        return [_control_image(one) for one in image]
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return P.open_image(image)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+        return Image.fromarray(image)
+    raise TypeError(f"the control image is a {type(image).__name__}: give a PIL image, an image file's path or a "
+                    "uint8 numpy array (H, W) or (H, W, 3)")
 
 
 def default_device() -> str:
