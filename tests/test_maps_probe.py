@@ -227,6 +227,8 @@ def test_colour_count_is_numpys_unique():
         assert colour_count(a) == len(np.unique(a.reshape(-1, 3), axis=0))
     noise = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
     assert colour_count(noise) == len(np.unique(noise.reshape(-1, 3), axis=0))
+    wide = rng.integers(0, 256, (3, 1_500_000, 3), dtype=np.uint8)  # counted in blocks of rows (bounded memory)
+    assert colour_count(wide) == len(np.unique(wide.reshape(-1, 3) @ np.array([65536, 256, 1])))
     grey = rng.integers(0, 256, (9, 7, 1), dtype=np.uint8)  # another channel count: numpy's own path
     assert colour_count(grey) == len(np.unique(grey.reshape(-1, 1), axis=0))
 

@@ -200,7 +200,10 @@ def colour_count(a: np.ndarray) -> int:
     if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
         return len(np.unique(a.reshape(-1, a.shape[-1]), axis=0))
     seen = np.zeros(1 << 24, dtype=bool)
-    seen[(a[..., 0].astype(np.uint32) << 16) | (a[..., 1].astype(np.uint32) << 8) | a[..., 2]] = True
+    step = max(1, (1 << 22) // max(1, a.shape[1]))  # rows per block: temporaries of ~4 MP, whatever the map's size
+    for r in range(0, a.shape[0], step):
+        b = a[r:r + step]
+        seen[(b[..., 0].astype(np.uint32) << 16) | (b[..., 1].astype(np.uint32) << 8) | b[..., 2]] = True
     return int(np.count_nonzero(seen))
 
 
