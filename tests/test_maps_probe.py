@@ -272,3 +272,46 @@ def test_python_api_takes_a_path_or_an_array_as_the_control_image(files):
         pipe.control_unit(cn, None, 24, 16)
     with pytest.raises(ValueError, match="no such image file"):
         pipe.control_unit(cn, str(files / "missing.png"), 24, 16)
+
+
+def test_init_controlnet_takes_a_built_in_name_or_a_diffusers_folder(tmp_path, sd1_file):
+    """--init-controlnet emoji-silhouette and a diffusers ControlNet folder were 'no such run folder or file' /
+    'no checkpoint.pt; is it a training run folder?'; the weights are now the file's (read_controlnet's)."""
+    import torch
+    from test_controlnet import diffusers_controlnet
+
+    from ldmkit.api import resolve_model_path
+    from ldmkit.checkpoint import load
+    from ldmkit.config import TINY
+    from ldmkit.controlnet import read_controlnet
+    from ldmkit.models.controlnet import HINT_CHANNELS
+    from ldmkit.train.controlnet import controlnet_from_unet, init_weights
+
+    emoji = load(resolve_model_path("emoji"))
+    got = init_weights("emoji-silhouette", controlnet_from_unet(emoji.unet, emoji.cfg.vae.downscale))
+    want = read_controlnet("emoji-silhouette")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].float()) for k in got)
+    tiny = load(sd1_file)
+    hint = HINT_CHANNELS[:tiny.cfg.vae.downscale.bit_length()]  # one stage per halving, as from_unet makes it
+    diffusers_controlnet(TINY.unet, hint=hint, seed=3).save_pretrained(tmp_path / "cn")
+    got = init_weights(str(tmp_path / "cn"), controlnet_from_unet(tiny.unet, tiny.cfg.vae.downscale))
+    want = read_controlnet(tmp_path / "cn")
+    assert all(torch.equal(got[k], want[k].float()) for k in got)
+
+
+def test_train_controlnet_refuses_a_depth_model(tmp_path, sd1_file, capsys):
+    """A 5-channel depth U-Net (512-depth-ema) was a RuntimeError traceback at the first step."""
+    import dataclasses
+
+    from shapes import write_shapes
+    from train_runs import tiny_model_file
+
+    from ldmkit.config import TINY
+
+    depth = tiny_model_file(tmp_path / "depth.safetensors", TINY.replace(
+        unet=dataclasses.replace(TINY.unet, in_channels=5)))
+    (tmp_path / "data").mkdir()
+    write_shapes(tmp_path / "data", 4, 16)
+    rc, cap = _run(capsys, "train", "controlnet", "--model", str(depth), "--data", str(tmp_path / "data"),
+                   "--size", "16", "--total-steps", "1", "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert rc == 2 and cap.err.count("\n") == 1 and "not inpainting, depth (512-depth-ema) or SDXL" in cap.err, cap.err

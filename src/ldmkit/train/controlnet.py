@@ -149,9 +149,9 @@ class ControlNetTask(UNetTask):
 
         self.cfg, self.run_dir, self.device = cfg, run_dir, d.device
         model = load_model(cfg.init_from, "--model")
-        if model.cfg.is_inpainting or model.cfg.is_sdxl:
+        if model.cfg.unet.in_channels != model.cfg.unet.out_channels or model.cfg.is_sdxl:  # inpainting, depth
             raise TrainError(f"--model {cfg.init_from}: ControlNets are trained here for SD1/SD2-style text-to-image "
-                             "models, not inpainting or SDXL ones")
+                             "models, not inpainting, depth (512-depth-ema) or SDXL ones")
         objective = resolve_objective(cfg, model.cfg)
         if objective != model.cfg.prediction:
             raise TrainError(f"--model {cfg.init_from} predicts {model.cfg.prediction}; drop --objective "
@@ -257,13 +257,18 @@ class ControlNetTask(UNetTask):
 
 
 def init_weights(source: str, controlnet: ControlNet) -> dict[str, Tensor]:
-    """``init_controlnet``: the weights of a ControlNet run folder (EMA) or file, float32, checked against
-    ``controlnet``'s layout."""
+    """``init_controlnet``: the weights of a ControlNet run folder (EMA), an exported file, a built-in ControlNet's
+    name or a diffusers ControlNet folder, float32, checked against ``controlnet``'s layout."""
+    from ldmkit.api import builtin_controlnet_path
     from ldmkit.checkpoint import read_safetensors
     from ldmkit.train.export import ema_weights
 
-    path = Path(source)
-    if path.is_dir():
+    path = builtin_controlnet_path(source) or Path(source)  # the built-in emoji-silhouette too
+    if path.is_dir() and not (path / CHECKPOINT).exists():  # a diffusers ControlNetModel folder
+        from ldmkit.controlnet import read_controlnet
+
+        sd = read_controlnet(path)
+    elif path.is_dir():
         ckpt = read_checkpoint(path)
         if ckpt["kind"] != "controlnet":
             raise TrainError(f"--init-controlnet {source}: a {ckpt['kind']} run, not a ControlNet run")
@@ -275,7 +280,8 @@ def init_weights(source: str, controlnet: ControlNet) -> dict[str, Tensor]:
                              "exported at scale 1")
         sd = {k.removeprefix("control_model."): v for k, v in raw.items()}
     else:
-        raise TrainError(f"--init-controlnet {source}: no such run folder or file")
+        raise TrainError(f"--init-controlnet {source}: no such run folder or file, nor a built-in ControlNet "
+                         "(emoji-silhouette)")
     own = controlnet.state_dict()
     wrong = sorted(set(own) ^ set(sd)) or [k for k in own if own[k].shape != sd[k].shape]
     if wrong:
