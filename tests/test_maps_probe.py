@@ -315,3 +315,19 @@ def test_train_controlnet_refuses_a_depth_model(tmp_path, sd1_file, capsys):
     rc, cap = _run(capsys, "train", "controlnet", "--model", str(depth), "--data", str(tmp_path / "data"),
                    "--size", "16", "--total-steps", "1", "--out", str(tmp_path / "run"), "--device", "cpu")
     assert rc == 2 and cap.err.count("\n") == 1 and "not inpainting, depth (512-depth-ema) or SDXL" in cap.err, cap.err
+
+
+def test_depth_map_with_nan_or_inf_is_one_line(tmp_path):
+    """A float depth TIFF with a hole (NaN) or inf ran into the sampler's 'NaN ... try a lower CFG scale'."""
+    import torch
+
+    from ldmkit.depth import depth_condition, depth_tensor
+
+    for bad in (np.nan, np.inf):
+        a = np.random.default_rng(0).random((16, 24)).astype(np.float32)
+        a[3, 4] = bad
+        Image.fromarray(a, "F").save(tmp_path / "d.tiff")
+        with pytest.raises(ValueError, match=r"the depth map has 1 NaN or infinite value\(s\) of 384: fill them"):
+            depth_condition(Image.open(tmp_path / "d.tiff"), (4, 6))
+    flat = depth_tensor(Image.new("L", (6, 4), 77))  # a flat map stays finite (diffusers would divide by zero)
+    assert torch.isfinite(depth_condition(flat, (2, 3))).all()

@@ -36,6 +36,10 @@ def depth_tensor(depth: object) -> Tensor:
     t = torch.as_tensor(depth, dtype=torch.float32)
     if t.ndim == 3 and t.shape[0] != 1:
         raise ValueError(f"a depth map must be one channel (H, W); got shape {tuple(t.shape)}")
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:  # a float TIFF/array with holes: it would reach the U-Net as NaN ("try a lower CFG scale")
+        raise ValueError(f"the depth map has {bad} NaN or infinite value(s) of {t.numel()}: fill them (e.g. with "
+                         "the farthest depth) and save it again")
     return t if t.ndim == 3 else t[None]
 
 
