@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ldmkit.cli import main
-from ldmkit.preprocess import otsu_level, preprocess
+from ldmkit.preprocess import otsu_level, preprocess, seg_palette
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -331,3 +331,39 @@ def test_depth_map_with_nan_or_inf_is_one_line(tmp_path):
             depth_condition(Image.open(tmp_path / "d.tiff"), (4, 6))
     flat = depth_tensor(Image.new("L", (6, 4), 77))  # a flat map stays finite (diffusers would divide by zero)
     assert torch.isfinite(depth_condition(flat, (2, 3))).all()
+
+
+def _seg_palette_by_pixels(rgb: np.ndarray, colors: int = 8, iterations: int = 10) -> np.ndarray:
+    """seg_palette's algorithm pixel by pixel (as it ran before it worked on distinct colours), restated."""
+    a = rgb.reshape(-1, 3).astype(np.float64)
+    centres = [a[np.argmin(((a - a.mean(0)) ** 2).sum(1))]]
+    dist = ((a - centres[0]) ** 2).sum(1)
+    while len(centres) < colors and dist.max() > 0:
+        centres.append(a[dist.argmax()])
+        dist = np.minimum(dist, ((a - centres[-1]) ** 2).sum(1))
+    c = np.stack(centres)
+    for _ in range(iterations):
+        label = np.stack([((a - ck) ** 2).sum(1) for ck in c]).argmin(0)
+        for k in range(len(c)):
+            if (label == k).any():
+                c[k] = a[label == k].mean(0)
+    label = np.stack([((a - ck) ** 2).sum(1) for ck in c]).argmin(0)
+    return np.clip(np.round(c[label]), 0, 255).astype(np.uint8).reshape(rgb.shape)
+
+
+def test_seg_palette_on_distinct_colours_is_the_pixel_algorithm():
+    """seg_palette now clusters distinct colours weighted by count (a 512x512 emoji 3.1 s -> 0.2 s; a 2048x2048
+    one 1.1 s): the same map as pixel by pixel, ties (equal distances) broken by pixel order as before."""
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        h, w = rng.integers(1, 24, 2)
+        k = int(rng.integers(1, 12))
+        palette = rng.integers(0, 256, (k, 3), dtype=np.uint8)
+        if i % 3 == 0:
+            palette = palette // 64 * 64  # many equal distances
+        a = palette[rng.integers(0, k, (h, w))]
+        if i % 5 == 0:
+            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for colors in (2, 8):
+            got = np.asarray(seg_palette(Image.fromarray(a), colors))
+            assert np.array_equal(got, _seg_palette_by_pixels(a, colors)), (i, colors)

@@ -167,13 +167,35 @@ def color_grid(image: Image.Image) -> Image.Image:
 def seg_palette(image: Image.Image, colors: int = 8, iterations: int = 10) -> Image.Image:
     """Flat-colour regions by k-means colour quantisation (not a segmentation network: the colours are the
     image's, not ADE20K's classes). Deterministic: farthest-point initial centres (from the pixel nearest the
-    mean colour), then ``iterations`` Lloyd steps; each pixel takes its centre's colour."""
+    mean colour), then ``iterations`` Lloyd steps; each pixel takes its centre's colour.
+
+    Run on the image's distinct colours weighted by their pixel counts (a photo has far fewer colours than
+    pixels), ties broken by the first pixel of each colour, so the centres are those of the pixel-by-pixel
+    algorithm at a fraction of its time and memory (a 4 MP map took 70 s and 0.8 GB)."""
     rgb = np.asarray(image.convert("RGB"))
-    a = rgb.reshape(-1, 3).astype(np.float64)
-    centres = [a[np.argmin(((a - a.mean(0)) ** 2).sum(1))]]
+    packed = ((rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]).ravel()
+    seen = np.zeros(1 << 24, dtype=bool)
+    seen[packed] = True
+    keys = np.flatnonzero(seen).astype(np.uint32)  # the distinct colours, in packed order
+    lut = np.zeros(1 << 24, dtype=np.int32)
+    lut[keys] = np.arange(len(keys), dtype=np.int32)
+    inverse = lut[packed]  # each pixel's colour index
+    del seen, lut
+    count = np.bincount(inverse, minlength=len(keys)).astype(np.float64)
+    first = np.full(len(keys), len(packed), dtype=np.int64)
+    np.minimum.at(first, inverse, np.arange(len(packed)))  # each colour's first pixel (pixel-order ties)
+    a = np.stack([(keys >> 16) & 255, (keys >> 8) & 255, keys & 255], axis=1).astype(np.float64)
+
+    def first_of(score: np.ndarray, best: float) -> int:  # the colour of the first pixel scoring ``best``
+        tied = np.flatnonzero(score == best)
+        return int(tied[np.argmin(first[tied])])
+
+    mean = (a * count[:, None]).sum(0) / count.sum()
+    d0 = ((a - mean) ** 2).sum(1)
+    centres = [a[first_of(d0, d0.min())]]
     dist = ((a - centres[0]) ** 2).sum(1)
     while len(centres) < colors and dist.max() > 0:
-        centres.append(a[dist.argmax()])
+        centres.append(a[first_of(dist, dist.max())])
         dist = np.minimum(dist, ((a - centres[-1]) ** 2).sum(1))
     c = np.stack(centres)
 
@@ -183,9 +205,10 @@ def seg_palette(image: Image.Image, colors: int = 8, iterations: int = 10) -> Im
     for _ in range(iterations):
         label = assign()
         for k in range(len(c)):
-            if (label == k).any():
-                c[k] = a[label == k].mean(0)
-    return _rgb(c[assign()].reshape(rgb.shape))
+            w = count[label == k]
+            if w.size:
+                c[k] = (a[label == k] * w[:, None]).sum(0) / w.sum()
+    return _rgb(c[assign()][inverse].reshape(rgb.shape))
 
 
 def tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
