@@ -367,3 +367,20 @@ def test_seg_palette_on_distinct_colours_is_the_pixel_algorithm():
         for colors in (2, 8):
             got = np.asarray(seg_palette(Image.fromarray(a), colors))
             assert np.array_equal(got, _seg_palette_by_pixels(a, colors)), (i, colors)
+
+
+def test_a_phone_photo_is_read_upright(tmp_path, capsys):
+    """A JPEG with EXIF orientation 6 (rotated 90 degrees, as phones save them) gave a map of the sideways pixels:
+    files are now read upright, as image viewers and diffusers' load_image (ImageOps.exif_transpose) show them."""
+    from PIL import ImageOps
+
+    a = np.zeros((20, 40, 3), dtype=np.uint8)
+    a[:, :10] = 255  # white on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg")).convert("RGB"))
+    assert want.shape == (40, 20, 3)
+    rc, cap = _run(capsys, "preprocess", "none", str(tmp_path / "phone.jpg"), "-o", str(tmp_path / "map.png"))
+    assert rc == 0, cap.err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "map.png")), want)

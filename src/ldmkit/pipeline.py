@@ -82,6 +82,10 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
+        if img.getexif().get(0x0112, 1) != 1:  # a phone photo's EXIF orientation: upright, as viewers and
+            from PIL import ImageOps  # diffusers' load_image show it (a control map would come out rotated)
+
+            img = ImageOps.exif_transpose(img)
         return img
     except FileNotFoundError:
         raise ValueError(f"{path}: no such image file") from None
