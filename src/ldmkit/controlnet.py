@@ -759,9 +759,23 @@ def units_from_args(args: object, model: object, width: int, height: int,
         tell = None if log is None else (lambda msg, f=image_path: log(f"{f}: {msg}"))
         if kind == "adapter":
             _single(path, *(nth(a, i, 0.0) for a in ("control_weight", "control_start", "control_end")))
-            units.append(t2i_adapter.make_unit(model, path, open_image(image_path), width, height,
+            if _mode(nth("control_mode", i, "Balanced")) != (BALANCED, False):  # was silently ignored
+                raise ValueError(f"{path}: --control-mode {nth('control_mode', i, '')} is for ControlNets; a "
+                                 "T2I-Adapter runs in the balanced mode (as on the server): give --control-mode "
+                                 "once per unit, balanced for the adapter, or drop it")
+            image, preprocessor = open_image(image_path), nth("preprocessor", i, "none")
+            if any(getattr(args, a, None) for a in ("resize_mode", "pixel_perfect", "processor_res",
+                                                     "control_threshold_a", "control_threshold_b")):
+                from ldmkit.controlnet_a1111 import control_image  # the map made as the server makes it
+
+                image, _ = control_image(image, width, height, preprocessor, nth("resize_mode", i, "Just Resize"),
+                                         _on_off(nth("pixel_perfect", i, "off")), nth("processor_res", i, None),
+                                         nth("control_threshold_a", i, None), nth("control_threshold_b", i, None),
+                                         tell)
+                preprocessor = "none"
+            units.append(t2i_adapter.make_unit(model, path, image, width, height,
                                                nth("control_weight", i, 1.0), nth("control_start", i, 0.0),
-                                               nth("control_end", i, 1.0), nth("preprocessor", i, "none"), tell))
+                                               nth("control_end", i, 1.0), preprocessor, tell))
             continue
         ctype = nth("control_type", i, None)
         mode = _mode(nth("control_mode", i, "Balanced"))
