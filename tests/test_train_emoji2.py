@@ -1,5 +1,6 @@
 """The second-generation emoji model's shape (recipes/emoji2/emoji2.toml) through train -> export -> generate:
-an f=4 autoencoder (three levels), a decoder fine-tune swapped in at export, a 32-token text context, and
+an f=4 autoencoder (three levels), a decoder fine-tune swapped in at export, a 32-token text context,
+per-channel latent normalisation, and
 `ldmkit generate` / `ldmkit.api` drawing at the size the model was trained at when no size is given.
 
 The native size comes from the trainer: `train unet` writes ``extra["image_size"] = size`` into the model config,
@@ -42,7 +43,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train(tiny("vae", size=SIZE, data=str(data), init_from=str(vae), freeze_encoder=True, total_steps=2,
                rec_loss="l2", perceptual_weight=0.1, ema_decay=0.9), dec)
     train(tiny("unet", size=SIZE, data=str(data), vae=str(vae), vocab="data", total_steps=2, ema_decay=0.9,
-               caption_dropout=0.1, arch=ARCH_UNET), ldm)
+               caption_dropout=0.1, latent_norm="channel", arch=ARCH_UNET), ldm)
     return {"data": data, "vae": vae, "dec": dec, "ldm": ldm}
 
 
@@ -66,6 +67,7 @@ def test_f4_autoencoder_and_32_token_context_export_and_generate_at_native_size(
     model = load(out)
     cfg = model.cfg
     assert (cfg.vae.ch_mult, cfg.vae.downscale) == ((1, 2, 4), 4)
+    assert len(cfg.vae.latents_mean) == len(cfg.vae.latents_std) == 4  # the recipe's latent_norm = "channel"
     assert cfg.extra["image_size"] == cfg.native_size == SIZE
     assert cfg.text.max_positions == model.tokenizer.context_length == 32
     pos = model.text_encoder.text_model.embeddings.position_embedding.weight
