@@ -2,7 +2,7 @@
 --control-threshold-a/b, --pixel-perfect and --processor-res were silently ignored for a T2I-Adapter (the map
 was always stretched, the sliders unused), and --control-mode prompt ran balanced without a word. The map is now
 made as the server makes it for an adapter unit (the same image, pixel for pixel), and a control mode other than
-balanced is one line."""
+balanced, a control type, an LLLite batch or a hires-pass option is one line (they were ignored)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,16 @@ def test_adapter_map_options_give_the_server_image(client, files, tmp_path):  # 
     assert not np.array_equal(np.asarray(Image.open(stretched)), np.asarray(Image.open(out)))
 
 
-def test_adapter_with_a_control_mode_is_one_line(files, capsys):  # noqa: F811
+@pytest.mark.parametrize("flags, says", [
+    (["--control-mode", "prompt"], "is for ControlNets; a T2I-Adapter runs in the balanced mode"),
+    (["--control-mode", "guess"], "is for ControlNets; a T2I-Adapter runs in the balanced mode"),
+    (["--control-type", "canny"], "--control-type is not for a T2I-Adapter"),
+    (["--lllite-batch", "cond-only"], "--lllite-batch is not for a T2I-Adapter"),
+    (["--control-hr-option", "low", "--hires-scale", "2"], "--control-hr-option is not for a T2I-Adapter"),
+])
+def test_controlnet_only_options_on_an_adapter_are_one_line(files, capsys, flags, says):  # noqa: F811
     rc = main(["generate", "a stone house", "--model", str(files / "sd.safetensors"), "--steps", "1", "--width", "24",
                "--height", "16", "--adapter", str(files / "cn" / SKETCH), "--control-image", str(files / "map.png"),
-               "--control-mode", "prompt"])
+               *flags])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "is for ControlNets; a T2I-Adapter runs in the balanced mode" in err
+    assert rc == 2 and err.count("\n") == 1 and says in err, err

@@ -763,6 +763,14 @@ def units_from_args(args: object, model: object, width: int, height: int,
                 raise ValueError(f"{path}: --control-mode {nth('control_mode', i, '')} is for ControlNets; a "
                                  "T2I-Adapter runs in the balanced mode (as on the server): give --control-mode "
                                  "once per unit, balanced for the adapter, or drop it")
+            from ldmkit.controlnet_a1111 import hr_option_name
+
+            for flag, given in (("--control-type", str(nth("control_type", i, "none")).strip().lower() not in
+                                 ("", "none", "-")), ("--lllite-batch", nth("lllite_batch", i, "both") != "both"),
+                                ("--control-hr-option", hr_option_name(nth("control_hr_option", i, "both")) != "Both")):
+                if given:  # was silently ignored
+                    raise ValueError(f"{path}: {flag} is not for a T2I-Adapter (it acts in both hires passes, "
+                                     "with no control type or LLLite batch): give it once per unit, or drop it")
             image, preprocessor = open_image(image_path), nth("preprocessor", i, "none")
             if any(getattr(args, a, None) for a in ("resize_mode", "pixel_perfect", "processor_res",
                                                      "control_threshold_a", "control_threshold_b")):
