@@ -384,3 +384,29 @@ def test_a_phone_photo_is_read_upright(tmp_path, capsys):
     rc, cap = _run(capsys, "preprocess", "none", str(tmp_path / "phone.jpg"), "-o", str(tmp_path / "map.png"))
     assert rc == 0, cap.err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "map.png")), want)
+
+
+def test_tile_and_xdog_sliders_are_read(client, files):
+    """threshold_a of tile_resample (the extension's down-sampling rate) and scribble_xdog (its XDoG threshold)
+    was silently ignored: a unit asking for rate 2 got the image unchanged."""
+    import base64
+    import io
+
+    from ldmkit.controlnet_a1111 import run_preprocessor
+    from ldmkit.preprocess import scribble_xdog, tile_resample
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(run_preprocessor("tile_resample", img, None, 2.0)),
+                          np.asarray(tile_resample(img, rate=2.0)))
+    assert not np.array_equal(np.asarray(tile_resample(img, rate=2.0)), np.asarray(img))
+    assert np.array_equal(np.asarray(run_preprocessor("scribble_xdog", img, None, 8.0)),
+                          np.asarray(scribble_xdog(img, level=8.0)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    r = client.post("/controlnet/detect", json={"controlnet_module": "tile_resample", "controlnet_threshold_a": 2,
+                                                "controlnet_processor_res": 32,
+                                                "controlnet_input_images": [base64.b64encode(buf.getvalue()).decode()]})
+    got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(run_preprocessor("tile_resample", img, 32, 2)))
+    assert not np.array_equal(np.asarray(got.convert("RGB")), np.asarray(run_preprocessor("tile_resample", img, 32)))

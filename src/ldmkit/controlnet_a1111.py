@@ -65,6 +65,8 @@ SLIDERS: dict[str, tuple[tuple[str, float], ...]] = {
     "threshold": (("level", 127.0),),
     "binary": (("level", 0.0),),  # 0: Otsu's level
     "blur": (("radius", 9.0),),  # blur_gaussian's sigma
+    "tile_resample": (("rate", 1.0),),  # the extension's "Down Sampling Rate" (threshold_a was ignored)
+    "scribble_xdog": (("level", 32.0),),  # its "XDoG Threshold"
 }
 MAX_SLIDER = 10000.0  # a preprocessor slider's largest value (the extension's sliders stop at 255, sigma at 64)
 MAX_MAP_PIXELS = 4096 * 4096  # an intermediate control map's largest size (the server's largest upload)
