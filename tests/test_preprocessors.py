@@ -126,7 +126,9 @@ def test_preprocess_command_for_every_name(name, tmp_path, capsys):
     rc = cli.main(["preprocess", name, str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png")])
     assert rc in (0, None)
     out = np.asarray(Image.open(tmp_path / "out.png"))
-    assert np.array_equal(out, np.asarray(preprocess(name, Image.open(tmp_path / "in.png"))))
+    from ldmkit.controlnet_a1111 import run_preprocessor  # the map `--preprocessor NAME` makes (blur: sigma 9)
+
+    assert np.array_equal(out, np.asarray(run_preprocessor(name, Image.open(tmp_path / "in.png"))))
 
 
 def test_unknown_preprocessor_is_one_line_listing_the_names(tmp_path, capsys):

@@ -299,6 +299,12 @@ def register(add: Callable[..., object]) -> None:
     p.add_argument("image", help="input image")  # type: ignore[attr-defined]
     p.add_argument("-o", "--output", default=None,  # type: ignore[attr-defined]
                    help="output PNG (default: <image>_<name>.png beside it)")
+    for flag, what in (("--control-threshold-a", "slider 1 (A1111's threshold_a): canny low, threshold level, ..."),
+                       ("--control-threshold-b", "slider 2 (A1111's threshold_b): canny high")):
+        p.add_argument(flag, type=float, default=None, metavar="X",  # type: ignore[attr-defined]
+                       help=f"the preprocessor's {what}, as `generate --controlnet` takes it")
+    p.add_argument("--processor-res", type=int, default=None, metavar="N",  # type: ignore[attr-defined]
+                   help="scale the image so its short side is N first, as `generate` does (the map is that size)")
     p.set_defaults(func=cmd_preprocess)  # type: ignore[attr-defined]
 
 
@@ -306,9 +312,10 @@ def cmd_preprocess(args: object) -> None:
     from pathlib import Path
 
     from ldmkit.atomic import replacing
+    from ldmkit.controlnet_a1111 import module_name, run_preprocessor
     from ldmkit.pipeline import open_image
 
-    check_name(args.name)  # type: ignore[attr-defined]
+    module_name(args.name)  # type: ignore[attr-defined] # ldmkit's names or the extension's (blur_gaussian)
     src = Path(args.image)  # type: ignore[attr-defined]
     image = open_image(src)  # a missing, foreign or huge file: one line before anything is written
     out = Path(args.output or src.with_name(f"{src.stem}_{args.name}.png"))  # type: ignore[attr-defined]
@@ -318,7 +325,8 @@ def cmd_preprocess(args: object) -> None:
     if fmt is None or fmt not in Image.SAVE:
         raise ValueError(f"-o {out}: {repr(out.suffix) if out.suffix else 'no extension'}, not an image format "
                          "ldmkit can write; name the map .png (or .jpg, .webp)")
-    result = preprocess(args.name, image)  # type: ignore[attr-defined]
+    result = run_preprocessor(args.name, image, getattr(args, "processor_res", None),  # type: ignore[attr-defined]
+                              getattr(args, "control_threshold_a", None), getattr(args, "control_threshold_b", None))
     try:
         with replacing(out) as tmp:  # atomic: an existing map is never left half-written
             result.save(tmp, format=fmt)
