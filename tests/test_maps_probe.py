@@ -410,3 +410,24 @@ def test_tile_and_xdog_sliders_are_read(client, files):
     got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(run_preprocessor("tile_resample", img, 32, 2)))
     assert not np.array_equal(np.asarray(got.convert("RGB")), np.asarray(run_preprocessor("tile_resample", img, 32)))
+
+
+def test_preprocess_command_makes_the_map_generate_uses(tmp_path, capsys):
+    """`ldmkit preprocess` ("look at the map first") took no sliders and blurred with sigma 5 where generate's
+    --preprocessor blur uses the extension's 9; it refused the extension's names (blur_gaussian). It now makes
+    the map generate makes, sliders and preprocessor resolution included."""
+    from ldmkit.controlnet_a1111 import run_preprocessor
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    img.save(tmp_path / "p.png")
+    for argv, want in ((["blur"], run_preprocessor("blur", img)),
+                       (["blur_gaussian"], run_preprocessor("blur", img)),
+                       (["canny", "--control-threshold-a", "50", "--control-threshold-b", "90"],
+                        run_preprocessor("canny", img, None, 50, 90)),
+                       (["canny", "--processor-res", "48"], run_preprocessor("canny", img, 48))):
+        rc, cap = _run(capsys, "preprocess", argv[0], str(tmp_path / "p.png"), *argv[1:], "-o", str(tmp_path / "m.png"))
+        assert rc == 0, cap.err
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png")), np.asarray(want)), argv
+    assert not np.array_equal(np.asarray(run_preprocessor("blur", img)),
+                              np.asarray(preprocess("blur", img)))  # sigma 9, not the function's default 5
