@@ -192,7 +192,10 @@ def test_ctrl_c_stops_between_images(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "ldmkit", "batch", str(jobs), "--out", str(out)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C as a terminal delivers it, even when the suite runs in the background (`cmd &`
+                            # starts children with SIGINT ignored, and the batch then rightly keeps ignoring it)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.monotonic()
     while not ((out / MANIFEST).exists() and (out / MANIFEST).read_text().count("\n") >= 1):
         assert proc.poll() is None and time.monotonic() - t0 < 120, "the batch ended before its first image"
@@ -204,3 +207,24 @@ def test_ctrl_c_stops_between_images(tmp_path):
     rows = manifest_rows(out)
     assert sorted(p.name for p in out.glob("*.png")) == sorted(r["file"] for r in rows)
     assert all(file_sha256(out / r["file"]) == r["sha256"] for r in rows)
+
+
+def test_ctrl_c_ignored_by_the_parent_stays_ignored():
+    """A batch started with SIGINT ignored (nohup, `cmd &`) keeps ignoring it, inside an image's block too;
+    with Python's default handler a Ctrl-C in the block waits for the block's end, then stops."""
+    from ldmkit.batch import deferred_interrupt
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupt():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append(1)
+        assert done == [1]
+    finally:
+        signal.signal(signal.SIGINT, previous)

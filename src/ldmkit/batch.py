@@ -158,6 +158,10 @@ def deferred_interrupt() -> Iterator[None]:
     except ValueError:  # not the main thread
         yield
         return
+    if previous == signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, `cmd &`): keep ignoring it here too
+        signal.signal(signal.SIGINT, previous)
+        yield
+        return
     try:
         yield
     finally:
