@@ -173,21 +173,29 @@ def group_sheet(rows: list[tuple[str, list[Image.Image], list[str]]], path: Path
     sheet.save(path, optimize=True)
 
 
-def sheet_main(args: argparse.Namespace) -> int:
-    """--contact-sheet PATH alone: one row per Unicode group, --sheet-names bare names each (balanced_captions'
-    seeded draw, holdout excluded), seed 0, the settings and size `ldmkit generate` uses for the model."""
-    from ldmkit.data.emoji_groups import GROUPS, balanced_captions, load_emoji_groups
+def group_setup(args: argparse.Namespace, per_group: int):
+    """What --contact-sheet and --balanced share: the model, its size and default settings, the dataset's rows and
+    ``per_group`` bare names from each Unicode group (balanced_captions' seeded draw, holdout excluded)."""
+    from ldmkit.data.emoji_groups import balanced_captions, load_emoji_groups
 
-    if args.sheet_names < 1:
-        raise SystemExit("--sheet-names K: names per group, at least 1")
     torch.set_num_threads(1)
-    t0 = time.time()
     groups = load_emoji_groups(args.emoji_test)
     model = api.load(args.model).model
     size = args.size or model.cfg.native_size
-    sampler, steps, cfg = default_settings(model)
     rows, holdout = load_dataset(Path(args.data))
-    chosen = balanced_captions(rows, groups, args.sheet_names, seed=0, exclude=holdout)
+    chosen = balanced_captions(rows, groups, per_group, seed=0, exclude=holdout)
+    return model, size, default_settings(model), rows, chosen
+
+
+def sheet_main(args: argparse.Namespace) -> int:
+    """--contact-sheet PATH alone: one row per Unicode group, --sheet-names bare names each (balanced_captions'
+    seeded draw, holdout excluded), seed 0, the settings and size `ldmkit generate` uses for the model."""
+    from ldmkit.data.emoji_groups import GROUPS
+
+    if args.sheet_names < 1:
+        raise SystemExit("--sheet-names K: names per group, at least 1")
+    t0 = time.time()
+    model, size, (sampler, steps, cfg), rows, chosen = group_setup(args, args.sheet_names)
     prompts = [r["text"] for g in GROUPS for r in chosen[g]]
     start = latent_mean(model, Path(args.data)) if args.start_mean else None
     images = generate(model, prompts, [0] * len(prompts), steps, cfg, size, sampler, start=start)
@@ -347,20 +355,14 @@ def default_settings(model) -> tuple[str, int, float]:
 def balanced_main(args: argparse.Namespace) -> int:
     """Goal 1 of issue 17: top-1/top-5 retrieval per Unicode emoji group, the same number of bare
     names from each (non-variant, not held out), each generated with seeds 0-3."""
-    from ldmkit.data.emoji_groups import GROUPS, balanced_captions, load_emoji_groups
+    from ldmkit.data.emoji_groups import GROUPS
 
     if args.balanced < 1:
         raise SystemExit("--balanced N: N captions per group, at least 1")
-    torch.set_num_threads(1)
     t0 = time.time()
-    groups = load_emoji_groups(args.emoji_test)
-    model = api.load(args.model).model
-    size = args.size or model.cfg.native_size
-    sampler, steps, cfg = default_settings(model)
-    rows, holdout = load_dataset(Path(args.data))
+    model, size, (sampler, steps, cfg), rows, chosen = group_setup(args, args.balanced)
     index = {r["key"]: i for i, r in enumerate(rows)}
     data_feats = features([Image.open(Path(args.data) / r["file_name"]).convert("RGB") for r in rows])
-    chosen = balanced_captions(rows, groups, args.balanced, seed=0, exclude=holdout)
     seeds = [0, 1, 2, 3]
     per: dict[str, tuple[float, float]] = {}
     sheet = []
