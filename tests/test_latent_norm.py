@@ -207,3 +207,16 @@ def test_bad_statistics_in_ldmkit_single_file_are_one_line_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load(bad)
     assert "latents_std[1] is -0.5, expected a number > 0" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_latent_norm_is_one_line(capsys) -> None:
+    """--latent-norm takes scale or channel (argparse's one-line usage error); a config file's other value is named."""
+    from ldmkit import cli
+    from ldmkit.train.config import TrainConfig, TrainError, validate
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "unet", "--data", "d", "--out", "o", "--latent-norm", "perchannel"])
+    assert e.value.code == 2
+    assert "argument --latent-norm: invalid choice: 'perchannel'" in capsys.readouterr().err
+    with pytest.raises(TrainError, match="latent_norm must be scale or channel, got 'perchannel'"):
+        validate(dataclasses.replace(TrainConfig(), latent_norm="perchannel"))
