@@ -8,6 +8,7 @@ float rounding. Tiled decoding is checked against diffusers' untiled ``Autoencod
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -113,13 +114,19 @@ def test_fp32_file_converted_once_and_text_encoder_pageable(files):
 
 @pytest.mark.parametrize("source", ["fp16", "fp32"])
 def test_text_encoder_released_after_encoding(files, source):
+    # MADV_PAGEOUT skips a page another live mapping of the same file also holds (an earlier test's model the
+    # garbage collector has not reached yet): drop those first, and allow what was resident before this test touched it
+    gc.collect()
     low = api.load(files / f"{source}.safetensors", low_memory=True).model
     table = low.text_encoder.text_model.embeddings.token_embedding.weight  # (vocab, 32) fp16: ~3 MB
-    pages = _resident(table) or 1
+    pages = _resident(table)
     float(table.float().sum())  # touch every page, as a forward over many tokens would
-    assert _resident(table) >= 0.9 * (table.numel() * 2 // os.sysconf("SC_PAGE_SIZE"))
+    total = table.numel() * 2 // os.sysconf("SC_PAGE_SIZE")
+    assert pages < total // 4  # else the check below could not fail
+    assert _resident(table) >= 0.9 * total
     P.encode_prompt(low, ["a red apple"], [""])
-    assert _resident(table) <= 2, f"{_resident(table)} pages still resident (was {pages} before touching)"
+    left = _resident(table)
+    assert left <= max(2, pages), f"{left} of {total} pages still resident (was {pages} before touching)"
     # paged out, not lost: it encodes the same afterwards
     ref = api.load(files / "fp16.safetensors").model
     c1, _ = P.encode_prompt(low, ["a red apple"], [""])
