@@ -105,6 +105,11 @@ class TrainConfig:
         "latents_mean / latents_std, diffusers' convention, scale_factor 1: zero mean, unit variance per channel; "
         "for autoencoders whose latents are far from zero mean)", "scale")
     caption_dropout: float = _help("unet/lora/controlnet: probability of training on the empty caption (for CFG)", 0.1)
+    timestep_sampling: Literal["uniform", "cubic"] = _help(
+        "unet/lora/controlnet: how each sample's training timestep t is drawn: uniform over 0..T-1 (DDPM), or "
+        "cubic, biased towards high noise as T2I-Adapter trains (Mou et al. 2023, sec. 3.4; diffusers' "
+        "train_t2i_adapter_sdxl.py): t = floor(T (1 - u^3)), u ~ U[0, 1), so P(t >= k) = (1 - k/T)^(1/3) "
+        "(half the samples at t >= 0.875 T), where a sample's colours and layout are decided", "uniform")
     caption_templates: list[str] = field(default_factory=list, metadata={
         "help": "unet/lcm/embedding/controlnet: each training caption (embedding: the word) is put, at random per "
                 "sample, into one of these, e.g. "
@@ -250,6 +255,8 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) >= 0, f"{name} must not be negative, got {getattr(cfg, name)}")
     need(0.0 <= cfg.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     need(0.0 <= cfg.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
+    need(cfg.timestep_sampling in ("uniform", "cubic"),
+         f"timestep_sampling must be uniform or cubic, got {cfg.timestep_sampling!r}")
     need(cfg.objective in ("auto", "eps", "v"), f"objective must be auto, eps or v, got {cfg.objective!r}")
     need(cfg.latent_norm in ("scale", "channel"), f"latent_norm must be scale or channel, got {cfg.latent_norm!r}")
     need(cfg.precision in ("auto", "fp32", "bf16", "fp16"),

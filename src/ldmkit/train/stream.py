@@ -101,7 +101,7 @@ def stream_batch(task: Any, samples: list[dict[str, Any]], gen: torch.Generator)
     mean, logvar = task.stream_vae.encode(x.to(task.device))
     mean, std = mean.float().cpu(), torch.exp(0.5 * logvar).float().cpu()
     latents = latent_norm.to_unet(task.model_cfg.vae, mean + std * torch.randn(mean.shape, generator=gen))
-    t = torch.randint(0, task.model_cfg.num_train_timesteps, (b,), generator=gen)
+    t = task.draw_timesteps(b, gen)
     noise = torch.randn(latents.shape, generator=gen)
     drop = torch.rand(b, generator=gen) < task.cfg.caption_dropout
     templates = task.cfg.caption_templates or ["{caption}"]

@@ -456,12 +456,21 @@ class UNetTask:
         pick = torch.randint(0, len(self.ids), (len(idx),), generator=gen) if many else torch.zeros_like(idx)
         return torch.where(drop[:, None], self.empty_ids, self.ids[pick, rows])
 
+    def draw_timesteps(self, b: int, gen: torch.Generator) -> Tensor:
+        """``b`` training timesteps (``timestep_sampling``): uniform, one ``randint`` draw as always; cubic
+        (T2I-Adapter), ``floor(T (1 - u^3))`` of one ``rand`` draw, clamped to T - 1."""
+        n = self.model_cfg.num_train_timesteps
+        if getattr(self.cfg, "timestep_sampling", "uniform") == "uniform":
+            return torch.randint(0, n, (b,), generator=gen)
+        u = torch.rand(b, generator=gen)
+        return ((1.0 - u**3) * n).long().clamp(0, n - 1)
+
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int, flips: Tensor | None = None) -> dict[str, Any]:
         if isinstance(idx, list):  # samples streamed from tar shards
             return stream_batch(self, idx, gen)
         b = len(idx)
         latents = self.sample_latents(idx, gen, flips)
-        t = torch.randint(0, self.model_cfg.num_train_timesteps, (b,), generator=gen)
+        t = self.draw_timesteps(b, gen)
         noise = torch.randn(latents.shape, generator=gen)
         drop = torch.rand(b, generator=gen) < self.cfg.caption_dropout
         ids = self.caption_ids(idx, gen, drop)
