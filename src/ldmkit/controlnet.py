@@ -678,7 +678,8 @@ def add_controlnet_args(p: object) -> None:
     add("--lllite-batch", action="append", default=[], metavar="ROWS",
         help="a ControlNet-LLLite's rows of the CFG batch (sd-scripts' set_batch_cond_only): both (default), "
              "cond-only (batch_cond_only: the prompt's rows only), zeros-uncond (use_zeros_for_batch_uncond: the "
-             "negative prompt's rows get an all-zero condition)")
+             "negative prompt's rows get an all-zero condition). Given once: every LLLite unit (other units take "
+             "none); once per unit: - for a unit that is not an LLLite")
 
 
 def per_map_number(value: object, flag: str = "--control-weight") -> float | tuple[float, ...]:
@@ -730,13 +731,57 @@ def check_args(args: object) -> None:
     from ldmkit.controlnet_lllite import batch_mode
 
     for v in getattr(args, "lllite_batch", []) or []:
-        batch_mode(v)
+        if not _no_batch(v):  # "-": a placeholder for a unit that is not an LLLite
+            batch_mode(v)
     for attr in ("control_weight", "control_start", "control_end"):
         for v in getattr(args, attr, []) or []:
             got = per_map_number(v, "--" + attr.replace("_", "-"))
             if not all(abs(x) < float("inf") for x in (got if isinstance(got, tuple) else (got,))):  # nan, inf
                 raise ValueError(f"--{attr.replace('_', '-')} {v}: not a finite number; give e.g. 0.8 (a weight) "
                                  "or a fraction of the steps from 0 to 1 (start, end)")
+
+
+def _no_batch(value: object) -> bool:
+    return str(value).strip().lower() in ("", "-", "none")
+
+
+def lllite_batches(args: object, log: Callable[[str], None] | None = None) -> list[str]:
+    """--lllite-batch per unit: given once, it is every ControlNet-LLLite unit's (the other units take none: said in
+    the log; an error when no unit is an LLLite); given once per unit, the n-th is the n-th unit's, and a unit that
+    is not an LLLite takes ``-`` (or both)."""
+    from ldmkit import t2i_adapter
+    from ldmkit.controlnet_lllite import LLLite, batch_mode, is_lllite_path
+
+    given = list(getattr(args, "lllite_batch", []) or [])
+    kinds = t2i_adapter.unit_kinds(args)
+    if not given:
+        return ["both"] * len(kinds)
+    lllite = [kind != "adapter" and (isinstance(path, LLLite) or is_lllite_path(path)) for kind, path in kinds]
+    if len(given) == 1:
+        value = "both" if _no_batch(given[0]) else batch_mode(given[0])
+        if value != "both" and not any(lllite):
+            if all(kind == "adapter" for kind, _ in kinds):
+                raise ValueError("--lllite-batch is not for a T2I-Adapter (it acts in both hires passes, with no "
+                                 "control type or LLLite batch): drop it")
+            raise ValueError(f"--lllite-batch {given[0]} sets a ControlNet-LLLite unit's CFG rows, and no unit here "
+                             f"is one ({', '.join(str(p) for _, p in kinds)}): drop it")
+        if value != "both" and not all(lllite) and log is not None:
+            others = ", ".join(str(p) for (_, p), is_l in zip(kinds, lllite, strict=True) if not is_l)
+            log(f"--lllite-batch {value}: for the ControlNet-LLLite unit(s) only; not for {others}")
+        return [value if is_l else "both" for is_l in lllite]
+    out = []
+    for i, ((kind, path), is_l, v) in enumerate(zip(kinds, lllite, given, strict=True)):
+        value = "both" if _no_batch(v) else batch_mode(v)
+        if value != "both" and not is_l:
+            what = "a T2I-Adapter" if kind == "adapter" else "not a ControlNet-LLLite"
+            raise ValueError(f"--lllite-batch {v} (the {_ordinal(i)}) pairs with {path}, which is "
+                             f"{what}: give - for that unit (--lllite-batch is for ControlNet-LLLite units)")
+        out.append(value)
+    return out
+
+
+def _ordinal(i: int) -> str:
+    return {0: "first", 1: "second", 2: "third"}.get(i, f"{i + 1}th")
 
 
 def units_from_args(args: object, model: object, width: int, height: int,
@@ -753,6 +798,7 @@ def units_from_args(args: object, model: object, width: int, height: int,
         return per_map_number(v) if attr in ("control_weight", "control_start", "control_end") else v
 
     hires = getattr(args, "hires_scale", None) is not None or getattr(args, "hires_resize", None) is not None
+    batches = lllite_batches(args, log)  # --lllite-batch given once: the LLLite units'
     units = []
     for i, (kind, path) in enumerate(t2i_adapter.unit_kinds(args)):  # ControlNets and T2I-Adapters, in order
         image_path = nth("control_image", i, None)
@@ -766,7 +812,7 @@ def units_from_args(args: object, model: object, width: int, height: int,
             from ldmkit.controlnet_a1111 import hr_option_name
 
             for flag, given in (("--control-type", str(nth("control_type", i, "none")).strip().lower() not in
-                                 ("", "none", "-")), ("--lllite-batch", nth("lllite_batch", i, "both") != "both"),
+                                 ("", "none", "-")),
                                 ("--control-hr-option", hr_option_name(nth("control_hr_option", i, "both")) != "Both")):
                 if given:  # was silently ignored
                     raise ValueError(f"{path}: {flag} is not for a T2I-Adapter (it acts in both hires passes, "
@@ -808,7 +854,7 @@ def units_from_args(args: object, model: object, width: int, height: int,
                                threshold_a=nth("control_threshold_a", i, None),
                                threshold_b=nth("control_threshold_b", i, None),
                                hr_option=nth("control_hr_option", i, "Both") if hires else "Both",
-                               control_type=ctype, lllite_batch=nth("lllite_batch", i, "both")))
+                               control_type=ctype, lllite_batch=batches[i]))
     return tuple(units)
 
 

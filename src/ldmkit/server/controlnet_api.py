@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -54,8 +55,45 @@ class UnitArgs(BaseModel):
     control_mode: str | int = "Balanced"
     pixel_perfect: bool = False
     hr_option: str = "Both"  # with the hires fix: "Both", "Low res only", "High res only"
-    union_control_type: str | int = "Unknown"  # a ControlNet Union's map type ("Depth", ...; Unknown: auto, no type)
+    union_control_type: str | int | list[str | int] = "Unknown"  # a ControlNet Union's map type ("Depth", ...;
+    # Unknown: auto, no type); ldmkit's: one per map of ``images`` ("Depth+OpenPose" or a list)
     lllite_batch: str = "both"  # ldmkit's: a ControlNet-LLLite's CFG rows (both, cond-only, zeros-uncond)
+    images: Any = None  # ldmkit's: a ControlNet Union unit's several maps (base64 strings), instead of image
+
+
+MAX_MAPS = 8  # maps of one Union unit (the released Unions know 8 control types)
+_PER_MAP = (("weight", 2.0), ("guidance_start", 1.0), ("guidance_end", 1.0))
+
+
+def _per_map_values(raw: dict, loc: tuple) -> dict[str, tuple[float, ...]]:
+    """ldmkit's per-map values of a Union unit: ``weight``, ``guidance_start``, ``guidance_end`` given as a list (or
+    the infotext's "0.8+0.5"), one per map of ``images``. Each is checked here (422 naming the field and index) and
+    replaced in ``raw`` by the unit's overall value (largest weight and end, smallest start), which UnitArgs checks."""
+    import math
+
+    out = {}
+    for name, top in _PER_MAP:
+        v = raw.get(name)
+        if isinstance(v, str) and "+" in v.strip()[1:]:
+            from ldmkit.controlnet import per_map_number
+
+            try:
+                v = per_map_number(v, name)
+            except ValueError as e:
+                raise field_error((*loc, name), str(e), v) from None
+            if not isinstance(v, tuple):
+                continue  # 1e+2: one number, left to UnitArgs
+        if not isinstance(v, list | tuple):
+            continue
+        if not v:
+            raise field_error((*loc, name), f"{name} is an empty list: give one number, or one per map of images",
+                              v)
+        for j, x in enumerate(v):
+            if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or not 0 <= x <= top:
+                raise field_error((*loc, name, j), f"{name}[{j}] {x!r}: give a number from 0 to {top:g}", x)
+        out[name] = tuple(float(x) for x in v)
+        raw[name] = min(v) if name == "guidance_start" else max(v)
+    return out
 
 
 class ControlNetFolder:
@@ -68,6 +106,9 @@ class ControlNetFolder:
             raise ValueError(f"--controlnet-dir {folder}: not a folder")
         self._titles: dict[str, Path] = {}
         self._scanned: tuple | None = None
+        self._broken: dict[Path, str] = {}  # found in the last scan but unreadable: the reason
+        self._noted: dict[Path, str] = {}  # found and listed, with a broken config.json: the reason
+        self.unreadable: dict[str, str] = {}  # {name in the folder: reason}, for /controlnet/model_list and 422s
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._kinds: dict[tuple, str | None] = {}
         self._lock = threading.Lock()
@@ -79,12 +120,17 @@ class ControlNetFolder:
         of every .pth would load each ControlNet .pth in the folder)."""
         from ldmkit import file_kind, t2i_adapter
 
-        key = (str(path), path.stat().st_mtime_ns)
+        config = path / "config.json"
+        key = (str(path), path.stat().st_mtime_ns, config.stat().st_mtime_ns if config.is_file() else 0)
         if key in self._kinds:
             return self._kinds[key]
         if path.is_dir() or path.suffix.lower() == ".safetensors":
+            found = file_kind.kind_of(path)
+            if found is None and path.is_dir() and self._why(path, _broken_config):  # its weights say what it is,
+                found = next((k for f in sorted(path.glob("*.safetensors"))  # as ldmkit reads them (not the config)
+                              if (k := file_kind.kind_of(f)) is not None), None)
             kind = {file_kind.ADAPTER: "adapter", file_kind.CONTROLNET: "controlnet",
-                    file_kind.LLLITE: "controlnet"}.get(file_kind.kind_of(path))  # an LLLite: a ControlNet's unit
+                    file_kind.LLLITE: "controlnet"}.get(found)  # an LLLite: a ControlNet's unit
         elif "adapter" in path.name.lower():
             kind = "adapter" if t2i_adapter.describe_file(path) is not None else None
         else:
@@ -93,25 +139,56 @@ class ControlNetFolder:
         return kind
 
     def _candidates(self) -> list[Path]:
+        self._broken, self._noted = {}, {}
         if self.folder is None:
             return []
         found = []
         for root, dirs, files in os.walk(self.folder):
             here = Path(root)
-            if (here / "config.json").exists() and self.kind(here):
-                found.append(here)
-                dirs[:] = []
-                continue
-            found += [here / f for f in files if f.lower().endswith(_SUFFIXES) and self.kind(here / f)]
+            if (here / "config.json").exists():
+                reason = self._why(here, _broken_config)
+                if self.kind(here):
+                    found.append(here)
+                    if reason is not None:  # listed: ldmkit reads the network from its weights
+                        self._noted[here] = f"{reason}; the network is read from its weights"
+                    dirs[:] = []
+                    continue
+                if reason is not None:  # a model folder whose config.json cannot be read: named, not its weights
+                    self._broken[here] = f"{reason}, and its weights are not a ControlNet's or T2I-Adapter's " \
+                                         "readable .safetensors"
+                    dirs[:] = []
+                    continue
+            for f in files:
+                if f.lower().endswith(_SUFFIXES) and self.kind(here / f):
+                    found.append(here / f)
+                elif f.lower().endswith(".safetensors") and self._why(here / f, _broken_safetensors):
+                    self._broken[here / f] = "not a readable .safetensors file (its header cannot be read)"
         return sorted(found)
+
+    def _why(self, path: Path, check: Any) -> str | None:
+        """``check(path)``, kept per version of the path (a folder: of its config.json)."""
+        try:
+            key = (str(path), check.__name__, path.stat().st_mtime_ns,
+                   (path / "config.json").stat().st_mtime_ns if path.is_dir() else 0)
+        except OSError:
+            return None
+        if key not in self._kinds:
+            self._kinds[key] = check(path)
+        return self._kinds[key]
 
     def models(self) -> dict[str, Path]:
         """{"stem [hash]": path}, rescanned when the folder's listing changed."""
         with self._lock:
             paths = self._candidates()
-            key = tuple((str(p), p.stat().st_mtime_ns) for p in paths)
+            key = (tuple((str(p), p.stat().st_mtime_ns) for p in paths), tuple(sorted(self._broken.items())),
+                   tuple(sorted(self._noted.items())))
             if key != self._scanned:
                 self._titles = {A.model_title(p): p for p in paths}
+                self.unreadable = {str(p.relative_to(self.folder)): why for p, why in self._broken.items()}
+                for name, why in self.unreadable.items():
+                    logging.getLogger("ldmkit.server").warning("ControlNet %s left out: %s", name, why)
+                for p, why in self._noted.items():
+                    logging.getLogger("ldmkit.server").warning("ControlNet %s: %s", A.model_title(p), why)
                 self._scanned = key
             return dict(self._titles)
 
@@ -164,6 +241,35 @@ class ControlNetFolder:
 # ---------------------------------------------------------------- units of a request
 
 
+def _broken_config(folder: Path) -> str | None:
+    """Why a folder with a config.json and model weights is not a model folder that can be read; None when it reads
+    (as another kind of model, or a folder without weights: not a ControlNet, left out as before)."""
+    import json
+
+    weights = [f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(_SUFFIXES)]
+    if not weights:
+        return None
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except OSError as e:
+        return f"config.json cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError:
+        return "config.json is not text"
+    except ValueError as e:
+        return f"config.json is not valid JSON ({e})"
+    if not isinstance(cfg, dict):
+        return "config.json is not a JSON object"
+    if "_class_name" not in cfg:
+        return 'config.json has no "_class_name" (a diffusers ControlNet folder\'s says "ControlNetModel")'
+    return None
+
+
+def _broken_safetensors(path: Path) -> str | None:
+    from ldmkit import file_kind
+
+    return "unreadable" if file_kind.read_header(path).keys is None else None
+
+
 def script_args(req: Any) -> tuple[str, list] | None:
     """(the key as sent, its args) of the request's ControlNet always-on script, or None."""
     for name, value in (getattr(req, "alwayson_scripts", None) or {}).items():
@@ -211,6 +317,7 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
                          ("guessmode", "control_mode")):  # the extension's legacy names
             if old in raw and new not in raw:
                 raw[new] = raw.pop(old)
+        per_map = _per_map_values(raw, loc)  # ldmkit's: one value per map of a Union unit
         try:
             unit = UnitArgs(**raw)
         except ValidationError as e:
@@ -244,11 +351,18 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
             raise field_error((*loc, "model"), "no ControlNet model given: name one of /controlnet/model_list",
                               unit.model)
         path = folder.find(unit.model)
+        if path is None and unit.model.rsplit(" [", 1)[0].strip() in folder.unreadable:
+            name = unit.model.rsplit(" [", 1)[0].strip()
+            raise field_error((*loc, "model"), f"ControlNet {name} in --controlnet-dir cannot be read: "
+                                               f"{folder.unreadable[name]}", unit.model)
         if path is None:
             titles = ", ".join(folder.models()) or "none (start the server with --controlnet-dir DIR)"
             raise field_error((*loc, "model"), f"no ControlNet {unit.model!r}; available: {titles}", unit.model)
         data, _mask = _image_parts(unit.image, unit.mask)  # the mask serves inpainting modules, which ldmkit lacks
-        if data in (None, ""):
+        maps = _unit_maps(unit, data, per_map, loc, limits)  # ldmkit's images: a Union unit's several maps
+        if maps is not None:
+            image = maps if len(maps) > 1 else maps[0]
+        elif data in (None, ""):
             if init_image is None:
                 raise field_error((*loc, "image"), "this unit has no control image: give image (base64)", None)
             image = init_image  # img2img: the extension uses the init image
@@ -267,11 +381,20 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
         if adapter and control_mode != A.BALANCED:
             raise field_error((*loc, "control_mode"), f"{A.model_title(path)} is a T2I-Adapter, which ldmkit runs "
                                                       "in the Balanced control mode only", unit.control_mode)
+        if adapter and maps is not None and len(maps) > 1:
+            raise field_error((*loc, "images"), f"{A.model_title(path)} is a T2I-Adapter, which reads one map: give "
+                                                "image", None)
         if adapter and hr_option != "Both":
             raise field_error((*loc, "hr_option"), f"{A.model_title(path)} is a T2I-Adapter, which ldmkit runs in "
                                                    "both hires-fix passes only (hr_option Both)", unit.hr_option)
         try:
             net = folder.load(path, model)
+            from ldmkit.controlnet_lllite import LLLite
+
+            if lllite_batch != "both" and not isinstance(net, LLLite):  # an adapter ignored it, a ControlNet failed
+                raise field_error((*loc, "lllite_batch"), f"lllite_batch {unit.lllite_batch} is for ControlNet-LLLite "
+                                                          f"models, and {A.model_title(path)} is not one: leave it out "
+                                                          "(or give both)", unit.lllite_batch)
             res = None if unit.processor_res < 1 else unit.processor_res
             if res is None and module not in A.RESOLUTION_FREE:
                 res = 512  # the extension's default preprocessor resolution
@@ -290,10 +413,18 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
                     "guidance_end": float(unit.guidance_end), "pixel_perfect": bool(unit.pixel_perfect),
                     "control_mode": control_mode})
             else:
+                n_maps = len(maps) if maps is not None else 1
                 ctype = _union_type(net, unit.union_control_type, (*loc, "union_control_type"), A.model_title(path),
-                                    log)
-                made = make_unit(model, net, image, width, height, unit.weight, unit.guidance_start,
-                                 unit.guidance_end, module, log, control_mode=control_mode, resize_mode=resize_mode,
+                                    log, n_maps)
+                if n_maps > 1 and ctype is None:
+                    raise field_error((*loc, "images"), f"{A.model_title(path)} is not a ControlNet Union: it reads "
+                                                        "one map, give image", None)
+                if n_maps == 1:  # images with one map: its values
+                    per_map = {k: v[0] for k, v in per_map.items()}
+                made = make_unit(model, net, image, width, height, per_map.get("weight", unit.weight),
+                                 per_map.get("guidance_start", unit.guidance_start),
+                                 per_map.get("guidance_end", unit.guidance_end), module, log,
+                                 control_mode=control_mode, resize_mode=resize_mode,
                                  pixel_perfect=unit.pixel_perfect, processor_res=res, threshold_a=ta,
                                  threshold_b=tb, hr_option=hr_option, control_type=ctype,
                                  lllite_batch=lllite_batch)
@@ -305,23 +436,62 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
     return tuple(units)
 
 
-def _union_type(net: Any, value: str | int, loc: tuple, title: str, log: Any = None) -> int | None:
-    """A ControlNet Union unit's control type (the extension's union_control_type, or ldmkit's names); None for
-    other ControlNets, where the field is ignored as the extension does. "Unknown" (the extension's default) or
-    none: auto, no control type, as the extension then runs the Union (``control_type=[]``)."""
+def _union_type(net: Any, value: Any, loc: tuple, title: str, log: Any = None, n_maps: int = 1
+                ) -> int | tuple[int, ...] | None:
+    """A ControlNet Union unit's control type (the extension's union_control_type, or ldmkit's names), or one per map
+    of ``n_maps`` (ldmkit's "Depth+OpenPose" or a list); None for other ControlNets, where the field is ignored as
+    the extension does. "Unknown" (the extension's default) or none: auto, no control type, as the extension then
+    runs the Union (``control_type=[]``)."""
     from ldmkit.controlnet_files import control_type
     from ldmkit.models.controlnet_union import AUTO, UnionConfig
 
     if not isinstance(getattr(net, "cfg", None), UnionConfig):
         return None
-    if str(value).strip().lower() in ("", "unknown", "none", "auto"):
+    names = list(value) if isinstance(value, list) else [value] if isinstance(value, int) else str(value).split("+")
+    if n_maps == 1 and len(names) == 1 and str(names[0]).strip().lower() in ("", "unknown", "none", "auto"):
         if log is not None:
             log(f"{title}: no union_control_type, so no control type (auto), as the A1111 extension runs it")
         return AUTO
+    if len(names) != n_maps:
+        raise field_error(loc, f"union_control_type {value!r} names {len(names)} control type(s) for {n_maps} "
+                               "map(s): give one per map of images (\"Depth+OpenPose\" or a list)", value)
     try:
-        return control_type(value, net.cfg.num_types)
+        types = tuple(control_type(v, net.cfg.num_types) for v in names)
     except ValueError as e:
         raise field_error(loc, str(e), value) from None
+    if AUTO in types and n_maps > 1:
+        raise field_error(loc, f"union_control_type {value!r}: Unknown (auto, no type) reads one map alone; name "
+                               "each map's type", value)
+    return types[0] if n_maps == 1 else types
+
+
+def _unit_maps(unit: UnitArgs, data: Any, per_map: dict, loc: tuple, limits: Limits) -> list | None:
+    """ldmkit's ``images`` (a Union unit's maps, decoded), checked against image and the per-map values; None when
+    the unit has no ``images``."""
+    if unit.images is None:
+        if per_map:
+            name = next(iter(per_map))
+            raise field_error((*loc, name), f"{name} as a list (one per map) needs the maps in images (ldmkit's "
+                                            "field for a ControlNet Union unit's several maps): give one number",
+                              per_map[name])
+        return None
+    if not isinstance(unit.images, list) or not unit.images or len(unit.images) > MAX_MAPS or \
+            not all(isinstance(x, str) and x for x in unit.images):
+        raise field_error((*loc, "images"), f"images is a list of 1 to {MAX_MAPS} base64 images, one per map of "
+                                            "a ControlNet Union unit", None)
+    if data not in (None, ""):
+        raise field_error((*loc, "images"), "give image (one map) or images (a Union unit's maps), not both", None)
+    for name, values in per_map.items():
+        if len(values) != len(unit.images):
+            raise field_error((*loc, name), f"{name} gives {len(values)} values for {len(unit.images)} maps in "
+                                            "images: one per map, or one number for all", list(values))
+    starts = per_map.get("guidance_start", (unit.guidance_start,) * len(unit.images))
+    ends = per_map.get("guidance_end", (unit.guidance_end,) * len(unit.images))
+    for j, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        if s >= e:
+            raise field_error((*loc, "guidance_start", j), f"map {j}: guidance_start {s:g} must be below "
+                                                           f"guidance_end {e:g}", s)
+    return [decode_image(x, (*loc, "images", j), limits) for j, x in enumerate(unit.images)]
 
 
 def units_key(units: tuple) -> str:
@@ -377,8 +547,11 @@ def add_controlnet_routes(app: FastAPI, folder: ControlNetFolder, limits: Limits
 
     @app.get("/controlnet/model_list", tags=["controlnet"])
     def model_list(update: bool = True) -> dict:
-        """ControlNets and T2I-Adapters in --controlnet-dir, as the extension names them: "stem [hash]"."""
-        return {"model_list": list(folder.models())}
+        """ControlNets and T2I-Adapters in --controlnet-dir, as the extension names them: "stem [hash]"; ldmkit's
+        "unreadable": {name: reason} for model files and folders there that cannot be read."""
+        names = list(folder.models())
+        return {"model_list": names, "unreadable": dict(folder.unreadable)} if folder.unreadable else \
+            {"model_list": names}
 
     @app.get("/controlnet/module_list", tags=["controlnet"])
     async def module_list(alias_names: bool = False) -> dict:
