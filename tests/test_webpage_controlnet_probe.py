@@ -3,23 +3,12 @@ and keeps no image, instead of silently keeping the previous one (or none) with 
 
 from __future__ import annotations
 
-import pytest
 from browser import require_browser
 
 require_browser()
 
 from test_controlnet_cli import files  # noqa: E402, F401 - the tiny SD + ControlNet files
-
-from ldmkit.server.app import BackgroundServer, create_app  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def page(files, one_thread, open_page):  # noqa: F811
-    app = create_app(files / "sd", controlnet_dir=files, preview_interval=None, device="cpu")
-    with BackgroundServer(app) as url:
-        page = open_page(url, "document.querySelectorAll('#cn-model option').length >= 1", 60_000)
-        yield page
-        page.close()
+from test_webpage_controlnet import page  # noqa: E402, F401 - the page on a server with them (shared fixture)
 
 
 def test_a_file_that_is_not_an_image_is_said_and_dropped(page, files, tmp_path):  # noqa: F811

@@ -2,7 +2,7 @@
 // Loaded after app.js; app.js's requestBody() adds controlnetUnit() to alwayson_scripts.controlnet.
 "use strict";
 
-const cn = { image: null, size: null };
+const cn = { image: null, size: null, image2: null };
 
 async function loadControlNetLists() {
   try {
@@ -47,6 +47,36 @@ $("#cn-file").addEventListener("change", (ev) => {
   reader.readAsDataURL(file);
 });
 
+// the second map of a ControlNet Union unit (ldmkit's images): read as the first, reported and dropped if unreadable
+$("#cn-file2").addEventListener("change", (ev) => {
+  const file = ev.target.files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  const unreadable = () => {
+    cn.image2 = null;
+    $("#cn-status2").textContent = "none";
+    showError(`ControlNet: ${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file`);
+  };
+  reader.onerror = unreadable;
+  reader.onload = () => {
+    const img = new Image();
+    img.onerror = unreadable;
+    img.onload = () => {
+      showError("");
+      cn.image2 = reader.result;
+      $("#cn-status2").textContent = `${img.naturalWidth}×${img.naturalHeight}`;
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+});
+
+$("#cn-clear2").addEventListener("click", () => {
+  cn.image2 = null;
+  $("#cn-file2").value = "";
+  $("#cn-status2").textContent = "none";
+});
+
 // the extension's pixel-perfect resolution: the preprocessor runs at the size the output needs
 function pixelPerfectRes() {
   const W = Number($("#width").value), H = Number($("#height").value);
@@ -80,6 +110,16 @@ function controlnetUnit() {
     control_mode: $("#cn-control-mode").value, resize_mode: $("#cn-resize-mode").value,
     pixel_perfect: $("#cn-pixel-perfect").checked, union_control_type: $("#cn-union-type").value };
   if (cn.image) unit.image = cn.image;  // img2img without one: the init image, as the extension does
+  if ($("#cn-lllite-batch").value !== "both") unit.lllite_batch = $("#cn-lllite-batch").value;
+  if (cn.image2) {  // a Union unit's two maps, each with its own type, weight and steps (ldmkit's fields)
+    if (!cn.image) throw new Error("ControlNet: the second map needs a first control image");
+    delete unit.image;
+    unit.images = [cn.image, cn.image2];
+    unit.union_control_type = [unit.union_control_type, $("#cn-union-type2").value];
+    unit.weight = [unit.weight, num("#cn-weight2")];
+    unit.guidance_start = [unit.guidance_start, num("#cn-start2")];
+    unit.guidance_end = [unit.guidance_end, num("#cn-end2")];
+  }
   return unit;
 }
 
