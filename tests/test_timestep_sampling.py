@@ -1,10 +1,12 @@
 """``timestep_sampling`` of the U-Net, LoRA and ControlNet trainers: uniform (DDPM, the default) or cubic
-(T2I-Adapter, Mou et al. 2023 sec. 3.4: t = floor(T (1 - u^3)), biased towards high noise).
+(T2I-Adapter, Mou et al. 2023 sec. 3.4: t = floor(T (1 - u^3)), biased towards high noise); and the ControlNet
+trainer's ``high_noise_weight`` g: each sample's loss times clamp(1/SNR(t), 1, g).
 
 Closed forms: with u ~ U[0, 1), P(t >= k) = (1 - k/T)^(1/3) for k = 0..T, and E[t] = sum_k P(t >= k) for
 k = 1..T; the default draws what ``torch.randint(0, T)`` draws from the step's generator, bit for bit; in the
 ControlNet trainer the cubic draw takes the place of the uniform one in the batch's stream (after the latents,
-before the noise), a resumed run equals an uninterrupted one, and a bad value is one line.
+before the noise), a resumed run equals an uninterrupted one, and a bad value is one line. The weighted loss
+equals the mean of the unweighted per-sample losses (each computed alone) times the closed-form weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from test_shape_augment import data, task  # noqa: F401  (data: the module's dat
 from train_runs import assert_same_weights, crash_and_resume
 
 from ldmkit import cli
+from ldmkit.schedules import sd_alphas_cumprod
 from ldmkit.train import TrainError, train
 from ldmkit.train.config import defaults
 from ldmkit.train.runner import step_generator
@@ -95,3 +98,34 @@ def test_bad_timestep_sampling_is_one_line(data: Path, sd1_file: Path, tmp_path:
     with pytest.raises(SystemExit) as ex:
         cli.main(argv)
     assert ex.value.code == 2 and "cubic" in capsys.readouterr().err
+
+
+def test_high_noise_weight_is_clamped_inverse_snr_per_sample(data: Path, sd1_file: Path,  # noqa: F811
+                                                             tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    g = 25.0
+    plain = task(cn_cfg(data, sd1_file), run)
+    weighted = task(cn_cfg(data, sd1_file, high_noise_weight=g), run)
+    weighted.net.controlnet.load_state_dict(plain.net.controlnet.state_dict())
+    b = plain.make_batch(torch.arange(8), step_generator(0, 0, 0, 0), 0)
+    t = torch.tensor([0, 100, 300, 430, 500, 700, 850, 999])
+    c = plain.net.base.module.cfg
+    ab = sd_alphas_cumprod(c.num_train_timesteps, c.beta_start, c.beta_end).double()[t]
+    w = ((1 - ab) / ab).clamp(1.0, g)
+    assert w[0] == 1 and w[-1] == g and 1 < w[4] < g  # both clamps and the middle are exercised
+    with torch.no_grad():
+        per = torch.stack([plain.net(b["latents"][i:i + 1], b["ids"][i:i + 1], t[i:i + 1], b["noise"][i:i + 1],
+                                     b["hint"][i:i + 1])[0] for i in range(8)]).double()
+        loss = weighted.net(b["latents"], b["ids"], t, b["noise"], b["hint"])[0]
+        unweighted = plain.net(b["latents"], b["ids"], t, b["noise"], b["hint"])[0]
+    assert torch.allclose(loss.double(), (per * w).mean(), rtol=1e-5)
+    assert torch.allclose(unweighted.double(), per.mean(), rtol=1e-5)
+
+
+def test_bad_high_noise_weight_is_one_line(data: Path, sd1_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    with pytest.raises(TrainError, match="0 \\(off\\) or at least 1") as e:
+        train(cn_cfg(data, sd1_file, high_noise_weight=0.5), tmp_path / "r1")
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(TrainError, match="read by `ldmkit train controlnet` only"):
+        train(defaults("unet").replace(data=str(data), high_noise_weight=5.0), tmp_path / "r2")

@@ -191,6 +191,10 @@ class TrainConfig:
         "onto the shape's, the rest of the shape filled with its nearest colour, caption kept, so the caption "
         "gives the content and the map the shape (ldmkit.train.shape_mix; drawn before shape_augment, which "
         "then applies to the rest); 0 = off", 0.0)
+    high_noise_weight: float = _help(
+        "controlnet: g > 0 multiplies each sample's loss by clamp(1/SNR(t), 1, g), SNR = abar/(1-abar): for an eps "
+        "model that is the error of the predicted x0 where 1 <= 1/SNR <= g (t >= ~430 of 1000 on SD's schedule), "
+        "so the high-noise steps where colours and layout are decided weigh up to g times more; 0 = off", 0.0)
     init_controlnet: str = _help(
         "controlnet: start the ControlNet from this ControlNet run folder (its EMA weights) or file (e.g. an "
         "exported .safetensors) instead of the model's U-Net copy; --resume continues a run exactly", "")
@@ -257,6 +261,8 @@ def validate(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {cfg.caption_dropout}")
     need(cfg.timestep_sampling in ("uniform", "cubic"),
          f"timestep_sampling must be uniform or cubic, got {cfg.timestep_sampling!r}")
+    need(cfg.kind == "controlnet" or not cfg.high_noise_weight, "high_noise_weight is read by `ldmkit train "
+         "controlnet` only; drop it")
     need(cfg.objective in ("auto", "eps", "v"), f"objective must be auto, eps or v, got {cfg.objective!r}")
     need(cfg.latent_norm in ("scale", "channel"), f"latent_norm must be scale or channel, got {cfg.latent_norm!r}")
     need(cfg.precision in ("auto", "fp32", "bf16", "fp16"),
@@ -320,6 +326,8 @@ def validate(cfg: TrainConfig) -> None:
              f"condition must be silhouette, canny or edges, got {cfg.condition!r}")
         need(0.0 <= cfg.shape_augment <= 1.0, f"shape_augment is a probability, got {cfg.shape_augment}")
         need(0.0 <= cfg.shape_mix <= 1.0, f"shape_mix is a probability, got {cfg.shape_mix}")
+        need(cfg.high_noise_weight == 0 or cfg.high_noise_weight >= 1,
+             f"high_noise_weight caps the 1/SNR weight: 0 (off) or at least 1, got {cfg.high_noise_weight}")
         need(cfg.shape_augment > 0 or cfg.shape_mix > 0 or not cfg.shape_augment_silhouettes,
              "shape_augment_silhouettes chooses masks for shape_augment; set shape_augment too, e.g. 0.6")
         need(cfg.shape_augment == 0.0 or cfg.condition == "silhouette",

@@ -115,13 +115,14 @@ class ControlNetNet(nn.Module):
     checkpoint hold just it; the model is shared by the runner's EMA copy, not duplicated.
     """
 
-    def __init__(self, controlnet: ControlNet, model: StableDiffusion, objective: str):
+    def __init__(self, controlnet: ControlNet, model: StableDiffusion, objective: str, high_noise_weight: float = 0.0):
         super().__init__()
         self.controlnet = controlnet
         c = model.cfg
         ac = sd_alphas_cumprod(c.num_train_timesteps, c.beta_start, c.beta_end)
         loss = LatentDiffusionNet(model.unet.requires_grad_(False), model.text_encoder, False, c.clip_skip, ac,
                                   objective)
+        loss.high_noise_weight = high_noise_weight
         self.frozen = _Shared(loss.to(model.device).eval())
         self.base = _Shared(model)
 
@@ -177,7 +178,7 @@ class ControlNetTask(UNetTask):
         controlnet = controlnet_from_unet(model.unet, model.cfg.vae.downscale)
         if cfg.init_controlnet and not (run_dir / CHECKPOINT).exists():  # a resumed run has its own weights
             controlnet.load_state_dict(init_weights(cfg.init_controlnet, controlnet))
-        self.net = ControlNetNet(controlnet, model.to(d.device), objective)
+        self.net = ControlNetNet(controlnet, model.to(d.device), objective, cfg.high_noise_weight)
 
     def make_batch(self, idx: Tensor, gen: torch.Generator, step: int, flips: Tensor | None = None) -> dict[str, Any]:
         flips = self.draw_flips(idx, gen)

@@ -85,6 +85,9 @@ def copy_sharing_frozen(net: nn.Module, model: nn.Module, memo: dict) -> Any:
 class LatentDiffusionNet(nn.Module):
     """U-Net (+ trainable text encoder) with the denoising loss as its forward."""
 
+    # > 0 (train controlnet's high_noise_weight = g): each sample's MSE times clamp(1/SNR(t), 1, g)
+    high_noise_weight: float = 0.0
+
     def __init__(self, unet: UNetModel, text_encoder: CLIPTextModel, train_text: bool, clip_skip: int,
                  alphas_cumprod: Tensor, objective: str):
         super().__init__()
@@ -118,6 +121,9 @@ class LatentDiffusionNet(nn.Module):
         control = controlnet(x_t, hint, t, context) if controlnet is not None else None
         pred = self.unet(x_t, t, context, control=control)
         target = noise if self.objective == "eps" else a * noise - s * latents
+        if self.high_noise_weight:  # eps: the x0-space error (|x0 err|^2 = |eps err|^2 / SNR) where 1 <= 1/SNR <= g
+            w = (s / a).square().flatten().clamp(1.0, self.high_noise_weight)
+            return ((pred.float() - target.float()).square().mean((1, 2, 3)) * w).mean(), {}
         return F.mse_loss(pred.float(), target.float()), {}
 
 
