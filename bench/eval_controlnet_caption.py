@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg-scale", type=float, default=5.0)
     ap.add_argument("--captions", type=int, default=64, help="training captions for the colour retrieval (0: skip)")
+    ap.add_argument("--control-mode", default="balanced", choices=("balanced", "prompt", "controlnet", "guess"),
+                    help="the A1111 control mode (prompt: soft per-skip weights 0.825^(K-k); controlnet: soft and "
+                         "conditional rows only) or diffusers' guess mode, for the shapes and the CLI case")
     ap.add_argument("--out", default="/tmp/eval_controlnet_caption")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -81,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     if ref is not None:
         res["reference_red_share"] = red_share(Image.open(Path(args.data) / ref["file_name"]).convert("RGB"))
     seeds = list(range(args.seeds))
+    mode = [("guess_mode", True)] if args.control_mode == "guess" else [("control_mode", args.control_mode)]
     tiles, labels = [], []
     for s in SHAPES:
         m = shape_map(s, size)
         target = np.asarray(m.convert("L")) > 127
         plain = generate(model, [PROMPT] * len(seeds), seeds, args.steps, args.cfg_scale, size)
         ctl = generate(model, [PROMPT] * len(seeds), seeds, args.steps, args.cfg_scale, size,
-                       control=(net, as_maps([m] * len(seeds))))
+                       control=(net, as_maps([m] * len(seeds)), *mode))
         for name, outs in (("without", plain), ("with", ctl)):
             res[f"{s}_iou_{name}"] = float(np.mean([iou(foreground_mask(o), target) for o in outs]))
             res[f"{s}_red_{name}"] = float(np.mean([red_share(o) for o in outs]))
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ImageDraw.Draw(star).polygon(pts, fill=255)
     star.save(out / "star_shape.png")
     cli.main(["generate", PROMPT, "--model", args.model, "--seed", "3", "--steps", "12", "--controlnet",
-              args.controlnet, "--control-image", str(out / "star_shape.png"), "-o", str(out / "cli_heart_star.png")])
+              args.controlnet, "--control-image", str(out / "star_shape.png"), "--control-mode", args.control_mode,
+              "-o", str(out / "cli_heart_star.png")])
     cli_out = Image.open(out / "cli_heart_star.png").convert("RGB")
     fg = foreground_mask(cli_out)
     res["cli_star_iou"] = iou(fg, np.asarray(star) > 127)

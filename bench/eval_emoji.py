@@ -68,7 +68,8 @@ def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale:
              sampler: str = "DPM++ 2M", deepcache: int = 1, batch: int = 32, control=None,
              start: torch.Tensor | None = None) -> list[Image.Image]:
     """Many different prompts, one seed each, batched through the generation core (ldmkit.core).
-    ``control``: (a loaded ControlNet, its maps (N, 3, size, size) in [0, 1]), one map per prompt.
+    ``control``: (a loaded ControlNet, its maps (N, 3, size, size) in [0, 1]), one map per prompt, then any
+    (ControlUnit field, value) pairs, e.g. ("control_mode", "prompt")
     ``start``: a latent (1, C, 1, 1) the first noise is centred on (img2img from it at strength 1; see
     :func:`latent_mean`) instead of 0."""
     from ldmkit.controlnet import ControlUnit
@@ -76,7 +77,7 @@ def generate(model, prompts: list[str], seeds: list[int], steps: int, cfg_scale:
     out: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
         ps, ss = prompts[i:i + batch], seeds[i:i + batch]
-        units = () if control is None else (ControlUnit(control[0], control[1][i:i + batch]),)
+        units = () if control is None else (ControlUnit(control[0], control[1][i:i + batch], **dict(control[2:])),)
         params = P.GenerationParams(ps[0], steps=steps, cfg_scale=cfg_scale, sampler=sampler, width=size,
                                     height=size, seed=ss[0], deepcache=deepcache, controlnets=units)
         job = P.prepare(model, params, prompts=ps, seeds=ss)
