@@ -218,3 +218,44 @@ def test_damaged_models_in_the_controlnet_dir_are_named_with_the_reason(server_d
         assert np.array_equal(*pixels)  # the same weights
     finally:
         app.state.worker.stop()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--control-weight", "-1"], "--control-weight -1: give a weight from 0 to 10"),
+    (["--control-weight", "1e9"], "--control-weight 1e9: give a weight from 0 to 10"),
+    (["--control-start", "-0.5"], "--control-start -0.5: give a fraction of the steps from 0 to 1"),
+    (["--control-end", "2"], "--control-end 2: give a fraction of the steps from 0 to 1"),
+    (["--control-start", "0.8", "--control-end", "0.2"], "control start 0.8 and end 0.2 must satisfy 0 <= start"),
+    (["--control-start", "0.5", "--control-end", "0.5"], "control start 0.5 and end 0.5 must satisfy"),
+    (["--processor-res", "0", "--preprocessor", "canny"], "--processor-res 0: give the preprocessor's resolution"),
+    (["--processor-res", "-5", "--preprocessor", "canny"], "--processor-res -5: give"),
+    (["--width", "100000", "--height", "100000"], "100000x100000 needs about"),
+], ids=["weight-negative", "weight-huge", "start-negative", "end-2", "start-after-end", "start-is-end", "res-0",
+        "res-negative", "huge-size"])
+def test_bad_unit_values_are_one_line(server_dir, capsys, flags, says):
+    """Each was accepted (a negative or 1e9 weight drew a garbage image, processor resolution 0 or -5 ran at the
+    image's size) or said late (windows after the model and the map were loaded), or a traceback (a 100000x100000
+    output: OpenCV asked for 30 GB to resize the map)."""
+    d = server_dir
+    rc, cap = _run(capsys, "generate", "a house", "--model", str(d / "sd"), "--steps", "1", "--width", "24",
+                   "--height", "16", "--controlnet", str(d / "cns" / "good"), "--control-image", str(d / "map.png"),
+                   *flags)
+    assert rc == 2 and says in cap.err and "Traceback" not in cap.err, cap.err
+    assert len(cap.err.strip().splitlines()) == 1, cap.err  # also: no map was made first (no resize note)
+
+
+def test_pydantic_union_tags_are_not_in_the_field_name(server_dir):
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import create_app
+
+    app = create_app(server_dir / "sd", controlnet_dir=server_dir / "cns", preview_interval=None, device="cpu")
+    client = TestClient(app, raise_server_exceptions=False)
+    try:
+        for field, value in (("control_mode", [1]), ("union_control_type", {"a": 1})):
+            unit = {"module": "none", "model": "good", "image": _b64(server_dir / "map.png"), field: value}
+            r = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 1, "width": 24, "height": 16,
+                                                       "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, r.text
+    finally:
+        app.state.worker.stop()

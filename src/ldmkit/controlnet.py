@@ -682,6 +682,9 @@ def add_controlnet_args(p: object) -> None:
              "none); once per unit: - for a unit that is not an LLLite")
 
 
+MAX_WEIGHT = 10.0  # a unit's weight on the command line (ComfyUI's strength range; the A1111 extension's: 0-2)
+
+
 def per_map_number(value: object, flag: str = "--control-weight") -> float | tuple[float, ...]:
     """--control-weight/start/end: a number, or one per map of a Union unit joined with + (0.8+0.5)."""
     if isinstance(value, (int, float)):
@@ -739,6 +742,24 @@ def check_args(args: object) -> None:
             if not all(abs(x) < float("inf") for x in (got if isinstance(got, tuple) else (got,))):  # nan, inf
                 raise ValueError(f"--{attr.replace('_', '-')} {v}: not a finite number; give e.g. 0.8 (a weight) "
                                  "or a fraction of the steps from 0 to 1 (start, end)")
+            top = MAX_WEIGHT if attr == "control_weight" else 1.0
+            if not all(0.0 <= x <= top for x in (got if isinstance(got, tuple) else (got,))):
+                what = (f"a weight from 0 to {MAX_WEIGHT:g} (ComfyUI's range; the A1111 extension's slider goes to 2)"
+                        if attr == "control_weight" else "a fraction of the steps from 0 to 1")
+                raise ValueError(f"--{attr.replace('_', '-')} {v}: give {what}")
+    starts, ends = list(getattr(args, "control_start", []) or []), list(getattr(args, "control_end", []) or [])
+    for i in range(max(len(starts), len(ends))):  # each unit's (and map's) window, before any model is loaded
+        s_ = per_map_number(starts[min(i, len(starts) - 1)]) if starts else 0.0
+        e_ = per_map_number(ends[min(i, len(ends) - 1)]) if ends else 1.0
+        k = max(len(v) if isinstance(v, tuple) else 1 for v in (s_, e_))
+        ss, es = (list(v) if isinstance(v, tuple) else [v] * k for v in (s_, e_))
+        if len(ss) == len(es):  # a count that does not match is said with the maps
+            for a, b in zip(ss, es, strict=True):
+                check_window(a, b)
+    for v in getattr(args, "processor_res", []) or []:
+        if v is not None and v < 1 and v != -1:
+            raise ValueError(f"--processor-res {v}: give the preprocessor's resolution in pixels (e.g. 512), or "
+                             "-1 / leave it out to run it on the image as it is")
 
 
 def _no_batch(value: object) -> bool:
@@ -791,6 +812,12 @@ def units_from_args(args: object, model: object, width: int, height: int,
     from ldmkit.pipeline import open_image
 
     check_args(args)
+    from ldmkit import memory
+
+    try:  # before the maps are made at this size (a map of 100000x100000 asked OpenCV for 30 GB: a traceback)
+        memory.check_fits(model, width, height, 1)  # type: ignore[arg-type]
+    except memory.TooLarge as e:
+        raise ValueError(str(e)) from None
 
     def nth(attr: str, i: int, default: object) -> object:
         v = getattr(args, attr, []) or []

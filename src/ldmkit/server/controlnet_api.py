@@ -321,8 +321,9 @@ def units_from_request(req: Any, model: Any, folder: ControlNetFolder, limits: L
         try:
             unit = UnitArgs(**raw)
         except ValidationError as e:
-            err = e.errors()[0]
-            raise field_error((*loc, *err["loc"]), err["msg"], None) from None
+            err = e.errors()[0]  # the field and list indexes, without pydantic's union branch tags ("str")
+            where = [p for i, p in enumerate(err["loc"]) if i == 0 or isinstance(p, int)]
+            raise field_error((*loc, *where), err["msg"], None) from None
         if not unit.enabled:
             continue
         try:
