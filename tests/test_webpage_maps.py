@@ -25,8 +25,14 @@ from ldmkit import pipeline as P  # noqa: E402
 from ldmkit.controlnet import make_unit  # noqa: E402
 
 
-def test_second_map_and_lllite_batch_from_the_page(page, pipe):  # noqa: F811
+def test_second_map_and_lllite_batch_from_the_page(page, pipe, tmp_path):  # noqa: F811
     page, d = page
+    fake = tmp_path / "pose.png"
+    fake.write_text("not a picture\n")
+    page.set_input_files("#cn-file2", str(fake))  # said, and no second map kept
+    page.wait_for_selector("#error", state="visible")
+    assert "pose.png is not an image this browser can read" in page.text_content("#error")
+    assert page.text_content("#cn-status2") == "none"
     title = A.model_title(d / "union-tiny")
     for sel, value in (("#width", "24"), ("#height", "16"), ("#steps", "4"), ("#seed", "5"), ("#cfg_scale", "5")):
         page.fill(sel, value)

@@ -18,58 +18,48 @@ async function loadControlNetLists() {
   } catch (e) { showError(`could not load the ControlNet lists: ${e.message}`); }
 }
 
-$("#cn-file").addEventListener("change", (ev) => {
-  const file = ev.target.files[0];
-  if (!file) return;
-  const reader = new FileReader();
-  const unreadable = () => {  // a text file named .png, a format the browser cannot show: say so, keep no image
-    cn.image = null;
-    $("#cn-enabled").checked = false;
-    $("#cn-map").hidden = true;
-    $("#cn-status").textContent = "no control image";
-    showError(`ControlNet: ${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file`);
-  };
-  reader.onerror = unreadable;
-  reader.onload = () => {
-    const img = new Image();
-    img.onerror = unreadable;
-    img.onload = () => {
-      showError("");
-      cn.image = reader.result;
-      cn.size = { w: img.naturalWidth, h: img.naturalHeight };
-      $("#cn-enabled").checked = true;
-      $("#controlnet-section").open = true;
-      $("#cn-map").hidden = true;
-      $("#cn-status").textContent = `${cn.size.w}×${cn.size.h}`;
-    };
-    img.src = reader.result;
-  };
-  reader.readAsDataURL(file);
-});
-
-// the second map of a ControlNet Union unit (ldmkit's images): read as the first, reported and dropped if unreadable
-$("#cn-file2").addEventListener("change", (ev) => {
+// a chosen control file read as a data URL: ok(dataUrl, img) once the browser shows it, else bad() and a message
+// (a text file named .png, a format the browser cannot show: said, and no image kept)
+function readControlFile(ev, ok, bad) {
   const file = ev.target.files[0];
   if (!file) return;
   const reader = new FileReader();
   const unreadable = () => {
-    cn.image2 = null;
-    $("#cn-status2").textContent = "none";
+    bad();
     showError(`ControlNet: ${file.name} is not an image this browser can read; choose a PNG, JPEG or WebP file`);
   };
   reader.onerror = unreadable;
   reader.onload = () => {
     const img = new Image();
     img.onerror = unreadable;
-    img.onload = () => {
-      showError("");
-      cn.image2 = reader.result;
-      $("#cn-status2").textContent = `${img.naturalWidth}×${img.naturalHeight}`;
-    };
+    img.onload = () => { showError(""); ok(reader.result, img); };
     img.src = reader.result;
   };
   reader.readAsDataURL(file);
-});
+}
+
+$("#cn-file").addEventListener("change", (ev) => readControlFile(ev, (data, img) => {
+  cn.image = data;
+  cn.size = { w: img.naturalWidth, h: img.naturalHeight };
+  $("#cn-enabled").checked = true;
+  $("#controlnet-section").open = true;
+  $("#cn-map").hidden = true;
+  $("#cn-status").textContent = `${cn.size.w}×${cn.size.h}`;
+}, () => {
+  cn.image = null;
+  $("#cn-enabled").checked = false;
+  $("#cn-map").hidden = true;
+  $("#cn-status").textContent = "no control image";
+}));
+
+// the second map of a ControlNet Union unit (ldmkit's images)
+$("#cn-file2").addEventListener("change", (ev) => readControlFile(ev, (data, img) => {
+  cn.image2 = data;
+  $("#cn-status2").textContent = `${img.naturalWidth}×${img.naturalHeight}`;
+}, () => {
+  cn.image2 = null;
+  $("#cn-status2").textContent = "none";
+}));
 
 $("#cn-clear2").addEventListener("click", () => {
   cn.image2 = null;
