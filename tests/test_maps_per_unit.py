@@ -259,3 +259,34 @@ def test_pydantic_union_tags_are_not_in_the_field_name(server_dir):
             assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, r.text
     finally:
         app.state.worker.stop()
+
+
+def test_maps_joined_with_plus_need_a_type_per_map(pipe, saved, capsys):  # noqa: F811
+    """a.png+b.png without one control type per map said "no such image file a.png+b.png"; a.png+ said ": no such
+    image file". Both are one line before the model is loaded."""
+    folder = pipe[0]
+    m0, m1 = folder / "map0.png", folder / "map1.png"
+    base = ["generate", "a house", "--model", str(folder / "nowhere"), "--steps", "1", "--width", "24", "--height",
+            "16", "--controlnet", str(saved[0] / "union")]
+    for extra, says in (([f"{m0}+{m1}"], "maps joined with + are several maps of one ControlNet Union unit: name "
+                                          "one control type per map with --control-type"),
+                        ([f"{m0}+{m1}", "--control-type", "auto"], "name one control type per map"),
+                        ([f"{m0}+", "--control-type", "depth+openpose"], "an empty name between the + signs")):
+        rc, cap = _run(capsys, *base, "--control-image", *extra)
+        assert rc == 2 and says in cap.err and len(cap.err.strip().splitlines()) == 1, cap.err
+
+
+def test_info_on_a_folder_with_a_broken_config(server_dir, capsys):
+    """`ldmkit info` said "not a diffusers Stable Diffusion folder (no unet/ inside)" of a ControlNet folder whose
+    config.json is broken; now it describes the ControlNet from its weights (as --controlnet reads it) and names
+    the problem, or says what is wrong when the weights cannot be read either."""
+    cns = server_dir / "cns"
+    rc, cap = _run(capsys, "info", str(cns / "good"))
+    assert rc == 0
+    good = cap.out.strip()
+    rc, cap = _run(capsys, "info", str(cns / "not-json"))
+    assert rc == 0 and cap.out.strip().startswith(good + " (config.json is not valid JSON (")
+    assert cap.out.strip().endswith("; ldmkit reads the network from diffusion_pytorch_model.safetensors)"), cap.out
+    rc, cap = _run(capsys, "info", str(cns / "broken-both"))
+    assert rc != 0 and "broken-both: config.json is not valid JSON (" in cap.err and "fix or replace config.json" \
+        in cap.err and len(cap.err.strip().splitlines()) == 1, cap.err

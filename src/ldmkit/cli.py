@@ -478,8 +478,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     if line := usage(header):  # a LoRA or autoencoder file: what it is and the option that takes it
         print(line)
         return
-    from ldmkit.checkpoint import load
+    from ldmkit.checkpoint import CheckpointError, load
+    from ldmkit.file_kind import config_problem
 
+    if path.is_dir() and not (path / "model_index.json").exists() and (why := config_problem(path)):
+        raise CheckpointError(f"{path}: {why}, and its weights say no kind ldmkit knows: fix or replace config.json")
     model = load(path)
     c = model.cfg
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in model.parts().items()}

@@ -458,6 +458,10 @@ def describe_file(path: str | os.PathLike | file_kind.Header) -> str | None:
     from ldmkit import controlnet_files, controlnet_lllite
 
     header = file_kind.read_header(path)
+    if header.path.is_dir() and header.folder_class is None and (why := file_kind.config_problem(header.path)):
+        found = file_kind.weights_kind(header.path)  # a broken config.json: what its weights are (ldmkit reads those)
+        line = describe_file(found[0]) if found is not None else None
+        return None if line is None else f"{line} ({why}; ldmkit reads the network from {found[0].name})"
     if (special := controlnet_files.describe_file(header)) is not None:  # ControlNet Union, Control-LoRA
         return special
     if (lllite := controlnet_lllite.describe_file(header)) is not None:
@@ -756,6 +760,10 @@ def check_args(args: object) -> None:
         if len(ss) == len(es):  # a count that does not match is said with the maps
             for a, b in zip(ss, es, strict=True):
                 check_window(a, b)
+    kinds, types = unit_kinds(args), list(getattr(args, "control_type", []) or [])
+    for i, image in enumerate(getattr(args, "control_image", []) or []):  # a.png+b.png: a Union unit's maps
+        ctype = types[i] if len(types) > 1 else types[0] if types else None
+        _joined_maps(image, None if kinds[i][0] == "adapter" else ctype)
     for v in getattr(args, "processor_res", []) or []:
         if v is not None and v < 1 and v != -1:
             raise ValueError(f"--processor-res {v}: give the preprocessor's resolution in pixels (e.g. 512), or "
@@ -799,6 +807,23 @@ def lllite_batches(args: object, log: Callable[[str], None] | None = None) -> li
                              f"{what}: give - for that unit (--lllite-batch is for ControlNet-LLLite units)")
         out.append(value)
     return out
+
+
+def _joined_maps(image_path: object, control_type: object) -> None:
+    """One-line errors for --control-image a.png+b.png that is not a Union unit's maps (it said "no such image file
+    a.png+b.png"), or has an empty name between its + signs (it said ": no such image file")."""
+    text = str(image_path)
+    if "+" not in text or Path(text).exists():
+        return
+    parts = text.split("+")
+    if not all(p.strip() for p in parts):
+        raise ValueError(f"--control-image {text}: an empty name between the + signs: join existing map files "
+                         "(depth.png+pose.png)")
+    typed = control_type is not None and "+" in str(control_type)
+    if not typed and all(Path(p).exists() for p in parts):
+        raise ValueError(f"--control-image {text}: maps joined with + are several maps of one ControlNet Union "
+                         "unit: name one control type per map with --control-type (depth+openpose), or give each "
+                         "map its own --controlnet")
 
 
 def _ordinal(i: int) -> str:

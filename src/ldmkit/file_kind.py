@@ -89,6 +89,39 @@ def _folder_class(path: Path) -> str | None:
     return cfg.get("_class_name") if isinstance(cfg, dict) else None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def config_problem(folder: str | os.PathLike) -> str | None:
+    """Why a folder's ``config.json`` cannot be read as a diffusers model's (not JSON, not an object, no
+    ``_class_name``) when the folder holds model weights; None when it reads, or there are no weights beside it."""
+    folder = Path(folder)
+    try:
+        if not any(f.is_file() and f.name.lower().endswith(WEIGHT_SUFFIXES) for f in folder.iterdir()):
+            return None
+        cfg = json.loads((folder / "config.json").read_text())
+    except OSError as e:
+        return f"config.json cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError:
+        return "config.json is not text"
+    except ValueError as e:
+        return f"config.json is not valid JSON ({e})"
+    if not isinstance(cfg, dict):
+        return "config.json is not a JSON object"
+    if "_class_name" not in cfg:
+        return 'config.json has no "_class_name" (a diffusers ControlNet folder\'s says "ControlNetModel")'
+    return None
+
+
+def weights_kind(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """(the file, its kind) of the first ``.safetensors`` in a folder whose names say what it holds: what a folder
+    with a broken ``config.json`` holds; None when none says."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        if (k := kind_of(f)) is not None:
+            return f, k
+    return None
+
+
 def header_keys(path: str | os.PathLike | Header) -> list[str] | None:
     """The tensor names in a ``.safetensors`` file's header; None when it cannot be read (the loader says why)."""
     keys = read_header(path).keys
@@ -210,5 +243,5 @@ def usage(path: str | os.PathLike | Header) -> str | None:
 
 
 __all__ = ["ADAPTER", "CONTROLNET", "EMBEDDING", "FOLDER_CLASSES", "LLLITE", "LORA", "SD", "SDXL", "TAESD",
-           "TEXT_ENCODER", "UNET", "UPSCALER", "VAE", "Header", "ROLES", "folder_class", "header_keys",
-           "kind_of", "kind_of_keys", "may_be", "misplaced", "read_header", "usage"]
+           "TEXT_ENCODER", "UNET", "UPSCALER", "VAE", "Header", "ROLES", "config_problem", "folder_class",
+           "header_keys", "kind_of", "kind_of_keys", "may_be", "misplaced", "read_header", "usage", "weights_kind"]

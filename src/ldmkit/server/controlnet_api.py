@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ldmkit import controlnet_a1111 as A
+from ldmkit import file_kind
 from ldmkit.server.generation import Limits, decode_image, field_error
 
 SCRIPT = "controlnet"
@@ -118,7 +119,7 @@ class ControlNetFolder:
         their names (config.json, header); a .pth/.pt file is an adapter when its name says "adapter"
         (TencentARC's t2iadapter_*.pth) and ``t2i_adapter.describe_file`` reads it as one (reading the weights
         of every .pth would load each ControlNet .pth in the folder)."""
-        from ldmkit import file_kind, t2i_adapter
+        from ldmkit import t2i_adapter
 
         config = path / "config.json"
         key = (str(path), path.stat().st_mtime_ns, config.stat().st_mtime_ns if config.is_file() else 0)
@@ -126,9 +127,8 @@ class ControlNetFolder:
             return self._kinds[key]
         if path.is_dir() or path.suffix.lower() == ".safetensors":
             found = file_kind.kind_of(path)
-            if found is None and path.is_dir() and self._why(path, _broken_config):  # its weights say what it is,
-                found = next((k for f in sorted(path.glob("*.safetensors"))  # as ldmkit reads them (not the config)
-                              if (k := file_kind.kind_of(f)) is not None), None)
+            if found is None and path.is_dir() and self._why(path, file_kind.config_problem):  # its weights say
+                found = (file_kind.weights_kind(path) or (None, None))[1]  # what it is, as ldmkit reads them
             kind = {file_kind.ADAPTER: "adapter", file_kind.CONTROLNET: "controlnet",
                     file_kind.LLLITE: "controlnet"}.get(found)  # an LLLite: a ControlNet's unit
         elif "adapter" in path.name.lower():
@@ -146,7 +146,7 @@ class ControlNetFolder:
         for root, dirs, files in os.walk(self.folder):
             here = Path(root)
             if (here / "config.json").exists():
-                reason = self._why(here, _broken_config)
+                reason = self._why(here, file_kind.config_problem)
                 if self.kind(here):
                     found.append(here)
                     if reason is not None:  # listed: ldmkit reads the network from its weights
@@ -208,7 +208,6 @@ class ControlNetFolder:
         from ldmkit.t2i_adapter import load_adapter
 
         dtype = getattr(model, "compute_dtype", None) or getattr(model, "dtype", None)
-        from ldmkit import file_kind
         from ldmkit.controlnet_files import header_kind
 
         header = file_kind.read_header(path)  # read once per request: Control-LoRA? LLLite?
@@ -241,32 +240,7 @@ class ControlNetFolder:
 # ---------------------------------------------------------------- units of a request
 
 
-def _broken_config(folder: Path) -> str | None:
-    """Why a folder with a config.json and model weights is not a model folder that can be read; None when it reads
-    (as another kind of model, or a folder without weights: not a ControlNet, left out as before)."""
-    import json
-
-    weights = [f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(_SUFFIXES)]
-    if not weights:
-        return None
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except OSError as e:
-        return f"config.json cannot be read ({e.strerror or e})"
-    except UnicodeDecodeError:
-        return "config.json is not text"
-    except ValueError as e:
-        return f"config.json is not valid JSON ({e})"
-    if not isinstance(cfg, dict):
-        return "config.json is not a JSON object"
-    if "_class_name" not in cfg:
-        return 'config.json has no "_class_name" (a diffusers ControlNet folder\'s says "ControlNetModel")'
-    return None
-
-
 def _broken_safetensors(path: Path) -> str | None:
-    from ldmkit import file_kind
-
     return "unreadable" if file_kind.read_header(path).keys is None else None
 
 
