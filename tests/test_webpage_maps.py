@@ -77,3 +77,17 @@ def test_second_map_and_lllite_batch_from_the_page(page, pipe, tmp_path):  # noq
     expected = [e for e in page.errors if "status of 422" in e]  # the browser logs the refused request: expected
     assert len(expected) == 1, page.errors
     page.errors.remove(expected[0])
+
+
+def test_a_damaged_file_in_the_controlnet_dir_is_named_in_the_model_list(page):  # noqa: F811
+    page, d = page
+    (d / "broken.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{")
+    try:
+        page.reload()
+        page.wait_for_function("document.querySelectorAll('#cn-model option').length >= 2")
+        opts = page.eval_on_selector_all("#cn-model option", "os => os.map(o => [o.textContent, o.disabled])")
+        assert ["broken.safetensors (cannot be read: not a readable .safetensors file (its header cannot be read))",
+                True] in opts, opts
+        assert page.eval_on_selector("#cn-model", "s => s.value") != ""  # a usable model stays selected
+    finally:
+        (d / "broken.safetensors").unlink()

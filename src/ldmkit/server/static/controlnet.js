@@ -15,6 +15,11 @@ async function loadControlNetLists() {
     sel.innerHTML = "";
     if (!models.model_list.length) sel.add(new Option("(none: start the server with --controlnet-dir)", "None"));
     for (const name of models.model_list) sel.add(new Option(name, name));
+    for (const [name, why] of Object.entries(models.unreadable || {})) {  // ldmkit's: damaged files, named
+      const o = new Option(`${name} (cannot be read: ${why})`, "");
+      o.disabled = true;
+      sel.add(o);
+    }
   } catch (e) { showError(`could not load the ControlNet lists: ${e.message}`); }
 }
 
