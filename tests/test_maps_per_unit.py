@@ -115,6 +115,9 @@ def test_a1111_union_unit_with_per_map_values_equals_the_cli(pipe, saved, capsys
             for field in ("Weight: 0.8+0.5", "Guidance Start: 0+0.25", "Guidance End: 1+1",
                           "Union Control Type: Depth+OpenPose"):
                 assert field in line and field in cli_line, (field, line, cli_line)
+        r = client.post("/explain", json={**common, "steps": 2, "alwayson_scripts": {"controlnet": {"args": [good]}}},
+                        follow_redirects=True)  # the explain page of such a unit names its per-map values
+        assert r.status_code == 200 and "per map: weight 0.8 in 0–1 + weight 0.5 in 0.25–1" in r.text, r.text[:300]
         bad = [({"weight": [0.8, 0.5, 0.1]}, "weight", "weight gives 3 values for 2 maps"),
                ({"weight": [0.8, float("nan")]}, "weight.1", "weight[1] nan: give a number"),
                ({"weight": [0.8, 3]}, "weight.1", "weight[1] 3: give a number from 0 to 2"),
